@@ -1,0 +1,20 @@
+//! cadre: keyed agents and CloudEvents signals across a cluster of nodes.
+//!
+//! Layers, bottom up (each depends only on those above it in this list):
+//! - [`config`]: one [`config::Config`] per node, every limit named, validated at start;
+//! - [`wire`]: versioned envelopes and framing;
+//! - [`net`]: authenticated, batched, bounded connections between nodes;
+//! - [`membership`]: who is in the cluster (SWIM, sans-IO core plus a driver task);
+//! - [`node`]: assembles the layers, start-up and graceful shutdown;
+//! - [`api`]: the HTTP surface;
+//! - [`sim`]: deterministic cluster simulation on turmoil (test support).
+
+// pub mod api;
+// pub mod clock;
+pub mod config;
+pub mod membership;
+pub mod metrics;
+pub mod net;
+// pub mod node;
+// pub mod sim;
+pub mod wire;

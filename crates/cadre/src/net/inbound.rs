@@ -1,0 +1,132 @@
+//! Inbound side: the accept loop and one reader task per accepted connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::auth::{self, Credentials, HandshakeError};
+use super::{BoxRead, BoxWrite, Inner, Listener, PeerInfo};
+use crate::wire::{self, FrameWriter, Lane, Msg};
+
+/// Bytes read per syscall on an inbound connection (more when a frame needs it).
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// Pause after an accept error (e.g. out of file descriptors) before accepting again.
+const ACCEPT_ERROR_PAUSE_MS: u64 = 50;
+
+pub(crate) async fn accept_loop(inner: Arc<Inner>, listener: Box<dyn Listener>) {
+    loop {
+        let accepted = tokio::select! {
+            _ = inner.cancel.cancelled() => return,
+            res = listener.accept() => res,
+        };
+        match accepted {
+            Ok((r, w, remote)) => {
+                let Ok(permit) = inner.inbound_permits.clone().try_acquire_owned() else {
+                    inner.stats.closed("too_many_connections");
+                    warn!(%remote, "inbound connection limit reached; closing");
+                    continue;
+                };
+                let task = serve(inner.clone(), r, w, remote, permit);
+                inner.tasks.spawn(task);
+            }
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(ACCEPT_ERROR_PAUSE_MS)).await;
+            }
+        }
+    }
+}
+
+async fn serve(inner: Arc<Inner>, mut r: BoxRead, mut w: BoxWrite, remote: SocketAddr, _permit: OwnedSemaphorePermit) {
+    let creds = Credentials { cluster: &inner.cluster, secret: inner.secret.as_bytes(), local: &inner.local };
+    let timeout = Duration::from_millis(inner.cfg.handshake_timeout_ms);
+    let handshake = tokio::select! {
+        _ = inner.cancel.cancelled() => return,
+        res = auth::accept(&mut r, &mut w, &creds, inner.nonce(), timeout) => res,
+    };
+    let (peer, lane, rbuf) = match handshake {
+        Ok(ok) => ok,
+        Err(e) => {
+            let reason = e.reason();
+            inner.stats.refused("acceptor", reason);
+            match e {
+                HandshakeError::Refused(_) => warn!(%remote, reason, "refused peer at handshake"),
+                _ => debug!(%remote, reason, "handshake did not complete"),
+            }
+            return;
+        }
+    };
+    debug!(%remote, peer = %peer.name, lane = lane.as_str(), "accepted");
+    if let Err(reason) = read_loop(&inner, &peer, lane, r, w, rbuf).await {
+        inner.stats.closed(reason);
+        if matches!(reason, "malformed" | "oversized") {
+            warn!(peer = %peer.name, addr = %peer.addr, reason, "closing connection on bad input");
+        } else {
+            debug!(peer = %peer.name, reason, "inbound connection ended");
+        }
+    }
+}
+
+async fn read_loop(
+    inner: &Inner,
+    peer: &PeerInfo,
+    lane: Lane,
+    mut r: BoxRead,
+    mut w: BoxWrite,
+    mut rbuf: BytesMut,
+) -> Result<(), &'static str> {
+    let frame_len_max = inner.cfg.frame_len_max_bytes as usize;
+    let idle = Duration::from_millis(inner.cfg.conn_idle_timeout_ms);
+    let mut pongs = BytesMut::new();
+    let mut pong_writer = FrameWriter::new(frame_len_max);
+    loop {
+        let deadline = Instant::now() + idle;
+        loop {
+            match wire::take_frame(&mut rbuf, frame_len_max) {
+                Ok(Some(frame)) => {
+                    let res = wire::decode_frame(&frame, |msg| match msg {
+                        Msg::Ping { nonce } => pong_writer.push(&mut pongs, &Msg::<&[u8]>::Pong { nonce }),
+                        other => inner.deliver(peer, lane, other),
+                    });
+                    match res {
+                        Ok(n) => inner.stats.received.add(lane, 1, n as u64, frame.len() as u64 + 4),
+                        Err(e) => {
+                            warn!(peer = %peer.name, error = %e, "bad frame");
+                            return Err("malformed");
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(wire::WireError::FrameTooLarge { len, max }) => {
+                    warn!(peer = %peer.name, len, max, "frame too large");
+                    return Err("oversized");
+                }
+                Err(_) => return Err("malformed"),
+            }
+        }
+        if !pongs.is_empty() {
+            pong_writer.close(&mut pongs);
+            if tokio::time::timeout(idle, w.write_all(&pongs)).await.map_or(true, |r| r.is_err()) {
+                return Err("write");
+            }
+            pongs.clear();
+        }
+        rbuf.reserve(READ_CHUNK_BYTES);
+        let read = tokio::select! {
+            _ = inner.cancel.cancelled() => return Ok(()),
+            res = tokio::time::timeout_at(deadline, r.read_buf(&mut rbuf)) => res,
+        };
+        match read {
+            Err(_) => return Err("idle"),
+            Ok(Err(_)) => return Err("io"),
+            Ok(Ok(0)) => return Ok(()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}

@@ -1,0 +1,397 @@
+//! Connections between nodes.
+//!
+//! A [`Transport`] owns one listener and, per peer, one outbound connection per [`Lane`]. Each
+//! outbound connection has a writer task draining a bounded queue: it takes every message that is
+//! already queued, packs them into as few frames as fit, and writes them with one syscall.
+//! Batching therefore comes from draining, never from waiting, so a lone message goes out at once.
+//! Inbound connections are served by one reader task each, which hands decoded messages to the
+//! node's [`Handler`] inline (the handler must not block) and answers RTT pings.
+//!
+//! Guarantees and limits:
+//! - every connection starts with the authenticated handshake of [`auth`]; a refused peer never
+//!   gets a message through to the handler;
+//! - a malformed or oversized frame closes that one connection with a logged reason and a counted
+//!   metric; nothing a peer sends can panic the node;
+//! - per peer and lane the queue holds at most `peer_queue_len_max` messages; it is also the buffer
+//!   while the peer is unreachable and is flushed after reconnecting. `try_send` on a full queue
+//!   fails with [`SendError::QueueFull`]; `send` waits (back-pressure);
+//! - reconnects back off exponentially between `reconnect_backoff_min_ms` and `..._max_ms`; a peer
+//!   unreachable for `peer_unreachable_forget_ms` is forgotten and its queue dropped (counted);
+//! - messages on one lane from one sender to one receiver arrive in send order (one TCP stream).
+//!   A message being written when a connection breaks is lost (counted as `write_failed`):
+//!   delivery here is at most once; reliable delivery is built above with ids and retries;
+//! - round-trip time is measured by pings on every outbound connection, and a connection silent
+//!   for `conn_idle_timeout_ms` is closed and redialled (this catches half-open TCP connections).
+//!
+//! The sockets sit behind the narrow [`Network`] trait, implemented for tokio ([`TokioNet`]) and
+//! for turmoil's simulated network ([`TurmoilNet`]).
+
+pub mod auth;
+mod backends;
+mod inbound;
+mod peer;
+pub mod stats;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use backends::{TokioNet, TurmoilNet};
+pub use stats::{DropReason, NetStats};
+
+use crate::config::{NetConfig, Secret};
+use crate::metrics::Metrics;
+use crate::wire::{Lane, Msg, OutMsg, MSG_OVERHEAD_MAX_BYTES, NONCE_LEN};
+use peer::{Peer, PeerState};
+
+pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// The network the transport runs on.
+pub trait Network: Send + Sync + 'static {
+    fn bind(&self, addr: SocketAddr) -> BoxFuture<'static, io::Result<Box<dyn Listener>>>;
+    fn connect(&self, addr: SocketAddr) -> BoxFuture<'static, io::Result<(BoxRead, BoxWrite)>>;
+}
+
+/// A bound listener of a [`Network`].
+pub trait Listener: Send + Sync {
+    fn local_addr(&self) -> io::Result<SocketAddr>;
+    fn accept(&self) -> BoxFuture<'_, io::Result<(BoxRead, BoxWrite, SocketAddr)>>;
+}
+
+/// An authenticated peer: its node name and the transport address it listens on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub name: Arc<str>,
+    pub addr: SocketAddr,
+}
+
+/// Receives every message that arrives on inbound connections (except replies to our own asks,
+/// which the transport completes itself). Called on the reader task: it must not block.
+pub trait Handler: Send + Sync + 'static {
+    fn on_message(&self, from: &PeerInfo, lane: Lane, msg: OutMsg);
+}
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum SendError {
+    #[error("queue to {peer} is full")]
+    QueueFull { peer: SocketAddr },
+    #[error("message of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge { len: usize, max: usize },
+    #[error("peer limit of {max} reached")]
+    PeersFull { max: usize },
+    #[error("transport is shut down")]
+    Closed,
+}
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum AskError {
+    #[error(transparent)]
+    Send(#[from] SendError),
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    #[error("more than {max} asks in flight")]
+    TooManyAsks { max: usize },
+    #[error("transport is shut down")]
+    Closed,
+}
+
+/// Identity and limits of a transport.
+pub struct TransportConfig {
+    pub name: String,
+    pub cluster: String,
+    pub listen: SocketAddr,
+    pub secret: Secret,
+    pub net: NetConfig,
+    pub rng_seed: u64,
+}
+
+/// Handle to a running transport; cheap to clone.
+#[derive(Clone)]
+pub struct Transport {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    net: Arc<dyn Network>,
+    local: PeerInfo,
+    cluster: String,
+    secret: Secret,
+    cfg: NetConfig,
+    peers: Mutex<HashMap<SocketAddr, Peer>>,
+    handler: OnceLock<Arc<dyn Handler>>,
+    asks: Mutex<HashMap<u64, oneshot::Sender<Bytes>>>,
+    ask_next_id: AtomicU64,
+    stats: NetStats,
+    rng: Mutex<StdRng>,
+    /// Writer tasks, flushed first at shutdown.
+    writers: TaskTracker,
+    /// Listener and reader tasks.
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+    inbound_permits: Arc<Semaphore>,
+    /// Origin of ping timestamps.
+    epoch: Instant,
+}
+
+impl Transport {
+    /// Binds the listener and starts accepting. The listen address in `cfg` may use port 0; the
+    /// bound address is then what peers are told.
+    pub async fn start(
+        net: Arc<dyn Network>,
+        cfg: TransportConfig,
+        metrics: &Metrics,
+    ) -> io::Result<Transport> {
+        let listener = net.bind(cfg.listen).await?;
+        let mut local_addr = listener.local_addr()?;
+        if local_addr.ip().is_unspecified() {
+            local_addr.set_ip(cfg.listen.ip());
+        }
+        let inner = Arc::new(Inner {
+            net,
+            local: PeerInfo { name: cfg.name.into(), addr: local_addr },
+            cluster: cfg.cluster,
+            secret: cfg.secret,
+            inbound_permits: Arc::new(Semaphore::new(cfg.net.inbound_conns_max)),
+            cfg: cfg.net,
+            peers: Mutex::new(HashMap::new()),
+            handler: OnceLock::new(),
+            asks: Mutex::new(HashMap::new()),
+            ask_next_id: AtomicU64::new(1),
+            stats: NetStats::new(metrics),
+            rng: Mutex::new(StdRng::seed_from_u64(cfg.rng_seed)),
+            writers: TaskTracker::new(),
+            tasks: TaskTracker::new(),
+            cancel: CancellationToken::new(),
+            epoch: Instant::now(),
+        });
+        let accept = inbound::accept_loop(inner.clone(), listener);
+        inner.tasks.spawn(accept);
+        Ok(Transport { inner })
+    }
+
+    /// Sets the receiver of inbound messages. Messages arriving before it is set are dropped.
+    pub fn set_handler(&self, handler: Arc<dyn Handler>) {
+        assert!(self.inner.handler.set(handler).is_ok(), "transport handler set twice");
+    }
+
+    /// This node's name and bound transport address.
+    pub fn local(&self) -> &PeerInfo {
+        &self.inner.local
+    }
+
+    pub fn stats(&self) -> &NetStats {
+        &self.inner.stats
+    }
+
+    /// Queues `msg` for `to` without waiting; fails when the queue is full.
+    pub fn try_send(&self, to: SocketAddr, lane: Lane, msg: OutMsg) -> Result<(), SendError> {
+        self.peer(to)?.try_send(lane, msg)
+    }
+
+    /// Queues `msg` for `to`, waiting while the queue is full.
+    pub async fn send(&self, to: SocketAddr, lane: Lane, msg: OutMsg) -> Result<(), SendError> {
+        self.peer(to)?.send(lane, msg).await
+    }
+
+    /// A handle that sends to one peer without a map lookup per message.
+    pub fn peer(&self, to: SocketAddr) -> Result<PeerSender, SendError> {
+        if self.inner.cancel.is_cancelled() {
+            return Err(SendError::Closed);
+        }
+        let mut peers = self.inner.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = peers.get(&to) {
+            return Ok(PeerSender { inner: self.inner.clone(), peer: p.clone() });
+        }
+        if peers.len() >= self.inner.cfg.peers_max {
+            self.inner.stats.drop(DropReason::PeersFull, 1);
+            return Err(SendError::PeersFull { max: self.inner.cfg.peers_max });
+        }
+        let p = peer::spawn(&self.inner, to);
+        peers.insert(to, p.clone());
+        Ok(PeerSender { inner: self.inner.clone(), peer: p })
+    }
+
+    /// Sends an ask on the data lane and waits for its reply.
+    pub async fn ask(&self, to: SocketAddr, payload: Bytes, timeout: Duration) -> Result<Bytes, AskError> {
+        let peer = self.peer(to)?;
+        peer.ask(payload, timeout).await
+    }
+
+    /// Answers an ask received by the handler.
+    pub fn reply(&self, to: SocketAddr, id: u64, payload: Bytes) -> Result<(), SendError> {
+        self.try_send(to, Lane::Data, Msg::Reply { id, payload })
+    }
+
+    /// Smoothed RTT per peer with a live outbound connection that has answered a ping.
+    pub fn peer_rtts(&self) -> Vec<(SocketAddr, Duration)> {
+        let peers = self.inner.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<_> =
+            peers.iter().filter_map(|(addr, p)| p.state.rtt().map(|rtt| (*addr, rtt))).collect();
+        out.sort();
+        out
+    }
+
+    /// Updates the gauges that are computed rather than counted (queue depths, connected peers).
+    pub fn refresh_gauges(&self) {
+        let peers = self.inner.peers.lock().unwrap_or_else(|e| e.into_inner());
+        for lane in Lane::ALL {
+            let depth: usize = peers.values().map(|p| p.queue_len(lane)).sum();
+            let connected = peers.values().filter(|p| p.state.is_connected(lane)).count();
+            let l = crate::metrics::label("lane", lane.as_str());
+            self.inner.stats.queue_depth.get_or_create(&l).set(depth as i64);
+            self.inner.stats.peers_connected.get_or_create(&l).set(connected as i64);
+        }
+    }
+
+    /// Graceful shutdown: stops taking new peers, lets writers flush what is queued (for at most
+    /// `flush_timeout`), then closes every connection and waits for all tasks.
+    pub async fn shutdown(&self, flush_timeout: Duration) {
+        let peers: Vec<Peer> = {
+            let mut map = self.inner.peers.lock().unwrap_or_else(|e| e.into_inner());
+            map.drain().map(|(_, p)| p).collect()
+        };
+        drop(peers); // closes the queues: writers flush and exit
+        self.inner.writers.close();
+        let _ = tokio::time::timeout(flush_timeout, self.inner.writers.wait()).await;
+        self.inner.cancel.cancel();
+        self.inner.tasks.close();
+        self.inner.writers.wait().await;
+        self.inner.tasks.wait().await;
+        self.inner.asks.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// Abrupt stop (tests of crashes): closes every connection at once.
+    pub async fn abort(&self) {
+        self.inner.cancel.cancel();
+        self.inner.writers.close();
+        self.inner.tasks.close();
+        self.inner.writers.wait().await;
+        self.inner.tasks.wait().await;
+    }
+}
+
+impl Inner {
+    fn nonce(&self) -> [u8; NONCE_LEN] {
+        let mut n = [0u8; NONCE_LEN];
+        self.rng.lock().unwrap_or_else(|e| e.into_inner()).fill_bytes(&mut n);
+        n
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    fn payload_len_max(&self) -> usize {
+        self.cfg.frame_len_max_bytes as usize - MSG_OVERHEAD_MAX_BYTES - 4
+    }
+
+    fn complete_ask(&self, id: u64, payload: Bytes) {
+        let tx = self.asks.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        if let Some(tx) = tx {
+            let _ = tx.send(payload);
+        }
+    }
+
+    fn deliver(&self, from: &PeerInfo, lane: Lane, msg: OutMsg) {
+        match msg {
+            Msg::Reply { id, payload } => self.complete_ask(id, payload),
+            other => {
+                if let Some(h) = self.handler.get() {
+                    h.on_message(from, lane, other);
+                }
+            }
+        }
+    }
+
+    /// Removes `state`'s entry if it is still the current one for its address.
+    fn forget(&self, state: &Arc<PeerState>) {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if peers.get(&state.addr).is_some_and(|p| Arc::ptr_eq(&p.state, state)) {
+            peers.remove(&state.addr);
+        }
+    }
+}
+
+/// Sends to one peer; obtained from [`Transport::peer`].
+#[derive(Clone)]
+pub struct PeerSender {
+    inner: Arc<Inner>,
+    peer: Peer,
+}
+
+impl PeerSender {
+    fn check(&self, msg: &OutMsg) -> Result<(), SendError> {
+        let max = self.inner.payload_len_max();
+        if msg.payload_len() > max {
+            self.inner.stats.drop(DropReason::TooLarge, 1);
+            return Err(SendError::TooLarge { len: msg.payload_len(), max });
+        }
+        Ok(())
+    }
+
+    pub fn try_send(&self, lane: Lane, msg: OutMsg) -> Result<(), SendError> {
+        self.check(&msg)?;
+        match self.peer.lanes[lane as usize].try_send(msg) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.inner.stats.drop(DropReason::QueueFull, 1);
+                Err(SendError::QueueFull { peer: self.peer.state.addr })
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(SendError::Closed),
+        }
+    }
+
+    pub async fn send(&self, lane: Lane, msg: OutMsg) -> Result<(), SendError> {
+        self.check(&msg)?;
+        self.peer.lanes[lane as usize].send(msg).await.map_err(|_| SendError::Closed)
+    }
+
+    pub async fn ask(&self, payload: Bytes, timeout: Duration) -> Result<Bytes, AskError> {
+        let id = self.inner.ask_next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut asks = self.inner.asks.lock().unwrap_or_else(|e| e.into_inner());
+            if asks.len() >= self.inner.cfg.asks_in_flight_max {
+                return Err(AskError::TooManyAsks { max: self.inner.cfg.asks_in_flight_max });
+            }
+            asks.insert(id, tx);
+        }
+        let _guard = AskGuard { inner: &self.inner, id };
+        self.send(Lane::Data, Msg::Ask { id, payload }).await?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(AskError::Closed),
+            Err(_) => Err(AskError::Timeout(timeout)),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.peer.state.addr
+    }
+}
+
+/// Removes an ask's entry however the ask ends (reply, timeout, cancellation).
+struct AskGuard<'a> {
+    inner: &'a Inner,
+    id: u64,
+}
+
+impl Drop for AskGuard<'_> {
+    fn drop(&mut self) {
+        self.inner.asks.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
+    }
+}
