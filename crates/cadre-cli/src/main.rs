@@ -1,1 +1,216 @@
-fn main(){}
+//! The `cadre` binary: run a node, inspect a cluster, run the demo and the benchmarks.
+
+mod bench;
+mod demo;
+mod proc;
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use cadre::config::{Config, Secret};
+use cadre::node::{Node, NodeOptions};
+use clap::{Args, Parser, Subcommand};
+
+/// Exit code for bad usage or configuration (missing secret, invalid config).
+const EXIT_USAGE: u8 = 2;
+
+#[derive(Parser)]
+#[command(name = "cadre", version, about = "Keyed agents and CloudEvents signals across a cluster")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a node until SIGTERM or Ctrl-C (then leave the cluster gracefully and exit 0).
+    Node(NodeArgs),
+    /// Show the members of a cluster as a table.
+    Status {
+        /// HTTP address of any node.
+        #[arg(long, default_value = "127.0.0.1:8101", env = "CADRE_HTTP")]
+        http: String,
+    },
+    /// Start a local cluster of node processes, watch it converge, kill one, watch detection.
+    Demo {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        which: BenchCmd,
+    },
+    /// Internal: the raw TCP peer of `cadre bench transport`.
+    #[command(hide = true)]
+    BenchRawServer {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Cross-process tell throughput and ask latency, against raw TCP framing in the same run.
+    Transport {
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 100)]
+        payload: usize,
+    },
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    /// Node name, unique in the cluster.
+    #[arg(long, env = "CADRE_NAME")]
+    name: Option<String>,
+    /// Transport address (HOST:PORT).
+    #[arg(long, env = "CADRE_LISTEN")]
+    listen: Option<String>,
+    /// Transport address announced to peers, when different from --listen.
+    #[arg(long, env = "CADRE_ADVERTISE")]
+    advertise: Option<String>,
+    /// HTTP API address (HOST:PORT).
+    #[arg(long, env = "CADRE_HTTP")]
+    http: Option<String>,
+    /// Transport address of a node to join through; repeatable.
+    #[arg(long = "seed", env = "CADRE_SEEDS", value_delimiter = ',')]
+    seeds: Vec<String>,
+    /// Directory for node-local state.
+    #[arg(long, env = "CADRE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Cluster name; peers with another name are refused.
+    #[arg(long, env = "CADRE_CLUSTER")]
+    cluster: Option<String>,
+    /// TOML config file; flags and environment override it.
+    #[arg(long, env = "CADRE_CONFIG")]
+    config: Option<PathBuf>,
+    /// File holding the shared secret (alternative: CADRE_SECRET).
+    #[arg(long, env = "CADRE_SECRET_FILE")]
+    secret_file: Option<PathBuf>,
+}
+
+fn resolve(addr: &str) -> Result<SocketAddr> {
+    addr.to_socket_addrs()
+        .with_context(|| format!("cannot resolve address {addr:?}"))?
+        .next()
+        .with_context(|| format!("address {addr:?} resolves to nothing"))
+}
+
+/// Builds the node config from file, environment and flags. Errors here exit with code 2.
+fn node_config(args: &NodeArgs) -> Result<Config> {
+    let mut cfg = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+            Config::from_toml_str(&text)?
+        }
+        None => Config::default(),
+    };
+    if let Some(n) = &args.name {
+        cfg.name = n.clone();
+    }
+    if let Some(c) = &args.cluster {
+        cfg.cluster = c.clone();
+    }
+    if let Some(l) = &args.listen {
+        cfg.listen = resolve(l)?;
+    }
+    if let Some(a) = &args.advertise {
+        cfg.advertise = Some(resolve(a)?);
+    }
+    if let Some(h) = &args.http {
+        cfg.http = Some(resolve(h)?);
+    }
+    if !args.seeds.is_empty() {
+        cfg.seeds = args.seeds.iter().filter(|s| !s.is_empty()).map(|s| resolve(s)).collect::<Result<_>>()?;
+    }
+    if let Some(d) = &args.data_dir {
+        cfg.data_dir = Some(d.clone());
+    }
+    if let Some(f) = &args.secret_file {
+        cfg.secret_file = Some(f.clone());
+    }
+    cfg.secret = match (&cfg.secret_file, std::env::var("CADRE_SECRET")) {
+        (Some(path), _) => {
+            let bytes = std::fs::read(path).with_context(|| format!("cannot read secret file {}", path.display()))?;
+            Secret::new(bytes)
+        }
+        (None, Ok(s)) => Secret::new(s),
+        (None, Err(_)) => Secret::default(),
+    };
+    if cfg.secret.is_empty() {
+        bail!("no shared secret: pass --secret-file FILE or set CADRE_SECRET (it must not be empty)");
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+async fn run_node(cfg: Config) -> Result<()> {
+    let node = Node::start(cfg, NodeOptions::default()).await?;
+    wait_for_shutdown_signal().await?;
+    node.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_shutdown_signal() -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: leaving the cluster"),
+        _ = int.recv() => tracing::info!("SIGINT: leaving the cluster"),
+    }
+    Ok(())
+}
+
+async fn status(http: &str) -> Result<()> {
+    let addr = resolve(http)?;
+    let m = cadre::api::client::members(addr, Duration::from_secs(5)).await?;
+    println!("{}", demo::members_table(&m));
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let result = match cli.cmd {
+        Cmd::Node(args) => {
+            init_logging("info");
+            let cfg = match node_config(&args) {
+                Ok(cfg) => cfg,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            rt.block_on(run_node(cfg))
+        }
+        Cmd::Status { http } => rt.block_on(status(&http)),
+        Cmd::Demo { nodes } => {
+            init_logging("warn");
+            rt.block_on(demo::run(nodes))
+        }
+        Cmd::Bench { which: BenchCmd::Transport { seconds, payload } } => {
+            init_logging("warn");
+            rt.block_on(bench::transport(seconds, payload))
+        }
+        Cmd::BenchRawServer { listen } => rt.block_on(bench::raw_server(listen)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

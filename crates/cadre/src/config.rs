@@ -63,6 +63,9 @@ pub struct Config {
     pub cluster: String,
     /// Address the node transport listens on (and that peers dial).
     pub listen: SocketAddr,
+    /// Transport address announced to peers, when it differs from `listen` (e.g. listening on
+    /// `0.0.0.0`). Defaults to the bound listen address.
+    pub advertise: Option<SocketAddr>,
     /// Address of the HTTP API; `None` runs no HTTP server (simulation, embedded use).
     pub http: Option<SocketAddr>,
     /// Transport addresses to join through. Empty: the node forms a cluster of one.
@@ -87,6 +90,7 @@ impl Default for Config {
             name: "n1".into(),
             cluster: "cadre".into(),
             listen: "127.0.0.1:7101".parse().expect("static address"),
+            advertise: None,
             http: None,
             seeds: Vec::new(),
             data_dir: None,
@@ -231,8 +235,10 @@ impl Config {
         if self.secret.is_empty() {
             return Err(invalid("secret", "missing or empty (use --secret-file or CADRE_SECRET)"));
         }
-        if self.seeds.contains(&self.listen) && self.seeds.len() == 1 {
-            // Joining only through oneself is a cluster of one; allowed but pointless.
+        if let Some(a) = self.advertise {
+            if a.ip().is_unspecified() || a.port() == 0 {
+                return Err(invalid("advertise", "must be a concrete address peers can dial"));
+            }
         }
         self.net.validate()?;
         self.membership.validate()

@@ -9,12 +9,12 @@
 //! - [`api`]: the HTTP surface;
 //! - [`sim`]: deterministic cluster simulation on turmoil (test support).
 
-// pub mod api;
-// pub mod clock;
+pub mod api;
+pub mod clock;
 pub mod config;
 pub mod membership;
 pub mod metrics;
 pub mod net;
-// pub mod node;
-// pub mod sim;
+pub mod node;
+pub mod sim;
 pub mod wire;

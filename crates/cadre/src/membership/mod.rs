@@ -21,7 +21,7 @@
 
 pub mod task;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroU8, NonZeroUsize};
 use std::time::Duration;
@@ -137,9 +137,9 @@ pub struct Core {
     rt: AccumulatingRuntime<NodeMeta>,
     cfg: MembershipConfig,
     seeds: Vec<SocketAddr>,
-    view: HashMap<SocketAddr, Member>,
+    view: BTreeMap<SocketAddr, Member>,
     /// `(addr, incarnation)` of members that announced a graceful leave.
-    left: HashSet<(SocketAddr, u64)>,
+    left: BTreeSet<(SocketAddr, u64)>,
     /// True while foca knows at least one other active member.
     connected: bool,
     /// True once this node has been part of a cluster (or forms one alone).
@@ -178,7 +178,7 @@ impl Core {
         let seeds: Vec<_> = seeds.into_iter().filter(|s| *s != me.addr).collect();
         let joined = seeds.is_empty();
         let foca = Foca::new(me.clone(), foca_config(&cfg), StdRng::seed_from_u64(rng_seed), PostcardCodec);
-        let mut view = HashMap::new();
+        let mut view = BTreeMap::new();
         view.insert(me.addr, Member { meta: me, state: MemberState::Alive, since: now });
         Core {
             foca,
@@ -186,7 +186,7 @@ impl Core {
             cfg,
             seeds,
             view,
-            left: HashSet::new(),
+            left: BTreeSet::new(),
             connected: false,
             joined,
             leaving: false,

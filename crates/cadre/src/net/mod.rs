@@ -114,6 +114,8 @@ pub struct TransportConfig {
     pub name: String,
     pub cluster: String,
     pub listen: SocketAddr,
+    /// Address announced to peers; `None` uses the bound listen address.
+    pub advertise: Option<SocketAddr>,
     pub secret: Secret,
     pub net: NetConfig,
     pub rng_seed: u64,
@@ -157,8 +159,10 @@ impl Transport {
     ) -> io::Result<Transport> {
         let listener = net.bind(cfg.listen).await?;
         let mut local_addr = listener.local_addr()?;
-        if local_addr.ip().is_unspecified() {
-            local_addr.set_ip(cfg.listen.ip());
+        if let Some(a) = cfg.advertise {
+            local_addr = a;
+        } else if local_addr.ip().is_unspecified() {
+            local_addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
         let inner = Arc::new(Inner {
             net,
@@ -186,6 +190,11 @@ impl Transport {
     /// Sets the receiver of inbound messages. Messages arriving before it is set are dropped.
     pub fn set_handler(&self, handler: Arc<dyn Handler>) {
         assert!(self.inner.handler.set(handler).is_ok(), "transport handler set twice");
+    }
+
+    /// A reference that does not keep the transport alive (for handlers the transport owns).
+    pub fn downgrade(&self) -> WeakTransport {
+        WeakTransport(Arc::downgrade(&self.inner))
     }
 
     /// This node's name and bound transport address.
@@ -323,6 +332,16 @@ impl Inner {
         if peers.get(&state.addr).is_some_and(|p| Arc::ptr_eq(&p.state, state)) {
             peers.remove(&state.addr);
         }
+    }
+}
+
+/// A [`Transport`] reference that does not keep it alive.
+#[derive(Clone)]
+pub struct WeakTransport(std::sync::Weak<Inner>);
+
+impl WeakTransport {
+    pub fn upgrade(&self) -> Option<Transport> {
+        self.0.upgrade().map(|inner| Transport { inner })
     }
 }
 

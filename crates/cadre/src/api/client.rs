@@ -1,0 +1,62 @@
+//! A minimal HTTP/1.1 client for the node API (used by `cadre status`, the demo and tests).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+
+use super::MembersJson;
+
+/// Largest response body read.
+const BODY_LEN_MAX_BYTES: usize = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: std::io::Error },
+    #[error("http: {0}")]
+    Http(String),
+    #[error("request to {0} timed out")]
+    Timeout(SocketAddr),
+    #[error("unexpected status {status}: {body}")]
+    Status { status: u16, body: String },
+    #[error("bad response body: {0}")]
+    Body(String),
+}
+
+/// `GET path` on `addr`; returns the status code and body.
+pub async fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16, Bytes), ClientError> {
+    tokio::time::timeout(timeout, get_inner(addr, path)).await.map_err(|_| ClientError::Timeout(addr))?
+}
+
+async fn get_inner(addr: SocketAddr, path: &str) -> Result<(u16, Bytes), ClientError> {
+    let stream = tokio::net::TcpStream::connect(addr).await.map_err(|source| ClientError::Connect { addr, source })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| ClientError::Http(e.to_string()))?;
+    let conn = tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, addr.to_string())
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| ClientError::Http(e.to_string()))?;
+    let res = sender.send_request(req).await.map_err(|e| ClientError::Http(e.to_string()))?;
+    let status = res.status().as_u16();
+    let body = http_body_util::Limited::new(res.into_body(), BODY_LEN_MAX_BYTES)
+        .collect()
+        .await
+        .map_err(|e| ClientError::Body(e.to_string()))?
+        .to_bytes();
+    conn.abort();
+    Ok((status, body))
+}
+
+/// `GET /v1/cluster/members`.
+pub async fn members(addr: SocketAddr, timeout: Duration) -> Result<MembersJson, ClientError> {
+    let (status, body) = get(addr, "/v1/cluster/members", timeout).await?;
+    if status != 200 {
+        return Err(ClientError::Status { status, body: String::from_utf8_lossy(&body).into_owned() });
+    }
+    serde_json::from_slice(&body).map_err(|e| ClientError::Body(e.to_string()))
+}

@@ -1,0 +1,112 @@
+//! The HTTP API (axum): cluster views, health, readiness and metrics.
+//!
+//! - `GET /v1/cluster/members`: `{"self":"n1","members":[{"name","addr","http","state","incarnation"}]}`
+//! - `GET /v1/cluster/peers`: smoothed RTT per connected peer
+//! - `GET /healthz`: 200 while the node runs
+//! - `GET /readyz`: 200 once the node has joined a cluster (or formed one alone), else 503
+//! - `GET /metrics`: Prometheus text
+//!
+//! Requests in flight are limited by `API_REQUESTS_IN_FLIGHT_MAX`; more wait for a slot.
+
+pub mod client;
+
+use std::net::SocketAddr;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::membership::task::Membership;
+use crate::membership::MemberState;
+use crate::metrics::Metrics;
+use crate::net::Transport;
+
+/// Requests handled at once; further requests wait.
+pub const API_REQUESTS_IN_FLIGHT_MAX: usize = 256;
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub membership: Membership,
+    pub transport: Transport,
+    pub metrics: Metrics,
+}
+
+/// One member as shown by `GET /v1/cluster/members`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct MemberJson {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub http: Option<SocketAddr>,
+    pub state: MemberState,
+    pub incarnation: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct MembersJson {
+    #[serde(rename = "self")]
+    pub self_name: String,
+    pub members: Vec<MemberJson>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct PeerJson {
+    pub addr: SocketAddr,
+    pub rtt_us: f64,
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/cluster/members", get(members))
+        .route("/v1/cluster/peers", get(peers))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .layer(tower::limit::ConcurrencyLimitLayer::new(API_REQUESTS_IN_FLIGHT_MAX))
+        .with_state(state)
+}
+
+pub async fn serve(listener: tokio::net::TcpListener, state: ApiState, cancel: CancellationToken) {
+    let app = router(state);
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await {
+        warn!(error = %e, "http server stopped");
+    }
+}
+
+async fn members(State(s): State<ApiState>) -> Json<MembersJson> {
+    let view = s.membership.view();
+    let members = view
+        .members
+        .iter()
+        .map(|m| MemberJson {
+            name: m.meta.name.clone(),
+            addr: m.meta.addr,
+            http: m.meta.http,
+            state: m.state,
+            incarnation: m.meta.incarnation,
+        })
+        .collect();
+    Json(MembersJson { self_name: view.me.name, members })
+}
+
+async fn peers(State(s): State<ApiState>) -> Json<Vec<PeerJson>> {
+    let peers = s.transport.peer_rtts();
+    Json(peers.into_iter().map(|(addr, rtt)| PeerJson { addr, rtt_us: rtt.as_secs_f64() * 1e6 }).collect())
+}
+
+async fn readyz(State(s): State<ApiState>) -> impl IntoResponse {
+    if s.membership.view().joined {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "joining\n")
+    }
+}
+
+async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
+    s.transport.refresh_gauges();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render())
+}

@@ -1,0 +1,268 @@
+//! A node: the layers assembled, start-up and shutdown.
+//!
+//! [`Node::start`] validates the config, binds the transport (and the HTTP API when configured),
+//! starts membership and joins through the seeds. [`Node::shutdown`] leaves the cluster
+//! gracefully: it tells the members, lets the transport flush, then stops every task and waits
+//! for them. [`Node::kill`] stops abruptly, as a crash would (used by tests).
+//!
+//! Until agents exist, application traffic on the data lane goes to a [`DataHandler`]; the default
+//! [`Echo`] counts tells and answers asks with their own payload (the transport benchmark uses it).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::{Config, ConfigError};
+use crate::membership::task::{self as membership_task, Input, Membership, View};
+use crate::membership::{Core, NodeMeta};
+use crate::metrics::Metrics;
+use crate::net::{AskError, Handler, Network, PeerInfo, SendError, Transport, TransportConfig, WeakTransport};
+use crate::wire::{Lane, Msg, OutMsg};
+
+/// Time allowed for queued messages (the leave notices among them) to drain at shutdown.
+const SHUTDOWN_FLUSH_MS: u64 = 1000;
+/// Ask payload that [`Echo`] answers with its tell count (8 bytes, little endian).
+pub const ECHO_COUNT_ASK: &[u8] = b"\0cadre.count";
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error("data dir {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+}
+
+/// Receives application messages on the data lane. Called on transport reader tasks: must not block.
+pub trait DataHandler: Send + Sync + 'static {
+    fn on_tell(&self, from: &PeerInfo, payload: Bytes);
+    fn on_ask(&self, from: &PeerInfo, payload: Bytes) -> Bytes;
+}
+
+/// Counts tells; answers an ask with its payload, or with the tell count for [`ECHO_COUNT_ASK`].
+#[derive(Default)]
+pub struct Echo {
+    pub tells: AtomicU64,
+}
+
+impl DataHandler for Echo {
+    fn on_tell(&self, _from: &PeerInfo, _payload: Bytes) {
+        self.tells.fetch_add(1, Ordering::Relaxed);
+    }
+    fn on_ask(&self, _from: &PeerInfo, payload: Bytes) -> Bytes {
+        if payload == ECHO_COUNT_ASK {
+            return Bytes::copy_from_slice(&self.tells.load(Ordering::Relaxed).to_le_bytes());
+        }
+        payload
+    }
+}
+
+struct NodeHandler {
+    membership: Membership,
+    data: Arc<dyn DataHandler>,
+    transport: WeakTransport,
+}
+
+impl Handler for NodeHandler {
+    fn on_message(&self, from: &PeerInfo, _lane: Lane, msg: OutMsg) {
+        match msg {
+            Msg::Membership(p) => self.membership.deliver(Input::Packet(p)),
+            Msg::Leave { incarnation } => self.membership.deliver(Input::Leave { from: from.addr, incarnation }),
+            Msg::Tell(p) => self.data.on_tell(from, p),
+            Msg::Ask { id, payload } => {
+                let reply = self.data.on_ask(from, payload);
+                if let Some(t) = self.transport.upgrade() {
+                    // A full reply queue drops the reply (counted); the asker times out.
+                    let _ = t.reply(from.addr, id, reply);
+                }
+            }
+            Msg::Reply { .. } | Msg::Ping { .. } | Msg::Pong { .. } => {}
+        }
+    }
+}
+
+/// A running node.
+pub struct Node {
+    cfg: Config,
+    transport: Transport,
+    membership: Membership,
+    metrics: Metrics,
+    http: Option<SocketAddr>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// Options of [`Node::start`] besides the config.
+pub struct NodeOptions {
+    pub net: Arc<dyn Network>,
+    pub data: Arc<dyn DataHandler>,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        Self { net: Arc::new(crate::net::TokioNet), data: Arc::new(Echo::default()) }
+    }
+}
+
+impl Node {
+    pub async fn start(cfg: Config, opts: NodeOptions) -> Result<Node, NodeError> {
+        cfg.validate()?;
+        let incarnation = match &cfg.data_dir {
+            Some(dir) => next_incarnation(dir)?,
+            None => 1,
+        };
+        let rng_seed = cfg.rng_seed.unwrap_or_else(rand::random);
+        let metrics = Metrics::new();
+        let tcfg = TransportConfig {
+            name: cfg.name.clone(),
+            cluster: cfg.cluster.clone(),
+            listen: cfg.listen,
+            advertise: cfg.advertise,
+            secret: cfg.secret.clone(),
+            net: cfg.net.clone(),
+            rng_seed,
+        };
+        let transport = Transport::start(opts.net, tcfg, &metrics)
+            .await
+            .map_err(|source| NodeError::Bind { what: "transport", addr: cfg.listen, source })?;
+        let cancel = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let http_listener = match cfg.http {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| NodeError::Bind { what: "http", addr, source })?,
+            ),
+            None => None,
+        };
+        let http = http_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let me = NodeMeta {
+            name: cfg.name.clone(),
+            addr: transport.local().addr,
+            http,
+            incarnation,
+            started_ms: crate::clock::wall_ms(),
+        };
+        let now = tokio::time::Instant::now();
+        let core = Core::new(me, cfg.membership.clone(), cfg.seeds.clone(), rng_seed.wrapping_add(1), now);
+        let data_dir = cfg.data_dir.clone();
+        let on_renew = Box::new(move |m: &NodeMeta| {
+            if let Some(dir) = &data_dir {
+                if let Err(e) = std::fs::write(dir.join(INCARNATION_FILE), m.incarnation.to_string()) {
+                    warn!(error = %e, "cannot persist incarnation");
+                }
+            }
+        });
+        let membership = membership_task::spawn(
+            core,
+            &cfg.membership,
+            transport.clone(),
+            &metrics,
+            on_renew,
+            cancel.clone(),
+            &tasks,
+        );
+        transport.set_handler(Arc::new(NodeHandler {
+            membership: membership.clone(),
+            data: opts.data,
+            transport: transport.downgrade(),
+        }));
+        if let Some(listener) = http_listener {
+            let state = crate::api::ApiState {
+                membership: membership.clone(),
+                transport: transport.clone(),
+                metrics: metrics.clone(),
+            };
+            tasks.spawn(crate::api::serve(listener, state, cancel.clone()));
+        }
+        info!(name = %cfg.name, addr = %transport.local().addr, http = ?http, incarnation, "node started");
+        Ok(Node { cfg, transport, membership, metrics, http, cancel, tasks })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.cfg.name
+    }
+    /// Bound transport address.
+    pub fn addr(&self) -> SocketAddr {
+        self.transport.local().addr
+    }
+    /// Bound HTTP address, if the API runs.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http
+    }
+    pub fn view(&self) -> View {
+        self.membership.view()
+    }
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+    pub fn transport(&self) -> &Transport {
+        &self.transport
+    }
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn tell(&self, to: SocketAddr, payload: Bytes) -> Result<(), SendError> {
+        self.transport.try_send(to, Lane::Data, Msg::Tell(payload))
+    }
+
+    pub async fn ask(&self, to: SocketAddr, payload: Bytes, timeout: Duration) -> Result<Bytes, AskError> {
+        self.transport.ask(to, payload, timeout).await
+    }
+
+    /// Graceful stop: leave the cluster, flush, stop every task.
+    pub async fn shutdown(self) {
+        self.membership.leave().await;
+        self.transport.shutdown(Duration::from_millis(SHUTDOWN_FLUSH_MS)).await;
+        self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        info!(name = %self.cfg.name, "node stopped");
+    }
+
+    /// Abrupt stop, as a crash: no leave, no flush.
+    pub async fn kill(self) {
+        self.cancel.cancel();
+        self.transport.abort().await;
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+const INCARNATION_FILE: &str = "incarnation";
+
+/// Reads, increments and stores the incarnation counter in `dir`.
+fn next_incarnation(dir: &Path) -> Result<u64, NodeError> {
+    let err = |source| NodeError::DataDir { path: dir.display().to_string(), source };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let path = dir.join(INCARNATION_FILE);
+    let prev = match std::fs::read_to_string(&path) {
+        Ok(s) => s.trim().parse::<u64>().unwrap_or(0),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(err(e)),
+    };
+    let next = prev + 1;
+    std::fs::write(&path, next.to_string()).map_err(err)?;
+    Ok(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn incarnation_grows_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(next_incarnation(dir.path()).unwrap(), 1);
+        assert_eq!(next_incarnation(dir.path()).unwrap(), 2);
+    }
+}
