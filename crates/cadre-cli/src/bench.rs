@@ -56,22 +56,25 @@ pub async fn transport(seconds: f64, payload_len: usize) -> Result<()> {
     let phase = Duration::from_secs_f64(seconds);
     let dir = tempfile::Builder::new().prefix("cadre-bench-").tempdir()?;
     let secret = format!("bench-{:016x}", rand::random::<u64>());
-    let rx = NodeProc::spawn(NodeSpec { name: "bench-rx", seeds: &[], dir: dir.path(), secret: &secret })?;
-    let raw_addr = loopback(free_port()?);
     let exe = std::env::current_exe()?;
-    let mut raw = tokio::process::Command::new(exe)
+    let rx = NodeProc::spawn(NodeSpec {
+        exe: &exe,
+        extra: &[],
+        name: "bench-rx",
+        seeds: &[],
+        dir: dir.path(),
+        secret: &secret,
+    })?;
+    let raw_addr = loopback(free_port()?);
+    let mut raw = tokio::process::Command::new(&exe)
         .args(["bench-raw-server", "--listen", &raw_addr.to_string()])
         .kill_on_drop(true)
         .spawn()
         .context("cannot start the raw server")?;
     wait_ready(rx.http, Duration::from_secs(20)).await.with_context(|| rx.log_tail())?;
 
-    let cfg = Config {
-        name: "bench-tx".into(),
-        listen: loopback(0),
-        secret: Secret::new(&secret),
-        ..Config::default()
-    };
+    let cfg =
+        Config { name: "bench-tx".into(), listen: loopback(0), secret: Secret::new(&secret), ..Config::default() };
     let node = Node::start(cfg, NodeOptions::default()).await?;
     let payload = Bytes::from(vec![0xabu8; payload_len]);
     eprintln!("bench transport: payload {payload_len} B, {seconds} s per phase");

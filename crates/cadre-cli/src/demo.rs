@@ -103,11 +103,19 @@ pub async fn run(n: usize) -> Result<()> {
     let secret = format!("demo-{:016x}", rand::random::<u64>());
     println!("cadre demo: {n} node processes on loopback (logs in {})", dir.path().display());
 
+    let exe = std::env::current_exe().context("cannot find the cadre executable")?;
     let mut procs: Vec<NodeProc> = Vec::new();
     for i in 1..=n {
         let seeds: Vec<SocketAddr> = procs.iter().take(3).map(|p| p.addr).collect();
         let name = format!("n{i}");
-        let p = NodeProc::spawn(NodeSpec { name: &name, seeds: &seeds, dir: dir.path(), secret: &secret })?;
+        let p = NodeProc::spawn(NodeSpec {
+            exe: &exe,
+            extra: &[],
+            name: &name,
+            seeds: &seeds,
+            dir: dir.path(),
+            secret: &secret,
+        })?;
         println!("  started {name}: transport {} http {} (pid {})", p.addr, p.http, p.pid().unwrap_or(0));
         procs.push(p);
     }

@@ -105,7 +105,8 @@ fn resolve(addr: &str) -> Result<SocketAddr> {
 fn node_config(args: &NodeArgs) -> Result<Config> {
     let mut cfg = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
             Config::from_toml_str(&text)?
         }
         None => Config::default(),

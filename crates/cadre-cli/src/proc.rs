@@ -1,4 +1,4 @@
-//! Child node processes for the demo and the benchmarks.
+//! Child node processes for the demo, the benchmarks and the real-process tests.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -28,21 +28,24 @@ pub struct NodeProc {
 }
 
 pub struct NodeSpec<'a> {
+    /// The `cadre` executable.
+    pub exe: &'a Path,
     pub name: &'a str,
     pub seeds: &'a [SocketAddr],
     pub dir: &'a Path,
     pub secret: &'a str,
+    /// Extra command-line arguments.
+    pub extra: &'a [&'a str],
 }
 
 impl NodeProc {
     pub fn spawn(spec: NodeSpec<'_>) -> Result<NodeProc> {
-        let exe = std::env::current_exe().context("cannot find the cadre executable")?;
         let addr = loopback(free_port()?);
         let http = loopback(free_port()?);
         let data_dir = spec.dir.join(spec.name);
         let log = spec.dir.join(format!("{}.log", spec.name));
         let log_file = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
-        let mut cmd = Command::new(exe);
+        let mut cmd = Command::new(spec.exe);
         cmd.arg("node")
             .args(["--name", spec.name, "--listen", &addr.to_string(), "--http", &http.to_string()])
             .arg("--data-dir")
@@ -54,6 +57,7 @@ impl NodeProc {
             .stdout(Stdio::null())
             .stderr(log_file)
             .kill_on_drop(true);
+        cmd.args(spec.extra);
         for s in spec.seeds {
             cmd.args(["--seed", &s.to_string()]);
         }

@@ -292,10 +292,7 @@ impl NetConfig {
         positive("net.conn_idle_timeout_ms", self.conn_idle_timeout_ms)?;
         positive("net.asks_in_flight_max", self.asks_in_flight_max as u64)?;
         if self.reconnect_backoff_min_ms > self.reconnect_backoff_max_ms {
-            return Err(invalid(
-                "net.reconnect_backoff_min_ms",
-                "must not exceed net.reconnect_backoff_max_ms",
-            ));
+            return Err(invalid("net.reconnect_backoff_min_ms", "must not exceed net.reconnect_backoff_max_ms"));
         }
         if self.conn_idle_timeout_ms <= 2 * self.ping_interval_ms {
             return Err(invalid(
@@ -322,10 +319,7 @@ impl MembershipConfig {
         positive("membership.inbox_len_max", self.inbox_len_max as u64)?;
         positive("membership.events_len_max", self.events_len_max as u64)?;
         if self.probe_rtt_ms >= self.probe_period_ms {
-            return Err(invalid(
-                "membership.probe_rtt_ms",
-                "must be smaller than membership.probe_period_ms",
-            ));
+            return Err(invalid("membership.probe_rtt_ms", "must be smaller than membership.probe_period_ms"));
         }
         if !(1024..=1 << 20).contains(&self.packet_len_max_bytes) {
             return Err(invalid("membership.packet_len_max_bytes", "must be within 1024..=1048576"));
@@ -371,30 +365,19 @@ mod tests {
         assert!(matches!(c.validate(), Err(ConfigError::Invalid { field: "name", .. })));
         let mut c = valid();
         c.membership.probe_rtt_ms = c.membership.probe_period_ms;
-        assert!(matches!(
-            c.validate(),
-            Err(ConfigError::Invalid { field: "membership.probe_rtt_ms", .. })
-        ));
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid { field: "membership.probe_rtt_ms", .. })));
         let mut c = valid();
         c.net.frame_len_max_bytes = 10;
-        assert!(matches!(
-            c.validate(),
-            Err(ConfigError::Invalid { field: "net.frame_len_max_bytes", .. })
-        ));
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid { field: "net.frame_len_max_bytes", .. })));
         let mut c = valid();
         c.net.peer_queue_len_max = 0;
-        assert!(matches!(
-            c.validate(),
-            Err(ConfigError::Invalid { field: "net.peer_queue_len_max", .. })
-        ));
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid { field: "net.peer_queue_len_max", .. })));
     }
 
     #[test]
     fn toml_overrides_defaults_and_rejects_unknown_fields() {
-        let c = Config::from_toml_str(
-            "name = \"a\"\nseeds = [\"127.0.0.1:7000\"]\n[net]\npeer_queue_len_max = 7\n",
-        )
-        .unwrap();
+        let c = Config::from_toml_str("name = \"a\"\nseeds = [\"127.0.0.1:7000\"]\n[net]\npeer_queue_len_max = 7\n")
+            .unwrap();
         assert_eq!(c.name, "a");
         assert_eq!(c.seeds.len(), 1);
         assert_eq!(c.net.peer_queue_len_max, 7);

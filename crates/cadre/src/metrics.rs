@@ -54,8 +54,7 @@ impl Metrics {
     /// Prometheus text exposition of everything registered.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.lock())
-            .expect("writing into a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut out, &self.lock()).expect("writing into a String cannot fail");
         out
     }
 

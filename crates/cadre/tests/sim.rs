@@ -98,7 +98,9 @@ fn wrong_secret_never_becomes_a_member() {
             return Err("intruder appeared in a member list".into());
         }
         match c.view("intruder") {
-            Some(v) if v.joined || v.members.len() > 1 => Err(format!("intruder joined: {:?}", v.names(MemberState::Alive))),
+            Some(v) if v.joined || v.members.len() > 1 => {
+                Err(format!("intruder joined: {:?}", v.names(MemberState::Alive)))
+            }
             _ => Ok(String::new()),
         }
     });

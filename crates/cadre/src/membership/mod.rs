@@ -6,9 +6,10 @@
 //! the simulation drives the very same code under turmoil.
 //!
 //! Member identity is [`NodeMeta`]: name, transport and HTTP addresses, incarnation and start time,
-//! disseminated with every membership update. Foca keys members by transport address; when two
-//! identities share an address, the one with the higher `(incarnation, started_ms)` wins, so a
-//! node that restarts with the same name and address replaces its previous incarnation. A node
+//! disseminated with every membership update. A member is one name and one transport address
+//! ([`MemberKey`]); when two identities share either, the one with the higher
+//! `(incarnation, started_ms)` wins, so a node that restarts with the same name (on the same or
+//! another address) replaces its previous incarnation. A node
 //! declared `down` (a partition, a long pause) learns it from its peers and rejoins with
 //! `incarnation + 1`.
 //!
@@ -17,7 +18,7 @@
 //! gossips it down; members that miss the notice report `down`. `down` and `left` members stay in
 //! the view for `member_retention_ms`.
 //!
-//! Caveat: two nodes configured with the same name on different addresses are two members.
+//! Caveat: two live nodes configured with the same name displace each other; names must be unique.
 
 pub mod task;
 
@@ -48,15 +49,30 @@ pub struct NodeMeta {
     pub started_ms: u64,
 }
 
+/// The slot a member occupies in foca: one node per name, and one node per transport address.
+/// Two identities are the same member when their names match or their addresses match; the
+/// newer one then replaces the older. (Seed stand-ins have no name and match by address.)
+#[derive(Clone, Debug)]
+pub struct MemberKey {
+    pub name: String,
+    pub addr: SocketAddr,
+}
+
+impl PartialEq for MemberKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.addr == other.addr || (!self.name.is_empty() && self.name == other.name)
+    }
+}
+
 impl foca::Identity for NodeMeta {
-    type Addr = SocketAddr;
+    type Addr = MemberKey;
 
     fn renew(&self) -> Option<Self> {
         Some(NodeMeta { incarnation: self.incarnation + 1, ..self.clone() })
     }
 
-    fn addr(&self) -> SocketAddr {
-        self.addr
+    fn addr(&self) -> MemberKey {
+        MemberKey { name: self.name.clone(), addr: self.addr }
     }
 
     fn win_addr_conflict(&self, adversary: &Self) -> bool {
@@ -119,11 +135,20 @@ pub struct MemberEvent {
 #[derive(Debug)]
 pub enum Output {
     /// Send a SWIM packet on the control lane.
-    Send { to: SocketAddr, packet: Bytes },
+    Send {
+        to: SocketAddr,
+        packet: Bytes,
+    },
     /// Tell a member directly that we are leaving.
-    SendLeave { to: SocketAddr, incarnation: u64 },
+    SendLeave {
+        to: SocketAddr,
+        incarnation: u64,
+    },
     /// Deliver `timer` back to the core after `after`.
-    Schedule { after: Duration, timer: Timer<NodeMeta> },
+    Schedule {
+        after: Duration,
+        timer: Timer<NodeMeta>,
+    },
     /// Our identity changed (rejoin after being declared down); persist the incarnation.
     Renewed(NodeMeta),
     Event(MemberEvent),
@@ -137,7 +162,7 @@ pub struct Core {
     rt: AccumulatingRuntime<NodeMeta>,
     cfg: MembershipConfig,
     seeds: Vec<SocketAddr>,
-    view: BTreeMap<SocketAddr, Member>,
+    view: BTreeMap<String, Member>,
     /// `(addr, incarnation)` of members that announced a graceful leave.
     left: BTreeSet<(SocketAddr, u64)>,
     /// True while foca knows at least one other active member.
@@ -179,7 +204,7 @@ impl Core {
         let joined = seeds.is_empty();
         let foca = Foca::new(me.clone(), foca_config(&cfg), StdRng::seed_from_u64(rng_seed), PostcardCodec);
         let mut view = BTreeMap::new();
-        view.insert(me.addr, Member { meta: me, state: MemberState::Alive, since: now });
+        view.insert(me.name.clone(), Member { meta: me, state: MemberState::Alive, since: now });
         Core {
             foca,
             rt: AccumulatingRuntime::new(),
@@ -250,7 +275,7 @@ impl Core {
             let down: Vec<NodeMeta> = self
                 .view
                 .values()
-                .filter(|m| m.meta.addr != self.me().addr && !m.state.is_active())
+                .filter(|m| m.meta.name != self.me().name && !m.state.is_active())
                 .map(|m| m.meta.clone())
                 .collect();
             for m in down {
@@ -258,8 +283,8 @@ impl Core {
             }
         }
         let retention = Duration::from_millis(self.cfg.member_retention_ms);
-        let me = self.me().addr;
-        self.view.retain(|addr, m| *addr == me || m.state.is_active() || now.duration_since(m.since) < retention);
+        let me = self.me().name.clone();
+        self.view.retain(|name, m| *name == me || m.state.is_active() || now.duration_since(m.since) < retention);
         self.drain(now)
     }
 
@@ -276,7 +301,7 @@ impl Core {
             debug!(error = %e, "leave failed");
         }
         out.extend(self.drain(now));
-        if let Some(m) = self.view.get_mut(&me.addr) {
+        if let Some(m) = self.view.get_mut(&me.name) {
             m.state = MemberState::Left;
             m.since = now;
         }
@@ -304,7 +329,7 @@ impl Core {
                 OwnedNotification::Idle => self.connected = false,
                 OwnedNotification::Rejoin(id) => {
                     info!(name = %id.name, incarnation = id.incarnation, "declared down by peers; rejoined");
-                    if let Some(m) = self.view.get_mut(&id.addr) {
+                    if let Some(m) = self.view.get_mut(&id.name) {
                         m.meta = id.clone();
                     }
                     out.push(Output::Renewed(id));
@@ -323,10 +348,10 @@ impl Core {
     }
 
     fn reconcile(&mut self, now: Instant, out: &mut Vec<Output>) {
-        let me = self.me().addr;
+        let me = self.me().name.clone();
         for m in self.foca.iter_membership_state() {
             let meta = m.id();
-            if meta.addr == me || meta.name.is_empty() {
+            if meta.name == me || meta.name.is_empty() {
                 continue;
             }
             let state = match m.state() {
@@ -335,7 +360,7 @@ impl Core {
                 foca::State::Down if self.left.contains(&(meta.addr, meta.incarnation)) => MemberState::Left,
                 foca::State::Down => MemberState::Down,
             };
-            match self.view.get_mut(&meta.addr) {
+            match self.view.get_mut(&meta.name) {
                 Some(cur) if cur.state == state && cur.meta == *meta => {}
                 Some(cur) => {
                     let from = Some(cur.state);
@@ -351,7 +376,7 @@ impl Core {
                         self.members_over_limit += 1;
                         continue;
                     }
-                    self.view.insert(meta.addr, Member { meta: meta.clone(), state, since: now });
+                    self.view.insert(meta.name.clone(), Member { meta: meta.clone(), state, since: now });
                     out.push(Output::Event(MemberEvent { meta: meta.clone(), from: None, to: state }));
                 }
             }
@@ -392,9 +417,8 @@ mod tests {
         fn new(n: u16) -> Self {
             let now = Instant::now();
             let seed = meta(1).addr;
-            let cores = (1..=n)
-                .map(|i| Core::new(meta(i), MembershipConfig::default(), vec![seed], i as u64, now))
-                .collect();
+            let cores =
+                (1..=n).map(|i| Core::new(meta(i), MembershipConfig::default(), vec![seed], i as u64, now)).collect();
             Net { cores, now, timers: Vec::new(), events: Vec::new() }
         }
 
@@ -476,6 +500,13 @@ mod tests {
         assert!(newer.win_addr_conflict(&old));
         assert!(!old.win_addr_conflict(&newer));
         assert_eq!(old.renew().unwrap().incarnation, 2);
+        // Same name on another address, or another name on the same address: same member slot.
+        let moved = NodeMeta { addr: meta(2).addr, ..old.clone() };
+        assert!(moved.addr() == old.addr());
+        let replaced = NodeMeta { name: "other".into(), ..old.clone() };
+        assert!(replaced.addr() == old.addr());
+        assert!(meta(2).addr() != old.addr());
+        assert!(NodeMeta::seed(old.addr).addr() == old.addr());
     }
 
     #[test]

@@ -46,7 +46,8 @@ impl View {
     }
     /// Names of members in `state`, sorted.
     pub fn names(&self, state: MemberState) -> Vec<String> {
-        let mut v: Vec<String> = self.members.iter().filter(|m| m.state == state).map(|m| m.meta.name.clone()).collect();
+        let mut v: Vec<String> =
+            self.members.iter().filter(|m| m.state == state).map(|m| m.meta.name.clone()).collect();
         v.sort();
         v
     }
@@ -130,8 +131,9 @@ pub fn spawn(
         .counters("membership_inbox_dropped", "Membership packets dropped because the inbox was full")
         .get_or_create_owned(&vec![]);
     let gauges = metrics.gauges("members", "Members in the view, by state");
-    let bad_packets =
-        metrics.counters("membership_bad_packets", "Membership packets refused as malformed").get_or_create_owned(&vec![]);
+    let bad_packets = metrics
+        .counters("membership_bad_packets", "Membership packets refused as malformed")
+        .get_or_create_owned(&vec![]);
     let driver = Driver {
         core,
         transport,

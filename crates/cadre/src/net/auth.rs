@@ -95,7 +95,15 @@ fn dialer_mac(
     let listen = listen.to_string();
     mac(
         secret,
-        &[b"dialer", cluster.as_bytes(), nonce_a, nonce_d, name.as_bytes(), listen.as_bytes(), lane.as_str().as_bytes()],
+        &[
+            b"dialer",
+            cluster.as_bytes(),
+            nonce_a,
+            nonce_d,
+            name.as_bytes(),
+            listen.as_bytes(),
+            lane.as_str().as_bytes(),
+        ],
     )
 }
 
@@ -110,8 +118,7 @@ async fn recv(r: &mut BoxRead, buf: &mut BytesMut) -> Result<Handshake, Handshak
     loop {
         match wire::take_frame(buf, HANDSHAKE_FRAME_LEN_MAX) {
             Ok(Some(frame)) => {
-                return wire::decode_handshake(&frame)
-                    .map_err(|_| HandshakeError::Refused(RefuseReason::Malformed))
+                return wire::decode_handshake(&frame).map_err(|_| HandshakeError::Refused(RefuseReason::Malformed))
             }
             Ok(None) => {}
             Err(_) => return Err(HandshakeError::Refused(RefuseReason::Malformed)),
@@ -133,9 +140,7 @@ pub async fn dial(
     nonce_d: [u8; NONCE_LEN],
     timeout: Duration,
 ) -> Result<(String, BytesMut), HandshakeError> {
-    tokio::time::timeout(timeout, dial_inner(r, w, creds, lane, nonce_d))
-        .await
-        .map_err(|_| HandshakeError::Timeout)?
+    tokio::time::timeout(timeout, dial_inner(r, w, creds, lane, nonce_d)).await.map_err(|_| HandshakeError::Timeout)?
 }
 
 async fn dial_inner(
@@ -186,9 +191,7 @@ pub async fn accept(
     nonce_a: [u8; NONCE_LEN],
     timeout: Duration,
 ) -> Result<(PeerInfo, Lane, BytesMut), HandshakeError> {
-    tokio::time::timeout(timeout, accept_inner(r, w, creds, nonce_a))
-        .await
-        .map_err(|_| HandshakeError::Timeout)?
+    tokio::time::timeout(timeout, accept_inner(r, w, creds, nonce_a)).await.map_err(|_| HandshakeError::Timeout)?
 }
 
 async fn refuse(w: &mut BoxWrite, reason: RefuseReason) -> HandshakeError {

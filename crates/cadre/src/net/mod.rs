@@ -152,11 +152,7 @@ pub(crate) struct Inner {
 impl Transport {
     /// Binds the listener and starts accepting. The listen address in `cfg` may use port 0; the
     /// bound address is then what peers are told.
-    pub async fn start(
-        net: Arc<dyn Network>,
-        cfg: TransportConfig,
-        metrics: &Metrics,
-    ) -> io::Result<Transport> {
+    pub async fn start(net: Arc<dyn Network>, cfg: TransportConfig, metrics: &Metrics) -> io::Result<Transport> {
         let listener = net.bind(cfg.listen).await?;
         let mut local_addr = listener.local_addr()?;
         if let Some(a) = cfg.advertise {
@@ -248,8 +244,7 @@ impl Transport {
     /// Smoothed RTT per peer with a live outbound connection that has answered a ping.
     pub fn peer_rtts(&self) -> Vec<(SocketAddr, Duration)> {
         let peers = self.inner.peers.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out: Vec<_> =
-            peers.iter().filter_map(|(addr, p)| p.state.rtt().map(|rtt| (*addr, rtt))).collect();
+        let mut out: Vec<_> = peers.iter().filter_map(|(addr, p)| p.state.rtt().map(|rtt| (*addr, rtt))).collect();
         out.sort();
         out
     }

@@ -271,12 +271,7 @@ fn fill(
     }
 }
 
-fn read_pongs(
-    inner: &Inner,
-    state: &PeerState,
-    rbuf: &mut BytesMut,
-    frame_len_max: usize,
-) -> Result<(), &'static str> {
+fn read_pongs(inner: &Inner, state: &PeerState, rbuf: &mut BytesMut, frame_len_max: usize) -> Result<(), &'static str> {
     loop {
         let frame = match wire::take_frame(rbuf, frame_len_max) {
             Ok(Some(f)) => f,

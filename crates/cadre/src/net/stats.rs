@@ -93,8 +93,7 @@ impl NetStats {
             connect_failures: metrics
                 .counters("net_connect_failures", "Failed outbound connection attempts")
                 .get_or_create_owned(&vec![]),
-            handshake_refused: metrics
-                .counters("net_handshake_refused", "Handshakes refused, by side and reason"),
+            handshake_refused: metrics.counters("net_handshake_refused", "Handshakes refused, by side and reason"),
             conn_closed: metrics
                 .counters("net_connections_closed", "Connections closed because of an error, by reason"),
             queue_depth: metrics.gauges("net_queue_depth", "Messages queued for peers, by lane"),
@@ -114,9 +113,7 @@ impl NetStats {
     }
 
     pub fn refused(&self, side: &'static str, reason: &str) {
-        self.handshake_refused
-            .get_or_create(&vec![("side", side.to_string()), ("reason", reason.to_string())])
-            .inc();
+        self.handshake_refused.get_or_create(&vec![("side", side.to_string()), ("reason", reason.to_string())]).inc();
     }
 
     pub fn refused_count(&self, side: &'static str, reason: &str) -> u64 {

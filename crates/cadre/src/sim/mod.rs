@@ -13,12 +13,14 @@
 //! connection that spanned a partition stalls; the transport's idle timeout replaces it, which
 //! is also what a half-open real connection needs.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
+
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Secret};
 use crate::membership::task::{Membership, View};
@@ -42,7 +44,16 @@ pub struct SimNode {
     pub seeds: Vec<String>,
 }
 
-type Registry = Rc<RefCell<BTreeMap<String, Membership>>>;
+/// What the harness holds of a running simulated node.
+struct Running {
+    membership: Membership,
+    /// Cancelled by [`SimCluster::crash`]: the node stops abruptly (no leave, no flush).
+    kill: CancellationToken,
+    /// Set once the node's tasks have all stopped.
+    dead: Rc<Cell<bool>>,
+}
+
+type Registry = Rc<RefCell<BTreeMap<String, Running>>>;
 
 /// A simulated cluster.
 pub struct SimCluster {
@@ -113,9 +124,14 @@ impl SimCluster {
                 };
                 let opts = NodeOptions { net: Arc::new(TurmoilNet), ..NodeOptions::default() };
                 let node = Node::start(cfg, opts).await?;
-                registry.borrow_mut().insert(spec.name.clone(), node.membership().clone());
+                let kill = CancellationToken::new();
+                let dead = Rc::new(Cell::new(false));
+                let running = Running { membership: node.membership().clone(), kill: kill.clone(), dead: dead.clone() };
+                registry.borrow_mut().insert(spec.name.clone(), running);
+                kill.cancelled().await;
+                node.kill().await;
+                dead.set(true);
                 std::future::pending::<()>().await;
-                drop(node);
                 Ok(())
             }
         });
@@ -132,7 +148,7 @@ impl SimCluster {
         if self.crashed.contains(name) {
             return None;
         }
-        self.registry.borrow().get(name).map(|m| m.view())
+        self.registry.borrow().get(name).map(|r| r.membership.view())
     }
 
     /// Names of nodes that are running (not crashed).
@@ -150,7 +166,11 @@ impl SimCluster {
     }
 
     /// Steps until `pred` holds, at most `timeout` of simulated time; returns the time it took.
-    pub fn run_until(&mut self, timeout: Duration, mut pred: impl FnMut(&SimCluster) -> bool) -> Result<Duration, SimError> {
+    pub fn run_until(
+        &mut self,
+        timeout: Duration,
+        mut pred: impl FnMut(&SimCluster) -> bool,
+    ) -> Result<Duration, SimError> {
         let start = self.sim.elapsed();
         loop {
             if pred(self) {
@@ -181,10 +201,23 @@ impl SimCluster {
         }
     }
 
-    /// Stops a host abruptly: its tasks and sockets vanish.
+    /// Stops a host abruptly: no leave, no flush; its connections close.
+    ///
+    /// The node's tasks are stopped from inside the simulation first, in scheduling order, and only
+    /// then is the host crashed. (Dropping live tasks at crash time would close their sockets in an
+    /// order that depends on process-global task ids, which breaks replay when tests run in
+    /// parallel.)
     pub fn crash(&mut self, name: &str) {
+        let running = self.registry.borrow_mut().remove(name);
+        if let Some(r) = running {
+            r.kill.cancel();
+            while !r.dead.get() {
+                if self.sim.step().is_err() {
+                    break;
+                }
+            }
+        }
         self.sim.crash(name);
-        self.registry.borrow_mut().remove(name);
         self.crashed.insert(name.to_string());
     }
 

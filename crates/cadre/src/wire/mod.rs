@@ -74,26 +74,11 @@ impl RefuseReason {
 /// dialer `Auth`, acceptor `Welcome` (or `Refused` at any step).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum Handshake {
-    Hello {
-        version: u16,
-        cluster: String,
-        name: String,
-        listen: SocketAddr,
-        lane: Lane,
-        nonce: [u8; NONCE_LEN],
-    },
-    Challenge {
-        name: String,
-        nonce: [u8; NONCE_LEN],
-        mac: [u8; MAC_LEN],
-    },
-    Auth {
-        mac: [u8; MAC_LEN],
-    },
+    Hello { version: u16, cluster: String, name: String, listen: SocketAddr, lane: Lane, nonce: [u8; NONCE_LEN] },
+    Challenge { name: String, nonce: [u8; NONCE_LEN], mac: [u8; MAC_LEN] },
+    Auth { mac: [u8; MAC_LEN] },
     Welcome,
-    Refused {
-        reason: RefuseReason,
-    },
+    Refused { reason: RefuseReason },
 }
 
 /// A message after the handshake. `P` is `Bytes` when sending and `&[u8]` when decoding; both
@@ -103,15 +88,27 @@ pub enum Msg<P> {
     /// A SWIM packet for the membership layer.
     Membership(P),
     /// The sender leaves the cluster on purpose (its identity's incarnation).
-    Leave { incarnation: u64 },
+    Leave {
+        incarnation: u64,
+    },
     /// RTT probe; answered with `Pong` on the same connection.
-    Ping { nonce: u64 },
-    Pong { nonce: u64 },
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
     /// One-way application message.
     Tell(P),
     /// Request expecting a `Reply` with the same id.
-    Ask { id: u64, payload: P },
-    Reply { id: u64, payload: P },
+    Ask {
+        id: u64,
+        payload: P,
+    },
+    Reply {
+        id: u64,
+        payload: P,
+    },
 }
 
 /// An owned outgoing message.
@@ -128,7 +125,7 @@ impl<P: AsRef<[u8]>> Msg<P> {
     }
 }
 
-impl<'a> Msg<&'a [u8]> {
+impl Msg<&[u8]> {
     /// Converts borrowed payloads into zero-copy slices of `frame`, which must contain them.
     pub fn into_owned_in(self, frame: &Bytes) -> OutMsg {
         match self {
@@ -355,20 +352,14 @@ mod tests {
     fn oversized_and_bad_frames_are_errors() {
         let mut buf = BytesMut::new();
         buf.put_u32(10_000);
-        assert_eq!(
-            take_frame(&mut buf, 1024),
-            Err(WireError::FrameTooLarge { len: 10_000, max: 1024 })
-        );
+        assert_eq!(take_frame(&mut buf, 1024), Err(WireError::FrameTooLarge { len: 10_000, max: 1024 }));
         let mut buf = BytesMut::new();
         buf.put_u32(0);
         assert_eq!(take_frame(&mut buf, 1024), Err(WireError::EmptyFrame));
         let mut body = BytesMut::new();
         put_postcard(&mut body, &(WIRE_VERSION + 1));
         body.put_u8(0);
-        assert_eq!(
-            decode_frame(&body.freeze(), |_| {}),
-            Err(WireError::UnsupportedVersion(WIRE_VERSION + 1))
-        );
+        assert_eq!(decode_frame(&body.freeze(), |_| {}), Err(WireError::UnsupportedVersion(WIRE_VERSION + 1)));
         let bad = Bytes::from_static(&[1, 0xff, 0xff, 0xff]);
         assert!(matches!(decode_frame(&bad, |_| {}), Err(WireError::Malformed(_))));
     }

@@ -1,0 +1,146 @@
+//! Real processes on loopback: three `cadre node`s converge, a SIGKILLed one is marked down,
+//! a node with the wrong secret is refused and never listed, SIGTERM leaves gracefully with
+//! exit code 0, and a missing secret is a usage error (exit code 2).
+//!
+//! Conditions are awaited by polling the nodes' HTTP API with a deadline.
+
+#[path = "../src/proc.rs"]
+#[allow(dead_code)]
+mod proc;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use cadre::api::client;
+use cadre::api::MembersJson;
+use cadre::membership::MemberState;
+use proc::{wait_ready, NodeProc, NodeSpec};
+
+const SECRET: &str = "cluster-test-secret";
+const WAIT: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(20);
+
+fn exe() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_cadre"))
+}
+
+fn state_of(m: &MembersJson, name: &str) -> Option<MemberState> {
+    m.members.iter().find(|x| x.name == name).map(|x| x.state)
+}
+
+/// Polls `http` until `cond` holds for its member list.
+async fn await_members(http: SocketAddr, what: &str, cond: impl Fn(&MembersJson) -> bool) -> MembersJson {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Ok(m) = client::members(http, Duration::from_secs(2)).await {
+            if cond(&m) {
+                return m;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not reached within {WAIT:?}: {what}");
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+async fn metric(http: SocketAddr, needle: &str) -> u64 {
+    let (_, body) = client::get(http, "/metrics", Duration::from_secs(2)).await.unwrap();
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(needle))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_processes_converge_detect_a_kill_and_refuse_a_wrong_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let spawn = |name: &str, seeds: &[SocketAddr], secret: &str| {
+        NodeProc::spawn(NodeSpec { exe: exe(), name, seeds, dir: dir.path(), secret, extra: &[] }).unwrap()
+    };
+    let n1 = spawn("n1", &[], SECRET);
+    let n2 = spawn("n2", &[n1.addr], SECRET);
+    let mut n3 = spawn("n3", &[n1.addr, n2.addr], SECRET);
+    for n in [&n1, &n2, &n3] {
+        wait_ready(n.http, WAIT).await.unwrap_or_else(|e| panic!("{e}\n{}", n.log_tail()));
+    }
+    let all = ["n1", "n2", "n3"];
+    for n in [&n1, &n2, &n3] {
+        let m =
+            await_members(n.http, "3 alive", |m| all.iter().all(|x| state_of(m, x) == Some(MemberState::Alive))).await;
+        assert_eq!(m.self_name, n.name);
+        let me = m.members.iter().find(|x| x.name == n.name).unwrap();
+        assert_eq!((me.addr, me.http, me.incarnation), (n.addr, Some(n.http), 1));
+    }
+
+    // SIGKILL n3: the others mark it down.
+    n3.signal(libc::SIGKILL).unwrap();
+    n3.wait(WAIT).await.unwrap();
+    for n in [&n1, &n2] {
+        await_members(n.http, "n3 down", |m| state_of(m, "n3") == Some(MemberState::Down)).await;
+    }
+
+    // A node with the wrong secret is refused and never listed.
+    let intruder = spawn("intruder", &[n1.addr, n2.addr], "wrong-secret");
+    let n1_http = n1.http;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while metric(n1_http, "cadre_net_handshake_refused_total{side=\"acceptor\",reason=\"wrong_secret\"}").await == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "wrong secret not counted");
+        tokio::time::sleep(POLL).await;
+    }
+    for n in [&n1, &n2] {
+        let m = client::members(n.http, WAIT).await.unwrap();
+        assert_eq!(state_of(&m, "intruder"), None, "intruder listed by {}", n.name);
+    }
+    let (status, _) = client::get(intruder.http, "/readyz", WAIT).await.unwrap();
+    assert_eq!(status, 503, "the intruder never joins");
+
+    // SIGTERM n2: it leaves gracefully, exits 0, and n1 lists it as left.
+    let mut n2 = n2;
+    n2.signal(libc::SIGTERM).unwrap();
+    let status = n2.wait(WAIT).await.unwrap();
+    assert!(status.success(), "n2 exited with {status}");
+    await_members(n1.http, "n2 left", |m| state_of(m, "n2") == Some(MemberState::Left)).await;
+
+    // n3 restarts with the same name and data dir: a new incarnation, alive again.
+    let n3b = spawn("n3", &[n1.addr], SECRET);
+    let m = await_members(n1.http, "n3 back", |m| state_of(m, "n3") == Some(MemberState::Alive)).await;
+    let n3m = m.members.iter().find(|x| x.name == "n3").unwrap();
+    assert_eq!(n3m.incarnation, 2, "restart with the same data dir is a new incarnation");
+    assert_eq!(n3m.addr, n3b.addr);
+
+    // `cadre status` prints the table.
+    let out =
+        tokio::process::Command::new(exe()).args(["status", "--http", &n1.http.to_string()]).output().await.unwrap();
+    assert!(out.status.success());
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("NAME") && table.contains("n2") && table.contains("left"), "{table}");
+}
+
+#[tokio::test]
+async fn a_missing_or_empty_secret_is_a_usage_error() {
+    for secret in [None, Some("")] {
+        let mut cmd = tokio::process::Command::new(exe());
+        cmd.args(["node", "--name", "x", "--listen", "127.0.0.1:0"]).env_remove("CADRE_SECRET_FILE");
+        match secret {
+            Some(s) => cmd.env("CADRE_SECRET", s),
+            None => cmd.env_remove("CADRE_SECRET"),
+        };
+        let out = cmd.output().await.unwrap();
+        assert_eq!(out.status.code(), Some(2), "{secret:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("secret"), "{err}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("secret");
+    std::fs::write(&file, "\n").unwrap();
+    let out = tokio::process::Command::new(exe())
+        .args(["node", "--name", "x", "--listen", "127.0.0.1:0", "--secret-file"])
+        .arg(&file)
+        .env_remove("CADRE_SECRET")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

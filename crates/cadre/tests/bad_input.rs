@@ -1,0 +1,127 @@
+//! Bad bytes sent to a node's transport port close that connection, are counted, and leave the
+//! node healthy: it keeps serving HTTP and talking to a well-behaved peer.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use cadre::config::{Config, Secret};
+use cadre::net::auth::{self, Credentials, HandshakeError};
+use cadre::net::{BoxRead, BoxWrite, Network, PeerInfo, TokioNet};
+use cadre::node::{Node, NodeOptions};
+use cadre::wire::{Lane, RefuseReason};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SECRET: &str = "bad-input-secret";
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn node(name: &str, seeds: Vec<SocketAddr>) -> Node {
+    let cfg = Config {
+        name: name.into(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http: Some("127.0.0.1:0".parse().unwrap()),
+        seeds,
+        secret: Secret::new(SECRET),
+        ..Config::default()
+    };
+    Node::start(cfg, NodeOptions::default()).await.unwrap()
+}
+
+/// Reads until the node closes the connection (EOF or reset); fails after `WAIT`.
+async fn closed_by_node(r: &mut BoxRead) {
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(WAIT, r.read(&mut buf)).await.expect("node closes the connection") {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+async fn dial(addr: SocketAddr) -> (BoxRead, BoxWrite) {
+    TokioNet.connect(addr).await.unwrap()
+}
+
+/// A connection that completed the handshake as a legitimate peer.
+async fn authenticated(addr: SocketAddr, secret: &str) -> Result<(BoxRead, BoxWrite), HandshakeError> {
+    let (mut r, mut w) = dial(addr).await;
+    let me = PeerInfo { name: "prober".into(), addr: "127.0.0.1:1".parse().unwrap() };
+    let creds = Credentials { cluster: "cadre", secret: secret.as_bytes(), local: &me };
+    auth::dial(&mut r, &mut w, &creds, Lane::Data, [1; 16], WAIT).await?;
+    Ok((r, w))
+}
+
+async fn wait_metric(node: &Node, what: &str, f: impl Fn(&Node) -> u64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while f(node) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "metric not counted: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn assert_healthy(a: &Node, b: &Node) {
+    let (status, _) = cadre::api::client::get(a.http_addr().unwrap(), "/healthz", WAIT).await.unwrap();
+    assert_eq!(status, 200);
+    let reply = b.ask(a.addr(), Bytes::from_static(b"still there?"), WAIT).await.unwrap();
+    assert_eq!(&reply[..], b"still there?");
+    let names: Vec<String> = a.view().members.iter().map(|m| m.meta.name.clone()).collect();
+    assert_eq!(names, ["a", "b"], "no prober became a member");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_closes_one_connection_and_the_node_carries_on() {
+    let a = node("a", vec![]).await;
+    let b = node("b", vec![a.addr()]).await;
+    a.membership().wait_for(|v| v.names(cadre::membership::MemberState::Alive).len() == 2).await.unwrap();
+    assert_healthy(&a, &b).await;
+
+    // 1. Malformed bytes instead of a handshake.
+    let (mut r, mut w) = dial(a.addr()).await;
+    w.write_all(&[0x00, 0x00, 0x00, 0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]).await.unwrap();
+    closed_by_node(&mut r).await;
+    wait_metric(&a, "malformed handshake", |n| n.transport().stats().refused_count("acceptor", "malformed")).await;
+    assert_healthy(&a, &b).await;
+
+    // 2. A huge length prefix before the handshake.
+    let (mut r, mut w) = dial(a.addr()).await;
+    w.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+    closed_by_node(&mut r).await;
+    assert_healthy(&a, &b).await;
+
+    // 3. The wrong secret.
+    let err = authenticated(a.addr(), "not-the-secret").await.err().expect("refused");
+    assert!(matches!(err, HandshakeError::Refused(RefuseReason::WrongSecret)), "{err}");
+    wait_metric(&a, "wrong secret", |n| n.transport().stats().refused_count("acceptor", "wrong_secret")).await;
+    assert_healthy(&a, &b).await;
+
+    // 4. An oversized frame after a valid handshake.
+    let (mut r, mut w) = authenticated(a.addr(), SECRET).await.unwrap();
+    let mut frame = BytesMut::new();
+    frame.put_u32(Config::default().net.frame_len_max_bytes + 1);
+    frame.put_bytes(0, 64);
+    w.write_all(&frame).await.unwrap();
+    closed_by_node(&mut r).await;
+    wait_metric(&a, "oversized frame", |n| n.transport().stats().closed_count("oversized")).await;
+    assert_healthy(&a, &b).await;
+
+    // 5. A frame whose body does not decode after a valid handshake.
+    let (mut r, mut w) = authenticated(a.addr(), SECRET).await.unwrap();
+    let mut frame = BytesMut::new();
+    frame.put_u32(6);
+    frame.put_slice(&[1, 0xff, 0xff, 0xff, 0xff, 0xff]);
+    w.write_all(&frame).await.unwrap();
+    closed_by_node(&mut r).await;
+    wait_metric(&a, "malformed frame", |n| n.transport().stats().closed_count("malformed")).await;
+    assert_healthy(&a, &b).await;
+
+    // 6. A frame with an unknown wire version.
+    let (mut r, mut w) = authenticated(a.addr(), SECRET).await.unwrap();
+    w.write_all(&[0, 0, 0, 2, 99, 0]).await.unwrap();
+    closed_by_node(&mut r).await;
+    assert_healthy(&a, &b).await;
+
+    let metrics = a.metrics().render();
+    assert!(metrics.contains("cadre_net_handshake_refused_total"), "{metrics}");
+    b.shutdown().await;
+    a.shutdown().await;
+}
