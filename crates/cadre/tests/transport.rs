@@ -46,14 +46,20 @@ struct Collector {
 }
 
 impl Handler for Collector {
-    fn on_message(&self, from: &PeerInfo, lane: Lane, msg: OutMsg) {
+    fn on_message(&self, from: &PeerInfo, lane: Lane, msg: OutMsg) -> Option<Bytes> {
         if let Msg::Ask { id, payload } = &msg {
+            // Even ids are answered inline on the same connection, odd ids later through the
+            // answering node's own connection: both reply paths are exercised.
+            if id % 2 == 0 {
+                return Some(payload.clone());
+            }
             if let Some(t) = self.transport.get().and_then(|w| w.upgrade()) {
                 t.reply(from.addr, *id, payload.clone()).expect("reply queued");
             }
-            return;
+            return None;
         }
         self.tx.try_send((from.name.to_string(), lane, msg)).expect("test collector overflow");
+        None
     }
 }
 

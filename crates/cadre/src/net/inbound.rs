@@ -83,16 +83,25 @@ async fn read_loop(
 ) -> Result<(), &'static str> {
     let frame_len_max = inner.cfg.frame_len_max_bytes as usize;
     let idle = Duration::from_millis(inner.cfg.conn_idle_timeout_ms);
-    let mut pongs = BytesMut::new();
-    let mut pong_writer = FrameWriter::new(frame_len_max);
+    // Pongs and immediate replies, written back on this connection after each read.
+    let mut back = BytesMut::new();
+    let mut back_writer = FrameWriter::new(frame_len_max);
     loop {
         let deadline = Instant::now() + idle;
         loop {
             match wire::take_frame(&mut rbuf, frame_len_max) {
                 Ok(Some(frame)) => {
                     let res = wire::decode_frame(&frame, |msg| match msg {
-                        Msg::Ping { nonce } => pong_writer.push(&mut pongs, &Msg::<&[u8]>::Pong { nonce }),
-                        other => inner.deliver(peer, lane, other),
+                        Msg::Ping { nonce } => back_writer.push(&mut back, &Msg::<&[u8]>::Pong { nonce }),
+                        other => {
+                            if let Some(reply) = inner.deliver(peer, lane, other) {
+                                if reply.payload_len() <= back_writer.payload_len_max() {
+                                    back_writer.push(&mut back, &reply);
+                                } else {
+                                    inner.stats.drop(super::DropReason::TooLarge, 1);
+                                }
+                            }
+                        }
                     });
                     match res {
                         Ok(n) => inner.stats.received.add(lane, 1, n as u64, frame.len() as u64 + 4),
@@ -110,12 +119,14 @@ async fn read_loop(
                 Err(_) => return Err("malformed"),
             }
         }
-        if !pongs.is_empty() {
-            pong_writer.close(&mut pongs);
-            if tokio::time::timeout(idle, w.write_all(&pongs)).await.map_or(true, |r| r.is_err()) {
+        if !back.is_empty() {
+            back_writer.close(&mut back);
+            let (frames, msgs) = (std::mem::take(&mut back_writer.frames), std::mem::take(&mut back_writer.msgs));
+            if tokio::time::timeout(idle, w.write_all(&back)).await.map_or(true, |r| r.is_err()) {
                 return Err("write");
             }
-            pongs.clear();
+            inner.stats.sent.add(lane, frames, msgs, back.len() as u64);
+            back.clear();
         }
         rbuf.reserve(READ_CHUNK_BYTES);
         let read = tokio::select! {

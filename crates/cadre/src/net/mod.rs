@@ -21,7 +21,9 @@
 //!   A message being written when a connection breaks is lost (counted as `write_failed`):
 //!   delivery here is at most once; reliable delivery is built above with ids and retries;
 //! - round-trip time is measured by pings on every outbound connection, and a connection silent
-//!   for `conn_idle_timeout_ms` is closed and redialled (this catches half-open TCP connections).
+//!   for `conn_idle_timeout_ms` is closed and redialled (this catches half-open TCP connections);
+//! - a handler that answers an ask at once has its reply written back on the same connection by the
+//!   reader task, so a round trip costs no task hop on the answering node.
 //!
 //! The sockets sit behind the narrow [`Network`] trait, implemented for tokio ([`TokioNet`]) and
 //! for turmoil's simulated network ([`TurmoilNet`]).
@@ -82,7 +84,11 @@ pub struct PeerInfo {
 /// Receives every message that arrives on inbound connections (except replies to our own asks,
 /// which the transport completes itself). Called on the reader task: it must not block.
 pub trait Handler: Send + Sync + 'static {
-    fn on_message(&self, from: &PeerInfo, lane: Lane, msg: OutMsg);
+    /// For an `Ask`, returning `Some(reply)` sends the reply at once on the connection the ask
+    /// arrived on (no task hop); returning `None` leaves the answer to a later
+    /// [`Transport::reply`] on this node's own connection to the asker (or to the asker's timeout).
+    /// For other messages the return value is ignored.
+    fn on_message(&self, from: &PeerInfo, lane: Lane, msg: OutMsg) -> Option<Bytes>;
 }
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -310,13 +316,22 @@ impl Inner {
         }
     }
 
-    fn deliver(&self, from: &PeerInfo, lane: Lane, msg: OutMsg) {
+    /// Hands an inbound message to the handler; returns an immediate reply to an ask, if any.
+    fn deliver(&self, from: &PeerInfo, lane: Lane, msg: OutMsg) -> Option<OutMsg> {
         match msg {
-            Msg::Reply { id, payload } => self.complete_ask(id, payload),
+            Msg::Reply { id, payload } => {
+                self.complete_ask(id, payload);
+                None
+            }
+            Msg::Ask { id, payload } => {
+                let reply = self.handler.get()?.on_message(from, lane, Msg::Ask { id, payload })?;
+                Some(Msg::Reply { id, payload: reply })
+            }
             other => {
                 if let Some(h) = self.handler.get() {
                     h.on_message(from, lane, other);
                 }
+                None
             }
         }
     }

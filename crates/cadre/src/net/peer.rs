@@ -218,7 +218,7 @@ async fn run_conn(
                     Err(_) => return ConnEnd::Lost("io"),
                     Ok(_) => {
                         last_rx = Instant::now();
-                        if let Err(reason) = read_pongs(inner, state, &mut rbuf, frame_len_max) {
+                        if let Err(reason) = read_returns(inner, state, lane, &mut rbuf, frame_len_max) {
                             return ConnEnd::Lost(reason);
                         }
                     }
@@ -271,7 +271,14 @@ fn fill(
     }
 }
 
-fn read_pongs(inner: &Inner, state: &PeerState, rbuf: &mut BytesMut, frame_len_max: usize) -> Result<(), &'static str> {
+/// Handles what comes back on an outbound connection: pongs and immediate replies.
+fn read_returns(
+    inner: &Inner,
+    state: &PeerState,
+    lane: Lane,
+    rbuf: &mut BytesMut,
+    frame_len_max: usize,
+) -> Result<(), &'static str> {
     loop {
         let frame = match wire::take_frame(rbuf, frame_len_max) {
             Ok(Some(f)) => f,
@@ -279,13 +286,14 @@ fn read_pongs(inner: &Inner, state: &PeerState, rbuf: &mut BytesMut, frame_len_m
             Err(_) => return Err("malformed"),
         };
         let now = inner.now_ns();
-        let res = wire::decode_frame(&frame, |msg| {
-            if let Msg::Pong { nonce } = msg {
-                state.record_rtt(now.saturating_sub(nonce));
-            }
+        let res = wire::decode_frame(&frame, |msg| match msg {
+            Msg::Pong { nonce } => state.record_rtt(now.saturating_sub(nonce)),
+            Msg::Reply { id, payload } => inner.complete_ask(id, payload),
+            _ => {}
         });
-        if res.is_err() {
-            return Err("malformed");
+        match res {
+            Ok(n) => inner.stats.received.add(lane, 1, n as u64, frame.len() as u64 + 4),
+            Err(_) => return Err("malformed"),
         }
         if let Some(rtt) = state.rtt() {
             inner

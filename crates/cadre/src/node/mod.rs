@@ -23,7 +23,7 @@ use crate::config::{Config, ConfigError};
 use crate::membership::task::{self as membership_task, Input, Membership, View};
 use crate::membership::{Core, NodeMeta};
 use crate::metrics::Metrics;
-use crate::net::{AskError, Handler, Network, PeerInfo, SendError, Transport, TransportConfig, WeakTransport};
+use crate::net::{AskError, Handler, Network, PeerInfo, SendError, Transport, TransportConfig};
 use crate::wire::{Lane, Msg, OutMsg};
 
 /// Time allowed for queued messages (the leave notices among them) to drain at shutdown.
@@ -68,24 +68,19 @@ impl DataHandler for Echo {
 struct NodeHandler {
     membership: Membership,
     data: Arc<dyn DataHandler>,
-    transport: WeakTransport,
 }
 
 impl Handler for NodeHandler {
-    fn on_message(&self, from: &PeerInfo, _lane: Lane, msg: OutMsg) {
+    fn on_message(&self, from: &PeerInfo, _lane: Lane, msg: OutMsg) -> Option<Bytes> {
         match msg {
             Msg::Membership(p) => self.membership.deliver(Input::Packet(p)),
             Msg::Leave { incarnation } => self.membership.deliver(Input::Leave { from: from.addr, incarnation }),
             Msg::Tell(p) => self.data.on_tell(from, p),
-            Msg::Ask { id, payload } => {
-                let reply = self.data.on_ask(from, payload);
-                if let Some(t) = self.transport.upgrade() {
-                    // A full reply queue drops the reply (counted); the asker times out.
-                    let _ = t.reply(from.addr, id, reply);
-                }
-            }
+            // Answered at once, on the connection the ask came in on.
+            Msg::Ask { payload, .. } => return Some(self.data.on_ask(from, payload)),
             Msg::Reply { .. } | Msg::Ping { .. } | Msg::Pong { .. } => {}
         }
+        None
     }
 }
 
@@ -172,11 +167,7 @@ impl Node {
             cancel.clone(),
             &tasks,
         );
-        transport.set_handler(Arc::new(NodeHandler {
-            membership: membership.clone(),
-            data: opts.data,
-            transport: transport.downgrade(),
-        }));
+        transport.set_handler(Arc::new(NodeHandler { membership: membership.clone(), data: opts.data }));
         if let Some(listener) = http_listener {
             let state = crate::api::ApiState {
                 membership: membership.clone(),
