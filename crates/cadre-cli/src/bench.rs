@@ -2,14 +2,14 @@
 //! raw baseline measured in the same run.
 //!
 //! Processes: this one (the sender node) and two children: a `cadre node` (the receiver, whose
-//! built-in echo handler counts tells and answers asks) and a raw TCP server. Phases, each for
-//! `--seconds`:
-//! 1. tell: send tells as fast as the transport accepts them (back-pressure, no drops), then
-//!    ask the receiver how many arrived; throughput = arrived / time until that answer;
-//! 2. ask: sequential asks, latency percentiles;
-//! 3. raw tell: length-prefixed frames over one plain tokio TCP connection (buffered writes),
-//!    the receiver counts them; same accounting as 1;
-//! 4. raw ping-pong: one frame out, the same frame back, sequentially.
+//! built-in echo handler counts tells and answers asks) and a raw TCP server.
+//! - throughput, `--seconds` each for cadre and raw, in alternating rounds: cadre sends tells as
+//!   fast as the transport accepts them (back-pressure, no drops), then asks the receiver how many
+//!   arrived (throughput = arrived / time until that answer); raw writes length-prefixed frames
+//!   over one plain tokio TCP connection (buffered writes) and the server counts them, same
+//!   accounting;
+//! - latency, `--seconds` in all: sequential asks alternating with raw ping-pongs (one frame out,
+//!   the same frame back) on one plain connection, so both see the same conditions.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use cadre::config::{Config, Secret};
+use cadre::net::PeerSender;
 use cadre::node::{Node, NodeOptions, ECHO_COUNT_ASK};
 use cadre::wire::{Lane, Msg};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
@@ -33,6 +34,8 @@ const RAW_FRAME_LEN_MAX: usize = 1 << 20;
 const RAW_BUF_BYTES: usize = 256 * 1024;
 /// Sends between two clock reads in the throughput loops.
 const SENDS_PER_CLOCK_CHECK: u64 = 1024;
+/// Alternating rounds of cadre and raw throughput.
+const THROUGHPUT_ROUNDS: u32 = 4;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
@@ -83,29 +86,33 @@ pub async fn transport(seconds: f64, payload_len: usize) -> Result<()> {
     node.ask(rx.addr, Bytes::from_static(b"warm"), ASK_TIMEOUT).await?;
     let peer = node.transport().peer(rx.addr)?;
 
-    // 1. tells
-    let count_before = ask_count(&node, rx.addr).await?;
+    // Phases 1 and 3 alternate in rounds, and phases 2 and 4 alternate message by message, so that
+    // cadre and the raw baseline see the same machine conditions (this VM's speed drifts).
+    let mut raw_counter = RawCounter::connect(raw_addr).await?;
     let stats = node.transport().stats();
     let (frames0, msgs0) = (stats.sent.frames(Lane::Data), stats.sent.msgs(Lane::Data));
-    let start = Instant::now();
-    let mut sent = 0u64;
-    while start.elapsed() < phase {
-        for _ in 0..SENDS_PER_CLOCK_CHECK {
-            peer.send(Lane::Data, Msg::Tell(payload.clone())).await?;
-        }
-        sent += SENDS_PER_CLOCK_CHECK;
+    let (mut arrived, mut tell_time) = (0u64, Duration::ZERO);
+    let (mut raw_frames, mut raw_time) = (0u64, Duration::ZERO);
+    for _ in 0..THROUGHPUT_ROUNDS {
+        let round = phase / THROUGHPUT_ROUNDS;
+        let (n, t) = cadre_tells(&node, &peer, rx.addr, &payload, round).await?;
+        arrived += n;
+        tell_time += t;
+        let (n, t) = raw_counter.run(&payload, round).await?;
+        raw_frames += n;
+        raw_time += t;
     }
-    let arrived = ask_count(&node, rx.addr).await? - count_before;
-    let tell_elapsed = start.elapsed();
     let (frames, msgs) = (stats.sent.frames(Lane::Data) - frames0, stats.sent.msgs(Lane::Data) - msgs0);
-    if arrived != sent {
-        bail!("sent {sent} tells but {arrived} arrived");
-    }
-    let tell_rate = arrived as f64 / tell_elapsed.as_secs_f64();
+    let tell_rate = arrived as f64 / tell_time.as_secs_f64();
+    let raw_rate = raw_frames as f64 / raw_time.as_secs_f64();
     let frames_per_msg = frames as f64 / msgs.max(1) as f64;
 
-    // 2. asks
-    let mut lat = Vec::new();
+    let mut echo = raw_connect(raw_addr, RAW_MODE_ECHO).await?;
+    let mut frame = Vec::with_capacity(4 + payload_len);
+    frame.extend_from_slice(&(payload_len as u32).to_be_bytes());
+    frame.extend_from_slice(&payload);
+    let mut back = vec![0u8; frame.len()];
+    let (mut lat, mut raw_lat) = (Vec::new(), Vec::new());
     let start = Instant::now();
     while start.elapsed() < phase {
         let t = Instant::now();
@@ -114,16 +121,16 @@ pub async fn transport(seconds: f64, payload_len: usize) -> Result<()> {
         if reply.len() != payload_len {
             bail!("ask reply of {} bytes, expected {payload_len}", reply.len());
         }
+        let t = Instant::now();
+        echo.write_all(&frame).await?;
+        echo.read_exact(&mut back).await?;
+        raw_lat.push(t.elapsed());
     }
     lat.sort();
-    let (ask_p50, ask_p99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
-    let asks = lat.len();
-
-    // 3. and 4. raw baselines
-    let raw_rate = raw_tells(raw_addr, &payload, phase).await?;
-    let mut raw_lat = raw_ping_pong(raw_addr, &payload, phase).await?;
     raw_lat.sort();
+    let (ask_p50, ask_p99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
     let (raw_p50, raw_p99) = (percentile(&raw_lat, 0.5), percentile(&raw_lat, 0.99));
+    let asks = lat.len();
 
     node.shutdown().await;
     let _ = raw.start_kill();
@@ -174,48 +181,64 @@ async fn raw_connect(addr: SocketAddr, mode: u8) -> Result<TcpStream> {
     }
 }
 
-/// Frames per second through one plain connection with buffered writes; a zero-length frame
-/// asks the server for its count.
-async fn raw_tells(addr: SocketAddr, payload: &[u8], phase: Duration) -> Result<f64> {
-    let s = raw_connect(addr, RAW_MODE_COUNT).await?;
-    let (r, w) = s.into_split();
-    let mut w = BufWriter::with_capacity(RAW_BUF_BYTES, w);
-    let mut r = BufReader::new(r);
-    let len = (payload.len() as u32).to_be_bytes();
+/// Sends tells for `round`, then asks the receiver how many arrived. Every tell must arrive.
+async fn cadre_tells(
+    node: &Node,
+    peer: &PeerSender,
+    to: SocketAddr,
+    payload: &Bytes,
+    round: Duration,
+) -> Result<(u64, Duration)> {
+    let before = ask_count(node, to).await?;
     let start = Instant::now();
     let mut sent = 0u64;
-    while start.elapsed() < phase {
+    while start.elapsed() < round {
         for _ in 0..SENDS_PER_CLOCK_CHECK {
-            w.write_all(&len).await?;
-            w.write_all(payload).await?;
+            peer.send(Lane::Data, Msg::Tell(payload.clone())).await?;
         }
         sent += SENDS_PER_CLOCK_CHECK;
     }
-    w.write_all(&0u32.to_be_bytes()).await?;
-    w.flush().await?;
-    let count = r.read_u64().await?;
+    let arrived = ask_count(node, to).await? - before;
     let elapsed = start.elapsed();
-    if count != sent {
-        bail!("raw: sent {sent} frames, server counted {count}");
+    if arrived != sent {
+        bail!("sent {sent} tells but {arrived} arrived");
     }
-    Ok(count as f64 / elapsed.as_secs_f64())
+    Ok((arrived, elapsed))
 }
 
-async fn raw_ping_pong(addr: SocketAddr, payload: &[u8], phase: Duration) -> Result<Vec<Duration>> {
-    let mut s = raw_connect(addr, RAW_MODE_ECHO).await?;
-    let mut frame = Vec::with_capacity(4 + payload.len());
-    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    frame.extend_from_slice(payload);
-    let mut back = vec![0u8; frame.len()];
-    let mut lat = Vec::new();
-    let start = Instant::now();
-    while start.elapsed() < phase {
-        let t = Instant::now();
-        s.write_all(&frame).await?;
-        s.read_exact(&mut back).await?;
-        lat.push(t.elapsed());
+/// One plain connection with buffered writes of length-prefixed frames; a zero-length frame asks
+/// the server for its count (which it then resets).
+struct RawCounter {
+    r: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    w: BufWriter<tokio::net::tcp::OwnedWriteHalf>,
+}
+
+impl RawCounter {
+    async fn connect(addr: SocketAddr) -> Result<Self> {
+        let (r, w) = raw_connect(addr, RAW_MODE_COUNT).await?.into_split();
+        Ok(RawCounter { r: BufReader::new(r), w: BufWriter::with_capacity(RAW_BUF_BYTES, w) })
     }
-    Ok(lat)
+
+    async fn run(&mut self, payload: &[u8], round: Duration) -> Result<(u64, Duration)> {
+        let len = (payload.len() as u32).to_be_bytes();
+        let start = Instant::now();
+        let mut sent = 0u64;
+        while start.elapsed() < round {
+            for _ in 0..SENDS_PER_CLOCK_CHECK {
+                self.w.write_all(&len).await?;
+                self.w.write_all(payload).await?;
+            }
+            sent += SENDS_PER_CLOCK_CHECK;
+        }
+        self.w.write_all(&0u32.to_be_bytes()).await?;
+        self.w.flush().await?;
+        let count = self.r.read_u64().await?;
+        let elapsed = start.elapsed();
+        if count != sent {
+            bail!("raw: sent {sent} frames, server counted {count}");
+        }
+        Ok((count, elapsed))
+    }
 }
 
 /// The raw baseline's receiving side (a child process of the benchmark).

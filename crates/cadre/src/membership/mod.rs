@@ -165,6 +165,9 @@ pub struct Core {
     view: BTreeMap<String, Member>,
     /// `(addr, incarnation)` of members that announced a graceful leave.
     left: BTreeSet<(SocketAddr, u64)>,
+    /// `(name, incarnation)` of `down`/`left` members removed after the retention time, so that
+    /// foca's lingering record of them does not bring them back.
+    expired: BTreeSet<(String, u64)>,
     /// True while foca knows at least one other active member.
     connected: bool,
     /// True once this node has been part of a cluster (or forms one alone).
@@ -212,6 +215,7 @@ impl Core {
             seeds,
             view,
             left: BTreeSet::new(),
+            expired: BTreeSet::new(),
             connected: false,
             joined,
             leaving: false,
@@ -284,7 +288,17 @@ impl Core {
         }
         let retention = Duration::from_millis(self.cfg.member_retention_ms);
         let me = self.me().name.clone();
-        self.view.retain(|name, m| *name == me || m.state.is_active() || now.duration_since(m.since) < retention);
+        if self.expired.len() >= self.cfg.members_max {
+            self.expired.clear();
+        }
+        let expired = &mut self.expired;
+        self.view.retain(|name, m| {
+            let keep = *name == me || m.state.is_active() || now.duration_since(m.since) < retention;
+            if !keep {
+                expired.insert((name.clone(), m.meta.incarnation));
+            }
+            keep
+        });
         self.drain(now)
     }
 
@@ -360,6 +374,9 @@ impl Core {
                 foca::State::Down if self.left.contains(&(meta.addr, meta.incarnation)) => MemberState::Left,
                 foca::State::Down => MemberState::Down,
             };
+            if !state.is_active() && self.expired.contains(&(meta.name.clone(), meta.incarnation)) {
+                continue;
+            }
             match self.view.get_mut(&meta.name) {
                 Some(cur) if cur.state == state && cur.meta == *meta => {}
                 Some(cur) => {
@@ -422,8 +439,9 @@ mod tests {
             Net { cores, now, timers: Vec::new(), events: Vec::new() }
         }
 
-        fn idx(&self, addr: SocketAddr) -> usize {
-            self.cores.iter().position(|c| c.me().addr == addr).unwrap()
+        /// Index of the core at `addr`; `None` for a node that is gone.
+        fn idx(&self, addr: SocketAddr) -> Option<usize> {
+            self.cores.iter().position(|c| c.me().addr == addr)
         }
 
         fn apply(&mut self, from: usize, outs: Vec<Output>) {
@@ -432,12 +450,12 @@ mod tests {
                 for o in outs {
                     match o {
                         Output::Send { to, packet } => {
-                            let to = self.idx(to);
+                            let Some(to) = self.idx(to) else { continue };
                             let more = self.cores[to].handle_packet(self.now, &packet);
                             queue.push((to, more));
                         }
                         Output::SendLeave { to, incarnation } => {
-                            let to = self.idx(to);
+                            let Some(to) = self.idx(to) else { continue };
                             let addr = self.cores[from].me().addr;
                             let more = self.cores[to].handle_leave(self.now, addr, incarnation);
                             queue.push((to, more));
@@ -507,6 +525,30 @@ mod tests {
         assert!(replaced.addr() == old.addr());
         assert!(meta(2).addr() != old.addr());
         assert!(NodeMeta::seed(old.addr).addr() == old.addr());
+    }
+
+    #[test]
+    fn down_members_are_listed_until_the_retention_time() {
+        let mut net = Net::new(2);
+        for i in 0..2 {
+            let outs = net.cores[i].start(net.now);
+            net.apply(i, outs);
+        }
+        net.run_for(Duration::from_secs(1));
+        assert_eq!(net.states(0).len(), 2);
+        // n2 goes silent: drop its timers and stop delivering to it.
+        net.timers.retain(|t| t.1 != 1);
+        net.cores.truncate(1);
+        let retention = Duration::from_millis(MembershipConfig::default().member_retention_ms);
+        // Packets to n2 now go nowhere; run the lone node's timers.
+        net.run_for(Duration::from_secs(5));
+        assert_eq!(net.states(0)[1], ("n2".to_string(), MemberState::Down));
+        let outs = net.cores[0].tick(net.now + retention - Duration::from_secs(10));
+        net.apply(0, outs);
+        assert_eq!(net.states(0).len(), 2, "still listed before the retention time");
+        let outs = net.cores[0].tick(net.now + retention + Duration::from_secs(10));
+        net.apply(0, outs);
+        assert_eq!(net.states(0).len(), 1, "removed after the retention time");
     }
 
     #[test]

@@ -8,7 +8,6 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -143,6 +142,9 @@ pub fn spawn(
         events_tx: events_tx.clone(),
         gauges,
         bad_packets,
+        over_limit: metrics
+            .counters("membership_members_over_limit", "Member updates ignored because members_max was reached")
+            .get_or_create_owned(&vec![]),
         on_renew,
         tick: Duration::from_millis(cfg.join_retry_interval_ms),
     };
@@ -182,6 +184,7 @@ struct Driver {
     events_tx: broadcast::Sender<MemberEvent>,
     gauges: GaugeFamily,
     bad_packets: Counter,
+    over_limit: Counter,
     on_renew: OnRenew,
     tick: Duration,
 }
@@ -268,10 +271,8 @@ impl Driver {
         if changed || joined != self.view_tx.borrow().joined || self.core.me() != &self.view_tx.borrow().me {
             self.publish();
         }
-        let bad = self.core.bad_packets;
-        if bad > self.bad_packets.get() {
-            self.bad_packets.inc_by(bad - self.bad_packets.get());
-        }
+        sync_counter(&self.bad_packets, self.core.bad_packets);
+        sync_counter(&self.over_limit, self.core.members_over_limit);
     }
 
     fn publish(&mut self) {
@@ -283,7 +284,10 @@ impl Driver {
     }
 }
 
-#[allow(dead_code)]
-fn _assert_send(m: Membership) -> Arc<dyn Send + Sync> {
-    Arc::new(m)
+/// Raises a counter to the core's running total.
+fn sync_counter(c: &Counter, total: u64) {
+    let cur = c.get();
+    if total > cur {
+        c.inc_by(total - cur);
+    }
 }

@@ -395,6 +395,7 @@ impl PeerSender {
         {
             let mut asks = self.inner.asks.lock().unwrap_or_else(|e| e.into_inner());
             if asks.len() >= self.inner.cfg.asks_in_flight_max {
+                self.inner.stats.drop(DropReason::TooManyAsks, 1);
                 return Err(AskError::TooManyAsks { max: self.inner.cfg.asks_in_flight_max });
             }
             asks.insert(id, tx);

@@ -15,15 +15,18 @@ pub enum DropReason {
     Forgotten,
     /// The connection failed while the message was being written.
     WriteFailed,
+    /// An ask refused because `asks_in_flight_max` asks were awaiting replies.
+    TooManyAsks,
 }
 
 impl DropReason {
-    const ALL: [DropReason; 5] = [
+    const ALL: [DropReason; 6] = [
         DropReason::QueueFull,
         DropReason::TooLarge,
         DropReason::PeersFull,
         DropReason::Forgotten,
         DropReason::WriteFailed,
+        DropReason::TooManyAsks,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -32,6 +35,7 @@ impl DropReason {
             DropReason::PeersFull => "peers_full",
             DropReason::Forgotten => "forgotten",
             DropReason::WriteFailed => "write_failed",
+            DropReason::TooManyAsks => "too_many_asks",
         }
     }
 }
@@ -70,7 +74,7 @@ impl LaneCounters {
 pub struct NetStats {
     pub sent: LaneCounters,
     pub received: LaneCounters,
-    dropped: [Counter; 5],
+    dropped: [Counter; 6],
     pub reconnects: Counter,
     pub connect_failures: Counter,
     pub handshake_refused: CounterFamily,

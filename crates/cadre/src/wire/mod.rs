@@ -55,7 +55,6 @@ pub enum RefuseReason {
     WrongSecret,
     UnsupportedVersion,
     Malformed,
-    TooManyConnections,
 }
 
 impl RefuseReason {
@@ -65,7 +64,6 @@ impl RefuseReason {
             RefuseReason::WrongSecret => "wrong_secret",
             RefuseReason::UnsupportedVersion => "unsupported_version",
             RefuseReason::Malformed => "malformed",
-            RefuseReason::TooManyConnections => "too_many_connections",
         }
     }
 }
