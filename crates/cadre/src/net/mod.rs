@@ -32,6 +32,7 @@ pub mod auth;
 mod backends;
 mod inbound;
 mod peer;
+mod queue;
 pub mod stats;
 
 use std::collections::HashMap;
@@ -46,7 +47,7 @@ use futures::future::BoxFuture;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{oneshot, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -376,11 +377,11 @@ impl PeerSender {
         self.check(&msg)?;
         match self.peer.lanes[lane as usize].try_send(msg) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(queue::TrySendError::Full(_)) => {
                 self.inner.stats.drop(DropReason::QueueFull, 1);
                 Err(SendError::QueueFull { peer: self.peer.state.addr })
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(SendError::Closed),
+            Err(queue::TrySendError::Closed(_)) => Err(SendError::Closed),
         }
     }
 

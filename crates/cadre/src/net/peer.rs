@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::auth::{self, Credentials};
+use super::queue::{self, Receiver, Sender};
 use super::{BoxRead, BoxWrite, DropReason, Inner};
 use crate::wire::{self, FrameWriter, Lane, Msg, OutMsg};
 
@@ -55,14 +55,13 @@ impl PeerState {
 /// The map entry of a peer: its queues and state. Dropping every clone closes the queues.
 #[derive(Clone)]
 pub(crate) struct Peer {
-    pub lanes: [mpsc::Sender<OutMsg>; 2],
+    pub lanes: [Arc<Sender<OutMsg>>; 2],
     pub state: Arc<PeerState>,
 }
 
 impl Peer {
     pub fn queue_len(&self, lane: Lane) -> usize {
-        let s = &self.lanes[lane as usize];
-        s.max_capacity() - s.capacity()
+        self.lanes[lane as usize].len()
     }
 }
 
@@ -73,9 +72,9 @@ pub(crate) fn spawn(inner: &Arc<Inner>, addr: SocketAddr) -> Peer {
         srtt_ns: AtomicU64::new(0),
     });
     let lanes = Lane::ALL.map(|lane| {
-        let (tx, rx) = mpsc::channel(inner.cfg.peer_queue_len_max);
+        let (tx, rx) = queue::channel(inner.cfg.peer_queue_len_max);
         inner.writers.spawn(writer(inner.clone(), state.clone(), lane, rx));
-        tx
+        Arc::new(tx)
     });
     Peer { lanes, state }
 }
@@ -87,7 +86,7 @@ enum ConnEnd {
     Lost(&'static str),
 }
 
-async fn writer(inner: Arc<Inner>, state: Arc<PeerState>, lane: Lane, mut rx: mpsc::Receiver<OutMsg>) {
+async fn writer(inner: Arc<Inner>, state: Arc<PeerState>, lane: Lane, mut rx: Receiver<OutMsg>) {
     let min = Duration::from_millis(inner.cfg.reconnect_backoff_min_ms);
     let max = Duration::from_millis(inner.cfg.reconnect_backoff_max_ms);
     let forget_after = Duration::from_millis(inner.cfg.peer_unreachable_forget_ms);
@@ -141,13 +140,9 @@ async fn writer(inner: Arc<Inner>, state: Arc<PeerState>, lane: Lane, mut rx: mp
     }
 }
 
-fn forget(inner: &Inner, state: &Arc<PeerState>, rx: &mut mpsc::Receiver<OutMsg>) {
+fn forget(inner: &Inner, state: &Arc<PeerState>, rx: &mut Receiver<OutMsg>) {
     inner.forget(state);
-    rx.close();
-    let mut dropped = 0;
-    while rx.try_recv().is_ok() {
-        dropped += 1;
-    }
+    let dropped = rx.close() as u64;
     inner.stats.drop(DropReason::Forgotten, dropped);
     warn!(peer = %state.addr, dropped, "peer unreachable for too long; forgotten");
 }
@@ -182,7 +177,7 @@ async fn run_conn(
     inner: &Inner,
     state: &PeerState,
     lane: Lane,
-    rx: &mut mpsc::Receiver<OutMsg>,
+    rx: &mut Receiver<OutMsg>,
     mut r: BoxRead,
     mut w: BoxWrite,
     mut rbuf: BytesMut,
@@ -200,7 +195,7 @@ async fn run_conn(
         tokio::select! {
             biased;
             _ = inner.cancel.cancelled() => return ConnEnd::Cancelled,
-            n = rx.recv_many(&mut batch, DRAIN_MSGS_MAX) => {
+            n = rx.recv_batch(&mut batch, DRAIN_MSGS_MAX) => {
                 if n == 0 {
                     return ConnEnd::QueueClosed;
                 }
@@ -246,7 +241,7 @@ async fn run_conn(
 /// Encodes the drained batch, then keeps draining without waiting while there is room.
 fn fill(
     inner: &Inner,
-    rx: &mut mpsc::Receiver<OutMsg>,
+    rx: &mut Receiver<OutMsg>,
     batch: &mut Vec<OutMsg>,
     fw: &mut FrameWriter,
     wbuf: &mut BytesMut,
@@ -259,13 +254,7 @@ fn fill(
         if wbuf.len() >= limit {
             return;
         }
-        while let Ok(msg) = rx.try_recv() {
-            batch.push(msg);
-            if batch.len() == DRAIN_MSGS_MAX {
-                break;
-            }
-        }
-        if batch.is_empty() {
+        if rx.try_recv_batch(batch, DRAIN_MSGS_MAX) == 0 {
             return;
         }
     }
