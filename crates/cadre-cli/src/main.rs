@@ -203,7 +203,8 @@ fn main() -> ExitCode {
         }
         Cmd::Bench { which: BenchCmd::Transport { seconds, payload } } => {
             init_logging("warn");
-            rt.block_on(bench::transport(seconds, payload))
+            // On a worker thread, like application code; raw baselines run in the same task.
+            rt.block_on(async move { tokio::spawn(bench::transport(seconds, payload)).await? })
         }
         Cmd::BenchRawServer { listen } => rt.block_on(bench::raw_server(listen)),
     };

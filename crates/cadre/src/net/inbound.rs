@@ -18,6 +18,8 @@ use crate::wire::{self, FrameWriter, Lane, Msg};
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// Pause after an accept error (e.g. out of file descriptors) before accepting again.
 const ACCEPT_ERROR_PAUSE_MS: u64 = 50;
+/// Idle checks per `conn_idle_timeout_ms` (an idle connection is closed within 1.25x the timeout).
+const IDLE_CHECKS_PER_TIMEOUT: u32 = 4;
 
 pub(crate) async fn accept_loop(inner: Arc<Inner>, listener: Box<dyn Listener>) {
     loop {
@@ -86,8 +88,11 @@ async fn read_loop(
     // Pongs and immediate replies, written back on this connection after each read.
     let mut back = BytesMut::new();
     let mut back_writer = FrameWriter::new(frame_len_max);
+    // Idleness is checked on a coarse tick rather than with a timer per read (cheaper per message).
+    let mut idle_check = tokio::time::interval(idle / IDLE_CHECKS_PER_TIMEOUT);
+    idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_rx = Instant::now();
     loop {
-        let deadline = Instant::now() + idle;
         loop {
             match wire::take_frame(&mut rbuf, frame_len_max) {
                 Ok(Some(frame)) => {
@@ -129,15 +134,19 @@ async fn read_loop(
             back.clear();
         }
         rbuf.reserve(READ_CHUNK_BYTES);
-        let read = tokio::select! {
+        tokio::select! {
+            biased;
+            res = r.read_buf(&mut rbuf) => match res {
+                Err(_) => return Err("io"),
+                Ok(0) => return Ok(()),
+                Ok(_) => last_rx = Instant::now(),
+            },
+            _ = idle_check.tick() => {
+                if last_rx.elapsed() >= idle {
+                    return Err("idle");
+                }
+            }
             _ = inner.cancel.cancelled() => return Ok(()),
-            res = tokio::time::timeout_at(deadline, r.read_buf(&mut rbuf)) => res,
-        };
-        match read {
-            Err(_) => return Err("idle"),
-            Ok(Err(_)) => return Err("io"),
-            Ok(Ok(0)) => return Ok(()),
-            Ok(Ok(_)) => {}
         }
     }
 }

@@ -239,13 +239,7 @@ async fn run_conn(
 }
 
 /// Encodes the drained batch, then keeps draining without waiting while there is room.
-fn fill(
-    inner: &Inner,
-    rx: &mut Receiver<OutMsg>,
-    batch: &mut Vec<OutMsg>,
-    fw: &mut FrameWriter,
-    wbuf: &mut BytesMut,
-) {
+fn fill(inner: &Inner, rx: &mut Receiver<OutMsg>, batch: &mut Vec<OutMsg>, fw: &mut FrameWriter, wbuf: &mut BytesMut) {
     let limit = inner.cfg.write_batch_bytes_max;
     loop {
         for msg in batch.drain(..) {
