@@ -144,3 +144,46 @@ async fn a_missing_or_empty_secret_is_a_usage_error() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_file_environment_and_flags_combine() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, http) = (proc::free_port().unwrap(), proc::loopback(proc::free_port().unwrap()));
+    let file = dir.path().join("node.toml");
+    let toml = format!(
+        "name = \"from-file\"\ncluster = \"filecluster\"\nlisten = \"127.0.0.1:{port}\"\n[membership]\nprobe_period_ms = 300\n"
+    );
+    std::fs::write(&file, toml).unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "file-secret\n").unwrap();
+    // The HTTP address comes from the environment, the name from a flag overriding the file.
+    let mut child = tokio::process::Command::new(exe())
+        .args(["node", "--config"])
+        .arg(&file)
+        .args(["--name", "from-flag", "--secret-file"])
+        .arg(&secret)
+        .env("CADRE_HTTP", http.to_string())
+        .env_remove("CADRE_SECRET")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_ready(http, WAIT).await.unwrap();
+    let m = client::members(http, WAIT).await.unwrap();
+    assert_eq!(m.self_name, "from-flag");
+    assert_eq!(m.members[0].addr, proc::loopback(port), "listen address from the file");
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) }, 0);
+    let status = tokio::time::timeout(WAIT, child.wait()).await.unwrap().unwrap();
+    assert!(status.success());
+
+    std::fs::write(&file, "nmae = \"typo\"\n").unwrap();
+    let out = tokio::process::Command::new(exe())
+        .args(["node", "--config"])
+        .arg(&file)
+        .env("CADRE_SECRET", "x")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nmae"));
+}
