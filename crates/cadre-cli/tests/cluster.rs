@@ -17,7 +17,7 @@ use cadre::api::MembersJson;
 use cadre::membership::MemberState;
 use proc::{wait_ready, NodeProc, NodeSpec};
 
-const SECRET: &str = "cluster-test-secret";
+const SECRET: &str = "cluster-test-secret-0123";
 const WAIT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(20);
 
@@ -82,7 +82,7 @@ async fn three_processes_converge_detect_a_kill_and_refuse_a_wrong_secret() {
     }
 
     // A node with the wrong secret is refused and never listed.
-    let intruder = spawn("intruder", &[n1.addr, n2.addr], "wrong-secret");
+    let intruder = spawn("intruder", &[n1.addr, n2.addr], "wrong-secret-wrong-secret");
     let n1_http = n1.http;
     let deadline = tokio::time::Instant::now() + WAIT;
     while metric(n1_http, "cadre_net_handshake_refused_total{side=\"acceptor\",reason=\"wrong_secret\"}").await == 0 {
@@ -155,7 +155,7 @@ async fn config_file_environment_and_flags_combine() {
     );
     std::fs::write(&file, toml).unwrap();
     let secret = dir.path().join("secret");
-    std::fs::write(&secret, "file-secret\n").unwrap();
+    std::fs::write(&secret, "file-secret-0123456789\n").unwrap();
     // The HTTP address comes from the environment, the name from a flag overriding the file.
     let mut child = tokio::process::Command::new(exe())
         .args(["node", "--config"])

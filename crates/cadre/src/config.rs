@@ -217,6 +217,9 @@ impl Default for MembershipConfig {
     }
 }
 
+/// Shortest accepted shared secret.
+pub const SECRET_LEN_MIN_BYTES: usize = 16;
+
 /// Upper bounds that keep validated values sane (a typo of three zeros is an error, not a hang).
 const TIMEOUT_MS_MAX: u64 = 24 * 3_600_000;
 const FRAME_LEN_MIN_BYTES: u32 = 4 * 1024;
@@ -234,6 +237,11 @@ impl Config {
         validate_name("cluster", &self.cluster)?;
         if self.secret.is_empty() {
             return Err(invalid("secret", "missing or empty (use --secret-file or CADRE_SECRET)"));
+        }
+        if self.secret.as_bytes().len() < SECRET_LEN_MIN_BYTES {
+            // The handshake gives MACs to anyone who connects; a short secret could be guessed
+            // offline from one of them.
+            return Err(invalid("secret", format!("must be at least {SECRET_LEN_MIN_BYTES} bytes")));
         }
         if let Some(a) = self.advertise {
             if a.ip().is_unspecified() || a.port() == 0 {
@@ -336,7 +344,7 @@ mod tests {
     use super::*;
 
     fn valid() -> Config {
-        Config { secret: Secret::new("s3cret"), ..Config::default() }
+        Config { secret: Secret::new("s3cret-s3cret-s3cret"), ..Config::default() }
     }
 
     #[test]
@@ -348,6 +356,12 @@ mod tests {
     fn missing_secret_is_named() {
         let err = Config::default().validate().unwrap_err();
         assert!(matches!(err, ConfigError::Invalid { field: "secret", .. }), "{err}");
+    }
+
+    #[test]
+    fn short_secrets_are_refused() {
+        let c = Config { secret: Secret::new("short"), ..Config::default() };
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid { field: "secret", .. })));
     }
 
     #[test]

@@ -13,7 +13,7 @@ fn config(name: &str, seeds: Vec<std::net::SocketAddr>) -> Config {
         name: name.into(),
         listen: "127.0.0.1:0".parse().unwrap(),
         seeds,
-        secret: Secret::new("node-test"),
+        secret: Secret::new("node-test-secret-0123"),
         ..Config::default()
     }
 }

@@ -85,7 +85,7 @@ fn partition_is_detected_on_both_sides_and_heals() {
 fn wrong_secret_never_becomes_a_member() {
     run_seeds("wrong_secret_never_becomes_a_member", 50, |seed| {
         let mut c = SimCluster::new(3, seed);
-        c.add_node(SimNode { name: "intruder".into(), secret: "not-the-secret".into(), seeds: names(3) });
+        c.add_node(SimNode { name: "intruder".into(), secret: "not-the-secret-at-all".into(), seeds: names(3) });
         let all = names(3);
         let mut seen = false;
         c.run_until(CONVERGE_TIMEOUT, |c| c.all_see_alive(&all, &all)).map_err(|e| e.to_string())?;

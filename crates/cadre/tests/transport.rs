@@ -246,6 +246,44 @@ async fn wrong_secret_and_cluster_are_refused(env: Env) {
     assert!(b.rx.try_recv().is_err());
 }
 
+/// Two nodes pushing large tells and asks at each other at once: neither side may stop reading
+/// while its writes are blocked (that would deadlock both connections).
+async fn large_messages_both_ways_do_not_deadlock(env: Env) {
+    const BIG_BYTES: usize = 256 * 1024;
+    const COUNT: u32 = 40;
+    let (aport, bport) = (env.port(), env.port());
+    let mut a = start(&env, "a", aport, SECRET, NetConfig::default()).await;
+    let mut b = start(&env, "b", bport, SECRET, NetConfig::default()).await;
+    let big = |i: u32| {
+        let mut v = vec![0u8; BIG_BYTES];
+        v[..4].copy_from_slice(&i.to_be_bytes());
+        Bytes::from(v)
+    };
+    let (ta, tb) = (a.t.clone(), b.t.clone());
+    let (a_addr, b_addr) = (env.addr(aport), env.addr(bport));
+    // All asks of a side are in flight at once: megabytes of asks and replies cross on the same
+    // connections in both directions.
+    let burst = |t: Transport, to: SocketAddr| async move {
+        for i in 0..COUNT {
+            t.send(to, Lane::Data, Msg::Tell(big(i))).await.unwrap();
+        }
+        let asks = (0..COUNT).map(|i| {
+            let t = t.clone();
+            async move { t.ask(to, big(i), WAIT).await.unwrap() }
+        });
+        for reply in futures::future::join_all(asks).await {
+            assert_eq!(reply.len(), BIG_BYTES);
+        }
+    };
+    tokio::join!(burst(ta, b_addr), burst(tb, a_addr));
+    for rx in [&mut a.rx, &mut b.rx] {
+        for i in 0..COUNT {
+            let (_, _, msg) = recv(rx).await;
+            assert_eq!(index_of(&msg), i);
+        }
+    }
+}
+
 fn tokio_env() -> Env {
     Env {
         net: Arc::new(TokioNet),
@@ -304,4 +342,5 @@ suite!(
     reconnects_after_the_peer_restarts,
     rtt_is_measured,
     wrong_secret_and_cluster_are_refused,
+    large_messages_both_ways_do_not_deadlock,
 );

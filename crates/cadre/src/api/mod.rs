@@ -70,10 +70,24 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
+/// Time open HTTP connections get to finish after shutdown starts; then they are dropped (a client
+/// that never completes its request cannot hold the node up).
+pub const API_SHUTDOWN_GRACE_MS: u64 = 2000;
+
 pub async fn serve(listener: tokio::net::TcpListener, state: ApiState, cancel: CancellationToken) {
     let app = router(state);
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await {
-        warn!(error = %e, "http server stopped");
+    let server = axum::serve(listener, app).with_graceful_shutdown(cancel.clone().cancelled_owned());
+    let deadline = async {
+        cancel.cancelled().await;
+        tokio::time::sleep(std::time::Duration::from_millis(API_SHUTDOWN_GRACE_MS)).await;
+    };
+    tokio::select! {
+        res = server => {
+            if let Err(e) = res {
+                warn!(error = %e, "http server stopped");
+            }
+        }
+        _ = deadline => warn!("http connections still open after the shutdown grace time; dropping them"),
     }
 }
 

@@ -173,7 +173,8 @@ pub struct Core {
     /// True once this node has been part of a cluster (or forms one alone).
     joined: bool,
     leaving: bool,
-    /// Updates about members beyond `members_max`, ignored.
+    /// Members known to foca but left out of the view at the last update because the view held
+    /// `members_max` members.
     pub members_over_limit: u64,
     /// Packets that foca refused (malformed, too big, from ourselves).
     pub bad_packets: u64,
@@ -341,6 +342,17 @@ impl Core {
                     self.joined = true;
                 }
                 OwnedNotification::Idle => self.connected = false,
+                OwnedNotification::Rename(old, new) if old.name != new.name => {
+                    // Another node took over this address: the old name is gone.
+                    if let Some(m) = self.view.get_mut(&old.name) {
+                        if m.meta.addr == old.addr && m.state.is_active() {
+                            let from = Some(m.state);
+                            m.state = MemberState::Down;
+                            m.since = now;
+                            out.push(Output::Event(MemberEvent { meta: m.meta.clone(), from, to: MemberState::Down }));
+                        }
+                    }
+                }
                 OwnedNotification::Rejoin(id) => {
                     info!(name = %id.name, incarnation = id.incarnation, "declared down by peers; rejoined");
                     if let Some(m) = self.view.get_mut(&id.name) {
@@ -362,6 +374,7 @@ impl Core {
     }
 
     fn reconcile(&mut self, now: Instant, out: &mut Vec<Output>) {
+        self.members_over_limit = 0;
         let me = self.me().name.clone();
         for m in self.foca.iter_membership_state() {
             let meta = m.id();

@@ -3,7 +3,8 @@
 //!
 //! Inbound packets wait in a bounded inbox (`inbox_len_max`); when it is full new packets are
 //! dropped and counted (SWIM tolerates loss). Timers live in a heap inside the task, so the
-//! number of pending timers is what foca asked for (bounded by the member count).
+//! number of pending timers is what foca asked for (it grows with the member count). Timers are
+//! polled before the inbox so a flood of packets cannot starve probes and suspicion timeouts.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -143,7 +144,7 @@ pub fn spawn(
         gauges,
         bad_packets,
         over_limit: metrics
-            .counters("membership_members_over_limit", "Member updates ignored because members_max was reached")
+            .gauges("membership_members_over_limit", "Members left out of the view because members_max was reached")
             .get_or_create_owned(&vec![]),
         on_renew,
         tick: Duration::from_millis(cfg.join_retry_interval_ms),
@@ -184,7 +185,7 @@ struct Driver {
     events_tx: broadcast::Sender<MemberEvent>,
     gauges: GaugeFamily,
     bad_packets: Counter,
-    over_limit: Counter,
+    over_limit: prometheus_client::metrics::gauge::Gauge,
     on_renew: OnRenew,
     tick: Duration,
 }
@@ -214,15 +215,6 @@ impl Driver {
                     let _ = done.send(());
                     return;
                 }
-                input = inbox.recv() => {
-                    let Some(input) = input else { return };
-                    let now = Instant::now();
-                    let outs = match input {
-                        Input::Packet(p) => self.core.handle_packet(now, &p),
-                        Input::Leave { from, incarnation } => self.core.handle_leave(now, from, incarnation),
-                    };
-                    self.apply(outs);
-                }
                 _ = sleep => {
                     let now = Instant::now();
                     while self.timers.peek().is_some_and(|t| t.0.at <= now) {
@@ -235,12 +227,24 @@ impl Driver {
                     let outs = self.core.tick(Instant::now());
                     self.apply(outs);
                 }
+                input = inbox.recv() => {
+                    let Some(input) = input else { return };
+                    let now = Instant::now();
+                    let outs = match input {
+                        Input::Packet(p) => self.core.handle_packet(now, &p),
+                        Input::Leave { from, incarnation } => self.core.handle_leave(now, from, incarnation),
+                    };
+                    self.apply(outs);
+                }
             }
         }
     }
 
     fn apply(&mut self, outs: Vec<Output>) {
         let mut changed = false;
+        // Events go out after the view is published, so a subscriber that sees an event finds
+        // the view already showing it.
+        let mut events = Vec::new();
         for o in outs {
             match o {
                 Output::Send { to, packet } => {
@@ -262,7 +266,7 @@ impl Driver {
                 Output::Event(e) => {
                     info!(member = %e.meta.name, addr = %e.meta.addr, incarnation = e.meta.incarnation,
                         from = e.from.map(|s| s.as_str()).unwrap_or("new"), to = e.to.as_str(), "member");
-                    let _ = self.events_tx.send(e);
+                    events.push(e);
                     changed = true;
                 }
             }
@@ -271,8 +275,12 @@ impl Driver {
         if changed || joined != self.view_tx.borrow().joined || self.core.me() != &self.view_tx.borrow().me {
             self.publish();
         }
+        for e in events {
+            // No subscribers is fine.
+            let _ = self.events_tx.send(e);
+        }
         sync_counter(&self.bad_packets, self.core.bad_packets);
-        sync_counter(&self.over_limit, self.core.members_over_limit);
+        self.over_limit.set(self.core.members_over_limit as i64);
     }
 
     fn publish(&mut self) {

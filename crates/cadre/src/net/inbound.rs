@@ -8,6 +8,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::auth::{self, Credentials, HandshakeError};
@@ -45,6 +46,29 @@ pub(crate) async fn accept_loop(inner: Arc<Inner>, listener: Box<dyn Listener>) 
     }
 }
 
+impl Inner {
+    /// Records a new authenticated inbound connection and stops the reader of any older one from
+    /// the same peer and lane (its unread bytes are dropped: delivery stays in send order and at
+    /// most once).
+    fn register_inbound(&self, peer: SocketAddr, lane: Lane) -> (u64, CancellationToken) {
+        let generation = self.inbound_generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let stop = self.cancel.child_token();
+        let old =
+            self.inbound.lock().unwrap_or_else(|e| e.into_inner()).insert((peer, lane), (generation, stop.clone()));
+        if let Some((_, old_stop)) = old {
+            old_stop.cancel();
+        }
+        (generation, stop)
+    }
+
+    fn unregister_inbound(&self, peer: SocketAddr, lane: Lane, generation: u64) {
+        let mut map = self.inbound.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(&(peer, lane)).is_some_and(|(g, _)| *g == generation) {
+            map.remove(&(peer, lane));
+        }
+    }
+}
+
 async fn serve(inner: Arc<Inner>, mut r: BoxRead, mut w: BoxWrite, remote: SocketAddr, _permit: OwnedSemaphorePermit) {
     let creds = Credentials { cluster: &inner.cluster, secret: inner.secret.as_bytes(), local: &inner.local };
     let timeout = Duration::from_millis(inner.cfg.handshake_timeout_ms);
@@ -65,7 +89,10 @@ async fn serve(inner: Arc<Inner>, mut r: BoxRead, mut w: BoxWrite, remote: Socke
         }
     };
     debug!(%remote, peer = %peer.name, lane = lane.as_str(), "accepted");
-    if let Err(reason) = read_loop(&inner, &peer, lane, r, w, rbuf).await {
+    let (generation, stop) = inner.register_inbound(peer.addr, lane);
+    let res = read_loop(&inner, &peer, lane, r, w, rbuf, &stop).await;
+    inner.unregister_inbound(peer.addr, lane, generation);
+    if let Err(reason) = res {
         inner.stats.closed(reason);
         if matches!(reason, "malformed" | "oversized") {
             warn!(peer = %peer.name, addr = %peer.addr, reason, "closing connection on bad input");
@@ -82,6 +109,7 @@ async fn read_loop(
     mut r: BoxRead,
     mut w: BoxWrite,
     mut rbuf: BytesMut,
+    stop: &CancellationToken,
 ) -> Result<(), &'static str> {
     let frame_len_max = inner.cfg.frame_len_max_bytes as usize;
     let idle = Duration::from_millis(inner.cfg.conn_idle_timeout_ms);
@@ -136,6 +164,8 @@ async fn read_loop(
         rbuf.reserve(READ_CHUNK_BYTES);
         tokio::select! {
             biased;
+            // Shutdown, or a newer connection from the same peer and lane took over.
+            _ = stop.cancelled() => return Ok(()),
             res = r.read_buf(&mut rbuf) => match res {
                 Err(_) => return Err("io"),
                 Ok(0) => return Ok(()),
@@ -146,7 +176,6 @@ async fn read_loop(
                     return Err("idle");
                 }
             }
-            _ = inner.cancel.cancelled() => return Ok(()),
         }
     }
 }

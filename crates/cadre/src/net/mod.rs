@@ -100,6 +100,8 @@ pub enum SendError {
     TooLarge { len: usize, max: usize },
     #[error("peer limit of {max} reached")]
     PeersFull { max: usize },
+    #[error("peer {peer} was forgotten (unreachable too long); get a new sender")]
+    PeerGone { peer: SocketAddr },
     #[error("transport is shut down")]
     Closed,
 }
@@ -142,7 +144,8 @@ pub(crate) struct Inner {
     cfg: NetConfig,
     peers: Mutex<HashMap<SocketAddr, Peer>>,
     handler: OnceLock<Arc<dyn Handler>>,
-    asks: Mutex<HashMap<u64, oneshot::Sender<Bytes>>>,
+    /// Pending asks: id → (the peer asked, where its reply goes).
+    asks: Mutex<HashMap<u64, (SocketAddr, oneshot::Sender<Bytes>)>>,
     ask_next_id: AtomicU64,
     stats: NetStats,
     rng: Mutex<StdRng>,
@@ -151,6 +154,12 @@ pub(crate) struct Inner {
     /// Listener and reader tasks.
     tasks: TaskTracker,
     cancel: CancellationToken,
+    /// Set when graceful shutdown starts: no new peers from then on.
+    closing: std::sync::atomic::AtomicBool,
+    /// Live inbound readers per (peer, lane) with a generation; a newer connection stops the older
+    /// reader so that a sender's messages cannot be delivered out of order across a reconnect.
+    inbound: Mutex<HashMap<(SocketAddr, Lane), (u64, CancellationToken)>>,
+    inbound_generation: AtomicU64,
     inbound_permits: Arc<Semaphore>,
     /// Origin of ping timestamps.
     epoch: Instant,
@@ -167,6 +176,9 @@ impl Transport {
         } else if local_addr.ip().is_unspecified() {
             local_addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
+        let mut rng = StdRng::seed_from_u64(cfg.rng_seed);
+        // Ask ids start at a random point so a restarted node does not reuse recent ids.
+        let ask_first_id = rng.next_u64() >> 1;
         let inner = Arc::new(Inner {
             net,
             local: PeerInfo { name: cfg.name.into(), addr: local_addr },
@@ -177,12 +189,15 @@ impl Transport {
             peers: Mutex::new(HashMap::new()),
             handler: OnceLock::new(),
             asks: Mutex::new(HashMap::new()),
-            ask_next_id: AtomicU64::new(1),
+            ask_next_id: AtomicU64::new(ask_first_id),
             stats: NetStats::new(metrics),
-            rng: Mutex::new(StdRng::seed_from_u64(cfg.rng_seed)),
+            rng: Mutex::new(rng),
             writers: TaskTracker::new(),
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
+            closing: std::sync::atomic::AtomicBool::new(false),
+            inbound: Mutex::new(HashMap::new()),
+            inbound_generation: AtomicU64::new(0),
             epoch: Instant::now(),
         });
         let accept = inbound::accept_loop(inner.clone(), listener);
@@ -221,7 +236,7 @@ impl Transport {
 
     /// A handle that sends to one peer without a map lookup per message.
     pub fn peer(&self, to: SocketAddr) -> Result<PeerSender, SendError> {
-        if self.inner.cancel.is_cancelled() {
+        if self.inner.closing.load(Ordering::Relaxed) {
             return Err(SendError::Closed);
         }
         let mut peers = self.inner.peers.lock().unwrap_or_else(|e| e.into_inner());
@@ -271,6 +286,7 @@ impl Transport {
     /// Graceful shutdown: stops taking new peers, lets writers flush what is queued (for at most
     /// `flush_timeout`), then closes every connection and waits for all tasks.
     pub async fn shutdown(&self, flush_timeout: Duration) {
+        self.inner.closing.store(true, Ordering::Relaxed);
         let peers: Vec<Peer> = {
             let mut map = self.inner.peers.lock().unwrap_or_else(|e| e.into_inner());
             map.drain().map(|(_, p)| p).collect()
@@ -285,8 +301,9 @@ impl Transport {
         self.inner.asks.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
-    /// Abrupt stop (tests of crashes): closes every connection at once.
+    /// Abrupt stop (tests of crashes): no flush; every task stops at its next await point.
     pub async fn abort(&self) {
+        self.inner.closing.store(true, Ordering::Relaxed);
         self.inner.cancel.cancel();
         self.inner.writers.close();
         self.inner.tasks.close();
@@ -310,10 +327,20 @@ impl Inner {
         self.cfg.frame_len_max_bytes as usize - MSG_OVERHEAD_MAX_BYTES - 4
     }
 
-    fn complete_ask(&self, id: u64, payload: Bytes) {
-        let tx = self.asks.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
-        if let Some(tx) = tx {
-            let _ = tx.send(payload);
+    /// Completes ask `id` if it was sent to `from`; a reply from anyone else is ignored.
+    fn complete_ask(&self, from: SocketAddr, id: u64, payload: Bytes) {
+        let tx = {
+            let mut asks = self.asks.lock().unwrap_or_else(|e| e.into_inner());
+            match asks.get(&id) {
+                Some((peer, _)) if *peer == from => asks.remove(&id).map(|(_, tx)| tx),
+                _ => None,
+            }
+        };
+        match tx {
+            Some(tx) => {
+                let _ = tx.send(payload);
+            }
+            None => tracing::debug!(%from, id, "reply to no pending ask of that peer (late or stray)"),
         }
     }
 
@@ -321,18 +348,17 @@ impl Inner {
     fn deliver(&self, from: &PeerInfo, lane: Lane, msg: OutMsg) -> Option<OutMsg> {
         match msg {
             Msg::Reply { id, payload } => {
-                self.complete_ask(id, payload);
+                self.complete_ask(from.addr, id, payload);
                 None
             }
-            Msg::Ask { id, payload } => {
-                let reply = self.handler.get()?.on_message(from, lane, Msg::Ask { id, payload })?;
-                Some(Msg::Reply { id, payload: reply })
-            }
-            other => {
-                if let Some(h) = self.handler.get() {
-                    h.on_message(from, lane, other);
-                }
-                None
+            msg => {
+                let Some(h) = self.handler.get() else {
+                    self.stats.drop(DropReason::NoHandler, 1);
+                    return None;
+                };
+                let ask_id = if let Msg::Ask { id, .. } = &msg { Some(*id) } else { None };
+                let reply = h.on_message(from, lane, msg);
+                Some(Msg::Reply { id: ask_id?, payload: reply? })
             }
         }
     }
@@ -381,13 +407,24 @@ impl PeerSender {
                 self.inner.stats.drop(DropReason::QueueFull, 1);
                 Err(SendError::QueueFull { peer: self.peer.state.addr })
             }
-            Err(queue::TrySendError::Closed(_)) => Err(SendError::Closed),
+            Err(queue::TrySendError::Closed(_)) => Err(self.closed()),
         }
     }
 
     pub async fn send(&self, lane: Lane, msg: OutMsg) -> Result<(), SendError> {
         self.check(&msg)?;
-        self.peer.lanes[lane as usize].send(msg).await.map_err(|_| SendError::Closed)
+        self.peer.lanes[lane as usize].send(msg).await.map_err(|_| self.closed())
+    }
+
+    /// The error for a closed queue: the transport shut down, or this peer was forgotten.
+    fn closed(&self) -> SendError {
+        if self.inner.closing.load(Ordering::Relaxed) {
+            self.inner.stats.drop(DropReason::Shutdown, 1);
+            SendError::Closed
+        } else {
+            self.inner.stats.drop(DropReason::PeerGone, 1);
+            SendError::PeerGone { peer: self.peer.state.addr }
+        }
     }
 
     pub async fn ask(&self, payload: Bytes, timeout: Duration) -> Result<Bytes, AskError> {
@@ -399,13 +436,16 @@ impl PeerSender {
                 self.inner.stats.drop(DropReason::TooManyAsks, 1);
                 return Err(AskError::TooManyAsks { max: self.inner.cfg.asks_in_flight_max });
             }
-            asks.insert(id, tx);
+            asks.insert(id, (self.peer.state.addr, tx));
         }
         let _guard = AskGuard { inner: &self.inner, id };
-        self.send(Lane::Data, Msg::Ask { id, payload }).await?;
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(_)) => Err(AskError::Closed),
+        // The timeout covers waiting for queue room as well as the reply.
+        let round_trip = async {
+            self.send(Lane::Data, Msg::Ask { id, payload }).await?;
+            rx.await.map_err(|_| AskError::Closed)
+        };
+        match tokio::time::timeout(timeout, round_trip).await {
+            Ok(res) => res,
             Err(_) => Err(AskError::Timeout(timeout)),
         }
     }

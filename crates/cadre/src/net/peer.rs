@@ -22,6 +22,12 @@ use crate::wire::{self, FrameWriter, Lane, Msg, OutMsg};
 
 /// Messages taken from the queue per wake-up before encoding.
 const DRAIN_MSGS_MAX: usize = 1024;
+/// Initial capacity of a writer's buffer.
+const WRITE_BUF_BYTES: usize = 64 * 1024;
+/// A writer's buffer grown beyond this by large messages is replaced after the write.
+const WRITE_BUF_KEEP_BYTES: usize = 1 << 20;
+/// Bytes read per syscall on an outbound connection.
+const READ_CHUNK_BYTES: usize = 16 * 1024;
 
 /// Shared state of a peer, readable without its queues.
 pub(crate) struct PeerState {
@@ -90,12 +96,17 @@ async fn writer(inner: Arc<Inner>, state: Arc<PeerState>, lane: Lane, mut rx: Re
     let min = Duration::from_millis(inner.cfg.reconnect_backoff_min_ms);
     let max = Duration::from_millis(inner.cfg.reconnect_backoff_max_ms);
     let forget_after = Duration::from_millis(inner.cfg.peer_unreachable_forget_ms);
+    // A connection lost sooner than this after connecting does not reset the backoff, so a peer
+    // that accepts and then drops us is not redialled in a hot loop.
+    let stable_after = Duration::from_millis(inner.cfg.conn_idle_timeout_ms);
     let mut backoff = min;
     let mut unreachable_since: Option<Instant> = None;
     let mut ever_connected = false;
+    // Messages taken from the queue and not yet encoded; they survive a reconnect.
+    let mut batch: Vec<OutMsg> = Vec::with_capacity(DRAIN_MSGS_MAX);
     loop {
         if inner.cancel.is_cancelled() {
-            return;
+            return drop_rest(&inner, &mut rx, &mut batch, DropReason::Shutdown);
         }
         match connect(&inner, state.addr, lane).await {
             Ok((r, w, peer_name, leftover)) => {
@@ -106,16 +117,23 @@ async fn writer(inner: Arc<Inner>, state: Arc<PeerState>, lane: Lane, mut rx: Re
                     debug!(peer = %state.addr, name = %peer_name, lane = lane.as_str(), "connected");
                 }
                 ever_connected = true;
-                backoff = min;
                 unreachable_since = None;
+                let connected_at = Instant::now();
                 state.connected[lane as usize].store(true, Ordering::Relaxed);
-                let end = run_conn(&inner, &state, lane, &mut rx, r, w, leftover).await;
+                let end = run_conn(&inner, &state, lane, &mut rx, &mut batch, r, w, leftover).await;
                 state.connected[lane as usize].store(false, Ordering::Relaxed);
+                state.srtt_ns.store(0, Ordering::Relaxed);
                 match end {
-                    ConnEnd::QueueClosed | ConnEnd::Cancelled => return,
+                    ConnEnd::QueueClosed => return,
+                    ConnEnd::Cancelled => return drop_rest(&inner, &mut rx, &mut batch, DropReason::Shutdown),
                     ConnEnd::Lost(reason) => {
                         inner.stats.closed(reason);
                         debug!(peer = %state.addr, lane = lane.as_str(), reason, "connection lost");
+                        if connected_at.elapsed() >= stable_after {
+                            backoff = min;
+                        } else if !pause(&inner, &mut backoff, max).await {
+                            return drop_rest(&inner, &mut rx, &mut batch, DropReason::Shutdown);
+                        }
                     }
                 }
             }
@@ -124,26 +142,45 @@ async fn writer(inner: Arc<Inner>, state: Arc<PeerState>, lane: Lane, mut rx: Re
                 debug!(peer = %state.addr, lane = lane.as_str(), reason, "connect failed");
                 let since = *unreachable_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= forget_after {
-                    forget(&inner, &state, &mut rx);
+                    forget(&inner, &state, &mut rx, &mut batch);
                     return;
                 }
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = inner.cancel.cancelled() => return,
+                if !pause(&inner, &mut backoff, max).await {
+                    return drop_rest(&inner, &mut rx, &mut batch, DropReason::Shutdown);
                 }
-                backoff = (backoff * 2).min(max);
             }
         }
-        if rx.is_closed() && rx.is_empty() {
+        if rx.is_closed() && rx.is_empty() && batch.is_empty() {
             return;
         }
     }
 }
 
-fn forget(inner: &Inner, state: &Arc<PeerState>, rx: &mut Receiver<OutMsg>) {
+/// Sleeps for the current backoff and doubles it; false when the transport shuts down meanwhile.
+async fn pause(inner: &Inner, backoff: &mut Duration, max: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(*backoff) => {}
+        _ = inner.cancel.cancelled() => return false,
+    }
+    *backoff = (*backoff * 2).min(max);
+    true
+}
+
+/// Counts everything still queued or taken but unsent as dropped for `reason`.
+fn drop_rest(inner: &Inner, rx: &mut Receiver<OutMsg>, batch: &mut Vec<OutMsg>, reason: DropReason) {
+    let n = rx.close() + batch.len();
+    batch.clear();
+    if n > 0 {
+        inner.stats.drop(reason, n as u64);
+    }
+}
+
+fn forget(inner: &Inner, state: &Arc<PeerState>, rx: &mut Receiver<OutMsg>, batch: &mut Vec<OutMsg>) {
     inner.forget(state);
-    let dropped = rx.close() as u64;
-    inner.stats.drop(DropReason::Forgotten, dropped);
+    let dropped = rx.close() + batch.len();
+    batch.clear();
+    inner.stats.drop(DropReason::Forgotten, dropped as u64);
+    inner.stats.peer_rtt.remove(&crate::metrics::label("peer", state.addr.to_string()));
     warn!(peer = %state.addr, dropped, "peer unreachable for too long; forgotten");
 }
 
@@ -173,89 +210,130 @@ async fn connect(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_conn(
-    inner: &Inner,
-    state: &PeerState,
+    inner: &Arc<Inner>,
+    state: &Arc<PeerState>,
     lane: Lane,
     rx: &mut Receiver<OutMsg>,
-    mut r: BoxRead,
+    batch: &mut Vec<OutMsg>,
+    r: BoxRead,
     mut w: BoxWrite,
-    mut rbuf: BytesMut,
+    rbuf: BytesMut,
 ) -> ConnEnd {
     let frame_len_max = inner.cfg.frame_len_max_bytes as usize;
+    let limit = inner.cfg.write_batch_bytes_max;
     let idle = Duration::from_millis(inner.cfg.conn_idle_timeout_ms);
     let mut ping = tokio::time::interval(Duration::from_millis(inner.cfg.ping_interval_ms));
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut fw = FrameWriter::new(frame_len_max);
-    let mut wbuf = BytesMut::with_capacity(64 * 1024);
-    let mut batch: Vec<OutMsg> = Vec::with_capacity(DRAIN_MSGS_MAX);
-    let mut last_rx = Instant::now();
+    let mut wbuf = BytesMut::with_capacity(WRITE_BUF_BYTES);
+    // Pongs and replies are read by their own task, so a blocked write can never stop this side
+    // from reading (two nodes writing large messages at each other would otherwise deadlock).
+    let stop_reader = inner.cancel.child_token();
+    let last_rx_ns = Arc::new(AtomicU64::new(inner.now_ns()));
+    let mut reader = inner.tasks.spawn(read_returns(
+        inner.clone(),
+        state.clone(),
+        lane,
+        r,
+        rbuf,
+        last_rx_ns.clone(),
+        stop_reader.clone(),
+    ));
+    let _stop_reader = stop_reader.drop_guard();
     loop {
-        rbuf.reserve(4096);
-        tokio::select! {
-            biased;
-            _ = inner.cancel.cancelled() => return ConnEnd::Cancelled,
-            n = rx.recv_batch(&mut batch, DRAIN_MSGS_MAX) => {
-                if n == 0 {
-                    return ConnEnd::QueueClosed;
+        if batch.is_empty() {
+            tokio::select! {
+                biased;
+                _ = inner.cancel.cancelled() => return ConnEnd::Cancelled,
+                res = &mut reader => return ConnEnd::Lost(res.unwrap_or("reader_failed")),
+                _ = ping.tick() => {
+                    let silent_ns = inner.now_ns().saturating_sub(last_rx_ns.load(Ordering::Relaxed));
+                    if silent_ns >= idle.as_nanos() as u64 {
+                        return ConnEnd::Lost("idle");
+                    }
+                    fw.push(&mut wbuf, &Msg::<&[u8]>::Ping { nonce: inner.now_ns() });
                 }
-                fill(inner, rx, &mut batch, &mut fw, &mut wbuf);
-            }
-            _ = ping.tick() => {
-                if last_rx.elapsed() >= idle {
-                    return ConnEnd::Lost("idle");
-                }
-                fw.push(&mut wbuf, &Msg::<&[u8]>::Ping { nonce: inner.now_ns() });
-            }
-            res = r.read_buf(&mut rbuf) => {
-                match res {
-                    Ok(0) => return ConnEnd::Lost("closed"),
-                    Err(_) => return ConnEnd::Lost("io"),
-                    Ok(_) => {
-                        last_rx = Instant::now();
-                        if let Err(reason) = read_returns(inner, state, lane, &mut rbuf, frame_len_max) {
-                            return ConnEnd::Lost(reason);
-                        }
+                n = rx.recv_batch(batch, DRAIN_MSGS_MAX) => {
+                    if n == 0 {
+                        return ConnEnd::QueueClosed;
                     }
                 }
             }
         }
-        if !wbuf.is_empty() {
-            fw.close(&mut wbuf);
-            let (frames, msgs) = (fw.frames, fw.msgs);
-            fw.frames = 0;
-            fw.msgs = 0;
-            let bytes = wbuf.len() as u64;
-            match tokio::time::timeout(idle, w.write_all(&wbuf)).await {
-                Ok(Ok(())) => inner.stats.sent.add(lane, frames, msgs, bytes),
-                Ok(Err(_)) | Err(_) => {
-                    inner.stats.drop(DropReason::WriteFailed, msgs);
-                    return ConnEnd::Lost("write");
-                }
+        encode(rx, batch, &mut fw, &mut wbuf, limit);
+        if wbuf.is_empty() {
+            continue;
+        }
+        fw.close(&mut wbuf);
+        let (frames, msgs) = (std::mem::take(&mut fw.frames), std::mem::take(&mut fw.msgs));
+        let bytes = wbuf.len() as u64;
+        match tokio::time::timeout(idle, w.write_all(&wbuf)).await {
+            Ok(Ok(())) => inner.stats.sent.add(lane, frames, msgs, bytes),
+            Ok(Err(_)) | Err(_) => {
+                inner.stats.drop(DropReason::WriteFailed, msgs);
+                return ConnEnd::Lost("write");
             }
-            wbuf.clear();
+        }
+        wbuf.clear();
+        if wbuf.capacity() > WRITE_BUF_KEEP_BYTES.max(2 * limit) {
+            // A burst of large messages grew the buffer; do not keep it for the connection's life.
+            wbuf = BytesMut::with_capacity(WRITE_BUF_BYTES);
         }
     }
 }
 
-/// Encodes the drained batch, then keeps draining without waiting while there is room.
-fn fill(inner: &Inner, rx: &mut Receiver<OutMsg>, batch: &mut Vec<OutMsg>, fw: &mut FrameWriter, wbuf: &mut BytesMut) {
-    let limit = inner.cfg.write_batch_bytes_max;
+/// Encodes taken messages until `limit` bytes are buffered, taking more from the queue (without
+/// waiting) while there is room. Messages that do not fit stay in `batch` for the next write.
+fn encode(rx: &mut Receiver<OutMsg>, batch: &mut Vec<OutMsg>, fw: &mut FrameWriter, wbuf: &mut BytesMut, limit: usize) {
     loop {
-        for msg in batch.drain(..) {
-            fw.push(wbuf, &msg);
+        let mut taken = 0;
+        for msg in batch.iter() {
+            if wbuf.len() >= limit {
+                break;
+            }
+            fw.push(wbuf, msg);
+            taken += 1;
         }
-        if wbuf.len() >= limit {
-            return;
-        }
-        if rx.try_recv_batch(batch, DRAIN_MSGS_MAX) == 0 {
+        batch.drain(..taken);
+        if wbuf.len() >= limit || rx.try_recv_batch(batch, DRAIN_MSGS_MAX) == 0 {
             return;
         }
     }
 }
 
-/// Handles what comes back on an outbound connection: pongs and immediate replies.
-fn read_returns(
+/// Reads what comes back on an outbound connection (pongs and immediate replies) until the
+/// connection fails or `stop` fires; returns why it ended.
+async fn read_returns(
+    inner: Arc<Inner>,
+    state: Arc<PeerState>,
+    lane: Lane,
+    mut r: BoxRead,
+    mut rbuf: BytesMut,
+    last_rx_ns: Arc<AtomicU64>,
+    stop: tokio_util::sync::CancellationToken,
+) -> &'static str {
+    let frame_len_max = inner.cfg.frame_len_max_bytes as usize;
+    loop {
+        if let Err(reason) = take_returns(&inner, &state, lane, &mut rbuf, frame_len_max) {
+            return reason;
+        }
+        rbuf.reserve(READ_CHUNK_BYTES);
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return "stopped",
+            res = r.read_buf(&mut rbuf) => match res {
+                Ok(0) => return "closed",
+                Err(_) => return "io",
+                Ok(_) => last_rx_ns.store(inner.now_ns(), Ordering::Relaxed),
+            },
+        }
+    }
+}
+
+/// Handles the complete frames in `rbuf`: pongs update the RTT, replies complete asks.
+fn take_returns(
     inner: &Inner,
     state: &PeerState,
     lane: Lane,
@@ -271,7 +349,7 @@ fn read_returns(
         let now = inner.now_ns();
         let res = wire::decode_frame(&frame, |msg| match msg {
             Msg::Pong { nonce } => state.record_rtt(now.saturating_sub(nonce)),
-            Msg::Reply { id, payload } => inner.complete_ask(id, payload),
+            Msg::Reply { id, payload } => inner.complete_ask(state.addr, id, payload),
             _ => {}
         });
         match res {

@@ -17,16 +17,25 @@ pub enum DropReason {
     WriteFailed,
     /// An ask refused because `asks_in_flight_max` asks were awaiting replies.
     TooManyAsks,
+    /// Still queued when the transport shut down (after the flush time) or was aborted.
+    Shutdown,
+    /// Arrived before the node installed its handler.
+    NoHandler,
+    /// Sent through a handle whose peer had been forgotten.
+    PeerGone,
 }
 
 impl DropReason {
-    const ALL: [DropReason; 6] = [
+    const ALL: [DropReason; 9] = [
         DropReason::QueueFull,
         DropReason::TooLarge,
         DropReason::PeersFull,
         DropReason::Forgotten,
         DropReason::WriteFailed,
         DropReason::TooManyAsks,
+        DropReason::Shutdown,
+        DropReason::NoHandler,
+        DropReason::PeerGone,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -36,6 +45,9 @@ impl DropReason {
             DropReason::Forgotten => "forgotten",
             DropReason::WriteFailed => "write_failed",
             DropReason::TooManyAsks => "too_many_asks",
+            DropReason::Shutdown => "shutdown",
+            DropReason::NoHandler => "no_handler",
+            DropReason::PeerGone => "peer_gone",
         }
     }
 }
@@ -74,7 +86,7 @@ impl LaneCounters {
 pub struct NetStats {
     pub sent: LaneCounters,
     pub received: LaneCounters,
-    dropped: [Counter; 6],
+    dropped: [Counter; 9],
     pub reconnects: Counter,
     pub connect_failures: Counter,
     pub handshake_refused: CounterFamily,

@@ -73,7 +73,9 @@ struct NodeHandler {
 impl Handler for NodeHandler {
     fn on_message(&self, from: &PeerInfo, _lane: Lane, msg: OutMsg) -> Option<Bytes> {
         match msg {
-            Msg::Membership(p) => self.membership.deliver(Input::Packet(p)),
+            // Copied: a zero-copy slice would pin the whole read buffer while the packet waits
+            // in the membership inbox.
+            Msg::Membership(p) => self.membership.deliver(Input::Packet(Bytes::copy_from_slice(&p))),
             Msg::Leave { incarnation } => self.membership.deliver(Input::Leave { from: from.addr, incarnation }),
             Msg::Tell(p) => self.data.on_tell(from, p),
             // Answered at once, on the connection the ask came in on.
@@ -153,7 +155,7 @@ impl Node {
         let data_dir = cfg.data_dir.clone();
         let on_renew = Box::new(move |m: &NodeMeta| {
             if let Some(dir) = &data_dir {
-                if let Err(e) = std::fs::write(dir.join(INCARNATION_FILE), m.incarnation.to_string()) {
+                if let Err(e) = write_incarnation(dir, m.incarnation) {
                     warn!(error = %e, "cannot persist incarnation");
                 }
             }
@@ -239,13 +241,25 @@ fn next_incarnation(dir: &Path) -> Result<u64, NodeError> {
     std::fs::create_dir_all(dir).map_err(err)?;
     let path = dir.join(INCARNATION_FILE);
     let prev = match std::fs::read_to_string(&path) {
-        Ok(s) => s.trim().parse::<u64>().unwrap_or(0),
+        Ok(s) => s.trim().parse::<u64>().map_err(|e| {
+            err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} is corrupt ({e}); remove it to start a new identity", path.display()),
+            ))
+        })?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
         Err(e) => return Err(err(e)),
     };
     let next = prev + 1;
-    std::fs::write(&path, next.to_string()).map_err(err)?;
+    write_incarnation(dir, next).map_err(err)?;
     Ok(next)
+}
+
+/// Writes the counter atomically (temporary file, then rename), so a crash never leaves it empty.
+fn write_incarnation(dir: &Path, incarnation: u64) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{INCARNATION_FILE}.tmp"));
+    std::fs::write(&tmp, incarnation.to_string())?;
+    std::fs::rename(&tmp, dir.join(INCARNATION_FILE))
 }
 
 #[cfg(test)]
@@ -257,5 +271,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(next_incarnation(dir.path()).unwrap(), 1);
         assert_eq!(next_incarnation(dir.path()).unwrap(), 2);
+        std::fs::write(dir.path().join(INCARNATION_FILE), "garbage").unwrap();
+        let err = next_incarnation(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("corrupt"), "{err}");
     }
 }

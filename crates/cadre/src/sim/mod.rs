@@ -31,7 +31,7 @@ use crate::node::{Node, NodeOptions};
 /// Transport port every simulated node listens on.
 pub const SIM_PORT: u16 = 7000;
 /// Secret shared by simulated nodes unless a test overrides it.
-pub const SIM_SECRET: &str = "sim-secret";
+pub const SIM_SECRET: &str = "sim-secret-0123456789";
 /// Longest simulated time a scenario may run.
 const SIM_DURATION_MAX: Duration = Duration::from_secs(3600);
 
