@@ -6,11 +6,15 @@
 //! - `GET /readyz`: 200 once the node has joined a cluster (or formed one alone), else 503
 //! - `GET /metrics`: Prometheus text
 //!
-//! Requests in flight are limited by `API_REQUESTS_IN_FLIGHT_MAX`; more wait for a slot.
+//! Connections are limited by `API_CONNECTIONS_MAX` (more wait in the kernel's accept backlog) and
+//! requests in flight by `API_REQUESTS_IN_FLIGHT_MAX` (more wait for a slot).
 
 pub mod client;
 
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -18,6 +22,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -28,6 +34,8 @@ use crate::net::Transport;
 
 /// Requests handled at once; further requests wait.
 pub const API_REQUESTS_IN_FLIGHT_MAX: usize = 256;
+/// HTTP connections open at once; further connections are not accepted until one closes.
+pub const API_CONNECTIONS_MAX: usize = 1024;
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -76,6 +84,7 @@ pub const API_SHUTDOWN_GRACE_MS: u64 = 2000;
 
 pub async fn serve(listener: tokio::net::TcpListener, state: ApiState, cancel: CancellationToken) {
     let app = router(state);
+    let listener = LimitedListener { inner: listener, permits: Arc::new(Semaphore::new(API_CONNECTIONS_MAX)) };
     let server = axum::serve(listener, app).with_graceful_shutdown(cancel.clone().cancelled_owned());
     let deadline = async {
         cancel.cancelled().await;
@@ -123,4 +132,83 @@ async fn readyz(State(s): State<ApiState>) -> impl IntoResponse {
 async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
     s.transport.refresh_gauges();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render())
+}
+
+/// A TCP listener that holds a semaphore permit per open connection.
+struct LimitedListener {
+    inner: tokio::net::TcpListener,
+    permits: Arc<Semaphore>,
+}
+
+/// A connection and its permit; the permit returns when the connection is dropped.
+struct LimitedIo {
+    io: tokio::net::TcpStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl axum::serve::Listener for LimitedListener {
+    type Io = LimitedIo;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (LimitedIo, SocketAddr) {
+        let permit = self.permits.clone().acquire_owned().await.expect("the semaphore is never closed");
+        // axum's TcpListener impl retries (and logs) accept errors itself.
+        let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+        (LimitedIo { io, _permit: permit }, addr)
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+impl AsyncRead for LimitedIo {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for LimitedIo {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::serve::Listener as _;
+
+    #[tokio::test]
+    async fn connections_beyond_the_limit_wait_until_one_closes() {
+        let inner = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = inner.local_addr().unwrap();
+        let mut l = LimitedListener { inner, permits: Arc::new(Semaphore::new(1)) };
+        let _c1 = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _c2 = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (first, _) = l.accept().await;
+        {
+            let second = l.accept();
+            tokio::pin!(second);
+            assert!(futures::poll!(second.as_mut()).is_pending(), "no permit left");
+            drop(first);
+            let (_io, _) = second.await;
+        }
+    }
 }

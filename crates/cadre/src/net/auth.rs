@@ -4,7 +4,7 @@
 //! dialer                                   acceptor
 //!   Hello{version, cluster, name, listen, lane, nonce_d} ->
 //!                                          checks version and cluster
-//!   <- Challenge{name, nonce_a, mac_a = HMAC(secret, "acceptor", cluster, nonce_d, nonce_a)}
+//!   <- Challenge{name, nonce_a, mac_a = HMAC(secret, "acceptor", cluster, nonce_d, nonce_a, name)}
 //!   checks mac_a (the acceptor knows the secret)
 //!   Auth{mac_d = HMAC(secret, "dialer", cluster, nonce_a, nonce_d, name, listen, lane)} ->
 //!                                          checks mac_d (the dialer knows the secret)
@@ -12,8 +12,10 @@
 //! ```
 //!
 //! Both sides prove knowledge of the secret without sending it, and fresh nonces on both sides
-//! stop replays. The dialer's MAC covers its claimed name, listen address and lane, so they cannot
-//! be altered in flight. Any failure is a typed [`HandshakeError`]; the caller logs and counts it
+//! stop replays. Each MAC covers the claimed names (and the dialer's listen address and lane), so
+//! they cannot be altered in flight. Anyone who connects obtains a MAC it could attack offline,
+//! which is why secrets must be long (see `SECRET_LEN_MIN_BYTES`). Frames after the handshake are
+//! not authenticated: integrity against an on-path attacker needs TLS. Any failure is a typed [`HandshakeError`]; the caller logs and counts it
 //! and closes the connection. Left out: confidentiality (use private networks, or mTLS later).
 
 use std::net::SocketAddr;
@@ -79,8 +81,8 @@ fn mac_eq(a: &[u8; MAC_LEN], b: &[u8; MAC_LEN]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn acceptor_mac(c: &Credentials<'_>, nonce_d: &[u8], nonce_a: &[u8]) -> [u8; MAC_LEN] {
-    mac(c.secret, &[b"acceptor", c.cluster.as_bytes(), nonce_d, nonce_a])
+fn acceptor_mac(c: &Credentials<'_>, nonce_d: &[u8], nonce_a: &[u8], acceptor_name: &str) -> [u8; MAC_LEN] {
+    mac(c.secret, &[b"acceptor", c.cluster.as_bytes(), nonce_d, nonce_a, acceptor_name.as_bytes()])
 }
 
 fn dialer_mac(
@@ -163,7 +165,7 @@ async fn dial_inner(
     let acceptor_ok;
     let (name, nonce_a) = match recv(r, &mut buf).await? {
         Handshake::Challenge { name, nonce, mac } => {
-            acceptor_ok = mac_eq(&mac, &acceptor_mac(c, &nonce_d, &nonce));
+            acceptor_ok = mac_eq(&mac, &acceptor_mac(c, &nonce_d, &nonce, &name));
             (name, nonce)
         }
         Handshake::Refused { reason } => return Err(HandshakeError::RefusedByPeer(reason)),
@@ -224,7 +226,7 @@ async fn accept_inner(
     let challenge = Handshake::Challenge {
         name: c.local.name.to_string(),
         nonce: nonce_a,
-        mac: acceptor_mac(c, &nonce_d, &nonce_a),
+        mac: acceptor_mac(c, &nonce_d, &nonce_a, &c.local.name),
     };
     send(w, &challenge).await?;
     let Handshake::Auth { mac } = recv(r, &mut buf).await? else {
