@@ -114,6 +114,9 @@ pub struct NetConfig {
     /// reconnect buffer and is flushed on reconnect). When full, `try_send` fails with
     /// `SendError::QueueFull` (counted as a drop) and `send` waits for room (back-pressure).
     pub peer_queue_len_max: usize,
+    /// Payload bytes queued per peer and lane (with a small per-message overhead). Full: as for
+    /// `peer_queue_len_max`. One message larger than this is still accepted into an empty queue.
+    pub peer_queue_bytes_max: usize,
     /// Bytes a writer gathers from its queue before one write syscall; more pending messages wait
     /// for the next write.
     pub write_batch_bytes_max: usize,
@@ -146,6 +149,7 @@ impl Default for NetConfig {
         Self {
             frame_len_max_bytes: 1 << 20,
             peer_queue_len_max: 16 * 1024,
+            peer_queue_bytes_max: 64 << 20,
             write_batch_bytes_max: 256 * 1024,
             peers_max: 1024,
             inbound_conns_max: 4096,
@@ -288,6 +292,7 @@ impl NetConfig {
             ));
         }
         positive("net.peer_queue_len_max", self.peer_queue_len_max as u64)?;
+        positive("net.peer_queue_bytes_max", self.peer_queue_bytes_max as u64)?;
         positive("net.write_batch_bytes_max", self.write_batch_bytes_max as u64)?;
         positive("net.peers_max", self.peers_max as u64)?;
         positive("net.inbound_conns_max", self.inbound_conns_max as u64)?;

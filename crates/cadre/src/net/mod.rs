@@ -12,7 +12,8 @@
 //!   gets a message through to the handler;
 //! - a malformed or oversized frame closes that one connection with a logged reason and a counted
 //!   metric; nothing a peer sends can panic the node;
-//! - per peer and lane the queue holds at most `peer_queue_len_max` messages; it is also the buffer
+//! - per peer and lane the queue holds at most `peer_queue_len_max` messages and
+//!   `peer_queue_bytes_max` bytes of payload; it is also the buffer
 //!   while the peer is unreachable and is flushed after reconnecting. `try_send` on a full queue
 //!   fails with [`SendError::QueueFull`]; `send` waits (back-pressure);
 //! - reconnects back off exponentially between `reconnect_backoff_min_ms` and `..._max_ms`; a peer
@@ -401,7 +402,8 @@ impl PeerSender {
 
     pub fn try_send(&self, lane: Lane, msg: OutMsg) -> Result<(), SendError> {
         self.check(&msg)?;
-        match self.peer.lanes[lane as usize].try_send(msg) {
+        let bytes = msg.payload_len() + MSG_OVERHEAD_MAX_BYTES;
+        match self.peer.lanes[lane as usize].try_send(msg, bytes) {
             Ok(()) => Ok(()),
             Err(queue::TrySendError::Full(_)) => {
                 self.inner.stats.drop(DropReason::QueueFull, 1);
@@ -413,7 +415,8 @@ impl PeerSender {
 
     pub async fn send(&self, lane: Lane, msg: OutMsg) -> Result<(), SendError> {
         self.check(&msg)?;
-        self.peer.lanes[lane as usize].send(msg).await.map_err(|_| self.closed())
+        let bytes = msg.payload_len() + MSG_OVERHEAD_MAX_BYTES;
+        self.peer.lanes[lane as usize].send(msg, bytes).await.map_err(|_| self.closed())
     }
 
     /// The error for a closed queue: the transport shut down, or this peer was forgotten.

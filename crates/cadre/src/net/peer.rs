@@ -78,7 +78,7 @@ pub(crate) fn spawn(inner: &Arc<Inner>, addr: SocketAddr) -> Peer {
         srtt_ns: AtomicU64::new(0),
     });
     let lanes = Lane::ALL.map(|lane| {
-        let (tx, rx) = queue::channel(inner.cfg.peer_queue_len_max);
+        let (tx, rx) = queue::channel(inner.cfg.peer_queue_len_max, inner.cfg.peer_queue_bytes_max);
         inner.writers.spawn(writer(inner.clone(), state.clone(), lane, rx));
         Arc::new(tx)
     });
