@@ -71,10 +71,14 @@ async fn three_processes_converge_detect_a_kill_and_refuse_a_wrong_secret() {
             await_members(n.http, "3 alive", |m| all.iter().all(|x| state_of(m, x) == Some(MemberState::Alive))).await;
         assert_eq!(m.self_name, n.name);
         let me = m.members.iter().find(|x| x.name == n.name).unwrap();
-        assert_eq!((me.addr, me.http, me.incarnation), (n.addr, Some(n.http), 1));
+        assert_eq!((me.addr, me.http), (n.addr, Some(n.http)));
+        // 1 on a first start; a false suspicion on a loaded machine may have renewed it since.
+        assert!(me.incarnation >= 1);
     }
 
     // SIGKILL n3: the others mark it down.
+    let before = client::members(n1.http, WAIT).await.unwrap();
+    let n3_incarnation = before.members.iter().find(|x| x.name == "n3").unwrap().incarnation;
     n3.signal(libc::SIGKILL).unwrap();
     n3.wait(WAIT).await.unwrap();
     for n in [&n1, &n2] {
@@ -107,7 +111,7 @@ async fn three_processes_converge_detect_a_kill_and_refuse_a_wrong_secret() {
     let n3b = spawn("n3", &[n1.addr], SECRET);
     let m = await_members(n1.http, "n3 back", |m| state_of(m, "n3") == Some(MemberState::Alive)).await;
     let n3m = m.members.iter().find(|x| x.name == "n3").unwrap();
-    assert_eq!(n3m.incarnation, 2, "restart with the same data dir is a new incarnation");
+    assert!(n3m.incarnation > n3_incarnation, "restart with the same data dir is a new incarnation");
     assert_eq!(n3m.addr, n3b.addr);
 
     // `cadre status` prints the table.
