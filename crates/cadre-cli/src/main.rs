@@ -1,6 +1,7 @@
 //! The `cadre` binary: run a node, inspect a cluster, run the demo and the benchmarks.
 
 mod bench;
+mod bench_router;
 mod demo;
 mod proc;
 
@@ -60,6 +61,13 @@ enum BenchCmd {
         seconds: f64,
         #[arg(long, default_value_t = 100)]
         payload: usize,
+    },
+    /// Routing a signal type against many routes, against an exact hash-map lookup.
+    Router {
+        #[arg(long, default_value_t = 10_000)]
+        routes: usize,
+        #[arg(long, default_value_t = 1_000_000)]
+        lookups: usize,
     },
 }
 
@@ -206,6 +214,7 @@ fn main() -> ExitCode {
             // On a worker thread, like application code; raw baselines run in the same task.
             rt.block_on(async move { tokio::spawn(bench::transport(seconds, payload)).await? })
         }
+        Cmd::Bench { which: BenchCmd::Router { routes, lookups } } => bench_router::run(routes, lookups),
         Cmd::BenchRawServer { listen } => rt.block_on(bench::raw_server(listen)),
     };
     match result {

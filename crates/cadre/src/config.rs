@@ -251,6 +251,8 @@ impl Config {
             if a.ip().is_unspecified() || a.port() == 0 {
                 return Err(invalid("advertise", "must be a concrete address peers can dial"));
             }
+        } else if self.listen.ip().is_unspecified() {
+            return Err(invalid("advertise", "required when listening on an unspecified address (0.0.0.0 or ::)"));
         }
         self.net.validate()?;
         self.membership.validate()
@@ -388,6 +390,11 @@ mod tests {
         let mut c = valid();
         c.net.frame_len_max_bytes = 10;
         assert!(matches!(c.validate(), Err(ConfigError::Invalid { field: "net.frame_len_max_bytes", .. })));
+        let mut c = valid();
+        c.listen = "0.0.0.0:7000".parse().unwrap();
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid { field: "advertise", .. })));
+        c.advertise = Some("10.0.0.1:7000".parse().unwrap());
+        assert_eq!(c.validate(), Ok(()));
         let mut c = valid();
         c.net.peer_queue_len_max = 0;
         assert!(matches!(c.validate(), Err(ConfigError::Invalid { field: "net.peer_queue_len_max", .. })));

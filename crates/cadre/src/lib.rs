@@ -2,6 +2,7 @@
 //!
 //! Layers, bottom up (each depends only on those above it in this list):
 //! - [`config`]: one [`config::Config`] per node, every limit named, validated at start;
+//! - [`router`]: pattern trie over dot-separated signal types (`*`, `**`, priorities, predicates);
 //! - [`wire`]: versioned envelopes and framing;
 //! - [`net`]: authenticated, batched, bounded connections between nodes;
 //! - [`membership`]: who is in the cluster (SWIM, sans-IO core plus a driver task);
@@ -16,5 +17,6 @@ pub mod membership;
 pub mod metrics;
 pub mod net;
 pub mod node;
+pub mod router;
 pub mod sim;
 pub mod wire;

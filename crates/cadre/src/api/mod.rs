@@ -11,10 +11,12 @@
 
 pub mod client;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -24,7 +26,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::warn;
 
 use crate::membership::task::Membership;
@@ -36,6 +38,9 @@ use crate::net::Transport;
 pub const API_REQUESTS_IN_FLIGHT_MAX: usize = 256;
 /// HTTP connections open at once; further connections are not accepted until one closes.
 pub const API_CONNECTIONS_MAX: usize = 1024;
+/// A connection that reads and writes nothing for this long is closed (idle keep-alive, a client
+/// that never finishes its request headers).
+pub const API_CONN_IDLE_TIMEOUT_MS: u64 = 30_000;
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -84,11 +89,19 @@ pub const API_SHUTDOWN_GRACE_MS: u64 = 2000;
 
 pub async fn serve(listener: tokio::net::TcpListener, state: ApiState, cancel: CancellationToken) {
     let app = router(state);
-    let listener = LimitedListener { inner: listener, permits: Arc::new(Semaphore::new(API_CONNECTIONS_MAX)) };
+    // Cancelled after the shutdown grace time: every connection's IO then fails, which ends the
+    // per-connection tasks axum spawned (dropping the server future alone would not).
+    let kill = CancellationToken::new();
+    let listener = LimitedListener {
+        inner: listener,
+        permits: Arc::new(Semaphore::new(API_CONNECTIONS_MAX)),
+        kill: kill.clone(),
+        idle: Duration::from_millis(API_CONN_IDLE_TIMEOUT_MS),
+    };
     let server = axum::serve(listener, app).with_graceful_shutdown(cancel.clone().cancelled_owned());
     let deadline = async {
         cancel.cancelled().await;
-        tokio::time::sleep(std::time::Duration::from_millis(API_SHUTDOWN_GRACE_MS)).await;
+        tokio::time::sleep(Duration::from_millis(API_SHUTDOWN_GRACE_MS)).await;
     };
     tokio::select! {
         res = server => {
@@ -96,8 +109,9 @@ pub async fn serve(listener: tokio::net::TcpListener, state: ApiState, cancel: C
                 warn!(error = %e, "http server stopped");
             }
         }
-        _ = deadline => warn!("http connections still open after the shutdown grace time; dropping them"),
+        _ = deadline => warn!("http connections still open after the shutdown grace time; closing them"),
     }
+    kill.cancel();
 }
 
 async fn members(State(s): State<ApiState>) -> Json<MembersJson> {
@@ -138,12 +152,36 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
 struct LimitedListener {
     inner: tokio::net::TcpListener,
     permits: Arc<Semaphore>,
+    kill: CancellationToken,
+    idle: Duration,
 }
 
-/// A connection and its permit; the permit returns when the connection is dropped.
+/// A connection and its permit; the permit returns when the connection is dropped. Its IO fails
+/// once `kill` fires or after `idle` without any byte read or written.
 struct LimitedIo {
     io: tokio::net::TcpStream,
     _permit: OwnedSemaphorePermit,
+    kill: Pin<Box<WaitForCancellationFutureOwned>>,
+    idle: Duration,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl LimitedIo {
+    /// Fails the IO if the connection was killed or has been idle too long.
+    fn check(&mut self, cx: &mut Context<'_>) -> Result<(), std::io::Error> {
+        if self.kill.as_mut().poll(cx).is_ready() {
+            return Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "node shutting down"));
+        }
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "http connection idle"));
+        }
+        Ok(())
+    }
+
+    fn touch(&mut self) {
+        let at = tokio::time::Instant::now() + self.idle;
+        self.deadline.as_mut().reset(at);
+    }
 }
 
 impl axum::serve::Listener for LimitedListener {
@@ -154,7 +192,14 @@ impl axum::serve::Listener for LimitedListener {
         let permit = self.permits.clone().acquire_owned().await.expect("the semaphore is never closed");
         // axum's TcpListener impl retries (and logs) accept errors itself.
         let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
-        (LimitedIo { io, _permit: permit }, addr)
+        let io = LimitedIo {
+            io,
+            _permit: permit,
+            kill: Box::pin(self.kill.clone().cancelled_owned()),
+            idle: self.idle,
+            deadline: Box::pin(tokio::time::sleep(self.idle)),
+        };
+        (io, addr)
     }
 
     fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -164,13 +209,28 @@ impl axum::serve::Listener for LimitedListener {
 
 impl AsyncRead for LimitedIo {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        if let Err(e) = self.check(cx) {
+            return Poll::Ready(Err(e));
+        }
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(res, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.touch();
+        }
+        res
     }
 }
 
 impl AsyncWrite for LimitedIo {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        if let Err(e) = self.check(cx) {
+            return Poll::Ready(Err(e));
+        }
+        let res = Pin::new(&mut self.io).poll_write(cx, buf);
+        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        res
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_flush(cx)
@@ -183,7 +243,14 @@ impl AsyncWrite for LimitedIo {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        if let Err(e) = self.check(cx) {
+            return Poll::Ready(Err(e));
+        }
+        let res = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        res
     }
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()
@@ -199,7 +266,12 @@ mod tests {
     async fn connections_beyond_the_limit_wait_until_one_closes() {
         let inner = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = inner.local_addr().unwrap();
-        let mut l = LimitedListener { inner, permits: Arc::new(Semaphore::new(1)) };
+        let mut l = LimitedListener {
+            inner,
+            permits: Arc::new(Semaphore::new(1)),
+            kill: CancellationToken::new(),
+            idle: Duration::from_secs(60),
+        };
         let _c1 = tokio::net::TcpStream::connect(addr).await.unwrap();
         let _c2 = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (first, _) = l.accept().await;
@@ -210,5 +282,28 @@ mod tests {
             drop(first);
             let (_io, _) = second.await;
         }
+    }
+
+    #[tokio::test]
+    async fn killed_or_idle_connections_fail_their_io() {
+        use tokio::io::AsyncReadExt;
+        let inner = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = inner.local_addr().unwrap();
+        let kill = CancellationToken::new();
+        let mut l = LimitedListener {
+            inner,
+            permits: Arc::new(Semaphore::new(4)),
+            kill: kill.clone(),
+            idle: Duration::from_millis(50),
+        };
+        let _c1 = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut idle_io, _) = l.accept().await;
+        let err = idle_io.read(&mut [0u8; 8]).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        let _c2 = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut io, _) = l.accept().await;
+        let reading = tokio::spawn(async move { io.read(&mut [0u8; 8]).await });
+        kill.cancel();
+        assert_eq!(reading.await.unwrap().unwrap_err().kind(), std::io::ErrorKind::ConnectionAborted);
     }
 }

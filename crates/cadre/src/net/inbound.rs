@@ -46,24 +46,40 @@ pub(crate) async fn accept_loop(inner: Arc<Inner>, listener: Box<dyn Listener>) 
     }
 }
 
+/// A live inbound reader, as recorded per (peer, lane).
+pub(crate) struct InboundEntry {
+    generation: u64,
+    stop: CancellationToken,
+    finished: CancellationToken,
+}
+
+struct InboundSlot {
+    generation: u64,
+    stop: CancellationToken,
+    finished: CancellationToken,
+    older_finished: Option<CancellationToken>,
+}
+
 impl Inner {
     /// Records a new authenticated inbound connection and stops the reader of any older one from
-    /// the same peer and lane (its unread bytes are dropped: delivery stays in send order and at
-    /// most once).
-    fn register_inbound(&self, peer: SocketAddr, lane: Lane) -> (u64, CancellationToken) {
+    /// the same peer and lane (its unread bytes are dropped, counted as `superseded`: delivery
+    /// stays in send order and at most once). The new reader waits for the old one to finish.
+    fn register_inbound(&self, peer: SocketAddr, lane: Lane) -> InboundSlot {
         let generation = self.inbound_generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let stop = self.cancel.child_token();
-        let old =
-            self.inbound.lock().unwrap_or_else(|e| e.into_inner()).insert((peer, lane), (generation, stop.clone()));
-        if let Some((_, old_stop)) = old {
-            old_stop.cancel();
-        }
-        (generation, stop)
+        let finished = CancellationToken::new();
+        let entry = InboundEntry { generation, stop: stop.clone(), finished: finished.clone() };
+        let old = self.inbound.lock().unwrap_or_else(|e| e.into_inner()).insert((peer, lane), entry);
+        let older_finished = old.map(|old| {
+            old.stop.cancel();
+            old.finished
+        });
+        InboundSlot { generation, stop, finished, older_finished }
     }
 
     fn unregister_inbound(&self, peer: SocketAddr, lane: Lane, generation: u64) {
         let mut map = self.inbound.lock().unwrap_or_else(|e| e.into_inner());
-        if map.get(&(peer, lane)).is_some_and(|(g, _)| *g == generation) {
+        if map.get(&(peer, lane)).is_some_and(|e| e.generation == generation) {
             map.remove(&(peer, lane));
         }
     }
@@ -89,9 +105,17 @@ async fn serve(inner: Arc<Inner>, mut r: BoxRead, mut w: BoxWrite, remote: Socke
         }
     };
     debug!(%remote, peer = %peer.name, lane = lane.as_str(), "accepted");
-    let (generation, stop) = inner.register_inbound(peer.addr, lane);
-    let res = read_loop(&inner, &peer, lane, r, w, rbuf, &stop).await;
-    inner.unregister_inbound(peer.addr, lane, generation);
+    let slot = inner.register_inbound(peer.addr, lane);
+    let _finished = slot.finished.clone().drop_guard();
+    if let Some(older) = &slot.older_finished {
+        // The older reader stops at its next step; deliver nothing of ours before it has.
+        tokio::select! {
+            _ = older.cancelled() => {}
+            _ = slot.stop.cancelled() => return,
+        }
+    }
+    let res = read_loop(&inner, &peer, lane, r, w, rbuf, &slot.stop).await;
+    inner.unregister_inbound(peer.addr, lane, slot.generation);
     if let Err(reason) = res {
         inner.stats.closed(reason);
         if matches!(reason, "malformed" | "oversized") {
@@ -165,7 +189,7 @@ async fn read_loop(
         tokio::select! {
             biased;
             // Shutdown, or a newer connection from the same peer and lane took over.
-            _ = stop.cancelled() => return Ok(()),
+            _ = stop.cancelled() => return if inner.cancel.is_cancelled() { Ok(()) } else { Err("superseded") },
             res = r.read_buf(&mut rbuf) => match res {
                 Err(_) => return Err("io"),
                 Ok(0) => return Ok(()),

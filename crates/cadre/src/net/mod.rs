@@ -1,8 +1,9 @@
 //! Connections between nodes.
 //!
 //! A [`Transport`] owns one listener and, per peer, one outbound connection per [`Lane`]. Each
-//! outbound connection has a writer task draining a bounded queue: it takes every message that is
-//! already queued, packs them into as few frames as fit, and writes them with one syscall.
+//! outbound connection has a writer task draining a bounded queue: it takes the messages already
+//! queued (up to `write_batch_bytes_max` bytes), packs them into as few frames as fit, and writes
+//! them with one syscall.
 //! Batching therefore comes from draining, never from waiting, so a lone message goes out at once.
 //! Inbound connections are served by one reader task each, which hands decoded messages to the
 //! node's [`Handler`] inline (the handler must not block) and answers RTT pings.
@@ -13,7 +14,8 @@
 //! - a malformed or oversized frame closes that one connection with a logged reason and a counted
 //!   metric; nothing a peer sends can panic the node;
 //! - per peer and lane the queue holds at most `peer_queue_len_max` messages and
-//!   `peer_queue_bytes_max` bytes of payload; it is also the buffer
+//!   `peer_queue_bytes_max` bytes (payload plus a fixed per-message overhead; the writer may hold
+//!   one more drained batch of up to that size); it is also the buffer
 //!   while the peer is unreachable and is flushed after reconnecting. `try_send` on a full queue
 //!   fails with [`SendError::QueueFull`]; `send` waits (back-pressure);
 //! - reconnects back off exponentially between `reconnect_backoff_min_ms` and `..._max_ms`; a peer
@@ -159,7 +161,7 @@ pub(crate) struct Inner {
     closing: std::sync::atomic::AtomicBool,
     /// Live inbound readers per (peer, lane) with a generation; a newer connection stops the older
     /// reader so that a sender's messages cannot be delivered out of order across a reconnect.
-    inbound: Mutex<HashMap<(SocketAddr, Lane), (u64, CancellationToken)>>,
+    inbound: Mutex<HashMap<(SocketAddr, Lane), inbound::InboundEntry>>,
     inbound_generation: AtomicU64,
     inbound_permits: Arc<Semaphore>,
     /// Origin of ping timestamps.

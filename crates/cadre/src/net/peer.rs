@@ -1,9 +1,10 @@
 //! Outbound side: one writer task per peer and lane.
 //!
-//! The writer dials, runs the handshake, then loops: take everything queued (up to
-//! `write_batch_bytes_max` bytes), encode it into frames, write once. Between writes it reads
-//! pongs for RTT and sends a ping every `ping_interval_ms`. When the connection fails it backs off
-//! and redials; queued messages wait in the bounded queue meanwhile.
+//! The writer dials, runs the handshake, then loops: take what is queued (up to
+//! `write_batch_bytes_max` bytes per write), encode it into frames, write once, and send a ping
+//! every `ping_interval_ms`. A second task per connection reads what comes back (pongs for RTT,
+//! immediate replies to asks), so a blocked write never stops this side from reading. When the
+//! connection fails the writer backs off and redials; queued messages wait in the bounded queue.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -243,24 +244,24 @@ async fn run_conn(
     ));
     let _stop_reader = stop_reader.drop_guard();
     loop {
-        if batch.is_empty() {
-            tokio::select! {
-                biased;
-                _ = inner.cancel.cancelled() => return ConnEnd::Cancelled,
-                res = &mut reader => return ConnEnd::Lost(res.unwrap_or("reader_failed")),
-                _ = ping.tick() => {
-                    let silent_ns = inner.now_ns().saturating_sub(last_rx_ns.load(Ordering::Relaxed));
-                    if silent_ns >= idle.as_nanos() as u64 {
-                        return ConnEnd::Lost("idle");
-                    }
-                    fw.push(&mut wbuf, &Msg::<&[u8]>::Ping { nonce: inner.now_ns() });
+        tokio::select! {
+            biased;
+            _ = inner.cancel.cancelled() => return ConnEnd::Cancelled,
+            res = &mut reader => return ConnEnd::Lost(res.unwrap_or("reader_failed")),
+            _ = ping.tick() => {
+                let silent_ns = inner.now_ns().saturating_sub(last_rx_ns.load(Ordering::Relaxed));
+                if silent_ns >= idle.as_nanos() as u64 {
+                    return ConnEnd::Lost("idle");
                 }
-                n = rx.recv_batch(batch, DRAIN_MSGS_MAX) => {
-                    if n == 0 {
-                        return ConnEnd::QueueClosed;
-                    }
+                fw.push(&mut wbuf, &Msg::<&[u8]>::Ping { nonce: inner.now_ns() });
+            }
+            n = rx.recv_batch(batch, DRAIN_MSGS_MAX), if batch.is_empty() => {
+                if n == 0 {
+                    return ConnEnd::QueueClosed;
                 }
             }
+            // A backlog: write on without waiting, but still see cancellation and a dead reader.
+            _ = std::future::ready(()), if !batch.is_empty() => {}
         }
         encode(rx, batch, &mut fw, &mut wbuf, limit);
         if wbuf.is_empty() {

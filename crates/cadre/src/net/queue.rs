@@ -8,7 +8,8 @@
 //! The queue is bounded twice: by item count and by the sum of the items' byte weights (given by
 //! the caller per item). When either bound would be exceeded, `try_send` fails with
 //! [`TrySendError::Full`] and `send` waits for room. An item heavier than the whole byte budget is
-//! still accepted into an empty queue, so it cannot block forever. When every
+//! still accepted into an empty queue, so it cannot block forever. Blocked senders are woken
+//! together; small messages may take freed room before a large one (no FIFO fairness). When every
 //! sender is gone the receiver sees the end after draining what is left; when the receiver is
 //! gone, sends fail with `Closed`.
 
@@ -39,7 +40,7 @@ struct Shared<T> {
     bytes_cap: usize,
     /// Wakes the consumer when the queue goes from empty to non-empty, or the last sender leaves.
     not_empty: Notify,
-    /// Wakes blocked senders after a drain of a full queue, or when the receiver closes.
+    /// Wakes blocked senders after a drain that follows a refused send, or when the receiver closes.
     not_full: Notify,
 }
 
@@ -178,7 +179,8 @@ impl<T> Receiver<T> {
                 return n;
             }
             if self.shared.lock().senders == 0 {
-                return 0;
+                // A last sender may have pushed just before leaving: take that too.
+                return self.try_recv_batch(out, max);
             }
             notified.await;
         }

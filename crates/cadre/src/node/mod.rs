@@ -250,16 +250,23 @@ fn next_incarnation(dir: &Path) -> Result<u64, NodeError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
         Err(e) => return Err(err(e)),
     };
-    let next = prev + 1;
+    let next = prev.checked_add(1).ok_or_else(|| {
+        err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{} is at its maximum", path.display())))
+    })?;
     write_incarnation(dir, next).map_err(err)?;
     Ok(next)
 }
 
-/// Writes the counter atomically (temporary file, then rename), so a crash never leaves it empty.
+/// Writes the counter atomically and durably (temporary file synced, renamed, directory synced), so
+/// neither a crash nor a power loss leaves it empty.
 fn write_incarnation(dir: &Path, incarnation: u64) -> std::io::Result<()> {
+    use std::io::Write;
     let tmp = dir.join(format!("{INCARNATION_FILE}.tmp"));
-    std::fs::write(&tmp, incarnation.to_string())?;
-    std::fs::rename(&tmp, dir.join(INCARNATION_FILE))
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(incarnation.to_string().as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(INCARNATION_FILE))?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
