@@ -40,6 +40,8 @@ pub const PRIORITY_MAX: i32 = 100;
 pub const PATH_LEN_MAX_BYTES: usize = 1024;
 /// Most segments in a path (and in a routed type; longer types match nothing).
 pub const SEGMENTS_MAX: usize = 64;
+/// Segments of a routed type split without a heap allocation.
+const SEGMENTS_INLINE: usize = 16;
 
 /// Why a route path was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -357,10 +359,25 @@ impl<T, S> Router<T, S> {
 
     /// Matching routes for `ty` (and `value`, for predicates), in result order.
     pub fn matches<'a>(&'a self, ty: &str, value: &S) -> Result<Vec<RouteMatch<'a, T>>, NoMatch> {
-        let segs: Vec<&str> = ty.split('.').collect();
+        // Most types have few segments: split onto the stack, fall back to the heap.
+        let mut stack: [&str; SEGMENTS_INLINE] = [""; SEGMENTS_INLINE];
+        let mut n = 0;
+        let mut heap: Vec<&str> = Vec::new();
+        for (i, seg) in ty.split('.').enumerate() {
+            if i < SEGMENTS_INLINE {
+                stack[i] = seg;
+                n += 1;
+            } else {
+                if heap.is_empty() {
+                    heap.extend_from_slice(&stack);
+                }
+                heap.push(seg);
+            }
+        }
+        let segs: &[&str] = if heap.is_empty() { &stack[..n] } else { &heap };
         let mut ids = Vec::with_capacity(8);
         if segs.len() <= SEGMENTS_MAX {
-            self.root.collect(&segs, &mut ids);
+            self.root.collect(segs, &mut ids);
         }
         ids.sort_unstable();
         ids.dedup();
