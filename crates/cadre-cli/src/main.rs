@@ -40,6 +40,11 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         nodes: usize,
     },
+    /// Routing tables.
+    Routes {
+        #[command(subcommand)]
+        which: RoutesCmd,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -51,6 +56,13 @@ enum Cmd {
         #[arg(long)]
         listen: SocketAddr,
     },
+}
+
+#[derive(Subcommand)]
+enum RoutesCmd {
+    /// Validate a routing table (JSON, or TOML by extension) and print, for each listed signal
+    /// type, one JSON line with its targets or `"error":"no_match"`. An invalid table exits with 2.
+    Check { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -189,6 +201,16 @@ async fn status(http: &str) -> Result<()> {
     Ok(())
 }
 
+fn routes_check(file: &std::path::Path) -> Result<()> {
+    use cadre::router::table::{self, Format, Table};
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let t = Table::parse(&text, Format::from_path(file))?;
+    for line in table::check(&t)? {
+        println!("{}", serde_json::to_string(&line)?);
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
@@ -205,6 +227,13 @@ fn main() -> ExitCode {
             rt.block_on(run_node(cfg))
         }
         Cmd::Status { http } => rt.block_on(status(&http)),
+        Cmd::Routes { which: RoutesCmd::Check { file } } => match routes_check(&file) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
         Cmd::Demo { nodes } => {
             init_logging("warn");
             rt.block_on(demo::run(nodes))

@@ -191,3 +191,26 @@ async fn config_file_environment_and_flags_combine() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nmae"));
 }
+
+#[test]
+fn routes_check_prints_targets_and_refuses_invalid_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("routes.json");
+    std::fs::write(
+        &good,
+        r#"{"routes":[{"path":"user.**","target":"audit","priority":10}],"signals":[{"type":"user.1.created"},{"type":"x"}]}"#,
+    )
+    .unwrap();
+    let out = std::process::Command::new(exe()).args(["routes", "check"]).arg(&good).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "{\"type\":\"user.1.created\",\"targets\":[\"audit\"]}\n{\"type\":\"x\",\"error\":\"no_match\"}\n"
+    );
+    let bad = dir.path().join("routes.toml");
+    std::fs::write(&bad, "[[routes]]\npath = \"us*r\"\ntarget = \"t\"\n").unwrap();
+    let out = std::process::Command::new(exe()).args(["routes", "check"]).arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("route #0") && err.contains("us*r") && err.contains("wildcard"), "{err}");
+}

@@ -414,5 +414,7 @@ impl<T, S> Router<T, S> {
     }
 }
 
+pub mod table;
+
 #[cfg(test)]
 mod tests;

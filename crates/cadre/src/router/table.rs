@@ -1,0 +1,180 @@
+//! Routing table files: the routes of a [`Router`] (and, for checking, sample signal types) in
+//! JSON or TOML.
+//!
+//! ```json
+//! {"routes":[{"path":"user.**","target":"audit","priority":10}], "signals":[{"type":"user.1.created"}]}
+//! ```
+//!
+//! `target` is a string or a list of strings; `priority` defaults to 0. An invalid table is refused
+//! as a whole with a [`TableError`] naming the route (position and path) and the reason.
+
+use serde::{Deserialize, Serialize};
+
+use super::{NoMatch, RouteError, RouteSpec, Router};
+
+/// Largest table file accepted.
+pub const TABLE_LEN_MAX_BYTES: usize = 16 << 20;
+/// Most routes in one table.
+pub const TABLE_ROUTES_MAX: usize = 100_000;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Targets {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableRoute {
+    pub path: String,
+    pub target: Targets,
+    #[serde(default)]
+    pub priority: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableSignal {
+    #[serde(rename = "type")]
+    pub ty: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Table {
+    #[serde(default)]
+    pub routes: Vec<TableRoute>,
+    #[serde(default)]
+    pub signals: Vec<TableSignal>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TableError {
+    #[error("table of {len} bytes exceeds {TABLE_LEN_MAX_BYTES} bytes")]
+    TooLarge { len: usize },
+    #[error("cannot parse the table: {0}")]
+    Parse(String),
+    #[error("more than {TABLE_ROUTES_MAX} routes")]
+    TooManyRoutes,
+    #[error("route #{index}: {error}")]
+    Route { index: usize, error: RouteError },
+}
+
+/// The format of a table's text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Toml,
+}
+
+impl Format {
+    /// By file extension: `.toml` is TOML, anything else JSON.
+    pub fn from_path(path: &std::path::Path) -> Format {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("toml") => Format::Toml,
+            _ => Format::Json,
+        }
+    }
+}
+
+impl Table {
+    pub fn parse(text: &str, format: Format) -> Result<Table, TableError> {
+        if text.len() > TABLE_LEN_MAX_BYTES {
+            return Err(TableError::TooLarge { len: text.len() });
+        }
+        let table: Table = match format {
+            Format::Json => serde_json::from_str(text).map_err(|e| TableError::Parse(e.to_string()))?,
+            Format::Toml => toml::from_str(text).map_err(|e| TableError::Parse(e.to_string()))?,
+        };
+        if table.routes.len() > TABLE_ROUTES_MAX {
+            return Err(TableError::TooManyRoutes);
+        }
+        Ok(table)
+    }
+
+    /// Builds a router with every route, or names the first invalid one.
+    pub fn router<S>(&self) -> Result<Router<String, S>, TableError> {
+        let mut router = Router::new();
+        for (index, r) in self.routes.iter().enumerate() {
+            let targets = match &r.target {
+                Targets::One(t) => vec![t.clone()],
+                Targets::Many(ts) => ts.clone(),
+            };
+            let spec = RouteSpec { path: r.path.clone(), targets, priority: r.priority, predicate: None };
+            router.add(spec).map_err(|error| TableError::Route { index, error })?;
+        }
+        Ok(router)
+    }
+}
+
+/// The result line for one checked signal type.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum CheckLine {
+    Targets {
+        #[serde(rename = "type")]
+        ty: String,
+        targets: Vec<String>,
+    },
+    Error {
+        #[serde(rename = "type")]
+        ty: String,
+        error: String,
+    },
+}
+
+/// Routes every listed signal type; one line per signal, in order.
+pub fn check(table: &Table) -> Result<Vec<CheckLine>, TableError> {
+    let router = table.router::<()>()?;
+    Ok(table
+        .signals
+        .iter()
+        .map(|s| match router.route(&s.ty, &()) {
+            Ok(ts) => CheckLine::Targets { ty: s.ty.clone(), targets: ts.into_iter().cloned().collect() },
+            Err(NoMatch { .. }) => CheckLine::Error { ty: s.ty.clone(), error: "no_match".into() },
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::router::PathError;
+
+    #[test]
+    fn the_issue_example_checks() {
+        let text = r#"{"routes":[{"path":"user.**","target":"audit","priority":10},
+                       {"path":"user.*.created","target":["welcome","crm"]}],
+                      "signals":[{"type":"user.1.created"},{"type":"x"}]}"#;
+        let lines = check(&Table::parse(text, Format::Json).unwrap()).unwrap();
+        let json: Vec<String> = lines.iter().map(|l| serde_json::to_string(l).unwrap()).collect();
+        assert_eq!(
+            json,
+            [r#"{"type":"user.1.created","targets":["welcome","crm","audit"]}"#, r#"{"type":"x","error":"no_match"}"#]
+        );
+    }
+
+    #[test]
+    fn toml_tables_work_too() {
+        let text = "[[routes]]\npath = \"a.*\"\ntarget = \"t\"\n[[signals]]\ntype = \"a.b\"\n";
+        let lines = check(&Table::parse(text, Format::Toml).unwrap()).unwrap();
+        assert_eq!(lines, [CheckLine::Targets { ty: "a.b".into(), targets: vec!["t".into()] }]);
+    }
+
+    #[test]
+    fn invalid_tables_name_the_route_and_reason() {
+        let text = r#"{"routes":[{"path":"ok","target":"t"},{"path":"a..b","target":"t"}]}"#;
+        let err = check(&Table::parse(text, Format::Json).unwrap()).unwrap_err();
+        assert_eq!(
+            err,
+            TableError::Route {
+                index: 1,
+                error: RouteError::Path { path: "a..b".into(), reason: PathError::EmptySegment { index: 1 } }
+            }
+        );
+        assert!(err.to_string().contains("a..b"), "{err}");
+        let err = Table::parse(r#"{"routes":[{"path":"a","target":"t","prio":1}]}"#, Format::Json).unwrap_err();
+        assert!(matches!(err, TableError::Parse(ref m) if m.contains("prio")), "{err}");
+    }
+}
