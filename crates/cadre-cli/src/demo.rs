@@ -51,8 +51,7 @@ fn spinner(msg: String) -> ProgressBar {
     pb
 }
 
-/// How many of `nodes` report `state` for `target` (or, with `target` None, see every name in
-/// `names` alive).
+/// How many of the nodes at `nodes` (HTTP addresses) have a member list satisfying `check`.
 async fn count_seeing(nodes: &[SocketAddr], check: impl Fn(&MembersJson) -> bool) -> usize {
     let mut n = 0;
     for http in nodes {

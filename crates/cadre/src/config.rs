@@ -11,7 +11,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -256,10 +255,6 @@ impl Config {
         }
         self.net.validate()?;
         self.membership.validate()
-    }
-
-    pub fn connect_timeout(&self) -> Duration {
-        Duration::from_millis(self.net.connect_timeout_ms)
     }
 }
 

@@ -221,16 +221,27 @@ impl AsyncRead for LimitedIo {
     }
 }
 
-impl AsyncWrite for LimitedIo {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+impl LimitedIo {
+    /// A write through the idle and kill checks; bytes written count as activity.
+    fn guarded_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        write: impl FnOnce(Pin<&mut tokio::net::TcpStream>, &mut Context<'_>) -> Poll<std::io::Result<usize>>,
+    ) -> Poll<std::io::Result<usize>> {
         if let Err(e) = self.check(cx) {
             return Poll::Ready(Err(e));
         }
-        let res = Pin::new(&mut self.io).poll_write(cx, buf);
+        let res = write(Pin::new(&mut self.io), cx);
         if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
             self.touch();
         }
         res
+    }
+}
+
+impl AsyncWrite for LimitedIo {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.guarded_write(cx, |io, cx| io.poll_write(cx, buf))
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_flush(cx)
@@ -243,14 +254,7 @@ impl AsyncWrite for LimitedIo {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        if let Err(e) = self.check(cx) {
-            return Poll::Ready(Err(e));
-        }
-        let res = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
-            self.touch();
-        }
-        res
+        self.guarded_write(cx, |io, cx| io.poll_write_vectored(cx, bufs))
     }
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()

@@ -327,7 +327,7 @@ impl Inner {
     }
 
     fn payload_len_max(&self) -> usize {
-        self.cfg.frame_len_max_bytes as usize - MSG_OVERHEAD_MAX_BYTES - 4
+        crate::wire::payload_len_max(self.cfg.frame_len_max_bytes as usize)
     }
 
     /// Completes ask `id` if it was sent to `from`; a reply from anyone else is ignored.

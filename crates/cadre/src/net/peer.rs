@@ -107,7 +107,8 @@ async fn writer(inner: Arc<Inner>, state: Arc<PeerState>, lane: Lane, mut rx: Re
     let mut batch: Vec<OutMsg> = Vec::with_capacity(DRAIN_MSGS_MAX);
     loop {
         if inner.cancel.is_cancelled() {
-            return drop_rest(&inner, &mut rx, &mut batch, DropReason::Shutdown);
+            drop_rest(&inner, &mut rx, &mut batch, DropReason::Shutdown);
+            return;
         }
         match connect(&inner, state.addr, lane).await {
             Ok((r, w, peer_name, leftover)) => {
@@ -126,14 +127,18 @@ async fn writer(inner: Arc<Inner>, state: Arc<PeerState>, lane: Lane, mut rx: Re
                 state.srtt_ns.store(0, Ordering::Relaxed);
                 match end {
                     ConnEnd::QueueClosed => return,
-                    ConnEnd::Cancelled => return drop_rest(&inner, &mut rx, &mut batch, DropReason::Shutdown),
+                    ConnEnd::Cancelled => {
+                        drop_rest(&inner, &mut rx, &mut batch, DropReason::Shutdown);
+                        return;
+                    }
                     ConnEnd::Lost(reason) => {
                         inner.stats.closed(reason);
                         debug!(peer = %state.addr, lane = lane.as_str(), reason, "connection lost");
                         if connected_at.elapsed() >= stable_after {
                             backoff = min;
                         } else if !pause(&inner, &mut backoff, max).await {
-                            return drop_rest(&inner, &mut rx, &mut batch, DropReason::Shutdown);
+                            drop_rest(&inner, &mut rx, &mut batch, DropReason::Shutdown);
+                            return;
                         }
                     }
                 }
@@ -147,7 +152,8 @@ async fn writer(inner: Arc<Inner>, state: Arc<PeerState>, lane: Lane, mut rx: Re
                     return;
                 }
                 if !pause(&inner, &mut backoff, max).await {
-                    return drop_rest(&inner, &mut rx, &mut batch, DropReason::Shutdown);
+                    drop_rest(&inner, &mut rx, &mut batch, DropReason::Shutdown);
+                    return;
                 }
             }
         }
@@ -168,19 +174,19 @@ async fn pause(inner: &Inner, backoff: &mut Duration, max: Duration) -> bool {
 }
 
 /// Counts everything still queued or taken but unsent as dropped for `reason`.
-fn drop_rest(inner: &Inner, rx: &mut Receiver<OutMsg>, batch: &mut Vec<OutMsg>, reason: DropReason) {
+/// Returns how many.
+fn drop_rest(inner: &Inner, rx: &mut Receiver<OutMsg>, batch: &mut Vec<OutMsg>, reason: DropReason) -> usize {
     let n = rx.close() + batch.len();
     batch.clear();
     if n > 0 {
         inner.stats.drop(reason, n as u64);
     }
+    n
 }
 
 fn forget(inner: &Inner, state: &Arc<PeerState>, rx: &mut Receiver<OutMsg>, batch: &mut Vec<OutMsg>) {
     inner.forget(state);
-    let dropped = rx.close() + batch.len();
-    batch.clear();
-    inner.stats.drop(DropReason::Forgotten, dropped as u64);
+    let dropped = drop_rest(inner, rx, batch, DropReason::Forgotten);
     inner.stats.peer_rtt.remove(&crate::metrics::label("peer", state.addr.to_string()));
     warn!(peer = %state.addr, dropped, "peer unreachable for too long; forgotten");
 }
@@ -348,8 +354,12 @@ fn take_returns(
             Err(_) => return Err("malformed"),
         };
         let now = inner.now_ns();
+        let mut pong = false;
         let res = wire::decode_frame(&frame, |msg| match msg {
-            Msg::Pong { nonce } => state.record_rtt(now.saturating_sub(nonce)),
+            Msg::Pong { nonce } => {
+                state.record_rtt(now.saturating_sub(nonce));
+                pong = true;
+            }
             Msg::Reply { id, payload } => inner.complete_ask(state.addr, id, payload),
             _ => {}
         });
@@ -357,7 +367,8 @@ fn take_returns(
             Ok(n) => inner.stats.received.add(lane, 1, n as u64, frame.len() as u64 + 4),
             Err(_) => return Err("malformed"),
         }
-        if let Some(rtt) = state.rtt() {
+        // Only after a pong: frames of replies must not pay for a label lookup.
+        if let (true, Some(rtt)) = (pong, state.rtt()) {
             inner
                 .stats
                 .peer_rtt

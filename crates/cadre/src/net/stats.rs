@@ -26,6 +26,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
+    /// In declaration order: a reason's discriminant indexes its counter.
     const ALL: [DropReason; 9] = [
         DropReason::QueueFull,
         DropReason::TooLarge,
@@ -119,13 +120,11 @@ impl NetStats {
     }
 
     pub fn drop(&self, reason: DropReason, n: u64) {
-        let i = DropReason::ALL.iter().position(|r| *r == reason).expect("listed reason");
-        self.dropped[i].inc_by(n);
+        self.dropped[reason as usize].inc_by(n);
     }
 
     pub fn dropped(&self, reason: DropReason) -> u64 {
-        let i = DropReason::ALL.iter().position(|r| *r == reason).expect("listed reason");
-        self.dropped[i].get()
+        self.dropped[reason as usize].get()
     }
 
     pub fn refused(&self, side: &'static str, reason: &str) {
@@ -145,5 +144,17 @@ impl NetStats {
 
     pub fn closed_count(&self, reason: &'static str) -> u64 {
         self.conn_closed.get(&label("reason", reason)).map(|c| c.get()).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DropReason;
+
+    #[test]
+    fn reasons_are_listed_in_discriminant_order() {
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r:?}");
+        }
     }
 }

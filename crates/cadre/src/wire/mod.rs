@@ -188,6 +188,12 @@ pub fn decode_handshake(body: &[u8]) -> Result<Handshake, WireError> {
     postcard::from_bytes(body).map_err(|e| WireError::Malformed(e.to_string()))
 }
 
+/// Largest message payload that fits in a frame of `frame_len_max` bytes (after the version tag
+/// and the message's own overhead).
+pub fn payload_len_max(frame_len_max: usize) -> usize {
+    frame_len_max - MSG_OVERHEAD_MAX_BYTES - 4
+}
+
 /// Builds frames of messages into a buffer; several frames may share one buffer (one syscall).
 pub struct FrameWriter {
     frame_len_max: usize,
@@ -207,7 +213,7 @@ impl FrameWriter {
 
     /// Largest payload that fits in one frame.
     pub fn payload_len_max(&self) -> usize {
-        self.frame_len_max - MSG_OVERHEAD_MAX_BYTES - 4
+        payload_len_max(self.frame_len_max)
     }
 
     /// Appends `msg`, opening a new frame when the open one has no room for it.
