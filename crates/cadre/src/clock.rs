@@ -2,14 +2,19 @@
 //!
 //! Monotonic time everywhere else is `tokio::time::Instant`, which turmoil also controls.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Time since the Unix epoch.
+pub fn wall_since_epoch() -> Duration {
+    if turmoil::in_simulation() {
+        if let Some(d) = turmoil::since_epoch() {
+            return d;
+        }
+    }
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
+}
 
 /// Milliseconds since the Unix epoch.
 pub fn wall_ms() -> u64 {
-    if turmoil::in_simulation() {
-        if let Some(d) = turmoil::since_epoch() {
-            return d.as_millis() as u64;
-        }
-    }
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    wall_since_epoch().as_millis() as u64
 }

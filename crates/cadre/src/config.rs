@@ -81,6 +81,7 @@ pub struct Config {
     pub rng_seed: Option<u64>,
     pub net: NetConfig,
     pub membership: MembershipConfig,
+    pub signals: SignalsConfig,
 }
 
 impl Default for Config {
@@ -98,6 +99,7 @@ impl Default for Config {
             rng_seed: None,
             net: NetConfig::default(),
             membership: MembershipConfig::default(),
+            signals: SignalsConfig::default(),
         }
     }
 }
@@ -220,6 +222,89 @@ impl Default for MembershipConfig {
     }
 }
 
+/// Signals on one node: ingress, the bus, subscriptions and their delivery.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SignalsConfig {
+    /// `source` of signals this node makes; default `cadre://<cluster>/<name>`.
+    pub source: Option<String>,
+    /// Largest `POST /v1/signals` body; bigger is refused with 413.
+    pub ingress_body_bytes_max: usize,
+    /// Subscriptions on the node; more are refused.
+    pub subscriptions_max: usize,
+    /// Default queue length per subscriber (a subscription may choose its own, up to 16x this).
+    /// What happens when full is the subscription's overflow policy.
+    pub subscriber_queue_len_max: usize,
+    /// Signals remembered by the causality journal; the oldest is forgotten first.
+    pub journal_len_max: usize,
+    /// Dead letters kept; the oldest is dropped (and counted) first.
+    pub deadletters_len_max: usize,
+    /// Time a webhook request may take before the attempt counts as failed.
+    pub webhook_timeout_ms: u64,
+    /// Retries after a failed webhook attempt (so `1 + retries` attempts in all).
+    pub webhook_retries_max: u32,
+    /// First retry delay; doubles per retry up to `webhook_backoff_max_ms`, with jitter.
+    pub webhook_backoff_min_ms: u64,
+    pub webhook_backoff_max_ms: u64,
+    /// Consecutive failures that open a target URL's circuit breaker.
+    pub breaker_failures_max: u32,
+    /// Time an open breaker refuses attempts before letting one trial through.
+    pub breaker_cooldown_ms: u64,
+    /// Time each middleware may take per call; over it counts as a rejection (fail closed).
+    pub middleware_budget_ms: u64,
+}
+
+impl Default for SignalsConfig {
+    fn default() -> Self {
+        Self {
+            source: None,
+            ingress_body_bytes_max: 4 << 20,
+            subscriptions_max: 10_000,
+            subscriber_queue_len_max: 1024,
+            journal_len_max: 10_000,
+            deadletters_len_max: 1000,
+            webhook_timeout_ms: 5000,
+            webhook_retries_max: 5,
+            webhook_backoff_min_ms: 100,
+            webhook_backoff_max_ms: 10_000,
+            breaker_failures_max: 5,
+            breaker_cooldown_ms: 30_000,
+            middleware_budget_ms: 50,
+        }
+    }
+}
+
+impl SignalsConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(s) = &self.source {
+            if s.is_empty() || s.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                return Err(invalid("signals.source", "must be a non-empty URI reference without spaces"));
+            }
+        }
+        positive("signals.ingress_body_bytes_max", self.ingress_body_bytes_max as u64)?;
+        if self.ingress_body_bytes_max > 256 << 20 {
+            return Err(invalid("signals.ingress_body_bytes_max", "must be at most 256 MiB"));
+        }
+        positive("signals.subscriptions_max", self.subscriptions_max as u64)?;
+        positive("signals.subscriber_queue_len_max", self.subscriber_queue_len_max as u64)?;
+        positive("signals.journal_len_max", self.journal_len_max as u64)?;
+        positive("signals.deadletters_len_max", self.deadletters_len_max as u64)?;
+        positive("signals.webhook_timeout_ms", self.webhook_timeout_ms)?;
+        positive("signals.webhook_backoff_min_ms", self.webhook_backoff_min_ms)?;
+        positive("signals.webhook_backoff_max_ms", self.webhook_backoff_max_ms)?;
+        positive("signals.breaker_failures_max", self.breaker_failures_max as u64)?;
+        positive("signals.breaker_cooldown_ms", self.breaker_cooldown_ms)?;
+        positive("signals.middleware_budget_ms", self.middleware_budget_ms)?;
+        if self.webhook_retries_max > 100 {
+            return Err(invalid("signals.webhook_retries_max", "must be at most 100"));
+        }
+        if self.webhook_backoff_min_ms > self.webhook_backoff_max_ms {
+            return Err(invalid("signals.webhook_backoff_min_ms", "must not exceed signals.webhook_backoff_max_ms"));
+        }
+        Ok(())
+    }
+}
+
 /// Shortest accepted shared secret.
 pub const SECRET_LEN_MIN_BYTES: usize = 16;
 
@@ -254,7 +339,13 @@ impl Config {
             return Err(invalid("advertise", "required when listening on an unspecified address (0.0.0.0 or ::)"));
         }
         self.net.validate()?;
-        self.membership.validate()
+        self.membership.validate()?;
+        self.signals.validate()
+    }
+
+    /// The `source` of signals this node makes.
+    pub fn signal_source(&self) -> String {
+        self.signals.source.clone().unwrap_or_else(|| format!("cadre://{}/{}", self.cluster, self.name))
     }
 }
 

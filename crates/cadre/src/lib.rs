@@ -11,6 +11,7 @@
 //! - [`sim`]: deterministic cluster simulation on turmoil (test support).
 
 pub mod api;
+pub mod bus;
 pub mod clock;
 pub mod config;
 pub mod membership;
@@ -18,5 +19,6 @@ pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod router;
+pub mod signal;
 pub mod sim;
 pub mod wire;

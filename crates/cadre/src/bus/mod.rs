@@ -1,0 +1,811 @@
+//! The node-local bus: subscriptions, publish, middleware, and delivery to adapters.
+//!
+//! `subscribe(pattern, dispatch)` registers a route in a [`Router`] whose target is the
+//! subscription; `publish` validates each signal, runs the before-publish middleware, records it
+//! in the causality [`Journal`], routes it and appends it to the queue of every matching
+//! subscription. Each subscription has one worker task that takes signals from its queue in order
+//! and hands them to its adapter ([`Dispatch`]): an in-process channel or function, the log, or a
+//! webhook (see [`webhook`]). So signals reach a subscriber in publish order, and a slow subscriber
+//! delays only itself.
+//!
+//! ## Bounds and what happens when full
+//! - Each subscription's queue holds at most `queue_len_max` signals. When full, its
+//!   [`Overflow`] policy applies: `reject` fails the publish with [`PublishError::QueueFull`]
+//!   naming the subscription (other subscribers may already have the signal), `drop_oldest` drops
+//!   the oldest queued signal and counts it. Publishing never waits for a subscriber.
+//! - Subscriptions: at most `subscriptions_max`. Journal and dead letters: bounded, oldest first out.
+//! - Middleware: each call has a time budget; over budget (or a panic) counts as a rejection for
+//!   before-publish (the signal is refused) and before-dispatch (that subscriber is skipped), and
+//!   is abandoned for after-dispatch. Every such case is counted.
+//!
+//! ## Causality
+//! Function adapters run inside a [`Context`] whose parent is the signal being handled: signals
+//! they publish get `causationid` and a child `traceparent`. A signal published with no
+//! `traceparent` gets a new trace.
+//!
+//! ## Caveats
+//! Queues live in memory: signals still queued when the node stops are lost (persistent
+//! subscriptions come with cluster delivery). A webhook's retries hold back its later signals:
+//! order is kept at the cost of head-of-line blocking.
+
+pub mod webhook;
+
+use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::SignalsConfig;
+use crate::metrics::{label, CounterFamily, GaugeFamily, Metrics};
+use crate::router::{Predicate, RouteError, RouteId, RouteSpec, Router};
+use crate::signal::journal::{Direction, Journal, TraceStep};
+use crate::signal::{Context, Signal, SignalError, TraceParent, TRACEPARENT};
+use webhook::{Breaker, WebhookSpec};
+
+/// Identifies a subscription on its node.
+pub type SubId = u64;
+
+/// A subscription queue may be at most this many times the configured default.
+pub const QUEUE_LEN_FACTOR_MAX: usize = 16;
+
+/// What a full subscriber queue does with a new signal.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Overflow {
+    /// Refuse the publish with [`PublishError::QueueFull`].
+    #[default]
+    Reject,
+    /// Drop the oldest queued signal (counted) and take the new one.
+    DropOldest,
+}
+
+/// An in-process handler; runs on the subscription's worker task.
+pub type HandlerFn = Arc<dyn Fn(Arc<Signal>) -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
+
+/// Where a subscription's signals go.
+#[derive(Clone)]
+pub enum Dispatch {
+    /// A `tracing` info line per signal.
+    Log,
+    /// An HTTP POST of the structured event per signal, retried, behind a breaker per URL.
+    Webhook(WebhookSpec),
+    /// An in-process channel; a full channel holds the subscription's queue back.
+    Channel(mpsc::Sender<Arc<Signal>>),
+    /// An in-process async function; an `Err` or panic is a failed delivery (dead-lettered).
+    Function(HandlerFn),
+}
+
+/// The JSON form of the dispatches that can be configured from outside (HTTP, routes files):
+/// `{"log":{}}` or `{"webhook":{"url":"http://...","secret":"..."}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum DispatchSpec {
+    Log {},
+    Webhook(WebhookSpec),
+}
+
+impl From<DispatchSpec> for Dispatch {
+    fn from(spec: DispatchSpec) -> Dispatch {
+        match spec {
+            DispatchSpec::Log {} => Dispatch::Log,
+            DispatchSpec::Webhook(w) => Dispatch::Webhook(w),
+        }
+    }
+}
+
+impl Dispatch {
+    /// A function handler from an async closure.
+    pub fn function<F, Fut>(f: F) -> Dispatch
+    where
+        F: Fn(Arc<Signal>) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
+    {
+        Dispatch::Function(Arc::new(move |s| f(s).boxed()))
+    }
+
+    /// How the dispatch is shown (secrets hidden).
+    pub fn describe(&self) -> serde_json::Value {
+        match self {
+            Dispatch::Log => serde_json::json!({"log": {}}),
+            Dispatch::Webhook(w) => {
+                serde_json::json!({"webhook": {"url": w.url, "secret": w.secret.as_ref().map(|_| "<hidden>")}})
+            }
+            Dispatch::Channel(_) => serde_json::json!({"channel": {}}),
+            Dispatch::Function(_) => serde_json::json!({"function": {}}),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Dispatch::Log => "log",
+            Dispatch::Webhook(_) => "webhook",
+            Dispatch::Channel(_) => "channel",
+            Dispatch::Function(_) => "function",
+        }
+    }
+}
+
+/// What to subscribe.
+pub struct SubscriptionSpec {
+    pub pattern: String,
+    pub dispatch: Dispatch,
+    pub priority: i32,
+    pub overflow: Overflow,
+    /// `None`: the node's `subscriber_queue_len_max`.
+    pub queue_len_max: Option<usize>,
+    pub predicate: Option<Predicate<Signal>>,
+}
+
+impl SubscriptionSpec {
+    pub fn new(pattern: impl Into<String>, dispatch: Dispatch) -> Self {
+        Self {
+            pattern: pattern.into(),
+            dispatch,
+            priority: 0,
+            overflow: Overflow::Reject,
+            queue_len_max: None,
+            predicate: None,
+        }
+    }
+    pub fn priority(mut self, priority: i32) -> Self {
+        self.priority = priority;
+        self
+    }
+    pub fn overflow(mut self, overflow: Overflow) -> Self {
+        self.overflow = overflow;
+        self
+    }
+    pub fn queue_len_max(mut self, len: usize) -> Self {
+        self.queue_len_max = Some(len);
+        self
+    }
+    pub fn predicate(mut self, p: impl Fn(&Signal) -> bool + Send + Sync + 'static) -> Self {
+        self.predicate = Some(Arc::new(p));
+        self
+    }
+}
+
+/// The JSON body of `POST /v1/subscriptions` (and a route target in a routes file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriptionJson {
+    pub pattern: String,
+    pub dispatch: DispatchSpec,
+    #[serde(default)]
+    pub priority: i32,
+    #[serde(default)]
+    pub overflow: Overflow,
+    #[serde(default)]
+    pub queue_len_max: Option<usize>,
+}
+
+impl From<SubscriptionJson> for SubscriptionSpec {
+    fn from(j: SubscriptionJson) -> Self {
+        SubscriptionSpec {
+            pattern: j.pattern,
+            dispatch: j.dispatch.into(),
+            priority: j.priority,
+            overflow: j.overflow,
+            queue_len_max: j.queue_len_max,
+            predicate: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubscribeError {
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    #[error("dispatch: {0}")]
+    Dispatch(String),
+    #[error("queue_len_max {len} must be within 1..={max}")]
+    QueueLen { len: usize, max: usize },
+    #[error("the node has {0} subscriptions, its limit")]
+    TooMany(usize),
+    #[error("the bus is shutting down")]
+    ShuttingDown,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    #[error("invalid signal: {0}")]
+    Invalid(#[from] SignalError),
+    #[error("rejected by middleware {middleware}: {reason}")]
+    Rejected { middleware: String, reason: String },
+    #[error("queue of subscription {subscription} is full (delivered to {delivered} other subscriptions)")]
+    QueueFull { subscription: SubId, delivered: usize },
+    #[error("the bus is shutting down")]
+    ShuttingDown,
+}
+
+/// A published signal: its id and how many subscriptions took it (0: no route matched).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub id: String,
+    pub deliveries: usize,
+}
+
+/// A middleware's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Continue,
+    /// Before publish: refuse the signal. Before dispatch: skip this subscriber.
+    Reject(String),
+}
+
+/// How one delivery ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered { attempts: u32 },
+    Failed { attempts: u32, reason: String },
+}
+
+/// The subscription a dispatch middleware sees.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    pub id: SubId,
+    pub pattern: &'a str,
+}
+
+/// Hooks around publish and dispatch. Each call gets the node's `middleware_budget_ms`.
+pub trait Middleware: Send + Sync + 'static {
+    fn name(&self) -> &str;
+    fn before_publish<'a>(&'a self, _signal: &'a Signal) -> BoxFuture<'a, Verdict> {
+        futures::future::ready(Verdict::Continue).boxed()
+    }
+    fn before_dispatch<'a>(&'a self, _signal: &'a Signal, _target: Target<'a>) -> BoxFuture<'a, Verdict> {
+        futures::future::ready(Verdict::Continue).boxed()
+    }
+    fn after_dispatch<'a>(
+        &'a self,
+        _signal: &'a Signal,
+        _target: Target<'a>,
+        _outcome: &'a Outcome,
+    ) -> BoxFuture<'a, ()> {
+        futures::future::ready(()).boxed()
+    }
+}
+
+/// A delivery that failed for good.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub subscription: SubId,
+    pub dispatch: serde_json::Value,
+    pub reason: String,
+    pub attempts: u32,
+    /// When it was given up (RFC 3339).
+    pub time: String,
+    /// The structured event.
+    pub signal: serde_json::Value,
+}
+
+/// A subscription as listed by `GET /v1/subscriptions`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubscriptionInfo {
+    pub id: SubId,
+    pub pattern: String,
+    pub dispatch: serde_json::Value,
+    pub priority: i32,
+    pub overflow: Overflow,
+    pub queue_len_max: usize,
+    pub queued: usize,
+    pub delivered: u64,
+    pub failed: u64,
+    pub dropped: u64,
+    pub skipped: u64,
+    /// Breaker state of a webhook's URL: `closed`, `open` or `half_open`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub breaker: Option<String>,
+}
+
+#[derive(Default)]
+struct SubCounts {
+    delivered: AtomicU64,
+    failed: AtomicU64,
+    dropped: AtomicU64,
+    skipped: AtomicU64,
+}
+
+struct Sub {
+    id: SubId,
+    pattern: String,
+    dispatch: Dispatch,
+    priority: i32,
+    overflow: Overflow,
+    queue_len_max: usize,
+    route: RouteId,
+    breaker: Option<Arc<Mutex<Breaker>>>,
+    queue: Mutex<VecDeque<Arc<Signal>>>,
+    notify: Notify,
+    closed: AtomicBool,
+    counts: SubCounts,
+}
+
+impl Sub {
+    fn lock_queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Arc<Signal>>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn target(&self) -> Target<'_> {
+        Target { id: self.id, pattern: &self.pattern }
+    }
+}
+
+struct BusMetrics {
+    published: CounterFamily,
+    rejected: CounterFamily,
+    unrouted: CounterFamily,
+    deliveries: CounterFamily,
+    queue_dropped: CounterFamily,
+    deadletters: CounterFamily,
+    middleware_over_budget: CounterFamily,
+    subscriptions: GaugeFamily,
+    webhook_attempts: CounterFamily,
+    breaker_opened: CounterFamily,
+}
+
+impl BusMetrics {
+    fn new(m: &Metrics) -> Self {
+        Self {
+            published: m.counters("signals_published", "Signals accepted by the bus"),
+            rejected: m.counters("signals_rejected", "Signals refused at publish, by reason"),
+            unrouted: m.counters("signals_unrouted", "Published signals no subscription matched"),
+            deliveries: m.counters("deliveries", "Deliveries to subscribers, by adapter and outcome"),
+            queue_dropped: m.counters("queue_dropped", "Entries dropped from full drop-oldest queues, by queue"),
+            deadletters: m.counters("deadletters", "Deliveries given up and dead-lettered"),
+            middleware_over_budget: m.counters("middleware_over_budget", "Middleware calls over budget or panicking"),
+            subscriptions: m.gauges("subscriptions", "Subscriptions on this node"),
+            webhook_attempts: m.counters("webhook_attempts", "Webhook requests, by outcome"),
+            breaker_opened: m.counters("breaker_opened", "Times a webhook breaker opened"),
+        }
+    }
+}
+
+pub(crate) struct Inner {
+    cfg: SignalsConfig,
+    source: Arc<str>,
+    router: RwLock<Router<SubId, Signal>>,
+    subs: RwLock<HashMap<SubId, Arc<Sub>>>,
+    breakers: Mutex<HashMap<String, Arc<Mutex<Breaker>>>>,
+    next_id: AtomicU64,
+    middleware: RwLock<Vec<Arc<dyn Middleware>>>,
+    journal: Journal,
+    deadletters: Mutex<VecDeque<DeadLetter>>,
+    http: webhook::Client,
+    metrics: BusMetrics,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// The node's bus; cheap to clone. Stop it with [`Bus::shutdown`].
+#[derive(Clone)]
+pub struct Bus {
+    inner: Arc<Inner>,
+}
+
+/// A subscription that ends when dropped (or [`Subscription::cancel`]led); [`Subscription::detach`]
+/// keeps it until deleted by id.
+pub struct Subscription {
+    id: SubId,
+    bus: Weak<Inner>,
+}
+
+impl Subscription {
+    pub fn id(&self) -> SubId {
+        self.id
+    }
+    /// Keeps the subscription after this handle is gone; returns its id.
+    pub fn detach(mut self) -> SubId {
+        self.bus = Weak::new();
+        self.id
+    }
+    pub fn cancel(self) {}
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some(inner) = self.bus.upgrade() {
+            Bus { inner }.unsubscribe(self.id);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Bus {
+    /// A bus whose signals come from `source`. Must be created inside a tokio runtime.
+    pub fn new(cfg: SignalsConfig, source: &str, metrics: &Metrics) -> Bus {
+        let inner = Inner {
+            journal: Journal::new(cfg.journal_len_max),
+            http: webhook::client(),
+            cfg,
+            source: source.into(),
+            router: RwLock::new(Router::new()),
+            subs: RwLock::new(HashMap::new()),
+            breakers: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            middleware: RwLock::new(Vec::new()),
+            deadletters: Mutex::new(VecDeque::new()),
+            metrics: BusMetrics::new(metrics),
+            cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        };
+        Bus { inner: Arc::new(inner) }
+    }
+
+    pub fn source(&self) -> &str {
+        &self.inner.source
+    }
+
+    /// Adds a middleware after those already added.
+    pub fn add_middleware(&self, m: Arc<dyn Middleware>) {
+        write(&self.inner.middleware).push(m);
+    }
+
+    /// Subscribes; the subscription lasts as long as the returned handle.
+    pub fn subscribe(&self, spec: SubscriptionSpec) -> Result<Subscription, SubscribeError> {
+        let id = self.subscribe_detached(spec)?;
+        Ok(Subscription { id, bus: Arc::downgrade(&self.inner) })
+    }
+
+    /// Subscribes until [`Bus::unsubscribe`].
+    pub fn subscribe_detached(&self, spec: SubscriptionSpec) -> Result<SubId, SubscribeError> {
+        let inner = &self.inner;
+        if inner.cancel.is_cancelled() {
+            return Err(SubscribeError::ShuttingDown);
+        }
+        let default_len = inner.cfg.subscriber_queue_len_max;
+        let max = default_len * QUEUE_LEN_FACTOR_MAX;
+        let queue_len_max = spec.queue_len_max.unwrap_or(default_len);
+        if !(1..=max).contains(&queue_len_max) {
+            return Err(SubscribeError::QueueLen { len: queue_len_max, max });
+        }
+        let breaker = match &spec.dispatch {
+            Dispatch::Webhook(w) => {
+                w.validate().map_err(SubscribeError::Dispatch)?;
+                Some(self.breaker_for(&w.url))
+            }
+            _ => None,
+        };
+        let mut subs = write(&inner.subs);
+        if subs.len() >= inner.cfg.subscriptions_max {
+            return Err(SubscribeError::TooMany(subs.len()));
+        }
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut route = RouteSpec::new(spec.pattern.clone(), id).priority(spec.priority);
+        route.predicate = spec.predicate;
+        let route = write(&inner.router).add(route)?;
+        let sub = Arc::new(Sub {
+            id,
+            pattern: spec.pattern,
+            dispatch: spec.dispatch,
+            priority: spec.priority,
+            overflow: spec.overflow,
+            queue_len_max,
+            route,
+            breaker,
+            queue: Mutex::new(VecDeque::new()),
+            notify: Notify::new(),
+            closed: AtomicBool::new(false),
+            counts: SubCounts::default(),
+        });
+        subs.insert(id, sub.clone());
+        inner.metrics.subscriptions.get_or_create(&vec![]).set(subs.len() as i64);
+        drop(subs);
+        inner.tasks.spawn(worker(self.inner.clone(), sub));
+        Ok(id)
+    }
+
+    fn breaker_for(&self, url: &str) -> Arc<Mutex<Breaker>> {
+        lock(&self.inner.breakers)
+            .entry(url.to_string())
+            .or_insert_with(|| Arc::new(Mutex::new(Breaker::new())))
+            .clone()
+    }
+
+    /// Ends a subscription; signals still queued for it are dropped (counted). False if unknown.
+    pub fn unsubscribe(&self, id: SubId) -> bool {
+        let inner = &self.inner;
+        let Some(sub) = write(&inner.subs).remove(&id) else { return false };
+        write(&inner.router).remove(sub.route);
+        sub.closed.store(true, Ordering::Release);
+        sub.notify.notify_one();
+        let dropped = std::mem::take(&mut *sub.lock_queue()).len() as u64;
+        sub.counts.dropped.fetch_add(dropped, Ordering::Relaxed);
+        inner.metrics.subscriptions.get_or_create(&vec![]).set(read(&inner.subs).len() as i64);
+        if let Dispatch::Webhook(w) = &sub.dispatch {
+            // Forget the URL's breaker once no subscription uses it (the map stays bounded).
+            let subs = read(&inner.subs);
+            let in_use = subs.values().any(|s| matches!(&s.dispatch, Dispatch::Webhook(x) if x.url == w.url));
+            if !in_use {
+                lock(&inner.breakers).remove(&w.url);
+            }
+        }
+        true
+    }
+
+    /// Publishes one signal; see [`Bus::publish_all`].
+    pub async fn publish(&self, signal: Signal) -> Result<Published, PublishError> {
+        let inner = &self.inner;
+        if inner.cancel.is_cancelled() {
+            return Err(PublishError::ShuttingDown);
+        }
+        let signal = self.prepare(signal).inspect_err(|e| self.count_rejected(e))?;
+        let middleware = read(&inner.middleware).clone();
+        for m in middleware {
+            let verdict = budgeted(inner, "before_publish", m.before_publish(&signal)).await;
+            if let Some(reason) = verdict.rejection() {
+                let e = PublishError::Rejected { middleware: m.name().to_string(), reason };
+                self.count_rejected(&e);
+                return Err(e);
+            }
+        }
+        inner.journal.record(&signal);
+        let signal = Arc::new(signal);
+        let targets: Vec<Arc<Sub>> = {
+            let router = read(&inner.router);
+            let subs = read(&inner.subs);
+            match router.route(&signal.ty, &signal) {
+                Ok(ids) => ids.into_iter().filter_map(|id| subs.get(id).cloned()).collect(),
+                Err(_) => Vec::new(),
+            }
+        };
+        if targets.is_empty() {
+            inner.metrics.unrouted.get_or_create(&vec![]).inc();
+        }
+        let mut delivered = 0;
+        let mut full = None;
+        for sub in &targets {
+            if enqueue(inner, sub, &signal) {
+                delivered += 1;
+            } else {
+                full.get_or_insert(sub.id);
+            }
+        }
+        if let Some(subscription) = full {
+            let e = PublishError::QueueFull { subscription, delivered };
+            self.count_rejected(&e);
+            return Err(e);
+        }
+        inner.metrics.published.get_or_create(&vec![]).inc();
+        Ok(Published { id: signal.id.clone(), deliveries: delivered })
+    }
+
+    /// Publishes signals in order; one result per signal.
+    pub async fn publish_all(&self, signals: Vec<Signal>) -> Vec<Result<Published, PublishError>> {
+        let mut out = Vec::with_capacity(signals.len());
+        for s in signals {
+            out.push(self.publish(s).await);
+        }
+        out
+    }
+
+    /// Validates, and adds causality: the parent of the running handler, a trace.
+    fn prepare(&self, mut signal: Signal) -> Result<Signal, PublishError> {
+        signal.validate()?;
+        if signal.causation_id().is_none() {
+            if let Some(parent) = Context::current_parent() {
+                signal = signal.caused_by(&parent);
+            }
+        }
+        if signal.extension(TRACEPARENT).is_none() {
+            signal.extensions.insert(TRACEPARENT.into(), TraceParent::root().to_string());
+        }
+        Ok(signal)
+    }
+
+    fn count_rejected(&self, e: &PublishError) {
+        let reason = match e {
+            PublishError::Invalid(_) => "invalid",
+            PublishError::Rejected { .. } => "middleware",
+            PublishError::QueueFull { .. } => "queue_full",
+            PublishError::ShuttingDown => "shutting_down",
+        };
+        self.inner.metrics.rejected.get_or_create(&label("reason", reason)).inc();
+    }
+
+    pub fn subscriptions(&self) -> Vec<SubscriptionInfo> {
+        let mut list: Vec<SubscriptionInfo> = read(&self.inner.subs).values().map(|s| info_of(s)).collect();
+        list.sort_by_key(|s| s.id);
+        list
+    }
+
+    pub fn subscription(&self, id: SubId) -> Option<SubscriptionInfo> {
+        read(&self.inner.subs).get(&id).map(|s| info_of(s))
+    }
+
+    pub fn deadletters(&self) -> Vec<DeadLetter> {
+        lock(&self.inner.deadletters).iter().cloned().collect()
+    }
+
+    /// The causality chain from a signal this node published; `None` if the journal lacks it.
+    pub fn trace(&self, id: &str, direction: Direction) -> Option<Vec<TraceStep>> {
+        self.inner.journal.trace(id, direction)
+    }
+
+    /// Stops the workers (after their current delivery) and waits for them.
+    pub async fn shutdown(&self) {
+        self.inner.cancel.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+    }
+}
+
+fn info_of(s: &Sub) -> SubscriptionInfo {
+    SubscriptionInfo {
+        id: s.id,
+        pattern: s.pattern.clone(),
+        dispatch: s.dispatch.describe(),
+        priority: s.priority,
+        overflow: s.overflow,
+        queue_len_max: s.queue_len_max,
+        queued: s.lock_queue().len(),
+        delivered: s.counts.delivered.load(Ordering::Relaxed),
+        failed: s.counts.failed.load(Ordering::Relaxed),
+        dropped: s.counts.dropped.load(Ordering::Relaxed),
+        skipped: s.counts.skipped.load(Ordering::Relaxed),
+        breaker: s.breaker.as_ref().map(|b| lock(b).state_name().to_string()),
+    }
+}
+
+/// Appends to a subscriber's queue under its overflow policy; false if refused.
+fn enqueue(inner: &Inner, sub: &Sub, signal: &Arc<Signal>) -> bool {
+    let mut q = sub.lock_queue();
+    if q.len() >= sub.queue_len_max {
+        match sub.overflow {
+            Overflow::Reject => return false,
+            Overflow::DropOldest => {
+                q.pop_front();
+                sub.counts.dropped.fetch_add(1, Ordering::Relaxed);
+                inner.metrics.queue_dropped.get_or_create(&label("queue", "subscriber")).inc();
+            }
+        }
+    }
+    q.push_back(signal.clone());
+    drop(q);
+    sub.notify.notify_one();
+    true
+}
+
+impl Verdict {
+    fn rejection(self) -> Option<String> {
+        match self {
+            Verdict::Continue => None,
+            Verdict::Reject(reason) => Some(reason),
+        }
+    }
+}
+
+/// Runs a middleware call within the budget; over budget or a panic is a rejection.
+async fn budgeted(inner: &Inner, stage: &'static str, fut: BoxFuture<'_, Verdict>) -> Verdict {
+    let budget = Duration::from_millis(inner.cfg.middleware_budget_ms);
+    match tokio::time::timeout(budget, AssertUnwindSafe(fut).catch_unwind()).await {
+        Ok(Ok(v)) => v,
+        Ok(Err(_)) => {
+            inner.metrics.middleware_over_budget.get_or_create(&label("stage", stage)).inc();
+            Verdict::Reject("middleware panicked".into())
+        }
+        Err(_) => {
+            inner.metrics.middleware_over_budget.get_or_create(&label("stage", stage)).inc();
+            Verdict::Reject(format!("middleware exceeded its {}ms budget", budget.as_millis()))
+        }
+    }
+}
+
+/// A subscription's worker: takes its queue in order and delivers each signal.
+async fn worker(inner: Arc<Inner>, sub: Arc<Sub>) {
+    loop {
+        if sub.closed.load(Ordering::Acquire) || inner.cancel.is_cancelled() {
+            return;
+        }
+        let next = sub.lock_queue().pop_front();
+        let Some(signal) = next else {
+            tokio::select! {
+                _ = sub.notify.notified() => continue,
+                _ = inner.cancel.cancelled() => return,
+            }
+        };
+        deliver_one(&inner, &sub, signal).await;
+    }
+}
+
+async fn deliver_one(inner: &Inner, sub: &Sub, signal: Arc<Signal>) {
+    let middleware = read(&inner.middleware).clone();
+    for m in &middleware {
+        let verdict = budgeted(inner, "before_dispatch", m.before_dispatch(&signal, sub.target())).await;
+        if verdict.rejection().is_some() {
+            sub.counts.skipped.fetch_add(1, Ordering::Relaxed);
+            inner.metrics.deliveries.get_or_create(&outcome_labels(sub, "skipped")).inc();
+            return;
+        }
+    }
+    let outcome = match &sub.dispatch {
+        Dispatch::Log => {
+            info!(subscription = sub.id, id = %signal.id, ty = %signal.ty, source = %signal.source, "signal");
+            Outcome::Delivered { attempts: 1 }
+        }
+        Dispatch::Channel(tx) => tokio::select! {
+            res = tx.send(signal.clone()) => match res {
+                Ok(()) => Outcome::Delivered { attempts: 1 },
+                Err(_) => Outcome::Failed { attempts: 1, reason: "channel closed".into() },
+            },
+            _ = inner.cancel.cancelled() => Outcome::Failed { attempts: 0, reason: "node shutting down".into() },
+        },
+        Dispatch::Function(f) => {
+            let ctx = Context { source: inner.source.clone(), parent: Some(signal.clone()) };
+            let call = AssertUnwindSafe(ctx.scope(f(signal.clone()))).catch_unwind();
+            match call.await {
+                Ok(Ok(())) => Outcome::Delivered { attempts: 1 },
+                Ok(Err(reason)) => Outcome::Failed { attempts: 1, reason },
+                Err(_) => Outcome::Failed { attempts: 1, reason: "handler panicked".into() },
+            }
+        }
+        Dispatch::Webhook(w) => {
+            let breaker = sub.breaker.as_ref().expect("webhook subscriptions have a breaker");
+            webhook::deliver(inner, w, breaker, &signal).await
+        }
+    };
+    match &outcome {
+        Outcome::Delivered { .. } => {
+            sub.counts.delivered.fetch_add(1, Ordering::Relaxed);
+            inner.metrics.deliveries.get_or_create(&outcome_labels(sub, "delivered")).inc();
+        }
+        Outcome::Failed { attempts, reason } => {
+            sub.counts.failed.fetch_add(1, Ordering::Relaxed);
+            inner.metrics.deliveries.get_or_create(&outcome_labels(sub, "failed")).inc();
+            dead_letter(inner, sub, &signal, reason, *attempts);
+        }
+    }
+    for m in &middleware {
+        let budget = Duration::from_millis(inner.cfg.middleware_budget_ms);
+        let call = AssertUnwindSafe(m.after_dispatch(&signal, sub.target(), &outcome)).catch_unwind();
+        if !matches!(tokio::time::timeout(budget, call).await, Ok(Ok(()))) {
+            inner.metrics.middleware_over_budget.get_or_create(&label("stage", "after_dispatch")).inc();
+        }
+    }
+}
+
+fn outcome_labels(sub: &Sub, outcome: &str) -> crate::metrics::Labels {
+    vec![("adapter", sub.dispatch.kind().to_string()), ("outcome", outcome.to_string())]
+}
+
+fn dead_letter(inner: &Inner, sub: &Sub, signal: &Signal, reason: &str, attempts: u32) {
+    warn!(subscription = sub.id, id = %signal.id, reason, attempts, "delivery failed; dead-lettered");
+    inner.metrics.deadletters.get_or_create(&vec![]).inc();
+    let letter = DeadLetter {
+        subscription: sub.id,
+        dispatch: sub.dispatch.describe(),
+        reason: reason.to_string(),
+        attempts,
+        time: crate::signal::now().with_timezone(&chrono::Utc).to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        signal: crate::signal::codec::to_json(signal),
+    };
+    let mut list = lock(&inner.deadletters);
+    if list.len() >= inner.cfg.deadletters_len_max {
+        list.pop_front();
+        inner.metrics.queue_dropped.get_or_create(&label("queue", "deadletters")).inc();
+    }
+    list.push_back(letter);
+}
+
+#[cfg(test)]
+mod tests;

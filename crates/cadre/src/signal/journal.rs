@@ -1,0 +1,156 @@
+//! A bounded node-local journal of published signals and their causes.
+//!
+//! Each published signal is recorded once (by id) with its `causationid`. A trace walks the
+//! chain backward (a signal, its cause, the cause's cause, ...) or forward (the signal and the
+//! signals it caused, breadth first), at most [`TRACE_STEPS_MAX`] steps.
+//!
+//! Memory is bounded by `len_max` entries; the oldest is forgotten first. Because entries leave in
+//! the order they came, and a parent's children are appended in that same order, a forgotten
+//! entry is always the first child of its parent: eviction costs O(1).
+//!
+//! Caveats: a child recorded before its parent (possible once signals cross nodes) is not linked
+//! forward from the parent; causation ids are untrusted input, so walks stop at cycles.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use super::Signal;
+
+/// Most steps a trace returns.
+pub const TRACE_STEPS_MAX: usize = 100;
+
+/// One signal in a trace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceStep {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub ty: String,
+    pub source: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub causationid: Option<String>,
+    /// Distance from the signal the trace started at.
+    pub depth: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Backward,
+    Forward,
+}
+
+struct Entry {
+    step: TraceStep,
+    children: VecDeque<Arc<str>>,
+}
+
+struct Inner {
+    order: VecDeque<Arc<str>>,
+    entries: HashMap<Arc<str>, Entry>,
+}
+
+pub struct Journal {
+    len_max: usize,
+    inner: Mutex<Inner>,
+}
+
+impl Journal {
+    pub fn new(len_max: usize) -> Journal {
+        assert!(len_max > 0, "a journal needs room for one entry");
+        Journal { len_max, inner: Mutex::new(Inner { order: VecDeque::new(), entries: HashMap::new() }) }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a signal; a second signal with the same id is ignored.
+    pub fn record(&self, s: &Signal) {
+        let mut inner = self.lock();
+        if inner.entries.contains_key(s.id.as_str()) {
+            return;
+        }
+        if inner.order.len() == self.len_max {
+            inner.evict_oldest();
+        }
+        let id: Arc<str> = s.id.as_str().into();
+        let cause = s.causation_id().map(str::to_string);
+        if let Some(parent) = cause.as_deref().and_then(|c| inner.entries.get_mut(c)) {
+            parent.children.push_back(id.clone());
+        }
+        let step = TraceStep {
+            id: s.id.clone(),
+            ty: s.ty.clone(),
+            source: s.source.clone(),
+            time: s.time_rfc3339(),
+            causationid: cause,
+            depth: 0,
+        };
+        inner.order.push_back(id.clone());
+        inner.entries.insert(id, Entry { step, children: VecDeque::new() });
+    }
+
+    /// The chain from `id` in `direction`, starting with `id` itself; `None` if `id` is unknown.
+    pub fn trace(&self, id: &str, direction: Direction) -> Option<Vec<TraceStep>> {
+        let inner = self.lock();
+        let start = inner.entries.get(id)?;
+        let mut out = vec![start.step.clone()];
+        let mut seen: HashSet<&str> = HashSet::from([id]);
+        match direction {
+            Direction::Backward => {
+                let mut cur = start;
+                while out.len() < TRACE_STEPS_MAX {
+                    let Some(parent) = cur.step.causationid.as_deref() else { break };
+                    let Some(p) = inner.entries.get(parent) else { break };
+                    if !seen.insert(parent) {
+                        break;
+                    }
+                    out.push(TraceStep { depth: out.len(), ..p.step.clone() });
+                    cur = p;
+                }
+            }
+            Direction::Forward => {
+                let mut queue: VecDeque<(&Entry, usize)> = VecDeque::from([(start, 0)]);
+                'walk: while let Some((e, depth)) = queue.pop_front() {
+                    for child in &e.children {
+                        let Some(c) = inner.entries.get(child) else { continue };
+                        if !seen.insert(child) {
+                            continue;
+                        }
+                        if out.len() == TRACE_STEPS_MAX {
+                            break 'walk;
+                        }
+                        out.push(TraceStep { depth: depth + 1, ..c.step.clone() });
+                        queue.push_back((c, depth + 1));
+                    }
+                }
+            }
+        }
+        Some(out)
+    }
+}
+
+impl Inner {
+    fn evict_oldest(&mut self) {
+        let Some(old) = self.order.pop_front() else { return };
+        let entry = self.entries.remove(&old).expect("every id in the order has an entry");
+        if let Some(parent) = entry.step.causationid.as_deref().and_then(|c| self.entries.get_mut(c)) {
+            // Entries leave in arrival order, and children were appended in arrival order.
+            if parent.children.front() == Some(&old) {
+                parent.children.pop_front();
+            }
+        }
+    }
+}
