@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use cadre::config::{Config, Secret};
-use cadre::node::{Node, NodeOptions};
+use cadre::node::{Node, NodeError, NodeOptions};
 use clap::{Args, Parser, Subcommand};
 
 /// Exit code for bad usage or configuration (missing secret, invalid config).
@@ -40,6 +40,8 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         nodes: usize,
     },
+    /// Send one signal (structured mode) to a node's `POST /v1/signals`; prints the accepted id.
+    Send(SendArgs),
     /// Routing tables.
     Routes {
         #[command(subcommand)]
@@ -84,6 +86,27 @@ enum BenchCmd {
 }
 
 #[derive(Args)]
+struct SendArgs {
+    /// HTTP address of a node.
+    #[arg(long, default_value = "127.0.0.1:8101", env = "CADRE_HTTP")]
+    http: String,
+    /// Signal type, e.g. `order.placed`.
+    #[arg(long = "type")]
+    ty: String,
+    /// Signal source (a URI reference).
+    #[arg(long, default_value = "cadre-cli")]
+    source: String,
+    #[arg(long)]
+    subject: Option<String>,
+    /// JSON data.
+    #[arg(long)]
+    data: Option<String>,
+    /// Signal id; default a fresh UUIDv7.
+    #[arg(long)]
+    id: Option<String>,
+}
+
+#[derive(Args)]
 struct NodeArgs {
     /// Node name, unique in the cluster.
     #[arg(long, env = "CADRE_NAME")]
@@ -112,6 +135,10 @@ struct NodeArgs {
     /// File holding the shared secret (alternative: CADRE_SECRET).
     #[arg(long, env = "CADRE_SECRET_FILE")]
     secret_file: Option<PathBuf>,
+    /// Routing table (JSON, or TOML by extension) whose targets are dispatch configurations,
+    /// subscribed at start.
+    #[arg(long, env = "CADRE_ROUTES")]
+    routes: Option<PathBuf>,
 }
 
 fn resolve(addr: &str) -> Result<SocketAddr> {
@@ -176,8 +203,14 @@ fn init_logging(default: &str) {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
-async fn run_node(cfg: Config) -> Result<()> {
-    let node = Node::start(cfg, NodeOptions::default()).await?;
+fn read_table(file: &std::path::Path) -> Result<cadre::router::table::Table> {
+    use cadre::router::table::{Format, Table};
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    Table::parse(&text, Format::from_path(file)).with_context(|| format!("routes file {}", file.display()))
+}
+
+async fn run_node(cfg: Config, routes: Option<cadre::router::table::Table>) -> Result<()> {
+    let node = Node::start(cfg, NodeOptions { routes, ..NodeOptions::default() }).await?;
     wait_for_shutdown_signal().await?;
     node.shutdown().await;
     Ok(())
@@ -201,10 +234,33 @@ async fn status(http: &str) -> Result<()> {
     Ok(())
 }
 
+async fn send(args: SendArgs) -> Result<()> {
+    use cadre::signal::{codec, new_id, now, Signal};
+    let addr = resolve(&args.http)?;
+    let mut s = Signal::bare(args.id.unwrap_or_else(new_id), args.source, args.ty);
+    s.subject = args.subject;
+    s.time = Some(now());
+    if let Some(text) = args.data {
+        let v: serde_json::Value = serde_json::from_str(&text).context("--data is not JSON")?;
+        s.datacontenttype = Some("application/json".into());
+        s.data = Some(cadre::signal::Data::Json(v));
+    }
+    s.validate()?;
+    let body = bytes::Bytes::from(codec::encode_structured(&s));
+    let (status, body) =
+        cadre::api::client::post(addr, "/v1/signals", codec::CONTENT_TYPE_STRUCTURED, body, Duration::from_secs(10))
+            .await?;
+    let text = String::from_utf8_lossy(&body);
+    if status != 202 {
+        bail!("the node answered {status}: {text}");
+    }
+    println!("{text}");
+    Ok(())
+}
+
 fn routes_check(file: &std::path::Path) -> Result<()> {
-    use cadre::router::table::{self, Format, Table};
-    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let t = Table::parse(&text, Format::from_path(file))?;
+    use cadre::router::table;
+    let t = read_table(file)?;
     for line in table::check(&t)? {
         println!("{}", serde_json::to_string(&line)?);
     }
@@ -217,15 +273,23 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Node(args) => {
             init_logging("info");
-            let cfg = match node_config(&args) {
-                Ok(cfg) => cfg,
-                Err(e) => {
+            let routes = args.routes.as_deref().map(read_table).transpose();
+            let (cfg, routes) = match (node_config(&args), routes) {
+                (Ok(cfg), Ok(routes)) => (cfg, routes),
+                (Err(e), _) | (_, Err(e)) => {
                     eprintln!("error: {e:#}");
                     return ExitCode::from(EXIT_USAGE);
                 }
             };
-            rt.block_on(run_node(cfg))
+            match rt.block_on(run_node(cfg, routes)) {
+                Err(e) if matches!(e.downcast_ref(), Some(NodeError::Routes(_) | NodeError::Config(_))) => {
+                    eprintln!("error: {e:#}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+                other => other,
+            }
         }
+        Cmd::Send(args) => rt.block_on(send(args)),
         Cmd::Status { http } => rt.block_on(status(&http)),
         Cmd::Routes { which: RoutesCmd::Check { file } } => match routes_check(&file) {
             Ok(()) => Ok(()),

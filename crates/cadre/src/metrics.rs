@@ -37,6 +37,20 @@ impl Metrics {
         family
     }
 
+    /// Registers one counter without labels.
+    pub fn counter(&self, name: &str, help: &str) -> Counter {
+        let c = Counter::default();
+        self.lock().register(name, help, c.clone());
+        c
+    }
+
+    /// Registers one integer gauge without labels.
+    pub fn gauge(&self, name: &str, help: &str) -> Gauge {
+        let g = Gauge::default();
+        self.lock().register(name, help, g.clone());
+        g
+    }
+
     /// Registers a family of integer gauges under `name`.
     pub fn gauges(&self, name: &str, help: &str) -> GaugeFamily {
         let family = GaugeFamily::default();

@@ -4,7 +4,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
+pub use hyper::Method;
 use hyper_util::rt::TokioIo;
 
 use super::MembersJson;
@@ -28,19 +29,51 @@ pub enum ClientError {
 
 /// `GET path` on `addr`; returns the status code and body.
 pub async fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16, Bytes), ClientError> {
-    tokio::time::timeout(timeout, get_inner(addr, path)).await.map_err(|_| ClientError::Timeout(addr))?
+    request(addr, Method::GET, path, &[], Bytes::new(), timeout).await
 }
 
-async fn get_inner(addr: SocketAddr, path: &str) -> Result<(u16, Bytes), ClientError> {
+/// `POST path` with a body of `content_type`; returns the status code and body.
+pub async fn post(
+    addr: SocketAddr,
+    path: &str,
+    content_type: &str,
+    body: Bytes,
+    timeout: Duration,
+) -> Result<(u16, Bytes), ClientError> {
+    request(addr, Method::POST, path, &[("content-type", content_type)], body, timeout).await
+}
+
+/// One request on a new connection; returns the status code and body.
+pub async fn request(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+    timeout: Duration,
+) -> Result<(u16, Bytes), ClientError> {
+    tokio::time::timeout(timeout, request_inner(addr, method, path, headers, body))
+        .await
+        .map_err(|_| ClientError::Timeout(addr))?
+}
+
+async fn request_inner(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Result<(u16, Bytes), ClientError> {
     let stream = tokio::net::TcpStream::connect(addr).await.map_err(|source| ClientError::Connect { addr, source })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| ClientError::Http(e.to_string()))?;
     let conn = tokio::spawn(conn);
-    let req = hyper::Request::get(path)
-        .header(hyper::header::HOST, addr.to_string())
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| ClientError::Http(e.to_string()))?;
+    let mut req = hyper::Request::builder().method(method).uri(path).header(hyper::header::HOST, addr.to_string());
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let req = req.body(Full::new(body)).map_err(|e| ClientError::Http(e.to_string()))?;
     let res = sender.send_request(req).await.map_err(|e| ClientError::Http(e.to_string()))?;
     let status = res.status().as_u16();
     let body = http_body_util::Limited::new(res.into_body(), BODY_LEN_MAX_BYTES)

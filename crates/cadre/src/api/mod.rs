@@ -5,11 +5,13 @@
 //! - `GET /healthz`: 200 while the node runs
 //! - `GET /readyz`: 200 once the node has joined a cluster (or formed one alone), else 503
 //! - `GET /metrics`: Prometheus text
+//! - signals, subscriptions, dead letters and traces: see [`signals`]
 //!
 //! Connections are limited by `API_CONNECTIONS_MAX` (more wait in the kernel's accept backlog) and
 //! requests in flight by `API_REQUESTS_IN_FLIGHT_MAX` (more wait for a slot).
 
 pub mod client;
+pub mod signals;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -47,6 +49,8 @@ pub struct ApiState {
     pub membership: Membership,
     pub transport: Transport,
     pub metrics: Metrics,
+    pub bus: crate::bus::Bus,
+    pub ingress_body_bytes_max: usize,
 }
 
 /// One member as shown by `GET /v1/cluster/members`.
@@ -79,6 +83,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/v1/signals", axum::routing::post(signals::post_signals))
+        .route("/v1/signals/{id}/trace", get(signals::trace))
+        .route("/v1/subscriptions", get(signals::list_subscriptions).post(signals::post_subscription))
+        .route("/v1/subscriptions/{id}", axum::routing::delete(signals::delete_subscription))
+        .route("/v1/deadletters", get(signals::deadletters))
         .layer(tower::limit::ConcurrencyLimitLayer::new(API_REQUESTS_IN_FLIGHT_MAX))
         .with_state(state)
 }

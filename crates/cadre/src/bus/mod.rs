@@ -45,10 +45,12 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::SignalsConfig;
-use crate::metrics::{label, CounterFamily, GaugeFamily, Metrics};
+use crate::metrics::{label, CounterFamily, Metrics};
+use crate::router::table::{self, Table, TableError};
 use crate::router::{Predicate, RouteError, RouteId, RouteSpec, Router};
 use crate::signal::journal::{Direction, Journal, TraceStep};
 use crate::signal::{Context, Signal, SignalError, TraceParent, TRACEPARENT};
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use webhook::{Breaker, WebhookSpec};
 
 /// Identifies a subscription on its node.
@@ -215,6 +217,15 @@ pub enum SubscribeError {
     ShuttingDown,
 }
 
+/// Why a routes table cannot be subscribed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RoutesError {
+    #[error(transparent)]
+    Table(#[from] TableError),
+    #[error("route #{index} ({path}): {reason}")]
+    Target { index: usize, path: String, reason: String },
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PublishError {
     #[error("invalid signal: {0}")]
@@ -341,31 +352,31 @@ impl Sub {
 }
 
 struct BusMetrics {
-    published: CounterFamily,
+    published: Counter,
     rejected: CounterFamily,
-    unrouted: CounterFamily,
+    unrouted: Counter,
     deliveries: CounterFamily,
     queue_dropped: CounterFamily,
-    deadletters: CounterFamily,
+    deadletters: Counter,
     middleware_over_budget: CounterFamily,
-    subscriptions: GaugeFamily,
+    subscriptions: Gauge,
     webhook_attempts: CounterFamily,
-    breaker_opened: CounterFamily,
+    breaker_opened: Counter,
 }
 
 impl BusMetrics {
     fn new(m: &Metrics) -> Self {
         Self {
-            published: m.counters("signals_published", "Signals accepted by the bus"),
+            published: m.counter("signals_published", "Signals accepted by the bus"),
             rejected: m.counters("signals_rejected", "Signals refused at publish, by reason"),
-            unrouted: m.counters("signals_unrouted", "Published signals no subscription matched"),
+            unrouted: m.counter("signals_unrouted", "Published signals no subscription matched"),
             deliveries: m.counters("deliveries", "Deliveries to subscribers, by adapter and outcome"),
             queue_dropped: m.counters("queue_dropped", "Entries dropped from full drop-oldest queues, by queue"),
-            deadletters: m.counters("deadletters", "Deliveries given up and dead-lettered"),
+            deadletters: m.counter("deadletters", "Deliveries given up and dead-lettered"),
             middleware_over_budget: m.counters("middleware_over_budget", "Middleware calls over budget or panicking"),
-            subscriptions: m.gauges("subscriptions", "Subscriptions on this node"),
+            subscriptions: m.gauge("subscriptions", "Subscriptions on this node"),
             webhook_attempts: m.counters("webhook_attempts", "Webhook requests, by outcome"),
-            breaker_opened: m.counters("breaker_opened", "Times a webhook breaker opened"),
+            breaker_opened: m.counter("breaker_opened", "Times a webhook breaker opened"),
         }
     }
 }
@@ -509,7 +520,7 @@ impl Bus {
             counts: SubCounts::default(),
         });
         subs.insert(id, sub.clone());
-        inner.metrics.subscriptions.get_or_create(&vec![]).set(subs.len() as i64);
+        inner.metrics.subscriptions.set(subs.len() as i64);
         drop(subs);
         inner.tasks.spawn(worker(self.inner.clone(), sub));
         Ok(id)
@@ -522,6 +533,45 @@ impl Bus {
             .clone()
     }
 
+    /// Subscribes every target of a routes table (a node's `--routes` file): each target must be
+    /// a dispatch object. All or nothing: on an error no subscription is left behind.
+    pub fn subscribe_table(&self, table: &Table) -> Result<Vec<SubId>, RoutesError> {
+        table.router::<()>()?;
+        let mut specs = Vec::new();
+        for (index, r) in table.routes.iter().enumerate() {
+            let err = |reason: String| RoutesError::Target { index, path: r.path.clone(), reason };
+            for t in r.target.to_vec() {
+                let dispatch: DispatchSpec = match t {
+                    table::Target::Object(m) => serde_json::from_value(serde_json::Value::Object(m))
+                        .map_err(|e| err(format!("not a dispatch configuration: {e}")))?,
+                    table::Target::Name(n) => {
+                        return Err(err(format!(
+                            "\"{n}\" is a name; a node needs a dispatch such as {{\"log\":{{}}}}"
+                        )));
+                    }
+                };
+                if let DispatchSpec::Webhook(w) = &dispatch {
+                    w.validate().map_err(err)?;
+                }
+                specs.push((index, SubscriptionSpec::new(r.path.clone(), dispatch.into()).priority(r.priority)));
+            }
+        }
+        let mut ids = Vec::new();
+        for (index, spec) in specs {
+            let path = spec.pattern.clone();
+            match self.subscribe_detached(spec) {
+                Ok(id) => ids.push(id),
+                Err(e) => {
+                    for id in ids {
+                        self.unsubscribe(id);
+                    }
+                    return Err(RoutesError::Target { index, path, reason: e.to_string() });
+                }
+            }
+        }
+        Ok(ids)
+    }
+
     /// Ends a subscription; signals still queued for it are dropped (counted). False if unknown.
     pub fn unsubscribe(&self, id: SubId) -> bool {
         let inner = &self.inner;
@@ -531,7 +581,7 @@ impl Bus {
         sub.notify.notify_one();
         let dropped = std::mem::take(&mut *sub.lock_queue()).len() as u64;
         sub.counts.dropped.fetch_add(dropped, Ordering::Relaxed);
-        inner.metrics.subscriptions.get_or_create(&vec![]).set(read(&inner.subs).len() as i64);
+        inner.metrics.subscriptions.set(read(&inner.subs).len() as i64);
         if let Dispatch::Webhook(w) = &sub.dispatch {
             // Forget the URL's breaker once no subscription uses it (the map stays bounded).
             let subs = read(&inner.subs);
@@ -570,7 +620,7 @@ impl Bus {
             }
         };
         if targets.is_empty() {
-            inner.metrics.unrouted.get_or_create(&vec![]).inc();
+            inner.metrics.unrouted.inc();
         }
         let mut delivered = 0;
         let mut full = None;
@@ -586,7 +636,7 @@ impl Bus {
             self.count_rejected(&e);
             return Err(e);
         }
-        inner.metrics.published.get_or_create(&vec![]).inc();
+        inner.metrics.published.inc();
         Ok(Published { id: signal.id.clone(), deliveries: delivered })
     }
 
@@ -611,6 +661,11 @@ impl Bus {
             signal.extensions.insert(TRACEPARENT.into(), TraceParent::root().to_string());
         }
         Ok(signal)
+    }
+
+    /// Counts a signal refused as invalid before it reached the bus (at decoding).
+    pub fn count_invalid(&self) {
+        self.inner.metrics.rejected.get_or_create(&label("reason", "invalid")).inc();
     }
 
     fn count_rejected(&self, e: &PublishError) {
@@ -790,7 +845,7 @@ fn outcome_labels(sub: &Sub, outcome: &str) -> crate::metrics::Labels {
 
 fn dead_letter(inner: &Inner, sub: &Sub, signal: &Signal, reason: &str, attempts: u32) {
     warn!(subscription = sub.id, id = %signal.id, reason, attempts, "delivery failed; dead-lettered");
-    inner.metrics.deadletters.get_or_create(&vec![]).inc();
+    inner.metrics.deadletters.inc();
     let letter = DeadLetter {
         subscription: sub.id,
         dispatch: sub.dispatch.describe(),

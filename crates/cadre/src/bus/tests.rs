@@ -260,3 +260,27 @@ async fn failing_and_panicking_handlers_are_dead_lettered() {
     assert!(reasons.contains(&"nope".to_string()) && reasons.contains(&"handler panicked".to_string()), "{reasons:?}");
     bus.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_routes_table_subscribes_its_dispatch_targets_all_or_nothing() {
+    use crate::router::table::{Format, Table};
+    let bus = bus();
+    let ok = r#"{"routes":[{"path":"user.**","target":[{"log":{}},{"webhook":{"url":"http://127.0.0.1:9/h"}}],"priority":5}]}"#;
+    let ids = bus.subscribe_table(&Table::parse(ok, Format::Json).unwrap()).unwrap();
+    assert_eq!(ids.len(), 2);
+    let subs = bus.subscriptions();
+    assert_eq!(subs[0].dispatch, serde_json::json!({"log": {}}));
+    assert_eq!(subs[1].priority, 5);
+    assert_eq!(subs[1].breaker.as_deref(), Some("closed"));
+    for id in ids {
+        bus.unsubscribe(id);
+    }
+    let named = r#"{"routes":[{"path":"a","target":{"log":{}}},{"path":"b","target":"audit"}]}"#;
+    let e = bus.subscribe_table(&Table::parse(named, Format::Json).unwrap()).unwrap_err();
+    assert!(matches!(e, RoutesError::Target { index: 1, .. }), "{e}");
+    assert!(e.to_string().contains("audit"), "{e}");
+    let bad = r#"{"routes":[{"path":"a","target":{"webhook":{"url":"https://x"}}}]}"#;
+    assert!(bus.subscribe_table(&Table::parse(bad, Format::Json).unwrap()).is_err());
+    assert!(bus.subscriptions().is_empty(), "nothing left behind");
+    bus.shutdown().await;
+}

@@ -216,7 +216,17 @@ pub(crate) async fn deliver(inner: &Inner, spec: &WebhookSpec, breaker: &Mutex<B
             continue;
         }
         attempts += 1;
-        let result = attempt(inner, spec, body.clone()).await;
+        let result = tokio::select! {
+            r = attempt(inner, spec, body.clone()) => r,
+            _ = inner.cancel.cancelled() => {
+                // The trial (if it was one) never finished: let the next one through.
+                let mut b = lock(breaker);
+                if matches!(*b, Breaker::HalfOpen) {
+                    *b = Breaker::Open { until: Instant::now() };
+                }
+                return Outcome::Failed { attempts, reason: "node shutting down during a request".into() };
+            }
+        };
         let now = Instant::now();
         match result {
             Attempt::Ok => {
@@ -234,7 +244,7 @@ pub(crate) async fn deliver(inner: &Inner, spec: &WebhookSpec, breaker: &Mutex<B
                 inner.metrics.webhook_attempts.get_or_create(&label("outcome", "failed")).inc();
                 let cooldown = Duration::from_millis(cfg.breaker_cooldown_ms);
                 if lock(breaker).failure(now, cfg.breaker_failures_max, cooldown) {
-                    inner.metrics.breaker_opened.get_or_create(&vec![]).inc();
+                    inner.metrics.breaker_opened.inc();
                     tracing::warn!(url = %spec.url, "webhook circuit breaker opened");
                 }
                 last = reason;

@@ -19,11 +19,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::bus::{Bus, RoutesError};
 use crate::config::{Config, ConfigError};
 use crate::membership::task::{self as membership_task, Input, Membership, View};
 use crate::membership::{Core, NodeMeta};
 use crate::metrics::Metrics;
 use crate::net::{AskError, Handler, Network, PeerInfo, SendError, Transport, TransportConfig};
+use crate::router::table::Table;
 use crate::wire::{Lane, Msg, OutMsg};
 
 /// Time allowed for queued messages (the leave notices among them) to drain at shutdown.
@@ -39,6 +41,8 @@ pub enum NodeError {
     Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("data dir {path}: {source}")]
     DataDir { path: String, source: std::io::Error },
+    #[error("routes: {0}")]
+    Routes(#[from] RoutesError),
 }
 
 /// Receives application messages on the data lane. Called on transport reader tasks: must not block.
@@ -92,6 +96,7 @@ pub struct Node {
     transport: Transport,
     membership: Membership,
     metrics: Metrics,
+    bus: Bus,
     http: Option<SocketAddr>,
     cancel: CancellationToken,
     tasks: TaskTracker,
@@ -101,11 +106,13 @@ pub struct Node {
 pub struct NodeOptions {
     pub net: Arc<dyn Network>,
     pub data: Arc<dyn DataHandler>,
+    /// Routes to subscribe at start (`--routes FILE`); every target a dispatch configuration.
+    pub routes: Option<Table>,
 }
 
 impl Default for NodeOptions {
     fn default() -> Self {
-        Self { net: Arc::new(crate::net::TokioNet), data: Arc::new(Echo::default()) }
+        Self { net: Arc::new(crate::net::TokioNet), data: Arc::new(Echo::default()), routes: None }
     }
 }
 
@@ -118,6 +125,15 @@ impl Node {
         };
         let rng_seed = cfg.rng_seed.unwrap_or_else(rand::random);
         let metrics = Metrics::new();
+        let source = cfg.signal_source();
+        crate::signal::set_default_source(&source);
+        let bus = Bus::new(cfg.signals.clone(), &source, &metrics);
+        if let Some(table) = &opts.routes {
+            if let Err(e) = bus.subscribe_table(table) {
+                bus.shutdown().await;
+                return Err(e.into());
+            }
+        }
         let tcfg = TransportConfig {
             name: cfg.name.clone(),
             cluster: cfg.cluster.clone(),
@@ -175,11 +191,13 @@ impl Node {
                 membership: membership.clone(),
                 transport: transport.clone(),
                 metrics: metrics.clone(),
+                bus: bus.clone(),
+                ingress_body_bytes_max: cfg.signals.ingress_body_bytes_max,
             };
             tasks.spawn(crate::api::serve(listener, state, cancel.clone()));
         }
         info!(name = %cfg.name, addr = %transport.local().addr, http = ?http, incarnation, "node started");
-        Ok(Node { cfg, transport, membership, metrics, http, cancel, tasks })
+        Ok(Node { cfg, transport, membership, metrics, bus, http, cancel, tasks })
     }
 
     pub fn name(&self) -> &str {
@@ -205,6 +223,10 @@ impl Node {
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
+    /// The node-local signal bus.
+    pub fn bus(&self) -> &Bus {
+        &self.bus
+    }
 
     pub fn tell(&self, to: SocketAddr, payload: Bytes) -> Result<(), SendError> {
         self.transport.try_send(to, Lane::Data, Msg::Tell(payload))
@@ -218,6 +240,7 @@ impl Node {
     pub async fn shutdown(self) {
         self.membership.leave().await;
         self.transport.shutdown(Duration::from_millis(SHUTDOWN_FLUSH_MS)).await;
+        self.bus.shutdown().await;
         self.cancel.cancel();
         self.tasks.close();
         self.tasks.wait().await;
@@ -227,6 +250,7 @@ impl Node {
     /// Abrupt stop, as a crash: no leave, no flush.
     pub async fn kill(self) {
         self.cancel.cancel();
+        self.bus.shutdown().await;
         self.transport.abort().await;
         self.tasks.close();
         self.tasks.wait().await;

@@ -5,8 +5,11 @@
 //! {"routes":[{"path":"user.**","target":"audit","priority":10}], "signals":[{"type":"user.1.created"}]}
 //! ```
 //!
-//! `target` is a string or a list of strings; `priority` defaults to 0. An invalid table is refused
-//! as a whole with a [`TableError`] naming the route (position and path) and the reason.
+//! `target` is a string, a JSON object, or a list of these; `priority` defaults to 0. `cadre routes
+//! check` takes targets as opaque names; a node loading the file (`--routes`) needs objects that
+//! are dispatch configurations (`{"log":{}}`, `{"webhook":{"url":"http://..."}}`). An invalid
+//! table is refused as a whole with a [`TableError`] naming the route (position and path) and the
+//! reason.
 
 use serde::{Deserialize, Serialize};
 
@@ -17,11 +20,34 @@ pub const TABLE_LEN_MAX_BYTES: usize = 16 << 20;
 /// Most routes in one table.
 pub const TABLE_ROUTES_MAX: usize = 100_000;
 
+/// One target: a name, or an object (a dispatch configuration for a node).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Target {
+    Name(String),
+    Object(serde_json::Map<String, serde_json::Value>),
+}
+
+impl From<&str> for Target {
+    fn from(s: &str) -> Self {
+        Target::Name(s.to_string())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Targets {
-    One(String),
-    Many(Vec<String>),
+    One(Target),
+    Many(Vec<Target>),
+}
+
+impl Targets {
+    pub fn to_vec(&self) -> Vec<Target> {
+        match self {
+            Targets::One(t) => vec![t.clone()],
+            Targets::Many(ts) => ts.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,14 +120,11 @@ impl Table {
     }
 
     /// Builds a router with every route, or names the first invalid one.
-    pub fn router<S>(&self) -> Result<Router<String, S>, TableError> {
+    pub fn router<S>(&self) -> Result<Router<Target, S>, TableError> {
         let mut router = Router::new();
         for (index, r) in self.routes.iter().enumerate() {
-            let targets = match &r.target {
-                Targets::One(t) => vec![t.clone()],
-                Targets::Many(ts) => ts.clone(),
-            };
-            let spec = RouteSpec { path: r.path.clone(), targets, priority: r.priority, predicate: None };
+            let spec =
+                RouteSpec { path: r.path.clone(), targets: r.target.to_vec(), priority: r.priority, predicate: None };
             router.add(spec).map_err(|error| TableError::Route { index, error })?;
         }
         Ok(router)
@@ -115,7 +138,7 @@ pub enum CheckLine {
     Targets {
         #[serde(rename = "type")]
         ty: String,
-        targets: Vec<String>,
+        targets: Vec<Target>,
     },
     Error {
         #[serde(rename = "type")]
@@ -160,6 +183,9 @@ mod tests {
         let text = "[[routes]]\npath = \"a.*\"\ntarget = \"t\"\n[[signals]]\ntype = \"a.b\"\n";
         let lines = check(&Table::parse(text, Format::Toml).unwrap()).unwrap();
         assert_eq!(lines, [CheckLine::Targets { ty: "a.b".into(), targets: vec!["t".into()] }]);
+        let text = r#"{"routes":[{"path":"a","target":[{"log":{}},"n"]}],"signals":[{"type":"a"}]}"#;
+        let line = serde_json::to_string(&check(&Table::parse(text, Format::Json).unwrap()).unwrap()[0]).unwrap();
+        assert_eq!(line, r#"{"type":"a","targets":[{"log":{}},"n"]}"#);
     }
 
     #[test]

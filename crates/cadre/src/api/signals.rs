@@ -1,0 +1,224 @@
+//! Signal ingress, subscriptions, dead letters and traces over HTTP.
+//!
+//! - `POST /v1/signals`: a structured (`application/cloudevents+json`), batch
+//!   (`application/cloudevents-batch+json`) or binary-mode (`ce-specversion` header present) body,
+//!   published on the node's bus. `202 {"accepted":[ids]}` when every signal was taken.
+//!   Client mistakes are `application/problem+json`: `400` naming the attribute (and the batch
+//!   index), `413` for a body over `signals.ingress_body_bytes_max`, `415` for another content type.
+//!   A batch is validated as a whole before anything is published. When publishing refuses a
+//!   signal (middleware: `422`; a full subscriber queue or shutdown: `503` with `Retry-After`), the
+//!   problem lists what was accepted before it and what was refused.
+//! - `POST /v1/subscriptions` `{"pattern","dispatch":{"log":{}}|{"webhook":{"url","secret"}},
+//!   "priority"?,"overflow"?:"reject"|"drop_oldest","queue_len_max"?}` → `201 {"id"}`;
+//!   `GET /v1/subscriptions`; `DELETE /v1/subscriptions/{id}` → `204` or `404`.
+//! - `GET /v1/deadletters`: deliveries given up, oldest first.
+//! - `GET /v1/signals/{id}/trace?direction=backward|forward` (default backward): the causality
+//!   chain from the node's journal, at most 100 steps; `404` if the journal does not know the id.
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tracing::debug;
+
+use super::ApiState;
+use crate::bus::{PublishError, SubId, SubscriptionJson};
+use crate::signal::codec::{self, CONTENT_TYPE_BATCH, CONTENT_TYPE_STRUCTURED};
+use crate::signal::journal::Direction;
+use crate::signal::{Signal, SignalError};
+
+/// Largest `POST /v1/subscriptions` body.
+const SUBSCRIPTION_BODY_BYTES_MAX: usize = 64 * 1024;
+/// What a `503` asks the client to wait, in seconds.
+const RETRY_AFTER_S: &str = "1";
+
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// An RFC 9457 problem document.
+pub fn problem(status: StatusCode, kind: &str, detail: impl Into<String>, extra: serde_json::Value) -> Response {
+    let mut body = json!({
+        "type": format!("urn:cadre:problem:{kind}"),
+        "title": status.canonical_reason().unwrap_or("error"),
+        "status": status.as_u16(),
+        "detail": detail.into(),
+    });
+    if let (Some(b), serde_json::Value::Object(extra)) = (body.as_object_mut(), extra) {
+        b.extend(extra);
+    }
+    let mut res = (status, Json(body)).into_response();
+    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+    res
+}
+
+fn invalid_signal(s: &ApiState, e: &SignalError) -> Response {
+    s.bus.count_invalid();
+    let mut extra = json!({});
+    if let Some(a) = e.attribute() {
+        extra["attribute"] = a.into();
+    }
+    if let SignalError::InBatch { index, .. } = e {
+        extra["index"] = (*index).into();
+    }
+    debug!(error = %e, "invalid signal refused");
+    problem(StatusCode::BAD_REQUEST, "invalid-signal", e.to_string(), extra)
+}
+
+/// Reads a body up to `limit` bytes; a larger one is a 413 problem.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<bytes::Bytes, Response> {
+    let too_large = || {
+        problem(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload-too-large",
+            format!("the body exceeds {limit} bytes"),
+            json!({"limit_bytes": limit}),
+        )
+    };
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    use http_body_util::BodyExt;
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large()),
+        Err(e) => Err(problem(StatusCode::BAD_REQUEST, "bad-body", format!("cannot read the body: {e}"), json!({}))),
+    }
+}
+
+fn media_type(headers: &HeaderMap) -> Option<String> {
+    let ct = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    Some(ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+}
+
+/// Decodes a request in any of the three modes.
+fn decode(headers: &HeaderMap, body: &[u8]) -> Result<Result<Vec<Signal>, SignalError>, String> {
+    let media = media_type(headers);
+    match media.as_deref() {
+        Some(CONTENT_TYPE_STRUCTURED) => Ok(codec::decode_structured(body).map(|s| vec![s])),
+        Some(CONTENT_TYPE_BATCH) => Ok(codec::decode_batch(body)),
+        _ if codec::is_binary_mode(headers) => Ok(codec::decode_binary(headers, body).map(|s| vec![s])),
+        other => Err(format!(
+            "content type {:?} is not {CONTENT_TYPE_STRUCTURED} or {CONTENT_TYPE_BATCH}, and there is no ce-specversion header (binary mode)",
+            other.unwrap_or("(none)")
+        )),
+    }
+}
+
+pub async fn post_signals(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Response {
+    let body = match read_body(&headers, body, s.ingress_body_bytes_max).await {
+        Ok(b) => b,
+        Err(res) => return res,
+    };
+    let signals = match decode(&headers, &body) {
+        Err(detail) => {
+            return problem(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type", detail, json!({}));
+        }
+        Ok(Err(e)) => return invalid_signal(&s, &e),
+        Ok(Ok(signals)) => signals,
+    };
+    let mut accepted = Vec::with_capacity(signals.len());
+    let total = signals.len();
+    for signal in signals {
+        let id = signal.id.clone();
+        match s.bus.publish(signal).await {
+            Ok(p) => accepted.push(p.id),
+            Err(e) => return refused(&id, e, accepted, total),
+        }
+    }
+    (StatusCode::ACCEPTED, Json(json!({ "accepted": accepted }))).into_response()
+}
+
+fn refused(id: &str, e: PublishError, accepted: Vec<String>, total: usize) -> Response {
+    let (status, kind) = match &e {
+        PublishError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid-signal"),
+        PublishError::Rejected { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "rejected"),
+        PublishError::QueueFull { .. } => (StatusCode::SERVICE_UNAVAILABLE, "subscriber-queue-full"),
+        PublishError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting-down"),
+    };
+    let not_sent = total - accepted.len() - 1;
+    let extra = json!({"accepted": accepted, "refused": id, "not_published": not_sent});
+    let mut res = problem(status, kind, e.to_string(), extra);
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_S));
+    }
+    res
+}
+
+pub async fn post_subscription(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Response {
+    let body = match read_body(&headers, body, SUBSCRIPTION_BODY_BYTES_MAX).await {
+        Ok(b) => b,
+        Err(res) => return res,
+    };
+    let spec: SubscriptionJson = match serde_json::from_slice(&body) {
+        Ok(j) => j,
+        Err(e) => return problem(StatusCode::BAD_REQUEST, "invalid-subscription", e.to_string(), json!({})),
+    };
+    match s.bus.subscribe_detached(spec.into()) {
+        Ok(id) => (StatusCode::CREATED, Json(json!({ "id": id }))).into_response(),
+        Err(crate::bus::SubscribeError::ShuttingDown) => {
+            problem(StatusCode::SERVICE_UNAVAILABLE, "shutting-down", "the node is shutting down", json!({}))
+        }
+        Err(crate::bus::SubscribeError::TooMany(n)) => problem(
+            StatusCode::CONFLICT,
+            "too-many-subscriptions",
+            format!("the node has {n} subscriptions, its limit"),
+            json!({}),
+        ),
+        Err(e) => problem(StatusCode::BAD_REQUEST, "invalid-subscription", e.to_string(), json!({})),
+    }
+}
+
+pub async fn list_subscriptions(State(s): State<ApiState>) -> Response {
+    Json(json!({ "subscriptions": s.bus.subscriptions() })).into_response()
+}
+
+pub async fn delete_subscription(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
+    match id.parse::<SubId>() {
+        Ok(id) if s.bus.unsubscribe(id) => StatusCode::NO_CONTENT.into_response(),
+        _ => problem(StatusCode::NOT_FOUND, "not-found", format!("no subscription {id:?}"), json!({})),
+    }
+}
+
+pub async fn deadletters(State(s): State<ApiState>) -> Response {
+    Json(json!({ "deadletters": s.bus.deadletters() })).into_response()
+}
+
+#[derive(Deserialize)]
+pub struct TraceQuery {
+    direction: Option<String>,
+}
+
+#[derive(Serialize)]
+struct TraceJson {
+    id: String,
+    direction: &'static str,
+    steps: Vec<crate::signal::journal::TraceStep>,
+}
+
+pub async fn trace(State(s): State<ApiState>, Path(id): Path<String>, Query(q): Query<TraceQuery>) -> Response {
+    let (direction, name) = match q.direction.as_deref() {
+        None | Some("backward") => (Direction::Backward, "backward"),
+        Some("forward") => (Direction::Forward, "forward"),
+        Some(other) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "invalid-query",
+                format!("direction {other:?} is not backward or forward"),
+                json!({}),
+            )
+        }
+    };
+    match s.bus.trace(&id, direction) {
+        Some(steps) => Json(TraceJson { id, direction: name, steps }).into_response(),
+        None => problem(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            format!("signal {id:?} is not in this node's journal"),
+            json!({}),
+        ),
+    }
+}
