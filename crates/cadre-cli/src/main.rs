@@ -1,6 +1,7 @@
 //! The `cadre` binary: run a node, inspect a cluster, run the demo and the benchmarks.
 
 mod bench;
+mod bench_bus;
 mod bench_router;
 mod demo;
 mod proc;
@@ -75,6 +76,14 @@ enum BenchCmd {
         seconds: f64,
         #[arg(long, default_value_t = 100)]
         payload: usize,
+    },
+    /// Publishing on the node-local bus to a channel subscriber, against a bare tokio channel.
+    Bus {
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// Other subscriptions on the bus (not matching the published type).
+        #[arg(long, default_value_t = 1000)]
+        routes: usize,
     },
     /// Routing a signal type against many routes, against an exact hash-map lookup.
     Router {
@@ -306,6 +315,10 @@ fn main() -> ExitCode {
             init_logging("warn");
             // On a worker thread, like application code; raw baselines run in the same task.
             rt.block_on(async move { tokio::spawn(bench::transport(seconds, payload)).await? })
+        }
+        Cmd::Bench { which: BenchCmd::Bus { seconds, routes } } => {
+            init_logging("warn");
+            rt.block_on(async move { tokio::spawn(bench_bus::run(seconds, routes)).await? })
         }
         Cmd::Bench { which: BenchCmd::Router { routes, lookups } } => bench_router::run(routes, lookups),
         Cmd::BenchRawServer { listen } => rt.block_on(bench::raw_server(listen)),

@@ -88,6 +88,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/subscriptions", get(signals::list_subscriptions).post(signals::post_subscription))
         .route("/v1/subscriptions/{id}", axum::routing::delete(signals::delete_subscription))
         .route("/v1/deadletters", get(signals::deadletters))
+        .fallback(signals::not_found)
+        .method_not_allowed_fallback(signals::method_not_allowed)
         .layer(tower::limit::ConcurrencyLimitLayer::new(API_REQUESTS_IN_FLIGHT_MAX))
         .with_state(state)
 }

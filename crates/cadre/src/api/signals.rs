@@ -14,8 +14,14 @@
 //! - `GET /v1/deadletters`: deliveries given up, oldest first.
 //! - `GET /v1/signals/{id}/trace?direction=backward|forward` (default backward): the causality
 //!   chain from the node's journal, at most 100 steps; `404` if the journal does not know the id.
+//! - Unknown paths (`404`) and methods (`405`) are problem documents too.
+//!
+//! Caveat: a signal refused with `503` (a full subscriber queue) may already be queued for other
+//! subscribers (the problem's `detail` says how many) and is in the journal; retrying it can
+//! deliver it twice to those. Receivers de-duplicate by id.
 
 use axum::body::Body;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -176,7 +182,16 @@ pub async fn list_subscriptions(State(s): State<ApiState>) -> Response {
     Json(json!({ "subscriptions": s.bus.subscriptions() })).into_response()
 }
 
-pub async fn delete_subscription(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
+/// A 400 problem for a path or query axum could not extract.
+fn bad_request(e: impl std::fmt::Display) -> Response {
+    problem(StatusCode::BAD_REQUEST, "invalid-request", e.to_string(), json!({}))
+}
+
+pub async fn delete_subscription(State(s): State<ApiState>, id: Result<Path<String>, PathRejection>) -> Response {
+    let id = match id {
+        Ok(Path(id)) => id,
+        Err(e) => return bad_request(e.body_text()),
+    };
     match id.parse::<SubId>() {
         Ok(id) if s.bus.unsubscribe(id) => StatusCode::NO_CONTENT.into_response(),
         _ => problem(StatusCode::NOT_FOUND, "not-found", format!("no subscription {id:?}"), json!({})),
@@ -199,7 +214,16 @@ struct TraceJson {
     steps: Vec<crate::signal::journal::TraceStep>,
 }
 
-pub async fn trace(State(s): State<ApiState>, Path(id): Path<String>, Query(q): Query<TraceQuery>) -> Response {
+pub async fn trace(
+    State(s): State<ApiState>,
+    id: Result<Path<String>, PathRejection>,
+    q: Result<Query<TraceQuery>, QueryRejection>,
+) -> Response {
+    let (id, q) = match (id, q) {
+        (Ok(Path(id)), Ok(Query(q))) => (id, q),
+        (Err(e), _) => return bad_request(e.body_text()),
+        (_, Err(e)) => return bad_request(e.body_text()),
+    };
     let (direction, name) = match q.direction.as_deref() {
         None | Some("backward") => (Direction::Backward, "backward"),
         Some("forward") => (Direction::Forward, "forward"),
@@ -221,4 +245,12 @@ pub async fn trace(State(s): State<ApiState>, Path(id): Path<String>, Query(q): 
             json!({}),
         ),
     }
+}
+
+pub async fn not_found() -> Response {
+    problem(StatusCode::NOT_FOUND, "not-found", "no such resource", json!({}))
+}
+
+pub async fn method_not_allowed() -> Response {
+    problem(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "method not allowed on this resource", json!({}))
 }
