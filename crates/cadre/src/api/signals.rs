@@ -28,7 +28,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tracing::debug;
+use tracing::info;
 
 use super::ApiState;
 use crate::bus::{PublishError, SubId, SubscriptionJson};
@@ -68,7 +68,7 @@ fn invalid_signal(s: &ApiState, e: &SignalError) -> Response {
     if let SignalError::InBatch { index, .. } = e {
         extra["index"] = (*index).into();
     }
-    debug!(error = %e, "invalid signal refused");
+    info!(error = %e, "invalid signal refused");
     problem(StatusCode::BAD_REQUEST, "invalid-signal", e.to_string(), extra)
 }
 

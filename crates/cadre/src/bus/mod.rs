@@ -318,12 +318,33 @@ pub struct SubscriptionInfo {
     pub breaker: Option<String>,
 }
 
-#[derive(Default)]
+/// A subscription's own counts, plus its adapter's series in `deliveries` (looked up once).
 struct SubCounts {
     delivered: AtomicU64,
     failed: AtomicU64,
     dropped: AtomicU64,
     skipped: AtomicU64,
+    delivered_total: Counter,
+    failed_total: Counter,
+    skipped_total: Counter,
+}
+
+impl SubCounts {
+    fn new(metrics: &BusMetrics, dispatch: &Dispatch) -> Self {
+        let series = |outcome: &str| {
+            let labels = vec![("adapter", dispatch.kind().to_string()), ("outcome", outcome.to_string())];
+            metrics.deliveries.get_or_create(&labels).clone()
+        };
+        SubCounts {
+            delivered: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+            delivered_total: series("delivered"),
+            failed_total: series("failed"),
+            skipped_total: series("skipped"),
+        }
+    }
 }
 
 struct Sub {
@@ -388,7 +409,8 @@ pub(crate) struct Inner {
     subs: RwLock<HashMap<SubId, Arc<Sub>>>,
     breakers: Mutex<HashMap<String, Arc<Mutex<Breaker>>>>,
     next_id: AtomicU64,
-    middleware: RwLock<Vec<Arc<dyn Middleware>>>,
+    /// Replaced whole on change, so a publish takes it with one `Arc` clone.
+    middleware: RwLock<Arc<Vec<Arc<dyn Middleware>>>>,
     journal: Journal,
     deadletters: Mutex<VecDeque<DeadLetter>>,
     http: webhook::Client,
@@ -454,7 +476,7 @@ impl Bus {
             subs: RwLock::new(HashMap::new()),
             breakers: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
-            middleware: RwLock::new(Vec::new()),
+            middleware: RwLock::new(Arc::new(Vec::new())),
             deadletters: Mutex::new(VecDeque::new()),
             metrics: BusMetrics::new(metrics),
             cancel: CancellationToken::new(),
@@ -469,7 +491,10 @@ impl Bus {
 
     /// Adds a middleware after those already added.
     pub fn add_middleware(&self, m: Arc<dyn Middleware>) {
-        write(&self.inner.middleware).push(m);
+        let mut list = write(&self.inner.middleware);
+        let mut next = Vec::clone(&list);
+        next.push(m);
+        *list = Arc::new(next);
     }
 
     /// Subscribes; the subscription lasts as long as the returned handle.
@@ -490,13 +515,10 @@ impl Bus {
         if !(1..=max).contains(&queue_len_max) {
             return Err(SubscribeError::QueueLen { len: queue_len_max, max });
         }
-        let breaker = match &spec.dispatch {
-            Dispatch::Webhook(w) => {
-                w.validate().map_err(SubscribeError::Dispatch)?;
-                Some(self.breaker_for(&w.url))
-            }
-            _ => None,
-        };
+        if let Dispatch::Webhook(w) = &spec.dispatch {
+            w.validate().map_err(SubscribeError::Dispatch)?;
+        }
+        // Lock order: subs, then router, then breakers.
         let mut subs = write(&inner.subs);
         if subs.len() >= inner.cfg.subscriptions_max {
             return Err(SubscribeError::TooMany(subs.len()));
@@ -505,6 +527,12 @@ impl Bus {
         let mut route = RouteSpec::new(spec.pattern.clone(), id).priority(spec.priority);
         route.predicate = spec.predicate;
         let route = write(&inner.router).add(route)?;
+        // Taken under the subs lock, as `unsubscribe` forgets unused breakers under it.
+        let breaker = match &spec.dispatch {
+            Dispatch::Webhook(w) => Some(self.breaker_for(&w.url)),
+            _ => None,
+        };
+        let counts = SubCounts::new(&inner.metrics, &spec.dispatch);
         let sub = Arc::new(Sub {
             id,
             pattern: spec.pattern,
@@ -517,7 +545,7 @@ impl Bus {
             queue: Mutex::new(VecDeque::new()),
             notify: Notify::new(),
             closed: AtomicBool::new(false),
-            counts: SubCounts::default(),
+            counts,
         });
         subs.insert(id, sub.clone());
         inner.metrics.subscriptions.set(subs.len() as i64);
@@ -601,7 +629,7 @@ impl Bus {
         }
         let signal = self.prepare(signal).inspect_err(|e| self.count_rejected(e))?;
         let middleware = read(&inner.middleware).clone();
-        for m in middleware {
+        for m in middleware.iter() {
             let verdict = budgeted(inner, "before_publish", m.before_publish(&signal)).await;
             if let Some(reason) = verdict.rejection() {
                 let e = PublishError::Rejected { middleware: m.name().to_string(), reason };
@@ -612,8 +640,8 @@ impl Bus {
         inner.journal.record(&signal);
         let signal = Arc::new(signal);
         let targets: Vec<Arc<Sub>> = {
-            let router = read(&inner.router);
             let subs = read(&inner.subs);
+            let router = read(&inner.router);
             match router.route(&signal.ty, &signal) {
                 Ok(ids) => ids.into_iter().filter_map(|id| subs.get(id).cloned()).collect(),
                 Err(_) => Vec::new(),
@@ -785,11 +813,11 @@ async fn worker(inner: Arc<Inner>, sub: Arc<Sub>) {
 
 async fn deliver_one(inner: &Inner, sub: &Sub, signal: Arc<Signal>) {
     let middleware = read(&inner.middleware).clone();
-    for m in &middleware {
+    for m in middleware.iter() {
         let verdict = budgeted(inner, "before_dispatch", m.before_dispatch(&signal, sub.target())).await;
         if verdict.rejection().is_some() {
             sub.counts.skipped.fetch_add(1, Ordering::Relaxed);
-            inner.metrics.deliveries.get_or_create(&outcome_labels(sub, "skipped")).inc();
+            sub.counts.skipped_total.inc();
             return;
         }
     }
@@ -822,25 +850,21 @@ async fn deliver_one(inner: &Inner, sub: &Sub, signal: Arc<Signal>) {
     match &outcome {
         Outcome::Delivered { .. } => {
             sub.counts.delivered.fetch_add(1, Ordering::Relaxed);
-            inner.metrics.deliveries.get_or_create(&outcome_labels(sub, "delivered")).inc();
+            sub.counts.delivered_total.inc();
         }
         Outcome::Failed { attempts, reason } => {
             sub.counts.failed.fetch_add(1, Ordering::Relaxed);
-            inner.metrics.deliveries.get_or_create(&outcome_labels(sub, "failed")).inc();
+            sub.counts.failed_total.inc();
             dead_letter(inner, sub, &signal, reason, *attempts);
         }
     }
-    for m in &middleware {
+    for m in middleware.iter() {
         let budget = Duration::from_millis(inner.cfg.middleware_budget_ms);
         let call = AssertUnwindSafe(m.after_dispatch(&signal, sub.target(), &outcome)).catch_unwind();
         if !matches!(tokio::time::timeout(budget, call).await, Ok(Ok(()))) {
             inner.metrics.middleware_over_budget.get_or_create(&label("stage", "after_dispatch")).inc();
         }
     }
-}
-
-fn outcome_labels(sub: &Sub, outcome: &str) -> crate::metrics::Labels {
-    vec![("adapter", sub.dispatch.kind().to_string()), ("outcome", outcome.to_string())]
 }
 
 fn dead_letter(inner: &Inner, sub: &Sub, signal: &Signal, reason: &str, attempts: u32) {
