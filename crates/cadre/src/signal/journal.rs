@@ -4,9 +4,9 @@
 //! chain backward (a signal, its cause, the cause's cause, ...) or forward (the signal and the
 //! signals it caused, breadth first), at most [`TRACE_STEPS_MAX`] steps.
 //!
-//! Memory is bounded by `len_max` entries; the oldest is forgotten first. Because entries leave in
-//! the order they came, and a parent's children are appended in that same order, a forgotten
-//! entry is always the first child of its parent: eviction costs O(1).
+//! Memory is bounded by `len_max` entries; the oldest is forgotten first, in O(1): a child is linked
+//! to its parent only when the parent is already recorded, so a parent always leaves before the
+//! children linked to it, and no child list needs updating.
 //!
 //! Caveats: a child recorded before its parent (possible once signals cross nodes) is not linked
 //! forward from the parent; causation ids are untrusted input, so walks stop at cycles.
@@ -44,8 +44,19 @@ pub enum Direction {
 }
 
 struct Entry {
+    /// `time` is left out here and written only when a trace is asked for (formatting it on every
+    /// publish would cost more than the rest of `record`).
     step: TraceStep,
+    time: Option<chrono::DateTime<chrono::FixedOffset>>,
     children: VecDeque<Arc<str>>,
+}
+
+impl Entry {
+    fn step(&self, depth: usize) -> TraceStep {
+        let time =
+            self.time.map(|t| t.with_timezone(&chrono::Utc).to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true));
+        TraceStep { depth, time, ..self.step.clone() }
+    }
 }
 
 struct Inner {
@@ -94,19 +105,19 @@ impl Journal {
             id: s.id.clone(),
             ty: s.ty.clone(),
             source: s.source.clone(),
-            time: s.time_rfc3339(),
+            time: None,
             causationid: cause,
             depth: 0,
         };
         inner.order.push_back(id.clone());
-        inner.entries.insert(id, Entry { step, children: VecDeque::new() });
+        inner.entries.insert(id, Entry { step, time: s.time, children: VecDeque::new() });
     }
 
     /// The chain from `id` in `direction`, starting with `id` itself; `None` if `id` is unknown.
     pub fn trace(&self, id: &str, direction: Direction) -> Option<Vec<TraceStep>> {
         let inner = self.lock();
         let start = inner.entries.get(id)?;
-        let mut out = vec![start.step.clone()];
+        let mut out = vec![start.step(0)];
         let mut seen: HashSet<&str> = HashSet::from([id]);
         match direction {
             Direction::Backward => {
@@ -117,7 +128,7 @@ impl Journal {
                     if !seen.insert(parent) {
                         break;
                     }
-                    out.push(TraceStep { depth: out.len(), ..p.step.clone() });
+                    out.push(p.step(out.len()));
                     cur = p;
                 }
             }
@@ -132,7 +143,7 @@ impl Journal {
                         if out.len() == TRACE_STEPS_MAX {
                             break 'walk;
                         }
-                        out.push(TraceStep { depth: depth + 1, ..c.step.clone() });
+                        out.push(c.step(depth + 1));
                         queue.push_back((c, depth + 1));
                     }
                 }
@@ -145,12 +156,7 @@ impl Journal {
 impl Inner {
     fn evict_oldest(&mut self) {
         let Some(old) = self.order.pop_front() else { return };
-        let entry = self.entries.remove(&old).expect("every id in the order has an entry");
-        if let Some(parent) = entry.step.causationid.as_deref().and_then(|c| self.entries.get_mut(c)) {
-            // Entries leave in arrival order, and children were appended in arrival order.
-            if parent.children.front() == Some(&old) {
-                parent.children.pop_front();
-            }
-        }
+        let removed = self.entries.remove(&old);
+        assert!(removed.is_some(), "every id in the order has an entry");
     }
 }

@@ -27,7 +27,9 @@
 //!
 //! ## Limits
 //! String attributes hold at most [`ATTRIBUTE_LEN_MAX_BYTES`]; a signal has at most
-//! [`EXTENSIONS_MAX`] extensions. The data is bounded by the transport and the HTTP body limit.
+//! [`EXTENSIONS_MAX`] extensions. The data is bounded by the transport and the HTTP body limit;
+//! JSON data nests at most [`JSON_DEPTH_MAX`] arrays and objects deep (what every codec can decode).
+//! `time` is within the years 0000-9999 in UTC (what RFC 3339 can write).
 
 pub mod codec;
 pub mod journal;
@@ -39,7 +41,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
-use chrono::{DateTime, FixedOffset, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, FixedOffset, SecondsFormat, Utc};
 use uuid::timestamp::context::ContextV7;
 use uuid::Uuid;
 
@@ -49,6 +51,9 @@ pub const SPEC_VERSION: &str = "1.0";
 pub const ATTRIBUTE_LEN_MAX_BYTES: usize = 4096;
 /// Most extensions on one signal.
 pub const EXTENSIONS_MAX: usize = 64;
+/// Deepest nesting of arrays and objects in JSON data: serde_json parses at most 127 levels, and
+/// a structured event adds one (its object) and a batch two (its array and the object).
+pub const JSON_DEPTH_MAX: usize = 100;
 /// Longest extension name (the spec's limit).
 pub const EXTENSION_NAME_LEN_MAX: usize = 20;
 /// Extension carrying the id of the signal whose handling emitted this one.
@@ -222,15 +227,16 @@ impl Signal {
                 ));
             }
         }
+        if self.time.is_some_and(|t| !(0..=9999).contains(&t.with_timezone(&Utc).year())) {
+            return Err(SignalError::invalid("time", "is outside the years 0000-9999 (in UTC) RFC 3339 can write"));
+        }
         optional("dataschema", self.dataschema.as_deref())?;
         if self.extensions.len() > EXTENSIONS_MAX {
             return Err(SignalError::TooManyExtensions);
         }
         for (name, value) in &self.extensions {
             validate_extension_name(name)?;
-            if value.len() > ATTRIBUTE_LEN_MAX_BYTES {
-                return Err(SignalError::invalid(name, format!("is longer than {ATTRIBUTE_LEN_MAX_BYTES} bytes")));
-            }
+            check_text(name, value)?;
         }
         if let Some(tp) = self.extension(TRACEPARENT) {
             if TraceParent::parse(tp).is_none() {
@@ -249,6 +255,9 @@ impl Signal {
             return Err(SignalError::invalid("datacontenttype", "is required when data is present"));
         };
         match data {
+            Data::Json(v) if json_deeper_than(v, JSON_DEPTH_MAX) => {
+                Err(SignalError::invalid("data", format!("nests deeper than {JSON_DEPTH_MAX} arrays and objects")))
+            }
             Data::Json(_) if !is_json_content_type(ct) => {
                 Err(SignalError::invalid("data", format!("is JSON but datacontenttype \"{ct}\" is not a JSON type")))
             }
@@ -264,6 +273,23 @@ impl Signal {
     pub fn time_rfc3339(&self) -> Option<String> {
         self.time.map(|t| t.with_timezone(&Utc).to_rfc3339_opts(SecondsFormat::AutoSi, true))
     }
+}
+
+/// Whether arrays and objects nest more than `max` deep in `v` (without recursion: `v` may be
+/// deeper than the stack allows).
+fn json_deeper_than(v: &serde_json::Value, max: usize) -> bool {
+    use serde_json::Value;
+    // Each value with the number of arrays and objects around it.
+    let mut stack = vec![(v, 0)];
+    while let Some((v, around)) = stack.pop() {
+        match v {
+            Value::Array(_) | Value::Object(_) if around == max => return true,
+            Value::Array(a) => stack.extend(a.iter().map(|c| (c, around + 1))),
+            Value::Object(m) => stack.extend(m.values().map(|c| (c, around + 1))),
+            _ => {}
+        }
+    }
+    false
 }
 
 fn required(attribute: &'static str, value: &str) -> Result<(), SignalError> {
