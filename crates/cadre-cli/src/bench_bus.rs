@@ -57,7 +57,11 @@ async fn raw_throughput(seconds: f64) -> f64 {
 }
 
 async fn bus_with_noise(noise: usize) -> Result<Bus> {
-    let cfg = SignalsConfig { subscriber_queue_len_max: CHANNEL_LEN, ..SignalsConfig::default() };
+    let cfg = SignalsConfig {
+        subscriber_queue_len_max: CHANNEL_LEN,
+        subscriptions_max: noise + 1,
+        ..SignalsConfig::default()
+    };
     let bus = Bus::new(cfg, "/bench", &Metrics::new());
     for i in 0..noise {
         bus.subscribe_detached(SubscriptionSpec::new(format!("other{i}.*.event"), Dispatch::Log))?;

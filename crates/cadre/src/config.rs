@@ -235,10 +235,18 @@ pub struct SignalsConfig {
     /// Default queue length per subscriber (a subscription may choose its own, up to 16x this).
     /// What happens when full is the subscription's overflow policy.
     pub subscriber_queue_len_max: usize,
+    /// Bytes (by `Signal::size_hint_bytes`) one subscriber queue may hold; one signal always fits
+    /// an empty queue. Full: the overflow policy, as for the length.
+    pub subscriber_queue_bytes_max: usize,
+    /// Bytes all subscriber queues of the node may hold together. Full: `reject` subscriptions
+    /// refuse the publish; `drop_oldest` ones drop from their own queue to make room.
+    pub queued_bytes_max: usize,
     /// Signals remembered by the causality journal; the oldest is forgotten first.
     pub journal_len_max: usize,
     /// Dead letters kept; the oldest is dropped (and counted) first.
     pub deadletters_len_max: usize,
+    /// Bytes of (encoded) dead letters kept; the oldest is dropped first.
+    pub deadletters_bytes_max: usize,
     /// Time a webhook request may take before the attempt counts as failed.
     pub webhook_timeout_ms: u64,
     /// Retries after a failed webhook attempt (so `1 + retries` attempts in all).
@@ -261,8 +269,11 @@ impl Default for SignalsConfig {
             ingress_body_bytes_max: 4 << 20,
             subscriptions_max: 10_000,
             subscriber_queue_len_max: 1024,
+            subscriber_queue_bytes_max: 16 << 20,
+            queued_bytes_max: 256 << 20,
             journal_len_max: 10_000,
             deadletters_len_max: 1000,
+            deadletters_bytes_max: 64 << 20,
             webhook_timeout_ms: 5000,
             webhook_retries_max: 5,
             webhook_backoff_min_ms: 100,
@@ -274,11 +285,37 @@ impl Default for SignalsConfig {
     }
 }
 
+/// Upper bound of the signals section's counts (queue lengths, subscriptions, journal entries).
+const SIGNALS_COUNT_MAX: usize = 10_000_000;
+/// Upper bound of the signals section's byte budgets (64 GiB).
+const SIGNALS_BYTES_MAX: usize = 64 << 30;
+
 impl SignalsConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(s) = &self.source {
-            if s.is_empty() || s.chars().any(|c| c.is_control() || c.is_whitespace()) {
-                return Err(invalid("signals.source", "must be a non-empty URI reference without spaces"));
+            let long = s.len() > crate::signal::ATTRIBUTE_LEN_MAX_BYTES;
+            if s.is_empty() || long || s.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                return Err(invalid("signals.source", "must be a URI reference of 1..=4096 bytes without spaces"));
+            }
+        }
+        let counts = [
+            ("signals.subscriptions_max", self.subscriptions_max),
+            ("signals.subscriber_queue_len_max", self.subscriber_queue_len_max),
+            ("signals.journal_len_max", self.journal_len_max),
+            ("signals.deadletters_len_max", self.deadletters_len_max),
+        ];
+        for (field, value) in counts {
+            if value > SIGNALS_COUNT_MAX {
+                return Err(invalid(field, format!("must be at most {SIGNALS_COUNT_MAX}")));
+            }
+        }
+        for (field, value) in [
+            ("signals.subscriber_queue_bytes_max", self.subscriber_queue_bytes_max),
+            ("signals.queued_bytes_max", self.queued_bytes_max),
+            ("signals.deadletters_bytes_max", self.deadletters_bytes_max),
+        ] {
+            if value == 0 || value > SIGNALS_BYTES_MAX {
+                return Err(invalid(field, format!("must be within 1..={SIGNALS_BYTES_MAX}")));
             }
         }
         positive("signals.ingress_body_bytes_max", self.ingress_body_bytes_max as u64)?;

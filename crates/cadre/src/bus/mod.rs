@@ -32,7 +32,7 @@ pub mod webhook;
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
@@ -299,6 +299,14 @@ pub struct DeadLetter {
     pub signal: serde_json::Value,
 }
 
+/// Dead letters as encoded events (a `serde_json::Value` costs several times the text), bounded
+/// by count and bytes.
+#[derive(Default)]
+struct DeadLetters {
+    items: VecDeque<(DeadLetter, Vec<u8>, usize)>,
+    bytes: usize,
+}
+
 /// A subscription as listed by `GET /v1/subscriptions`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SubscriptionInfo {
@@ -356,14 +364,24 @@ struct Sub {
     queue_len_max: usize,
     route: RouteId,
     breaker: Option<Arc<Mutex<Breaker>>>,
-    queue: Mutex<VecDeque<Arc<Signal>>>,
+    queue: Mutex<Queue>,
     notify: Notify,
-    closed: AtomicBool,
+    /// Cancelled by `unsubscribe` and by the bus's shutdown: ends an in-flight delivery.
+    cancel: CancellationToken,
     counts: SubCounts,
 }
 
+/// A subscriber's queue: signals with their size, the bytes held, and whether it is closed
+/// (after which nothing is added; checked under the same lock as the push).
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<(Arc<Signal>, usize)>,
+    bytes: usize,
+    closed: bool,
+}
+
 impl Sub {
-    fn lock_queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Arc<Signal>>> {
+    fn lock_queue(&self) -> std::sync::MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -412,7 +430,9 @@ pub(crate) struct Inner {
     /// Replaced whole on change, so a publish takes it with one `Arc` clone.
     middleware: RwLock<Arc<Vec<Arc<dyn Middleware>>>>,
     journal: Journal,
-    deadletters: Mutex<VecDeque<DeadLetter>>,
+    deadletters: Mutex<DeadLetters>,
+    /// Bytes held by all subscriber queues (`queued_bytes_max`).
+    queued_bytes: AtomicUsize,
     http: webhook::Client,
     metrics: BusMetrics,
     cancel: CancellationToken,
@@ -477,7 +497,8 @@ impl Bus {
             breakers: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             middleware: RwLock::new(Arc::new(Vec::new())),
-            deadletters: Mutex::new(VecDeque::new()),
+            deadletters: Mutex::new(DeadLetters::default()),
+            queued_bytes: AtomicUsize::new(0),
             metrics: BusMetrics::new(metrics),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -542,9 +563,9 @@ impl Bus {
             queue_len_max,
             route,
             breaker,
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::new(Queue::default()),
             notify: Notify::new(),
-            closed: AtomicBool::new(false),
+            cancel: inner.cancel.child_token(),
             counts,
         });
         subs.insert(id, sub.clone());
@@ -605,10 +626,17 @@ impl Bus {
         let inner = &self.inner;
         let Some(sub) = write(&inner.subs).remove(&id) else { return false };
         write(&inner.router).remove(sub.route);
-        sub.closed.store(true, Ordering::Release);
+        sub.cancel.cancel();
+        {
+            let mut q = sub.lock_queue();
+            q.closed = true;
+            let dropped = q.items.len() as u64;
+            inner.release(q.bytes);
+            q.items.clear();
+            q.bytes = 0;
+            sub.counts.dropped.fetch_add(dropped, Ordering::Relaxed);
+        }
         sub.notify.notify_one();
-        let dropped = std::mem::take(&mut *sub.lock_queue()).len() as u64;
-        sub.counts.dropped.fetch_add(dropped, Ordering::Relaxed);
         inner.metrics.subscriptions.set(read(&inner.subs).len() as i64);
         if let Dispatch::Webhook(w) = &sub.dispatch {
             // Forget the URL's breaker once no subscription uses it (the map stays bounded).
@@ -630,7 +658,7 @@ impl Bus {
         let signal = self.prepare(signal).inspect_err(|e| self.count_rejected(e))?;
         let middleware = read(&inner.middleware).clone();
         for m in middleware.iter() {
-            let verdict = budgeted(inner, "before_publish", m.before_publish(&signal)).await;
+            let verdict = budgeted(inner, "before_publish", async { m.before_publish(&signal).await }).await;
             if let Some(reason) = verdict.rejection() {
                 let e = PublishError::Rejected { middleware: m.name().to_string(), reason };
                 self.count_rejected(&e);
@@ -650,13 +678,17 @@ impl Bus {
         if targets.is_empty() {
             inner.metrics.unrouted.inc();
         }
+        let size = signal.size_hint_bytes();
         let mut delivered = 0;
         let mut full = None;
         for sub in &targets {
-            if enqueue(inner, sub, &signal) {
-                delivered += 1;
-            } else {
-                full.get_or_insert(sub.id);
+            match enqueue(inner, sub, &signal, size) {
+                Enqueued::Yes => delivered += 1,
+                // Unsubscribed since it was routed: as if it had not matched.
+                Enqueued::Closed => {}
+                Enqueued::Full => {
+                    full.get_or_insert(sub.id);
+                }
             }
         }
         if let Some(subscription) = full {
@@ -678,16 +710,19 @@ impl Bus {
     }
 
     /// Validates, and adds causality: the parent of the running handler, a trace.
+    /// Validated after the extensions are added, so what is delivered is valid.
     fn prepare(&self, mut signal: Signal) -> Result<Signal, PublishError> {
-        signal.validate()?;
-        if signal.causation_id().is_none() {
-            if let Some(parent) = Context::current_parent() {
+        if let Some(parent) = Context::current_parent() {
+            // A copy of the parent (or of a sibling) carries the grandparent's cause: replace it.
+            let cause = signal.causation_id();
+            if cause.is_none() || cause == parent.causation_id() {
                 signal = signal.caused_by(&parent);
             }
         }
         if signal.extension(TRACEPARENT).is_none() {
             signal.extensions.insert(TRACEPARENT.into(), TraceParent::root().to_string());
         }
+        signal.validate()?;
         Ok(signal)
     }
 
@@ -717,7 +752,9 @@ impl Bus {
     }
 
     pub fn deadletters(&self) -> Vec<DeadLetter> {
-        lock(&self.inner.deadletters).iter().cloned().collect()
+        let list = lock(&self.inner.deadletters);
+        let decode = |body: &[u8]| serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
+        list.items.iter().map(|(d, body, _)| DeadLetter { signal: decode(body), ..d.clone() }).collect()
     }
 
     /// The causality chain from a signal this node published; `None` if the journal lacks it.
@@ -741,7 +778,7 @@ fn info_of(s: &Sub) -> SubscriptionInfo {
         priority: s.priority,
         overflow: s.overflow,
         queue_len_max: s.queue_len_max,
-        queued: s.lock_queue().len(),
+        queued: s.lock_queue().items.len(),
         delivered: s.counts.delivered.load(Ordering::Relaxed),
         failed: s.counts.failed.load(Ordering::Relaxed),
         dropped: s.counts.dropped.load(Ordering::Relaxed),
@@ -750,23 +787,56 @@ fn info_of(s: &Sub) -> SubscriptionInfo {
     }
 }
 
-/// Appends to a subscriber's queue under its overflow policy; false if refused.
-fn enqueue(inner: &Inner, sub: &Sub, signal: &Arc<Signal>) -> bool {
-    let mut q = sub.lock_queue();
-    if q.len() >= sub.queue_len_max {
-        match sub.overflow {
-            Overflow::Reject => return false,
-            Overflow::DropOldest => {
-                q.pop_front();
-                sub.counts.dropped.fetch_add(1, Ordering::Relaxed);
-                inner.metrics.queue_dropped.get_or_create(&label("queue", "subscriber")).inc();
-            }
+enum Enqueued {
+    Yes,
+    Full,
+    Closed,
+}
+
+impl Inner {
+    /// Takes `bytes` from the node-wide queue budget, if there is room.
+    fn try_reserve(&self, bytes: usize) -> bool {
+        let before = self.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
+        if before + bytes > self.cfg.queued_bytes_max {
+            self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            return false;
         }
+        true
     }
-    q.push_back(signal.clone());
+
+    fn release(&self, bytes: usize) {
+        let before = self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        debug_assert!(before >= bytes, "released more queue bytes than reserved");
+    }
+}
+
+/// Appends to a subscriber's queue under its overflow policy and the byte budgets.
+fn enqueue(inner: &Inner, sub: &Sub, signal: &Arc<Signal>, size: usize) -> Enqueued {
+    let mut q = sub.lock_queue();
+    if q.closed {
+        return Enqueued::Closed;
+    }
+    loop {
+        // One signal always fits an empty queue's own budget (not the node's).
+        let over = q.items.len() >= sub.queue_len_max
+            || (!q.items.is_empty() && q.bytes + size > inner.cfg.subscriber_queue_bytes_max);
+        if !over && inner.try_reserve(size) {
+            break;
+        }
+        if q.items.is_empty() || sub.overflow == Overflow::Reject {
+            return Enqueued::Full;
+        }
+        let (_, bytes) = q.items.pop_front().expect("the queue is not empty");
+        q.bytes -= bytes;
+        inner.release(bytes);
+        sub.counts.dropped.fetch_add(1, Ordering::Relaxed);
+        inner.metrics.queue_dropped.get_or_create(&label("queue", "subscriber")).inc();
+    }
+    q.items.push_back((signal.clone(), size));
+    q.bytes += size;
     drop(q);
     sub.notify.notify_one();
-    true
+    Enqueued::Yes
 }
 
 impl Verdict {
@@ -779,7 +849,8 @@ impl Verdict {
 }
 
 /// Runs a middleware call within the budget; over budget or a panic is a rejection.
-async fn budgeted(inner: &Inner, stage: &'static str, fut: BoxFuture<'_, Verdict>) -> Verdict {
+/// The future is polled (so even its synchronous start runs) inside the panic guard.
+async fn budgeted(inner: &Inner, stage: &'static str, fut: impl std::future::Future<Output = Verdict>) -> Verdict {
     let budget = Duration::from_millis(inner.cfg.middleware_budget_ms);
     match tokio::time::timeout(budget, AssertUnwindSafe(fut).catch_unwind()).await {
         Ok(Ok(v)) => v,
@@ -797,24 +868,30 @@ async fn budgeted(inner: &Inner, stage: &'static str, fut: BoxFuture<'_, Verdict
 /// A subscription's worker: takes its queue in order and delivers each signal.
 async fn worker(inner: Arc<Inner>, sub: Arc<Sub>) {
     loop {
-        if sub.closed.load(Ordering::Acquire) || inner.cancel.is_cancelled() {
-            return;
-        }
-        let next = sub.lock_queue().pop_front();
-        let Some(signal) = next else {
+        let next = {
+            let mut q = sub.lock_queue();
+            if q.closed || sub.cancel.is_cancelled() {
+                return;
+            }
+            q.items.pop_front().inspect(|(_, bytes)| q.bytes -= bytes)
+        };
+        let Some((signal, bytes)) = next else {
             tokio::select! {
                 _ = sub.notify.notified() => continue,
-                _ = inner.cancel.cancelled() => return,
+                _ = sub.cancel.cancelled() => return,
             }
         };
         deliver_one(&inner, &sub, signal).await;
+        // Counted until delivered: the signal is held until then.
+        inner.release(bytes);
     }
 }
 
 async fn deliver_one(inner: &Inner, sub: &Sub, signal: Arc<Signal>) {
     let middleware = read(&inner.middleware).clone();
     for m in middleware.iter() {
-        let verdict = budgeted(inner, "before_dispatch", m.before_dispatch(&signal, sub.target())).await;
+        let verdict =
+            budgeted(inner, "before_dispatch", async { m.before_dispatch(&signal, sub.target()).await }).await;
         if verdict.rejection().is_some() {
             sub.counts.skipped.fetch_add(1, Ordering::Relaxed);
             sub.counts.skipped_total.inc();
@@ -831,20 +908,25 @@ async fn deliver_one(inner: &Inner, sub: &Sub, signal: Arc<Signal>) {
                 Ok(()) => Outcome::Delivered { attempts: 1 },
                 Err(_) => Outcome::Failed { attempts: 1, reason: "channel closed".into() },
             },
-            _ = inner.cancel.cancelled() => Outcome::Failed { attempts: 0, reason: "node shutting down".into() },
+            _ = sub.cancel.cancelled() => Outcome::Failed { attempts: 0, reason: "unsubscribed or shutting down".into() },
         },
         Dispatch::Function(f) => {
             let ctx = Context { source: inner.source.clone(), parent: Some(signal.clone()) };
-            let call = AssertUnwindSafe(ctx.scope(f(signal.clone()))).catch_unwind();
-            match call.await {
-                Ok(Ok(())) => Outcome::Delivered { attempts: 1 },
-                Ok(Err(reason)) => Outcome::Failed { attempts: 1, reason },
-                Err(_) => Outcome::Failed { attempts: 1, reason: "handler panicked".into() },
+            let parent = signal.clone();
+            // Called inside the guard: a panic before the handler's first await is caught too.
+            let call = AssertUnwindSafe(ctx.scope(async move { f(parent).await })).catch_unwind();
+            tokio::select! {
+                res = call => match res {
+                    Ok(Ok(())) => Outcome::Delivered { attempts: 1 },
+                    Ok(Err(reason)) => Outcome::Failed { attempts: 1, reason },
+                    Err(_) => Outcome::Failed { attempts: 1, reason: "handler panicked".into() },
+                },
+                _ = sub.cancel.cancelled() => Outcome::Failed { attempts: 1, reason: "unsubscribed or shutting down".into() },
             }
         }
         Dispatch::Webhook(w) => {
             let breaker = sub.breaker.as_ref().expect("webhook subscriptions have a breaker");
-            webhook::deliver(inner, w, breaker, &signal).await
+            webhook::deliver(inner, w, breaker, &sub.cancel, &signal).await
         }
     };
     match &outcome {
@@ -860,7 +942,7 @@ async fn deliver_one(inner: &Inner, sub: &Sub, signal: Arc<Signal>) {
     }
     for m in middleware.iter() {
         let budget = Duration::from_millis(inner.cfg.middleware_budget_ms);
-        let call = AssertUnwindSafe(m.after_dispatch(&signal, sub.target(), &outcome)).catch_unwind();
+        let call = AssertUnwindSafe(async { m.after_dispatch(&signal, sub.target(), &outcome).await }).catch_unwind();
         if !matches!(tokio::time::timeout(budget, call).await, Ok(Ok(()))) {
             inner.metrics.middleware_over_budget.get_or_create(&label("stage", "after_dispatch")).inc();
         }
@@ -868,6 +950,7 @@ async fn deliver_one(inner: &Inner, sub: &Sub, signal: Arc<Signal>) {
 }
 
 fn dead_letter(inner: &Inner, sub: &Sub, signal: &Signal, reason: &str, attempts: u32) {
+    const LETTER_OVERHEAD_BYTES: usize = 256;
     warn!(subscription = sub.id, id = %signal.id, reason, attempts, "delivery failed; dead-lettered");
     inner.metrics.deadletters.inc();
     let letter = DeadLetter {
@@ -876,14 +959,20 @@ fn dead_letter(inner: &Inner, sub: &Sub, signal: &Signal, reason: &str, attempts
         reason: reason.to_string(),
         attempts,
         time: crate::signal::now().with_timezone(&chrono::Utc).to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        signal: crate::signal::codec::to_json(signal),
+        signal: serde_json::Value::Null,
     };
+    let body = crate::signal::codec::encode_structured(signal);
+    let size = body.len() + reason.len() + LETTER_OVERHEAD_BYTES;
     let mut list = lock(&inner.deadletters);
-    if list.len() >= inner.cfg.deadletters_len_max {
-        list.pop_front();
+    while !list.items.is_empty()
+        && (list.items.len() >= inner.cfg.deadletters_len_max || list.bytes + size > inner.cfg.deadletters_bytes_max)
+    {
+        let (_, _, old) = list.items.pop_front().expect("not empty");
+        list.bytes -= old;
         inner.metrics.queue_dropped.get_or_create(&label("queue", "deadletters")).inc();
     }
-    list.push_back(letter);
+    list.items.push_back((letter, body, size));
+    list.bytes += size;
 }
 
 #[cfg(test)]

@@ -284,3 +284,164 @@ async fn a_routes_table_subscribes_its_dispatch_targets_all_or_nothing() {
     assert!(bus.subscriptions().is_empty(), "nothing left behind");
     bus.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_handler_panicking_before_its_first_await_is_caught_and_the_worker_goes_on() {
+    let bus = bus();
+    let (tx, mut done) = mpsc::unbounded_channel();
+    bus.add_middleware(Arc::new(Recorder(tx)));
+    let handler: HandlerFn = Arc::new(|s: Arc<Signal>| {
+        // Synchronous part of the handler, before any future exists.
+        assert_ne!(n_of(&s), 1, "handler bug");
+        futures::future::ready(Ok(())).boxed()
+    });
+    let _h = bus.subscribe(SubscriptionSpec::new("p", Dispatch::Function(handler))).unwrap();
+    for n in 0..3 {
+        bus.publish(sig("p", n)).await.unwrap();
+    }
+    let mut outcomes = Vec::new();
+    for _ in 0..3 {
+        outcomes.push(done.recv().await.unwrap().1);
+    }
+    assert_eq!(outcomes[1], Outcome::Failed { attempts: 1, reason: "handler panicked".into() });
+    assert_eq!(outcomes[2], Outcome::Delivered { attempts: 1 });
+    bus.shutdown().await;
+}
+
+struct SyncPanic;
+
+impl Middleware for SyncPanic {
+    fn name(&self) -> &str {
+        "sync-panic"
+    }
+    fn before_publish<'a>(&'a self, s: &'a Signal) -> BoxFuture<'a, Verdict> {
+        assert_ne!(s.ty, "boom", "middleware bug");
+        futures::future::ready(Verdict::Continue).boxed()
+    }
+}
+
+#[tokio::test]
+async fn a_middleware_panicking_synchronously_rejects_the_signal() {
+    let bus = bus();
+    bus.add_middleware(Arc::new(SyncPanic));
+    let e = bus.publish(sig("boom", 0)).await.unwrap_err();
+    assert!(matches!(e, PublishError::Rejected { ref reason, .. } if reason.contains("panicked")), "{e}");
+    assert!(bus.publish(sig("fine", 0)).await.is_ok());
+    bus.shutdown().await;
+}
+
+#[tokio::test]
+async fn unsubscribing_or_shutting_down_ends_a_stuck_handler() {
+    let bus = bus();
+    let (tx, mut done) = mpsc::unbounded_channel();
+    bus.add_middleware(Arc::new(Recorder(tx)));
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let stuck = move |_s: Arc<Signal>| {
+        let started = started_tx.clone();
+        async move {
+            started.send(()).unwrap();
+            futures::future::pending::<Result<(), String>>().await
+        }
+    };
+    let a = bus.subscribe(SubscriptionSpec::new("a", Dispatch::function(stuck.clone()))).unwrap();
+    let _b = bus.subscribe(SubscriptionSpec::new("b", Dispatch::function(stuck))).unwrap();
+    bus.publish(sig("a", 0)).await.unwrap();
+    started.recv().await.unwrap();
+    drop(a);
+    let (_, outcome) = done.recv().await.unwrap();
+    assert!(matches!(outcome, Outcome::Failed { ref reason, .. } if reason.contains("unsubscribed")), "{outcome:?}");
+    bus.publish(sig("b", 0)).await.unwrap();
+    started.recv().await.unwrap();
+    // Would hang if the stuck handler held its worker.
+    bus.shutdown().await;
+}
+
+#[tokio::test]
+async fn causation_is_set_inside_a_handler_even_on_a_copy_of_the_parent() {
+    let bus = bus();
+    let b2 = bus.clone();
+    let _h = bus
+        .subscribe(SubscriptionSpec::new(
+            "step.one",
+            Dispatch::function(move |s: Arc<Signal>| {
+                let bus = b2.clone();
+                async move {
+                    // A copy of the parent with a new id and type keeps the parent's extensions.
+                    let mut copy = Signal::clone(&s);
+                    copy.id = crate::signal::new_id();
+                    copy.ty = "step.two".into();
+                    bus.publish(copy).await.map(|_| ()).map_err(|e| e.to_string())
+                }
+            }),
+        ))
+        .unwrap();
+    let (_w, mut rw) = channel(&bus, "step.two", 10);
+    let root = sig("root.cause", 0);
+    bus.publish(root.clone()).await.unwrap();
+    let one = sig("step.one", 1).caused_by(&root);
+    let one_id = one.id.clone();
+    bus.publish(one).await.unwrap();
+    let two = rw.recv().await.unwrap();
+    assert_eq!(two.causation_id(), Some(one_id.as_str()));
+    let back: Vec<String> = bus.trace(&two.id, Direction::Backward).unwrap().into_iter().map(|s| s.id).collect();
+    assert_eq!(back, [two.id.clone(), one_id, root.id.clone()]);
+    bus.shutdown().await;
+}
+
+#[tokio::test]
+async fn extensions_added_at_publish_are_validated_too() {
+    let bus = bus();
+    let (_a, mut ra) = channel(&bus, "x", 10);
+    let mut s = sig("x", 0);
+    for i in 0..crate::signal::EXTENSIONS_MAX {
+        s.extensions.insert(format!("e{i}"), "v".into());
+    }
+    assert!(s.validate().is_ok());
+    let e = bus.publish(s).await.unwrap_err();
+    assert_eq!(e, PublishError::Invalid(SignalError::TooManyExtensions), "the trace would make it 65");
+    let mut s = sig("x", 1);
+    for i in 0..crate::signal::EXTENSIONS_MAX - 1 {
+        s.extensions.insert(format!("e{i}"), "v".into());
+    }
+    bus.publish(s).await.unwrap();
+    assert_eq!(ra.recv().await.unwrap().extensions.len(), crate::signal::EXTENSIONS_MAX);
+    bus.shutdown().await;
+}
+
+#[tokio::test]
+async fn queues_are_bounded_in_bytes_per_subscriber_and_per_node() {
+    let big = |n: i64| Signal::new("big", serde_json::json!({"n": n, "pad": "x".repeat(10_000)}));
+    let size = big(0).size_hint_bytes();
+    let cfg =
+        SignalsConfig { subscriber_queue_bytes_max: 3 * size, queued_bytes_max: 5 * size, ..SignalsConfig::default() };
+    let bus = Bus::new(cfg, "/test", &Metrics::new());
+    // Receivers never read: each worker holds one signal in `send`, the channel holds one.
+    let (tx, _rx) = mpsc::channel(1);
+    let rej = bus.subscribe(SubscriptionSpec::new("big", Dispatch::Channel(tx))).unwrap();
+    let mut accepted = 0;
+    for n in 0..20 {
+        match bus.publish(big(n)).await {
+            Ok(_) => accepted += 1,
+            Err(PublishError::QueueFull { subscription, .. }) => {
+                assert_eq!(subscription, rej.id());
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+        tokio::task::yield_now().await;
+    }
+    // At most 2 out of the queue plus 3 queued (by bytes, while the length limit is 1024).
+    assert!((3..=5).contains(&accepted), "accepted {accepted}");
+    drop(rej);
+    // The node-wide budget: a drop-oldest subscriber makes room from its own queue.
+    let (tx, _rx2) = mpsc::channel(1);
+    let d = bus.subscribe(SubscriptionSpec::new("big", Dispatch::Channel(tx)).overflow(Overflow::DropOldest)).unwrap();
+    for n in 0..20 {
+        bus.publish(big(n)).await.unwrap();
+        tokio::task::yield_now().await;
+    }
+    let info = bus.subscription(d.id()).unwrap();
+    assert!(info.queued <= 3, "{info:?}");
+    assert!(info.dropped >= 15, "{info:?}");
+    bus.shutdown().await;
+}

@@ -13,8 +13,8 @@
 //!   after `breaker_cooldown_ms` it half-opens and lets one trial through, whose result closes or
 //!   re-opens it.
 //!
-//! Caveats: plain `http://` only (no TLS client yet); the response body is not read beyond what
-//! hyper needs to reuse the connection.
+//! Caveats: plain `http://` only (no TLS client yet); URLs with credentials are refused (they
+//! would show in listings); answer bodies are read up to 64 KiB and ignored.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -27,6 +27,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::{lock, Inner, Outcome};
 use crate::metrics::label;
@@ -38,6 +39,8 @@ pub const SIGNATURE_HEADER: &str = "x-cadre-signature";
 /// Idle pooled connections kept per host.
 const POOL_IDLE_PER_HOST_MAX: usize = 8;
 const POOL_IDLE_TIMEOUT_MS: u64 = 30_000;
+/// Most of a receiver's answer body read (to reuse the connection); the rest is dropped.
+const RESPONSE_BODY_BYTES_MAX: usize = 64 * 1024;
 /// Longest webhook URL accepted.
 const URL_LEN_MAX: usize = 2048;
 
@@ -72,6 +75,10 @@ impl WebhookSpec {
         }
         if uri.host().is_none_or(str::is_empty) {
             return Err(format!("url {:?} has no host", self.url));
+        }
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            // It would be shown in subscription lists and dead letters.
+            return Err("url must not carry credentials (user:password@); use the secret".into());
         }
         if self.secret.as_deref() == Some("") {
             return Err("secret is empty (leave it out for unsigned posts)".into());
@@ -112,7 +119,7 @@ pub fn verify(secret: &[u8], header: &str, body: &[u8], now_s: u64, tolerance_s:
         }
     }
     let (Some(t), Some(v1)) = (t, v1) else { return false };
-    if t.abs_diff(now_s) > tolerance_s || v1.len() != 64 {
+    if t.abs_diff(now_s) > tolerance_s || v1.len() != 64 || !v1.bytes().all(|b| b.is_ascii_hexdigit()) {
         return false;
     }
     let Some(expected) =
@@ -194,7 +201,13 @@ enum Attempt {
 }
 
 /// Delivers one signal with retries; the outcome says how many requests were tried.
-pub(crate) async fn deliver(inner: &Inner, spec: &WebhookSpec, breaker: &Mutex<Breaker>, signal: &Signal) -> Outcome {
+pub(crate) async fn deliver(
+    inner: &Inner,
+    spec: &WebhookSpec,
+    breaker: &Mutex<Breaker>,
+    cancel: &CancellationToken,
+    signal: &Signal,
+) -> Outcome {
     let cfg = &inner.cfg;
     let body = Bytes::from(encode_structured(signal));
     let attempts_max = 1 + cfg.webhook_retries_max;
@@ -205,8 +218,8 @@ pub(crate) async fn deliver(inner: &Inner, spec: &WebhookSpec, breaker: &Mutex<B
             let delay = backoff(cfg.webhook_backoff_min_ms, cfg.webhook_backoff_max_ms, k - 1);
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
-                _ = inner.cancel.cancelled() => {
-                    return Outcome::Failed { attempts, reason: format!("node shutting down; last error: {last}") };
+                _ = cancel.cancelled() => {
+                    return Outcome::Failed { attempts, reason: format!("unsubscribed or shutting down; last error: {last}") };
                 }
             }
         }
@@ -218,13 +231,13 @@ pub(crate) async fn deliver(inner: &Inner, spec: &WebhookSpec, breaker: &Mutex<B
         attempts += 1;
         let result = tokio::select! {
             r = attempt(inner, spec, body.clone()) => r,
-            _ = inner.cancel.cancelled() => {
+            _ = cancel.cancelled() => {
                 // The trial (if it was one) never finished: let the next one through.
                 let mut b = lock(breaker);
                 if matches!(*b, Breaker::HalfOpen) {
                     *b = Breaker::Open { until: Instant::now() };
                 }
-                return Outcome::Failed { attempts, reason: "node shutting down during a request".into() };
+                return Outcome::Failed { attempts, reason: "unsubscribed or shutting down during a request".into() };
             }
         };
         let now = Instant::now();
@@ -267,13 +280,17 @@ async fn attempt(inner: &Inner, spec: &WebhookSpec, body: Bytes) -> Attempt {
         Err(e) => return Attempt::Refused(format!("cannot build the request: {e}")),
     };
     let timeout = Duration::from_millis(inner.cfg.webhook_timeout_ms);
+    let started = Instant::now();
     match tokio::time::timeout(timeout, inner.http.request(req)).await {
         Err(_) => Attempt::Retry(format!("no answer within {}ms", timeout.as_millis())),
         Ok(Err(e)) => Attempt::Retry(format!("request failed: {e}")),
         Ok(Ok(res)) => {
             let status = res.status();
-            // Drain the (usually empty) body in the background so the connection can be reused.
-            drop(res);
+            // Read the (usually empty) answer so the connection goes back to the pool; a large one
+            // is cut off and its connection closed.
+            let rest = timeout.saturating_sub(started.elapsed());
+            let body = http_body_util::Limited::new(res.into_body(), RESPONSE_BODY_BYTES_MAX);
+            let _ = tokio::time::timeout(rest, http_body_util::BodyExt::collect(body)).await;
             if status.is_success() {
                 Attempt::Ok
             } else if status.is_client_error()
@@ -307,6 +324,9 @@ mod tests {
         assert!(!verify(b"other", &h, b"{\"a\":1}", 1_700_000_010, 300), "other secret");
         assert!(!verify(b"s3cret", &h, b"{\"a\":1}", 1_700_001_000, 300), "too old");
         assert!(!verify(b"s3cret", "t=1,v1=zz", b"", 1, 300), "malformed");
+        let non_ascii = format!("t=1,v1=a\u{e9}{}", "0".repeat(61));
+        assert_eq!(non_ascii.len() - "t=1,v1=".len(), 64);
+        assert!(!verify(b"s3cret", &non_ascii, b"", 1, 300), "non-ASCII, no panic");
     }
 
     #[test]
@@ -342,5 +362,6 @@ mod tests {
         assert!(WebhookSpec::new("https://example.com/").validate().unwrap_err().contains("http://"));
         assert!(WebhookSpec::new("not a url").validate().is_err());
         assert!(WebhookSpec::new("http://x/").with_secret("").validate().is_err());
+        assert!(WebhookSpec::new("http://u:p@x/").validate().unwrap_err().contains("credentials"));
     }
 }

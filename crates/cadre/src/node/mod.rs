@@ -143,19 +143,25 @@ impl Node {
             net: cfg.net.clone(),
             rng_seed,
         };
-        let transport = Transport::start(opts.net, tcfg, &metrics).await.map_err(|source| NodeError::Bind {
-            what: "transport",
-            addr: cfg.listen,
-            source,
-        })?;
+        let transport = match Transport::start(opts.net, tcfg, &metrics).await {
+            Ok(t) => t,
+            Err(source) => {
+                bus.shutdown().await;
+                return Err(NodeError::Bind { what: "transport", addr: cfg.listen, source });
+            }
+        };
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
         let http_listener = match cfg.http {
-            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|source| NodeError::Bind {
-                what: "http",
-                addr,
-                source,
-            })?),
+            Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => Some(l),
+                Err(source) => {
+                    // Nothing may keep running after a failed start.
+                    bus.shutdown().await;
+                    transport.abort().await;
+                    return Err(NodeError::Bind { what: "http", addr, source });
+                }
+            },
             None => None,
         };
         let http = http_listener.as_ref().and_then(|l| l.local_addr().ok());

@@ -275,6 +275,51 @@ impl Signal {
     }
 }
 
+impl Signal {
+    /// About how many bytes of memory the signal holds (its strings, extensions and data, with a
+    /// per-value overhead for JSON); what bounded queues count.
+    pub fn size_hint_bytes(&self) -> usize {
+        const ENTRY_OVERHEAD_BYTES: usize = 48;
+        let opt = |o: &Option<String>| o.as_ref().map_or(0, String::len);
+        let attrs = self.id.len()
+            + self.source.len()
+            + self.ty.len()
+            + opt(&self.subject)
+            + opt(&self.datacontenttype)
+            + opt(&self.dataschema);
+        let exts: usize = self.extensions.iter().map(|(k, v)| k.len() + v.len() + ENTRY_OVERHEAD_BYTES).sum();
+        let data = match &self.data {
+            None => 0,
+            Some(Data::Binary(b)) => b.len(),
+            Some(Data::Json(v)) => json_size_bytes(v),
+        };
+        std::mem::size_of::<Signal>() + attrs + exts + data
+    }
+}
+
+/// Memory held by a JSON value: each value's own size, plus strings and keys, plus a per-entry
+/// overhead for objects (without recursion).
+fn json_size_bytes(v: &serde_json::Value) -> usize {
+    use serde_json::Value;
+    const VALUE_BYTES: usize = std::mem::size_of::<Value>();
+    const MAP_ENTRY_OVERHEAD_BYTES: usize = 32;
+    let mut total = 0;
+    let mut stack = vec![v];
+    while let Some(v) = stack.pop() {
+        total += VALUE_BYTES;
+        match v {
+            Value::String(s) => total += s.len(),
+            Value::Array(a) => stack.extend(a.iter()),
+            Value::Object(m) => {
+                total += m.keys().map(|k| k.len() + MAP_ENTRY_OVERHEAD_BYTES).sum::<usize>();
+                stack.extend(m.values());
+            }
+            _ => {}
+        }
+    }
+    total
+}
+
 /// Whether arrays and objects nest more than `max` deep in `v` (without recursion: `v` may be
 /// deeper than the stack allows).
 fn json_deeper_than(v: &serde_json::Value, max: usize) -> bool {
