@@ -21,4 +21,5 @@ pub mod node;
 pub mod router;
 pub mod signal;
 pub mod sim;
+pub mod storage;
 pub mod wire;

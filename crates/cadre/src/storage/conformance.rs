@@ -1,0 +1,161 @@
+//! The conformance suite every [`Storage`] backend must pass.
+//!
+//! [`run`] checks, on one store, each rule of the module docs of [`super`], every check on its own
+//! keys and shards (so a backend shared by other tests, like a database, can run it too).
+//! Backends call it from their tests; a failure panics naming the rule.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::{Fence, Key, Storage, StorageError, ENTRIES_READ_MAX, VALUE_LEN_MAX_BYTES};
+
+fn key(prefix: &str, name: &str) -> Key {
+    Key::new(format!("conf-{prefix}"), name)
+}
+
+fn b(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}
+
+/// Runs every check. `prefix` keeps this run's keys apart from other runs on the same store, and
+/// `shard_base` its shards.
+pub async fn run(store: Arc<dyn Storage>, prefix: &str, shard_base: u32) {
+    states_and_revisions(&*store, prefix, shard_base).await;
+    fencing(&*store, prefix, shard_base + 1).await;
+    deletes_and_no_aba(&*store, prefix, shard_base + 2).await;
+    entries(&*store, prefix, shard_base + 3).await;
+    limits(&*store, prefix, shard_base + 4).await;
+    one_winner_among_concurrent_writers(store, prefix, shard_base + 5).await;
+}
+
+async fn states_and_revisions(s: &dyn Storage, prefix: &str, shard: u32) {
+    let k = key(prefix, "state");
+    let f = Fence { shard, epoch: 1 };
+    assert_eq!(s.get(&k).await.unwrap(), None, "absent key");
+    let r1 = s.put(&k, b("one"), 0, f).await.unwrap();
+    assert!(r1 > 0, "revisions are positive");
+    let got = s.get(&k).await.unwrap().unwrap();
+    assert_eq!((got.value, got.revision), (b("one"), r1));
+    assert_eq!(
+        s.put(&k, b("x"), 0, f).await,
+        Err(StorageError::Conflict { expected: 0, actual: r1 }),
+        "create of an existing key"
+    );
+    assert_eq!(s.put(&k, b("x"), r1 + 100, f).await, Err(StorageError::Conflict { expected: r1 + 100, actual: r1 }));
+    let r2 = s.put(&k, b("two"), r1, f).await.unwrap();
+    assert!(r2 > r1, "revisions grow");
+    assert_eq!(s.get(&k).await.unwrap().unwrap().value, b("two"), "a refused write changes nothing");
+    let other = key(prefix, "state-other");
+    let r3 = s.put(&other, Bytes::new(), 0, f).await.unwrap();
+    assert!(r3 > r2, "one counter for the store, not per key");
+    assert_eq!(s.get(&other).await.unwrap().unwrap().value, Bytes::new(), "empty values are values");
+    let binary = Bytes::from((0..=255u8).collect::<Vec<_>>());
+    let bk = key(prefix, "binary\u{e9}\u{1F600}");
+    let r = s.put(&bk, binary.clone(), 0, f).await.unwrap();
+    assert_eq!(s.get(&bk).await.unwrap().unwrap(), super::Versioned { value: binary, revision: r });
+}
+
+async fn fencing(s: &dyn Storage, prefix: &str, shard: u32) {
+    let k = key(prefix, "fenced");
+    assert_eq!(s.epoch(shard).await.unwrap(), 0);
+    let r1 = s.put(&k, b("at 3"), 0, Fence { shard, epoch: 3 }).await.unwrap();
+    assert_eq!(s.epoch(shard).await.unwrap(), 3);
+    let stale = s.put(&k, b("at 2"), r1, Fence { shard, epoch: 2 }).await;
+    assert_eq!(stale, Err(StorageError::Fenced { shard, epoch: 2, current: 3 }), "a lower epoch is fenced");
+    let stale = s.put(&k, b("at 2"), 999, Fence { shard, epoch: 2 }).await;
+    assert!(matches!(stale, Err(StorageError::Fenced { .. })), "fencing is checked before the revision");
+    assert!(matches!(s.delete(&k, r1, Fence { shard, epoch: 2 }).await, Err(StorageError::Fenced { .. })));
+    assert!(matches!(s.append(&k, vec![b("e")], 0, Fence { shard, epoch: 2 }).await, Err(StorageError::Fenced { .. })));
+    let r2 = s.put(&k, b("at 3 again"), r1, Fence { shard, epoch: 3 }).await.unwrap();
+    let r3 = s.put(&k, b("at 5"), r2, Fence { shard, epoch: 5 }).await.unwrap();
+    assert_eq!(s.epoch(shard).await.unwrap(), 5, "a higher epoch raises the fence");
+    assert!(matches!(
+        s.put(&k, b("x"), r3, Fence { shard, epoch: 4 }).await,
+        Err(StorageError::Fenced { current: 5, .. })
+    ));
+    // A refused write does not raise the fence.
+    let refused = s.put(&k, b("x"), 12345, Fence { shard, epoch: 9 }).await;
+    assert!(matches!(refused, Err(StorageError::Conflict { .. })));
+    assert_eq!(s.epoch(shard).await.unwrap(), 5);
+    // Fences are per shard.
+    let other = key(prefix, "fenced-other-shard");
+    s.put(&other, b("x"), 0, Fence { shard: shard + 1000, epoch: 1 }).await.unwrap();
+    assert_eq!(s.get(&k).await.unwrap().unwrap().value, b("at 5"));
+}
+
+async fn deletes_and_no_aba(s: &dyn Storage, prefix: &str, shard: u32) {
+    let k = key(prefix, "deleted");
+    let f = Fence { shard, epoch: 1 };
+    let r1 = s.put(&k, b("v"), 0, f).await.unwrap();
+    s.append(&k, vec![b("e0"), b("e1")], 0, f).await.unwrap();
+    assert_eq!(s.delete(&k, r1 + 1, f).await, Err(StorageError::Conflict { expected: r1 + 1, actual: r1 }));
+    s.delete(&k, r1, f).await.unwrap();
+    assert_eq!(s.get(&k).await.unwrap(), None);
+    assert_eq!(s.entries(&k, 0, 10).await.unwrap(), Vec::<Bytes>::new(), "delete removes the entries");
+    let r2 = s.put(&k, b("again"), 0, f).await.unwrap();
+    assert!(r2 > r1);
+    // A writer still holding r1 cannot overwrite the new value.
+    assert!(matches!(s.put(&k, b("stale"), r1, f).await, Err(StorageError::Conflict { .. })));
+    assert_eq!(s.get(&k).await.unwrap().unwrap().value, b("again"));
+}
+
+async fn entries(s: &dyn Storage, prefix: &str, shard: u32) {
+    let k = key(prefix, "log");
+    let f = Fence { shard, epoch: 1 };
+    assert_eq!(s.entries(&k, 0, 10).await.unwrap(), Vec::<Bytes>::new());
+    assert_eq!(s.append(&k, vec![b("a"), b("b")], 0, f).await.unwrap(), 2);
+    assert_eq!(s.append(&k, vec![b("x")], 0, f).await, Err(StorageError::Conflict { expected: 0, actual: 2 }));
+    assert_eq!(s.append(&k, vec![b("c")], 2, f).await.unwrap(), 3);
+    assert_eq!(s.append(&k, vec![], 3, f).await.unwrap(), 3, "an empty append checks the length only");
+    assert_eq!(s.entries(&k, 0, 10).await.unwrap(), [b("a"), b("b"), b("c")]);
+    assert_eq!(s.entries(&k, 1, 1).await.unwrap(), [b("b")]);
+    assert_eq!(s.entries(&k, 3, 10).await.unwrap(), Vec::<Bytes>::new());
+    assert_eq!(s.entries(&k, u64::MAX, 10).await.unwrap(), Vec::<Bytes>::new());
+    // Entries of one key do not leak into another whose name extends it.
+    let k2 = key(prefix, "log2");
+    s.append(&k2, vec![b("z")], 0, f).await.unwrap();
+    assert_eq!(s.entries(&k, 0, 10).await.unwrap().len(), 3);
+    assert_eq!(s.get(&k).await.unwrap(), None, "entries and state are separate");
+    let many: Vec<Bytes> = (0..ENTRIES_READ_MAX + 5).map(|i| Bytes::from(i.to_string())).collect();
+    let k3 = key(prefix, "long-log");
+    s.append(&k3, many, 0, f).await.unwrap();
+    assert_eq!(s.entries(&k3, 0, usize::MAX).await.unwrap().len(), ENTRIES_READ_MAX, "reads are capped");
+}
+
+async fn limits(s: &dyn Storage, prefix: &str, shard: u32) {
+    let f = Fence { shard, epoch: 1 };
+    let k = key(prefix, "big");
+    let big = Bytes::from(vec![7u8; VALUE_LEN_MAX_BYTES + 1]);
+    assert_eq!(s.put(&k, big.clone(), 0, f).await, Err(StorageError::TooLarge { len: VALUE_LEN_MAX_BYTES + 1 }));
+    assert!(matches!(s.append(&k, vec![big], 0, f).await, Err(StorageError::TooLarge { .. })));
+    assert_eq!(s.get(&k).await.unwrap(), None);
+    let bad = Key::new("", "x");
+    assert!(matches!(s.put(&bad, b("x"), 0, f).await, Err(StorageError::InvalidKey(_))));
+    let long = Key::new("t", "x".repeat(super::KEY_LEN_MAX_BYTES));
+    assert!(matches!(s.put(&long, b("x"), 0, f).await, Err(StorageError::InvalidKey(_))));
+    assert_eq!(s.epoch(shard).await.unwrap(), 0, "refused writes leave no trace");
+}
+
+async fn one_winner_among_concurrent_writers(s: Arc<dyn Storage>, prefix: &str, shard: u32) {
+    const WRITERS: usize = 8;
+    let k = key(prefix, "contended");
+    let f = Fence { shard, epoch: 1 };
+    let base = s.put(&k, b("base"), 0, f).await.unwrap();
+    let tasks: Vec<_> = (0..WRITERS)
+        .map(|i| {
+            let (s, k) = (s.clone(), k.clone());
+            tokio::spawn(async move { s.put(&k, Bytes::from(i.to_string()), base, f).await })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        match t.await.unwrap() {
+            Ok(_) => winners.push(i),
+            Err(StorageError::Conflict { .. }) => {}
+            Err(e) => panic!("writer {i}: {e}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one writer wins: {winners:?}");
+    assert_eq!(s.get(&k).await.unwrap().unwrap().value, Bytes::from(winners[0].to_string()));
+}
