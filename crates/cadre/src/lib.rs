@@ -18,6 +18,7 @@ pub mod membership;
 pub mod metrics;
 pub mod net;
 pub mod node;
+pub mod placement;
 pub mod router;
 pub mod signal;
 pub mod sim;
