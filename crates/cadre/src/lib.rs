@@ -10,6 +10,7 @@
 //! - [`api`]: the HTTP surface;
 //! - [`sim`]: deterministic cluster simulation on turmoil (test support).
 
+pub mod agent;
 pub mod api;
 pub mod bus;
 pub mod clock;

@@ -1,0 +1,33 @@
+//! The built-in `counter` agent: `counter.add` (data: an integer; reply: the new value) and
+//! `counter.get` (reply: the value).
+
+use serde::{Deserialize, Serialize};
+
+use super::{Agent, AgentError, Ctx, Reply};
+use crate::signal::{Data, Signal};
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Counter {
+    pub value: i64,
+}
+
+impl Agent for Counter {
+    const TYPE: &'static str = "counter";
+
+    async fn handle(&mut self, _ctx: &mut Ctx, signal: Signal) -> Result<Reply, AgentError> {
+        match signal.ty.as_str() {
+            "counter.add" => {
+                let n = match &signal.data {
+                    Some(Data::Json(v)) => v.as_i64(),
+                    _ => None,
+                }
+                .ok_or_else(|| AgentError::Failed("counter.add needs an integer as data".into()))?;
+                self.value =
+                    self.value.checked_add(n).ok_or_else(|| AgentError::Failed("the counter would overflow".into()))?;
+                Ok(self.value.into())
+            }
+            "counter.get" => Ok(self.value.into()),
+            other => Err(AgentError::Failed(format!("a counter does not handle {other:?}"))),
+        }
+    }
+}

@@ -1,0 +1,559 @@
+//! Keyed agents on one node: activation, mailboxes, passivation, supervision, persistence.
+//!
+//! An agent type implements [`Agent`]: the value is the agent's state (serialized as JSON into a
+//! [`Storage`]), `handle` turns a signal into a reply. The [`Host`] keeps at most one live
+//! activation per key on this node:
+//! - **Activation on first use**: a task loads the state (or `Default`), runs `on_activate`, then
+//!   takes its mailbox in order. The mailbox is bounded (`mailbox_len_max`); a full one refuses a
+//!   call with [`CallError::MailboxFull`] at once.
+//! - **Persistence**: write-through (the default) stores the state after every handled signal
+//!   that changed it, before the reply is sent, so an acknowledged call is durable; or on
+//!   passivation only ([`Persistence::OnPassivate`]). A write refused by the store (`Conflict`,
+//!   `Fenced`: another activation wrote) fails the call and stops this activation.
+//! - **Errors**: a handler `Err(AgentError::Failed)` fails that call and rolls the state back to
+//!   what was last stored (a call is all or nothing). `Err(AgentError::Fatal)` or a panic restarts
+//!   the agent from its stored state; more than `restarts_max` restarts within
+//!   `restart_window_ms` stop it, failing the calls in its mailbox with [`CallError::Crashed`].
+//! - **Passivation**: after `idle_timeout_ms` without a signal, when more than
+//!   `agents_active_max` are active (least recently used first), on [`Host::stop`], and at
+//!   shutdown: `on_passivate`, store, exit.
+//!
+//! ## One activation per key
+//! The host's map holds each key as `Active` or `Stopping`. An activation removes itself only
+//! after its last write; a call for a `Stopping` key waits for that, so a new activation never
+//! loads state older than what the previous one stored. A stopping activation closes its mailbox,
+//! then handles what was already queued; a caller whose send finds the mailbox closed retries
+//! (at most [`CALL_ATTEMPTS_MAX`] times).
+//!
+//! Placement across nodes (shards, leases, epochs from the metadata group) is not here yet: the
+//! host writes with the fence its [`FenceFn`] gives (one node: shard of the key, epoch 1).
+
+pub mod counter;
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::FutureExt;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::warn;
+
+use crate::signal::Signal;
+use crate::storage::{Fence, Key, Revision, Storage, StorageError};
+
+/// Times a call looks for a live activation (one closing as it sends is retried).
+pub const CALL_ATTEMPTS_MAX: usize = 3;
+
+/// What a handler answers.
+pub type Reply = serde_json::Value;
+
+/// A handler's error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AgentError {
+    /// This call fails; the state is rolled back to what was stored.
+    #[error("{0}")]
+    Failed(String),
+    /// The agent is broken: restart it from its stored state.
+    #[error("fatal: {0}")]
+    Fatal(String),
+}
+
+/// What a handler can see of its activation.
+pub struct Ctx {
+    pub key: Key,
+    /// Revision of the stored state (0: never stored).
+    pub revision: Revision,
+}
+
+/// An agent type. The value is the state.
+pub trait Agent: Serialize + DeserializeOwned + Default + Send + 'static {
+    /// The type name, as in keys and signals (`counter`).
+    const TYPE: &'static str;
+    /// When the state is stored.
+    const PERSISTENCE: Persistence = Persistence::WriteThrough;
+
+    fn handle(&mut self, ctx: &mut Ctx, signal: Signal) -> impl Future<Output = Result<Reply, AgentError>> + Send;
+
+    fn on_activate(&mut self, _ctx: &mut Ctx) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+
+    fn on_passivate(&mut self, _ctx: &mut Ctx) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Persistence {
+    /// Store after every handled signal that changed the state, before replying.
+    WriteThrough,
+    /// Store on passivation only (a crash loses what changed since activation).
+    OnPassivate,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    #[error("unknown agent type {0:?}")]
+    UnknownType(String),
+    #[error("the mailbox of {0} is full")]
+    MailboxFull(String),
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Handler(String),
+    #[error("the agent crashed more than its restart limit and was stopped")]
+    Crashed,
+    #[error("storage: {0}")]
+    Storage(StorageError),
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Limits and timings of the host.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    pub mailbox_len_max: usize,
+    pub idle_timeout_ms: u64,
+    pub agents_active_max: usize,
+    pub restarts_max: u32,
+    pub restart_window_ms: u64,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        Self {
+            mailbox_len_max: 1024,
+            idle_timeout_ms: 120_000,
+            agents_active_max: 1_000_000,
+            restarts_max: 3,
+            restart_window_ms: 60_000,
+        }
+    }
+}
+
+/// The fence writes for a key carry.
+pub type FenceFn = Arc<dyn Fn(&Key) -> Fence + Send + Sync>;
+
+enum Msg {
+    /// Boxed: mailbox slots stay small.
+    Call {
+        signal: Box<Signal>,
+        reply: Option<oneshot::Sender<Result<Reply, CallError>>>,
+    },
+    Stop,
+}
+
+enum Slot {
+    Active {
+        tx: mpsc::Sender<Msg>,
+        tick: u64,
+    },
+    /// Gone once its last write is done; notified then.
+    Stopping(Arc<Notify>),
+}
+
+#[derive(Default)]
+struct Table {
+    slots: HashMap<Key, Slot>,
+    /// Active keys by last use, for least-recently-used passivation.
+    lru: BTreeMap<u64, Key>,
+    next_tick: u64,
+}
+
+type Spawner = Arc<dyn Fn(Arc<HostInner>, Key, mpsc::Receiver<Msg>) + Send + Sync>;
+
+struct HostInner {
+    cfg: HostConfig,
+    storage: Arc<dyn Storage>,
+    fence: FenceFn,
+    types: HashMap<&'static str, Spawner>,
+    table: Mutex<Table>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// Registers agent types, then [`HostBuilder::build`]s a host.
+pub struct HostBuilder {
+    cfg: HostConfig,
+    storage: Arc<dyn Storage>,
+    fence: FenceFn,
+    types: HashMap<&'static str, Spawner>,
+}
+
+impl HostBuilder {
+    pub fn new(cfg: HostConfig, storage: Arc<dyn Storage>) -> Self {
+        let fence: FenceFn = Arc::new(|k: &Key| Fence {
+            shard: crate::placement::shard_of(k, crate::placement::SHARD_COUNT_DEFAULT),
+            epoch: 1,
+        });
+        Self { cfg, storage, fence, types: HashMap::new() }
+    }
+
+    pub fn fence(mut self, fence: FenceFn) -> Self {
+        self.fence = fence;
+        self
+    }
+
+    pub fn agent<A: Agent>(mut self) -> Self {
+        let spawn: Spawner = Arc::new(|host: Arc<HostInner>, key: Key, rx: mpsc::Receiver<Msg>| {
+            let tasks = host.tasks.clone();
+            tasks.spawn(run::<A>(host, key, rx));
+        });
+        self.types.insert(A::TYPE, spawn);
+        self
+    }
+
+    pub fn build(self) -> Host {
+        Host {
+            inner: Arc::new(HostInner {
+                cfg: self.cfg,
+                storage: self.storage,
+                fence: self.fence,
+                types: self.types,
+                table: Mutex::new(Table::default()),
+                cancel: CancellationToken::new(),
+                tasks: TaskTracker::new(),
+            }),
+        }
+    }
+}
+
+/// Active agents by key on this node; cheap to clone.
+#[derive(Clone)]
+pub struct Host {
+    inner: Arc<HostInner>,
+}
+
+impl HostInner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Host {
+    /// Sends `signal` to the agent `key` (activating it) and waits for the reply.
+    pub async fn call(&self, key: &Key, signal: Signal, timeout: Duration) -> Result<Reply, CallError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(key, Msg::Call { signal: Box::new(signal), reply: Some(tx) }).await?;
+        match tokio::time::timeout(timeout, rx).await {
+            Err(_) => Err(CallError::Timeout(timeout)),
+            Ok(Err(_)) => Err(CallError::Unavailable("the activation ended without replying".into())),
+            Ok(Ok(r)) => r,
+        }
+    }
+
+    /// Sends `signal` without waiting for the handler.
+    pub async fn cast(&self, key: &Key, signal: Signal) -> Result<(), CallError> {
+        self.send(key, Msg::Call { signal: Box::new(signal), reply: None }).await
+    }
+
+    /// Activates the agent if it is not active.
+    pub async fn ensure(&self, key: &Key) -> Result<(), CallError> {
+        self.sender(key).await.map(|_| ())
+    }
+
+    /// Whether the agent is active here.
+    pub fn is_active(&self, key: &Key) -> bool {
+        matches!(self.inner.lock().slots.get(key), Some(Slot::Active { .. }))
+    }
+
+    /// Active agents on this node.
+    pub fn active(&self) -> usize {
+        self.inner.lock().lru.len()
+    }
+
+    /// Passivates the agent (after what is in its mailbox); false if it was not active.
+    pub async fn stop(&self, key: &Key) -> bool {
+        let tx = match self.inner.lock().slots.get(key) {
+            Some(Slot::Active { tx, .. }) => tx.clone(),
+            _ => return false,
+        };
+        tx.send(Msg::Stop).await.is_ok()
+    }
+
+    /// Passivates every agent and waits for their last writes.
+    pub async fn shutdown(&self) {
+        self.inner.cancel.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+    }
+
+    async fn send(&self, key: &Key, msg: Msg) -> Result<(), CallError> {
+        let mut msg = msg;
+        for _ in 0..CALL_ATTEMPTS_MAX {
+            let tx = self.sender(key).await?;
+            match tx.try_send(msg) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::TrySendError::Full(_)) => return Err(CallError::MailboxFull(format!("{key:?}"))),
+                // Closing as we sent: look again (it will be Stopping, then gone).
+                Err(mpsc::error::TrySendError::Closed(m)) => msg = m,
+            }
+        }
+        Err(CallError::Unavailable(format!("{key:?} kept closing")))
+    }
+
+    /// The mailbox of the live activation, activating one if needed.
+    async fn sender(&self, key: &Key) -> Result<mpsc::Sender<Msg>, CallError> {
+        let inner = &self.inner;
+        let spawn = inner.types.get(key.ty.as_str()).ok_or_else(|| CallError::UnknownType(key.ty.clone()))?;
+        loop {
+            if inner.cancel.is_cancelled() {
+                return Err(CallError::Unavailable("the node is shutting down".into()));
+            }
+            let found = {
+                let mut t = inner.lock();
+                let tick = t.next_tick;
+                t.next_tick += 1;
+                match t.slots.get_mut(key) {
+                    Some(Slot::Active { tx, tick: last }) => {
+                        let tx = tx.clone();
+                        let old = std::mem::replace(last, tick);
+                        t.lru.remove(&old);
+                        t.lru.insert(tick, key.clone());
+                        Found::Active(tx)
+                    }
+                    // Created under the lock, so the notification cannot be missed.
+                    Some(Slot::Stopping(done)) => Found::Stopping(done.clone().notified_owned()),
+                    None => {
+                        let (tx, rx) = mpsc::channel(inner.cfg.mailbox_len_max);
+                        t.slots.insert(key.clone(), Slot::Active { tx: tx.clone(), tick });
+                        t.lru.insert(tick, key.clone());
+                        spawn(inner.clone(), key.clone(), rx);
+                        // Over the limit: the least recently used other agent passivates.
+                        let victim = if t.lru.len() > inner.cfg.agents_active_max {
+                            t.lru.iter().find(|(_, k)| *k != key).and_then(|(_, k)| match t.slots.get(k) {
+                                Some(Slot::Active { tx, .. }) => Some(tx.clone()),
+                                _ => None,
+                            })
+                        } else {
+                            None
+                        };
+                        Found::New(tx, victim)
+                    }
+                }
+            };
+            let (tx, victim) = match found {
+                Found::Active(tx) => return Ok(tx),
+                Found::Stopping(wait) => {
+                    wait.await;
+                    continue;
+                }
+                Found::New(tx, victim) => (tx, victim),
+            };
+            if let Some(v) = victim {
+                // A full mailbox will get there by idling; never wait on it here.
+                let _ = v.try_send(Msg::Stop);
+            }
+            return Ok(tx);
+        }
+    }
+}
+
+enum Found {
+    Active(mpsc::Sender<Msg>),
+    Stopping(tokio::sync::futures::OwnedNotified),
+    New(mpsc::Sender<Msg>, Option<mpsc::Sender<Msg>>),
+}
+
+/// Marks `key` as stopping (no new sends find it) and returns what to notify when gone.
+fn begin_stop(host: &HostInner, key: &Key) -> Arc<Notify> {
+    let mut t = host.lock();
+    if let Some(Slot::Stopping(done)) = t.slots.get(key) {
+        return done.clone();
+    }
+    let done = Arc::new(Notify::new());
+    if let Some(Slot::Active { tick, .. }) = t.slots.get(key) {
+        let tick = *tick;
+        t.lru.remove(&tick);
+    }
+    t.slots.insert(key.clone(), Slot::Stopping(done.clone()));
+    done
+}
+
+fn end_stop(host: &HostInner, key: &Key, done: &Notify) {
+    host.lock().slots.remove(key);
+    done.notify_waiters();
+}
+
+struct Live<A> {
+    agent: A,
+    ctx: Ctx,
+    /// The stored bytes (what a rollback or restart goes back to).
+    stored: Bytes,
+    restarts: Vec<Instant>,
+}
+
+impl<A: Agent> Live<A> {
+    async fn load(host: &HostInner, key: &Key) -> Result<Live<A>, CallError> {
+        let found = host.storage.get(key).await.map_err(CallError::Storage)?;
+        let (stored, revision) = found.map(|v| (v.value, v.revision)).unwrap_or_default();
+        let agent = decode::<A>(&stored).map_err(CallError::Unavailable)?;
+        Ok(Live { agent, ctx: Ctx { key: key.clone(), revision }, stored, restarts: Vec::new() })
+    }
+
+    /// Stores the state if it changed.
+    async fn persist(&mut self, host: &HostInner) -> Result<(), StorageError> {
+        let bytes = Bytes::from(serde_json::to_vec(&self.agent).map_err(|e| StorageError::Backend(e.to_string()))?);
+        if bytes == self.stored {
+            return Ok(());
+        }
+        let fence = (host.fence)(&self.ctx.key);
+        self.ctx.revision = host.storage.put(&self.ctx.key, bytes.clone(), self.ctx.revision, fence).await?;
+        self.stored = bytes;
+        Ok(())
+    }
+
+    fn rollback(&mut self) {
+        // What was stored decoded once already; it decodes again.
+        self.agent = decode::<A>(&self.stored).unwrap_or_default();
+    }
+
+    /// Records a restart; false when over the limit.
+    fn restart(&mut self, cfg: &HostConfig) -> bool {
+        let now = Instant::now();
+        let window = Duration::from_millis(cfg.restart_window_ms);
+        self.restarts.retain(|t| now.duration_since(*t) < window);
+        self.restarts.push(now);
+        self.rollback();
+        self.restarts.len() as u32 <= cfg.restarts_max
+    }
+}
+
+fn decode<A: Agent>(stored: &[u8]) -> Result<A, String> {
+    if stored.is_empty() {
+        return Ok(A::default());
+    }
+    serde_json::from_slice(stored).map_err(|e| format!("stored state of a {} does not decode: {e}", A::TYPE))
+}
+
+enum Step {
+    Go,
+    /// The activation must end; queued calls fail with this error.
+    Stop(CallError),
+}
+
+/// One activation.
+async fn run<A: Agent>(host: Arc<HostInner>, key: Key, mut rx: mpsc::Receiver<Msg>) {
+    let mut live = match Live::<A>::load(&host, &key).await {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(key = ?key, error = %e, "activation failed");
+            finish(&host, &key, rx, Some(e)).await;
+            return;
+        }
+    };
+    live.agent.on_activate(&mut live.ctx).await;
+    let idle = Duration::from_millis(host.cfg.idle_timeout_ms);
+    let mut failure = None;
+    loop {
+        let msg = tokio::select! {
+            m = rx.recv() => m,
+            _ = tokio::time::sleep(idle) => None,
+            _ = host.cancel.cancelled() => None,
+        };
+        match msg {
+            Some(Msg::Call { signal, reply }) => {
+                if let Step::Stop(e) = handle(&host, &mut live, signal, reply).await {
+                    failure = Some(e);
+                    break;
+                }
+            }
+            Some(Msg::Stop) | None => break,
+        }
+    }
+    // Passivate: no new sends; what is already queued is still handled.
+    let done = begin_stop(&host, &key);
+    rx.close();
+    while let Some(msg) = rx.recv().await {
+        match (msg, &failure) {
+            (Msg::Call { signal, reply }, None) => {
+                if let Step::Stop(e) = handle(&host, &mut live, signal, reply).await {
+                    failure = Some(e);
+                }
+            }
+            (Msg::Call { reply, .. }, Some(e)) => send(reply, Err(e.clone())),
+            (Msg::Stop, _) => {}
+        }
+    }
+    if failure.is_none() {
+        live.agent.on_passivate(&mut live.ctx).await;
+        if let Err(e) = live.persist(&host).await {
+            warn!(key = ?key, error = %e, "state not stored at passivation");
+        }
+    }
+    end_stop(&host, &key, &done);
+}
+
+/// Ends an activation that never started: queued calls get `error`.
+async fn finish(host: &HostInner, key: &Key, mut rx: mpsc::Receiver<Msg>, error: Option<CallError>) {
+    let done = begin_stop(host, key);
+    rx.close();
+    while let Some(msg) = rx.recv().await {
+        if let (Msg::Call { reply, .. }, Some(e)) = (msg, &error) {
+            send(reply, Err(e.clone()));
+        }
+    }
+    end_stop(host, key, &done);
+}
+
+/// Handles one signal and replies.
+async fn handle<A: Agent>(
+    host: &HostInner,
+    live: &mut Live<A>,
+    signal: Box<Signal>,
+    reply: Option<oneshot::Sender<Result<Reply, CallError>>>,
+) -> Step {
+    let outcome = AssertUnwindSafe(async { live.agent.handle(&mut live.ctx, *signal).await }).catch_unwind().await;
+    let (result, step) = match outcome {
+        Ok(Ok(value)) => match A::PERSISTENCE {
+            Persistence::WriteThrough => match live.persist(host).await {
+                Ok(()) => (Ok(value), Step::Go),
+                // Another activation wrote, or the store failed: this one must not go on.
+                Err(e) => {
+                    live.rollback();
+                    let e = CallError::Storage(e);
+                    (Err(e.clone()), Step::Stop(e))
+                }
+            },
+            Persistence::OnPassivate => (Ok(value), Step::Go),
+        },
+        Ok(Err(AgentError::Failed(m))) => {
+            live.rollback();
+            (Err(CallError::Handler(m)), Step::Go)
+        }
+        Ok(Err(AgentError::Fatal(m))) => restart(host, live, m),
+        Err(_) => restart(host, live, "handler panicked".into()),
+    };
+    if let Step::Stop(_) = step {
+        // Before the caller hears of it: a call after this reply finds the key stopping.
+        begin_stop(host, &live.ctx.key);
+    }
+    send(reply, result);
+    step
+}
+
+fn restart<A: Agent>(host: &HostInner, live: &mut Live<A>, why: String) -> (Result<Reply, CallError>, Step) {
+    warn!(key = ?live.ctx.key, why, "agent restarts from its stored state");
+    if live.restart(&host.cfg) {
+        (Err(CallError::Handler(why)), Step::Go)
+    } else {
+        (Err(CallError::Crashed), Step::Stop(CallError::Crashed))
+    }
+}
+
+fn send(reply: Option<oneshot::Sender<Result<Reply, CallError>>>, result: Result<Reply, CallError>) {
+    if let Some(tx) = reply {
+        let _ = tx.send(result);
+    }
+}
+
+#[cfg(test)]
+mod tests;

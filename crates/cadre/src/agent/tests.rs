@@ -1,0 +1,254 @@
+use super::counter::Counter;
+use super::*;
+use crate::storage::memory::MemoryStorage;
+use serde::Deserialize;
+
+const T: Duration = Duration::from_secs(10);
+
+fn add(n: i64) -> Signal {
+    Signal::new("counter.add", serde_json::json!(n))
+}
+
+fn get() -> Signal {
+    Signal::new("counter.get", serde_json::json!(null))
+}
+
+fn key(id: &str) -> Key {
+    Key::new("counter", id)
+}
+
+fn host_with(cfg: HostConfig, storage: Arc<dyn Storage>) -> Host {
+    HostBuilder::new(cfg, storage).agent::<Counter>().agent::<Probe>().build()
+}
+
+fn host() -> (Host, Arc<MemoryStorage>) {
+    let storage = Arc::new(MemoryStorage::new());
+    (host_with(HostConfig::default(), storage.clone()), storage)
+}
+
+#[tokio::test]
+async fn calls_activate_the_agent_and_write_through() {
+    let (host, storage) = host();
+    assert_eq!(host.call(&key("c1"), add(5), T).await.unwrap(), 5);
+    assert_eq!(host.call(&key("c1"), add(-2), T).await.unwrap(), 3);
+    assert_eq!(host.call(&key("c2"), add(1), T).await.unwrap(), 1);
+    assert!(host.is_active(&key("c1")));
+    assert_eq!(host.active(), 2);
+    // Stored before the reply.
+    let stored = storage.get(&key("c1")).await.unwrap().unwrap();
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&stored.value).unwrap(), serde_json::json!({"value": 3}));
+    // A get changes nothing, so nothing is written.
+    assert_eq!(host.call(&key("c1"), get(), T).await.unwrap(), 3);
+    assert_eq!(storage.get(&key("c1")).await.unwrap().unwrap().revision, stored.revision);
+    let e = host.call(&key("c1"), Signal::new("counter.add", serde_json::json!("x")), T).await.unwrap_err();
+    assert!(matches!(e, CallError::Handler(ref m) if m.contains("integer")), "{e}");
+    assert_eq!(host.call(&Key::new("nope", "1"), get(), T).await, Err(CallError::UnknownType("nope".into())));
+    host.shutdown().await;
+}
+
+#[tokio::test]
+async fn state_survives_passivation_and_a_new_host() {
+    let (host, storage) = host();
+    host.call(&key("c"), add(7), T).await.unwrap();
+    assert!(host.stop(&key("c")).await);
+    // The next call waits for the old activation's last write, then loads it.
+    assert_eq!(host.call(&key("c"), add(1), T).await.unwrap(), 8);
+    host.shutdown().await;
+    let again = host_with(HostConfig::default(), storage);
+    assert_eq!(again.call(&key("c"), get(), T).await.unwrap(), 8);
+    again.shutdown().await;
+}
+
+#[tokio::test]
+async fn concurrent_calls_to_one_key_meet_one_activation() {
+    let (host, storage) = host();
+    let calls: Vec<_> = (0..200)
+        .map(|_| {
+            let host = host.clone();
+            tokio::spawn(async move { host.call(&key("hot"), add(1), T).await })
+        })
+        .collect();
+    for c in calls {
+        c.await.unwrap().unwrap();
+    }
+    assert_eq!(host.call(&key("hot"), get(), T).await.unwrap(), 200);
+    host.shutdown().await;
+    let stored = storage.get(&key("hot")).await.unwrap().unwrap();
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&stored.value).unwrap()["value"], 200);
+}
+
+/// A test agent: records lifecycle events, fails, panics and blocks on request.
+#[derive(Default, Serialize, Deserialize)]
+struct Probe {
+    n: i64,
+}
+
+static EVENTS: std::sync::OnceLock<Mutex<HashMap<String, mpsc::UnboundedSender<String>>>> = std::sync::OnceLock::new();
+
+fn events_for(id: &str) -> mpsc::UnboundedReceiver<String> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    EVENTS.get_or_init(Default::default).lock().unwrap().insert(id.to_string(), tx);
+    rx
+}
+
+fn emit(ctx: &Ctx, what: &str) {
+    if let Some(tx) = EVENTS.get_or_init(Default::default).lock().unwrap().get(&ctx.key.id) {
+        let _ = tx.send(what.to_string());
+    }
+}
+
+static GATE: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+
+impl Agent for Probe {
+    const TYPE: &'static str = "probe";
+
+    async fn handle(&mut self, ctx: &mut Ctx, signal: Signal) -> Result<Reply, AgentError> {
+        self.n += 1;
+        match signal.ty.as_str() {
+            "fail" => Err(AgentError::Failed("refused".into())),
+            "fatal" => Err(AgentError::Fatal("broken".into())),
+            "panic" => panic!("probe bug"),
+            "block" => {
+                emit(ctx, "blocked");
+                let _permit = GATE.get_or_init(|| tokio::sync::Semaphore::new(0)).acquire().await.unwrap();
+                Ok(self.n.into())
+            }
+            _ => Ok(self.n.into()),
+        }
+    }
+
+    async fn on_activate(&mut self, ctx: &mut Ctx) {
+        emit(ctx, "activate");
+    }
+
+    async fn on_passivate(&mut self, ctx: &mut Ctx) {
+        emit(ctx, "passivate");
+    }
+}
+
+fn probe(id: &str) -> Key {
+    Key::new("probe", id)
+}
+
+fn sig(ty: &str) -> Signal {
+    Signal::bare(crate::signal::new_id(), "/t", ty)
+}
+
+#[tokio::test]
+async fn a_failed_call_rolls_back_and_fatal_errors_restart_until_the_limit() {
+    let cfg = HostConfig { restarts_max: 2, ..HostConfig::default() };
+    let host = host_with(cfg, Arc::new(MemoryStorage::new()));
+    let k = probe("sup");
+    assert_eq!(host.call(&k, sig("ok"), T).await.unwrap(), 1);
+    assert_eq!(host.call(&k, sig("fail"), T).await, Err(CallError::Handler("refused".into())));
+    assert_eq!(host.call(&k, sig("ok"), T).await.unwrap(), 2, "the failed call's change was rolled back");
+    assert_eq!(host.call(&k, sig("fatal"), T).await, Err(CallError::Handler("broken".into())));
+    assert_eq!(host.call(&k, sig("panic"), T).await, Err(CallError::Handler("handler panicked".into())));
+    assert_eq!(host.call(&k, sig("ok"), T).await.unwrap(), 3, "restarted from the stored state");
+    // The third restart within the window is over the limit: stopped, callers told.
+    assert_eq!(host.call(&k, sig("fatal"), T).await, Err(CallError::Crashed));
+    assert!(!host.is_active(&k));
+    // A later call starts a new activation from the stored state.
+    assert_eq!(host.call(&k, sig("ok"), T).await.unwrap(), 4);
+    host.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_agents_passivate() {
+    let cfg = HostConfig { idle_timeout_ms: 1000, ..HostConfig::default() };
+    let host = host_with(cfg, Arc::new(MemoryStorage::new()));
+    let mut events = events_for("idle");
+    host.call(&probe("idle"), sig("ok"), T).await.unwrap();
+    assert_eq!(events.recv().await.unwrap(), "activate");
+    // The paused clock jumps to the idle deadline once everything waits.
+    assert_eq!(events.recv().await.unwrap(), "passivate");
+    assert!(!host.is_active(&probe("idle")));
+    assert_eq!(host.call(&probe("idle"), sig("ok"), T).await.unwrap(), 2, "stored at passivation");
+    host.shutdown().await;
+}
+
+#[tokio::test]
+async fn over_the_active_limit_the_least_recently_used_passivates() {
+    let cfg = HostConfig { agents_active_max: 2, ..HostConfig::default() };
+    let host = host_with(cfg, Arc::new(MemoryStorage::new()));
+    let mut a = events_for("lru-a");
+    let _b = events_for("lru-b");
+    host.call(&probe("lru-a"), sig("ok"), T).await.unwrap();
+    host.call(&probe("lru-b"), sig("ok"), T).await.unwrap();
+    host.call(&probe("lru-b"), sig("ok"), T).await.unwrap();
+    host.call(&probe("lru-c"), sig("ok"), T).await.unwrap();
+    assert_eq!(a.recv().await.unwrap(), "activate");
+    assert_eq!(a.recv().await.unwrap(), "passivate");
+    assert!(host.is_active(&probe("lru-b")) && host.is_active(&probe("lru-c")));
+    assert!(host.active() <= 2);
+    host.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_full_mailbox_refuses_at_once() {
+    let cfg = HostConfig { mailbox_len_max: 1, ..HostConfig::default() };
+    let host = host_with(cfg, Arc::new(MemoryStorage::new()));
+    let mut events = events_for("busy");
+    let k = probe("busy");
+    let first = {
+        let host = host.clone();
+        let k = k.clone();
+        tokio::spawn(async move { host.call(&k, sig("block"), T).await })
+    };
+    assert_eq!(events.recv().await.unwrap(), "activate");
+    assert_eq!(events.recv().await.unwrap(), "blocked");
+    host.cast(&k, sig("ok")).await.unwrap();
+    assert!(matches!(host.cast(&k, sig("ok")).await, Err(CallError::MailboxFull(_))));
+    GATE.get().unwrap().add_permits(1);
+    assert_eq!(first.await.unwrap().unwrap(), 1);
+    host.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_write_fenced_by_a_newer_epoch_stops_the_activation() {
+    let storage = Arc::new(MemoryStorage::new());
+    let host = host_with(HostConfig::default(), storage.clone());
+    let k = key("fenced");
+    host.call(&k, add(1), T).await.unwrap();
+    // Another owner takes the shard over at a newer epoch and writes.
+    let shard = crate::placement::shard_of(&k, crate::placement::SHARD_COUNT_DEFAULT);
+    let rev = storage.get(&k).await.unwrap().unwrap().revision;
+    storage.put(&k, Bytes::from_static(br#"{"value":100}"#), rev, Fence { shard, epoch: 2 }).await.unwrap();
+    let e = host.call(&k, add(1), T).await.unwrap_err();
+    assert!(matches!(e, CallError::Storage(StorageError::Fenced { current: 2, .. })), "{e}");
+    assert!(!host.is_active(&k), "a fenced activation stops");
+    host.shutdown().await;
+}
+
+#[derive(Default, Serialize, Deserialize)]
+struct Lazy {
+    n: i64,
+}
+
+impl Agent for Lazy {
+    const TYPE: &'static str = "lazy";
+    const PERSISTENCE: Persistence = Persistence::OnPassivate;
+
+    async fn handle(&mut self, _ctx: &mut Ctx, _signal: Signal) -> Result<Reply, AgentError> {
+        self.n += 1;
+        Ok(self.n.into())
+    }
+}
+
+#[tokio::test]
+async fn on_passivate_persistence_writes_at_shutdown_only() {
+    let storage = Arc::new(MemoryStorage::new());
+    let host = HostBuilder::new(HostConfig::default(), storage.clone()).agent::<Lazy>().build();
+    let k = Key::new("lazy", "1");
+    for _ in 0..3 {
+        host.call(&k, sig("x"), T).await.unwrap();
+    }
+    assert_eq!(storage.get(&k).await.unwrap(), None, "nothing written yet");
+    host.shutdown().await;
+    #[derive(Deserialize)]
+    struct N {
+        n: i64,
+    }
+    let stored: N = serde_json::from_slice(&storage.get(&k).await.unwrap().unwrap().value).unwrap();
+    assert_eq!(stored.n, 3);
+}
