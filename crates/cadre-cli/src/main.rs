@@ -1,6 +1,7 @@
 //! The `cadre` binary: run a node, inspect a cluster, run the demo and the benchmarks.
 
 mod bench;
+mod bench_agents;
 mod bench_bus;
 mod bench_router;
 mod demo;
@@ -76,6 +77,11 @@ enum BenchCmd {
         seconds: f64,
         #[arg(long, default_value_t = 100)]
         payload: usize,
+    },
+    /// Agents on one node (memory storage): activations/s, local calls against raw channel actors.
+    Agents {
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
     },
     /// Publishing on the node-local bus to a channel subscriber, against a bare tokio channel.
     Bus {
@@ -315,6 +321,10 @@ fn main() -> ExitCode {
             init_logging("warn");
             // On a worker thread, like application code; raw baselines run in the same task.
             rt.block_on(async move { tokio::spawn(bench::transport(seconds, payload)).await? })
+        }
+        Cmd::Bench { which: BenchCmd::Agents { seconds } } => {
+            init_logging("warn");
+            rt.block_on(async move { tokio::spawn(bench_agents::run(seconds)).await? })
         }
         Cmd::Bench { which: BenchCmd::Bus { seconds, routes } } => {
             init_logging("warn");
