@@ -44,6 +44,8 @@ enum Cmd {
     },
     /// Send one signal (structured mode) to a node's `POST /v1/signals`; prints the accepted id.
     Send(SendArgs),
+    /// Call an agent: send one signal to TYPE/ID and print the reply.
+    Call(CallArgs),
     /// Routing tables.
     Routes {
         #[command(subcommand)]
@@ -98,6 +100,26 @@ enum BenchCmd {
         #[arg(long, default_value_t = 1_000_000)]
         lookups: usize,
     },
+}
+
+#[derive(Args)]
+struct CallArgs {
+    /// HTTP address of a node.
+    #[arg(long, default_value = "127.0.0.1:8101", env = "CADRE_HTTP")]
+    http: String,
+    /// Agent type, e.g. `counter`.
+    #[arg(value_name = "TYPE")]
+    agent_type: String,
+    /// Agent id.
+    id: String,
+    /// Signal type, e.g. `counter.add`.
+    signal_type: String,
+    /// JSON data.
+    #[arg(long)]
+    data: Option<String>,
+    /// Do not wait for the handler (`?mode=cast`).
+    #[arg(long)]
+    cast: bool,
 }
 
 #[derive(Args)]
@@ -249,17 +271,49 @@ async fn status(http: &str) -> Result<()> {
     Ok(())
 }
 
-async fn send(args: SendArgs) -> Result<()> {
-    use cadre::signal::{codec, new_id, now, Signal};
-    let addr = resolve(&args.http)?;
-    let mut s = Signal::bare(args.id.unwrap_or_else(new_id), args.source, args.ty);
-    s.subject = args.subject;
+/// A signal from the command line: fresh id, the time, JSON data if given.
+fn cli_signal(source: String, ty: String, data: Option<String>) -> Result<cadre::signal::Signal> {
+    use cadre::signal::{new_id, now, Data, Signal};
+    let mut s = Signal::bare(new_id(), source, ty);
     s.time = Some(now());
-    if let Some(text) = args.data {
+    if let Some(text) = data {
         let v: serde_json::Value = serde_json::from_str(&text).context("--data is not JSON")?;
         s.datacontenttype = Some("application/json".into());
-        s.data = Some(cadre::signal::Data::Json(v));
+        s.data = Some(Data::Json(v));
     }
+    s.validate()?;
+    Ok(s)
+}
+
+async fn call(args: CallArgs) -> Result<()> {
+    use cadre::signal::codec;
+    let addr = resolve(&args.http)?;
+    let s = cli_signal("cadre-cli".into(), args.signal_type, args.data)?;
+    let path = format!(
+        "/v1/agents/{}/{}{}",
+        percent_encoding::utf8_percent_encode(&args.agent_type, percent_encoding::NON_ALPHANUMERIC),
+        percent_encoding::utf8_percent_encode(&args.id, percent_encoding::NON_ALPHANUMERIC),
+        if args.cast { "?mode=cast" } else { "" }
+    );
+    let body = bytes::Bytes::from(codec::encode_structured(&s));
+    let (status, body) =
+        cadre::api::client::post(addr, &path, codec::CONTENT_TYPE_STRUCTURED, body, Duration::from_secs(30)).await?;
+    let text = String::from_utf8_lossy(&body);
+    if status != 200 && status != 202 {
+        bail!("the node answered {status}: {text}");
+    }
+    println!("{text}");
+    Ok(())
+}
+
+async fn send(args: SendArgs) -> Result<()> {
+    use cadre::signal::codec;
+    let addr = resolve(&args.http)?;
+    let mut s = cli_signal(args.source, args.ty, args.data)?;
+    if let Some(id) = args.id {
+        s.id = id;
+    }
+    s.subject = args.subject;
     s.validate()?;
     let body = bytes::Bytes::from(codec::encode_structured(&s));
     let (status, body) =
@@ -305,6 +359,7 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Send(args) => rt.block_on(send(args)),
+        Cmd::Call(args) => rt.block_on(call(args)),
         Cmd::Status { http } => rt.block_on(status(&http)),
         Cmd::Routes { which: RoutesCmd::Check { file } } => match routes_check(&file) {
             Ok(()) => Ok(()),

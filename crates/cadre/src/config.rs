@@ -82,6 +82,7 @@ pub struct Config {
     pub net: NetConfig,
     pub membership: MembershipConfig,
     pub signals: SignalsConfig,
+    pub agents: AgentsConfig,
 }
 
 impl Default for Config {
@@ -100,6 +101,7 @@ impl Default for Config {
             net: NetConfig::default(),
             membership: MembershipConfig::default(),
             signals: SignalsConfig::default(),
+            agents: AgentsConfig::default(),
         }
     }
 }
@@ -285,6 +287,55 @@ impl Default for SignalsConfig {
     }
 }
 
+/// Keyed agents on the node.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentsConfig {
+    /// Signals queued per agent; a call to a full mailbox is refused at once (HTTP 503).
+    pub mailbox_len_max: usize,
+    /// An agent that handles nothing for this long is passivated (stored and stopped).
+    pub idle_timeout_ms: u64,
+    /// Active agents on the node; beyond it the least recently used is passivated.
+    pub agents_active_max: usize,
+    /// Restarts (fatal errors, panics) allowed within `restart_window_ms`; one more stops the agent.
+    pub restarts_max: u32,
+    pub restart_window_ms: u64,
+    /// Time a call over HTTP waits for its reply (HTTP 504 after).
+    pub call_timeout_ms: u64,
+}
+
+impl Default for AgentsConfig {
+    fn default() -> Self {
+        Self {
+            mailbox_len_max: 1024,
+            idle_timeout_ms: 120_000,
+            agents_active_max: 1_000_000,
+            restarts_max: 3,
+            restart_window_ms: 60_000,
+            call_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl AgentsConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        positive("agents.idle_timeout_ms", self.idle_timeout_ms)?;
+        positive("agents.restart_window_ms", self.restart_window_ms)?;
+        positive("agents.call_timeout_ms", self.call_timeout_ms)?;
+        for (field, value) in
+            [("agents.mailbox_len_max", self.mailbox_len_max), ("agents.agents_active_max", self.agents_active_max)]
+        {
+            if value == 0 || value > SIGNALS_COUNT_MAX {
+                return Err(invalid(field, format!("must be within 1..={SIGNALS_COUNT_MAX}")));
+            }
+        }
+        if self.restarts_max > 1000 {
+            return Err(invalid("agents.restarts_max", "must be at most 1000"));
+        }
+        Ok(())
+    }
+}
+
 /// Upper bound of the signals section's counts (queue lengths, subscriptions, journal entries).
 const SIGNALS_COUNT_MAX: usize = 10_000_000;
 /// Upper bound of the signals section's byte budgets (64 GiB).
@@ -377,7 +428,8 @@ impl Config {
         }
         self.net.validate()?;
         self.membership.validate()?;
-        self.signals.validate()
+        self.signals.validate()?;
+        self.agents.validate()
     }
 
     /// The `source` of signals this node makes.

@@ -260,6 +260,11 @@ impl Host {
         self.sender(key).await.map(|_| ())
     }
 
+    /// Whether agents of this type can run here.
+    pub fn has_type(&self, ty: &str) -> bool {
+        self.inner.types.contains_key(ty)
+    }
+
     /// Whether the agent is active here.
     pub fn is_active(&self, key: &Key) -> bool {
         matches!(self.inner.lock().slots.get(key), Some(Slot::Active { .. }))

@@ -6,10 +6,12 @@
 //! - `GET /readyz`: 200 once the node has joined a cluster (or formed one alone), else 503
 //! - `GET /metrics`: Prometheus text
 //! - signals, subscriptions, dead letters and traces: see [`signals`]
+//! - agent calls, lookups and stops: see [`agents`]
 //!
 //! Connections are limited by `API_CONNECTIONS_MAX` (more wait in the kernel's accept backlog) and
 //! requests in flight by `API_REQUESTS_IN_FLIGHT_MAX` (more wait for a slot).
 
+pub mod agents;
 pub mod client;
 pub mod signals;
 
@@ -51,6 +53,9 @@ pub struct ApiState {
     pub metrics: Metrics,
     pub bus: crate::bus::Bus,
     pub ingress_body_bytes_max: usize,
+    pub agents: crate::agent::Host,
+    pub node_name: String,
+    pub call_timeout: Duration,
 }
 
 /// One member as shown by `GET /v1/cluster/members`.
@@ -88,6 +93,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/subscriptions", get(signals::list_subscriptions).post(signals::post_subscription))
         .route("/v1/subscriptions/{id}", axum::routing::delete(signals::delete_subscription))
         .route("/v1/deadletters", get(signals::deadletters))
+        .route("/v1/agents/{type}/{id}", get(agents::lookup).post(agents::call).delete(agents::stop))
         .fallback(signals::not_found)
         .method_not_allowed_fallback(signals::method_not_allowed)
         .layer(tower::limit::ConcurrencyLimitLayer::new(API_REQUESTS_IN_FLIGHT_MAX))

@@ -73,7 +73,7 @@ fn invalid_signal(s: &ApiState, e: &SignalError) -> Response {
 }
 
 /// Reads a body up to `limit` bytes; a larger one is a 413 problem.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<bytes::Bytes, Response> {
+pub(crate) async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<bytes::Bytes, Response> {
     let too_large = || {
         problem(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -112,6 +112,22 @@ fn decode(headers: &HeaderMap, body: &[u8]) -> Result<Result<Vec<Signal>, Signal
             other.unwrap_or("(none)")
         )),
     }
+}
+
+/// One signal in structured or binary mode (agent calls), or the problem to answer.
+pub(crate) fn decode_one(s: &ApiState, headers: &HeaderMap, body: &[u8]) -> Result<Signal, Response> {
+    let decoded = match media_type(headers).as_deref() {
+        Some(CONTENT_TYPE_STRUCTURED) => codec::decode_structured(body),
+        _ if codec::is_binary_mode(headers) => codec::decode_binary(headers, body),
+        other => {
+            let detail = format!(
+                "content type {:?} is not {CONTENT_TYPE_STRUCTURED}, and there is no ce-specversion header (binary mode)",
+                other.unwrap_or("(none)")
+            );
+            return Err(problem(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type", detail, json!({})));
+        }
+    };
+    decoded.map_err(|e| invalid_signal(s, &e))
 }
 
 pub async fn post_signals(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Response {

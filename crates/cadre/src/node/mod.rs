@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::agent::{Agent, Host, HostBuilder, HostConfig};
 use crate::bus::{Bus, RoutesError};
 use crate::config::{Config, ConfigError};
 use crate::membership::task::{self as membership_task, Input, Membership, View};
@@ -26,6 +27,7 @@ use crate::membership::{Core, NodeMeta};
 use crate::metrics::Metrics;
 use crate::net::{AskError, Handler, Network, PeerInfo, SendError, Transport, TransportConfig};
 use crate::router::table::Table;
+use crate::storage::Storage;
 use crate::wire::{Lane, Msg, OutMsg};
 
 /// Time allowed for queued messages (the leave notices among them) to drain at shutdown.
@@ -43,6 +45,8 @@ pub enum NodeError {
     DataDir { path: String, source: std::io::Error },
     #[error("routes: {0}")]
     Routes(#[from] RoutesError),
+    #[error("storage: {0}")]
+    Storage(#[from] crate::storage::StorageError),
 }
 
 /// Receives application messages on the data lane. Called on transport reader tasks: must not block.
@@ -97,6 +101,7 @@ pub struct Node {
     membership: Membership,
     metrics: Metrics,
     bus: Bus,
+    agents: Host,
     http: Option<SocketAddr>,
     cancel: CancellationToken,
     tasks: TaskTracker,
@@ -108,13 +113,38 @@ pub struct NodeOptions {
     pub data: Arc<dyn DataHandler>,
     /// Routes to subscribe at start (`--routes FILE`); every target a dispatch configuration.
     pub routes: Option<Table>,
+    /// Agent types besides the built-in `counter` (see [`NodeOptions::agent`]).
+    pub agent_types: Vec<fn(HostBuilder) -> HostBuilder>,
+    /// Where agent state lives; default a redb file under the data dir, or memory without one.
+    pub storage: Option<Arc<dyn Storage>>,
 }
 
 impl Default for NodeOptions {
     fn default() -> Self {
-        Self { net: Arc::new(crate::net::TokioNet), data: Arc::new(Echo::default()), routes: None }
+        Self {
+            net: Arc::new(crate::net::TokioNet),
+            data: Arc::new(Echo::default()),
+            routes: None,
+            agent_types: Vec::new(),
+            storage: None,
+        }
     }
 }
+
+fn register<A: Agent>(b: HostBuilder) -> HostBuilder {
+    b.agent::<A>()
+}
+
+impl NodeOptions {
+    /// Registers an agent type.
+    pub fn agent<A: Agent>(mut self) -> Self {
+        self.agent_types.push(register::<A>);
+        self
+    }
+}
+
+/// The file of the embedded store under the data dir.
+pub const STATE_FILE: &str = "state.redb";
 
 impl Node {
     pub async fn start(cfg: Config, opts: NodeOptions) -> Result<Node, NodeError> {
@@ -125,12 +155,30 @@ impl Node {
         };
         let rng_seed = cfg.rng_seed.unwrap_or_else(rand::random);
         let metrics = Metrics::new();
+        let storage: Arc<dyn Storage> = match (opts.storage, &cfg.data_dir) {
+            (Some(s), _) => s,
+            (None, Some(dir)) => Arc::new(crate::storage::embedded::RedbStorage::open(&dir.join(STATE_FILE))?),
+            (None, None) => Arc::new(crate::storage::memory::MemoryStorage::new()),
+        };
+        let host_cfg = HostConfig {
+            mailbox_len_max: cfg.agents.mailbox_len_max,
+            idle_timeout_ms: cfg.agents.idle_timeout_ms,
+            agents_active_max: cfg.agents.agents_active_max,
+            restarts_max: cfg.agents.restarts_max,
+            restart_window_ms: cfg.agents.restart_window_ms,
+        };
+        let mut agents = HostBuilder::new(host_cfg, storage).agent::<crate::agent::counter::Counter>();
+        for register in &opts.agent_types {
+            agents = register(agents);
+        }
+        let agents = agents.build();
         let source = cfg.signal_source();
         crate::signal::set_default_source(&source);
         let bus = Bus::new(cfg.signals.clone(), &source, &metrics);
         if let Some(table) = &opts.routes {
             if let Err(e) = bus.subscribe_table(table) {
                 bus.shutdown().await;
+                agents.shutdown().await;
                 return Err(e.into());
             }
         }
@@ -147,6 +195,7 @@ impl Node {
             Ok(t) => t,
             Err(source) => {
                 bus.shutdown().await;
+                agents.shutdown().await;
                 return Err(NodeError::Bind { what: "transport", addr: cfg.listen, source });
             }
         };
@@ -158,6 +207,7 @@ impl Node {
                 Err(source) => {
                     // Nothing may keep running after a failed start.
                     bus.shutdown().await;
+                    agents.shutdown().await;
                     transport.abort().await;
                     return Err(NodeError::Bind { what: "http", addr, source });
                 }
@@ -199,11 +249,14 @@ impl Node {
                 metrics: metrics.clone(),
                 bus: bus.clone(),
                 ingress_body_bytes_max: cfg.signals.ingress_body_bytes_max,
+                agents: agents.clone(),
+                node_name: cfg.name.clone(),
+                call_timeout: Duration::from_millis(cfg.agents.call_timeout_ms),
             };
             tasks.spawn(crate::api::serve(listener, state, cancel.clone()));
         }
         info!(name = %cfg.name, addr = %transport.local().addr, http = ?http, incarnation, "node started");
-        Ok(Node { cfg, transport, membership, metrics, bus, http, cancel, tasks })
+        Ok(Node { cfg, transport, membership, metrics, bus, agents, http, cancel, tasks })
     }
 
     pub fn name(&self) -> &str {
@@ -233,6 +286,10 @@ impl Node {
     pub fn bus(&self) -> &Bus {
         &self.bus
     }
+    /// The agents active on this node.
+    pub fn agents(&self) -> &Host {
+        &self.agents
+    }
 
     pub fn tell(&self, to: SocketAddr, payload: Bytes) -> Result<(), SendError> {
         self.transport.try_send(to, Lane::Data, Msg::Tell(payload))
@@ -246,6 +303,8 @@ impl Node {
     pub async fn shutdown(self) {
         self.membership.leave().await;
         self.transport.shutdown(Duration::from_millis(SHUTDOWN_FLUSH_MS)).await;
+        // Agents first: passivating stores their state, and they may still publish.
+        self.agents.shutdown().await;
         self.bus.shutdown().await;
         self.cancel.cancel();
         self.tasks.close();
@@ -256,6 +315,8 @@ impl Node {
     /// Abrupt stop, as a crash: no leave, no flush.
     pub async fn kill(self) {
         self.cancel.cancel();
+        // Caveat: agents still passivate (and store) here; a real crash would not.
+        self.agents.shutdown().await;
         self.bus.shutdown().await;
         self.transport.abort().await;
         self.tasks.close();

@@ -1,0 +1,101 @@
+//! Agents over HTTP on one in-process node: calls, casts, lookups, stops and their errors.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cadre::api::client::{self, Method};
+use cadre::config::{Config, Secret};
+use cadre::node::{Node, NodeOptions};
+use cadre::signal::codec::{encode_binary, encode_structured, CONTENT_TYPE_STRUCTURED};
+use cadre::signal::Signal;
+
+const T: Duration = Duration::from_secs(10);
+
+async fn start() -> (Node, SocketAddr) {
+    let cfg = Config {
+        name: "a1".into(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http: Some("127.0.0.1:0".parse().unwrap()),
+        secret: Secret::new("agents-http-test-secret"),
+        ..Config::default()
+    };
+    let node = Node::start(cfg, NodeOptions::default()).await.unwrap();
+    let http = node.http_addr().unwrap();
+    (node, http)
+}
+
+async fn post(http: SocketAddr, path: &str, s: &Signal) -> (u16, serde_json::Value) {
+    let (status, body) =
+        client::post(http, path, CONTENT_TYPE_STRUCTURED, Bytes::from(encode_structured(s)), T).await.unwrap();
+    (status, serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null))
+}
+
+fn add(n: i64) -> Signal {
+    Signal::new("counter.add", serde_json::json!(n))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_answer_over_http() {
+    let (node, http) = start().await;
+    let (status, body) = post(http, "/v1/agents/counter/c1", &add(5)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, serde_json::json!({"reply": 5, "node": "a1", "epoch": 1}));
+    // Binary mode too.
+    let (headers, payload) = encode_binary(&add(2));
+    let headers: Vec<(String, String)> =
+        headers.iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string())).collect();
+    let refs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let (status, body) = client::request(http, Method::POST, "/v1/agents/counter/c1", &refs, payload, T).await.unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&body).unwrap()["reply"], 7);
+    // A cast is accepted; the next call sees it (the mailbox is in order).
+    let (status, body) = post(http, "/v1/agents/counter/c1?mode=cast", &add(3)).await;
+    assert_eq!(status, 202, "{body}");
+    let (_, body) = post(http, "/v1/agents/counter/c1", &Signal::new("counter.get", serde_json::json!(null))).await;
+    assert_eq!(body["reply"], 10);
+
+    let (status, body) = client::get(http, "/v1/agents/counter/c1", T).await.unwrap();
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (v["type"].as_str(), v["id"].as_str(), v["owner"].as_str(), v["active"].as_bool()),
+        (Some("counter"), Some("c1"), Some("a1"), Some(true))
+    );
+    assert!(v["shard"].as_u64().unwrap() < 256);
+
+    let (status, _) =
+        client::request(http, Method::DELETE, "/v1/agents/counter/c1", &[], Bytes::new(), T).await.unwrap();
+    assert_eq!(status, 204);
+    let (status, _) =
+        client::request(http, Method::DELETE, "/v1/agents/counter/never", &[], Bytes::new(), T).await.unwrap();
+    assert_eq!(status, 404);
+    // Stopped, then activated again from its stored state.
+    let (_, body) = post(http, "/v1/agents/counter/c1", &add(1)).await;
+    assert_eq!(body["reply"], 11);
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_errors_are_problems() {
+    let (node, http) = start().await;
+    let (status, body) = post(http, "/v1/agents/nope/x", &add(1)).await;
+    assert_eq!((status, body["type"].as_str()), (404, Some("urn:cadre:problem:unknown-agent-type")));
+    let (status, _) = client::get(http, "/v1/agents/nope/x", T).await.unwrap();
+    assert_eq!(status, 404);
+    let (status, body) = post(http, "/v1/agents/counter/c", &Signal::new("counter.add", serde_json::json!("x"))).await;
+    assert_eq!((status, body["type"].as_str()), (422, Some("urn:cadre:problem:handler-error")));
+    let (status, body) = post(http, "/v1/agents/counter/c?mode=sideways", &add(1)).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) =
+        client::post(http, "/v1/agents/counter/c", CONTENT_TYPE_STRUCTURED, Bytes::from_static(b"{}"), T)
+            .await
+            .unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((status, body["attribute"].as_str()), (400, Some("specversion")));
+    let (status, _) =
+        client::post(http, "/v1/agents/counter/c", "text/plain", Bytes::from_static(b"hi"), T).await.unwrap();
+    assert_eq!(status, 415);
+    assert_eq!(client::get(http, "/healthz", T).await.unwrap().0, 200);
+    node.shutdown().await;
+}
