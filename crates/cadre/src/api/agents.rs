@@ -11,6 +11,9 @@
 //!
 //! Until placement exists, the owner is always this node and the epoch 1.
 
+// Helpers return the response to send as their error; it is sent at once, never stored.
+#![allow(clippy::result_large_err)]
+
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};

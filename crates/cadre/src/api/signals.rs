@@ -20,6 +20,9 @@
 //! subscribers (the problem's `detail` says how many) and is in the journal; retrying it can
 //! deliver it twice to those. Receivers de-duplicate by id.
 
+// Helpers return the response to send as their error; it is sent at once, never stored.
+#![allow(clippy::result_large_err)]
+
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
