@@ -11,9 +11,13 @@
 //!   passivation only ([`Persistence::OnPassivate`]). A write refused by the store (`Conflict`,
 //!   `Fenced`: another activation wrote) fails the call and stops this activation.
 //! - **Errors**: a handler `Err(AgentError::Failed)` fails that call and rolls the state back to
-//!   what was last stored (a call is all or nothing). `Err(AgentError::Fatal)` or a panic restarts
-//!   the agent from its stored state; more than `restarts_max` restarts within
+//!   the last good state (a call is all or nothing): what was stored, or for
+//!   [`Persistence::OnPassivate`] the state before the call. `Err(AgentError::Fatal)` or a panic
+//!   restarts the agent from that state; more than `restarts_max` restarts within
 //!   `restart_window_ms` stop it, failing the calls in its mailbox with [`CallError::Crashed`].
+//!   A rollback decodes the state again, so fields not stored (`serde(skip)`) are reset;
+//!   `on_activate` runs again after every rollback to set them up. Hooks that panic are logged.
+//!   Caveat: the restart count lives with the activation; a new activation starts at zero.
 //! - **Passivation**: after `idle_timeout_ms` without a signal, when more than
 //!   `agents_active_max` are active (least recently used first), on [`Host::stop`], and at
 //!   shutdown: `on_passivate`, store, exit.
@@ -31,6 +35,8 @@
 pub mod counter;
 
 use std::collections::{BTreeMap, HashMap};
+
+use rustc_hash::FxHashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
@@ -68,9 +74,19 @@ pub enum AgentError {
 
 /// What a handler can see of its activation.
 pub struct Ctx {
-    pub key: Key,
+    key: Key,
+    revision: Revision,
+}
+
+impl Ctx {
+    pub fn key(&self) -> &Key {
+        &self.key
+    }
+
     /// Revision of the stored state (0: never stored).
-    pub revision: Revision,
+    pub fn revision(&self) -> Revision {
+        self.revision
+    }
 }
 
 /// An agent type. The value is the state.
@@ -103,6 +119,8 @@ pub enum Persistence {
 pub enum CallError {
     #[error("unknown agent type {0:?}")]
     UnknownType(String),
+    #[error("invalid key: {0}")]
+    InvalidKey(String),
     #[error("the mailbox of {0} is full")]
     MailboxFull(String),
     #[error("no reply within {0:?}")]
@@ -162,7 +180,9 @@ enum Slot {
 
 #[derive(Default)]
 struct Table {
-    slots: HashMap<Key, Slot>,
+    /// FxHash: keys are hashed on every call, and they are not attacker-chosen map sizes (the
+    /// active limit bounds them).
+    slots: FxHashMap<Key, Slot>,
     /// Active keys by last use, for least-recently-used passivation.
     lru: BTreeMap<u64, Key>,
     next_tick: u64,
@@ -190,6 +210,7 @@ pub struct HostBuilder {
 
 impl HostBuilder {
     pub fn new(cfg: HostConfig, storage: Arc<dyn Storage>) -> Self {
+        assert!(cfg.mailbox_len_max > 0 && cfg.agents_active_max > 0, "host limits must be positive: {cfg:?}");
         let fence: FenceFn = Arc::new(|k: &Key| Fence {
             shard: crate::placement::shard_of(k, crate::placement::SHARD_COUNT_DEFAULT),
             epoch: 1,
@@ -241,13 +262,15 @@ impl HostInner {
 impl Host {
     /// Sends `signal` to the agent `key` (activating it) and waits for the reply.
     pub async fn call(&self, key: &Key, signal: Signal, timeout: Duration) -> Result<Reply, CallError> {
-        let (tx, rx) = oneshot::channel();
-        self.send(key, Msg::Call { signal: Box::new(signal), reply: Some(tx) }).await?;
-        match tokio::time::timeout(timeout, rx).await {
-            Err(_) => Err(CallError::Timeout(timeout)),
-            Ok(Err(_)) => Err(CallError::Unavailable("the activation ended without replying".into())),
-            Ok(Ok(r)) => r,
-        }
+        let call = async {
+            let (tx, rx) = oneshot::channel();
+            self.send(key, Msg::Call { signal: Box::new(signal), reply: Some(tx) }).await?;
+            match rx.await {
+                Err(_) => Err(CallError::Unavailable("the activation ended without replying".into())),
+                Ok(r) => r,
+            }
+        };
+        tokio::time::timeout(timeout, call).await.unwrap_or(Err(CallError::Timeout(timeout)))
     }
 
     /// Sends `signal` without waiting for the handler.
@@ -286,7 +309,11 @@ impl Host {
 
     /// Passivates every agent and waits for their last writes.
     pub async fn shutdown(&self) {
-        self.inner.cancel.cancel();
+        {
+            // Under the table lock: no activation is spawned after this (see `sender`).
+            let _table = self.inner.lock();
+            self.inner.cancel.cancel();
+        }
         self.inner.tasks.close();
         self.inner.tasks.wait().await;
     }
@@ -309,12 +336,13 @@ impl Host {
     async fn sender(&self, key: &Key) -> Result<mpsc::Sender<Msg>, CallError> {
         let inner = &self.inner;
         let spawn = inner.types.get(key.ty.as_str()).ok_or_else(|| CallError::UnknownType(key.ty.clone()))?;
+        key.check().map_err(|e| CallError::InvalidKey(e.to_string()))?;
         loop {
-            if inner.cancel.is_cancelled() {
-                return Err(CallError::Unavailable("the node is shutting down".into()));
-            }
             let found = {
                 let mut t = inner.lock();
+                if inner.cancel.is_cancelled() {
+                    return Err(CallError::Unavailable("the node is shutting down".into()));
+                }
                 let tick = t.next_tick;
                 t.next_tick += 1;
                 match t.slots.get_mut(key) {
@@ -332,29 +360,35 @@ impl Host {
                         t.slots.insert(key.clone(), Slot::Active { tx: tx.clone(), tick });
                         t.lru.insert(tick, key.clone());
                         spawn(inner.clone(), key.clone(), rx);
-                        // Over the limit: the least recently used other agent passivates.
-                        let victim = if t.lru.len() > inner.cfg.agents_active_max {
-                            t.lru.iter().find(|(_, k)| *k != key).and_then(|(_, k)| match t.slots.get(k) {
-                                Some(Slot::Active { tx, .. }) => Some(tx.clone()),
-                                _ => None,
-                            })
-                        } else {
-                            None
-                        };
-                        Found::New(tx, victim)
+                        // Over the limit: the least recently used others passivate. They leave the
+                        // LRU order now, so the next activation picks another.
+                        let mut victims = Vec::new();
+                        while t.lru.len() > inner.cfg.agents_active_max {
+                            let Some((&tick, k)) = t.lru.iter().find(|(_, k)| *k != key) else { break };
+                            let k = k.clone();
+                            t.lru.remove(&tick);
+                            if let Some(Slot::Active { tx, .. }) = t.slots.get(&k) {
+                                victims.push(tx.clone());
+                            }
+                        }
+                        Found::New(tx, victims)
                     }
                 }
             };
-            let (tx, victim) = match found {
+            let (tx, victims) = match found {
                 Found::Active(tx) => return Ok(tx),
                 Found::Stopping(wait) => {
-                    wait.await;
-                    continue;
+                    tokio::select! {
+                        _ = wait => continue,
+                        _ = inner.cancel.cancelled() => {
+                            return Err(CallError::Unavailable("the node is shutting down".into()));
+                        }
+                    }
                 }
-                Found::New(tx, victim) => (tx, victim),
+                Found::New(tx, victims) => (tx, victims),
             };
-            if let Some(v) = victim {
-                // A full mailbox will get there by idling; never wait on it here.
+            for v in victims {
+                // A full mailbox gets there by idling instead; never wait on it here.
                 let _ = v.try_send(Msg::Stop);
             }
             return Ok(tx);
@@ -365,7 +399,7 @@ impl Host {
 enum Found {
     Active(mpsc::Sender<Msg>),
     Stopping(tokio::sync::futures::OwnedNotified),
-    New(mpsc::Sender<Msg>, Option<mpsc::Sender<Msg>>),
+    New(mpsc::Sender<Msg>, Vec<mpsc::Sender<Msg>>),
 }
 
 /// Marks `key` as stopping (no new sends find it) and returns what to notify when gone.
@@ -401,12 +435,14 @@ impl<A: Agent> Live<A> {
         let found = host.storage.get(key).await.map_err(CallError::Storage)?;
         let (stored, revision) = found.map(|v| (v.value, v.revision)).unwrap_or_default();
         let agent = decode::<A>(&stored).map_err(CallError::Unavailable)?;
+        // An absent key counts as storing the default: reading it writes nothing.
+        let stored = if revision == 0 { encode(&agent).map_err(CallError::Unavailable)? } else { stored };
         Ok(Live { agent, ctx: Ctx { key: key.clone(), revision }, stored, restarts: Vec::new() })
     }
 
     /// Stores the state if it changed.
     async fn persist(&mut self, host: &HostInner) -> Result<(), StorageError> {
-        let bytes = Bytes::from(serde_json::to_vec(&self.agent).map_err(|e| StorageError::Backend(e.to_string()))?);
+        let bytes = encode(&self.agent).map_err(StorageError::Backend)?;
         if bytes == self.stored {
             return Ok(());
         }
@@ -416,19 +452,43 @@ impl<A: Agent> Live<A> {
         Ok(())
     }
 
-    fn rollback(&mut self) {
-        // What was stored decoded once already; it decodes again.
-        self.agent = decode::<A>(&self.stored).unwrap_or_default();
+    /// Where a failed call goes back to: the stored state, or (when storing only at passivation)
+    /// the state before the call, so acknowledged calls are not undone.
+    fn rollback_point(&self) -> Result<Option<Bytes>, String> {
+        match A::PERSISTENCE {
+            Persistence::WriteThrough => Ok(None),
+            Persistence::OnPassivate => encode(&self.agent).map(Some),
+        }
+    }
+
+    fn rollback(&mut self, to: Option<&Bytes>) -> Result<(), String> {
+        self.agent = decode::<A>(to.unwrap_or(&self.stored))?;
+        Ok(())
     }
 
     /// Records a restart; false when over the limit.
-    fn restart(&mut self, cfg: &HostConfig) -> bool {
+    fn count_restart(&mut self, cfg: &HostConfig) -> bool {
         let now = Instant::now();
         let window = Duration::from_millis(cfg.restart_window_ms);
         self.restarts.retain(|t| now.duration_since(*t) < window);
         self.restarts.push(now);
-        self.rollback();
         self.restarts.len() as u32 <= cfg.restarts_max
+    }
+}
+
+/// The state as stored; a `Serialize` that fails or panics is an error, not a crash.
+fn encode<A: Agent>(agent: &A) -> Result<Bytes, String> {
+    match std::panic::catch_unwind(AssertUnwindSafe(|| serde_json::to_vec(agent))) {
+        Ok(Ok(v)) => Ok(Bytes::from(v)),
+        Ok(Err(e)) => Err(format!("the state of a {} does not serialize: {e}", A::TYPE)),
+        Err(_) => Err(format!("serializing the state of a {} panicked", A::TYPE)),
+    }
+}
+
+/// Runs a lifecycle hook; a panic is logged, not fatal.
+async fn hook(key: &Key, name: &str, fut: impl Future<Output = ()>) {
+    if AssertUnwindSafe(fut).catch_unwind().await.is_err() {
+        warn!(key = ?key, hook = name, "agent hook panicked");
     }
 }
 
@@ -436,7 +496,10 @@ fn decode<A: Agent>(stored: &[u8]) -> Result<A, String> {
     if stored.is_empty() {
         return Ok(A::default());
     }
-    serde_json::from_slice(stored).map_err(|e| format!("stored state of a {} does not decode: {e}", A::TYPE))
+    match std::panic::catch_unwind(|| serde_json::from_slice(stored)) {
+        Ok(r) => r.map_err(|e| format!("stored state of a {} does not decode: {e}", A::TYPE)),
+        Err(_) => Err(format!("decoding the stored state of a {} panicked", A::TYPE)),
+    }
 }
 
 enum Step {
@@ -445,8 +508,23 @@ enum Step {
     Stop(CallError),
 }
 
+/// Ends the key's slot when an activation ends, however it ends (a panic included): without it,
+/// callers would wait on a `Stopping` slot forever.
+struct SlotGuard<'a> {
+    host: &'a HostInner,
+    key: &'a Key,
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        let done = begin_stop(self.host, self.key);
+        end_stop(self.host, self.key, &done);
+    }
+}
+
 /// One activation.
 async fn run<A: Agent>(host: Arc<HostInner>, key: Key, mut rx: mpsc::Receiver<Msg>) {
+    let _slot = SlotGuard { host: &host, key: &key };
     let mut live = match Live::<A>::load(&host, &key).await {
         Ok(l) => l,
         Err(e) => {
@@ -455,15 +533,28 @@ async fn run<A: Agent>(host: Arc<HostInner>, key: Key, mut rx: mpsc::Receiver<Ms
             return;
         }
     };
-    live.agent.on_activate(&mut live.ctx).await;
+    hook(&key, "on_activate", live.agent.on_activate(&mut live.ctx)).await;
     let idle = Duration::from_millis(host.cfg.idle_timeout_ms);
+    // One timer for the activation, moved only when it fires early: re-arming it per signal
+    // would cost a timer-wheel update per call.
+    let mut last_activity = Instant::now();
+    let timer = tokio::time::sleep(idle);
+    tokio::pin!(timer);
     let mut failure = None;
     loop {
         let msg = tokio::select! {
             m = rx.recv() => m,
-            _ = tokio::time::sleep(idle) => None,
+            _ = &mut timer => {
+                let due = last_activity + idle;
+                if Instant::now() < due {
+                    timer.as_mut().reset(due);
+                    continue;
+                }
+                None
+            }
             _ = host.cancel.cancelled() => None,
         };
+        last_activity = Instant::now();
         match msg {
             Some(Msg::Call { signal, reply }) => {
                 if let Step::Stop(e) = handle(&host, &mut live, signal, reply).await {
@@ -489,24 +580,32 @@ async fn run<A: Agent>(host: Arc<HostInner>, key: Key, mut rx: mpsc::Receiver<Ms
         }
     }
     if failure.is_none() {
-        live.agent.on_passivate(&mut live.ctx).await;
+        hook(&key, "on_passivate", live.agent.on_passivate(&mut live.ctx)).await;
         if let Err(e) = live.persist(&host).await {
             warn!(key = ?key, error = %e, "state not stored at passivation");
         }
     }
-    end_stop(&host, &key, &done);
+    drop(done);
+    // `_slot` ends the slot here, after the last write.
 }
 
 /// Ends an activation that never started: queued calls get `error`.
 async fn finish(host: &HostInner, key: &Key, mut rx: mpsc::Receiver<Msg>, error: Option<CallError>) {
-    let done = begin_stop(host, key);
+    begin_stop(host, key);
     rx.close();
+    let mut dropped_casts = 0;
     while let Some(msg) = rx.recv().await {
-        if let (Msg::Call { reply, .. }, Some(e)) = (msg, &error) {
-            send(reply, Err(e.clone()));
+        match (msg, &error) {
+            (Msg::Call { reply: Some(tx), .. }, Some(e)) => {
+                let _ = tx.send(Err(e.clone()));
+            }
+            (Msg::Call { reply: None, .. }, _) => dropped_casts += 1,
+            _ => {}
         }
     }
-    end_stop(host, key, &done);
+    if dropped_casts > 0 {
+        warn!(key = ?key, dropped_casts, "casts dropped: the activation could not start");
+    }
 }
 
 /// Handles one signal and replies.
@@ -516,6 +615,15 @@ async fn handle<A: Agent>(
     signal: Box<Signal>,
     reply: Option<oneshot::Sender<Result<Reply, CallError>>>,
 ) -> Step {
+    let point = match live.rollback_point() {
+        Ok(p) => p,
+        Err(e) => {
+            let e = CallError::Unavailable(e);
+            begin_stop(host, &live.ctx.key);
+            send(reply, Err(e.clone()));
+            return Step::Stop(e);
+        }
+    };
     let outcome = AssertUnwindSafe(async { live.agent.handle(&mut live.ctx, *signal).await }).catch_unwind().await;
     let (result, step) = match outcome {
         Ok(Ok(value)) => match A::PERSISTENCE {
@@ -523,19 +631,23 @@ async fn handle<A: Agent>(
                 Ok(()) => (Ok(value), Step::Go),
                 // Another activation wrote, or the store failed: this one must not go on.
                 Err(e) => {
-                    live.rollback();
                     let e = CallError::Storage(e);
                     (Err(e.clone()), Step::Stop(e))
                 }
             },
             Persistence::OnPassivate => (Ok(value), Step::Go),
         },
-        Ok(Err(AgentError::Failed(m))) => {
-            live.rollback();
-            (Err(CallError::Handler(m)), Step::Go)
-        }
-        Ok(Err(AgentError::Fatal(m))) => restart(host, live, m),
-        Err(_) => restart(host, live, "handler panicked".into()),
+        Ok(Err(AgentError::Failed(m))) => match live.rollback(point.as_ref()) {
+            Ok(()) => {
+                // Fields not stored (`serde(skip)`) came back as defaults: set them up again.
+                let key = live.ctx.key.clone();
+                hook(&key, "on_activate", live.agent.on_activate(&mut live.ctx)).await;
+                (Err(CallError::Handler(m)), Step::Go)
+            }
+            Err(e) => (Err(CallError::Unavailable(e.clone())), Step::Stop(CallError::Unavailable(e))),
+        },
+        Ok(Err(AgentError::Fatal(m))) => restart(host, live, point.as_ref(), m).await,
+        Err(_) => restart(host, live, point.as_ref(), "handler panicked".into()).await,
     };
     if let Step::Stop(_) = step {
         // Before the caller hears of it: a call after this reply finds the key stopping.
@@ -545,13 +657,24 @@ async fn handle<A: Agent>(
     step
 }
 
-fn restart<A: Agent>(host: &HostInner, live: &mut Live<A>, why: String) -> (Result<Reply, CallError>, Step) {
-    warn!(key = ?live.ctx.key, why, "agent restarts from its stored state");
-    if live.restart(&host.cfg) {
-        (Err(CallError::Handler(why)), Step::Go)
-    } else {
-        (Err(CallError::Crashed), Step::Stop(CallError::Crashed))
+/// Restarts the agent from its last good state (and runs `on_activate` again), or stops it when
+/// over the restart limit.
+async fn restart<A: Agent>(
+    host: &HostInner,
+    live: &mut Live<A>,
+    point: Option<&Bytes>,
+    why: String,
+) -> (Result<Reply, CallError>, Step) {
+    warn!(key = ?live.ctx.key, why, "agent restarts from its last good state");
+    if !live.count_restart(&host.cfg) {
+        return (Err(CallError::Crashed), Step::Stop(CallError::Crashed));
     }
+    if let Err(e) = live.rollback(point) {
+        return (Err(CallError::Unavailable(e.clone())), Step::Stop(CallError::Unavailable(e)));
+    }
+    let key = live.ctx.key.clone();
+    hook(&key, "on_activate", live.agent.on_activate(&mut live.ctx)).await;
+    (Err(CallError::Handler(why)), Step::Go)
 }
 
 fn send(reply: Option<oneshot::Sender<Result<Reply, CallError>>>, result: Result<Reply, CallError>) {

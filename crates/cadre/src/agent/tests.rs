@@ -92,7 +92,7 @@ fn events_for(id: &str) -> mpsc::UnboundedReceiver<String> {
 }
 
 fn emit(ctx: &Ctx, what: &str) {
-    if let Some(tx) = EVENTS.get_or_init(Default::default).lock().unwrap().get(&ctx.key.id) {
+    if let Some(tx) = EVENTS.get_or_init(Default::default).lock().unwrap().get(&ctx.key().id) {
         let _ = tx.send(what.to_string());
     }
 }
@@ -251,4 +251,158 @@ async fn on_passivate_persistence_writes_at_shutdown_only() {
     }
     let stored: N = serde_json::from_slice(&storage.get(&k).await.unwrap().unwrap().value).unwrap();
     assert_eq!(stored.n, 3);
+}
+
+static ACT_PANICS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Panics in its hooks on request; keeps a field that is not stored.
+#[derive(Default, Serialize, Deserialize)]
+struct Grumpy {
+    n: i64,
+    #[serde(skip)]
+    conn: Option<String>,
+}
+
+impl Agent for Grumpy {
+    const TYPE: &'static str = "grumpy";
+
+    async fn handle(&mut self, _ctx: &mut Ctx, signal: Signal) -> Result<Reply, AgentError> {
+        self.n += 1;
+        match signal.ty.as_str() {
+            "fail" => Err(AgentError::Failed("refused".into())),
+            "conn" => Ok(serde_json::json!(self.conn)),
+            _ => Ok(self.n.into()),
+        }
+    }
+
+    async fn on_activate(&mut self, ctx: &mut Ctx) {
+        if ctx.key().id == "act" && ACT_PANICS.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            panic!("on_activate bug");
+        }
+        self.conn = Some("db".into());
+    }
+
+    async fn on_passivate(&mut self, ctx: &mut Ctx) {
+        assert_ne!(ctx.key().id, "pas", "on_passivate bug");
+    }
+}
+
+fn grumpy_host(cfg: HostConfig) -> (Host, Arc<MemoryStorage>) {
+    let storage = Arc::new(MemoryStorage::new());
+    (HostBuilder::new(cfg, storage.clone()).agent::<Grumpy>().agent::<Probe>().build(), storage)
+}
+
+#[tokio::test]
+async fn panicking_hooks_neither_brick_the_key_nor_skip_the_last_write() {
+    let (host, storage) = grumpy_host(HostConfig::default());
+    let k = Key::new("grumpy", "pas");
+    host.call(&k, sig("x"), T).await.unwrap();
+    assert!(host.stop(&k).await);
+    // Waits for the stopping activation (whose on_passivate panics), then activates again.
+    assert_eq!(host.call(&k, sig("x"), T).await.unwrap(), 2);
+    assert!(storage.get(&k).await.unwrap().is_some());
+    let k = Key::new("grumpy", "act");
+    assert_eq!(host.call(&k, sig("x"), T).await.unwrap(), 1, "on_activate panicked; the activation goes on");
+    host.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_rollback_runs_on_activate_again() {
+    let (host, _) = grumpy_host(HostConfig::default());
+    let k = Key::new("grumpy", "skip");
+    assert_eq!(host.call(&k, sig("conn"), T).await.unwrap(), serde_json::json!("db"));
+    assert!(host.call(&k, sig("fail"), T).await.is_err());
+    assert_eq!(host.call(&k, sig("conn"), T).await.unwrap(), serde_json::json!("db"));
+    host.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_burst_of_activations_keeps_the_active_limit() {
+    let (host, _) = grumpy_host(HostConfig { agents_active_max: 1, ..HostConfig::default() });
+    let mut events: Vec<_> = (0..5).map(|i| events_for(&format!("burst{i}"))).collect();
+    for i in 0..5 {
+        host.ensure(&probe(&format!("burst{i}"))).await.unwrap();
+    }
+    for ev in events.iter_mut().take(4) {
+        assert_eq!(ev.recv().await.unwrap(), "activate");
+        assert_eq!(ev.recv().await.unwrap(), "passivate");
+    }
+    assert_eq!(host.active(), 1);
+    assert!(host.is_active(&probe("burst4")));
+    host.shutdown().await;
+}
+
+#[derive(Default, Serialize, Deserialize)]
+struct LazyFail {
+    n: i64,
+}
+
+impl Agent for LazyFail {
+    const TYPE: &'static str = "lazyfail";
+    const PERSISTENCE: Persistence = Persistence::OnPassivate;
+
+    async fn handle(&mut self, _ctx: &mut Ctx, signal: Signal) -> Result<Reply, AgentError> {
+        self.n += 1;
+        match signal.ty.as_str() {
+            "fail" => Err(AgentError::Failed("refused".into())),
+            _ => Ok(self.n.into()),
+        }
+    }
+}
+
+#[tokio::test]
+async fn on_passivate_agents_roll_back_one_call_not_all_since_activation() {
+    let host = HostBuilder::new(HostConfig::default(), Arc::new(MemoryStorage::new())).agent::<LazyFail>().build();
+    let k = Key::new("lazyfail", "1");
+    for i in 1..=3 {
+        assert_eq!(host.call(&k, sig("x"), T).await.unwrap(), i);
+    }
+    assert!(host.call(&k, sig("fail"), T).await.is_err());
+    assert_eq!(host.call(&k, sig("x"), T).await.unwrap(), 4);
+    host.shutdown().await;
+}
+
+#[tokio::test]
+async fn reading_an_absent_agent_stores_nothing() {
+    let (host, storage) = host();
+    assert_eq!(host.call(&key("ghost"), get(), T).await.unwrap(), 0);
+    assert_eq!(storage.get(&key("ghost")).await.unwrap(), None);
+    let long = Key::new("counter", "x".repeat(crate::storage::KEY_LEN_MAX_BYTES));
+    assert!(matches!(host.call(&long, get(), T).await, Err(CallError::InvalidKey(_))));
+    host.shutdown().await;
+}
+
+/// After `shutdown` returns nothing writes any more: activations are never spawned after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nothing_writes_after_shutdown_returns() {
+    async fn stored(s: &MemoryStorage) -> usize {
+        let mut n = 0;
+        for i in 0..8 {
+            for j in 0..50 {
+                n += s.get(&key(&format!("r{i}-{j}"))).await.unwrap().is_some() as usize;
+            }
+        }
+        n
+    }
+    for round in 0..200 {
+        let storage = Arc::new(MemoryStorage::new());
+        let host = host_with(HostConfig::default(), storage.clone());
+        let callers: Vec<_> = (0..8)
+            .map(|i| {
+                let host = host.clone();
+                tokio::spawn(async move {
+                    for j in 0..50 {
+                        let _ = host.cast(&key(&format!("r{i}-{j}")), add(1)).await;
+                    }
+                })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        host.shutdown().await;
+        let at_shutdown = stored(&storage).await;
+        for c in callers {
+            c.await.unwrap();
+        }
+        assert_eq!(stored(&storage).await, at_shutdown, "round {round}: a write after shutdown returned");
+    }
 }

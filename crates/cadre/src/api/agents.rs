@@ -43,6 +43,7 @@ fn bad_request(e: impl std::fmt::Display) -> Response {
 fn call_error(e: CallError) -> Response {
     let (status, kind) = match &e {
         CallError::UnknownType(_) => (StatusCode::NOT_FOUND, "unknown-agent-type"),
+        CallError::InvalidKey(_) => (StatusCode::BAD_REQUEST, "invalid-key"),
         CallError::MailboxFull(_) => (StatusCode::SERVICE_UNAVAILABLE, "mailbox-full"),
         CallError::Unavailable(_) | CallError::Storage(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         CallError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),

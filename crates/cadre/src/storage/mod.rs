@@ -64,7 +64,7 @@ impl Key {
         out
     }
 
-    fn check(&self) -> Result<(), StorageError> {
+    pub fn check(&self) -> Result<(), StorageError> {
         if self.ty.is_empty() || self.ty.contains('\0') {
             return Err(StorageError::InvalidKey("the type must be non-empty and without NUL".into()));
         }
