@@ -349,8 +349,9 @@ impl Host {
                     Some(Slot::Active { tx, tick: last }) => {
                         let tx = tx.clone();
                         let old = std::mem::replace(last, tick);
-                        t.lru.remove(&old);
-                        t.lru.insert(tick, key.clone());
+                        // The key moves to the new tick; allocated again only if it had been evicted.
+                        let k = t.lru.remove(&old).unwrap_or_else(|| key.clone());
+                        t.lru.insert(tick, k);
                         Found::Active(tx)
                     }
                     // Created under the lock, so the notification cannot be missed.

@@ -71,7 +71,12 @@ impl Storage for MemoryStorage {
             }
             i.revision += 1;
             let revision = i.revision;
-            i.states.insert(key.clone(), Versioned { value, revision });
+            match i.states.get_mut(key) {
+                Some(v) => *v = Versioned { value, revision },
+                None => {
+                    i.states.insert(key.clone(), Versioned { value, revision });
+                }
+            }
             i.epochs.insert(fence.shard, epoch);
             Ok(revision)
         })
