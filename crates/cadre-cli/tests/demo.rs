@@ -1,0 +1,21 @@
+//! The main job runs end to end: `cadre demo` with two node processes exits 0 and shows each step.
+
+#[tokio::test]
+async fn the_demo_runs_end_to_end() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_cadre"))
+        .args(["demo", "--nodes", "2"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for step in [
+        "converged: every node sees 2 alive members",
+        "webhook received order-3 (signature valid)",
+        "(expected 44)",
+        "marks n2 down",
+        "demo complete",
+    ] {
+        assert!(stdout.contains(step), "missing {step:?} in:\n{stdout}");
+    }
+}
