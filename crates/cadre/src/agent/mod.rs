@@ -197,6 +197,8 @@ struct HostInner {
     types: HashMap<&'static str, Spawner>,
     table: Mutex<Table>,
     cancel: CancellationToken,
+    /// Set by [`Host::abort`]: activations end without passivating, as in a crash.
+    aborted: std::sync::atomic::AtomicBool,
     tasks: TaskTracker,
 }
 
@@ -241,6 +243,7 @@ impl HostBuilder {
                 types: self.types,
                 table: Mutex::new(Table::default()),
                 cancel: CancellationToken::new(),
+                aborted: std::sync::atomic::AtomicBool::new(false),
                 tasks: TaskTracker::new(),
             }),
         }
@@ -305,6 +308,13 @@ impl Host {
             _ => return false,
         };
         tx.send(Msg::Stop).await.is_ok()
+    }
+
+    /// Ends every activation as a crash would: no passivation, no last write (what write-through
+    /// stored stays; on-passivation agents lose what changed). Pending calls fail.
+    pub async fn abort(&self) {
+        self.inner.aborted.store(true, std::sync::atomic::Ordering::Release);
+        self.shutdown().await;
     }
 
     /// Passivates every agent and waits for their last writes.
@@ -565,6 +575,10 @@ async fn run<A: Agent>(host: Arc<HostInner>, key: Key, mut rx: mpsc::Receiver<Ms
             }
             Some(Msg::Stop) | None => break,
         }
+    }
+    if host.aborted.load(std::sync::atomic::Ordering::Acquire) {
+        // As a crash: queued callers see their reply channel dropped.
+        return;
     }
     // Passivate: no new sends; what is already queued is still handled.
     let done = begin_stop(&host, &key);

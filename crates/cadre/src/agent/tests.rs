@@ -406,3 +406,15 @@ async fn nothing_writes_after_shutdown_returns() {
         assert_eq!(stored(&storage).await, at_shutdown, "round {round}: a write after shutdown returned");
     }
 }
+
+#[tokio::test]
+async fn abort_ends_activations_without_their_last_write() {
+    let storage = Arc::new(MemoryStorage::new());
+    let host = HostBuilder::new(HostConfig::default(), storage.clone()).agent::<Lazy>().agent::<Counter>().build();
+    host.call(&Key::new("lazy", "1"), sig("x"), T).await.unwrap();
+    host.call(&key("w"), add(3), T).await.unwrap();
+    host.abort().await;
+    assert_eq!(storage.get(&Key::new("lazy", "1")).await.unwrap(), None, "an abort stores nothing more");
+    assert!(storage.get(&key("w")).await.unwrap().is_some(), "write-through state stays");
+    assert!(matches!(host.call(&key("w"), get(), T).await, Err(CallError::Unavailable(_))));
+}

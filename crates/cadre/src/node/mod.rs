@@ -315,8 +315,8 @@ impl Node {
     /// Abrupt stop, as a crash: no leave, no flush.
     pub async fn kill(self) {
         self.cancel.cancel();
-        // Caveat: agents still passivate (and store) here; a real crash would not.
-        self.agents.shutdown().await;
+        // As a crash: no passivation, no last write.
+        self.agents.abort().await;
         self.bus.shutdown().await;
         self.transport.abort().await;
         self.tasks.close();
