@@ -265,9 +265,11 @@ impl HostInner {
 impl Host {
     /// Sends `signal` to the agent `key` (activating it) and waits for the reply.
     pub async fn call(&self, key: &Key, signal: Signal, timeout: Duration) -> Result<Reply, CallError> {
+        // Boxed before the futures below capture it: they stay small to move and poll.
+        let signal = Box::new(signal);
         let call = async {
             let (tx, rx) = oneshot::channel();
-            self.send(key, Msg::Call { signal: Box::new(signal), reply: Some(tx) }).await?;
+            self.send(key, Msg::Call { signal, reply: Some(tx) }).await?;
             match rx.await {
                 Err(_) => Err(CallError::Unavailable("the activation ended without replying".into())),
                 Ok(r) => r,
