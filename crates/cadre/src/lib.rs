@@ -16,6 +16,7 @@ pub mod bus;
 pub mod clock;
 pub mod config;
 pub mod membership;
+pub mod meta;
 pub mod metrics;
 pub mod net;
 pub mod node;

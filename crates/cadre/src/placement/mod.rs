@@ -10,17 +10,16 @@
 //! in every version and language, so nodes of different builds agree. (`DefaultHasher` and ahash
 //! are not stable and must never be used here.)
 //!
-//! The controller that assigns shards through the metadata group, with leases and epochs, builds on
-//! these (issue 4, not yet written).
+//! [`plan`] is the controller's decision, sans-IO: from the metadata and the live nodes, the
+//! commands to propose. The loop that runs it on the Raft leader, and leases, come next.
 
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use crate::storage::Key;
 
-/// Shards of a new cluster unless configured otherwise (fixed at cluster creation).
-pub const SHARD_COUNT_DEFAULT: u32 = 256;
-/// Most shards a cluster may have.
-pub const SHARD_COUNT_MAX: u32 = 1 << 16;
+pub use crate::meta::{SHARD_COUNT_DEFAULT, SHARD_COUNT_MAX};
+
+pub mod plan;
 
 /// The shard of a key.
 pub fn shard_of(key: &Key, shard_count: u32) -> u32 {

@@ -1,0 +1,235 @@
+//! Cluster metadata: the replicated state machine that the Raft group (next step) will drive.
+//!
+//! [`MetaState`] is pure: [`MetaState::apply`] takes a [`Cmd`] and returns a reply or a typed
+//! refusal, with no IO and no clock, so every replica that applies the same commands in the same
+//! order holds the same state. It holds:
+//! - `shard_count`, fixed by [`Cmd::Init`] (once);
+//! - the admitted members, in admission order (the first `meta_voters_max` will be the voters);
+//! - the shard table `shard → (owner, epoch, state)`.
+//!
+//! ## Epochs
+//! Every change of a shard's owner raises its epoch by one, and changes are compare-and-set on the
+//! epoch the controller saw ([`Cmd::Assign`], [`Cmd::CompleteMove`]), so two controllers acting
+//! on the same old view cannot both win. Storage writes carry the epoch (fencing, see
+//! [`crate::storage`]): once the new owner writes, the old one is refused.
+//!
+//! Commands are a versioned enum so later issues can add strong KV, locks and queues.
+//!
+//! Not here yet: the openraft group itself (log and state machine storage in redb, the network
+//! over the control lane, voter management), leases, and the controller loop.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Shards of a new cluster unless configured otherwise (fixed at cluster creation).
+pub const SHARD_COUNT_DEFAULT: u32 = 256;
+/// Most shards a cluster may have.
+pub const SHARD_COUNT_MAX: u32 = 1 << 16;
+
+/// An admitted member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    /// Transport address peers dial.
+    pub addr: String,
+    /// Position in admission order (0-based, never reused).
+    pub admitted: u64,
+}
+
+/// What a shard is doing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ShardState {
+    /// No owner.
+    Unassigned,
+    /// Served by its owner.
+    Active,
+    /// A planned move: the owner hands off to `to`, then `CompleteMove` makes `to` the owner.
+    Moving { to: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardEntry {
+    pub owner: Option<String>,
+    pub epoch: u64,
+    pub state: ShardState,
+}
+
+/// A state change. New variants go at the end (the encoding is by position).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Cmd {
+    /// Fixes the shard count; only once.
+    Init { shard_count: u32 },
+    /// Admits a member (again: updates its address, keeps its position).
+    Admit { name: String, addr: String },
+    /// Removes a member; its shards become unassigned (epoch kept, so the next owner is fenced
+    /// against it).
+    Remove { name: String },
+    /// Gives a shard to `owner` at `expected_epoch + 1`, if its epoch is still `expected_epoch`.
+    Assign { shard: u32, owner: String, expected_epoch: u64 },
+    /// Starts a planned move of an active shard to `to`.
+    BeginMove { shard: u32, to: String, expected_epoch: u64 },
+    /// Ends a planned move: `to` owns the shard at `expected_epoch + 1`.
+    CompleteMove { shard: u32, expected_epoch: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CmdReply {
+    Done,
+    /// The shard's new owner and epoch.
+    Shard {
+        shard: u32,
+        owner: Option<String>,
+        epoch: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum MetaError {
+    #[error("the cluster has no shard count yet")]
+    NotInitialized,
+    #[error("the shard count is fixed at {0}")]
+    AlreadyInitialized(u32),
+    #[error("shard count {0} must be within 1..={SHARD_COUNT_MAX}")]
+    ShardCount(u32),
+    #[error("no member {0:?}")]
+    UnknownMember(String),
+    #[error("no shard {shard} (the cluster has {count})")]
+    UnknownShard { shard: u32, count: u32 },
+    #[error("shard {shard} is at epoch {actual}, not {expected}")]
+    StaleEpoch { shard: u32, expected: u64, actual: u64 },
+    #[error("shard {shard} is {state}; that change needs it {needed}")]
+    WrongState { shard: u32, state: String, needed: &'static str },
+}
+
+/// The replicated metadata.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaState {
+    pub shard_count: u32,
+    pub members: BTreeMap<String, MemberRecord>,
+    pub shards: Vec<ShardEntry>,
+    /// Admissions so far (the next member's position).
+    pub admitted: u64,
+}
+
+impl MetaState {
+    /// Applies one command. A refused command changes nothing.
+    pub fn apply(&mut self, cmd: &Cmd) -> Result<CmdReply, MetaError> {
+        match cmd {
+            Cmd::Init { shard_count } => self.init(*shard_count),
+            Cmd::Admit { name, addr } => {
+                let position = self.admitted;
+                let record = self
+                    .members
+                    .entry(name.clone())
+                    .or_insert_with(|| MemberRecord { addr: addr.clone(), admitted: position });
+                if record.admitted == position {
+                    self.admitted += 1;
+                }
+                record.addr = addr.clone();
+                Ok(CmdReply::Done)
+            }
+            Cmd::Remove { name } => self.remove(name),
+            Cmd::Assign { shard, owner, expected_epoch } => {
+                self.member(owner)?;
+                let e = self.shard_at(*shard, *expected_epoch)?;
+                e.owner = Some(owner.clone());
+                e.epoch += 1;
+                e.state = ShardState::Active;
+                Ok(self.reply(*shard))
+            }
+            Cmd::BeginMove { shard, to, expected_epoch } => {
+                self.member(to)?;
+                let e = self.shard_at(*shard, *expected_epoch)?;
+                if e.state != ShardState::Active {
+                    return Err(wrong_state(*shard, &e.state, "active"));
+                }
+                e.state = ShardState::Moving { to: to.clone() };
+                Ok(self.reply(*shard))
+            }
+            Cmd::CompleteMove { shard, expected_epoch } => {
+                let to = match &self.shard_at(*shard, *expected_epoch)?.state {
+                    ShardState::Moving { to } => to.clone(),
+                    other => return Err(wrong_state(*shard, other, "moving")),
+                };
+                self.member(&to)?;
+                let e = &mut self.shards[*shard as usize];
+                e.owner = Some(to);
+                e.epoch += 1;
+                e.state = ShardState::Active;
+                Ok(self.reply(*shard))
+            }
+        }
+    }
+
+    fn init(&mut self, shard_count: u32) -> Result<CmdReply, MetaError> {
+        if self.shard_count != 0 {
+            return Err(MetaError::AlreadyInitialized(self.shard_count));
+        }
+        if !(1..=SHARD_COUNT_MAX).contains(&shard_count) {
+            return Err(MetaError::ShardCount(shard_count));
+        }
+        self.shard_count = shard_count;
+        self.shards = vec![ShardEntry { owner: None, epoch: 0, state: ShardState::Unassigned }; shard_count as usize];
+        Ok(CmdReply::Done)
+    }
+
+    fn remove(&mut self, name: &str) -> Result<CmdReply, MetaError> {
+        self.members.remove(name).ok_or_else(|| MetaError::UnknownMember(name.to_string()))?;
+        for e in &mut self.shards {
+            if e.owner.as_deref() == Some(name) {
+                e.owner = None;
+                e.state = ShardState::Unassigned;
+            } else if matches!(&e.state, ShardState::Moving { to } if to == name) {
+                e.state = ShardState::Active;
+            }
+        }
+        Ok(CmdReply::Done)
+    }
+
+    fn member(&self, name: &str) -> Result<&MemberRecord, MetaError> {
+        self.members.get(name).ok_or_else(|| MetaError::UnknownMember(name.to_string()))
+    }
+
+    /// The shard, if it exists and is still at `expected` epoch.
+    fn shard_at(&mut self, shard: u32, expected: u64) -> Result<&mut ShardEntry, MetaError> {
+        if self.shard_count == 0 {
+            return Err(MetaError::NotInitialized);
+        }
+        let count = self.shard_count;
+        let e = self.shards.get_mut(shard as usize).ok_or(MetaError::UnknownShard { shard, count })?;
+        if e.epoch != expected {
+            return Err(MetaError::StaleEpoch { shard, expected, actual: e.epoch });
+        }
+        Ok(e)
+    }
+
+    fn reply(&self, shard: u32) -> CmdReply {
+        let e = &self.shards[shard as usize];
+        CmdReply::Shard { shard, owner: e.owner.clone(), epoch: e.epoch }
+    }
+
+    /// Members in admission order.
+    pub fn members_in_order(&self) -> Vec<&str> {
+        let mut list: Vec<(&str, u64)> = self.members.iter().map(|(n, r)| (n.as_str(), r.admitted)).collect();
+        list.sort_by_key(|(_, a)| *a);
+        list.into_iter().map(|(n, _)| n).collect()
+    }
+
+    /// Shards owned per member.
+    pub fn shard_counts(&self) -> BTreeMap<&str, usize> {
+        let mut out: BTreeMap<&str, usize> = self.members.keys().map(|n| (n.as_str(), 0)).collect();
+        for e in &self.shards {
+            if let Some(o) = &e.owner {
+                *out.entry(o.as_str()).or_default() += 1;
+            }
+        }
+        out
+    }
+}
+
+fn wrong_state(shard: u32, state: &ShardState, needed: &'static str) -> MetaError {
+    MetaError::WrongState { shard, state: format!("{state:?}"), needed }
+}
+
+#[cfg(test)]
+mod tests;

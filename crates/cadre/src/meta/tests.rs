@@ -1,0 +1,143 @@
+use super::*;
+use proptest::prelude::*;
+
+fn admit(s: &mut MetaState, name: &str) {
+    s.apply(&Cmd::Admit { name: name.into(), addr: format!("{name}:1") }).unwrap();
+}
+
+fn state(shards: u32, members: &[&str]) -> MetaState {
+    let mut s = MetaState::default();
+    s.apply(&Cmd::Init { shard_count: shards }).unwrap();
+    for m in members {
+        admit(&mut s, m);
+    }
+    s
+}
+
+#[test]
+fn init_is_once_and_bounded() {
+    let mut s = MetaState::default();
+    assert_eq!(
+        s.apply(&Cmd::Assign { shard: 0, owner: "x".into(), expected_epoch: 0 }),
+        Err(MetaError::UnknownMember("x".into()))
+    );
+    admit(&mut s, "x");
+    assert_eq!(
+        s.apply(&Cmd::Assign { shard: 0, owner: "x".into(), expected_epoch: 0 }),
+        Err(MetaError::NotInitialized)
+    );
+    assert_eq!(s.apply(&Cmd::Init { shard_count: 0 }), Err(MetaError::ShardCount(0)));
+    assert_eq!(
+        s.apply(&Cmd::Init { shard_count: SHARD_COUNT_MAX + 1 }),
+        Err(MetaError::ShardCount(SHARD_COUNT_MAX + 1))
+    );
+    s.apply(&Cmd::Init { shard_count: 4 }).unwrap();
+    assert_eq!(s.apply(&Cmd::Init { shard_count: 8 }), Err(MetaError::AlreadyInitialized(4)));
+    assert_eq!(s.shards.len(), 4);
+}
+
+#[test]
+fn members_keep_their_admission_order() {
+    let mut s = state(4, &["c", "a", "b"]);
+    admit(&mut s, "a");
+    assert_eq!(s.members_in_order(), ["c", "a", "b"], "re-admitting keeps the position");
+    s.apply(&Cmd::Remove { name: "c".into() }).unwrap();
+    admit(&mut s, "c");
+    assert_eq!(s.members_in_order(), ["a", "b", "c"], "positions are never reused");
+    assert_eq!(s.apply(&Cmd::Remove { name: "zz".into() }), Err(MetaError::UnknownMember("zz".into())));
+}
+
+#[test]
+fn assignments_are_compare_and_set_on_the_epoch() {
+    let mut s = state(4, &["a", "b"]);
+    let r = s.apply(&Cmd::Assign { shard: 1, owner: "a".into(), expected_epoch: 0 }).unwrap();
+    assert_eq!(r, CmdReply::Shard { shard: 1, owner: Some("a".into()), epoch: 1 });
+    // A second controller acting on the same old view loses.
+    let stale = s.apply(&Cmd::Assign { shard: 1, owner: "b".into(), expected_epoch: 0 });
+    assert_eq!(stale, Err(MetaError::StaleEpoch { shard: 1, expected: 0, actual: 1 }));
+    assert_eq!(
+        s.apply(&Cmd::Assign { shard: 9, owner: "a".into(), expected_epoch: 0 }),
+        Err(MetaError::UnknownShard { shard: 9, count: 4 })
+    );
+    assert_eq!(s.shard_counts(), BTreeMap::from([("a", 1), ("b", 0)]));
+}
+
+#[test]
+fn a_planned_move_hands_the_shard_over_at_the_next_epoch() {
+    let mut s = state(2, &["a", "b"]);
+    s.apply(&Cmd::Assign { shard: 0, owner: "a".into(), expected_epoch: 0 }).unwrap();
+    assert!(matches!(s.apply(&Cmd::CompleteMove { shard: 0, expected_epoch: 1 }), Err(MetaError::WrongState { .. })));
+    s.apply(&Cmd::BeginMove { shard: 0, to: "b".into(), expected_epoch: 1 }).unwrap();
+    assert_eq!(s.shards[0].state, ShardState::Moving { to: "b".into() });
+    assert_eq!(s.shards[0].owner.as_deref(), Some("a"), "the old owner serves until the hand-off");
+    assert!(matches!(
+        s.apply(&Cmd::BeginMove { shard: 0, to: "b".into(), expected_epoch: 1 }),
+        Err(MetaError::WrongState { .. })
+    ));
+    let r = s.apply(&Cmd::CompleteMove { shard: 0, expected_epoch: 1 }).unwrap();
+    assert_eq!(r, CmdReply::Shard { shard: 0, owner: Some("b".into()), epoch: 2 });
+}
+
+#[test]
+fn removing_a_member_frees_its_shards_and_cancels_moves_to_it() {
+    let mut s = state(3, &["a", "b"]);
+    s.apply(&Cmd::Assign { shard: 0, owner: "a".into(), expected_epoch: 0 }).unwrap();
+    s.apply(&Cmd::Assign { shard: 1, owner: "b".into(), expected_epoch: 0 }).unwrap();
+    s.apply(&Cmd::BeginMove { shard: 1, to: "a".into(), expected_epoch: 1 }).unwrap();
+    s.apply(&Cmd::Remove { name: "a".into() }).unwrap();
+    assert_eq!(
+        s.shards[0],
+        ShardEntry { owner: None, epoch: 1, state: ShardState::Unassigned },
+        "epoch kept: the next owner fences a"
+    );
+    assert_eq!(s.shards[1], ShardEntry { owner: Some("b".into()), epoch: 1, state: ShardState::Active });
+}
+
+fn arb_cmd() -> impl Strategy<Value = Cmd> {
+    let name = prop::sample::select(vec!["a", "b", "c", "d"]).prop_map(String::from);
+    prop_oneof![
+        (1u32..6).prop_map(|shard_count| Cmd::Init { shard_count }),
+        name.clone().prop_map(|name| Cmd::Admit { addr: format!("{name}:1"), name }),
+        name.clone().prop_map(|name| Cmd::Remove { name }),
+        (0u32..6, name.clone(), 0u64..4).prop_map(|(shard, owner, expected_epoch)| Cmd::Assign {
+            shard,
+            owner,
+            expected_epoch
+        }),
+        (0u32..6, name, 0u64..4).prop_map(|(shard, to, expected_epoch)| Cmd::BeginMove { shard, to, expected_epoch }),
+        (0u32..6, 0u64..4).prop_map(|(shard, expected_epoch)| Cmd::CompleteMove { shard, expected_epoch }),
+    ]
+}
+
+proptest! {
+    /// Whatever the commands: refused ones change nothing, epochs never go down and go up exactly
+    /// when the owner is set, owners are members, and the state survives its encoding.
+    #[test]
+    fn invariants_hold_over_any_command_sequence(cmds in prop::collection::vec(arb_cmd(), 0..80)) {
+        let mut s = MetaState::default();
+        for cmd in &cmds {
+            let before = s.clone();
+            match s.apply(cmd) {
+                Err(_) => prop_assert_eq!(&s, &before),
+                Ok(_) => {
+                    for (i, (old, new)) in before.shards.iter().zip(&s.shards).enumerate() {
+                        prop_assert!(new.epoch >= old.epoch, "shard {} epoch went down", i);
+                        let owner_set = matches!(cmd, Cmd::Assign { shard, .. } | Cmd::CompleteMove { shard, .. } if *shard as usize == i);
+                        prop_assert_eq!(new.epoch > old.epoch, owner_set, "shard {}: {:?}", i, cmd);
+                    }
+                }
+            }
+            for e in &s.shards {
+                if let Some(o) = &e.owner {
+                    prop_assert!(s.members.contains_key(o));
+                }
+                prop_assert_eq!(e.owner.is_none(), e.state == ShardState::Unassigned);
+                if let ShardState::Moving { to } = &e.state {
+                    prop_assert!(s.members.contains_key(to));
+                }
+            }
+        }
+        let bytes = postcard::to_stdvec(&s).unwrap();
+        prop_assert_eq!(postcard::from_bytes::<MetaState>(&bytes).unwrap(), s);
+    }
+}
