@@ -54,7 +54,7 @@ impl Handler for Collector {
                 return Some(payload.clone());
             }
             if let Some(t) = self.transport.get().and_then(|w| w.upgrade()) {
-                t.reply(from.addr, *id, payload.clone()).expect("reply queued");
+                t.reply_on(lane, from.addr, *id, payload.clone()).expect("reply queued");
             }
             return None;
         }
@@ -151,6 +151,21 @@ async fn asks_get_replies(env: Env) {
         let reply = a.t.ask(env.addr(bport), payload.clone(), WAIT).await.unwrap();
         assert_eq!(reply, payload);
     }
+}
+
+async fn asks_on_the_control_lane_get_replies(env: Env) {
+    let a = start(&env, "a", env.port(), SECRET, NetConfig::default()).await;
+    let bport = env.port();
+    let _b = start(&env, "b", bport, SECRET, NetConfig::default()).await;
+    let data_before = a.t.stats().sent.msgs(Lane::Data);
+    for i in 0..50u32 {
+        let payload = Bytes::from(format!("c{i}"));
+        let reply = a.t.ask_on(Lane::Control, env.addr(bport), payload.clone(), WAIT).await.unwrap();
+        assert_eq!(reply, payload);
+    }
+    assert!(a.t.stats().sent.msgs(Lane::Control) >= 50);
+    // Only pings (a few) may have gone on the data lane meanwhile, not the 50 asks.
+    assert!(a.t.stats().sent.msgs(Lane::Data) - data_before < 25, "the asks went on the data lane");
 }
 
 async fn oversized_messages_are_refused(env: Env) {
@@ -336,6 +351,7 @@ macro_rules! suite {
 suite!(
     messages_arrive_in_order_per_lane,
     asks_get_replies,
+    asks_on_the_control_lane_get_replies,
     oversized_messages_are_refused,
     full_queue_is_a_typed_error_while_unreachable,
     buffered_messages_flush_when_the_peer_appears,

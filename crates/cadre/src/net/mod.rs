@@ -257,13 +257,29 @@ impl Transport {
 
     /// Sends an ask on the data lane and waits for its reply.
     pub async fn ask(&self, to: SocketAddr, payload: Bytes, timeout: Duration) -> Result<Bytes, AskError> {
-        let peer = self.peer(to)?;
-        peer.ask(payload, timeout).await
+        self.ask_on(Lane::Data, to, payload, timeout).await
     }
 
-    /// Answers an ask received by the handler.
+    /// Sends an ask on `lane` and waits for its reply (which comes back on the same lane).
+    pub async fn ask_on(
+        &self,
+        lane: Lane,
+        to: SocketAddr,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, AskError> {
+        let peer = self.peer(to)?;
+        peer.ask_on(lane, payload, timeout).await
+    }
+
+    /// Answers, later, an ask the handler received on the data lane.
     pub fn reply(&self, to: SocketAddr, id: u64, payload: Bytes) -> Result<(), SendError> {
-        self.try_send(to, Lane::Data, Msg::Reply { id, payload })
+        self.reply_on(Lane::Data, to, id, payload)
+    }
+
+    /// Answers, later, an ask the handler received on `lane`.
+    pub fn reply_on(&self, lane: Lane, to: SocketAddr, id: u64, payload: Bytes) -> Result<(), SendError> {
+        self.try_send(to, lane, Msg::Reply { id, payload })
     }
 
     /// Smoothed RTT per peer with a live outbound connection that has answered a ping.
@@ -433,6 +449,11 @@ impl PeerSender {
     }
 
     pub async fn ask(&self, payload: Bytes, timeout: Duration) -> Result<Bytes, AskError> {
+        self.ask_on(Lane::Data, payload, timeout).await
+    }
+
+    /// An ask on `lane`.
+    pub async fn ask_on(&self, lane: Lane, payload: Bytes, timeout: Duration) -> Result<Bytes, AskError> {
         let id = self.inner.ask_next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
@@ -446,7 +467,7 @@ impl PeerSender {
         let _guard = AskGuard { inner: &self.inner, id };
         // The timeout covers waiting for queue room as well as the reply.
         let round_trip = async {
-            self.send(Lane::Data, Msg::Ask { id, payload }).await?;
+            self.send(lane, Msg::Ask { id, payload }).await?;
             rx.await.map_err(|_| AskError::Closed)
         };
         match tokio::time::timeout(timeout, round_trip).await {
