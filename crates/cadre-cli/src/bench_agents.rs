@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use cadre::agent::counter::Counter;
-use cadre::agent::{Host, HostBuilder, HostConfig};
+use cadre::agent::{Host, HostBuilder};
+use cadre::config::AgentsConfig;
 use cadre::signal::Signal;
 use cadre::storage::memory::MemoryStorage;
 use cadre::storage::Key;
@@ -25,7 +26,7 @@ const LATENCY_SAMPLES: usize = 20_000;
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn host() -> Host {
-    let cfg = HostConfig { agents_active_max: 10_000_000, ..HostConfig::default() };
+    let cfg = AgentsConfig { agents_active_max: 10_000_000, ..AgentsConfig::default() };
     HostBuilder::new(cfg, std::sync::Arc::new(MemoryStorage::new())).agent::<Counter>().build()
 }
 

@@ -52,6 +52,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
+use crate::config::AgentsConfig;
 use crate::signal::Signal;
 use crate::storage::{Fence, Key, Revision, Storage, StorageError};
 
@@ -135,28 +136,6 @@ pub enum CallError {
     Unavailable(String),
 }
 
-/// Limits and timings of the host.
-#[derive(Debug, Clone)]
-pub struct HostConfig {
-    pub mailbox_len_max: usize,
-    pub idle_timeout_ms: u64,
-    pub agents_active_max: usize,
-    pub restarts_max: u32,
-    pub restart_window_ms: u64,
-}
-
-impl Default for HostConfig {
-    fn default() -> Self {
-        Self {
-            mailbox_len_max: 1024,
-            idle_timeout_ms: 120_000,
-            agents_active_max: 1_000_000,
-            restarts_max: 3,
-            restart_window_ms: 60_000,
-        }
-    }
-}
-
 /// The fence writes for a key carry.
 pub type FenceFn = Arc<dyn Fn(&Key) -> Fence + Send + Sync>;
 
@@ -191,7 +170,7 @@ struct Table {
 type Spawner = Arc<dyn Fn(Arc<HostInner>, Key, mpsc::Receiver<Msg>) + Send + Sync>;
 
 struct HostInner {
-    cfg: HostConfig,
+    cfg: AgentsConfig,
     storage: Arc<dyn Storage>,
     fence: FenceFn,
     types: HashMap<&'static str, Spawner>,
@@ -204,14 +183,14 @@ struct HostInner {
 
 /// Registers agent types, then [`HostBuilder::build`]s a host.
 pub struct HostBuilder {
-    cfg: HostConfig,
+    cfg: AgentsConfig,
     storage: Arc<dyn Storage>,
     fence: FenceFn,
     types: HashMap<&'static str, Spawner>,
 }
 
 impl HostBuilder {
-    pub fn new(cfg: HostConfig, storage: Arc<dyn Storage>) -> Self {
+    pub fn new(cfg: AgentsConfig, storage: Arc<dyn Storage>) -> Self {
         assert!(cfg.mailbox_len_max > 0 && cfg.agents_active_max > 0, "host limits must be positive: {cfg:?}");
         let fence: FenceFn = Arc::new(|k: &Key| Fence {
             shard: crate::placement::shard_of(k, crate::placement::SHARD_COUNT_DEFAULT),
@@ -480,7 +459,7 @@ impl<A: Agent> Live<A> {
     }
 
     /// Records a restart; false when over the limit.
-    fn count_restart(&mut self, cfg: &HostConfig) -> bool {
+    fn count_restart(&mut self, cfg: &AgentsConfig) -> bool {
         let now = Instant::now();
         let window = Duration::from_millis(cfg.restart_window_ms);
         self.restarts.retain(|t| now.duration_since(*t) < window);

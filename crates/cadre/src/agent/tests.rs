@@ -17,13 +17,13 @@ fn key(id: &str) -> Key {
     Key::new("counter", id)
 }
 
-fn host_with(cfg: HostConfig, storage: Arc<dyn Storage>) -> Host {
+fn host_with(cfg: AgentsConfig, storage: Arc<dyn Storage>) -> Host {
     HostBuilder::new(cfg, storage).agent::<Counter>().agent::<Probe>().build()
 }
 
 fn host() -> (Host, Arc<MemoryStorage>) {
     let storage = Arc::new(MemoryStorage::new());
-    (host_with(HostConfig::default(), storage.clone()), storage)
+    (host_with(AgentsConfig::default(), storage.clone()), storage)
 }
 
 #[tokio::test]
@@ -54,7 +54,7 @@ async fn state_survives_passivation_and_a_new_host() {
     // The next call waits for the old activation's last write, then loads it.
     assert_eq!(host.call(&key("c"), add(1), T).await.unwrap(), 8);
     host.shutdown().await;
-    let again = host_with(HostConfig::default(), storage);
+    let again = host_with(AgentsConfig::default(), storage);
     assert_eq!(again.call(&key("c"), get(), T).await.unwrap(), 8);
     again.shutdown().await;
 }
@@ -136,7 +136,7 @@ fn sig(ty: &str) -> Signal {
 
 #[tokio::test]
 async fn a_failed_call_rolls_back_and_fatal_errors_restart_until_the_limit() {
-    let cfg = HostConfig { restarts_max: 2, ..HostConfig::default() };
+    let cfg = AgentsConfig { restarts_max: 2, ..AgentsConfig::default() };
     let host = host_with(cfg, Arc::new(MemoryStorage::new()));
     let k = probe("sup");
     assert_eq!(host.call(&k, sig("ok"), T).await.unwrap(), 1);
@@ -155,7 +155,7 @@ async fn a_failed_call_rolls_back_and_fatal_errors_restart_until_the_limit() {
 
 #[tokio::test(start_paused = true)]
 async fn idle_agents_passivate() {
-    let cfg = HostConfig { idle_timeout_ms: 1000, ..HostConfig::default() };
+    let cfg = AgentsConfig { idle_timeout_ms: 1000, ..AgentsConfig::default() };
     let host = host_with(cfg, Arc::new(MemoryStorage::new()));
     let mut events = events_for("idle");
     host.call(&probe("idle"), sig("ok"), T).await.unwrap();
@@ -169,7 +169,7 @@ async fn idle_agents_passivate() {
 
 #[tokio::test]
 async fn over_the_active_limit_the_least_recently_used_passivates() {
-    let cfg = HostConfig { agents_active_max: 2, ..HostConfig::default() };
+    let cfg = AgentsConfig { agents_active_max: 2, ..AgentsConfig::default() };
     let host = host_with(cfg, Arc::new(MemoryStorage::new()));
     let mut a = events_for("lru-a");
     let _b = events_for("lru-b");
@@ -186,7 +186,7 @@ async fn over_the_active_limit_the_least_recently_used_passivates() {
 
 #[tokio::test]
 async fn a_full_mailbox_refuses_at_once() {
-    let cfg = HostConfig { mailbox_len_max: 1, ..HostConfig::default() };
+    let cfg = AgentsConfig { mailbox_len_max: 1, ..AgentsConfig::default() };
     let host = host_with(cfg, Arc::new(MemoryStorage::new()));
     let mut events = events_for("busy");
     let k = probe("busy");
@@ -207,7 +207,7 @@ async fn a_full_mailbox_refuses_at_once() {
 #[tokio::test]
 async fn a_write_fenced_by_a_newer_epoch_stops_the_activation() {
     let storage = Arc::new(MemoryStorage::new());
-    let host = host_with(HostConfig::default(), storage.clone());
+    let host = host_with(AgentsConfig::default(), storage.clone());
     let k = key("fenced");
     host.call(&k, add(1), T).await.unwrap();
     // Another owner takes the shard over at a newer epoch and writes.
@@ -238,7 +238,7 @@ impl Agent for Lazy {
 #[tokio::test]
 async fn on_passivate_persistence_writes_at_shutdown_only() {
     let storage = Arc::new(MemoryStorage::new());
-    let host = HostBuilder::new(HostConfig::default(), storage.clone()).agent::<Lazy>().build();
+    let host = HostBuilder::new(AgentsConfig::default(), storage.clone()).agent::<Lazy>().build();
     let k = Key::new("lazy", "1");
     for _ in 0..3 {
         host.call(&k, sig("x"), T).await.unwrap();
@@ -287,14 +287,14 @@ impl Agent for Grumpy {
     }
 }
 
-fn grumpy_host(cfg: HostConfig) -> (Host, Arc<MemoryStorage>) {
+fn grumpy_host(cfg: AgentsConfig) -> (Host, Arc<MemoryStorage>) {
     let storage = Arc::new(MemoryStorage::new());
     (HostBuilder::new(cfg, storage.clone()).agent::<Grumpy>().agent::<Probe>().build(), storage)
 }
 
 #[tokio::test]
 async fn panicking_hooks_neither_brick_the_key_nor_skip_the_last_write() {
-    let (host, storage) = grumpy_host(HostConfig::default());
+    let (host, storage) = grumpy_host(AgentsConfig::default());
     let k = Key::new("grumpy", "pas");
     host.call(&k, sig("x"), T).await.unwrap();
     assert!(host.stop(&k).await);
@@ -308,7 +308,7 @@ async fn panicking_hooks_neither_brick_the_key_nor_skip_the_last_write() {
 
 #[tokio::test]
 async fn a_rollback_runs_on_activate_again() {
-    let (host, _) = grumpy_host(HostConfig::default());
+    let (host, _) = grumpy_host(AgentsConfig::default());
     let k = Key::new("grumpy", "skip");
     assert_eq!(host.call(&k, sig("conn"), T).await.unwrap(), serde_json::json!("db"));
     assert!(host.call(&k, sig("fail"), T).await.is_err());
@@ -318,7 +318,7 @@ async fn a_rollback_runs_on_activate_again() {
 
 #[tokio::test]
 async fn a_burst_of_activations_keeps_the_active_limit() {
-    let (host, _) = grumpy_host(HostConfig { agents_active_max: 1, ..HostConfig::default() });
+    let (host, _) = grumpy_host(AgentsConfig { agents_active_max: 1, ..AgentsConfig::default() });
     let mut events: Vec<_> = (0..5).map(|i| events_for(&format!("burst{i}"))).collect();
     for i in 0..5 {
         host.ensure(&probe(&format!("burst{i}"))).await.unwrap();
@@ -352,7 +352,7 @@ impl Agent for LazyFail {
 
 #[tokio::test]
 async fn on_passivate_agents_roll_back_one_call_not_all_since_activation() {
-    let host = HostBuilder::new(HostConfig::default(), Arc::new(MemoryStorage::new())).agent::<LazyFail>().build();
+    let host = HostBuilder::new(AgentsConfig::default(), Arc::new(MemoryStorage::new())).agent::<LazyFail>().build();
     let k = Key::new("lazyfail", "1");
     for i in 1..=3 {
         assert_eq!(host.call(&k, sig("x"), T).await.unwrap(), i);
@@ -386,7 +386,7 @@ async fn nothing_writes_after_shutdown_returns() {
     }
     for round in 0..200 {
         let storage = Arc::new(MemoryStorage::new());
-        let host = host_with(HostConfig::default(), storage.clone());
+        let host = host_with(AgentsConfig::default(), storage.clone());
         let callers: Vec<_> = (0..8)
             .map(|i| {
                 let host = host.clone();
@@ -410,7 +410,7 @@ async fn nothing_writes_after_shutdown_returns() {
 #[tokio::test]
 async fn abort_ends_activations_without_their_last_write() {
     let storage = Arc::new(MemoryStorage::new());
-    let host = HostBuilder::new(HostConfig::default(), storage.clone()).agent::<Lazy>().agent::<Counter>().build();
+    let host = HostBuilder::new(AgentsConfig::default(), storage.clone()).agent::<Lazy>().agent::<Counter>().build();
     host.call(&Key::new("lazy", "1"), sig("x"), T).await.unwrap();
     host.call(&key("w"), add(3), T).await.unwrap();
     host.abort().await;

@@ -23,7 +23,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::signals::{decode_one, problem, read_body};
+use super::signals::{bad_request, decode_one, problem, read_body};
 use super::ApiState;
 use crate::agent::CallError;
 use crate::storage::Key;
@@ -34,10 +34,6 @@ const EPOCH_SINGLE_NODE: u64 = 1;
 #[derive(Deserialize)]
 pub struct CallQuery {
     mode: Option<String>,
-}
-
-fn bad_request(e: impl std::fmt::Display) -> Response {
-    problem(StatusCode::BAD_REQUEST, "invalid-request", e.to_string(), json!({}))
 }
 
 fn call_error(e: CallError) -> Response {

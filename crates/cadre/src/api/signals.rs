@@ -103,28 +103,21 @@ fn media_type(headers: &HeaderMap) -> Option<String> {
     Some(ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
 }
 
-/// Decodes a request in any of the three modes.
-fn decode(headers: &HeaderMap, body: &[u8]) -> Result<Result<Vec<Signal>, SignalError>, String> {
-    let media = media_type(headers);
-    match media.as_deref() {
-        Some(CONTENT_TYPE_STRUCTURED) => Ok(codec::decode_structured(body).map(|s| vec![s])),
-        Some(CONTENT_TYPE_BATCH) => Ok(codec::decode_batch(body)),
-        _ if codec::is_binary_mode(headers) => Ok(codec::decode_binary(headers, body).map(|s| vec![s])),
-        other => Err(format!(
-            "content type {:?} is not {CONTENT_TYPE_STRUCTURED} or {CONTENT_TYPE_BATCH}, and there is no ce-specversion header (binary mode)",
-            other.unwrap_or("(none)")
-        )),
-    }
-}
-
-/// One signal in structured or binary mode (agent calls), or the problem to answer.
-pub(crate) fn decode_one(s: &ApiState, headers: &HeaderMap, body: &[u8]) -> Result<Signal, Response> {
+/// Decodes a request in structured or binary mode, and in batch mode when `batch` is allowed;
+/// or the problem to answer (415 for another content type, 400 for an invalid signal).
+fn decode(s: &ApiState, headers: &HeaderMap, body: &[u8], batch: bool) -> Result<Vec<Signal>, Response> {
     let decoded = match media_type(headers).as_deref() {
-        Some(CONTENT_TYPE_STRUCTURED) => codec::decode_structured(body),
-        _ if codec::is_binary_mode(headers) => codec::decode_binary(headers, body),
+        Some(CONTENT_TYPE_STRUCTURED) => codec::decode_structured(body).map(|s| vec![s]),
+        Some(CONTENT_TYPE_BATCH) if batch => codec::decode_batch(body),
+        _ if codec::is_binary_mode(headers) => codec::decode_binary(headers, body).map(|s| vec![s]),
         other => {
+            let accepted = if batch {
+                format!("{CONTENT_TYPE_STRUCTURED} or {CONTENT_TYPE_BATCH}")
+            } else {
+                CONTENT_TYPE_STRUCTURED.into()
+            };
             let detail = format!(
-                "content type {:?} is not {CONTENT_TYPE_STRUCTURED}, and there is no ce-specversion header (binary mode)",
+                "content type {:?} is not {accepted}, and there is no ce-specversion header (binary mode)",
                 other.unwrap_or("(none)")
             );
             return Err(problem(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type", detail, json!({})));
@@ -133,17 +126,21 @@ pub(crate) fn decode_one(s: &ApiState, headers: &HeaderMap, body: &[u8]) -> Resu
     decoded.map_err(|e| invalid_signal(s, &e))
 }
 
+/// One signal in structured or binary mode (agent calls), or the problem to answer.
+pub(crate) fn decode_one(s: &ApiState, headers: &HeaderMap, body: &[u8]) -> Result<Signal, Response> {
+    let mut signals = decode(s, headers, body, false)?;
+    debug_assert_eq!(signals.len(), 1, "without batch mode a request holds one signal");
+    Ok(signals.remove(0))
+}
+
 pub async fn post_signals(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Response {
     let body = match read_body(&headers, body, s.ingress_body_bytes_max).await {
         Ok(b) => b,
         Err(res) => return res,
     };
-    let signals = match decode(&headers, &body) {
-        Err(detail) => {
-            return problem(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type", detail, json!({}));
-        }
-        Ok(Err(e)) => return invalid_signal(&s, &e),
-        Ok(Ok(signals)) => signals,
+    let signals = match decode(&s, &headers, &body, true) {
+        Ok(signals) => signals,
+        Err(res) => return res,
     };
     let mut accepted = Vec::with_capacity(signals.len());
     let total = signals.len();
@@ -202,7 +199,7 @@ pub async fn list_subscriptions(State(s): State<ApiState>) -> Response {
 }
 
 /// A 400 problem for a path or query axum could not extract.
-fn bad_request(e: impl std::fmt::Display) -> Response {
+pub(crate) fn bad_request(e: impl std::fmt::Display) -> Response {
     problem(StatusCode::BAD_REQUEST, "invalid-request", e.to_string(), json!({}))
 }
 

@@ -97,12 +97,17 @@ pub(crate) fn client() -> Client {
 }
 
 /// The signature header value for `body` sent at `t` (unix seconds).
-pub fn signature(secret: &[u8], t: u64, body: &[u8]) -> String {
+/// HMAC-SHA256 over `"<t>.<body>"`.
+fn mac(secret: &[u8], t: u64, body: &[u8]) -> HmacSha256 {
     let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes keys of any length");
     mac.update(t.to_string().as_bytes());
     mac.update(b".");
     mac.update(body);
-    let digest = mac.finalize().into_bytes();
+    mac
+}
+
+pub fn signature(secret: &[u8], t: u64, body: &[u8]) -> String {
+    let digest = mac(secret, t, body).finalize().into_bytes();
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     format!("t={t},v1={hex}")
 }
@@ -127,11 +132,7 @@ pub fn verify(secret: &[u8], header: &str, body: &[u8], now_s: u64, tolerance_s:
     else {
         return false;
     };
-    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes keys of any length");
-    mac.update(t.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    mac.verify_slice(&expected).is_ok()
+    mac(secret, t, body).verify_slice(&expected).is_ok()
 }
 
 /// A circuit breaker for one URL.

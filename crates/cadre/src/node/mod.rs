@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::agent::{Agent, Host, HostBuilder, HostConfig};
+use crate::agent::{Agent, Host, HostBuilder};
 use crate::bus::{Bus, RoutesError};
 use crate::config::{Config, ConfigError};
 use crate::membership::task::{self as membership_task, Input, Membership, View};
@@ -160,14 +160,7 @@ impl Node {
             (None, Some(dir)) => Arc::new(crate::storage::embedded::RedbStorage::open(&dir.join(STATE_FILE))?),
             (None, None) => Arc::new(crate::storage::memory::MemoryStorage::new()),
         };
-        let host_cfg = HostConfig {
-            mailbox_len_max: cfg.agents.mailbox_len_max,
-            idle_timeout_ms: cfg.agents.idle_timeout_ms,
-            agents_active_max: cfg.agents.agents_active_max,
-            restarts_max: cfg.agents.restarts_max,
-            restart_window_ms: cfg.agents.restart_window_ms,
-        };
-        let mut agents = HostBuilder::new(host_cfg, storage).agent::<crate::agent::counter::Counter>();
+        let mut agents = HostBuilder::new(cfg.agents.clone(), storage).agent::<crate::agent::counter::Counter>();
         for register in &opts.agent_types {
             agents = register(agents);
         }

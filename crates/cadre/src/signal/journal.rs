@@ -53,8 +53,7 @@ struct Entry {
 
 impl Entry {
     fn step(&self, depth: usize) -> TraceStep {
-        let time =
-            self.time.map(|t| t.with_timezone(&chrono::Utc).to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true));
+        let time = self.time.map(super::rfc3339);
         TraceStep { depth, time, ..self.step.clone() }
     }
 }

@@ -271,7 +271,7 @@ impl Signal {
 
     /// `time` as RFC 3339 in UTC, nanoseconds when present.
     pub fn time_rfc3339(&self) -> Option<String> {
-        self.time.map(|t| t.with_timezone(&Utc).to_rfc3339_opts(SecondsFormat::AutoSi, true))
+        self.time.map(rfc3339)
     }
 }
 
@@ -374,6 +374,11 @@ pub fn validate_extension_name(name: &str) -> Result<(), SignalError> {
         return Err(SignalError::ExtensionReserved(name.to_string()));
     }
     Ok(())
+}
+
+/// A time as signals write it: RFC 3339 in UTC, with the fraction it has.
+pub fn rfc3339(t: DateTime<FixedOffset>) -> String {
+    t.with_timezone(&Utc).to_rfc3339_opts(SecondsFormat::AutoSi, true)
 }
 
 /// A fresh UUIDv7, ordered within the process (one shared counter context).
