@@ -83,6 +83,8 @@ pub struct Config {
     pub membership: MembershipConfig,
     pub signals: SignalsConfig,
     pub agents: AgentsConfig,
+    pub meta: MetaConfig,
+    pub placement: PlacementConfig,
 }
 
 impl Default for Config {
@@ -102,6 +104,8 @@ impl Default for Config {
             membership: MembershipConfig::default(),
             signals: SignalsConfig::default(),
             agents: AgentsConfig::default(),
+            meta: MetaConfig::default(),
+            placement: PlacementConfig::default(),
         }
     }
 }
@@ -304,6 +308,126 @@ pub struct AgentsConfig {
     pub call_timeout_ms: u64,
 }
 
+/// The metadata Raft group.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetaConfig {
+    /// Voters of the group: the first admitted nodes up to this many (3 or 5; 1 for one node).
+    pub voters_max: usize,
+    /// A voter unreachable for this long is replaced by a live non-voter.
+    pub voter_down_replace_ms: u64,
+    pub heartbeat_interval_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Applied entries between two snapshots (the log before a snapshot is purged).
+    pub snapshot_logs_since_last: u64,
+    /// Time one Raft RPC or forwarded request waits for its answer.
+    pub rpc_timeout_ms: u64,
+}
+
+impl Default for MetaConfig {
+    fn default() -> Self {
+        Self {
+            voters_max: 3,
+            voter_down_replace_ms: 30_000,
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 300,
+            election_timeout_max_ms: 600,
+            snapshot_logs_since_last: 1000,
+            rpc_timeout_ms: 1000,
+        }
+    }
+}
+
+impl MetaConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=7).contains(&self.voters_max) {
+            return Err(invalid("meta.voters_max", "must be within 1..=7 (3 or 5 in practice)"));
+        }
+        positive("meta.voter_down_replace_ms", self.voter_down_replace_ms)?;
+        positive("meta.heartbeat_interval_ms", self.heartbeat_interval_ms)?;
+        positive("meta.election_timeout_min_ms", self.election_timeout_min_ms)?;
+        positive("meta.election_timeout_max_ms", self.election_timeout_max_ms)?;
+        positive("meta.snapshot_logs_since_last", self.snapshot_logs_since_last)?;
+        positive("meta.rpc_timeout_ms", self.rpc_timeout_ms)?;
+        if self.heartbeat_interval_ms >= self.election_timeout_min_ms {
+            return Err(invalid("meta.heartbeat_interval_ms", "must be below meta.election_timeout_min_ms"));
+        }
+        if self.election_timeout_min_ms >= self.election_timeout_max_ms {
+            return Err(invalid("meta.election_timeout_min_ms", "must be below meta.election_timeout_max_ms"));
+        }
+        Ok(())
+    }
+}
+
+/// Shards, leases and the placement controller.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlacementConfig {
+    /// Shards of a new cluster; fixed when the cluster is created (later values are ignored).
+    pub shard_count: u32,
+    /// A node serves its shards only this long after its last lease renewal was sent.
+    pub lease_ms: u64,
+    /// How often a node renews its lease through the leader.
+    pub lease_renew_interval_ms: u64,
+    /// Added by the leader before it treats a lease as expired (clock rate differences).
+    pub lease_drift_margin_ms: u64,
+    /// How often the controller on the leader looks at the shard table.
+    pub controller_tick_ms: u64,
+    /// Minimum time between two rounds of planned moves.
+    pub rebalance_interval_ms: u64,
+    /// Planned moves started per round.
+    pub max_moves_per_tick: usize,
+    /// Times a call follows a redirect (or waits out a hand-off) before failing `Unavailable`.
+    pub redirects_max: u32,
+    /// Time an old owner has to hand a shard over before the move is abandoned.
+    pub handoff_timeout_ms: u64,
+}
+
+impl Default for PlacementConfig {
+    fn default() -> Self {
+        Self {
+            shard_count: crate::meta::SHARD_COUNT_DEFAULT,
+            lease_ms: 2000,
+            lease_renew_interval_ms: 500,
+            lease_drift_margin_ms: 500,
+            controller_tick_ms: 200,
+            rebalance_interval_ms: 5000,
+            max_moves_per_tick: 8,
+            redirects_max: 5,
+            handoff_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl PlacementConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=crate::meta::SHARD_COUNT_MAX).contains(&self.shard_count) {
+            return Err(invalid(
+                "placement.shard_count",
+                format!("must be within 1..={}", crate::meta::SHARD_COUNT_MAX),
+            ));
+        }
+        positive("placement.lease_ms", self.lease_ms)?;
+        positive("placement.lease_renew_interval_ms", self.lease_renew_interval_ms)?;
+        positive("placement.lease_drift_margin_ms", self.lease_drift_margin_ms)?;
+        positive("placement.controller_tick_ms", self.controller_tick_ms)?;
+        positive("placement.rebalance_interval_ms", self.rebalance_interval_ms)?;
+        positive("placement.handoff_timeout_ms", self.handoff_timeout_ms)?;
+        if self.lease_renew_interval_ms * 2 > self.lease_ms {
+            // One lost renewal must not cost the lease.
+            return Err(invalid("placement.lease_renew_interval_ms", "must be at most half of placement.lease_ms"));
+        }
+        if !(1..=10_000).contains(&self.max_moves_per_tick) {
+            return Err(invalid("placement.max_moves_per_tick", "must be within 1..=10000"));
+        }
+        if !(1..=100).contains(&self.redirects_max) {
+            return Err(invalid("placement.redirects_max", "must be within 1..=100"));
+        }
+        Ok(())
+    }
+}
+
 impl Default for AgentsConfig {
     fn default() -> Self {
         Self {
@@ -429,7 +553,9 @@ impl Config {
         self.net.validate()?;
         self.membership.validate()?;
         self.signals.validate()?;
-        self.agents.validate()
+        self.agents.validate()?;
+        self.meta.validate()?;
+        self.placement.validate()
     }
 
     /// The `source` of signals this node makes.

@@ -14,6 +14,7 @@ pub mod agent;
 pub mod api;
 pub mod bus;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod membership;
 pub mod meta;

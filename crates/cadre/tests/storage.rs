@@ -10,13 +10,13 @@ use cadre::storage::{conformance, Fence, Key, Storage, StorageError};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_conforms() {
-    conformance::run(Arc::new(MemoryStorage::new()), "memory", 0).await;
+    conformance::run_on_empty(Arc::new(MemoryStorage::new())).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redb_conforms() {
     let dir = tempfile::tempdir().unwrap();
-    conformance::run(Arc::new(RedbStorage::open(&dir.path().join("state.redb")).unwrap()), "redb", 0).await;
+    conformance::run_on_empty(Arc::new(RedbStorage::open(&dir.path().join("state.redb")).unwrap())).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -35,6 +35,7 @@ async fn redb_keeps_state_entries_and_fences_across_a_reopen() {
     assert_eq!((got.value.as_ref(), got.revision), (&b"42"[..], r));
     assert_eq!(s.entries(&k, 0, 10).await.unwrap(), [Bytes::from_static(b"e")]);
     assert_eq!(s.epoch(7).await.unwrap(), 4);
+    assert_eq!(s.scan_keys(None, 10).await.unwrap(), std::slice::from_ref(&k), "scans see reopened keys");
     let stale = s.put(&k, Bytes::from_static(b"x"), r, Fence { shard: 7, epoch: 3 }).await;
     assert!(matches!(stale, Err(StorageError::Fenced { current: 4, .. })), "{stale:?}");
     let r2 = s.put(&k, Bytes::from_static(b"43"), r, Fence { shard: 7, epoch: 4 }).await.unwrap();

@@ -29,8 +29,14 @@
 //! then handles what was already queued; a caller whose send finds the mailbox closed retries
 //! (at most [`CALL_ATTEMPTS_MAX`] times).
 //!
-//! Placement across nodes (shards, leases, epochs from the metadata group) is not here yet: the
-//! host writes with the fence its [`FenceFn`] gives (one node: shard of the key, epoch 1).
+//! ## Placement
+//! The host asks its [`Gate`] whether a key's shard is served here: before every call
+//! ([`Gate::admit`]: owned, not handing off, lease valid) and before every write
+//! ([`Gate::write`]: owned and lease valid, also while handing off), and writes with the fence the
+//! gate gives (shard and epoch). A refused call fails with [`CallError::NotOwner`] (the caller
+//! follows the hint) or [`CallError::Unavailable`]; a refused write fails the call and stops the
+//! activation. [`Host::passivate_where`] stops the activations of shards this node gives up. The
+//! default gate ([`LocalGate`]) serves every key at epoch 1 (a host without a cluster).
 
 pub mod counter;
 
@@ -116,7 +122,7 @@ pub enum Persistence {
     OnPassivate,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum CallError {
     #[error("unknown agent type {0:?}")]
     UnknownType(String),
@@ -134,10 +140,30 @@ pub enum CallError {
     Storage(StorageError),
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The key's shard is not served here; `owner` at `epoch` is, as far as this node knows.
+    #[error("not the owner of this key's shard{}", owner.as_ref().map(|o| format!(" (owner: {o}, epoch {epoch})")).unwrap_or_default())]
+    NotOwner { owner: Option<String>, epoch: u64 },
 }
 
-/// The fence writes for a key carry.
-pub type FenceFn = Arc<dyn Fn(&Key) -> Fence + Send + Sync>;
+/// Decides whether a key is served here, and with which fence its writes go out.
+pub trait Gate: Send + Sync + 'static {
+    /// May new work for `key` start here? Called under the host's table lock: must be quick.
+    fn admit(&self, key: &Key) -> Result<Fence, CallError>;
+    /// May a write for `key` go ahead (also while its shard is being handed off)?
+    fn write(&self, key: &Key) -> Result<Fence, CallError>;
+}
+
+/// Serves every key, at epoch 1 of its shard (of [`crate::placement::SHARD_COUNT_DEFAULT`]).
+pub struct LocalGate;
+
+impl Gate for LocalGate {
+    fn admit(&self, key: &Key) -> Result<Fence, CallError> {
+        Ok(Fence { shard: crate::placement::shard_of(key, crate::placement::SHARD_COUNT_DEFAULT), epoch: 1 })
+    }
+    fn write(&self, key: &Key) -> Result<Fence, CallError> {
+        self.admit(key)
+    }
+}
 
 enum Msg {
     /// Boxed: mailbox slots stay small.
@@ -152,9 +178,11 @@ enum Slot {
     Active {
         tx: mpsc::Sender<Msg>,
         tick: u64,
+        /// Cancelled when the activation has ended (its slot removed).
+        ended: CancellationToken,
     },
     /// Gone once its last write is done; notified then.
-    Stopping(Arc<Notify>),
+    Stopping(Arc<Notify>, CancellationToken),
 }
 
 #[derive(Default)]
@@ -172,7 +200,7 @@ type Spawner = Arc<dyn Fn(Arc<HostInner>, Key, mpsc::Receiver<Msg>) + Send + Syn
 struct HostInner {
     cfg: AgentsConfig,
     storage: Arc<dyn Storage>,
-    fence: FenceFn,
+    gate: Arc<dyn Gate>,
     types: HashMap<&'static str, Spawner>,
     table: Mutex<Table>,
     cancel: CancellationToken,
@@ -185,22 +213,18 @@ struct HostInner {
 pub struct HostBuilder {
     cfg: AgentsConfig,
     storage: Arc<dyn Storage>,
-    fence: FenceFn,
+    gate: Arc<dyn Gate>,
     types: HashMap<&'static str, Spawner>,
 }
 
 impl HostBuilder {
     pub fn new(cfg: AgentsConfig, storage: Arc<dyn Storage>) -> Self {
         assert!(cfg.mailbox_len_max > 0 && cfg.agents_active_max > 0, "host limits must be positive: {cfg:?}");
-        let fence: FenceFn = Arc::new(|k: &Key| Fence {
-            shard: crate::placement::shard_of(k, crate::placement::SHARD_COUNT_DEFAULT),
-            epoch: 1,
-        });
-        Self { cfg, storage, fence, types: HashMap::new() }
+        Self { cfg, storage, gate: Arc::new(LocalGate), types: HashMap::new() }
     }
 
-    pub fn fence(mut self, fence: FenceFn) -> Self {
-        self.fence = fence;
+    pub fn gate(mut self, gate: Arc<dyn Gate>) -> Self {
+        self.gate = gate;
         self
     }
 
@@ -218,7 +242,7 @@ impl HostBuilder {
             inner: Arc::new(HostInner {
                 cfg: self.cfg,
                 storage: self.storage,
-                fence: self.fence,
+                gate: self.gate,
                 types: self.types,
                 table: Mutex::new(Table::default()),
                 cancel: CancellationToken::new(),
@@ -291,6 +315,31 @@ impl Host {
         tx.send(Msg::Stop).await.is_ok()
     }
 
+    /// Passivates every active agent whose key matches and waits until each has stored its state
+    /// and ended. Returns how many there were. Used when this node gives a shard up.
+    pub async fn passivate_where(&self, pred: impl Fn(&Key) -> bool) -> usize {
+        let victims: Vec<(Option<mpsc::Sender<Msg>>, CancellationToken)> = {
+            let t = self.inner.lock();
+            let matching = t.slots.iter().filter(|(k, _)| pred(k));
+            matching
+                .map(|(_, s)| match s {
+                    Slot::Active { tx, ended, .. } => (Some(tx.clone()), ended.clone()),
+                    Slot::Stopping(_, ended) => (None, ended.clone()),
+                })
+                .collect()
+        };
+        for (tx, _) in &victims {
+            if let Some(tx) = tx {
+                // Queued behind the calls already in the mailbox, which are handled first.
+                let _ = tx.send(Msg::Stop).await;
+            }
+        }
+        for (_, ended) in &victims {
+            ended.cancelled().await;
+        }
+        victims.len()
+    }
+
     /// Ends every activation as a crash would: no passivation, no last write (what write-through
     /// stored stays; on-passivation agents lose what changed). Pending calls fail.
     pub async fn abort(&self) {
@@ -334,10 +383,13 @@ impl Host {
                 if inner.cancel.is_cancelled() {
                     return Err(CallError::Unavailable("the node is shutting down".into()));
                 }
+                // Under the lock: `passivate_where` sweeps under it too, so once a shard is
+                // given up no call slips in behind the sweep.
+                inner.gate.admit(key)?;
                 let tick = t.next_tick;
                 t.next_tick += 1;
                 match t.slots.get_mut(key) {
-                    Some(Slot::Active { tx, tick: last }) => {
+                    Some(Slot::Active { tx, tick: last, .. }) => {
                         let tx = tx.clone();
                         let old = std::mem::replace(last, tick);
                         // The key moves to the new tick; allocated again only if it had been evicted.
@@ -346,10 +398,11 @@ impl Host {
                         Found::Active(tx)
                     }
                     // Created under the lock, so the notification cannot be missed.
-                    Some(Slot::Stopping(done)) => Found::Stopping(done.clone().notified_owned()),
+                    Some(Slot::Stopping(done, _)) => Found::Stopping(done.clone().notified_owned()),
                     None => {
                         let (tx, rx) = mpsc::channel(inner.cfg.mailbox_len_max);
-                        t.slots.insert(key.clone(), Slot::Active { tx: tx.clone(), tick });
+                        let ended = CancellationToken::new();
+                        t.slots.insert(key.clone(), Slot::Active { tx: tx.clone(), tick, ended });
                         t.lru.insert(tick, key.clone());
                         spawn(inner.clone(), key.clone(), rx);
                         // Over the limit: the least recently used others passivate. They leave the
@@ -397,20 +450,26 @@ enum Found {
 /// Marks `key` as stopping (no new sends find it) and returns what to notify when gone.
 fn begin_stop(host: &HostInner, key: &Key) -> Arc<Notify> {
     let mut t = host.lock();
-    if let Some(Slot::Stopping(done)) = t.slots.get(key) {
+    if let Some(Slot::Stopping(done, _)) = t.slots.get(key) {
         return done.clone();
     }
     let done = Arc::new(Notify::new());
-    if let Some(Slot::Active { tick, .. }) = t.slots.get(key) {
-        let tick = *tick;
-        t.lru.remove(&tick);
-    }
-    t.slots.insert(key.clone(), Slot::Stopping(done.clone()));
+    let ended = match t.slots.get(key) {
+        Some(Slot::Active { tick, ended, .. }) => {
+            let (tick, ended) = (*tick, ended.clone());
+            t.lru.remove(&tick);
+            ended
+        }
+        _ => CancellationToken::new(),
+    };
+    t.slots.insert(key.clone(), Slot::Stopping(done.clone(), ended));
     done
 }
 
 fn end_stop(host: &HostInner, key: &Key, done: &Notify) {
-    host.lock().slots.remove(key);
+    if let Some(Slot::Stopping(_, ended) | Slot::Active { ended, .. }) = host.lock().slots.remove(key) {
+        ended.cancel();
+    }
     done.notify_waiters();
 }
 
@@ -433,13 +492,17 @@ impl<A: Agent> Live<A> {
     }
 
     /// Stores the state if it changed.
-    async fn persist(&mut self, host: &HostInner) -> Result<(), StorageError> {
-        let bytes = encode(&self.agent).map_err(StorageError::Backend)?;
+    async fn persist(&mut self, host: &HostInner) -> Result<(), CallError> {
+        let bytes = encode(&self.agent).map_err(|e| CallError::Storage(StorageError::Backend(e)))?;
         if bytes == self.stored {
             return Ok(());
         }
-        let fence = (host.fence)(&self.ctx.key);
-        self.ctx.revision = host.storage.put(&self.ctx.key, bytes.clone(), self.ctx.revision, fence).await?;
+        let fence = host.gate.write(&self.ctx.key)?;
+        self.ctx.revision = host
+            .storage
+            .put(&self.ctx.key, bytes.clone(), self.ctx.revision, fence)
+            .await
+            .map_err(CallError::Storage)?;
         self.stored = bytes;
         Ok(())
     }
@@ -626,10 +689,7 @@ async fn handle<A: Agent>(
             Persistence::WriteThrough => match live.persist(host).await {
                 Ok(()) => (Ok(value), Step::Go),
                 // Another activation wrote, or the store failed: this one must not go on.
-                Err(e) => {
-                    let e = CallError::Storage(e);
-                    (Err(e.clone()), Step::Stop(e))
-                }
+                Err(e) => (Err(e.clone()), Step::Stop(e)),
             },
             Persistence::OnPassivate => (Ok(value), Step::Go),
         },

@@ -7,9 +7,11 @@
 //!
 //! Errors are problem documents: unknown agent type → 404; a full mailbox, a store conflict or
 //! shutdown → 503 with `Retry-After`; no reply in `agents.call_timeout_ms` → 504; a handler's
-//! refusal → 422; an agent stopped after too many crashes → 500.
+//! refusal → 422; an agent stopped after too many crashes → 500. Requests are routed to the owner
+//! of the key's shard ([`crate::cluster::Cluster`]); `node` and `epoch` say who served it.
 //!
-//! Until placement exists, the owner is always this node and the epoch 1.
+//! - `GET /v1/cluster` → leader, members (address, voter or not, shards owned, active agents),
+//!   shard counts by state, active agents in total.
 
 // Helpers return the response to send as their error; it is sent at once, never stored.
 #![allow(clippy::result_large_err)]
@@ -28,9 +30,6 @@ use super::ApiState;
 use crate::agent::CallError;
 use crate::storage::Key;
 
-/// The epoch reported until shards have owners and epochs.
-const EPOCH_SINGLE_NODE: u64 = 1;
-
 #[derive(Deserialize)]
 pub struct CallQuery {
     mode: Option<String>,
@@ -41,7 +40,9 @@ fn call_error(e: CallError) -> Response {
         CallError::UnknownType(_) => (StatusCode::NOT_FOUND, "unknown-agent-type"),
         CallError::InvalidKey(_) => (StatusCode::BAD_REQUEST, "invalid-key"),
         CallError::MailboxFull(_) => (StatusCode::SERVICE_UNAVAILABLE, "mailbox-full"),
-        CallError::Unavailable(_) | CallError::Storage(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        CallError::Unavailable(_) | CallError::Storage(_) | CallError::NotOwner { .. } => {
+            (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+        }
         CallError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
         CallError::Handler(_) => (StatusCode::UNPROCESSABLE_ENTITY, "handler-error"),
         CallError::Crashed => (StatusCode::INTERNAL_SERVER_ERROR, "agent-crashed"),
@@ -85,13 +86,18 @@ pub async fn call(
     };
     if cast {
         let id = signal.id.clone();
-        return match s.agents.cast(&key, signal).await {
-            Ok(()) => (StatusCode::ACCEPTED, Json(json!({ "accepted": id }))).into_response(),
+        return match s.cluster.cast(&key, signal, s.call_timeout).await {
+            Ok(served) => {
+                (StatusCode::ACCEPTED, Json(json!({ "accepted": id, "node": served.node, "epoch": served.epoch })))
+                    .into_response()
+            }
             Err(e) => call_error(e),
         };
     }
-    match s.agents.call(&key, signal, s.call_timeout).await {
-        Ok(reply) => Json(json!({ "reply": reply, "node": s.node_name, "epoch": EPOCH_SINGLE_NODE })).into_response(),
+    match s.cluster.call(&key, signal, s.call_timeout).await {
+        Ok(served) => {
+            Json(json!({ "reply": served.reply, "node": served.node, "epoch": served.epoch })).into_response()
+        }
         Err(e) => call_error(e),
     }
 }
@@ -101,19 +107,21 @@ pub async fn lookup(State(s): State<ApiState>, path: Result<Path<(String, String
         Ok(k) => k,
         Err(res) => return res,
     };
-    if !s.agents.has_type(&key.ty) {
-        return call_error(CallError::UnknownType(key.ty));
+    match s.cluster.lookup(&key, s.call_timeout).await {
+        Ok(served) => {
+            let shard = s.cluster.placement(&key).map(|p| p.shard).ok();
+            Json(json!({
+                "type": key.ty,
+                "id": key.id,
+                "shard": shard,
+                "owner": served.node,
+                "epoch": served.epoch,
+                "active": served.reply,
+            }))
+            .into_response()
+        }
+        Err(e) => call_error(e),
     }
-    let shard = crate::placement::shard_of(&key, crate::placement::SHARD_COUNT_DEFAULT);
-    Json(json!({
-        "type": key.ty,
-        "id": key.id,
-        "shard": shard,
-        "owner": s.node_name,
-        "epoch": EPOCH_SINGLE_NODE,
-        "active": s.agents.is_active(&key),
-    }))
-    .into_response()
 }
 
 pub async fn stop(State(s): State<ApiState>, path: Result<Path<(String, String)>, PathRejection>) -> Response {
@@ -121,12 +129,48 @@ pub async fn stop(State(s): State<ApiState>, path: Result<Path<(String, String)>
         Ok(k) => k,
         Err(res) => return res,
     };
-    if !s.agents.has_type(&key.ty) {
-        return call_error(CallError::UnknownType(key.ty));
+    match s.cluster.stop(&key, s.call_timeout).await {
+        Ok(served) if served.reply == serde_json::Value::Bool(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(_) => {
+            problem(StatusCode::NOT_FOUND, "not-active", format!("{}/{} is not active", key.ty, key.id), json!({}))
+        }
+        Err(e) => call_error(e),
     }
-    if s.agents.stop(&key).await {
-        StatusCode::NO_CONTENT.into_response()
-    } else {
-        problem(StatusCode::NOT_FOUND, "not-active", format!("{}/{} is not active", key.ty, key.id), json!({}))
-    }
+}
+
+/// `GET /v1/cluster`.
+pub async fn cluster(State(s): State<ApiState>) -> Response {
+    let st = s.cluster.state();
+    let active = s.cluster.stats(s.call_timeout.min(std::time::Duration::from_secs(2))).await;
+    let counts = st.shard_counts();
+    let raft = s.cluster.raft().metrics().borrow().clone();
+    let membership = raft.membership_config.membership().clone();
+    let voters: std::collections::BTreeSet<String> =
+        membership.voter_ids().filter_map(|id| membership.get_node(&id).map(|n| n.name.clone())).collect();
+    let members: Vec<serde_json::Value> = st
+        .members_in_order()
+        .into_iter()
+        .map(|name| {
+            json!({
+                "name": name,
+                "addr": st.members[name].addr,
+                "voter": voters.contains(name),
+                "shards": counts.get(name).copied().unwrap_or(0),
+                "active_agents": active.get(name).copied().flatten(),
+            })
+        })
+        .collect();
+    let moving = st.shards.iter().filter(|e| matches!(e.state, crate::meta::ShardState::Moving { .. })).count();
+    let unassigned = st.shards.iter().filter(|e| e.owner.is_none()).count();
+    let total: u64 = active.values().map(|a| a.unwrap_or(0)).sum();
+    Json(json!({
+        "leader": s.cluster.leader(),
+        "term": raft.current_term,
+        "shard_count": st.shard_count,
+        "shards_moving": moving,
+        "shards_unassigned": unassigned,
+        "members": members,
+        "active_agents_total": total,
+    }))
+    .into_response()
 }

@@ -53,7 +53,7 @@ pub struct ApiState {
     pub metrics: Metrics,
     pub bus: crate::bus::Bus,
     pub ingress_body_bytes_max: usize,
-    pub agents: crate::agent::Host,
+    pub cluster: crate::cluster::Cluster,
     pub node_name: String,
     pub call_timeout: Duration,
 }
@@ -83,6 +83,7 @@ pub struct PeerJson {
 
 pub fn router(state: ApiState) -> Router {
     Router::new()
+        .route("/v1/cluster", get(agents::cluster))
         .route("/v1/cluster/members", get(members))
         .route("/v1/cluster/peers", get(peers))
         .route("/healthz", get(|| async { "ok\n" }))

@@ -272,9 +272,20 @@ impl Core {
         self.drain(now)
     }
 
-    /// Housekeeping, called every `join_retry_interval_ms`: retries joining while alone, and drops
-    /// `down`/`left` members older than the retention time.
+    /// Housekeeping, called every `join_retry_interval_ms`: retries joining while alone, announces
+    /// to seeds not in the view (two groups that formed apart, e.g. nodes started before their
+    /// seed was listening, merge this way), and drops `down`/`left` members older than the
+    /// retention time.
     pub fn tick(&mut self, now: Instant) -> Vec<Output> {
+        if self.connected && !self.leaving {
+            let active: std::collections::HashSet<SocketAddr> =
+                self.view.values().filter(|m| m.state.is_active()).map(|m| m.meta.addr).collect();
+            for seed in self.seeds.clone() {
+                if !active.contains(&seed) {
+                    let _ = self.foca.announce(NodeMeta::seed(seed), &mut self.rt);
+                }
+            }
+        }
         if !self.connected && !self.leaving {
             self.announce_to_seeds();
             let down: Vec<NodeMeta> = self

@@ -15,8 +15,12 @@
 //!
 //! Commands are a versioned enum so later issues can add strong KV, locks and queues.
 //!
-//! Not here yet: the openraft group itself (log and state machine storage in redb, the network
-//! over the control lane, voter management), leases, and the controller loop.
+//! The Raft group that replicates it is in [`raft`] (openraft binding, network over the control
+//! lane) and [`store`] (log and snapshots in redb); [`crate::cluster`] drives it (voters, leases,
+//! the placement controller).
+
+pub mod raft;
+pub mod store;
 
 use std::collections::BTreeMap;
 
@@ -70,6 +74,9 @@ pub enum Cmd {
     BeginMove { shard: u32, to: String, expected_epoch: u64 },
     /// Ends a planned move: `to` owns the shard at `expected_epoch + 1`.
     CompleteMove { shard: u32, expected_epoch: u64 },
+    /// Gives up a planned move (its target died, or the hand-off took too long): the owner keeps
+    /// the shard at the same epoch.
+    AbortMove { shard: u32, expected_epoch: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,6 +89,9 @@ pub enum CmdReply {
         epoch: u64,
     },
 }
+
+/// What applying a command gave: the Raft group's response type.
+pub type CmdOutcome = Result<CmdReply, MetaError>;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum MetaError {
@@ -98,7 +108,7 @@ pub enum MetaError {
     #[error("shard {shard} is at epoch {actual}, not {expected}")]
     StaleEpoch { shard: u32, expected: u64, actual: u64 },
     #[error("shard {shard} is {state}; that change needs it {needed}")]
-    WrongState { shard: u32, state: String, needed: &'static str },
+    WrongState { shard: u32, state: String, needed: String },
 }
 
 /// The replicated metadata.
@@ -155,6 +165,14 @@ impl MetaState {
                 let e = &mut self.shards[*shard as usize];
                 e.owner = Some(to);
                 e.epoch += 1;
+                e.state = ShardState::Active;
+                Ok(self.reply(*shard))
+            }
+            Cmd::AbortMove { shard, expected_epoch } => {
+                let e = self.shard_at(*shard, *expected_epoch)?;
+                if !matches!(e.state, ShardState::Moving { .. }) {
+                    return Err(wrong_state(*shard, &e.state, "moving"));
+                }
                 e.state = ShardState::Active;
                 Ok(self.reply(*shard))
             }
@@ -228,7 +246,7 @@ impl MetaState {
 }
 
 fn wrong_state(shard: u32, state: &ShardState, needed: &'static str) -> MetaError {
-    MetaError::WrongState { shard, state: format!("{state:?}"), needed }
+    MetaError::WrongState { shard, state: format!("{state:?}"), needed: needed.to_string() }
 }
 
 #[cfg(test)]

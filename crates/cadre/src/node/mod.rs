@@ -21,6 +21,8 @@ use tracing::{info, warn};
 
 use crate::agent::{Agent, Host, HostBuilder};
 use crate::bus::{Bus, RoutesError};
+use crate::cluster::protocol::AGENT_TAG;
+use crate::cluster::{Cluster, ClusterParts, Prepared};
 use crate::config::{Config, ConfigError};
 use crate::membership::task::{self as membership_task, Input, Membership, View};
 use crate::membership::{Core, NodeMeta};
@@ -47,6 +49,8 @@ pub enum NodeError {
     Routes(#[from] RoutesError),
     #[error("storage: {0}")]
     Storage(#[from] crate::storage::StorageError),
+    #[error("metadata: {0}")]
+    Meta(String),
 }
 
 /// Receives application messages on the data lane. Called on transport reader tasks: must not block.
@@ -76,16 +80,22 @@ impl DataHandler for Echo {
 struct NodeHandler {
     membership: Membership,
     data: Arc<dyn DataHandler>,
+    cluster: Cluster,
 }
 
 impl Handler for NodeHandler {
-    fn on_message(&self, from: &PeerInfo, _lane: Lane, msg: OutMsg) -> Option<Bytes> {
+    fn on_message(&self, from: &PeerInfo, lane: Lane, msg: OutMsg) -> Option<Bytes> {
         match msg {
             // Copied: a zero-copy slice would pin the whole read buffer while the packet waits
             // in the membership inbox.
             Msg::Membership(p) => self.membership.deliver(Input::Packet(Bytes::copy_from_slice(&p))),
             Msg::Leave { incarnation } => self.membership.deliver(Input::Leave { from: from.addr, incarnation }),
             Msg::Tell(p) => self.data.on_tell(from, p),
+            // Raft and placement: answered later by a task, through `reply_on`.
+            Msg::Ask { id, payload } if lane == Lane::Control => self.cluster.on_control_ask(from, id, payload),
+            Msg::Ask { id, payload } if payload.first() == Some(&AGENT_TAG) => {
+                return self.cluster.on_agent_ask(from, id, payload)
+            }
             // Answered at once, on the connection the ask came in on.
             Msg::Ask { payload, .. } => return Some(self.data.on_ask(from, payload)),
             Msg::Reply { .. } | Msg::Ping { .. } | Msg::Pong { .. } => {}
@@ -102,6 +112,7 @@ pub struct Node {
     metrics: Metrics,
     bus: Bus,
     agents: Host,
+    cluster: Cluster,
     http: Option<SocketAddr>,
     cancel: CancellationToken,
     tasks: TaskTracker,
@@ -145,6 +156,8 @@ impl NodeOptions {
 
 /// The file of the embedded store under the data dir.
 pub const STATE_FILE: &str = "state.redb";
+/// The file of the metadata group's log and snapshots under the data dir.
+pub const META_FILE: &str = "meta.redb";
 
 impl Node {
     pub async fn start(cfg: Config, opts: NodeOptions) -> Result<Node, NodeError> {
@@ -160,7 +173,19 @@ impl Node {
             (None, Some(dir)) => Arc::new(crate::storage::embedded::RedbStorage::open(&dir.join(STATE_FILE))?),
             (None, None) => Arc::new(crate::storage::memory::MemoryStorage::new()),
         };
-        let mut agents = HostBuilder::new(cfg.agents.clone(), storage).agent::<crate::agent::counter::Counter>();
+        let prepared = Prepared::open(ClusterParts {
+            name: cfg.name.clone(),
+            founder: cfg.seeds.is_empty(),
+            meta: cfg.meta.clone(),
+            placement: cfg.placement.clone(),
+            meta_file: cfg.data_dir.as_ref().map(|d| d.join(META_FILE)),
+            rng_seed: rng_seed.wrapping_add(2),
+            storage: storage.clone(),
+        })
+        .map_err(NodeError::Meta)?;
+        let mut agents = HostBuilder::new(cfg.agents.clone(), storage)
+            .gate(prepared.gate())
+            .agent::<crate::agent::counter::Counter>();
         for register in &opts.agent_types {
             agents = register(agents);
         }
@@ -234,7 +259,28 @@ impl Node {
             cancel.clone(),
             &tasks,
         );
-        transport.set_handler(Arc::new(NodeHandler { membership: membership.clone(), data: opts.data }));
+        let cluster = match Cluster::start(
+            prepared,
+            transport.local().addr,
+            transport.downgrade(),
+            membership.clone(),
+            agents.clone(),
+        )
+        .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                cancel.cancel();
+                bus.shutdown().await;
+                agents.shutdown().await;
+                transport.abort().await;
+                tasks.close();
+                tasks.wait().await;
+                return Err(NodeError::Meta(e));
+            }
+        };
+        let handler = NodeHandler { membership: membership.clone(), data: opts.data, cluster: cluster.clone() };
+        transport.set_handler(Arc::new(handler));
         if let Some(listener) = http_listener {
             let state = crate::api::ApiState {
                 membership: membership.clone(),
@@ -242,14 +288,14 @@ impl Node {
                 metrics: metrics.clone(),
                 bus: bus.clone(),
                 ingress_body_bytes_max: cfg.signals.ingress_body_bytes_max,
-                agents: agents.clone(),
+                cluster: cluster.clone(),
                 node_name: cfg.name.clone(),
                 call_timeout: Duration::from_millis(cfg.agents.call_timeout_ms),
             };
             tasks.spawn(crate::api::serve(listener, state, cancel.clone()));
         }
         info!(name = %cfg.name, addr = %transport.local().addr, http = ?http, incarnation, "node started");
-        Ok(Node { cfg, transport, membership, metrics, bus, agents, http, cancel, tasks })
+        Ok(Node { cfg, transport, membership, metrics, bus, agents, cluster, http, cancel, tasks })
     }
 
     pub fn name(&self) -> &str {
@@ -283,6 +329,10 @@ impl Node {
     pub fn agents(&self) -> &Host {
         &self.agents
     }
+    /// Agents across the cluster: routing, placement, the metadata group.
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
 
     pub fn tell(&self, to: SocketAddr, payload: Bytes) -> Result<(), SendError> {
         self.transport.try_send(to, Lane::Data, Msg::Tell(payload))
@@ -295,9 +345,11 @@ impl Node {
     /// Graceful stop: leave the cluster, flush, stop every task.
     pub async fn shutdown(self) {
         self.membership.leave().await;
-        self.transport.shutdown(Duration::from_millis(SHUTDOWN_FLUSH_MS)).await;
-        // Agents first: passivating stores their state, and they may still publish.
+        // Agents first, while the lease holds: passivating stores their state, and they may
+        // still publish.
         self.agents.shutdown().await;
+        self.cluster.shutdown().await;
+        self.transport.shutdown(Duration::from_millis(SHUTDOWN_FLUSH_MS)).await;
         self.bus.shutdown().await;
         self.cancel.cancel();
         self.tasks.close();
@@ -310,6 +362,7 @@ impl Node {
         self.cancel.cancel();
         // As a crash: no passivation, no last write.
         self.agents.abort().await;
+        self.cluster.shutdown().await;
         self.bus.shutdown().await;
         self.transport.abort().await;
         self.tasks.close();

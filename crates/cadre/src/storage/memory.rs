@@ -1,20 +1,24 @@
-//! In-memory storage: one mutex over plain maps. For tests, simulations and benchmarks; nothing
-//! survives the process. Shared by several nodes (an `Arc`), it plays a storage host all of them
+//! In-memory storage: one mutex over plain maps (ordered by key, for `scan_keys`). For tests,
+//! simulations and benchmarks; nothing survives the process. Shared by several nodes (an `Arc`), it plays a storage host all of them
 //! reach, as a database would be.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 use std::sync::Mutex;
 
 use bytes::Bytes;
 use futures::future::{ready, BoxFuture};
 use futures::FutureExt;
 
-use super::{check_write, fence_check, Fence, Key, Revision, Storage, StorageError, Versioned, ENTRIES_READ_MAX};
+use super::{
+    check_write, fence_check, scan_check, Fence, Key, Revision, Storage, StorageError, Versioned, ENTRIES_READ_MAX,
+};
 
 #[derive(Default)]
 struct Inner {
-    states: HashMap<Key, Versioned>,
-    entries: HashMap<Key, Vec<Bytes>>,
+    states: BTreeMap<Key, Versioned>,
+    /// Never holds an empty list: a key without entries has no list.
+    entries: BTreeMap<Key, Vec<Bytes>>,
     epochs: HashMap<u32, u64>,
     revision: Revision,
 }
@@ -112,9 +116,13 @@ impl Storage for MemoryStorage {
             if actual != expected_len {
                 return Err(StorageError::Conflict { expected: expected_len, actual });
             }
-            let list = i.entries.entry(key.clone()).or_default();
-            list.extend(entries);
-            let len = list.len() as u64;
+            let len = if entries.is_empty() {
+                actual
+            } else {
+                let list = i.entries.entry(key.clone()).or_default();
+                list.extend(entries);
+                list.len() as u64
+            };
             i.revision += 1;
             i.epochs.insert(fence.shard, epoch);
             Ok(len)
@@ -132,5 +140,44 @@ impl Storage for MemoryStorage {
 
     fn epoch<'a>(&'a self, shard: u32) -> BoxFuture<'a, Result<u64, StorageError>> {
         self.run(move |i| Ok(i.epochs.get(&shard).copied().unwrap_or(0)))
+    }
+
+    fn scan_keys<'a>(&'a self, after: Option<&'a Key>, limit: usize) -> BoxFuture<'a, Result<Vec<Key>, StorageError>> {
+        self.run(move |i| {
+            let limit = scan_check(after, limit)?;
+            let range = (after.map_or(Bound::Unbounded, Bound::Excluded), Bound::Unbounded);
+            // The first `limit` keys of the union are among the first `limit` of each map.
+            let mut keys: Vec<Key> = i.states.range(range).map(|(k, _)| k).take(limit).cloned().collect();
+            keys.extend(i.entries.range(range).map(|(k, _)| k).take(limit).cloned());
+            keys.sort_unstable();
+            keys.dedup();
+            keys.truncate(limit);
+            Ok(keys)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::SCAN_READ_MAX;
+
+    #[tokio::test]
+    async fn scans_are_capped() {
+        let s = MemoryStorage::new();
+        let f = Fence { shard: 0, epoch: 1 };
+        let keys: Vec<Key> = (0..SCAN_READ_MAX + 5).map(|i| Key::new("t", format!("{i:06}"))).collect();
+        for (i, k) in keys.iter().enumerate() {
+            if i % 2 == 0 {
+                s.put(k, Bytes::new(), 0, f).await.unwrap();
+            }
+            if i % 2 == 1 || i % 3 == 0 {
+                s.append(k, vec![Bytes::new()], 0, f).await.unwrap();
+            }
+        }
+        let first = s.scan_keys(None, usize::MAX).await.unwrap();
+        assert_eq!(first, keys[..SCAN_READ_MAX]);
+        let rest = s.scan_keys(first.last(), SCAN_READ_MAX + 1).await.unwrap();
+        assert_eq!(rest, keys[SCAN_READ_MAX..]);
     }
 }

@@ -24,7 +24,8 @@
 //!
 //! ## Limits
 //! Values and entries hold at most [`VALUE_LEN_MAX_BYTES`]; keys at most [`KEY_LEN_MAX_BYTES`];
-//! one `entries` read returns at most [`ENTRIES_READ_MAX`].
+//! one `entries` read returns at most [`ENTRIES_READ_MAX`], one `scan_keys` read at most
+//! [`SCAN_READ_MAX`] keys.
 
 pub mod conformance;
 pub mod embedded;
@@ -39,6 +40,8 @@ pub const VALUE_LEN_MAX_BYTES: usize = 16 << 20;
 pub const KEY_LEN_MAX_BYTES: usize = 1024;
 /// Most entries returned by one read.
 pub const ENTRIES_READ_MAX: usize = 10_000;
+/// Most keys returned by one scan.
+pub const SCAN_READ_MAX: usize = 10_000;
 
 /// A store-wide write counter value; 0 means absent.
 pub type Revision = u64;
@@ -62,6 +65,21 @@ impl Key {
         out.push(0);
         out.extend_from_slice(self.id.as_bytes());
         out
+    }
+
+    /// The inverse of [`Key::encode`], for keys read back from a backend: the type is what comes
+    /// before the first NUL (types hold none), the id the rest. Bytes that are not an encoded key
+    /// (no NUL, not UTF-8) are a corrupt store: `Backend`.
+    pub fn decode(bytes: &[u8]) -> Result<Key, StorageError> {
+        let corrupt = |why: &str| {
+            let shown = &bytes[..bytes.len().min(64)];
+            let more = if shown.len() < bytes.len() { "..." } else { "" };
+            StorageError::Backend(format!("corrupt stored key \"{}\"{more}: {why}", shown.escape_ascii()))
+        };
+        let nul = bytes.iter().position(|&b| b == 0).ok_or_else(|| corrupt("no NUL between type and id"))?;
+        let ty = std::str::from_utf8(&bytes[..nul]).map_err(|_| corrupt("the type is not UTF-8"))?;
+        let id = std::str::from_utf8(&bytes[nul + 1..]).map_err(|_| corrupt("the id is not UTF-8"))?;
+        Ok(Key::new(ty, id))
     }
 
     pub fn check(&self) -> Result<(), StorageError> {
@@ -89,7 +107,7 @@ pub struct Versioned {
     pub revision: Revision,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum StorageError {
     /// The key's revision is not the expected one (0: absent).
     #[error("revision conflict: expected {expected}, found {actual}")]
@@ -138,8 +156,21 @@ pub trait Storage: Send + Sync + 'static {
     /// Entries from sequence number `from`, at most `limit` (capped at [`ENTRIES_READ_MAX`]).
     fn entries<'a>(&'a self, key: &'a Key, from: u64, limit: usize) -> BoxFuture<'a, Result<Vec<Bytes>, StorageError>>;
 
+    /// Whether every node sees this same store (a database): then a shard moving between nodes
+    /// needs no copy of its state. Node-local stores (memory, the embedded file) are not.
+    fn shared(&self) -> bool {
+        false
+    }
+
     /// The highest epoch seen for a shard (0 if none).
     fn epoch<'a>(&'a self, shard: u32) -> BoxFuture<'a, Result<u64, StorageError>>;
+
+    /// Keys that have a state or entries, in key order (`Key`'s `Ord`, which equals the order of
+    /// `Key::encode` bytes because types hold no NUL), strictly after `after` (`None`: from the
+    /// start), at most `limit` (capped at [`SCAN_READ_MAX`]). Used to export a shard's agents for a
+    /// hand-off between nodes; a caller pages with the last key returned. `after` must be a valid
+    /// key (`InvalidKey` otherwise: a NUL in its type would break the order above).
+    fn scan_keys<'a>(&'a self, after: Option<&'a Key>, limit: usize) -> BoxFuture<'a, Result<Vec<Key>, StorageError>>;
 }
 
 /// Checks shared by backends before touching anything.
@@ -151,10 +182,65 @@ fn check_write(key: &Key, values: &[&Bytes]) -> Result<(), StorageError> {
     Ok(())
 }
 
+/// The checks and the capped limit of a `scan_keys` call.
+fn scan_check(after: Option<&Key>, limit: usize) -> Result<usize, StorageError> {
+    after.map_or(Ok(()), Key::check)?;
+    Ok(limit.min(SCAN_READ_MAX))
+}
+
 /// The fence rule on the shard's current epoch: the epoch to store, or `Fenced`.
 fn fence_check(fence: Fence, current: u64) -> Result<u64, StorageError> {
     if fence.epoch < current {
         return Err(StorageError::Fenced { shard: fence.shard, epoch: fence.epoch, current });
     }
     Ok(fence.epoch)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn decode_inverts_encode_and_refuses_corrupt_bytes() {
+        for k in [Key::new("t", ""), Key::new("t", "a\0b"), Key::new("\u{e9}", "\u{1F600}")] {
+            assert_eq!(Key::decode(&k.encode()), Ok(k));
+        }
+        for (bytes, why) in [
+            (&b"no-separator"[..], "no NUL"),
+            (&b"\xff\0id"[..], "type is not UTF-8"),
+            (&b"t\0\xc3"[..], "id is not UTF-8"),
+        ] {
+            match Key::decode(bytes) {
+                Err(StorageError::Backend(m)) => assert!(m.contains("corrupt") && m.contains(why), "{m}"),
+                other => panic!("{bytes:?}: {other:?}"),
+            }
+        }
+        let long = Key::decode(&[b'x'; 5000]).unwrap_err().to_string();
+        assert!(long.len() < 200, "the message shows a bounded prefix: {long}");
+    }
+
+    #[test]
+    fn scans_are_capped_and_check_after() {
+        assert_eq!(scan_check(None, 0), Ok(0));
+        assert_eq!(scan_check(None, 7), Ok(7));
+        assert_eq!(scan_check(None, usize::MAX), Ok(SCAN_READ_MAX));
+        assert!(matches!(scan_check(Some(&Key::new("a\0b", "")), 1), Err(StorageError::InvalidKey(_))));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// What `scan_keys` relies on: byte order of encoded keys is `Key`'s order.
+        #[test]
+        fn encoded_order_is_key_order(
+            a in ("[a-c\u{e9}]{1,3}", "[\0a-c\u{e9}\u{1F600}]{0,3}"),
+            b in ("[a-c\u{e9}]{1,3}", "[\0a-c\u{e9}\u{1F600}]{0,3}"),
+        ) {
+            let (a, b) = (Key::new(a.0, a.1), Key::new(b.0, b.1));
+            prop_assert_eq!(a.encode().cmp(&b.encode()), a.cmp(&b));
+            prop_assert_eq!(Key::decode(&a.encode()).unwrap(), a);
+        }
+    }
 }

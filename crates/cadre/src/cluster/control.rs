@@ -1,0 +1,364 @@
+//! Leases and the placement controller (see the module docs of [`crate::cluster`]).
+//!
+//! Leader-side memory ([`LeaderState`]) is not replicated: a new leader starts with no lease
+//! records and treats every member as live until `lease_ms + lease_drift_margin_ms` after it
+//! became leader, so it never reassigns a shard whose owner may still hold a lease granted by its
+//! predecessor.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::ServerState;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::protocol::{RenewReply, RenewReq};
+use super::Inner;
+use crate::meta::raft::{self as mraft, ControlReply, ControlReq, MetaNode, NodeId};
+use crate::meta::{Cmd, MetaState, ShardState};
+use crate::placement::plan;
+
+/// Bounds a wait on the group (a write, a leadership check): without a quorum it would never end.
+async fn bounded<T, E: std::fmt::Display>(
+    inner: &Inner,
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    let limit = Duration::from_millis(inner.meta_cfg.rpc_timeout_ms * GROUP_WAIT_RPCS);
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r.map_err(|e| format!("{what}: {e}")),
+        Err(_) => Err(format!("{what}: no quorum within {limit:?}")),
+    }
+}
+
+/// A wait on the group lasts at most this many `rpc_timeout_ms`.
+const GROUP_WAIT_RPCS: u64 = 5;
+
+/// Wait before retrying a failed renewal.
+const RENEW_RETRY_MS: u64 = 100;
+
+/// What the leader remembers about leases and moves.
+#[derive(Default)]
+pub struct LeaderState {
+    /// When this node became leader (`None`: not leader at the last tick).
+    since: Option<Instant>,
+    /// Per member name: the Raft id it renewed with and when the leader last granted its lease.
+    leases: HashMap<String, (NodeId, Instant)>,
+    /// When each planned move in progress was first seen (shard, epoch).
+    moves: HashMap<(u32, u64), Instant>,
+    /// Voters seen down, since when.
+    voters_down: HashMap<NodeId, Instant>,
+    next_rebalance: Option<Instant>,
+}
+
+impl LeaderState {
+    /// Whether `name`'s lease may still be held, as the leader sees it.
+    fn live(&self, name: &str, now: Instant, hold: Duration) -> bool {
+        let Some(since) = self.since else { return false };
+        let last = self.leases.get(name).map_or(since, |(_, t)| (*t).max(since));
+        now < last + hold
+    }
+}
+
+fn lease_hold(inner: &Inner) -> Duration {
+    Duration::from_millis(inner.cfg.lease_ms + inner.cfg.lease_drift_margin_ms)
+}
+
+fn lock(inner: &Inner) -> std::sync::MutexGuard<'_, LeaderState> {
+    inner.leader.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Renews this node's lease every `lease_renew_interval_ms`.
+pub(super) async fn renew_loop(inner: Arc<Inner>) {
+    let every = Duration::from_millis(inner.cfg.lease_renew_interval_ms);
+    // Without a lease, try again sooner (joining, or a leader change).
+    let retry = every.min(Duration::from_millis(RENEW_RETRY_MS));
+    let mut next_peer = 0usize;
+    loop {
+        let sent = Instant::now();
+        let wait = match renew_once(&inner, &mut next_peer).await {
+            Ok(()) => {
+                inner.lease.extend(sent + Duration::from_millis(inner.cfg.lease_ms));
+                every
+            }
+            Err(e) => {
+                debug!(error = %e, "lease not renewed");
+                retry
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep_until(sent + wait) => {}
+            _ = inner.cancel.cancelled() => return,
+        }
+    }
+}
+
+fn renew_req(inner: &Inner) -> RenewReq {
+    RenewReq { name: inner.name.clone(), addr: inner.addr.to_string(), raft_id: inner.raft_id }
+}
+
+async fn renew_once(inner: &Arc<Inner>, next_peer: &mut usize) -> Result<(), String> {
+    let req = renew_req(inner);
+    let (leader, leader_addr) = {
+        let m = inner.raft.metrics().borrow().clone();
+        let addr =
+            m.current_leader.and_then(|id| m.membership_config.membership().get_node(&id).map(|n| n.addr.clone()));
+        (m.current_leader, addr)
+    };
+    if leader == Some(inner.raft_id) {
+        return match grant(inner, req).await {
+            RenewReply::Granted => Ok(()),
+            other => Err(format!("{other:?}")),
+        };
+    }
+    // The leader if known, else any live peer (it answers with the leader's address).
+    let addr = match leader_addr.and_then(|a| a.parse::<SocketAddr>().ok()) {
+        Some(a) => a,
+        None => {
+            let view = inner.membership.view();
+            let peers: Vec<SocketAddr> = view
+                .members
+                .iter()
+                .filter(|m| m.state.is_active() && m.meta.name != inner.name)
+                .map(|m| m.meta.addr)
+                .collect();
+            if peers.is_empty() {
+                return Err("no leader and no peer known".into());
+            }
+            *next_peer = next_peer.wrapping_add(1);
+            peers[*next_peer % peers.len()]
+        }
+    };
+    let timeout = Duration::from_millis(inner.meta_cfg.rpc_timeout_ms);
+    let mut to = addr;
+    for _ in 0..2 {
+        match mraft::ask(&inner.transport, to, &ControlReq::Renew(req.clone()), timeout).await? {
+            ControlReply::Renew(RenewReply::Granted) => return Ok(()),
+            ControlReply::Renew(RenewReply::NotLeader { leader: Some(l) }) => {
+                to = l.parse().map_err(|e| format!("bad leader address {l}: {e}"))?;
+            }
+            other => return Err(format!("{other:?}")),
+        }
+    }
+    Err("leader moved while renewing".into())
+}
+
+/// Leader side of a renewal: admit the node if needed, confirm leadership, record the grant.
+pub(super) async fn grant(inner: &Arc<Inner>, req: RenewReq) -> RenewReply {
+    let received = Instant::now();
+    let m = inner.raft.metrics().borrow().clone();
+    if m.current_leader != Some(inner.raft_id) {
+        let leader =
+            m.current_leader.and_then(|id| m.membership_config.membership().get_node(&id).map(|n| n.addr.clone()));
+        return RenewReply::NotLeader { leader };
+    }
+    let known = inner.state.borrow().members.get(&req.name).map(|r| r.addr.clone());
+    if known.as_deref() != Some(req.addr.as_str()) {
+        let cmd = Cmd::Admit { name: req.name.clone(), addr: req.addr.clone() };
+        if let Err(e) = bounded(inner, "admission", inner.raft.client_write(cmd)).await {
+            return RenewReply::Retry(format!("cannot admit {}: {e}", req.name));
+        }
+        info!(name = %req.name, addr = %req.addr, "member admitted");
+    }
+    let in_group = m.membership_config.membership().get_node(&req.raft_id).is_some();
+    if !in_group {
+        let node = MetaNode { name: req.name.clone(), addr: req.addr.clone() };
+        // Not blocking: the learner catches up in the background; a change already in progress
+        // makes this fail, and the next renewal tries again.
+        if let Err(e) = inner.raft.add_learner(req.raft_id, node, false).await {
+            debug!(error = %e, name = %req.name, "learner not added yet");
+        }
+    }
+    // Grant only within a confirmed term: a deposed leader must not extend leases.
+    if let Err(e) = bounded(inner, "leadership check", inner.raft.ensure_linearizable()).await {
+        return RenewReply::Retry(e);
+    }
+    lock(inner).leases.insert(req.name, (req.raft_id, received));
+    RenewReply::Granted
+}
+
+/// Leader side of a finished hand-off.
+pub(super) async fn complete_move(inner: &Arc<Inner>, shard: u32, epoch: u64) -> Result<(), String> {
+    if !is_leader(inner) {
+        return Err("not the leader".into());
+    }
+    let r = bounded(
+        inner,
+        "completing a move",
+        inner.raft.client_write(Cmd::CompleteMove { shard, expected_epoch: epoch }),
+    );
+    r.await?.data.map(|_| ()).map_err(|e| e.to_string())
+}
+
+fn is_leader(inner: &Inner) -> bool {
+    inner.raft.metrics().borrow().state == ServerState::Leader
+}
+
+/// Runs the controller every `controller_tick_ms` while this node leads.
+pub(super) async fn controller_loop(inner: Arc<Inner>) {
+    let every = Duration::from_millis(inner.cfg.controller_tick_ms);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = inner.cancel.cancelled() => return,
+        }
+        if !is_leader(&inner) {
+            *lock(&inner) = LeaderState::default();
+            continue;
+        }
+        tick(&inner).await;
+    }
+}
+
+async fn tick(inner: &Arc<Inner>) {
+    let now = Instant::now();
+    if inner.state.borrow().shard_count == 0 {
+        let init = inner.raft.client_write(Cmd::Init { shard_count: inner.cfg.shard_count });
+        if let Err(e) = bounded(inner, "init", init).await {
+            warn!(error = %e, "cannot fix the shard count");
+            return;
+        }
+    }
+    // Applied by now: `client_write` returns after this node applied the entry.
+    let st: Arc<MetaState> = inner.state.borrow().clone();
+    let hold = lease_hold(inner);
+    let (cmds, live) = {
+        let mut ls = lock(inner);
+        ls.since.get_or_insert(now);
+        let live: Vec<String> = st.members.keys().filter(|n| ls.live(n, now, hold)).cloned().collect();
+        let live_refs: Vec<&str> = live.iter().map(String::as_str).collect();
+        let mut cmds = aborts(inner, &mut ls, &st, &live_refs, now);
+        let rebalance = ls.next_rebalance.is_none_or(|t| now >= t);
+        let moves_max = if rebalance { inner.cfg.max_moves_per_tick } else { 0 };
+        let planned = plan::plan(&st, &live_refs, moves_max);
+        if planned.iter().any(|c| matches!(c, Cmd::BeginMove { .. })) {
+            ls.next_rebalance = Some(now + Duration::from_millis(inner.cfg.rebalance_interval_ms));
+        }
+        cmds.extend(planned);
+        (cmds, live)
+    };
+    if !cmds.is_empty() {
+        debug!(count = cmds.len(), "placement commands");
+        // Proposed together: openraft batches them into few log writes.
+        let writes = cmds.into_iter().map(|c| bounded(inner, "placement", inner.raft.client_write(c)));
+        for r in futures::future::join_all(writes).await {
+            match r {
+                Ok(resp) => {
+                    if let Err(e) = resp.data {
+                        debug!(error = %e, "placement command refused (stale view)");
+                    }
+                }
+                Err(e) => debug!(error = %e, "placement command not committed"),
+            }
+        }
+    }
+    voters(inner, &live, now).await;
+}
+
+/// Moves to abort: target not live, or the hand-off took longer than `handoff_timeout_ms`.
+fn aborts(inner: &Inner, ls: &mut LeaderState, st: &MetaState, live: &[&str], now: Instant) -> Vec<Cmd> {
+    let timeout = Duration::from_millis(inner.cfg.handoff_timeout_ms);
+    let mut out = Vec::new();
+    let mut seen = HashMap::new();
+    for (shard, e) in st.shards.iter().enumerate() {
+        let ShardState::Moving { to } = &e.state else { continue };
+        let key = (shard as u32, e.epoch);
+        let started = *ls.moves.get(&key).unwrap_or(&now);
+        seen.insert(key, started);
+        let owner_live = e.owner.as_deref().is_some_and(|o| live.contains(&o));
+        if owner_live && (!live.contains(&to.as_str()) || now >= started + timeout) {
+            warn!(shard, to = %to, "planned move aborted");
+            out.push(Cmd::AbortMove { shard: shard as u32, expected_epoch: e.epoch });
+        }
+    }
+    ls.moves = seen;
+    out
+}
+
+/// Voters to aim for: at most `voters_max` and the live members, and odd (a second voter would
+/// make either node's loss stop the group, with no gain in tolerance).
+fn voters_wanted(voters_max: usize, live: usize) -> usize {
+    let n = voters_max.min(live).max(1);
+    if n.is_multiple_of(2) {
+        n - 1
+    } else {
+        n
+    }
+}
+
+/// Keeps the voter set at `voters_max`: adds caught-up live learners, replaces voters that have
+/// been down longer than `voter_down_replace_ms`. One change at a time (openraft refuses more).
+async fn voters(inner: &Arc<Inner>, live: &[String], now: Instant) {
+    let m = inner.raft.metrics().borrow().clone();
+    let membership = m.membership_config.membership().clone();
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    let name_of = |id: &NodeId| membership.get_node(id).map(|n| n.name.clone());
+    let id_live = |ls: &LeaderState, id: NodeId| {
+        if id == inner.raft_id {
+            return true;
+        }
+        let Some(name) = name_of(&id) else { return false };
+        live.contains(&name) && ls.leases.get(&name).is_some_and(|(rid, _)| *rid == id)
+    };
+    let last = m.last_log_index.unwrap_or(0);
+    let caught_up = |id: NodeId| {
+        m.replication.as_ref().and_then(|r| r.get(&id).cloned().flatten()).is_some_and(|l| l.index + 100 >= last)
+    };
+    let (candidate, dead) = {
+        let mut ls = lock(inner);
+        let hold_down = Duration::from_millis(inner.meta_cfg.voter_down_replace_ms);
+        let mut dead = Vec::new();
+        for &v in &voters {
+            if id_live(&ls, v) {
+                ls.voters_down.remove(&v);
+            } else {
+                let since = *ls.voters_down.entry(v).or_insert(now);
+                if now >= since + hold_down {
+                    dead.push(v);
+                }
+            }
+        }
+        ls.voters_down.retain(|v, _| voters.contains(v));
+        // Admission order: the earliest admitted live learner first.
+        let st = inner.state.borrow().clone();
+        let mut learners: Vec<(u64, NodeId)> = membership
+            .learner_ids()
+            .filter(|id| id_live(&ls, *id) && caught_up(*id))
+            .filter_map(|id| name_of(&id).and_then(|n| st.members.get(&n).map(|r| (r.admitted, id))))
+            .collect();
+        learners.sort();
+        (learners.first().map(|(_, id)| *id), dead)
+    };
+    let Some(new) = candidate else { return };
+    let mut next: BTreeSet<NodeId> = voters.clone();
+    if let Some(old) = dead.first() {
+        next.remove(old);
+        next.insert(new);
+        info!(old, new, "replacing a voter that is down");
+        if let Err(e) = bounded(inner, "voter replacement", inner.raft.change_membership(next, false)).await {
+            debug!(error = %e, "voter not replaced yet");
+        }
+    } else if voters.len() < voters_wanted(inner.meta_cfg.voters_max, live.len()) {
+        next.insert(new);
+        info!(new, "adding a voter");
+        if let Err(e) = bounded(inner, "voter addition", inner.raft.change_membership(next, true)).await {
+            debug!(error = %e, "voter not added yet");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn voter_counts_are_odd_and_bounded() {
+        let wanted: Vec<usize> = (0..8).map(|live| voters_wanted(3, live)).collect();
+        assert_eq!(wanted, [1, 1, 1, 3, 3, 3, 3, 3]);
+        assert_eq!(voters_wanted(5, 4), 3);
+        assert_eq!(voters_wanted(5, 9), 5);
+        assert_eq!(voters_wanted(4, 9), 3, "an even maximum is rounded down");
+    }
+}

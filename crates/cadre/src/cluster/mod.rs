@@ -1,0 +1,608 @@
+//! Keyed agents across the cluster: the metadata group, leases, the placement controller,
+//! routing of agent requests, and hand-offs.
+//!
+//! ## Pieces
+//! - **Metadata**: every node runs a member of one openraft group ([`crate::meta::raft`]) whose
+//!   state machine is [`MetaState`] (members, shard table). The first `meta.voters_max` admitted
+//!   nodes vote; the others are learners, so every node holds a copy of the table for routing. A
+//!   node started without seeds founds the cluster (a group of one voter); the others are admitted
+//!   through their first lease renewal.
+//! - **Leases** ([`control`]): each node renews its lease through the leader every
+//!   `lease_renew_interval_ms`. The lease runs `lease_ms` from when the renewal was *sent*, and the
+//!   leader grants it only after confirming its leadership with a quorum, so it lies within any
+//!   leader's term. A node serves its shards only while its lease holds; the leader treats a lease
+//!   as expired `lease_ms + lease_drift_margin_ms` after it last granted it (a new leader after its
+//!   own start), so an owner stops serving before its shards can be reassigned.
+//! - **Controller** ([`control`]): on the leader, every `controller_tick_ms`: fix the shard count,
+//!   assign unowned shards and those of expired owners at once, start at most
+//!   `max_moves_per_tick` planned moves toward the desired owners every `rebalance_interval_ms`
+//!   ([`crate::placement::plan`]), abort moves whose target died or that exceed
+//!   `handoff_timeout_ms`, and keep the voter set full (add caught-up learners, replace voters
+//!   down for `meta.voter_down_replace_ms`).
+//! - **Routing** (here): a request for a key goes to the owner of its shard in this node's copy of
+//!   the table; a node that does not serve the shard answers `NotOwner` with its own view as a hint,
+//!   which the sender follows when it is newer than its own (at most `redirects_max` times). When
+//!   no owner serves the shard (none assigned yet, a hand-off, an expired lease) the sender waits
+//!   for its table to change and retries, until the call's deadline. A call whose ask timed out
+//!   is not retried (it may have run).
+//! - **Hand-off** ([`handoff`]): the old owner of a shard that is `Moving` refuses new work,
+//!   passivates its agents (their state is stored), copies the shard's state to the new owner
+//!   (node-local storage), and reports to the leader, which completes the move at epoch + 1.
+//!
+//! ## Caveats
+//! - With node-local storage the state of a shard whose owner crashed is lost (replication is
+//!   a later step); planned moves copy it.
+//! - Hand-off export scans every key of the store to find a shard's keys.
+//! - Transfer pages and snapshots must fit one transport frame.
+
+pub mod control;
+pub mod handoff;
+pub mod protocol;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use openraft::error::{InitializeError, RaftError};
+use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::agent::{CallError, Gate, Host, Reply};
+use crate::config::{MetaConfig, PlacementConfig};
+use crate::membership::task::Membership;
+use crate::meta::raft::{self as mraft, ControlReply, ControlReq, MetaNode, NetFactory, NodeId, Raft};
+use crate::meta::store::{LogStore, MetaDb, SmStore};
+use crate::meta::{MetaState, ShardState};
+use crate::net::{AskError, PeerInfo, WeakTransport};
+use crate::placement::shard_of;
+use crate::signal::Signal;
+use crate::storage::{Fence, Key, Storage};
+use crate::wire::Lane;
+use protocol::{AgentOp, AgentReply, AgentReq, AGENT_TAG};
+
+/// Control-lane requests served at once (the rest are dropped; the asker times out and retries).
+pub const CONTROL_IN_FLIGHT_MAX: usize = 256;
+/// Agent requests from other nodes served at once (the rest are refused `Unavailable`).
+pub const AGENT_IN_FLIGHT_MAX: usize = 4096;
+/// First wait before retrying a request whose shard has no serving owner (doubles, up to 8x).
+const RETRY_WAIT_MIN_MS: u64 = 20;
+
+/// This node's lease: serving is allowed until this instant.
+#[derive(Default)]
+pub struct Lease(Mutex<Option<Instant>>);
+
+impl Lease {
+    pub fn valid(&self, now: Instant) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|until| now < until)
+    }
+    fn extend(&self, until: Instant) {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_none_or(|u| u < until) {
+            *g = Some(until);
+        }
+    }
+    /// Ends the lease now (shutdown).
+    pub fn revoke(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+/// Where a key lives according to this node's table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub shard: u32,
+    pub owner: Option<String>,
+    pub epoch: u64,
+    /// Target of a planned move in progress.
+    pub moving_to: Option<String>,
+}
+
+/// The gate of the node's agent host: serve a key only if this node owns its shard at the
+/// current epoch with a valid lease.
+pub struct ClusterGate {
+    name: String,
+    state: watch::Receiver<Arc<MetaState>>,
+    lease: Arc<Lease>,
+}
+
+impl ClusterGate {
+    fn check(&self, key: &Key, handing_off_ok: bool) -> Result<Fence, CallError> {
+        let st = self.state.borrow();
+        let p = placement_in(&st, key)?;
+        if p.owner.as_deref() != Some(self.name.as_str()) {
+            return Err(CallError::NotOwner { owner: p.owner, epoch: p.epoch });
+        }
+        if p.moving_to.is_some() && !handing_off_ok {
+            return Err(CallError::Unavailable(format!("shard {} is being handed over", p.shard)));
+        }
+        if !self.lease.valid(Instant::now()) {
+            return Err(CallError::Unavailable("this node's lease has expired".into()));
+        }
+        Ok(Fence { shard: p.shard, epoch: p.epoch })
+    }
+}
+
+impl Gate for ClusterGate {
+    fn admit(&self, key: &Key) -> Result<Fence, CallError> {
+        self.check(key, false)
+    }
+    fn write(&self, key: &Key) -> Result<Fence, CallError> {
+        self.check(key, true)
+    }
+}
+
+fn placement_in(st: &MetaState, key: &Key) -> Result<Placement, CallError> {
+    if st.shard_count == 0 {
+        return Err(CallError::Unavailable("the cluster has no shard table yet".into()));
+    }
+    let shard = shard_of(key, st.shard_count);
+    let e = &st.shards[shard as usize];
+    let moving_to = match &e.state {
+        ShardState::Moving { to } => Some(to.clone()),
+        _ => None,
+    };
+    Ok(Placement { shard, owner: e.owner.clone(), epoch: e.epoch, moving_to })
+}
+
+/// What [`Cluster::start`] needs.
+pub struct ClusterParts {
+    pub name: String,
+    pub founder: bool,
+    pub meta: MetaConfig,
+    pub placement: PlacementConfig,
+    /// `None`: in memory.
+    pub meta_file: Option<std::path::PathBuf>,
+    pub rng_seed: u64,
+    pub storage: Arc<dyn Storage>,
+}
+
+/// The pieces built before the host (the gate needs the state the host's cluster will keep).
+pub struct Prepared {
+    parts: ClusterParts,
+    db: MetaDb,
+    sm: SmStore,
+    raft_id: NodeId,
+    lease: Arc<Lease>,
+}
+
+impl Prepared {
+    pub fn open(parts: ClusterParts) -> Result<Prepared, String> {
+        let db = match &parts.meta_file {
+            Some(path) => MetaDb::open(path)?,
+            None => MetaDb::memory(),
+        };
+        // Never 0 (openraft's "none" in places) and different per data dir.
+        let fresh = parts.rng_seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).max(1);
+        let raft_id = db.node_id(fresh)?;
+        let sm = SmStore::open(db.clone())?;
+        Ok(Prepared { parts, db, sm, raft_id, lease: Arc::new(Lease::default()) })
+    }
+
+    /// The gate the node's host must use.
+    pub fn gate(&self) -> Arc<ClusterGate> {
+        Arc::new(ClusterGate { name: self.parts.name.clone(), state: self.sm.subscribe(), lease: self.lease.clone() })
+    }
+}
+
+pub(crate) struct Inner {
+    name: String,
+    addr: SocketAddr,
+    raft_id: NodeId,
+    raft: Raft,
+    state: watch::Receiver<Arc<MetaState>>,
+    meta_cfg: MetaConfig,
+    cfg: PlacementConfig,
+    transport: WeakTransport,
+    membership: Membership,
+    host: Host,
+    storage: Arc<dyn Storage>,
+    lease: Arc<Lease>,
+    leader: Mutex<control::LeaderState>,
+    control_permits: Arc<Semaphore>,
+    agent_permits: Arc<Semaphore>,
+    handoffs: Mutex<HashSet<(u32, u64)>>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// The node's handle on the cluster layer.
+#[derive(Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+impl Cluster {
+    /// Starts the group's member on this node; `addr` is the bound transport address.
+    pub async fn start(
+        prepared: Prepared,
+        addr: SocketAddr,
+        transport: WeakTransport,
+        membership: Membership,
+        host: Host,
+    ) -> Result<Cluster, String> {
+        let Prepared { parts, db, sm, raft_id, lease } = prepared;
+        mraft::seed_rng(parts.rng_seed);
+        let m = &parts.meta;
+        let raft_cfg = openraft::Config {
+            cluster_name: "cadre-meta".into(),
+            heartbeat_interval: m.heartbeat_interval_ms,
+            election_timeout_min: m.election_timeout_min_ms,
+            election_timeout_max: m.election_timeout_max_ms,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(m.snapshot_logs_since_last),
+            max_in_snapshot_log_to_keep: 0,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| format!("raft config: {e}"))?;
+        let state = sm.subscribe();
+        let factory = NetFactory { transport: transport.clone() };
+        let raft = Raft::new(raft_id, Arc::new(raft_cfg), factory, LogStore::new(db), sm)
+            .await
+            .map_err(|e| format!("raft: {e}"))?;
+        if parts.founder {
+            let me = MetaNode { name: parts.name.clone(), addr: addr.to_string() };
+            match raft.initialize(BTreeMap::from([(raft_id, me)])).await {
+                Ok(()) => info!(raft_id, "founded the cluster's metadata group"),
+                Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
+                    debug!("metadata group already initialized")
+                }
+                Err(e) => return Err(format!("cannot found the metadata group: {e}")),
+            }
+        }
+        let inner = Arc::new(Inner {
+            name: parts.name,
+            addr,
+            raft_id,
+            raft,
+            state,
+            meta_cfg: parts.meta,
+            cfg: parts.placement,
+            transport,
+            membership,
+            host,
+            storage: parts.storage,
+            lease,
+            leader: Mutex::new(control::LeaderState::default()),
+            control_permits: Arc::new(Semaphore::new(CONTROL_IN_FLIGHT_MAX)),
+            agent_permits: Arc::new(Semaphore::new(AGENT_IN_FLIGHT_MAX)),
+            handoffs: Mutex::new(HashSet::new()),
+            cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        });
+        inner.tasks.spawn(control::renew_loop(inner.clone()));
+        inner.tasks.spawn(control::controller_loop(inner.clone()));
+        inner.tasks.spawn(handoff::watch_table(inner.clone()));
+        Ok(Cluster { inner })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+    pub fn raft_id(&self) -> NodeId {
+        self.inner.raft_id
+    }
+    pub fn host(&self) -> &Host {
+        &self.inner.host
+    }
+    /// This node's copy of the metadata.
+    pub fn state(&self) -> Arc<MetaState> {
+        self.inner.state.borrow().clone()
+    }
+    /// Waits for the next change of the metadata copy.
+    pub fn watch(&self) -> watch::Receiver<Arc<MetaState>> {
+        self.inner.state.clone()
+    }
+    pub fn raft(&self) -> &Raft {
+        &self.inner.raft
+    }
+    /// Whether this node's lease is valid now.
+    pub fn lease_valid(&self) -> bool {
+        self.inner.lease.valid(Instant::now())
+    }
+    /// The leader's name, as far as this node knows.
+    pub fn leader(&self) -> Option<String> {
+        let m = self.inner.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        m.membership_config.membership().get_node(&id).map(|n| n.name.clone())
+    }
+
+    /// Where `key` lives according to this node's table.
+    pub fn placement(&self, key: &Key) -> Result<Placement, CallError> {
+        placement_in(&self.inner.state.borrow(), key)
+    }
+
+    /// Calls an agent wherever it lives; returns the reply, the node that served it and the epoch.
+    pub async fn call(&self, key: &Key, signal: Signal, timeout: Duration) -> Result<Served, CallError> {
+        let s = crate::signal::codec::encode_structured(&signal);
+        self.request(key, AgentOp::Call { signal: s, cast: false, timeout_ms: timeout.as_millis() as u64 }, timeout)
+            .await
+    }
+
+    /// Delivers a signal to an agent without waiting for its reply (accepted by its mailbox).
+    pub async fn cast(&self, key: &Key, signal: Signal, timeout: Duration) -> Result<Served, CallError> {
+        let s = crate::signal::codec::encode_structured(&signal);
+        self.request(key, AgentOp::Call { signal: s, cast: true, timeout_ms: timeout.as_millis() as u64 }, timeout)
+            .await
+    }
+
+    /// Activates an agent wherever it lives.
+    pub async fn ensure(&self, key: &Key, timeout: Duration) -> Result<Served, CallError> {
+        self.request(key, AgentOp::Ensure, timeout).await
+    }
+
+    /// Stops (passivates) an agent wherever it lives; `reply` is `true` if it was active.
+    pub async fn stop(&self, key: &Key, timeout: Duration) -> Result<Served, CallError> {
+        self.request(key, AgentOp::Stop, timeout).await
+    }
+
+    /// Whether the agent is active, asked of its owner.
+    pub async fn lookup(&self, key: &Key, timeout: Duration) -> Result<Served, CallError> {
+        self.request(key, AgentOp::Lookup, timeout).await
+    }
+
+    /// Active agents on each live member (asked of each, `None` for those that did not answer).
+    pub async fn stats(&self, timeout: Duration) -> BTreeMap<String, Option<u64>> {
+        let st = self.state();
+        let mut asks = Vec::new();
+        for (name, m) in &st.members {
+            let me = self.clone();
+            let name = name.clone();
+            let addr = m.addr.parse::<SocketAddr>().ok();
+            asks.push(async move {
+                if name == me.inner.name {
+                    return (name, Some(me.inner.host.active() as u64));
+                }
+                let Some(addr) = addr else { return (name, None) };
+                let req = AgentReq { op: AgentOp::Stats, ty: String::new(), id: String::new(), epoch: 0 };
+                match me.ask(addr, &req, timeout).await {
+                    Ok(AgentReply::Stats { active }) => (name, Some(active)),
+                    _ => (name, None),
+                }
+            });
+        }
+        futures::future::join_all(asks).await.into_iter().collect()
+    }
+
+    async fn request(&self, key: &Key, op: AgentOp, timeout: Duration) -> Result<Served, CallError> {
+        key.check().map_err(|e| CallError::InvalidKey(e.to_string()))?;
+        if !self.inner.host.has_type(&key.ty) {
+            // Every node registers the same types.
+            return Err(CallError::UnknownType(key.ty.clone()));
+        }
+        let deadline = Instant::now() + timeout;
+        let mut hint: Option<(String, u64)> = None;
+        let mut wait_ms = RETRY_WAIT_MIN_MS;
+        let mut redirects = 0;
+        loop {
+            let p = self.placement(key);
+            let (owner, epoch) = match (&p, hint.take()) {
+                (Ok(p), Some((o, e))) if e > p.epoch => (Some(o), e),
+                (Ok(p), _) => (p.owner.clone(), p.epoch),
+                (Err(_), Some((o, e))) => (Some(o), e),
+                (Err(_), None) => (None, 0),
+            };
+            let result = match (owner, p) {
+                (None, Err(e)) => Err(e),
+                (None, Ok(p)) => Err(CallError::Unavailable(format!("shard {} has no owner yet", p.shard))),
+                (Some(o), _) if o == self.inner.name => self.local(key, &op, deadline).await,
+                (Some(o), _) => self.remote(&o, key, &op, epoch, deadline).await,
+            };
+            // A newer owner named by the hint: go there at once (a bounded number of times).
+            // Otherwise no owner serves the shard right now: wait for the table to change.
+            let e = match result {
+                Err(CallError::NotOwner { owner: Some(o), epoch: e }) if e > epoch => {
+                    redirects += 1;
+                    if redirects > self.inner.cfg.redirects_max {
+                        return Err(CallError::Unavailable(format!("too many redirects for {key:?}")));
+                    }
+                    hint = Some((o, e));
+                    continue;
+                }
+                Err(e @ (CallError::NotOwner { .. } | CallError::Unavailable(_))) => e,
+                other => return other,
+            };
+            if !self.wait_for_change(deadline, Duration::from_millis(wait_ms)).await {
+                return Err(match e {
+                    CallError::NotOwner { .. } => CallError::Unavailable(format!("no serving owner found for {key:?}")),
+                    e => e,
+                });
+            }
+            wait_ms = (wait_ms * 2).min(RETRY_WAIT_MIN_MS * 8);
+        }
+    }
+
+    /// Waits for a table change or `wait`, whichever is first; `false` once the deadline passed.
+    async fn wait_for_change(&self, deadline: Instant, wait: Duration) -> bool {
+        let mut rx = self.inner.state.clone();
+        rx.mark_unchanged();
+        let until = (Instant::now() + wait).min(deadline);
+        let _ = tokio::time::timeout_at(until, rx.changed()).await;
+        Instant::now() < deadline
+    }
+
+    async fn local(&self, key: &Key, op: &AgentOp, deadline: Instant) -> Result<Served, CallError> {
+        serve_local(&self.inner, key, op, deadline).await
+    }
+
+    async fn remote(
+        &self,
+        owner: &str,
+        key: &Key,
+        op: &AgentOp,
+        epoch: u64,
+        deadline: Instant,
+    ) -> Result<Served, CallError> {
+        let addr = {
+            let st = self.inner.state.borrow();
+            st.members.get(owner).and_then(|m| m.addr.parse::<SocketAddr>().ok())
+        };
+        let Some(addr) = addr else {
+            return Err(CallError::Unavailable(format!("owner {owner} has no known address")));
+        };
+        let req = AgentReq { op: op.clone(), ty: key.ty.clone(), id: key.id.clone(), epoch };
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        match self.ask(addr, &req, timeout).await? {
+            AgentReply::Ok { reply, epoch } => {
+                let reply = serde_json::from_slice(&reply)
+                    .map_err(|e| CallError::Unavailable(format!("undecodable reply from {owner}: {e}")))?;
+                Ok(Served { reply, node: owner.to_string(), epoch })
+            }
+            AgentReply::Err(e) => Err(e),
+            AgentReply::Stats { .. } => Err(CallError::Unavailable(format!("unexpected reply from {owner}"))),
+        }
+    }
+
+    async fn ask(&self, addr: SocketAddr, req: &AgentReq, timeout: Duration) -> Result<AgentReply, CallError> {
+        let t =
+            self.inner.transport.upgrade().ok_or_else(|| CallError::Unavailable("the node is shutting down".into()))?;
+        let mut buf = BytesMut::with_capacity(64);
+        buf.put_u8(AGENT_TAG);
+        buf.extend_from_slice(&mraft::encode(req));
+        let bytes = match t.ask_on(Lane::Data, addr, buf.freeze(), timeout).await {
+            Ok(b) => b,
+            // Not sent: safe to retry.
+            Err(AskError::Send(e)) => return Err(CallError::Unavailable(e.to_string())),
+            // Sent, no answer: it may have run.
+            Err(AskError::Timeout(d)) => return Err(CallError::Timeout(d)),
+            Err(e) => return Err(CallError::Unavailable(e.to_string())),
+        };
+        postcard::from_bytes(&bytes).map_err(|e| CallError::Unavailable(format!("undecodable agent reply: {e}")))
+    }
+
+    /// Serves a control-lane ask from a peer; the reply goes back through the transport.
+    pub fn on_control_ask(&self, from: &PeerInfo, id: u64, payload: Bytes) {
+        let Ok(permit) = self.inner.control_permits.clone().try_acquire_owned() else {
+            warn!(from = %from.name, "control requests over their limit: one dropped");
+            return;
+        };
+        let inner = self.inner.clone();
+        let to = from.addr;
+        self.inner.tasks.spawn(async move {
+            let reply = match postcard::from_bytes::<ControlReq>(&payload) {
+                Err(e) => ControlReply::Refused(format!("undecodable control request: {e}")),
+                Ok(ControlReq::Raft { to, rpc }) => mraft::serve(&inner.raft, inner.raft_id, to, rpc).await,
+                Ok(ControlReq::Renew(r)) => ControlReply::Renew(control::grant(&inner, r).await),
+                Ok(ControlReq::HandedOff { shard, epoch }) => {
+                    ControlReply::HandedOff(control::complete_move(&inner, shard, epoch).await)
+                }
+                Ok(ControlReq::Transfer(page)) => ControlReply::Transfer(handoff::import(&inner, page).await),
+            };
+            if let Some(t) = inner.transport.upgrade() {
+                let _ = t.reply_on(Lane::Control, to, id, mraft::encode(&reply));
+            }
+            drop(permit);
+        });
+    }
+
+    /// Serves a data-lane agent ask (payload after [`AGENT_TAG`]).
+    pub fn on_agent_ask(&self, from: &PeerInfo, id: u64, payload: Bytes) -> Option<Bytes> {
+        let Ok(permit) = self.inner.agent_permits.clone().try_acquire_owned() else {
+            let busy = AgentReply::Err(CallError::Unavailable("too many agent requests in flight".into()));
+            return Some(mraft::encode(&busy));
+        };
+        let req = match postcard::from_bytes::<AgentReq>(&payload[1..]) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(from = %from.name, error = %e, "undecodable agent request");
+                return Some(mraft::encode(&AgentReply::Err(CallError::Unavailable(format!(
+                    "undecodable request: {e}"
+                )))));
+            }
+        };
+        let inner = self.inner.clone();
+        let to = from.addr;
+        self.inner.tasks.spawn(async move {
+            let reply = serve_remote(&inner, req).await;
+            if let Some(t) = inner.transport.upgrade() {
+                let _ = t.reply_on(Lane::Data, to, id, mraft::encode(&reply));
+            }
+            drop(permit);
+        });
+        None
+    }
+
+    /// Stops serving (revokes the lease, so no new work starts), stops the group (which ends
+    /// any wait on it, e.g. a write that cannot reach a quorum), then the tasks.
+    pub async fn shutdown(&self) {
+        self.inner.lease.revoke();
+        self.inner.cancel.cancel();
+        if let Err(e) = self.inner.raft.shutdown().await {
+            warn!(error = %e, "metadata group did not stop cleanly");
+        }
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+    }
+}
+
+/// A reply and where it came from.
+#[derive(Debug, Clone)]
+pub struct Served {
+    pub reply: Reply,
+    pub node: String,
+    pub epoch: u64,
+}
+
+async fn serve_remote(inner: &Inner, req: AgentReq) -> AgentReply {
+    if let AgentOp::Stats = req.op {
+        return AgentReply::Stats { active: inner.host.active() as u64 };
+    }
+    let key = Key::new(req.ty, req.id);
+    let timeout_ms = match &req.op {
+        AgentOp::Call { timeout_ms, .. } => *timeout_ms,
+        _ => inner.meta_cfg.rpc_timeout_ms,
+    };
+    let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+    match serve_local(inner, &key, &req.op, deadline).await {
+        Ok(s) => match serde_json::to_vec(&s.reply) {
+            Ok(reply) => AgentReply::Ok { reply, epoch: s.epoch },
+            Err(e) => AgentReply::Err(CallError::Unavailable(format!("reply does not serialize: {e}"))),
+        },
+        Err(e) => AgentReply::Err(e),
+    }
+}
+
+/// Runs a request on this node's host (the host's gate checks ownership and the lease).
+async fn serve_local(inner: &Inner, key: &Key, op: &AgentOp, deadline: Instant) -> Result<Served, CallError> {
+    let timeout = deadline.saturating_duration_since(Instant::now());
+    let host = &inner.host;
+    let reply = match op {
+        AgentOp::Call { signal, cast, .. } => {
+            let signal = crate::signal::codec::decode_structured(signal)
+                .map_err(|e| CallError::Unavailable(format!("invalid signal: {e}")))?;
+            if *cast {
+                host.cast(key, signal).await?;
+                Reply::Null
+            } else {
+                host.call(key, signal, timeout).await?
+            }
+        }
+        AgentOp::Ensure => {
+            host.ensure(key).await?;
+            Reply::Null
+        }
+        AgentOp::Stop => {
+            let owner = inner.state.borrow().clone();
+            let p = placement_in(&owner, key)?;
+            if p.owner.as_deref() != Some(inner.name.as_str()) {
+                return Err(CallError::NotOwner { owner: p.owner, epoch: p.epoch });
+            }
+            Reply::Bool(host.stop(key).await)
+        }
+        AgentOp::Lookup => {
+            let st = inner.state.borrow().clone();
+            let p = placement_in(&st, key)?;
+            if p.owner.as_deref() != Some(inner.name.as_str()) {
+                return Err(CallError::NotOwner { owner: p.owner, epoch: p.epoch });
+            }
+            Reply::Bool(host.is_active(key))
+        }
+        AgentOp::Stats => Reply::from(host.active() as u64),
+    };
+    let epoch = placement_in(&inner.state.borrow(), key).map(|p| p.epoch).unwrap_or(0);
+    Ok(Served { reply, node: inner.name.clone(), epoch })
+}

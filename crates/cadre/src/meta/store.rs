@@ -1,0 +1,397 @@
+//! Where the metadata group keeps its log, vote and snapshots: one redb database, a file under the
+//! data dir (`meta.redb`) or redb's in-memory backend (no data dir, simulations).
+//!
+//! - **Log** (`log`: index → postcard entry), **vote** and **committed** (`kv`): every write is one
+//!   redb transaction committed durably before openraft is told (`LogFlushed` after the commit).
+//! - **State machine**: [`MetaState`] lives in memory. Snapshots are stored (`kv`) when built or
+//!   installed, and the log before a snapshot is purged; at start the state is the last snapshot
+//!   and openraft re-applies the committed log after it. So the state machine needs no write per
+//!   applied entry.
+//! - **Node id**: the Raft id of this node's data dir, drawn once and kept (`kv`). A node that
+//!   loses its data dir comes back as a new member; its old id is replaced like a dead voter.
+//!
+//! A file-backed database is used from tokio's blocking pool; the in-memory one inline (it does
+//! no IO, and simulations must not leave the runtime thread).
+//!
+//! Every applied batch publishes the new state on a `watch` channel: the node's routing copy.
+
+// openraft's storage traits fix the error type (`StorageError`, over 200 bytes); the helpers here
+// return it so `?` works inside them.
+#![allow(clippy::result_large_err)]
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta, StorageError,
+    StorageIOError, StoredMembership, Vote,
+};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::raft::{MetaNode, NodeId, TC};
+use super::{CmdOutcome, MetaState};
+
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
+const VOTE: &str = "vote";
+const COMMITTED: &str = "committed";
+const PURGED: &str = "last_purged";
+const SNAPSHOT: &str = "snapshot";
+const NODE_ID: &str = "node_id";
+
+type SE = StorageError<NodeId>;
+
+fn io_err(e: impl std::fmt::Display) -> SE {
+    StorageIOError::write(&std::io::Error::other(e.to_string())).into()
+}
+
+fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>, SE> {
+    postcard::to_allocvec(v).map_err(io_err)
+}
+
+fn dec<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, SE> {
+    postcard::from_bytes(b).map_err(io_err)
+}
+
+/// The database behind the log and the snapshots.
+#[derive(Clone)]
+pub struct MetaDb {
+    db: Arc<Database>,
+    inline: bool,
+}
+
+impl MetaDb {
+    /// Opens (or creates) the file.
+    pub fn open(path: &Path) -> Result<MetaDb, String> {
+        let db = Database::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::init(db, false)
+    }
+
+    /// A database in memory (gone with the process).
+    pub fn memory() -> MetaDb {
+        let db = Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .expect("an in-memory database opens");
+        Self::init(db, true).expect("an in-memory database initializes")
+    }
+
+    fn init(db: Database, inline: bool) -> Result<MetaDb, String> {
+        let tx = db.begin_write().map_err(|e| e.to_string())?;
+        tx.open_table(LOG).map_err(|e| e.to_string())?;
+        tx.open_table(KV).map_err(|e| e.to_string())?;
+        tx.commit().map_err(|e| e.to_string())?;
+        Ok(MetaDb { db: Arc::new(db), inline })
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, SE> + Send + 'static,
+    ) -> Result<T, SE> {
+        if self.inline {
+            return f(&self.db);
+        }
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db)).await.map_err(io_err)?
+    }
+
+    fn get_kv<T: for<'de> Deserialize<'de>>(db: &Database, key: &str) -> Result<Option<T>, SE> {
+        let tx = db.begin_read().map_err(io_err)?;
+        let table = tx.open_table(KV).map_err(io_err)?;
+        let v = table.get(key).map_err(io_err)?;
+        v.map(|g| dec(g.value())).transpose()
+    }
+
+    fn put_kv(db: &Database, key: &str, value: Vec<u8>) -> Result<(), SE> {
+        let tx = db.begin_write().map_err(io_err)?;
+        tx.open_table(KV).map_err(io_err)?.insert(key, value.as_slice()).map_err(io_err)?;
+        tx.commit().map_err(io_err)
+    }
+
+    /// This data dir's Raft id: stored, or `fresh` stored now.
+    pub fn node_id(&self, fresh: NodeId) -> Result<NodeId, String> {
+        if let Some(id) = Self::get_kv::<NodeId>(&self.db, NODE_ID).map_err(|e| e.to_string())? {
+            return Ok(id);
+        }
+        Self::put_kv(&self.db, NODE_ID, enc(&fresh).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        Ok(fresh)
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Log
+
+/// The Raft log, vote and commit index.
+#[derive(Clone)]
+pub struct LogStore {
+    db: MetaDb,
+}
+
+impl LogStore {
+    pub fn new(db: MetaDb) -> LogStore {
+        LogStore { db }
+    }
+}
+
+fn bound_owned(b: Bound<&u64>) -> Bound<u64> {
+    match b {
+        Bound::Included(v) => Bound::Included(*v),
+        Bound::Excluded(v) => Bound::Excluded(*v),
+        Bound::Unbounded => Bound::Unbounded,
+    }
+}
+
+impl RaftLogReader<TC> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TC>>, SE> {
+        let range = (bound_owned(range.start_bound()), bound_owned(range.end_bound()));
+        self.db
+            .run(move |db| {
+                let tx = db.begin_read().map_err(io_err)?;
+                let table = tx.open_table(LOG).map_err(io_err)?;
+                let mut out = Vec::new();
+                for row in table.range::<u64>(range).map_err(io_err)? {
+                    let (_, v) = row.map_err(io_err)?;
+                    out.push(dec(v.value())?);
+                }
+                Ok(out)
+            })
+            .await
+    }
+}
+
+impl RaftLogStorage<TC> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TC>, SE> {
+        self.db
+            .run(|db| {
+                let purged: Option<LogId<NodeId>> = MetaDb::get_kv(db, PURGED)?;
+                let tx = db.begin_read().map_err(io_err)?;
+                let table = tx.open_table(LOG).map_err(io_err)?;
+                let last = match table.last().map_err(io_err)? {
+                    Some((_, v)) => Some(dec::<Entry<TC>>(v.value())?.log_id),
+                    None => purged,
+                };
+                Ok(LogState { last_purged_log_id: purged, last_log_id: last })
+            })
+            .await
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), SE> {
+        let v = enc(vote)?;
+        self.db.run(move |db| MetaDb::put_kv(db, VOTE, v)).await
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, SE> {
+        self.db.run(|db| MetaDb::get_kv(db, VOTE)).await
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), SE> {
+        let v = enc(&committed)?;
+        self.db.run(move |db| MetaDb::put_kv(db, COMMITTED, v)).await
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SE> {
+        Ok(self.db.run(|db| MetaDb::get_kv::<Option<LogId<NodeId>>>(db, COMMITTED)).await?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TC>) -> Result<(), SE>
+    where
+        I: IntoIterator<Item = Entry<TC>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let rows = entries.into_iter().map(|e| Ok((e.log_id.index, enc(&e)?))).collect::<Result<Vec<_>, SE>>()?;
+        let r = self
+            .db
+            .run(move |db| {
+                let tx = db.begin_write().map_err(io_err)?;
+                {
+                    let mut table = tx.open_table(LOG).map_err(io_err)?;
+                    for (index, bytes) in &rows {
+                        table.insert(*index, bytes.as_slice()).map_err(io_err)?;
+                    }
+                }
+                tx.commit().map_err(io_err)
+            })
+            .await;
+        // Durable (committed) before openraft learns it is.
+        callback.log_io_completed(r.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
+        r
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), SE> {
+        self.db
+            .run(move |db| {
+                let tx = db.begin_write().map_err(io_err)?;
+                tx.open_table(LOG).map_err(io_err)?.retain_in(log_id.index.., |_, _| false).map_err(io_err)?;
+                tx.commit().map_err(io_err)
+            })
+            .await
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SE> {
+        let purged = enc(&log_id)?;
+        self.db
+            .run(move |db| {
+                let tx = db.begin_write().map_err(io_err)?;
+                tx.open_table(KV).map_err(io_err)?.insert(PURGED, purged.as_slice()).map_err(io_err)?;
+                tx.open_table(LOG).map_err(io_err)?.retain_in(..=log_id.index, |_, _| false).map_err(io_err)?;
+                tx.commit().map_err(io_err)
+            })
+            .await
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// State machine
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, MetaNode>,
+    data: MetaState,
+}
+
+struct SmInner {
+    last_applied: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, MetaNode>,
+    state: MetaState,
+    snapshot_seq: u64,
+}
+
+/// The state machine: [`MetaState`] in memory, snapshots in the database.
+#[derive(Clone)]
+pub struct SmStore {
+    db: MetaDb,
+    inner: Arc<Mutex<SmInner>>,
+    tx: Arc<watch::Sender<Arc<MetaState>>>,
+}
+
+impl SmStore {
+    /// Starts from the stored snapshot, if any.
+    pub fn open(db: MetaDb) -> Result<SmStore, String> {
+        let stored: Option<StoredSnapshot> = MetaDb::get_kv(&db.db, SNAPSHOT).map_err(|e| e.to_string())?;
+        let inner = match stored {
+            Some(s) => SmInner {
+                last_applied: s.meta.last_log_id,
+                membership: s.meta.last_membership.clone(),
+                state: s.data,
+                snapshot_seq: 0,
+            },
+            None => SmInner {
+                last_applied: None,
+                membership: StoredMembership::default(),
+                state: MetaState::default(),
+                snapshot_seq: 0,
+            },
+        };
+        let (tx, _) = watch::channel(Arc::new(inner.state.clone()));
+        Ok(SmStore { db, inner: Arc::new(Mutex::new(inner)), tx: Arc::new(tx) })
+    }
+
+    /// The applied state, updated after every applied batch.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<MetaState>> {
+        self.tx.subscribe()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SmInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn publish(&self, state: MetaState) {
+        self.tx.send_replace(Arc::new(state));
+    }
+}
+
+impl RaftSnapshotBuilder<TC> for SmStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TC>, SE> {
+        let stored = {
+            let mut g = self.lock();
+            g.snapshot_seq += 1;
+            let meta = SnapshotMeta {
+                last_log_id: g.last_applied,
+                last_membership: g.membership.clone(),
+                snapshot_id: format!("{}-{}", g.last_applied.map_or(0, |l| l.index), g.snapshot_seq),
+            };
+            StoredSnapshot { meta, data: g.state.clone() }
+        };
+        let bytes = enc(&stored)?;
+        self.db.run(move |db| MetaDb::put_kv(db, SNAPSHOT, bytes)).await?;
+        Ok(Snapshot { meta: stored.meta, snapshot: Box::new(stored.data) })
+    }
+}
+
+impl RaftStateMachine<TC> for SmStore {
+    type SnapshotBuilder = SmStore;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, MetaNode>), SE> {
+        let g = self.lock();
+        Ok((g.last_applied, g.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CmdOutcome>, SE>
+    where
+        I: IntoIterator<Item = Entry<TC>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut out = Vec::new();
+        let state = {
+            let mut g = self.lock();
+            for e in entries {
+                g.last_applied = Some(e.log_id);
+                match e.payload {
+                    EntryPayload::Blank => out.push(Ok(super::CmdReply::Done)),
+                    EntryPayload::Membership(m) => {
+                        g.membership = StoredMembership::new(Some(e.log_id), m);
+                        out.push(Ok(super::CmdReply::Done));
+                    }
+                    EntryPayload::Normal(cmd) => out.push(g.state.apply(&cmd)),
+                }
+            }
+            g.state.clone()
+        };
+        self.publish(state);
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<MetaState>, SE> {
+        Ok(Box::default())
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, MetaNode>,
+        snapshot: Box<MetaState>,
+    ) -> Result<(), SE> {
+        let stored = StoredSnapshot { meta: meta.clone(), data: *snapshot };
+        let bytes = enc(&stored)?;
+        self.db.run(move |db| MetaDb::put_kv(db, SNAPSHOT, bytes)).await?;
+        {
+            let mut g = self.lock();
+            g.last_applied = meta.last_log_id;
+            g.membership = meta.last_membership.clone();
+            g.state = stored.data.clone();
+        }
+        self.publish(stored.data);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TC>>, SE> {
+        let stored: Option<StoredSnapshot> = self.db.run(|db| MetaDb::get_kv(db, SNAPSHOT)).await?;
+        Ok(stored.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(s.data) }))
+    }
+}
