@@ -1,9 +1,11 @@
 //! `cadre demo`: a local cluster of node processes, end to end.
 //!
 //! Starts N nodes on loopback with embedded defaults, shows them converge, posts signals to a
-//! signed webhook subscription and counts with a `counter` agent, SIGKILLs one node and measures
-//! how long the others take to mark it `down`, then stops the rest with SIGTERM (they leave
-//! gracefully and exit 0).
+//! signed webhook subscription and counts with a `counter` agent, runs a counter workload through
+//! every node, starts one more node and shows shards moving to it (state handed over), prints
+//! the final counter values next to the expected ones, SIGKILLs one node and measures how long
+//! the others take to mark it `down`, then stops the rest with SIGTERM (they leave gracefully and
+//! exit 0). The nodes rebalance faster than the defaults (a config file in the demo's dir).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -40,6 +42,24 @@ pub fn members_table(m: &MembersJson) -> String {
             x.state.as_str(),
             x.incarnation
         );
+    }
+    out.trim_end().to_string()
+}
+
+/// Leader, shards and agents per member, from `GET /v1/cluster`.
+pub fn cluster_table(c: &cadre::api::agents::ClusterJson) -> String {
+    let mut out = String::new();
+    let leader = c.leader.as_deref().unwrap_or("(none)");
+    let _ = writeln!(
+        out,
+        "  leader {leader} (term {}), {} shards ({} moving, {} unassigned), {} active agents",
+        c.term, c.shard_count, c.shards_moving, c.shards_unassigned, c.active_agents_total
+    );
+    let _ = writeln!(out, "  {:<12} {:<22} {:<7} {:>6} {:>8}", "NAME", "ADDR", "ROLE", "SHARDS", "AGENTS");
+    for m in &c.members {
+        let role = if m.voter { "voter" } else { "learner" };
+        let agents = m.active_agents.map(|a| a.to_string()).unwrap_or_else(|| "?".into());
+        let _ = writeln!(out, "  {:<12} {:<22} {:<7} {:>6} {:>8}", m.name, m.addr, role, m.shards, agents);
     }
     out.trim_end().to_string()
 }
@@ -104,23 +124,15 @@ pub async fn run(n: usize) -> Result<()> {
     println!("cadre demo: {n} node processes on loopback (logs in {})", dir.path().display());
 
     let exe = std::env::current_exe().context("cannot find the cadre executable")?;
+    let config = dir.path().join("demo.toml");
+    std::fs::write(&config, DEMO_CONFIG).context("cannot write the demo config")?;
+    let spawner = Spawner { exe, config: config.display().to_string(), dir: dir.path().to_path_buf(), secret };
     let started = Instant::now();
     let mut procs: Vec<NodeProc> = Vec::new();
     for i in 1..=n {
-        let seeds: Vec<SocketAddr> = procs.iter().take(3).map(|p| p.addr).collect();
-        let name = format!("n{i}");
-        let p = NodeProc::spawn(NodeSpec {
-            exe: &exe,
-            extra: &[],
-            name: &name,
-            seeds: &seeds,
-            dir: dir.path(),
-            secret: &secret,
-        })?;
-        println!("  started {name}: transport {} http {} (pid {})", p.addr, p.http, p.pid().unwrap_or(0));
-        procs.push(p);
+        procs.push(spawner.spawn(&format!("n{i}"), &procs)?);
     }
-    let result = drive(&mut procs, started).await;
+    let result = drive(&mut procs, &spawner, started).await;
     if result.is_err() {
         for p in &procs {
             eprintln!("--- last log lines of {} ---\n{}", p.name, p.log_tail());
@@ -129,7 +141,37 @@ pub async fn run(n: usize) -> Result<()> {
     result
 }
 
-async fn drive(procs: &mut Vec<NodeProc>, started: Instant) -> Result<()> {
+/// Faster rebalancing than the conservative defaults, so the demo shows a join settling.
+const DEMO_CONFIG: &str = "[placement]\nrebalance_interval_ms = 300\nmax_moves_per_tick = 64\n";
+/// Keys of the counter workload.
+const WORKLOAD_KEYS: usize = 12;
+const REBALANCE_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Spawner {
+    exe: std::path::PathBuf,
+    config: String,
+    dir: std::path::PathBuf,
+    secret: String,
+}
+
+impl Spawner {
+    fn spawn(&self, name: &str, procs: &[NodeProc]) -> Result<NodeProc> {
+        let seeds: Vec<SocketAddr> = procs.iter().take(3).map(|p| p.addr).collect();
+        let extra = ["--config", self.config.as_str()];
+        let p = NodeProc::spawn(NodeSpec {
+            exe: &self.exe,
+            extra: &extra,
+            name,
+            seeds: &seeds,
+            dir: &self.dir,
+            secret: &self.secret,
+        })?;
+        println!("  started {name}: transport {} http {} (pid {})", p.addr, p.http, p.pid().unwrap_or(0));
+        Ok(p)
+    }
+}
+
+async fn drive(procs: &mut Vec<NodeProc>, spawner: &Spawner, started: Instant) -> Result<()> {
     let names: Vec<String> = procs.iter().map(|p| p.name.clone()).collect();
     let https: Vec<SocketAddr> = procs.iter().map(|p| p.http).collect();
 
@@ -148,6 +190,18 @@ async fn drive(procs: &mut Vec<NodeProc>, started: Instant) -> Result<()> {
     println!("{}", members_table(&client::members(https[0], HTTP_TIMEOUT).await?));
 
     signals_and_agents(https[0]).await?;
+    let expected = workload(&https).await?;
+    println!("{}", cluster_table(&client::cluster(https[0], HTTP_TIMEOUT).await?));
+
+    let name = format!("n{}", procs.len() + 1);
+    println!("\n{name} joins; shards move to it, each handed over with its agents' state ...");
+    let joined = spawner.spawn(&name, procs)?;
+    wait_ready(joined.http, CONVERGE_TIMEOUT).await.with_context(|| format!("{name} did not start"))?;
+    let moved = rebalance(https[0], &name).await?;
+    procs.push(joined);
+    println!("rebalanced: {name} owns {} shards, {} ms after it started", moved.0, moved.1.as_millis());
+    println!("{}", cluster_table(&client::cluster(https[0], HTTP_TIMEOUT).await?));
+    final_values(procs.last().expect("just pushed").http, &expected).await?;
 
     let mut victim = procs.pop().expect("at least two nodes");
     let others: Vec<SocketAddr> = procs.iter().map(|p| p.http).collect();
@@ -252,6 +306,95 @@ signals: a webhook subscription for order.** on n1, then {ORDERS} signals posted
     if last["reply"] != expected {
         bail!("the counter is {} instead of {expected}", last["reply"]);
     }
+    Ok(())
+}
+
+fn counter_path(i: usize) -> String {
+    format!("/v1/agents/counter/w{i}")
+}
+
+async fn post_counter(http: SocketAddr, path: &str, ty: &str, data: serde_json::Value) -> Result<serde_json::Value> {
+    use cadre::signal::codec::CONTENT_TYPE_STRUCTURED;
+    let s = cadre::signal::Signal::new(ty, data);
+    let body = bytes::Bytes::from(cadre::signal::codec::encode_structured(&s));
+    let (status, res) = client::post(http, path, CONTENT_TYPE_STRUCTURED, body, WORKLOAD_CALL_TIMEOUT).await?;
+    if status != 200 {
+        bail!("{ty} on {path} failed ({status}): {}", String::from_utf8_lossy(&res));
+    }
+    Ok(serde_json::from_slice(&res)?)
+}
+
+/// Time a workload call may take (a shard being handed over makes it wait).
+const WORKLOAD_CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Adds to every workload key through every node; returns the expected values.
+async fn workload(https: &[SocketAddr]) -> Result<Vec<i64>> {
+    println!("\nagents: a counter workload on {WORKLOAD_KEYS} keys, each added to through every node");
+    let mut expected = vec![0i64; WORKLOAD_KEYS];
+    let mut served_by = std::collections::BTreeMap::<String, usize>::new();
+    for (round, http) in https.iter().enumerate() {
+        for (i, total) in expected.iter_mut().enumerate() {
+            let n = (round * WORKLOAD_KEYS + i + 1) as i64;
+            let v = post_counter(*http, &counter_path(i), "counter.add", serde_json::json!(n)).await?;
+            *total += n;
+            if v["reply"] != *total {
+                bail!("counter w{i} answered {} instead of {total}", v["reply"]);
+            }
+            *served_by.entry(v["node"].as_str().unwrap_or("?").to_string()).or_default() += 1;
+        }
+    }
+    println!("  {} calls, served by the owners of the keys' shards: {served_by:?}", https.len() * WORKLOAD_KEYS);
+    Ok(expected)
+}
+
+/// Waits until no shard is moving and `joined` owns some; returns its shards and the time taken.
+async fn rebalance(http: SocketAddr, joined: &str) -> Result<(usize, Duration)> {
+    let start = Instant::now();
+    let pb = spinner("rebalancing".into());
+    loop {
+        if let Ok(c) = client::cluster(http, HTTP_TIMEOUT).await {
+            let owned = c.members.iter().find(|m| m.name == joined).map_or(0, |m| m.shards);
+            pb.set_message(format!("rebalancing: {joined} owns {owned} shards, {} moving", c.shards_moving));
+            if owned > 0 && c.shards_moving == 0 && c.shards_unassigned == 0 {
+                let settled = start.elapsed();
+                // Settled means no move in progress; another round may still start: give it one look.
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                let again = client::cluster(http, HTTP_TIMEOUT).await?;
+                if again.shards_moving == 0 {
+                    pb.finish_and_clear();
+                    let owned = again.members.iter().find(|m| m.name == joined).map_or(0, |m| m.shards);
+                    return Ok((owned, settled));
+                }
+            }
+        }
+        if start.elapsed() > REBALANCE_TIMEOUT {
+            bail!("rebalancing onto {joined} did not settle within {REBALANCE_TIMEOUT:?}");
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// Reads every workload key through `http` and prints it next to the expected value.
+async fn final_values(http: SocketAddr, expected: &[i64]) -> Result<()> {
+    println!("  {:<6} {:>8} {:>8}  {}", "KEY", "VALUE", "EXPECTED", "OWNER (EPOCH)");
+    let mut wrong = 0;
+    for (i, want) in expected.iter().enumerate() {
+        let v = post_counter(http, &counter_path(i), "counter.get", serde_json::Value::Null).await?;
+        let ok = v["reply"] == *want;
+        wrong += usize::from(!ok);
+        println!(
+            "  w{i:<5} {:>8} {:>8}  {} ({}){}",
+            v["reply"],
+            want,
+            v["node"].as_str().unwrap_or("?"),
+            v["epoch"],
+            if ok { "" } else { "  <-- WRONG" }
+        );
+    }
+    if wrong > 0 {
+        bail!("{wrong} counters differ from the expected values");
+    }
+    println!("final values: all {} counters match the sum of their acknowledged adds", expected.len());
     Ok(())
 }
 

@@ -269,6 +269,8 @@ async fn status(http: &str) -> Result<()> {
     let addr = resolve(http)?;
     let m = cadre::api::client::members(addr, Duration::from_secs(5)).await?;
     println!("{}", demo::members_table(&m));
+    let c = cadre::api::client::cluster(addr, Duration::from_secs(5)).await?;
+    println!("\n{}", demo::cluster_table(&c));
     Ok(())
 }
 

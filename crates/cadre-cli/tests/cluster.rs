@@ -120,6 +120,7 @@ async fn three_processes_converge_detect_a_kill_and_refuse_a_wrong_secret() {
     assert!(out.status.success());
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("NAME") && table.contains("n2") && table.contains("left"), "{table}");
+    assert!(table.contains("leader ") && table.contains("SHARDS") && table.contains("voter"), "{table}");
 }
 
 #[tokio::test]

@@ -13,7 +13,9 @@ async fn the_demo_runs_end_to_end() {
         "converged: every node sees 2 alive members",
         "webhook received order-3 (signature valid)",
         "(expected 44)",
-        "marks n2 down",
+        "rebalanced: n3 owns",
+        "final values: all 12 counters match",
+        "marks n3 down",
         "demo complete",
     ] {
         assert!(stdout.contains(step), "missing {step:?} in:\n{stdout}");

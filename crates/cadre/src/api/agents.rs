@@ -138,8 +138,35 @@ pub async fn stop(State(s): State<ApiState>, path: Result<Path<(String, String)>
     }
 }
 
+/// The body of `GET /v1/cluster`.
+#[derive(Debug, Clone, serde::Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClusterJson {
+    /// The metadata group's leader, as the answering node knows it.
+    pub leader: Option<String>,
+    pub term: u64,
+    pub shard_count: u32,
+    pub shards_moving: usize,
+    pub shards_unassigned: usize,
+    /// Members in admission order.
+    pub members: Vec<ClusterMemberJson>,
+    /// Sum over the members that answered.
+    pub active_agents_total: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClusterMemberJson {
+    pub name: String,
+    pub addr: String,
+    /// Votes in the metadata group (otherwise a learner).
+    pub voter: bool,
+    /// Shards it owns.
+    pub shards: usize,
+    /// Active agents on it; `None` if it did not answer.
+    pub active_agents: Option<u64>,
+}
+
 /// `GET /v1/cluster`.
-pub async fn cluster(State(s): State<ApiState>) -> Response {
+pub async fn cluster(State(s): State<ApiState>) -> Json<ClusterJson> {
     let st = s.cluster.state();
     let active = s.cluster.stats(s.call_timeout.min(std::time::Duration::from_secs(2))).await;
     let counts = st.shard_counts();
@@ -147,30 +174,24 @@ pub async fn cluster(State(s): State<ApiState>) -> Response {
     let membership = raft.membership_config.membership().clone();
     let voters: std::collections::BTreeSet<String> =
         membership.voter_ids().filter_map(|id| membership.get_node(&id).map(|n| n.name.clone())).collect();
-    let members: Vec<serde_json::Value> = st
+    let members = st
         .members_in_order()
         .into_iter()
-        .map(|name| {
-            json!({
-                "name": name,
-                "addr": st.members[name].addr,
-                "voter": voters.contains(name),
-                "shards": counts.get(name).copied().unwrap_or(0),
-                "active_agents": active.get(name).copied().flatten(),
-            })
+        .map(|name| ClusterMemberJson {
+            name: name.to_string(),
+            addr: st.members[name].addr.clone(),
+            voter: voters.contains(name),
+            shards: counts.get(name).copied().unwrap_or(0),
+            active_agents: active.get(name).copied().flatten(),
         })
         .collect();
-    let moving = st.shards.iter().filter(|e| matches!(e.state, crate::meta::ShardState::Moving { .. })).count();
-    let unassigned = st.shards.iter().filter(|e| e.owner.is_none()).count();
-    let total: u64 = active.values().map(|a| a.unwrap_or(0)).sum();
-    Json(json!({
-        "leader": s.cluster.leader(),
-        "term": raft.current_term,
-        "shard_count": st.shard_count,
-        "shards_moving": moving,
-        "shards_unassigned": unassigned,
-        "members": members,
-        "active_agents_total": total,
-    }))
-    .into_response()
+    Json(ClusterJson {
+        leader: s.cluster.leader(),
+        term: raft.current_term,
+        shard_count: st.shard_count,
+        shards_moving: st.shards.iter().filter(|e| matches!(e.state, crate::meta::ShardState::Moving { .. })).count(),
+        shards_unassigned: st.shards.iter().filter(|e| e.owner.is_none()).count(),
+        members,
+        active_agents_total: active.values().map(|a| a.unwrap_or(0)).sum(),
+    })
 }

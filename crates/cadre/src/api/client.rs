@@ -93,3 +93,12 @@ pub async fn members(addr: SocketAddr, timeout: Duration) -> Result<MembersJson,
     }
     serde_json::from_slice(&body).map_err(|e| ClientError::Body(e.to_string()))
 }
+
+/// `GET /v1/cluster`: leader, shards and agents per member.
+pub async fn cluster(addr: SocketAddr, timeout: Duration) -> Result<super::agents::ClusterJson, ClientError> {
+    let (status, body) = get(addr, "/v1/cluster", timeout).await?;
+    if status != 200 {
+        return Err(ClientError::Status { status, body: String::from_utf8_lossy(&body).into_owned() });
+    }
+    serde_json::from_slice(&body).map_err(|e| ClientError::Body(e.to_string()))
+}
