@@ -7,7 +7,10 @@
 //!   tasks each answering request/reply messages over a tokio channel and a oneshot (what a call
 //!   is without the agent machinery). Latency: one call at a time.
 //!
-//! Calls across nodes need the placement layer (not built yet); the JSON line says so.
+//! - Remote calls: two in-process nodes on loopback; `counter.add` from node b to keys whose
+//!   shard node a owns (the call crosses the transport's data lane and back), `CONCURRENCY`
+//!   callers, against raw transport asks b → a of the same payload size in the same run.
+//!   Latency: one call (one ask) at a time.
 
 use std::time::{Duration, Instant};
 
@@ -162,6 +165,87 @@ async fn latencies() -> Result<(f64, f64)> {
     Ok((p50(agent), p50(raw)))
 }
 
+async fn start_pair() -> Result<(cadre::node::Node, cadre::node::Node)> {
+    use cadre::config::{Config, PlacementConfig, Secret};
+    use cadre::node::{Node, NodeOptions};
+    let config = |name: &str, seeds| Config {
+        name: name.into(),
+        listen: "127.0.0.1:0".parse().expect("static address"),
+        seeds,
+        secret: Secret::new("bench-agents-secret-0123456"),
+        agents: AgentsConfig { agents_active_max: 10_000_000, ..AgentsConfig::default() },
+        placement: PlacementConfig {
+            rebalance_interval_ms: 50,
+            max_moves_per_tick: 1024,
+            ..PlacementConfig::default()
+        },
+        ..Config::default()
+    };
+    let a = Node::start(config("a", vec![]), NodeOptions::default()).await?;
+    let b = Node::start(config("b", vec![a.addr()]), NodeOptions::default()).await?;
+    // Settled: both own shards, none moving, b's copy agrees.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = b.cluster().state();
+        let counts = st.shard_counts();
+        let moving = st.shards.iter().any(|e| !matches!(e.state, cadre::meta::ShardState::Active));
+        if st.shard_count > 0 && !moving && counts.get("a") > Some(&0) && counts.get("b") > Some(&0) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the two bench nodes did not settle: {counts:?}");
+        }
+        let mut rx = b.cluster().watch();
+        let _ = tokio::time::timeout(Duration::from_millis(100), rx.changed()).await;
+    }
+    Ok((a, b))
+}
+
+/// Remote calls/s, raw asks/s, remote call p50 µs, raw ask p50 µs.
+async fn remote(seconds: f64) -> Result<(f64, f64, f64, f64)> {
+    let (a, b) = start_pair().await?;
+    let keys: Vec<Key> = (0..)
+        .map(|i| Key::new("counter", format!("r{i}")))
+        .filter(|k| b.cluster().placement(k).ok().and_then(|p| p.owner).as_deref() == Some("a"))
+        .take(HOT_KEYS)
+        .collect();
+    let keys = std::sync::Arc::new(keys);
+    let cluster = b.cluster().clone();
+    let (c, k) = (cluster.clone(), keys.clone());
+    let calls = saturate(seconds, move |t, n| {
+        let (c, k) = (c.clone(), k.clone());
+        async move {
+            c.call(&k[(t * 7 + n as usize) % HOT_KEYS], add(), CALL_TIMEOUT).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    let payload = bytes::Bytes::from(vec![7u8; cadre::signal::codec::encode_structured(&add()).len()]);
+    let (transport, to) = (b.transport().clone(), a.addr());
+    let (t2, p2) = (transport.clone(), payload.clone());
+    let asks = saturate(seconds, move |_, _| {
+        let (t, p) = (t2.clone(), p2.clone());
+        async move {
+            t.ask(to, p, CALL_TIMEOUT).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    let mut call_lat = Vec::with_capacity(LATENCY_SAMPLES);
+    let mut ask_lat = Vec::with_capacity(LATENCY_SAMPLES);
+    for i in 0..LATENCY_SAMPLES {
+        let t = Instant::now();
+        cluster.call(&keys[i % HOT_KEYS], add(), CALL_TIMEOUT).await?;
+        call_lat.push(t.elapsed());
+        let t = Instant::now();
+        transport.ask(to, payload.clone(), CALL_TIMEOUT).await?;
+        ask_lat.push(t.elapsed());
+    }
+    b.shutdown().await;
+    a.shutdown().await;
+    Ok((calls, asks, p50(call_lat), p50(ask_lat)))
+}
+
 pub async fn run(seconds: f64) -> Result<()> {
     if !(0.1..=600.0).contains(&seconds) {
         bail!("--seconds must be within 0.1..=600");
@@ -173,11 +257,18 @@ pub async fn run(seconds: f64) -> Result<()> {
     println!("local calls       {local:>10.0}/s   raw channel actors {raw:>10.0}/s   ratio {:.2}", local / raw);
     let (agent_p50, raw_p50) = latencies().await?;
     println!("local call p50    {agent_p50:>10.2} µs   raw {raw_p50:>8.2} µs");
-    // Field order as the issue gives it; remote figures need the placement layer (not built yet).
+    let (remote_calls, raw_asks, remote_p50, rtt_p50) = remote(seconds).await?;
+    println!(
+        "remote calls      {remote_calls:>10.0}/s   raw transport asks {raw_asks:>10.0}/s   ratio {:.2}",
+        remote_calls / raw_asks
+    );
+    println!("remote call p50   {remote_p50:>10.2} µs   raw ask {rtt_p50:>8.2} µs");
+    // Field order as the issue gives it.
     println!(
         "{{\"bench\":\"agents\",\"activations_per_s\":{act:.0},\"local_calls_per_s\":{local:.0},\
          \"raw_local_calls_per_s\":{raw:.0},\"local_call_p50_us\":{agent_p50:.2},\"raw_local_call_p50_us\":{raw_p50:.2},\
-         \"remote_calls_per_s\":null,\"remote_call_p50_us\":null,\"raw_rtt_p50_us\":null}}"
+         \"remote_calls_per_s\":{remote_calls:.0},\"raw_asks_per_s\":{raw_asks:.0},\
+         \"remote_call_p50_us\":{remote_p50:.2},\"raw_rtt_p50_us\":{rtt_p50:.2}}}"
     );
     Ok(())
 }

@@ -376,7 +376,7 @@ async fn rebalance(http: SocketAddr, joined: &str) -> Result<(usize, Duration)> 
 
 /// Reads every workload key through `http` and prints it next to the expected value.
 async fn final_values(http: SocketAddr, expected: &[i64]) -> Result<()> {
-    println!("  {:<6} {:>8} {:>8}  {}", "KEY", "VALUE", "EXPECTED", "OWNER (EPOCH)");
+    println!("  {:<6} {:>8} {:>8}  OWNER (EPOCH)", "KEY", "VALUE", "EXPECTED");
     let mut wrong = 0;
     for (i, want) in expected.iter().enumerate() {
         let v = post_counter(http, &counter_path(i), "counter.get", serde_json::Value::Null).await?;

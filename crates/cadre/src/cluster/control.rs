@@ -42,6 +42,8 @@ const RENEW_RETRY_MS: u64 = 100;
 /// What the leader remembers about leases and moves.
 #[derive(Default)]
 pub struct LeaderState {
+    /// The term this state belongs to; a different term starts afresh.
+    term: u64,
     /// When this node became leader (`None`: not leader at the last tick).
     since: Option<Instant>,
     /// Per member name: the Raft id it renewed with and when the leader last granted its lease.
@@ -66,8 +68,15 @@ fn lease_hold(inner: &Inner) -> Duration {
     Duration::from_millis(inner.cfg.lease_ms + inner.cfg.lease_drift_margin_ms)
 }
 
+/// The leader state of the current term (reset when the term changed since it was recorded:
+/// lease records of an earlier term of this node may predate grants by another leader).
 fn lock(inner: &Inner) -> std::sync::MutexGuard<'_, LeaderState> {
-    inner.leader.lock().unwrap_or_else(|e| e.into_inner())
+    let term = inner.raft.metrics().borrow().current_term;
+    let mut g = inner.leader.lock().unwrap_or_else(|e| e.into_inner());
+    if g.term != term {
+        *g = LeaderState { term, ..LeaderState::default() };
+    }
+    g
 }
 
 /// Renews this node's lease every `lease_renew_interval_ms`.
@@ -109,7 +118,7 @@ async fn renew_once(inner: &Arc<Inner>, next_peer: &mut usize) -> Result<(), Str
     };
     if leader == Some(inner.raft_id) {
         return match grant(inner, req).await {
-            RenewReply::Granted => Ok(()),
+            RenewReply::Granted { applied_index } => caught_up(inner, applied_index).await,
             other => Err(format!("{other:?}")),
         };
     }
@@ -135,7 +144,7 @@ async fn renew_once(inner: &Arc<Inner>, next_peer: &mut usize) -> Result<(), Str
     let mut to = addr;
     for _ in 0..2 {
         match mraft::ask(&inner.transport, to, &ControlReq::Renew(req.clone()), timeout).await? {
-            ControlReply::Renew(RenewReply::Granted) => return Ok(()),
+            ControlReply::Renew(RenewReply::Granted { applied_index }) => return caught_up(inner, applied_index).await,
             ControlReply::Renew(RenewReply::NotLeader { leader: Some(l) }) => {
                 to = l.parse().map_err(|e| format!("bad leader address {l}: {e}"))?;
             }
@@ -143,6 +152,15 @@ async fn renew_once(inner: &Arc<Inner>, next_peer: &mut usize) -> Result<(), Str
         }
     }
     Err("leader moved while renewing".into())
+}
+
+/// Waits (briefly) until this node has applied the metadata up to `index`.
+async fn caught_up(inner: &Inner, index: Option<u64>) -> Result<(), String> {
+    let timeout = Duration::from_millis(inner.meta_cfg.rpc_timeout_ms);
+    match inner.raft.wait(Some(timeout)).applied_index_at_least(index, "lease").await {
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("metadata not applied up to {index:?}: {e}")),
+    }
 }
 
 /// Leader side of a renewal: admit the node if needed, confirm leadership, record the grant.
@@ -167,16 +185,20 @@ pub(super) async fn grant(inner: &Arc<Inner>, req: RenewReq) -> RenewReply {
         let node = MetaNode { name: req.name.clone(), addr: req.addr.clone() };
         // Not blocking: the learner catches up in the background; a change already in progress
         // makes this fail, and the next renewal tries again.
-        if let Err(e) = inner.raft.add_learner(req.raft_id, node, false).await {
+        if let Err(e) = bounded(inner, "adding a learner", inner.raft.add_learner(req.raft_id, node, false)).await {
             debug!(error = %e, name = %req.name, "learner not added yet");
         }
     }
+    // Not while the controller decides and writes: the read index below then covers any
+    // reassignment it made from a view in which this lease had expired.
+    let _controller = inner.controller.lock().await;
     // Grant only within a confirmed term: a deposed leader must not extend leases.
-    if let Err(e) = bounded(inner, "leadership check", inner.raft.ensure_linearizable()).await {
-        return RenewReply::Retry(e);
-    }
+    let read = match bounded(inner, "leadership check", inner.raft.ensure_linearizable()).await {
+        Ok(read) => read,
+        Err(e) => return RenewReply::Retry(e),
+    };
     lock(inner).leases.insert(req.name, (req.raft_id, received));
-    RenewReply::Granted
+    RenewReply::Granted { applied_index: read.map(|l| l.index) }
 }
 
 /// Leader side of a finished hand-off.
@@ -213,6 +235,7 @@ pub(super) async fn controller_loop(inner: Arc<Inner>) {
 }
 
 async fn tick(inner: &Arc<Inner>) {
+    let _controller = inner.controller.lock().await;
     let now = Instant::now();
     if inner.state.borrow().shard_count == 0 {
         let init = inner.raft.client_write(Cmd::Init { shard_count: inner.cfg.shard_count });

@@ -12,7 +12,7 @@
 //! The receiving side ([`import`]) replaces what it held for the shard with the pages, writing at
 //! the move's epoch + 1, the epoch it will own the shard at.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,17 +33,20 @@ const HANDOFF_RETRY_MS: u64 = 200;
 
 pub(super) async fn watch_table(inner: Arc<Inner>) {
     let mut rx = inner.state.clone();
-    let mut owned: HashSet<u32> = HashSet::new();
+    // Shard → the epoch this node serves it at. Any change of epoch counts as giving it up: a
+    // lagging node may see an owner of e and then of e+2 (lost, then back), and its activations
+    // of epoch e must not go on.
+    let mut owned: HashMap<u32, u64> = HashMap::new();
     loop {
         let st = rx.borrow_and_update().clone();
-        let now_owned: HashSet<u32> = st
+        let now_owned: HashMap<u32, u64> = st
             .shards
             .iter()
             .enumerate()
             .filter(|(_, e)| e.owner.as_deref() == Some(inner.name.as_str()) && e.state == ShardState::Active)
-            .map(|(s, _)| s as u32)
+            .map(|(s, e)| (s as u32, e.epoch))
             .collect();
-        let lost: Vec<u32> = owned.difference(&now_owned).copied().collect();
+        let lost: Vec<u32> = owned.iter().filter(|(s, e)| now_owned.get(s) != Some(e)).map(|(s, _)| *s).collect();
         owned = now_owned;
         if !lost.is_empty() {
             let count = st.shard_count;
@@ -77,10 +80,12 @@ pub(super) async fn watch_table(inner: Arc<Inner>) {
     }
 }
 
-/// Whether the shard is still moving away from this node at `epoch`.
-fn still_moving(st: &MetaState, me: &str, shard: u32, epoch: u64) -> bool {
+/// Whether the shard is still moving from this node to `to` at `epoch`.
+fn still_moving(st: &MetaState, me: &str, shard: u32, epoch: u64, to: &str) -> bool {
     st.shards.get(shard as usize).is_some_and(|e| {
-        e.epoch == epoch && e.owner.as_deref() == Some(me) && matches!(e.state, ShardState::Moving { .. })
+        e.epoch == epoch
+            && e.owner.as_deref() == Some(me)
+            && matches!(&e.state, ShardState::Moving { to: t } if t == to)
     })
 }
 
@@ -91,7 +96,7 @@ async fn hand_off(inner: &Arc<Inner>, shard: u32, epoch: u64, to: &str) {
     info!(shard, epoch, to, agents = n, "handing a shard over");
     let retry = Duration::from_millis(HANDOFF_RETRY_MS);
     loop {
-        if inner.cancel.is_cancelled() || !still_moving(&inner.state.borrow(), &inner.name, shard, epoch) {
+        if inner.cancel.is_cancelled() || !still_moving(&inner.state.borrow(), &inner.name, shard, epoch, to) {
             return;
         }
         match step(inner, shard, epoch, to, count).await {
@@ -109,6 +114,8 @@ async fn hand_off(inner: &Arc<Inner>, shard: u32, epoch: u64, to: &str) {
 /// Copies the state (unless storage is shared) and reports to the leader.
 async fn step(inner: &Arc<Inner>, shard: u32, epoch: u64, to: &str, count: u32) -> Result<(), String> {
     let timeout = Duration::from_millis(inner.meta_cfg.rpc_timeout_ms);
+    // A page may make the receiver scan its store (page 0): allow more than one RPC's time.
+    let page_timeout = Duration::from_millis(inner.cfg.handoff_timeout_ms / 4).max(timeout);
     if !inner.storage.shared() {
         let addr = {
             let st = inner.state.borrow();
@@ -127,7 +134,7 @@ async fn step(inner: &Arc<Inner>, shard: u32, epoch: u64, to: &str, count: u32) 
                 bytes += item.value.as_ref().map_or(0, Vec::len) + item.entries.iter().map(Vec::len).sum::<usize>();
                 items.push(item);
                 if bytes >= TRANSFER_PAGE_BYTES_MAX {
-                    send_page(inner, addr, shard, epoch, page, std::mem::take(&mut items), timeout).await?;
+                    send_page(inner, addr, shard, epoch, page, std::mem::take(&mut items), page_timeout).await?;
                     page += 1;
                     bytes = 0;
                 }
@@ -138,7 +145,7 @@ async fn step(inner: &Arc<Inner>, shard: u32, epoch: u64, to: &str, count: u32) 
         }
         // The last page (page 0 when the shard is empty, so the receiver still drops stale state).
         if !items.is_empty() || page == 0 {
-            send_page(inner, addr, shard, epoch, page, items, timeout).await?;
+            send_page(inner, addr, shard, epoch, page, items, page_timeout).await?;
         }
     }
     report(inner, shard, epoch, timeout).await
@@ -194,18 +201,26 @@ async fn report(inner: &Arc<Inner>, shard: u32, epoch: u64, timeout: Duration) -
     }
 }
 
-/// Receiving side of a transfer page: writes at `epoch + 1`.
-pub(super) async fn import(inner: &Inner, page: TransferPage) -> Result<(), String> {
-    let (count, known_epoch) = {
-        let st = inner.state.borrow();
-        (st.shard_count, st.shards.get(page.shard as usize).map(|e| e.epoch))
-    };
-    let Some(known_epoch) = known_epoch else {
-        return Err(format!("no shard {}", page.shard));
-    };
-    if page.epoch < known_epoch {
-        return Err(format!("stale transfer: shard {} is at epoch {known_epoch}, not {}", page.shard, page.epoch));
+/// Whether a page for (shard, epoch) may still be written here: the shard has not moved past
+/// that epoch, and this node does not serve it yet (a late page must not overwrite what the new
+/// owner wrote since).
+fn import_allowed(inner: &Inner, shard: u32, epoch: u64) -> Result<u32, String> {
+    let st = inner.state.borrow();
+    let e = st.shards.get(shard as usize).ok_or(format!("no shard {shard}"))?;
+    if epoch < e.epoch {
+        return Err(format!("stale transfer: shard {shard} is at epoch {}, not {epoch}", e.epoch));
     }
+    if e.owner.as_deref() == Some(inner.name.as_str()) && e.state == ShardState::Active {
+        return Err(format!("shard {shard} is already served here"));
+    }
+    Ok(st.shard_count)
+}
+
+/// Receiving side of a transfer page: writes at `epoch + 1`. Imports run one at a time (a retried
+/// hand-off's page 0 must not interleave with the pages of an earlier attempt).
+pub(super) async fn import(inner: &Inner, page: TransferPage) -> Result<(), String> {
+    let _one = inner.imports.lock().await;
+    let count = import_allowed(inner, page.shard, page.epoch)?;
     let fence = Fence { shard: page.shard, epoch: page.epoch + 1 };
     let storage = &inner.storage;
     if page.page == 0 {
@@ -216,6 +231,7 @@ pub(super) async fn import(inner: &Inner, page: TransferPage) -> Result<(), Stri
             let done = keys.len() < SCAN_READ_MAX;
             after = keys.last().cloned();
             for key in keys.into_iter().filter(|k| shard_of(k, count) == page.shard) {
+                import_allowed(inner, page.shard, page.epoch)?;
                 let rev = storage.get(&key).await.map_err(|e| e.to_string())?.map_or(0, |v| v.revision);
                 storage.delete(&key, rev, fence).await.map_err(|e| e.to_string())?;
             }
@@ -225,6 +241,7 @@ pub(super) async fn import(inner: &Inner, page: TransferPage) -> Result<(), Stri
         }
     }
     for item in page.items {
+        import_allowed(inner, page.shard, page.epoch)?;
         let key = Key::new(item.ty, item.id);
         if shard_of(&key, count) != page.shard {
             return Err(format!("{key:?} is not in shard {}", page.shard));

@@ -176,8 +176,11 @@ impl Prepared {
             Some(path) => MetaDb::open(path)?,
             None => MetaDb::memory(),
         };
-        // Never 0 (openraft's "none" in places) and different per data dir.
-        let fresh = parts.rng_seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).max(1);
+        // Drawn once per data dir (kept in it). Without a data dir every start is a new member
+        // with an empty log, so it must never reuse an id: `rng_seed` is random per start unless
+        // configured, and a simulation restarting a node gives it a new seed. Never 0 (openraft's
+        // "none" in places).
+        let fresh = xxhash_rust::xxh3::xxh3_64_with_seed(parts.name.as_bytes(), parts.rng_seed).max(1);
         let raft_id = db.node_id(fresh)?;
         let sm = SmStore::open(db.clone())?;
         Ok(Prepared { parts, db, sm, raft_id, lease: Arc::new(Lease::default()) })
@@ -203,9 +206,15 @@ pub(crate) struct Inner {
     storage: Arc<dyn Storage>,
     lease: Arc<Lease>,
     leader: Mutex<control::LeaderState>,
+    /// Held by a controller tick and by the grant of a lease (see `control::grant`).
+    controller: tokio::sync::Mutex<()>,
     control_permits: Arc<Semaphore>,
+    /// Raft RPCs have their own: slow placement requests must not starve heartbeats and votes.
+    raft_permits: Arc<Semaphore>,
     agent_permits: Arc<Semaphore>,
     handoffs: Mutex<HashSet<(u32, u64)>>,
+    /// Serializes transfer imports.
+    imports: tokio::sync::Mutex<()>,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -268,9 +277,12 @@ impl Cluster {
             storage: parts.storage,
             lease,
             leader: Mutex::new(control::LeaderState::default()),
+            controller: tokio::sync::Mutex::new(()),
             control_permits: Arc::new(Semaphore::new(CONTROL_IN_FLIGHT_MAX)),
+            raft_permits: Arc::new(Semaphore::new(CONTROL_IN_FLIGHT_MAX)),
             agent_permits: Arc::new(Semaphore::new(AGENT_IN_FLIGHT_MAX)),
             handoffs: Mutex::new(HashSet::new()),
+            imports: tokio::sync::Mutex::new(()),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
@@ -318,31 +330,27 @@ impl Cluster {
 
     /// Calls an agent wherever it lives; returns the reply, the node that served it and the epoch.
     pub async fn call(&self, key: &Key, signal: Signal, timeout: Duration) -> Result<Served, CallError> {
-        let s = crate::signal::codec::encode_structured(&signal);
-        self.request(key, AgentOp::Call { signal: s, cast: false, timeout_ms: timeout.as_millis() as u64 }, timeout)
-            .await
+        self.request(key, Op::Call { signal: Box::new(signal), cast: false }, timeout).await
     }
 
     /// Delivers a signal to an agent without waiting for its reply (accepted by its mailbox).
     pub async fn cast(&self, key: &Key, signal: Signal, timeout: Duration) -> Result<Served, CallError> {
-        let s = crate::signal::codec::encode_structured(&signal);
-        self.request(key, AgentOp::Call { signal: s, cast: true, timeout_ms: timeout.as_millis() as u64 }, timeout)
-            .await
+        self.request(key, Op::Call { signal: Box::new(signal), cast: true }, timeout).await
     }
 
     /// Activates an agent wherever it lives.
     pub async fn ensure(&self, key: &Key, timeout: Duration) -> Result<Served, CallError> {
-        self.request(key, AgentOp::Ensure, timeout).await
+        self.request(key, Op::Ensure, timeout).await
     }
 
     /// Stops (passivates) an agent wherever it lives; `reply` is `true` if it was active.
     pub async fn stop(&self, key: &Key, timeout: Duration) -> Result<Served, CallError> {
-        self.request(key, AgentOp::Stop, timeout).await
+        self.request(key, Op::Stop, timeout).await
     }
 
     /// Whether the agent is active, asked of its owner.
     pub async fn lookup(&self, key: &Key, timeout: Duration) -> Result<Served, CallError> {
-        self.request(key, AgentOp::Lookup, timeout).await
+        self.request(key, Op::Lookup, timeout).await
     }
 
     /// Active agents on each live member (asked of each, `None` for those that did not answer).
@@ -368,7 +376,7 @@ impl Cluster {
         futures::future::join_all(asks).await.into_iter().collect()
     }
 
-    async fn request(&self, key: &Key, op: AgentOp, timeout: Duration) -> Result<Served, CallError> {
+    async fn request(&self, key: &Key, op: Op, timeout: Duration) -> Result<Served, CallError> {
         key.check().map_err(|e| CallError::InvalidKey(e.to_string()))?;
         if !self.inner.host.has_type(&key.ty) {
             // Every node registers the same types.
@@ -425,7 +433,7 @@ impl Cluster {
         Instant::now() < deadline
     }
 
-    async fn local(&self, key: &Key, op: &AgentOp, deadline: Instant) -> Result<Served, CallError> {
+    async fn local(&self, key: &Key, op: &Op, deadline: Instant) -> Result<Served, CallError> {
         serve_local(&self.inner, key, op, deadline).await
     }
 
@@ -433,7 +441,7 @@ impl Cluster {
         &self,
         owner: &str,
         key: &Key,
-        op: &AgentOp,
+        op: &Op,
         epoch: u64,
         deadline: Instant,
     ) -> Result<Served, CallError> {
@@ -444,7 +452,8 @@ impl Cluster {
         let Some(addr) = addr else {
             return Err(CallError::Unavailable(format!("owner {owner} has no known address")));
         };
-        let req = AgentReq { op: op.clone(), ty: key.ty.clone(), id: key.id.clone(), epoch };
+        let timeout_ms = deadline.saturating_duration_since(Instant::now()).as_millis() as u64;
+        let req = AgentReq { op: op.to_wire(timeout_ms), ty: key.ty.clone(), id: key.id.clone(), epoch };
         let timeout = deadline.saturating_duration_since(Instant::now());
         match self.ask(addr, &req, timeout).await? {
             AgentReply::Ok { reply, epoch } => {
@@ -476,7 +485,9 @@ impl Cluster {
 
     /// Serves a control-lane ask from a peer; the reply goes back through the transport.
     pub fn on_control_ask(&self, from: &PeerInfo, id: u64, payload: Bytes) {
-        let Ok(permit) = self.inner.control_permits.clone().try_acquire_owned() else {
+        // The variant tag comes first in postcard: `Raft` is 0.
+        let permits = if payload.first() == Some(&0) { &self.inner.raft_permits } else { &self.inner.control_permits };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
             warn!(from = %from.name, "control requests over their limit: one dropped");
             return;
         };
@@ -539,6 +550,28 @@ impl Cluster {
     }
 }
 
+/// A request for an agent, before it is encoded for another node.
+#[derive(Debug, Clone)]
+enum Op {
+    Call { signal: Box<Signal>, cast: bool },
+    Ensure,
+    Stop,
+    Lookup,
+}
+
+impl Op {
+    fn to_wire(&self, timeout_ms: u64) -> AgentOp {
+        match self {
+            Op::Call { signal, cast } => {
+                AgentOp::Call { signal: crate::signal::codec::encode_structured(signal), cast: *cast, timeout_ms }
+            }
+            Op::Ensure => AgentOp::Ensure,
+            Op::Stop => AgentOp::Stop,
+            Op::Lookup => AgentOp::Lookup,
+        }
+    }
+}
+
 /// A reply and where it came from.
 #[derive(Debug, Clone)]
 pub struct Served {
@@ -548,16 +581,19 @@ pub struct Served {
 }
 
 async fn serve_remote(inner: &Inner, req: AgentReq) -> AgentReply {
-    if let AgentOp::Stats = req.op {
-        return AgentReply::Stats { active: inner.host.active() as u64 };
-    }
     let key = Key::new(req.ty, req.id);
-    let timeout_ms = match &req.op {
-        AgentOp::Call { timeout_ms, .. } => *timeout_ms,
-        _ => inner.meta_cfg.rpc_timeout_ms,
+    let (op, timeout_ms) = match req.op {
+        AgentOp::Call { signal, cast, timeout_ms } => match crate::signal::codec::decode_structured(&signal) {
+            Ok(signal) => (Op::Call { signal: Box::new(signal), cast }, timeout_ms),
+            Err(e) => return AgentReply::Err(CallError::Unavailable(format!("invalid signal: {e}"))),
+        },
+        AgentOp::Ensure => (Op::Ensure, inner.meta_cfg.rpc_timeout_ms),
+        AgentOp::Stop => (Op::Stop, inner.meta_cfg.rpc_timeout_ms),
+        AgentOp::Lookup => (Op::Lookup, inner.meta_cfg.rpc_timeout_ms),
+        AgentOp::Stats => return AgentReply::Stats { active: inner.host.active() as u64 },
     };
     let deadline = Instant::now() + Duration::from_millis(timeout_ms);
-    match serve_local(inner, &key, &req.op, deadline).await {
+    match serve_local(inner, &key, &op, deadline).await {
         Ok(s) => match serde_json::to_vec(&s.reply) {
             Ok(reply) => AgentReply::Ok { reply, epoch: s.epoch },
             Err(e) => AgentReply::Err(CallError::Unavailable(format!("reply does not serialize: {e}"))),
@@ -567,25 +603,23 @@ async fn serve_remote(inner: &Inner, req: AgentReq) -> AgentReply {
 }
 
 /// Runs a request on this node's host (the host's gate checks ownership and the lease).
-async fn serve_local(inner: &Inner, key: &Key, op: &AgentOp, deadline: Instant) -> Result<Served, CallError> {
+async fn serve_local(inner: &Inner, key: &Key, op: &Op, deadline: Instant) -> Result<Served, CallError> {
     let timeout = deadline.saturating_duration_since(Instant::now());
     let host = &inner.host;
     let reply = match op {
-        AgentOp::Call { signal, cast, .. } => {
-            let signal = crate::signal::codec::decode_structured(signal)
-                .map_err(|e| CallError::Unavailable(format!("invalid signal: {e}")))?;
+        Op::Call { signal, cast } => {
             if *cast {
-                host.cast(key, signal).await?;
+                host.cast(key, (**signal).clone()).await?;
                 Reply::Null
             } else {
-                host.call(key, signal, timeout).await?
+                host.call(key, (**signal).clone(), timeout).await?
             }
         }
-        AgentOp::Ensure => {
+        Op::Ensure => {
             host.ensure(key).await?;
             Reply::Null
         }
-        AgentOp::Stop => {
+        Op::Stop => {
             let owner = inner.state.borrow().clone();
             let p = placement_in(&owner, key)?;
             if p.owner.as_deref() != Some(inner.name.as_str()) {
@@ -593,7 +627,7 @@ async fn serve_local(inner: &Inner, key: &Key, op: &AgentOp, deadline: Instant) 
             }
             Reply::Bool(host.stop(key).await)
         }
-        AgentOp::Lookup => {
+        Op::Lookup => {
             let st = inner.state.borrow().clone();
             let p = placement_in(&st, key)?;
             if p.owner.as_deref() != Some(inner.name.as_str()) {
@@ -601,7 +635,6 @@ async fn serve_local(inner: &Inner, key: &Key, op: &AgentOp, deadline: Instant) 
             }
             Reply::Bool(host.is_active(key))
         }
-        AgentOp::Stats => Reply::from(host.active() as u64),
     };
     let epoch = placement_in(&inner.state.borrow(), key).map(|p| p.epoch).unwrap_or(0);
     Ok(Served { reply, node: inner.name.clone(), epoch })

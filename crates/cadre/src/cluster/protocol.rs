@@ -24,8 +24,10 @@ pub struct RenewReq {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum RenewReply {
-    /// Lease granted for `lease_ms` from when the request was sent.
-    Granted,
+    /// Lease granted for `lease_ms` from when the request was sent, valid once the node has
+    /// applied the metadata up to `applied_index` (so it serves with a table at least as new as
+    /// any reassignment the leader decided before granting).
+    Granted { applied_index: Option<u64> },
     /// Not the leader; try this transport address (if known).
     NotLeader { leader: Option<String> },
     /// The leader could not grant it now (not yet admitted, leadership unconfirmed); retry.

@@ -75,7 +75,8 @@ pub enum Cmd {
     /// Ends a planned move: `to` owns the shard at `expected_epoch + 1`.
     CompleteMove { shard: u32, expected_epoch: u64 },
     /// Gives up a planned move (its target died, or the hand-off took too long): the owner keeps
-    /// the shard at the same epoch.
+    /// the shard, at `expected_epoch + 1` so that nothing of the abandoned hand-off (a late
+    /// report, a late copy) can be taken for a later move's.
     AbortMove { shard: u32, expected_epoch: u64 },
 }
 
@@ -174,6 +175,7 @@ impl MetaState {
                     return Err(wrong_state(*shard, &e.state, "moving"));
                 }
                 e.state = ShardState::Active;
+                e.epoch += 1;
                 Ok(self.reply(*shard))
             }
         }

@@ -106,6 +106,21 @@ impl MetaDb {
         v.map(|g| dec(g.value())).transpose()
     }
 
+    /// Stores a snapshot unless the one stored is newer (a build finishing after an install of a
+    /// newer snapshot must not replace it: the log before the newer one may be purged).
+    fn put_snapshot(db: &Database, snapshot: &StoredSnapshot) -> Result<(), SE> {
+        let tx = db.begin_write().map_err(io_err)?;
+        {
+            let mut table = tx.open_table(KV).map_err(io_err)?;
+            let stored = table.get(SNAPSHOT).map_err(io_err)?.map(|g| dec::<StoredSnapshot>(g.value())).transpose()?;
+            if stored.is_some_and(|s| s.meta.last_log_id > snapshot.meta.last_log_id) {
+                return Ok(());
+            }
+            table.insert(SNAPSHOT, enc(snapshot)?.as_slice()).map_err(io_err)?;
+        }
+        tx.commit().map_err(io_err)
+    }
+
     fn put_kv(db: &Database, key: &str, value: Vec<u8>) -> Result<(), SE> {
         let tx = db.begin_write().map_err(io_err)?;
         tx.open_table(KV).map_err(io_err)?.insert(key, value.as_slice()).map_err(io_err)?;
@@ -325,9 +340,10 @@ impl RaftSnapshotBuilder<TC> for SmStore {
             };
             StoredSnapshot { meta, data: g.state.clone() }
         };
-        let bytes = enc(&stored)?;
-        self.db.run(move |db| MetaDb::put_kv(db, SNAPSHOT, bytes)).await?;
-        Ok(Snapshot { meta: stored.meta, snapshot: Box::new(stored.data) })
+        let stored = Arc::new(stored);
+        let s2 = stored.clone();
+        self.db.run(move |db| MetaDb::put_snapshot(db, &s2)).await?;
+        Ok(Snapshot { meta: stored.meta.clone(), snapshot: Box::new(stored.data.clone()) })
     }
 }
 
@@ -377,16 +393,16 @@ impl RaftStateMachine<TC> for SmStore {
         meta: &SnapshotMeta<NodeId, MetaNode>,
         snapshot: Box<MetaState>,
     ) -> Result<(), SE> {
-        let stored = StoredSnapshot { meta: meta.clone(), data: *snapshot };
-        let bytes = enc(&stored)?;
-        self.db.run(move |db| MetaDb::put_kv(db, SNAPSHOT, bytes)).await?;
+        let stored = Arc::new(StoredSnapshot { meta: meta.clone(), data: *snapshot });
+        let s2 = stored.clone();
+        self.db.run(move |db| MetaDb::put_snapshot(db, &s2)).await?;
         {
             let mut g = self.lock();
             g.last_applied = meta.last_log_id;
             g.membership = meta.last_membership.clone();
             g.state = stored.data.clone();
         }
-        self.publish(stored.data);
+        self.publish(stored.data.clone());
         Ok(())
     }
 

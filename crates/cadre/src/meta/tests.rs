@@ -76,6 +76,13 @@ fn a_planned_move_hands_the_shard_over_at_the_next_epoch() {
     ));
     let r = s.apply(&Cmd::CompleteMove { shard: 0, expected_epoch: 1 }).unwrap();
     assert_eq!(r, CmdReply::Shard { shard: 0, owner: Some("b".into()), epoch: 2 });
+    // An aborted move leaves the owner in place, one epoch on: the abandoned hand-off is stale.
+    s.apply(&Cmd::BeginMove { shard: 0, to: "a".into(), expected_epoch: 2 }).unwrap();
+    assert!(matches!(s.apply(&Cmd::AbortMove { shard: 1, expected_epoch: 0 }), Err(MetaError::WrongState { .. })));
+    let r = s.apply(&Cmd::AbortMove { shard: 0, expected_epoch: 2 }).unwrap();
+    assert_eq!(r, CmdReply::Shard { shard: 0, owner: Some("b".into()), epoch: 3 });
+    assert_eq!(s.shards[0].state, ShardState::Active);
+    assert!(matches!(s.apply(&Cmd::CompleteMove { shard: 0, expected_epoch: 2 }), Err(MetaError::StaleEpoch { .. })));
 }
 
 #[test]
@@ -123,7 +130,7 @@ proptest! {
                 Ok(_) => {
                     for (i, (old, new)) in before.shards.iter().zip(&s.shards).enumerate() {
                         prop_assert!(new.epoch >= old.epoch, "shard {} epoch went down", i);
-                        let owner_set = matches!(cmd, Cmd::Assign { shard, .. } | Cmd::CompleteMove { shard, .. } if *shard as usize == i);
+                        let owner_set = matches!(cmd, Cmd::Assign { shard, .. } | Cmd::CompleteMove { shard, .. } | Cmd::AbortMove { shard, .. } if *shard as usize == i);
                         prop_assert_eq!(new.epoch > old.epoch, owner_set, "shard {}: {:?}", i, cmd);
                     }
                 }
