@@ -144,3 +144,60 @@ async fn calls_reach_owners_rebalancing_keeps_state_and_a_crash_fails_over() {
         n.shutdown().await;
     }
 }
+
+/// The voter names of `node`'s Raft membership.
+fn voters(node: &Node) -> Vec<String> {
+    let m = node.cluster().raft().metrics().borrow().clone();
+    let membership = m.membership_config.membership().clone();
+    let mut v: Vec<String> =
+        membership.voter_ids().filter_map(|id| membership.get_node(&id).map(|n| n.name.clone())).collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn voters_stay_odd_and_a_dead_voter_is_replaced() {
+    let cfg = |name: &str, seeds| {
+        let mut c = config(name, seeds);
+        c.meta.voter_down_replace_ms = 1500;
+        c
+    };
+    let a = Node::start(cfg("a", vec![]), NodeOptions::default()).await.unwrap();
+    let b = Node::start(cfg("b", vec![a.addr()]), NodeOptions::default()).await.unwrap();
+    await_meta(&a, "b admitted", |st| st.members.contains_key("b")).await;
+    // Two members: still one voter (a second would make either loss stop the group).
+    let settle = |n: &Node, want: &'static [&'static str]| {
+        let raft = n.cluster().raft().clone();
+        async move {
+            let want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+            raft.wait(Some(WAIT))
+                .metrics(
+                    |m| {
+                        let ms = m.membership_config.membership();
+                        let mut v: Vec<String> =
+                            ms.voter_ids().filter_map(|id| ms.get_node(&id).map(|n| n.name.clone())).collect();
+                        v.sort();
+                        v == want
+                    },
+                    "voters",
+                )
+                .await
+                .unwrap_or_else(|e| panic!("voters never became {want:?}: {e}"));
+        }
+    };
+    await_meta(&a, "settled on a and b", |st| settled(st, &["a", "b"])).await;
+    assert_eq!(voters(&a), ["a"]);
+    let c = Node::start(cfg("c", vec![a.addr()]), NodeOptions::default()).await.unwrap();
+    settle(&a, &["a", "b", "c"]).await;
+    let d = Node::start(cfg("d", vec![a.addr()]), NodeOptions::default()).await.unwrap();
+    await_meta(&a, "d admitted", |st| st.members.contains_key("d")).await;
+    assert_eq!(voters(&a), ["a", "b", "c"], "a fourth member stays a learner");
+    // A voter dies: after voter_down_replace_ms the learner takes its place.
+    c.kill().await;
+    settle(&a, &["a", "b", "d"]).await;
+    // The group still commits: c's shards are reassigned to the live members.
+    await_meta(&a, "c's shards reassigned", |st| settled(st, &["a", "b", "d"])).await;
+    for n in [d, b, a] {
+        n.shutdown().await;
+    }
+}
