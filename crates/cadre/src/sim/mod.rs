@@ -9,19 +9,36 @@
 //! [`run_seeds`] runs a scenario over many seeds and, on failure, names the seed and how to
 //! replay it (`CADRE_SIM_SEED=<seed>`). `CADRE_SIM_SEEDS=<n>` changes how many seeds run.
 //!
+//! ## Nodes, restarts, work
+//! - [`SimCluster::add_node_with`] adjusts a node's [`Config`] and [`NodeOptions`] at every start
+//!   (e.g. a [`crate::config::PlacementConfig`], or a storage all nodes share).
+//! - A node started without seeds founds the cluster's metadata group. Its metadata lives in memory,
+//!   so after a restart it joins through the other nodes instead of founding a second group. Every
+//!   restart also gets a fresh RNG seed, hence a fresh Raft id: a restarted process has lost its
+//!   log and vote, and must not come back as the voter it was.
+//! - Work runs *inside* a node's host, as that node's process would run it: [`SimHandle::run_on`]
+//!   hands a closure the node's [`Cluster`] and returns its result, or `None` when the node is not
+//!   running or crashes first (the work dies with it). [`SimCluster::client`] adds a turmoil client
+//!   (a workload driver) that can hold a [`SimHandle`].
+//!
 //! Caveat: turmoil's TCP drops segments across a partition without retransmission, so a
 //! connection that spanned a partition stalls; the transport's idle timeout replaces it, which
 //! is also what a half-open real connection needs.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
+use futures::future::LocalBoxFuture;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use crate::cluster::Cluster;
 use crate::config::{Config, Secret};
 use crate::membership::task::{Membership, View};
 use crate::membership::MemberState;
@@ -44,9 +61,18 @@ pub struct SimNode {
     pub seeds: Vec<String>,
 }
 
+/// Work handed to a running node (see [`SimHandle::run_on`]).
+type Job = Box<dyn FnOnce(Cluster) -> LocalBoxFuture<'static, ()>>;
+
+/// Adjusts a node's config and options at each start; the `u32` counts earlier starts (0 first).
+type Setup = Rc<dyn Fn(&mut Config, &mut NodeOptions, u32)>;
+
 /// What the harness holds of a running simulated node.
 struct Running {
     membership: Membership,
+    cluster: Cluster,
+    /// Work to run inside the node's host.
+    jobs: mpsc::UnboundedSender<Job>,
     /// Cancelled by [`SimCluster::crash`]: the node stops abruptly (no leave, no flush).
     kill: CancellationToken,
     /// Set once the node's tasks have all stopped.
@@ -61,7 +87,50 @@ pub struct SimCluster {
     seed: u64,
     registry: Registry,
     nodes: Vec<SimNode>,
+    /// Names of every node added, for restarted founders to join through.
+    names: Rc<RefCell<Vec<String>>>,
     crashed: BTreeSet<String>,
+}
+
+/// A handle on the running nodes, usable from inside the simulation (a [`SimCluster::client`]).
+#[derive(Clone)]
+pub struct SimHandle {
+    registry: Registry,
+}
+
+impl SimHandle {
+    /// Names of the nodes running now (started and not crashed), in name order.
+    pub fn running(&self) -> Vec<String> {
+        self.registry.borrow().keys().cloned().collect()
+    }
+
+    /// Runs `f` inside `node`'s host, as part of that node's process, and returns its output:
+    /// `None` if the node is not running, or crashes before `f` finishes (its work dies with it).
+    pub fn run_on<T, F, Fut>(&self, node: &str, f: F) -> impl Future<Output = Option<T>> + 'static
+    where
+        T: 'static,
+        F: FnOnce(Cluster) -> Fut + 'static,
+        Fut: Future<Output = T> + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |cluster| {
+            Box::pin(async move {
+                let _ = tx.send(f(cluster).await);
+            })
+        });
+        let sent = self.registry.borrow().get(node).is_some_and(|r| r.jobs.send(job).is_ok());
+        async move {
+            if !sent {
+                return None;
+            }
+            rx.await.ok()
+        }
+    }
+}
+
+/// The address of a simulated node's transport (inside the simulation only: it asks turmoil's DNS).
+pub fn sim_addr(name: &str) -> SocketAddr {
+    SocketAddr::new(turmoil::lookup(name), SIM_PORT)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +162,14 @@ impl SimCluster {
             .max_message_latency(Duration::from_millis(5))
             .tcp_capacity(4096)
             .build();
-        SimCluster { sim, seed, registry: Rc::default(), nodes: Vec::new(), crashed: BTreeSet::new() }
+        SimCluster {
+            sim,
+            seed,
+            registry: Rc::default(),
+            nodes: Vec::new(),
+            names: Rc::default(),
+            crashed: BTreeSet::new(),
+        }
     }
 
     pub fn seed(&self) -> u64 {
@@ -102,33 +178,83 @@ impl SimCluster {
 
     /// Adds and starts a node host.
     pub fn add_node(&mut self, node: SimNode) {
+        self.add_node_with(node, |_, _, _| {});
+    }
+
+    /// Adds and starts a node host; `setup` adjusts its config and options at every start (the
+    /// last argument counts the earlier starts: 0 the first time, then one more per restart).
+    pub fn add_node_with(&mut self, node: SimNode, setup: impl Fn(&mut Config, &mut NodeOptions, u32) + 'static) {
         let index = self.nodes.len() as u64;
         let registry = self.registry.clone();
+        let names = self.names.clone();
         let seed = self.seed;
         let spec = node.clone();
+        let setup: Setup = Rc::new(setup);
+        let boots = Rc::new(Cell::new(0u32));
+        self.names.borrow_mut().push(node.name.clone());
         self.sim.host(node.name.as_str(), move || {
             let registry = registry.clone();
             let spec = spec.clone();
+            let setup = setup.clone();
+            let boot = boots.replace(boots.get() + 1);
+            // A founder's metadata was in memory: restarted, it joins the group it founded.
+            let seed_names: Vec<String> = if boot > 0 && spec.seeds.is_empty() {
+                names.borrow().iter().filter(|n| **n != spec.name).cloned().collect()
+            } else {
+                spec.seeds.clone()
+            };
             async move {
                 let ip = turmoil::lookup(spec.name.as_str());
-                let seeds = spec.seeds.iter().map(|s| SocketAddr::new(turmoil::lookup(s.as_str()), SIM_PORT)).collect();
-                let cfg = Config {
+                let seeds = seed_names.iter().map(|s| sim_addr(s)).collect();
+                // A fresh seed per start (the first is unchanged): a new process, a new Raft id.
+                let rng_seed =
+                    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(index).wrapping_add(u64::from(boot) << 32);
+                let mut cfg = Config {
                     name: spec.name.clone(),
                     cluster: "sim".into(),
                     listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), SIM_PORT),
                     advertise: Some(SocketAddr::new(ip, SIM_PORT)),
                     seeds,
                     secret: Secret::new(&spec.secret),
-                    rng_seed: Some(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(index)),
+                    rng_seed: Some(rng_seed),
                     ..Config::default()
                 };
-                let opts = NodeOptions { net: Arc::new(TurmoilNet), ..NodeOptions::default() };
+                let mut opts = NodeOptions { net: Arc::new(TurmoilNet), ..NodeOptions::default() };
+                setup(&mut cfg, &mut opts, boot);
                 let node = Node::start(cfg, opts).await?;
                 let kill = CancellationToken::new();
                 let dead = Rc::new(Cell::new(false));
-                let running = Running { membership: node.membership().clone(), kill: kill.clone(), dead: dead.clone() };
+                let (jobs, mut inbox) = mpsc::unbounded_channel::<Job>();
+                let running = Running {
+                    membership: node.membership().clone(),
+                    cluster: node.cluster().clone(),
+                    jobs,
+                    kill: kill.clone(),
+                    dead: dead.clone(),
+                };
                 registry.borrow_mut().insert(spec.name.clone(), running);
-                kill.cancelled().await;
+                let work = TaskTracker::new();
+                loop {
+                    tokio::select! {
+                        biased;
+                        _ = kill.cancelled() => break,
+                        Some(job) = inbox.recv() => {
+                            let fut = job(node.cluster().clone());
+                            let kill = kill.clone();
+                            work.spawn_local(async move {
+                                tokio::select! {
+                                    biased;
+                                    _ = kill.cancelled() => {}
+                                    _ = fut => {}
+                                }
+                            });
+                        }
+                    }
+                }
+                // As a crash: work in progress ends with the process, before the node's tasks.
+                drop(inbox);
+                work.close();
+                work.wait().await;
                 node.kill().await;
                 dead.set(true);
                 std::future::pending::<()>().await;
@@ -136,6 +262,54 @@ impl SimCluster {
             }
         });
         self.nodes.push(node);
+    }
+
+    /// Adds a turmoil client (a workload driver, not a node); it may hold a [`SimHandle`].
+    /// An error it returns fails the simulation.
+    pub fn client<F>(&mut self, name: &str, client: F)
+    where
+        F: Future<Output = Result<(), String>> + 'static,
+    {
+        self.sim.client(name, async move { client.await.map_err(Into::into) });
+    }
+
+    /// A handle on the running nodes, for clients and for work submitted from the test.
+    pub fn handle(&self) -> SimHandle {
+        SimHandle { registry: self.registry.clone() }
+    }
+
+    /// The cluster handle of a running node (its metadata copy, placement, Raft metrics).
+    /// Anything async on it must run inside the simulation: see [`SimCluster::run_on`].
+    pub fn cluster(&self, name: &str) -> Option<Cluster> {
+        if self.crashed.contains(name) {
+            return None;
+        }
+        self.registry.borrow().get(name).map(|r| r.cluster.clone())
+    }
+
+    /// Runs `f` inside `node`'s host (see [`SimHandle::run_on`]) and steps the simulation until it
+    /// finishes, at most `timeout` of simulated time. `Ok(None)`: the node is not running or crashed.
+    pub fn run_on<T, F, Fut>(&mut self, node: &str, timeout: Duration, f: F) -> Result<Option<T>, SimError>
+    where
+        T: 'static,
+        F: FnOnce(Cluster) -> Fut + 'static,
+        Fut: Future<Output = T> + 'static,
+    {
+        let out: Rc<RefCell<Option<Option<T>>>> = Rc::default();
+        let fut = self.handle().run_on(node, f);
+        let slot = out.clone();
+        let mut fut = Box::pin(async move {
+            *slot.borrow_mut() = Some(fut.await);
+        });
+        // The wrapper holds no runtime resources: poll it by hand between steps.
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        self.run_until(timeout, |_| {
+            let _ = fut.as_mut().poll(&mut cx);
+            out.borrow().is_some()
+        })?;
+        let result = out.borrow_mut().take().flatten();
+        Ok(result)
     }
 
     /// Simulated time since the start.
@@ -241,8 +415,18 @@ impl SimCluster {
 }
 
 /// Runs `scenario` for `default_count` seeds (or `CADRE_SIM_SEEDS`), or only `CADRE_SIM_SEED`.
-/// Panics with the failing seed and the command that replays it.
-pub fn run_seeds(name: &str, default_count: u64, mut scenario: impl FnMut(u64) -> Result<String, String>) {
+/// Panics with the failing seed and the command that replays it (for `tests/sim.rs`).
+pub fn run_seeds(name: &str, default_count: u64, scenario: impl FnMut(u64) -> Result<String, String>) {
+    run_seeds_in("sim", name, default_count, scenario);
+}
+
+/// [`run_seeds`] for a scenario in the test file `tests/<test>.rs` (named in the replay command).
+pub fn run_seeds_in(
+    test: &str,
+    name: &str,
+    default_count: u64,
+    mut scenario: impl FnMut(u64) -> Result<String, String>,
+) {
     let seeds: Vec<u64> = match std::env::var("CADRE_SIM_SEED").ok().and_then(|s| s.parse().ok()) {
         Some(seed) => vec![seed],
         None => {
@@ -259,7 +443,7 @@ pub fn run_seeds(name: &str, default_count: u64, mut scenario: impl FnMut(u64) -
             }
             Err(msg) => panic!(
                 "simulation `{name}` failed with seed {seed}: {msg}\n\
-                 replay: CADRE_SIM_SEED={seed} cargo test -p cadre --test sim -- {name} --nocapture"
+                 replay: CADRE_SIM_SEED={seed} cargo test -p cadre --test {test} -- {name} --nocapture"
             ),
         }
     }
