@@ -1,5 +1,8 @@
 //! The `cadre` binary: run a node, inspect a cluster, run the demo and the benchmarks.
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod bench;
 mod bench_agents;
 mod bench_bus;

@@ -201,3 +201,30 @@ async fn voters_stay_odd_and_a_dead_voter_is_replaced() {
         n.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_leave_hands_every_shard_over_with_its_state() {
+    let a = Node::start(config("a", vec![]), NodeOptions::default()).await.unwrap();
+    let b = Node::start(config("b", vec![a.addr()]), NodeOptions::default()).await.unwrap();
+    let c = Node::start(config("c", vec![a.addr()]), NodeOptions::default()).await.unwrap();
+    for n in [&a, &b, &c] {
+        await_meta(n, "settled", |st| settled(st, &["a", "b", "c"])).await;
+    }
+    for i in 0..KEYS {
+        add(&c, &key(i), 2).await;
+    }
+    let on_c = (0..KEYS).filter(|&i| a.cluster().placement(&key(i)).unwrap().owner.as_deref() == Some("c")).count();
+    assert!(on_c > 0, "c owns some keys");
+    // c leaves: its shards move by planned hand-offs (node-local state copied) before it stops.
+    c.shutdown().await;
+    let st = await_meta(&a, "c owns no shard", |st| st.shard_counts().get("c") == Some(&0)).await;
+    assert!(st.members["c"].draining);
+    // Node-local memory storage: a reassignment after c's lease expired would have started c's
+    // keys over from zero; a hand-off copied them.
+    for i in 0..KEYS {
+        assert_eq!(get(&b, &key(i)).await, 2, "key {i} kept its value across the leave");
+    }
+    for n in [b, a] {
+        n.shutdown().await;
+    }
+}

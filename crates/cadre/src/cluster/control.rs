@@ -201,6 +201,38 @@ pub(super) async fn grant(inner: &Arc<Inner>, req: RenewReq) -> RenewReply {
     RenewReply::Granted { applied_index: read.map(|l| l.index) }
 }
 
+/// Leader side of a graceful leave: mark the member draining (the controller moves its shards).
+pub(super) async fn drain(inner: &Arc<Inner>, name: String) -> Result<(), String> {
+    if !is_leader(inner) {
+        return Err("not the leader".into());
+    }
+    bounded(inner, "draining", inner.raft.client_write(Cmd::Drain { name }))
+        .await?
+        .data
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Sends a request to the leader (served here when this node leads).
+pub(super) async fn to_leader(inner: &Arc<Inner>, req: ControlReq) -> Result<ControlReply, String> {
+    let m = inner.raft.metrics().borrow().clone();
+    let leader = m.current_leader.ok_or("no leader known")?;
+    if leader == inner.raft_id {
+        return Ok(match req {
+            ControlReq::Drain { name } => ControlReply::Drain(drain(inner, name).await),
+            ControlReq::HandedOff { shard, epoch } => ControlReply::HandedOff(complete_move(inner, shard, epoch).await),
+            other => return Err(format!("not a leader request: {other:?}")),
+        });
+    }
+    let addr = m
+        .membership_config
+        .membership()
+        .get_node(&leader)
+        .and_then(|n| n.addr.parse().ok())
+        .ok_or("leader address unknown")?;
+    mraft::ask(&inner.transport, addr, &req, Duration::from_millis(inner.meta_cfg.rpc_timeout_ms)).await
+}
+
 /// Leader side of a finished hand-off.
 pub(super) async fn complete_move(inner: &Arc<Inner>, shard: u32, epoch: u64) -> Result<(), String> {
     if !is_leader(inner) {

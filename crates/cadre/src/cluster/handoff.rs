@@ -148,7 +148,7 @@ async fn step(inner: &Arc<Inner>, shard: u32, epoch: u64, to: &str, count: u32) 
             send_page(inner, addr, shard, epoch, page, items, page_timeout).await?;
         }
     }
-    report(inner, shard, epoch, timeout).await
+    report(inner, shard, epoch).await
 }
 
 async fn export(inner: &Inner, key: Key) -> Result<TransferItem, String> {
@@ -182,20 +182,9 @@ async fn send_page(
     }
 }
 
-/// Asks the leader to complete the move (following one redirect).
-async fn report(inner: &Arc<Inner>, shard: u32, epoch: u64, timeout: Duration) -> Result<(), String> {
-    let m = inner.raft.metrics().borrow().clone();
-    let leader = m.current_leader.ok_or("no leader known")?;
-    if leader == inner.raft_id {
-        return super::control::complete_move(inner, shard, epoch).await;
-    }
-    let addr = m
-        .membership_config
-        .membership()
-        .get_node(&leader)
-        .and_then(|n| n.addr.parse().ok())
-        .ok_or("leader address unknown")?;
-    match mraft::ask(&inner.transport, addr, &ControlReq::HandedOff { shard, epoch }, timeout).await? {
+/// Asks the leader to complete the move.
+async fn report(inner: &Arc<Inner>, shard: u32, epoch: u64) -> Result<(), String> {
+    match super::control::to_leader(inner, ControlReq::HandedOff { shard, epoch }).await? {
         ControlReply::HandedOff(r) => r,
         other => Err(format!("unexpected hand-off reply {other:?}")),
     }

@@ -502,6 +502,7 @@ impl Cluster {
                     ControlReply::HandedOff(control::complete_move(&inner, shard, epoch).await)
                 }
                 Ok(ControlReq::Transfer(page)) => ControlReply::Transfer(handoff::import(&inner, page).await),
+                Ok(ControlReq::Drain { name }) => ControlReply::Drain(control::drain(&inner, name).await),
             };
             if let Some(t) = inner.transport.upgrade() {
                 let _ = t.reply_on(Lane::Control, to, id, mraft::encode(&reply));
@@ -535,6 +536,48 @@ impl Cluster {
             drop(permit);
         });
         None
+    }
+
+    /// Leaves gracefully: asks the leader to hand this node's shards to the others (planned
+    /// moves, state copied) and waits until it owns none, at most `timeout`. Returns whether it
+    /// got there (alone in the cluster there is nobody to hand over to).
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let me = self.inner.name.clone();
+        // Somebody to hand over to: another member of the table that membership sees alive.
+        let view = self.inner.membership.view();
+        let st = self.state();
+        let others = view.members.iter().any(|m| {
+            m.meta.name != me
+                && m.state == crate::membership::MemberState::Alive
+                && st.members.contains_key(&m.meta.name)
+        });
+        if !others {
+            return false;
+        }
+        let mut rx = self.inner.state.clone();
+        let retry = Duration::from_millis(RETRY_WAIT_MIN_MS * 8);
+        loop {
+            let marked = self.state().members.get(&me).is_some_and(|m| m.draining);
+            if !marked {
+                match control::to_leader(&self.inner, ControlReq::Drain { name: me.clone() }).await {
+                    Ok(ControlReply::Drain(Ok(()))) => {}
+                    other => debug!(reply = ?other, "drain not accepted yet"),
+                }
+            }
+            let st = rx.borrow_and_update().clone();
+            if st.members.get(&me).is_some_and(|m| m.draining) && st.shard_counts().get(me.as_str()) == Some(&0) {
+                info!("drained: every shard handed over");
+                return true;
+            }
+            let until = (Instant::now() + retry).min(deadline);
+            if tokio::time::timeout_at(until, rx.changed()).await.is_ok_and(|r| r.is_err())
+                || Instant::now() >= deadline
+            {
+                warn!("drain incomplete at shutdown: the remaining shards move when the lease expires");
+                return false;
+            }
+        }
     }
 
     /// Stops serving (revokes the lease, so no new work starts), stops the group (which ends

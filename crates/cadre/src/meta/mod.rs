@@ -38,6 +38,8 @@ pub struct MemberRecord {
     pub addr: String,
     /// Position in admission order (0-based, never reused).
     pub admitted: u64,
+    /// Leaving gracefully: its shards are handed over by planned moves, and none are given to it.
+    pub draining: bool,
 }
 
 /// What a shard is doing.
@@ -78,6 +80,8 @@ pub enum Cmd {
     /// the shard, at `expected_epoch + 1` so that nothing of the abandoned hand-off (a late
     /// report, a late copy) can be taken for a later move's.
     AbortMove { shard: u32, expected_epoch: u64 },
+    /// Marks a member as leaving (an `Admit` clears it).
+    Drain { name: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,17 +133,23 @@ impl MetaState {
             Cmd::Init { shard_count } => self.init(*shard_count),
             Cmd::Admit { name, addr } => {
                 let position = self.admitted;
-                let record = self
-                    .members
-                    .entry(name.clone())
-                    .or_insert_with(|| MemberRecord { addr: addr.clone(), admitted: position });
+                let record = self.members.entry(name.clone()).or_insert_with(|| MemberRecord {
+                    addr: addr.clone(),
+                    admitted: position,
+                    draining: false,
+                });
                 if record.admitted == position {
                     self.admitted += 1;
                 }
                 record.addr = addr.clone();
+                record.draining = false;
                 Ok(CmdReply::Done)
             }
             Cmd::Remove { name } => self.remove(name),
+            Cmd::Drain { name } => {
+                self.members.get_mut(name).ok_or_else(|| MetaError::UnknownMember(name.clone()))?.draining = true;
+                Ok(CmdReply::Done)
+            }
             Cmd::Assign { shard, owner, expected_epoch } => {
                 self.member(owner)?;
                 let e = self.shard_at(*shard, *expected_epoch)?;

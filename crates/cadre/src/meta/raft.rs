@@ -165,6 +165,8 @@ pub enum ControlReq {
     HandedOff { shard: u32, epoch: u64 },
     /// One page of a shard's state, from its old owner to the new one.
     Transfer(crate::cluster::protocol::TransferPage),
+    /// A member leaves gracefully: hand its shards over; answered by the leader only.
+    Drain { name: String },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -175,6 +177,7 @@ pub enum ControlReply {
     Renew(crate::cluster::protocol::RenewReply),
     HandedOff(Result<(), String>),
     Transfer(Result<(), String>),
+    Drain(Result<(), String>),
     /// The request could not be decoded or served.
     Refused(String),
 }

@@ -111,9 +111,14 @@ fn arb_cmd() -> impl Strategy<Value = Cmd> {
             owner,
             expected_epoch
         }),
-        (0u32..6, name, 0u64..4).prop_map(|(shard, to, expected_epoch)| Cmd::BeginMove { shard, to, expected_epoch }),
+        (0u32..6, name.clone(), 0u64..4).prop_map(|(shard, to, expected_epoch)| Cmd::BeginMove {
+            shard,
+            to,
+            expected_epoch
+        }),
         (0u32..6, 0u64..4).prop_map(|(shard, expected_epoch)| Cmd::CompleteMove { shard, expected_epoch }),
         (0u32..6, 0u64..4).prop_map(|(shard, expected_epoch)| Cmd::AbortMove { shard, expected_epoch }),
+        name.prop_map(|name| Cmd::Drain { name }),
     ]
 }
 

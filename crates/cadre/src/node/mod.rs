@@ -32,6 +32,8 @@ use crate::router::table::Table;
 use crate::storage::Storage;
 use crate::wire::{Lane, Msg, OutMsg};
 
+/// Longest a graceful shutdown waits for this node's shards to be handed over.
+const SHUTDOWN_DRAIN_MS_MAX: u64 = 5000;
 /// Time allowed for queued messages (the leave notices among them) to drain at shutdown.
 const SHUTDOWN_FLUSH_MS: u64 = 1000;
 /// Ask payload that [`Echo`] answers with its tell count (8 bytes, little endian).
@@ -344,6 +346,9 @@ impl Node {
 
     /// Graceful stop: leave the cluster, flush, stop every task.
     pub async fn shutdown(self) {
+        // Hand the shards over first (planned moves), while this node is still a member.
+        let drain_ms = self.cfg.placement.handoff_timeout_ms.min(SHUTDOWN_DRAIN_MS_MAX);
+        self.cluster.drain(Duration::from_millis(drain_ms)).await;
         self.membership.leave().await;
         // Agents first, while the lease holds: passivating stores their state, and they may
         // still publish.

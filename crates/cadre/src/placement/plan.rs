@@ -6,6 +6,11 @@
 //! 2. then, conservatively, at most `moves_max` active shards whose live owner is not the desired
 //!    one start a planned move to it (`BeginMove`; the hand-off and `CompleteMove` follow).
 //!
+//! Members marked `draining` (leaving gracefully) get no shards: desired owners are chosen among
+//! the other live members, and the shards a live draining member owns all start a planned move at
+//! once (not capped), so it can leave without losing state. With no other live member, a draining
+//! one is treated as any other.
+//!
 //! Shards already moving are left alone. Planning again after the commands are applied gives
 //! nothing new once every shard is with its desired owner (property-tested).
 
@@ -15,18 +20,24 @@ use crate::meta::{Cmd, MetaState, ShardState};
 pub fn plan(state: &MetaState, live: &[&str], moves_max: usize) -> Vec<Cmd> {
     let mut out = Vec::new();
     let live_members: Vec<&str> = live.iter().copied().filter(|n| state.members.contains_key(*n)).collect();
-    if live_members.is_empty() {
+    let staying: Vec<&str> = live_members.iter().copied().filter(|n| !state.members[*n].draining).collect();
+    let targets = if staying.is_empty() { &live_members } else { &staying };
+    if targets.is_empty() {
         return out;
     }
     let mut moves = 0;
     for (shard, e) in state.shards.iter().enumerate() {
         let shard = shard as u32;
-        let desired = desired_owner(shard, live_members.iter().copied()).expect("live_members is not empty");
+        let desired = desired_owner(shard, targets.iter().copied()).expect("targets is not empty");
         let owner_live = e.owner.as_deref().is_some_and(|o| live_members.contains(&o));
+        let owner_leaving = e.owner.as_deref().is_some_and(|o| !targets.contains(&o));
         if !owner_live {
             out.push(Cmd::Assign { shard, owner: desired.to_string(), expected_epoch: e.epoch });
-        } else if e.state == ShardState::Active && e.owner.as_deref() != Some(desired) && moves < moves_max {
-            moves += 1;
+        } else if e.state == ShardState::Active
+            && e.owner.as_deref() != Some(desired)
+            && (owner_leaving || moves < moves_max)
+        {
+            moves += usize::from(!owner_leaving);
             out.push(Cmd::BeginMove { shard, to: desired.to_string(), expected_epoch: e.epoch });
         }
     }
@@ -76,6 +87,29 @@ mod tests {
         assert_eq!(p.len(), owned_by_b);
         assert!(p.iter().all(|c| matches!(c, Cmd::Assign { owner, .. } if owner != "b")));
         assert!(plan(&s, &[], 8).is_empty(), "no live node, nothing to do");
+    }
+
+    #[test]
+    fn a_draining_member_hands_every_shard_over_at_once() {
+        let mut s = cluster(64, &["a", "b", "c"]);
+        let first = plan(&s, &["a", "b", "c"], 8);
+        apply_all(&mut s, &first);
+        let owned_by_c = s.shards.iter().filter(|e| e.owner.as_deref() == Some("c")).count();
+        assert!(owned_by_c > 1);
+        s.apply(&Cmd::Drain { name: "c".into() }).unwrap();
+        let p = plan(&s, &["a", "b", "c"], 1);
+        assert_eq!(p.len(), owned_by_c, "not capped by moves_max");
+        assert!(p.iter().all(|c| matches!(c, Cmd::BeginMove { to, .. } if to != "c")));
+        apply_all(&mut s, &p);
+        assert_eq!(s.shard_counts()["c"], 0);
+        assert!(plan(&s, &["a", "b", "c"], 8).is_empty(), "settled without c");
+        // Alone, a draining member still gets the shards (nowhere else to put them).
+        let mut alone = cluster(4, &["a"]);
+        alone.apply(&Cmd::Drain { name: "a".into() }).unwrap();
+        assert_eq!(plan(&alone, &["a"], 8).len(), 4);
+        // Admitted again: no longer draining.
+        s.apply(&Cmd::Admit { name: "c".into(), addr: "c:1".into() }).unwrap();
+        assert!(!s.members["c"].draining);
     }
 
     proptest! {
