@@ -56,3 +56,87 @@ async fn a_counter_keeps_its_value_across_a_restart() {
     n.signal(libc::SIGTERM).unwrap();
     assert!(n.wait(WAIT).await.unwrap().success());
 }
+
+/// Polls `GET /v1/cluster` on `http` until `cond` holds.
+async fn await_cluster(
+    http: std::net::SocketAddr,
+    what: &str,
+    cond: impl Fn(&cadre::api::agents::ClusterJson) -> bool,
+) -> cadre::api::agents::ClusterJson {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let last = match cadre::api::client::cluster(http, Duration::from_secs(2)).await {
+            Ok(c) if cond(&c) => return c,
+            Ok(c) => format!("{c:?}"),
+            Err(e) => e.to_string(),
+        };
+        assert!(tokio::time::Instant::now() < deadline, "not reached within {WAIT:?}: {what}; last: {last:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Three node processes with the embedded store: a counter called through every node is one agent
+/// (same owner, one running sum), and a node leaving with SIGTERM hands its shards over first, so
+/// no acknowledged add is lost although each node keeps its state on its own disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_from_every_node_reach_one_agent_and_a_planned_leave_keeps_every_add() {
+    const KEYS: usize = 12;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fast.toml");
+    // Rebalance quickly so the test does not wait on the conservative defaults.
+    std::fs::write(&config, "[placement]\nrebalance_interval_ms = 200\nmax_moves_per_tick = 256\n").unwrap();
+    let extra = ["--config", config.to_str().unwrap()];
+    let spawn = |name: &str, seeds: &[std::net::SocketAddr]| {
+        NodeProc::spawn(NodeSpec { exe: exe(), name, seeds, dir: dir.path(), secret: SECRET, extra: &extra }).unwrap()
+    };
+    let n1 = spawn("p1", &[]);
+    let n2 = spawn("p2", &[n1.addr]);
+    let n3 = spawn("p3", &[n1.addr]);
+    let nodes = [&n1, &n2, &n3];
+    for n in nodes {
+        wait_ready(n.http, WAIT).await.unwrap_or_else(|e| panic!("{e}: {}", n.log_tail()));
+    }
+    await_cluster(n1.http, "3 members own shards, none moving", |c| {
+        c.members.len() == 3 && c.members.iter().all(|m| m.shards > 0) && c.shards_moving == 0
+    })
+    .await;
+
+    // Every key, through every node: one owner answers, the sum runs on.
+    let mut owner_of = Vec::new();
+    for k in 0..KEYS {
+        let id = format!("k{k}");
+        let mut owners = Vec::new();
+        for (round, n) in nodes.iter().enumerate() {
+            let v = call(n.http, &["counter", &id, "counter.add", "--data", "1"]).await;
+            assert_eq!(v["reply"], round as i64 + 1, "{id} via {}", n.name);
+            owners.push(v["node"].as_str().unwrap().to_string());
+        }
+        assert!(owners.iter().all(|o| *o == owners[0]), "{id} served by one node from everywhere: {owners:?}");
+        owner_of.push(owners[0].clone());
+    }
+
+    // The node owning the most of these keys leaves gracefully.
+    let leaver = ["p1", "p2", "p3"].into_iter().max_by_key(|n| owner_of.iter().filter(|o| o == n).count()).unwrap();
+    assert!(owner_of.iter().any(|o| o == leaver));
+    let (mut leaving, stay): (Vec<NodeProc>, Vec<NodeProc>) = [n1, n2, n3].into_iter().partition(|n| n.name == leaver);
+    let mut leaving = leaving.pop().unwrap();
+    leaving.signal(libc::SIGTERM).unwrap();
+    assert!(leaving.wait(WAIT).await.unwrap().success(), "{}", leaving.log_tail());
+    let c = await_cluster(stay[0].http, "the leaver owns nothing", |c| {
+        c.members.iter().any(|m| m.name == leaver && m.shards == 0) && c.shards_moving == 0
+    })
+    .await;
+    assert_eq!(c.shards_unassigned, 0);
+    for k in 0..KEYS {
+        let id = format!("k{k}");
+        for n in &stay {
+            let v = call(n.http, &["counter", &id, "counter.get"]).await;
+            assert_eq!(v["reply"], 3, "{id} via {} after {leaver} left", n.name);
+            assert_ne!(v["node"].as_str(), Some(leaver));
+        }
+    }
+    for mut n in stay {
+        n.signal(libc::SIGTERM).unwrap();
+        assert!(n.wait(WAIT).await.unwrap().success());
+    }
+}

@@ -138,6 +138,9 @@ pub async fn stop(State(s): State<ApiState>, path: Result<Path<(String, String)>
     }
 }
 
+/// Time `GET /v1/cluster` waits for each member's count of active agents.
+const STATS_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// The body of `GET /v1/cluster`.
 #[derive(Debug, Clone, serde::Serialize, Deserialize, PartialEq, Eq)]
 pub struct ClusterJson {
@@ -168,7 +171,7 @@ pub struct ClusterMemberJson {
 /// `GET /v1/cluster`.
 pub async fn cluster(State(s): State<ApiState>) -> Json<ClusterJson> {
     let st = s.cluster.state();
-    let active = s.cluster.stats(s.call_timeout.min(std::time::Duration::from_secs(2))).await;
+    let active = s.cluster.stats(s.call_timeout.min(STATS_TIMEOUT)).await;
     let counts = st.shard_counts();
     let raft = s.cluster.raft().metrics().borrow().clone();
     let membership = raft.membership_config.membership().clone();

@@ -361,12 +361,17 @@ async fn voters(inner: &Arc<Inner>, live: &[String], now: Instant) {
     let caught_up = |id: NodeId| {
         m.replication.as_ref().and_then(|r| r.get(&id).cloned().flatten()).is_some_and(|l| l.index + 100 >= last)
     };
-    let (candidate, dead) = {
+    let st = inner.state.borrow().clone();
+    let draining = |id: &NodeId| name_of(id).is_some_and(|n| st.members.get(&n).is_some_and(|r| r.draining));
+    let (learners, dead) = {
         let mut ls = lock(inner);
         let hold_down = Duration::from_millis(inner.meta_cfg.voter_down_replace_ms);
         let mut dead = Vec::new();
         for &v in &voters {
-            if id_live(&ls, v) {
+            if draining(&v) {
+                // Leaving on purpose: replace it at once.
+                dead.push(v);
+            } else if id_live(&ls, v) {
                 ls.voters_down.remove(&v);
             } else {
                 let since = *ls.voters_down.entry(v).or_insert(now);
@@ -376,31 +381,39 @@ async fn voters(inner: &Arc<Inner>, live: &[String], now: Instant) {
             }
         }
         ls.voters_down.retain(|v, _| voters.contains(v));
-        // Admission order: the earliest admitted live learner first.
-        let st = inner.state.borrow().clone();
+        // Admission order: the earliest admitted live learners first.
         let mut learners: Vec<(u64, NodeId)> = membership
             .learner_ids()
-            .filter(|id| id_live(&ls, *id) && caught_up(*id))
+            .filter(|id| id_live(&ls, *id) && caught_up(*id) && !draining(id))
             .filter_map(|id| name_of(&id).and_then(|n| st.members.get(&n).map(|r| (r.admitted, id))))
             .collect();
         learners.sort();
-        (learners.first().map(|(_, id)| *id), dead)
+        (learners.into_iter().map(|(_, id)| id).collect::<Vec<_>>(), dead)
     };
-    let Some(new) = candidate else { return };
+    let Some(&first) = learners.first() else { return };
     let mut next: BTreeSet<NodeId> = voters.clone();
     if let Some(old) = dead.first() {
         next.remove(old);
-        next.insert(new);
-        info!(old, new, "replacing a voter that is down");
+        next.insert(first);
+        info!(old, new = first, "replacing a voter that is down or leaving");
         if let Err(e) = bounded(inner, "voter replacement", inner.raft.change_membership(next, false)).await {
             debug!(error = %e, "voter not replaced yet");
         }
-    } else if voters.len() < voters_wanted(inner.meta_cfg.voters_max, live.len()) {
-        next.insert(new);
-        info!(new, "adding a voter");
-        if let Err(e) = bounded(inner, "voter addition", inner.raft.change_membership(next, true)).await {
-            debug!(error = %e, "voter not added yet");
-        }
+        return;
+    }
+    // Grow in steps that keep the count odd (1 → 3 → 5), never through an even count.
+    let wanted = voters_wanted(inner.meta_cfg.voters_max, live.len());
+    let mut add = wanted.saturating_sub(voters.len()).min(learners.len());
+    if add > 0 && (voters.len() + add).is_multiple_of(2) {
+        add -= 1;
+    }
+    if add == 0 {
+        return;
+    }
+    next.extend(learners.iter().take(add));
+    info!(voters = ?next, "adding voters");
+    if let Err(e) = bounded(inner, "voter addition", inner.raft.change_membership(next, true)).await {
+        debug!(error = %e, "voters not added yet");
     }
 }
 

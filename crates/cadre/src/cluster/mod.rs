@@ -353,14 +353,17 @@ impl Cluster {
         self.request(key, Op::Lookup, timeout).await
     }
 
-    /// Active agents on each live member (asked of each, `None` for those that did not answer).
+    /// Active agents on each member (asked of each; `None` for those that did not answer in
+    /// `timeout` or that membership does not see alive).
     pub async fn stats(&self, timeout: Duration) -> BTreeMap<String, Option<u64>> {
         let st = self.state();
+        let view = self.inner.membership.view();
         let mut asks = Vec::new();
         for (name, m) in &st.members {
             let me = self.clone();
             let name = name.clone();
-            let addr = m.addr.parse::<SocketAddr>().ok();
+            let alive = name == self.inner.name || view.state_of(&name).is_some_and(|s| s.is_active());
+            let addr = m.addr.parse::<SocketAddr>().ok().filter(|_| alive);
             asks.push(async move {
                 if name == me.inner.name {
                     return (name, Some(me.inner.host.active() as u64));
