@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Agent, AgentError, Ctx, Reply};
+use super::{Agent, AgentError, Ctx, Reply, Route};
 use crate::signal::{Data, Signal};
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -13,21 +13,23 @@ pub struct Counter {
 
 impl Agent for Counter {
     const TYPE: &'static str = "counter";
+    const ROUTES: &'static [(&'static str, Route<Self>)] =
+        &[("counter.add", Counter::add), ("counter.get", Counter::get)];
+}
 
-    async fn handle(&mut self, _ctx: &mut Ctx, signal: Signal) -> Result<Reply, AgentError> {
-        match signal.ty.as_str() {
-            "counter.add" => {
-                let n = match &signal.data {
-                    Some(Data::Json(v)) => v.as_i64(),
-                    _ => None,
-                }
-                .ok_or_else(|| AgentError::Failed("counter.add needs an integer as data".into()))?;
-                self.value =
-                    self.value.checked_add(n).ok_or_else(|| AgentError::Failed("the counter would overflow".into()))?;
-                Ok(self.value.into())
-            }
-            "counter.get" => Ok(self.value.into()),
-            other => Err(AgentError::Failed(format!("a counter does not handle {other:?}"))),
+impl Counter {
+    fn add(&mut self, _ctx: &mut Ctx, signal: Signal) -> Result<Reply, AgentError> {
+        let n = match &signal.data {
+            Some(Data::Json(v)) => v.as_i64(),
+            _ => None,
         }
+        .ok_or_else(|| AgentError::Failed("counter.add needs an integer as data".into()))?;
+        self.value =
+            self.value.checked_add(n).ok_or_else(|| AgentError::Failed("the counter would overflow".into()))?;
+        Ok(self.value.into())
+    }
+
+    fn get(&mut self, _ctx: &mut Ctx, _signal: Signal) -> Result<Reply, AgentError> {
+        Ok(self.value.into())
     }
 }

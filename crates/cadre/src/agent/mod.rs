@@ -103,7 +103,15 @@ pub trait Agent: Serialize + DeserializeOwned + Default + Send + 'static {
     /// When the state is stored.
     const PERSISTENCE: Persistence = Persistence::WriteThrough;
 
-    fn handle(&mut self, ctx: &mut Ctx, signal: Signal) -> impl Future<Output = Result<Reply, AgentError>> + Send;
+    /// Signal type → handler, for types whose handlers need not await. The default
+    /// [`Agent::handle`] dispatches on it (exact type; another type fails the call with
+    /// [`AgentError::Failed`]). A type that awaits in its handlers overrides `handle` instead.
+    const ROUTES: &'static [(&'static str, Route<Self>)] = &[];
+
+    fn handle(&mut self, ctx: &mut Ctx, signal: Signal) -> impl Future<Output = Result<Reply, AgentError>> + Send {
+        let result = dispatch(Self::ROUTES, self, ctx, signal);
+        std::future::ready(result)
+    }
 
     fn on_activate(&mut self, _ctx: &mut Ctx) -> impl Future<Output = ()> + Send {
         async {}
@@ -111,6 +119,22 @@ pub trait Agent: Serialize + DeserializeOwned + Default + Send + 'static {
 
     fn on_passivate(&mut self, _ctx: &mut Ctx) -> impl Future<Output = ()> + Send {
         async {}
+    }
+}
+
+/// A handler of one signal type (see [`Agent::ROUTES`]).
+pub type Route<A> = fn(&mut A, &mut Ctx, Signal) -> Result<Reply, AgentError>;
+
+/// Runs the handler `routes` gives for the signal's type.
+pub fn dispatch<A: Agent>(
+    routes: &[(&'static str, Route<A>)],
+    agent: &mut A,
+    ctx: &mut Ctx,
+    signal: Signal,
+) -> Result<Reply, AgentError> {
+    match routes.iter().find(|(ty, _)| *ty == signal.ty) {
+        Some((_, handler)) => handler(agent, ctx, signal),
+        None => Err(AgentError::Failed(format!("a {} does not handle {:?}", A::TYPE, signal.ty))),
     }
 }
 

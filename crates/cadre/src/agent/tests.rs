@@ -418,3 +418,15 @@ async fn abort_ends_activations_without_their_last_write() {
     assert!(storage.get(&key("w")).await.unwrap().is_some(), "write-through state stays");
     assert!(matches!(host.call(&key("w"), get(), T).await, Err(CallError::Unavailable(_))));
 }
+
+#[tokio::test]
+async fn routes_dispatch_by_signal_type_and_refuse_others() {
+    let host = host_with(AgentsConfig::default(), Arc::new(MemoryStorage::new()));
+    let k = key("routed");
+    assert_eq!(host.call(&k, add(4), T).await.unwrap(), 4);
+    let get = Signal::new("counter.get", serde_json::Value::Null);
+    assert_eq!(host.call(&k, get, T).await.unwrap(), 4);
+    let e = host.call(&k, Signal::new("counter.nope", serde_json::Value::Null), T).await.unwrap_err();
+    assert!(matches!(&e, CallError::Handler(m) if m.contains("does not handle \"counter.nope\"")), "{e}");
+    host.shutdown().await;
+}
