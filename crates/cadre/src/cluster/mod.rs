@@ -458,7 +458,14 @@ impl Cluster {
         let timeout_ms = deadline.saturating_duration_since(Instant::now()).as_millis() as u64;
         let req = AgentReq { op: op.to_wire(timeout_ms), ty: key.ty.clone(), id: key.id.clone(), epoch };
         let timeout = deadline.saturating_duration_since(Instant::now());
-        match self.ask(addr, &req, timeout).await? {
+        let started = Instant::now();
+        // The owner may die with the ask in flight: stop waiting once the table gives the shard
+        // to another owner (the outcome is unknown, so it fails like a timeout and is not retried).
+        let reply = tokio::select! {
+            r = self.ask(addr, &req, timeout) => r?,
+            () = self.owner_changes(key, owner) => return Err(CallError::Timeout(started.elapsed())),
+        };
+        match reply {
             AgentReply::Ok { reply, epoch } => {
                 let reply = serde_json::from_slice(&reply)
                     .map_err(|e| CallError::Unavailable(format!("undecodable reply from {owner}: {e}")))?;
@@ -466,6 +473,28 @@ impl Cluster {
             }
             AgentReply::Err(e) => Err(e),
             AgentReply::Stats { .. } => Err(CallError::Unavailable(format!("unexpected reply from {owner}"))),
+        }
+    }
+
+    /// Resolves once this node's table reassigns `key`'s shard away from `owner` other than by
+    /// a planned move (then `owner` lost its lease: dead or cut off). A planned move is not
+    /// enough: the old owner still answers what it accepted.
+    async fn owner_changes(&self, key: &Key, owner: &str) {
+        let mut rx = self.inner.state.clone();
+        let mut prev = placement_in(&rx.borrow_and_update(), key).ok();
+        loop {
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            let now = placement_in(&rx.borrow_and_update(), key).ok();
+            if let (Some(p), Some(n)) = (&prev, &now) {
+                let reassigned = n.epoch > p.epoch && n.owner.as_deref() != Some(owner);
+                let planned = p.moving_to.is_some() && p.moving_to == n.owner;
+                if reassigned && !planned {
+                    return;
+                }
+            }
+            prev = now;
         }
     }
 
