@@ -698,6 +698,14 @@ async fn handle<A: Agent>(
     signal: Box<Signal>,
     reply: Option<oneshot::Sender<Result<Reply, CallError>>>,
 ) -> Step {
+    // Queued signals too are served only while the shard is served here (lease valid, owned):
+    // a node whose lease ran out must not answer, not even reads. Nothing ran, so the caller may
+    // retry elsewhere.
+    if let Err(e) = host.gate.write(&live.ctx.key) {
+        begin_stop(host, &live.ctx.key);
+        send(reply, Err(e.clone()));
+        return Step::Stop(e);
+    }
     let point = match live.rollback_point() {
         Ok(p) => p,
         Err(e) => {
