@@ -206,7 +206,14 @@ async fn voters_stay_odd_and_a_dead_voter_is_replaced() {
 async fn a_graceful_leave_hands_every_shard_over_with_its_state() {
     let a = Node::start(config("a", vec![]), NodeOptions::default()).await.unwrap();
     let b = Node::start(config("b", vec![a.addr()]), NodeOptions::default()).await.unwrap();
-    let c = Node::start(config("c", vec![a.addr()]), NodeOptions::default()).await.unwrap();
+    // c listens on a fixed port, so it comes back below at the same address.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let c_config = || {
+        let mut cfg = config("c", vec![a.addr()]);
+        cfg.listen = format!("127.0.0.1:{port}").parse().unwrap();
+        cfg
+    };
+    let c = Node::start(c_config(), NodeOptions::default()).await.unwrap();
     for n in [&a, &b, &c] {
         await_meta(n, "settled", |st| settled(st, &["a", "b", "c"])).await;
     }
@@ -224,7 +231,11 @@ async fn a_graceful_leave_hands_every_shard_over_with_its_state() {
     for i in 0..KEYS {
         assert_eq!(get(&b, &key(i)).await, 2, "key {i} kept its value across the leave");
     }
-    for n in [b, a] {
+    // c comes back at the same address: no longer draining, it gets shards again.
+    let c = Node::start(c_config(), NodeOptions::default()).await.unwrap();
+    let st = await_meta(&a, "c serves again", |st| settled(st, &["a", "b", "c"])).await;
+    assert!(!st.members["c"].draining);
+    for n in [c, b, a] {
         n.shutdown().await;
     }
 }

@@ -503,16 +503,21 @@ struct Live<A> {
     /// The stored bytes (what a rollback or restart goes back to).
     stored: Bytes,
     restarts: Vec<Instant>,
+    /// The shard epoch the state was loaded under: once the gate gives another, this activation
+    /// is stale (the shard moved away and back) and must end.
+    epoch: u64,
 }
 
 impl<A: Agent> Live<A> {
     async fn load(host: &HostInner, key: &Key) -> Result<Live<A>, CallError> {
+        // The epoch first: the state read after it is at least as new as that epoch's start.
+        let epoch = host.gate.write(key)?.epoch;
         let found = host.storage.get(key).await.map_err(CallError::Storage)?;
         let (stored, revision) = found.map(|v| (v.value, v.revision)).unwrap_or_default();
         let agent = decode::<A>(&stored).map_err(CallError::Unavailable)?;
         // An absent key counts as storing the default: reading it writes nothing.
         let stored = if revision == 0 { encode(&agent).map_err(CallError::Unavailable)? } else { stored };
-        Ok(Live { agent, ctx: Ctx { key: key.clone(), revision }, stored, restarts: Vec::new() })
+        Ok(Live { agent, ctx: Ctx { key: key.clone(), revision }, stored, restarts: Vec::new(), epoch })
     }
 
     /// Stores the state if it changed.
@@ -698,13 +703,25 @@ async fn handle<A: Agent>(
     signal: Box<Signal>,
     reply: Option<oneshot::Sender<Result<Reply, CallError>>>,
 ) -> Step {
-    // Queued signals too are served only while the shard is served here (lease valid, owned):
-    // a node whose lease ran out must not answer, not even reads. Nothing ran, so the caller may
-    // retry elsewhere.
-    if let Err(e) = host.gate.write(&live.ctx.key) {
-        begin_stop(host, &live.ctx.key);
-        send(reply, Err(e.clone()));
-        return Step::Stop(e);
+    // Queued signals too are served only while the shard is served here at the epoch the state
+    // was loaded under: a node whose lease ran out must not answer, not even reads. Nothing ran,
+    // so the caller may retry elsewhere. A lapsed lease refuses this signal only (it may be
+    // renewed); another owner or epoch ends the activation.
+    match host.gate.write(&live.ctx.key) {
+        Ok(fence) if fence.epoch == live.epoch => {}
+        Err(e @ CallError::Unavailable(_)) => {
+            send(reply, Err(e));
+            return Step::Go;
+        }
+        other => {
+            let e = match other {
+                Err(e) => e,
+                Ok(_) => CallError::Unavailable("the shard's epoch changed; the agent restarts".into()),
+            };
+            begin_stop(host, &live.ctx.key);
+            send(reply, Err(e.clone()));
+            return Step::Stop(e);
+        }
     }
     let point = match live.rollback_point() {
         Ok(p) => p,

@@ -27,6 +27,24 @@ async fn bounded<T, E: std::fmt::Display>(
     fut: impl std::future::Future<Output = Result<T, E>>,
 ) -> Result<T, String> {
     let limit = Duration::from_millis(inner.meta_cfg.rpc_timeout_ms * GROUP_WAIT_RPCS);
+    bounded_by(limit, what, fut).await
+}
+
+/// A wait on the group while the controller lock is held: renewals wait on that lock, so it is
+/// kept well under a lease (a quarter of `lease_ms`).
+async fn bounded_locked<T, E: std::fmt::Display>(
+    inner: &Inner,
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    bounded_by(Duration::from_millis(inner.cfg.lease_ms / 4), what, fut).await
+}
+
+async fn bounded_by<T, E: std::fmt::Display>(
+    limit: Duration,
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, String> {
     match tokio::time::timeout(limit, fut).await {
         Ok(r) => r.map_err(|e| format!("{what}: {e}")),
         Err(_) => Err(format!("{what}: no quorum within {limit:?}")),
@@ -105,7 +123,12 @@ pub(super) async fn renew_loop(inner: Arc<Inner>) {
 }
 
 fn renew_req(inner: &Inner) -> RenewReq {
-    RenewReq { name: inner.name.clone(), addr: inner.addr.to_string(), raft_id: inner.raft_id }
+    RenewReq {
+        name: inner.name.clone(),
+        addr: inner.addr.to_string(),
+        raft_id: inner.raft_id,
+        draining: inner.draining.load(std::sync::atomic::Ordering::Acquire),
+    }
 }
 
 async fn renew_once(inner: &Arc<Inner>, next_peer: &mut usize) -> Result<(), String> {
@@ -172,8 +195,10 @@ pub(super) async fn grant(inner: &Arc<Inner>, req: RenewReq) -> RenewReply {
             m.current_leader.and_then(|id| m.membership_config.membership().get_node(&id).map(|n| n.addr.clone()));
         return RenewReply::NotLeader { leader };
     }
-    let known = inner.state.borrow().members.get(&req.name).map(|r| r.addr.clone());
-    if known.as_deref() != Some(req.addr.as_str()) {
+    let known = inner.state.borrow().members.get(&req.name).map(|r| (r.addr.clone(), r.draining));
+    let current = known.as_ref().is_some_and(|(addr, _)| *addr == req.addr);
+    let stale_drain = known.as_ref().is_some_and(|(_, draining)| *draining && !req.draining);
+    if !current || stale_drain {
         let cmd = Cmd::Admit { name: req.name.clone(), addr: req.addr.clone() };
         if let Err(e) = bounded(inner, "admission", inner.raft.client_write(cmd)).await {
             return RenewReply::Retry(format!("cannot admit {}: {e}", req.name));
@@ -189,16 +214,27 @@ pub(super) async fn grant(inner: &Arc<Inner>, req: RenewReq) -> RenewReply {
             debug!(error = %e, name = %req.name, "learner not added yet");
         }
     }
-    // Not while the controller decides and writes: the read index below then covers any
-    // reassignment it made from a view in which this lease had expired.
-    let _controller = inner.controller.lock().await;
+    // Not while the controller decides and writes: the index below then covers any
+    // reassignment it proposed from a view in which this lease had expired.
+    let limit = Duration::from_millis(inner.cfg.lease_renew_interval_ms);
+    let Ok(_controller) = tokio::time::timeout(limit, inner.controller.lock()).await else {
+        return RenewReply::Retry("the controller is busy".into());
+    };
     // Grant only within a confirmed term: a deposed leader must not extend leases.
     let read = match bounded(inner, "leadership check", inner.raft.ensure_linearizable()).await {
-        Ok(read) => read,
+        Ok(read) => read.map(|l| l.index),
         Err(e) => return RenewReply::Retry(e),
     };
+    // Also past what this leader proposed (a placement write that timed out may commit later):
+    // the node serves only once it has applied it.
+    let proposed = inner.raft.metrics().borrow().last_log_index;
+    let index = read.max(proposed);
+    let applied = inner.raft.wait(Some(limit)).applied_index_at_least(index, "grant").await;
+    if applied.is_err() {
+        return RenewReply::Retry(format!("own log not applied up to {index:?} yet"));
+    }
     lock(inner).leases.insert(req.name, (req.raft_id, received));
-    RenewReply::Granted { applied_index: read.map(|l| l.index) }
+    RenewReply::Granted { applied_index: index }
 }
 
 /// Leader side of a graceful leave: mark the member draining (the controller moves its shards).
@@ -271,7 +307,7 @@ async fn tick(inner: &Arc<Inner>) {
     let now = Instant::now();
     if inner.state.borrow().shard_count == 0 {
         let init = inner.raft.client_write(Cmd::Init { shard_count: inner.cfg.shard_count });
-        if let Err(e) = bounded(inner, "init", init).await {
+        if let Err(e) = bounded_locked(inner, "init", init).await {
             warn!(error = %e, "cannot fix the shard count");
             return;
         }
@@ -297,7 +333,7 @@ async fn tick(inner: &Arc<Inner>) {
     if !cmds.is_empty() {
         debug!(count = cmds.len(), "placement commands");
         // Proposed together: openraft batches them into few log writes.
-        let writes = cmds.into_iter().map(|c| bounded(inner, "placement", inner.raft.client_write(c)));
+        let writes = cmds.into_iter().map(|c| bounded_locked(inner, "placement", inner.raft.client_write(c)));
         for r in futures::future::join_all(writes).await {
             match r {
                 Ok(resp) => {
@@ -363,12 +399,15 @@ async fn voters(inner: &Arc<Inner>, live: &[String], now: Instant) {
     };
     let st = inner.state.borrow().clone();
     let draining = |id: &NodeId| name_of(id).is_some_and(|n| st.members.get(&n).is_some_and(|r| r.draining));
+    let counts = st.shard_counts();
+    // A draining voter is replaced once it has handed every shard over (it may lead the moves).
+    let drained = |id: &NodeId| draining(id) && name_of(id).is_some_and(|n| counts.get(n.as_str()) == Some(&0));
     let (learners, dead) = {
         let mut ls = lock(inner);
         let hold_down = Duration::from_millis(inner.meta_cfg.voter_down_replace_ms);
         let mut dead = Vec::new();
         for &v in &voters {
-            if draining(&v) {
+            if drained(&v) {
                 // Leaving on purpose: replace it at once.
                 dead.push(v);
             } else if id_live(&ls, v) {
@@ -396,7 +435,7 @@ async fn voters(inner: &Arc<Inner>, live: &[String], now: Instant) {
         next.remove(old);
         next.insert(first);
         info!(old, new = first, "replacing a voter that is down or leaving");
-        if let Err(e) = bounded(inner, "voter replacement", inner.raft.change_membership(next, false)).await {
+        if let Err(e) = bounded_locked(inner, "voter replacement", inner.raft.change_membership(next, false)).await {
             debug!(error = %e, "voter not replaced yet");
         }
         return;
@@ -412,7 +451,7 @@ async fn voters(inner: &Arc<Inner>, live: &[String], now: Instant) {
     }
     next.extend(learners.iter().take(add));
     info!(voters = ?next, "adding voters");
-    if let Err(e) = bounded(inner, "voter addition", inner.raft.change_membership(next, true)).await {
+    if let Err(e) = bounded_locked(inner, "voter addition", inner.raft.change_membership(next, true)).await {
         debug!(error = %e, "voters not added yet");
     }
 }

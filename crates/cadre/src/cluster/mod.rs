@@ -72,6 +72,17 @@ pub const AGENT_IN_FLIGHT_MAX: usize = 4096;
 /// First wait before retrying a request whose shard has no serving owner (doubles, up to 8x).
 const RETRY_WAIT_MIN_MS: u64 = 20;
 
+thread_local! {
+    /// Cluster members started on this thread (mixed into fresh Raft ids).
+    static STARTS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Restarts the count of members started on this thread: a simulation calls it before building
+/// its nodes, so the same seed gives the same Raft ids in every run.
+pub fn reset_start_count() {
+    STARTS.with(|c| c.set(0));
+}
+
 /// This node's lease: serving is allowed until this instant.
 #[derive(Default)]
 pub struct Lease(Mutex<Option<Instant>>);
@@ -177,10 +188,17 @@ impl Prepared {
             None => MetaDb::memory(),
         };
         // Drawn once per data dir (kept in it). Without a data dir every start is a new member
-        // with an empty log, so it must never reuse an id: `rng_seed` is random per start unless
-        // configured, and a simulation restarting a node gives it a new seed. Never 0 (openraft's
-        // "none" in places).
-        let fresh = xxhash_rust::xxh3::xxh3_64_with_seed(parts.name.as_bytes(), parts.rng_seed).max(1);
+        // with an empty log, so it must never reuse an id (the leader would find the log gone
+        // backwards): `rng_seed` is random per start unless configured, and the count of starts
+        // on this thread is mixed in for a configured one (deterministic in a simulation, which
+        // resets the count, see [`reset_start_count`]). Never 0 (openraft's "none" in places).
+        let starts = STARTS.with(|c| {
+            c.set(c.get() + 1);
+            c.get()
+        });
+        let mut id_seed = parts.name.as_bytes().to_vec();
+        id_seed.extend_from_slice(&starts.to_le_bytes());
+        let fresh = xxhash_rust::xxh3::xxh3_64_with_seed(&id_seed, parts.rng_seed).max(1);
         let raft_id = db.node_id(fresh)?;
         let sm = SmStore::open(db.clone())?;
         Ok(Prepared { parts, db, sm, raft_id, lease: Arc::new(Lease::default()) })
@@ -215,6 +233,8 @@ pub(crate) struct Inner {
     handoffs: Mutex<HashSet<(u32, u64)>>,
     /// Serializes transfer imports.
     imports: tokio::sync::Mutex<()>,
+    /// Set once this node starts leaving (renewals say so).
+    draining: std::sync::atomic::AtomicBool,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -283,6 +303,7 @@ impl Cluster {
             agent_permits: Arc::new(Semaphore::new(AGENT_IN_FLIGHT_MAX)),
             handoffs: Mutex::new(HashSet::new()),
             imports: tokio::sync::Mutex::new(()),
+            draining: std::sync::atomic::AtomicBool::new(false),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
@@ -584,9 +605,10 @@ impl Cluster {
                 && m.state == crate::membership::MemberState::Alive
                 && st.members.contains_key(&m.meta.name)
         });
-        if !others {
+        if !others || !st.members.contains_key(&me) {
             return false;
         }
+        self.inner.draining.store(true, std::sync::atomic::Ordering::Release);
         let mut rx = self.inner.state.clone();
         let retry = Duration::from_millis(RETRY_WAIT_MIN_MS * 8);
         loop {

@@ -20,6 +20,9 @@ pub struct RenewReq {
     pub addr: String,
     /// This node's Raft id.
     pub raft_id: u64,
+    /// Whether it is leaving (draining); a node renewing without it is admitted again, which
+    /// clears a `draining` mark left from before a restart.
+    pub draining: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

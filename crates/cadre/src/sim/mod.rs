@@ -154,6 +154,7 @@ impl SimCluster {
 
     /// A simulation with no nodes yet.
     pub fn empty(seed: u64) -> Self {
+        crate::cluster::reset_start_count();
         let sim = turmoil::Builder::new()
             .rng_seed(seed)
             .epoch(UNIX_EPOCH + Duration::from_secs(1_800_000_000))
