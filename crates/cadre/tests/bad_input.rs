@@ -125,3 +125,33 @@ async fn bad_input_closes_one_connection_and_the_node_carries_on() {
     b.shutdown().await;
     a.shutdown().await;
 }
+
+/// Undecodable control-lane requests (Raft, placement) and agent requests from an authenticated
+/// peer get a typed refusal, and the node keeps serving agents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_control_and_agent_requests_are_refused() {
+    use cadre::cluster::protocol::{AgentReply, AGENT_TAG};
+    use cadre::meta::raft::ControlReply;
+    let a = node("a", vec![]).await;
+    let b = node("b", vec![a.addr()]).await;
+    let garbage = Bytes::from_static(&[0xff, 0xff, 0xff, 0xff, 0x01, 0x02]);
+    let reply = b.transport().ask_on(Lane::Control, a.addr(), garbage.clone(), WAIT).await.unwrap();
+    match postcard::from_bytes::<ControlReply>(&reply).unwrap() {
+        ControlReply::Refused(why) => assert!(why.contains("undecodable"), "{why}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let mut agent = BytesMut::new();
+    agent.put_u8(AGENT_TAG);
+    agent.extend_from_slice(&garbage);
+    let reply = b.transport().ask(a.addr(), agent.freeze(), WAIT).await.unwrap();
+    match postcard::from_bytes::<AgentReply>(&reply).unwrap() {
+        AgentReply::Err(e) => assert!(e.to_string().contains("undecodable"), "{e}"),
+        other => panic!("expected an error, got {other:?}"),
+    }
+    // Still serving: a counter call through b reaches its owner.
+    let k = cadre::storage::Key::new("counter", "after-garbage");
+    let s = cadre::signal::Signal::new("counter.add", serde_json::json!(3));
+    assert_eq!(b.cluster().call(&k, s, WAIT).await.unwrap().reply, 3);
+    b.shutdown().await;
+    a.shutdown().await;
+}
