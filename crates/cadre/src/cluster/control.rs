@@ -131,22 +131,25 @@ fn renew_req(inner: &Inner) -> RenewReq {
     }
 }
 
+/// The leader as this node knows it: its Raft id and member record.
+pub(super) fn leader_of(inner: &Inner) -> Option<(NodeId, MetaNode)> {
+    let metrics = inner.raft.metrics();
+    let m = metrics.borrow();
+    let id = m.current_leader?;
+    Some((id, m.membership_config.membership().get_node(&id)?.clone()))
+}
+
 async fn renew_once(inner: &Arc<Inner>, next_peer: &mut usize) -> Result<(), String> {
     let req = renew_req(inner);
-    let (leader, leader_addr) = {
-        let m = inner.raft.metrics().borrow().clone();
-        let addr =
-            m.current_leader.and_then(|id| m.membership_config.membership().get_node(&id).map(|n| n.addr.clone()));
-        (m.current_leader, addr)
-    };
-    if leader == Some(inner.raft_id) {
+    let leader = leader_of(inner);
+    if leader.as_ref().is_some_and(|(id, _)| *id == inner.raft_id) {
         return match grant(inner, req).await {
             RenewReply::Granted { applied_index } => caught_up(inner, applied_index).await,
             other => Err(format!("{other:?}")),
         };
     }
     // The leader if known, else any live peer (it answers with the leader's address).
-    let addr = match leader_addr.and_then(|a| a.parse::<SocketAddr>().ok()) {
+    let addr = match leader.and_then(|(_, n)| n.addr.parse::<SocketAddr>().ok()) {
         Some(a) => a,
         None => {
             let view = inner.membership.view();
@@ -189,11 +192,9 @@ async fn caught_up(inner: &Inner, index: Option<u64>) -> Result<(), String> {
 /// Leader side of a renewal: admit the node if needed, confirm leadership, record the grant.
 pub(super) async fn grant(inner: &Arc<Inner>, req: RenewReq) -> RenewReply {
     let received = Instant::now();
-    let m = inner.raft.metrics().borrow().clone();
-    if m.current_leader != Some(inner.raft_id) {
-        let leader =
-            m.current_leader.and_then(|id| m.membership_config.membership().get_node(&id).map(|n| n.addr.clone()));
-        return RenewReply::NotLeader { leader };
+    let leader = leader_of(inner);
+    if leader.as_ref().is_none_or(|(id, _)| *id != inner.raft_id) {
+        return RenewReply::NotLeader { leader: leader.map(|(_, n)| n.addr) };
     }
     let known = inner.state.borrow().members.get(&req.name).map(|r| (r.addr.clone(), r.draining));
     let current = known.as_ref().is_some_and(|(addr, _)| *addr == req.addr);
@@ -205,7 +206,7 @@ pub(super) async fn grant(inner: &Arc<Inner>, req: RenewReq) -> RenewReply {
         }
         info!(name = %req.name, addr = %req.addr, "member admitted");
     }
-    let in_group = m.membership_config.membership().get_node(&req.raft_id).is_some();
+    let in_group = inner.raft.metrics().borrow().membership_config.membership().get_node(&req.raft_id).is_some();
     if !in_group {
         let node = MetaNode { name: req.name.clone(), addr: req.addr.clone() };
         // Not blocking: the learner catches up in the background; a change already in progress
@@ -251,8 +252,7 @@ pub(super) async fn drain(inner: &Arc<Inner>, name: String) -> Result<(), String
 
 /// Sends a request to the leader (served here when this node leads).
 pub(super) async fn to_leader(inner: &Arc<Inner>, req: ControlReq) -> Result<ControlReply, String> {
-    let m = inner.raft.metrics().borrow().clone();
-    let leader = m.current_leader.ok_or("no leader known")?;
+    let (leader, node) = leader_of(inner).ok_or("no leader known")?;
     if leader == inner.raft_id {
         return Ok(match req {
             ControlReq::Drain { name } => ControlReply::Drain(drain(inner, name).await),
@@ -260,12 +260,7 @@ pub(super) async fn to_leader(inner: &Arc<Inner>, req: ControlReq) -> Result<Con
             other => return Err(format!("not a leader request: {other:?}")),
         });
     }
-    let addr = m
-        .membership_config
-        .membership()
-        .get_node(&leader)
-        .and_then(|n| n.addr.parse().ok())
-        .ok_or("leader address unknown")?;
+    let addr = node.addr.parse().map_err(|e| format!("leader address {}: {e}", node.addr))?;
     mraft::ask(&inner.transport, addr, &req, Duration::from_millis(inner.meta_cfg.rpc_timeout_ms)).await
 }
 

@@ -339,9 +339,7 @@ impl Cluster {
     }
     /// The leader's name, as far as this node knows.
     pub fn leader(&self) -> Option<String> {
-        let m = self.inner.raft.metrics().borrow().clone();
-        let id = m.current_leader?;
-        m.membership_config.membership().get_node(&id).map(|n| n.name.clone())
+        control::leader_of(&self.inner).map(|(_, n)| n.name)
     }
 
     /// Where `key` lives according to this node's table.
@@ -546,9 +544,13 @@ impl Cluster {
         };
         let inner = self.inner.clone();
         let to = from.addr;
+        let from_name = from.name.clone();
         self.inner.tasks.spawn(async move {
             let reply = match postcard::from_bytes::<ControlReq>(&payload) {
-                Err(e) => ControlReply::Refused(format!("undecodable control request: {e}")),
+                Err(e) => {
+                    warn!(from = %from_name, error = %e, "undecodable control request");
+                    ControlReply::Refused(format!("undecodable control request: {e}"))
+                }
                 Ok(ControlReq::Raft { to, rpc }) => mraft::serve(&inner.raft, inner.raft_id, to, rpc).await,
                 Ok(ControlReq::Renew(r)) => ControlReply::Renew(control::grant(&inner, r).await),
                 Ok(ControlReq::HandedOff { shard, epoch }) => {
@@ -699,6 +701,15 @@ async fn serve_remote(inner: &Inner, req: AgentReq) -> AgentReply {
     }
 }
 
+/// `NotOwner` (with this node's view) unless this node owns `key`'s shard.
+fn owned_here(inner: &Inner, key: &Key) -> Result<(), CallError> {
+    let p = placement_in(&inner.state.borrow(), key)?;
+    if p.owner.as_deref() != Some(inner.name.as_str()) {
+        return Err(CallError::NotOwner { owner: p.owner, epoch: p.epoch });
+    }
+    Ok(())
+}
+
 /// Runs a request on this node's host (the host's gate checks ownership and the lease).
 async fn serve_local(inner: &Inner, key: &Key, op: &Op, deadline: Instant) -> Result<Served, CallError> {
     let timeout = deadline.saturating_duration_since(Instant::now());
@@ -717,19 +728,11 @@ async fn serve_local(inner: &Inner, key: &Key, op: &Op, deadline: Instant) -> Re
             Reply::Null
         }
         Op::Stop => {
-            let owner = inner.state.borrow().clone();
-            let p = placement_in(&owner, key)?;
-            if p.owner.as_deref() != Some(inner.name.as_str()) {
-                return Err(CallError::NotOwner { owner: p.owner, epoch: p.epoch });
-            }
+            owned_here(inner, key)?;
             Reply::Bool(host.stop(key).await)
         }
         Op::Lookup => {
-            let st = inner.state.borrow().clone();
-            let p = placement_in(&st, key)?;
-            if p.owner.as_deref() != Some(inner.name.as_str()) {
-                return Err(CallError::NotOwner { owner: p.owner, epoch: p.epoch });
-            }
+            owned_here(inner, key)?;
             Reply::Bool(host.is_active(key))
         }
     };
