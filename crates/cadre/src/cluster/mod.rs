@@ -495,9 +495,10 @@ impl Cluster {
         }
     }
 
-    /// Resolves once this node's table reassigns `key`'s shard away from `owner` other than by
-    /// a planned move (then `owner` lost its lease: dead or cut off). A planned move is not
-    /// enough: the old owner still answers what it accepted.
+    /// Resolves once this node's table shows `key`'s shard taken from `owner`: at once when it was
+    /// reassigned (its lease expired: dead or cut off), or `rpc_timeout_ms` after a planned move
+    /// completed (the old owner answered what it had accepted before handing over; a reply still
+    /// in transit gets that long, a node that has since stopped gives none).
     async fn owner_changes(&self, key: &Key, owner: &str) {
         let mut rx = self.inner.state.clone();
         let mut prev = placement_in(&rx.borrow_and_update(), key).ok();
@@ -507,9 +508,10 @@ impl Cluster {
             }
             let now = placement_in(&rx.borrow_and_update(), key).ok();
             if let (Some(p), Some(n)) = (&prev, &now) {
-                let reassigned = n.epoch > p.epoch && n.owner.as_deref() != Some(owner);
-                let planned = p.moving_to.is_some() && p.moving_to == n.owner;
-                if reassigned && !planned {
+                if n.epoch > p.epoch && n.owner.as_deref() != Some(owner) {
+                    if p.moving_to.is_some() && p.moving_to == n.owner {
+                        tokio::time::sleep(Duration::from_millis(self.inner.meta_cfg.rpc_timeout_ms)).await;
+                    }
                     return;
                 }
             }
