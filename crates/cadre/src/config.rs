@@ -382,7 +382,21 @@ pub struct PlacementConfig {
     pub redirects_max: u32,
     /// Time an old owner has to hand a shard over before the move is abandoned.
     pub handoff_timeout_ms: u64,
+    /// Nodes that hold each shard's state (the owner included) when storage is node-local:
+    /// 0 picks it from the cluster size (2, or 3 once the cluster has at least 3 members), 1 turns
+    /// replication off. Capped by the number of members. Ignored with shared storage (a database).
+    pub replication_factor: u32,
+    /// Time a replica has to acknowledge a write. A replica that does not is taken out of the
+    /// shard's replica set (through the metadata) before the write is acknowledged, and caught up
+    /// again in the background.
+    pub replica_write_timeout_ms: u64,
+    /// Bandwidth one owner spends catching up a new replica of a shard (state transfer); writes to
+    /// the shard keep flowing meanwhile.
+    pub replica_sync_bytes_per_s: u64,
 }
+
+/// Most nodes holding one shard.
+pub const REPLICATION_FACTOR_MAX: u32 = 5;
 
 impl Default for PlacementConfig {
     fn default() -> Self {
@@ -396,6 +410,9 @@ impl Default for PlacementConfig {
             max_moves_per_tick: 8,
             redirects_max: 5,
             handoff_timeout_ms: 30_000,
+            replication_factor: 0,
+            replica_write_timeout_ms: 1000,
+            replica_sync_bytes_per_s: 32 << 20,
         }
     }
 }
@@ -424,6 +441,14 @@ impl PlacementConfig {
         if !(1..=100).contains(&self.redirects_max) {
             return Err(invalid("placement.redirects_max", "must be within 1..=100"));
         }
+        if self.replication_factor > REPLICATION_FACTOR_MAX {
+            return Err(invalid(
+                "placement.replication_factor",
+                format!("must be within 0..={REPLICATION_FACTOR_MAX} (0: automatic)"),
+            ));
+        }
+        positive("placement.replica_write_timeout_ms", self.replica_write_timeout_ms)?;
+        positive("placement.replica_sync_bytes_per_s", self.replica_sync_bytes_per_s)?;
         Ok(())
     }
 }
