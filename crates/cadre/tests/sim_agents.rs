@@ -149,6 +149,10 @@ impl Storage for Recorded {
         self.inner.epoch(shard)
     }
 
+    fn fence<'a>(&'a self, fence: Fence) -> BoxFuture<'a, Result<(), StorageError>> {
+        self.inner.fence(fence)
+    }
+
     fn scan_keys<'a>(&'a self, after: Option<&'a Key>, limit: usize) -> BoxFuture<'a, Result<Vec<Key>, StorageError>> {
         self.inner.scan_keys(after, limit)
     }

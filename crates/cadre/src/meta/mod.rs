@@ -5,7 +5,15 @@
 //! order holds the same state. It holds:
 //! - `shard_count`, fixed by [`Cmd::Init`] (once);
 //! - the admitted members, in admission order (the first `meta_voters_max` will be the voters);
-//! - the shard table `shard → (owner, epoch, state)`.
+//! - the shard table `shard → (owner, epoch, state, replicas)`.
+//!
+//! ## Replicas
+//! With node-local storage a shard's state is also kept on its replicas. A replica is added out of
+//! sync ([`Cmd::AddReplica`]); the owner catches it up and marks it in sync
+//! ([`Cmd::ReplicaSynced`]); a replica that misses a write is marked out of sync before the write
+//! is acknowledged ([`Cmd::ReplicaOutOfSync`]). So every in-sync replica holds every acknowledged
+//! write, and [`Cmd::Promote`] gives a shard whose owner died to one of them. These commands are
+//! compare-and-set on the epoch but do not raise it (the epoch counts owners).
 //!
 //! ## Epochs
 //! Every change of a shard's owner raises its epoch by one, and changes are compare-and-set on the
@@ -58,6 +66,28 @@ pub struct ShardEntry {
     pub owner: Option<String>,
     pub epoch: u64,
     pub state: ShardState,
+    /// Nodes besides the owner that keep a copy of the shard's state (node-local storage). The
+    /// owner acknowledges a write only once every `in_sync` one has it.
+    pub replicas: Vec<Replica>,
+}
+
+/// A node holding a copy of a shard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replica {
+    pub node: String,
+    /// Holds every acknowledged write of the shard (it may be promoted); `false` while it is
+    /// being caught up, or after it missed a write.
+    pub in_sync: bool,
+}
+
+impl ShardEntry {
+    pub fn replica(&self, node: &str) -> Option<&Replica> {
+        self.replicas.iter().find(|r| r.node == node)
+    }
+    /// Whether `node` is an in-sync replica.
+    pub fn in_sync(&self, node: &str) -> bool {
+        self.replica(node).is_some_and(|r| r.in_sync)
+    }
 }
 
 /// A state change. New variants go at the end (the encoding is by position).
@@ -82,6 +112,17 @@ pub enum Cmd {
     AbortMove { shard: u32, expected_epoch: u64 },
     /// Marks a member as leaving (an `Admit` clears it).
     Drain { name: String },
+    /// Adds a replica of a shard, not in sync yet (its owner catches it up).
+    AddReplica { shard: u32, node: String, expected_epoch: u64 },
+    /// The owner caught a replica up: it now counts for acknowledgements and may be promoted.
+    ReplicaSynced { shard: u32, node: String, expected_epoch: u64 },
+    /// A replica missed a write: it no longer counts (nor may be promoted) until caught up again.
+    ReplicaOutOfSync { shard: u32, node: String, expected_epoch: u64 },
+    /// Removes a replica (dead, or no longer wanted there).
+    DropReplica { shard: u32, node: String, expected_epoch: u64 },
+    /// Makes an in-sync replica the owner at `expected_epoch + 1` (the owner's lease expired):
+    /// it holds every acknowledged write. The old owner is no longer a replica.
+    Promote { shard: u32, to: String, expected_epoch: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,6 +155,10 @@ pub enum MetaError {
     StaleEpoch { shard: u32, expected: u64, actual: u64 },
     #[error("shard {shard} is {state}; that change needs it {needed}")]
     WrongState { shard: u32, state: String, needed: String },
+    #[error("{node} is not an in-sync replica of shard {shard}")]
+    NotInSync { shard: u32, node: String },
+    #[error("{node} owns shard {shard}; it cannot also be its replica")]
+    OwnerAsReplica { shard: u32, node: String },
 }
 
 /// The replicated metadata.
@@ -156,6 +201,8 @@ impl MetaState {
                 e.owner = Some(owner.clone());
                 e.epoch += 1;
                 e.state = ShardState::Active;
+                // A fresh owner holds none of the state the replicas have: they must not count.
+                e.replicas.clear();
                 Ok(self.reply(*shard))
             }
             Cmd::BeginMove { shard, to, expected_epoch } => {
@@ -174,6 +221,13 @@ impl MetaState {
                 };
                 self.member(&to)?;
                 let e = &mut self.shards[*shard as usize];
+                // A replicated shard: the old owner has everything, so it stays as a replica.
+                if let Some(i) = e.replicas.iter().position(|r| r.node == to) {
+                    e.replicas.remove(i);
+                    if let Some(old) = e.owner.take() {
+                        e.replicas.push(Replica { node: old, in_sync: true });
+                    }
+                }
                 e.owner = Some(to);
                 e.epoch += 1;
                 e.state = ShardState::Active;
@@ -188,6 +242,46 @@ impl MetaState {
                 e.epoch += 1;
                 Ok(self.reply(*shard))
             }
+            Cmd::AddReplica { shard, node, expected_epoch } => {
+                self.member(node)?;
+                let e = self.shard_at(*shard, *expected_epoch)?;
+                if e.owner.as_deref() == Some(node.as_str()) {
+                    return Err(MetaError::OwnerAsReplica { shard: *shard, node: node.clone() });
+                }
+                if e.replica(node).is_none() {
+                    e.replicas.push(Replica { node: node.clone(), in_sync: false });
+                }
+                Ok(self.reply(*shard))
+            }
+            Cmd::ReplicaSynced { shard, node, expected_epoch } => {
+                let e = self.shard_at(*shard, *expected_epoch)?;
+                let r = e.replicas.iter_mut().find(|r| r.node == *node);
+                r.ok_or_else(|| MetaError::NotInSync { shard: *shard, node: node.clone() })?.in_sync = true;
+                Ok(self.reply(*shard))
+            }
+            Cmd::ReplicaOutOfSync { shard, node, expected_epoch } => {
+                let e = self.shard_at(*shard, *expected_epoch)?;
+                if let Some(r) = e.replicas.iter_mut().find(|r| r.node == *node) {
+                    r.in_sync = false;
+                }
+                Ok(self.reply(*shard))
+            }
+            Cmd::DropReplica { shard, node, expected_epoch } => {
+                self.shard_at(*shard, *expected_epoch)?.replicas.retain(|r| r.node != *node);
+                Ok(self.reply(*shard))
+            }
+            Cmd::Promote { shard, to, expected_epoch } => {
+                self.member(to)?;
+                let e = self.shard_at(*shard, *expected_epoch)?;
+                if !e.in_sync(to) {
+                    return Err(MetaError::NotInSync { shard: *shard, node: to.clone() });
+                }
+                e.replicas.retain(|r| r.node != *to);
+                e.owner = Some(to.clone());
+                e.epoch += 1;
+                e.state = ShardState::Active;
+                Ok(self.reply(*shard))
+            }
         }
     }
 
@@ -199,13 +293,16 @@ impl MetaState {
             return Err(MetaError::ShardCount(shard_count));
         }
         self.shard_count = shard_count;
-        self.shards = vec![ShardEntry { owner: None, epoch: 0, state: ShardState::Unassigned }; shard_count as usize];
+        let empty = ShardEntry { owner: None, epoch: 0, state: ShardState::Unassigned, replicas: Vec::new() };
+        self.shards = vec![empty; shard_count as usize];
         Ok(CmdReply::Done)
     }
 
     fn remove(&mut self, name: &str) -> Result<CmdReply, MetaError> {
         self.members.remove(name).ok_or_else(|| MetaError::UnknownMember(name.to_string()))?;
         for e in &mut self.shards {
+            // Its copies go; the shards it owned keep their replicas (one can be promoted).
+            e.replicas.retain(|r| r.node != name);
             if e.owner.as_deref() == Some(name) {
                 e.owner = None;
                 e.state = ShardState::Unassigned;

@@ -94,10 +94,10 @@ fn removing_a_member_frees_its_shards_and_cancels_moves_to_it() {
     s.apply(&Cmd::Remove { name: "a".into() }).unwrap();
     assert_eq!(
         s.shards[0],
-        ShardEntry { owner: None, epoch: 1, state: ShardState::Unassigned },
+        ShardEntry { owner: None, epoch: 1, state: ShardState::Unassigned, replicas: vec![] },
         "epoch kept: the next owner fences a"
     );
-    assert_eq!(s.shards[1], ShardEntry { owner: Some("b".into()), epoch: 1, state: ShardState::Active });
+    assert_eq!(s.shards[1], ShardEntry { owner: Some("b".into()), epoch: 1, state: ShardState::Active, replicas: vec![] });
 }
 
 fn arb_cmd() -> impl Strategy<Value = Cmd> {
@@ -118,7 +118,14 @@ fn arb_cmd() -> impl Strategy<Value = Cmd> {
         }),
         (0u32..6, 0u64..4).prop_map(|(shard, expected_epoch)| Cmd::CompleteMove { shard, expected_epoch }),
         (0u32..6, 0u64..4).prop_map(|(shard, expected_epoch)| Cmd::AbortMove { shard, expected_epoch }),
-        name.prop_map(|name| Cmd::Drain { name }),
+        name.clone().prop_map(|name| Cmd::Drain { name }),
+        (0u32..6, name.clone(), 0u64..4, 0u8..5).prop_map(|(shard, node, expected_epoch, which)| match which {
+            0 => Cmd::AddReplica { shard, node, expected_epoch },
+            1 => Cmd::ReplicaSynced { shard, node, expected_epoch },
+            2 => Cmd::ReplicaOutOfSync { shard, node, expected_epoch },
+            3 => Cmd::DropReplica { shard, node, expected_epoch },
+            _ => Cmd::Promote { shard, to: node, expected_epoch },
+        }),
     ]
 }
 
@@ -135,7 +142,7 @@ proptest! {
                 Ok(_) => {
                     for (i, (old, new)) in before.shards.iter().zip(&s.shards).enumerate() {
                         prop_assert!(new.epoch >= old.epoch, "shard {} epoch went down", i);
-                        let owner_set = matches!(cmd, Cmd::Assign { shard, .. } | Cmd::CompleteMove { shard, .. } | Cmd::AbortMove { shard, .. } if *shard as usize == i);
+                        let owner_set = matches!(cmd, Cmd::Assign { shard, .. } | Cmd::CompleteMove { shard, .. } | Cmd::AbortMove { shard, .. } | Cmd::Promote { shard, .. } if *shard as usize == i);
                         prop_assert_eq!(new.epoch > old.epoch, owner_set, "shard {}: {:?}", i, cmd);
                     }
                 }
@@ -148,9 +155,61 @@ proptest! {
                 if let ShardState::Moving { to } = &e.state {
                     prop_assert!(s.members.contains_key(to));
                 }
+                let mut names: Vec<&str> = e.replicas.iter().map(|r| r.node.as_str()).collect();
+                prop_assert!(names.iter().all(|n| s.members.contains_key(*n)), "replicas are members");
+                prop_assert!(!names.contains(&e.owner.as_deref().unwrap_or("")), "the owner is no replica");
+                names.sort();
+                names.dedup();
+                prop_assert_eq!(names.len(), e.replicas.len(), "no replica twice");
+            }
+            // Only an in-sync replica is promoted.
+            if let Cmd::Promote { shard, to, .. } = cmd {
+                if let Some(old) = before.shards.get(*shard as usize) {
+                    if s.shards[*shard as usize].epoch > old.epoch {
+                        prop_assert!(old.in_sync(to));
+                    }
+                }
             }
         }
         let bytes = postcard::to_stdvec(&s).unwrap();
         prop_assert_eq!(postcard::from_bytes::<MetaState>(&bytes).unwrap(), s);
     }
+}
+
+#[test]
+fn replicas_are_caught_up_marked_and_promoted() {
+    let mut s = state(2, &["a", "b", "c"]);
+    s.apply(&Cmd::Assign { shard: 0, owner: "a".into(), expected_epoch: 0 }).unwrap();
+    assert_eq!(
+        s.apply(&Cmd::AddReplica { shard: 0, node: "a".into(), expected_epoch: 1 }),
+        Err(MetaError::OwnerAsReplica { shard: 0, node: "a".into() })
+    );
+    s.apply(&Cmd::AddReplica { shard: 0, node: "b".into(), expected_epoch: 1 }).unwrap();
+    s.apply(&Cmd::AddReplica { shard: 0, node: "c".into(), expected_epoch: 1 }).unwrap();
+    // Not in sync yet: it cannot be promoted.
+    assert_eq!(
+        s.apply(&Cmd::Promote { shard: 0, to: "b".into(), expected_epoch: 1 }),
+        Err(MetaError::NotInSync { shard: 0, node: "b".into() })
+    );
+    s.apply(&Cmd::ReplicaSynced { shard: 0, node: "b".into(), expected_epoch: 1 }).unwrap();
+    s.apply(&Cmd::ReplicaSynced { shard: 0, node: "c".into(), expected_epoch: 1 }).unwrap();
+    s.apply(&Cmd::ReplicaOutOfSync { shard: 0, node: "c".into(), expected_epoch: 1 }).unwrap();
+    assert!(s.shards[0].in_sync("b") && !s.shards[0].in_sync("c"));
+    // The owner dies: b is promoted at epoch 2; a is no longer anything.
+    s.apply(&Cmd::Promote { shard: 0, to: "b".into(), expected_epoch: 1 }).unwrap();
+    let e = &s.shards[0];
+    assert_eq!((e.owner.as_deref(), e.epoch), (Some("b"), 2));
+    assert_eq!(e.replicas, vec![Replica { node: "c".into(), in_sync: false }]);
+    // A planned move to an in-sync replica keeps the old owner as an in-sync replica.
+    s.apply(&Cmd::ReplicaSynced { shard: 0, node: "c".into(), expected_epoch: 2 }).unwrap();
+    s.apply(&Cmd::BeginMove { shard: 0, to: "c".into(), expected_epoch: 2 }).unwrap();
+    s.apply(&Cmd::CompleteMove { shard: 0, expected_epoch: 2 }).unwrap();
+    assert_eq!(s.shards[0].owner.as_deref(), Some("c"));
+    assert_eq!(s.shards[0].replicas, vec![Replica { node: "b".into(), in_sync: true }]);
+    // A fresh assignment (nobody held the state) drops every replica; so does removing a member.
+    s.apply(&Cmd::DropReplica { shard: 0, node: "b".into(), expected_epoch: 3 }).unwrap();
+    assert!(s.shards[0].replicas.is_empty());
+    s.apply(&Cmd::AddReplica { shard: 1, node: "b".into(), expected_epoch: 0 }).unwrap();
+    s.apply(&Cmd::Remove { name: "b".into() }).unwrap();
+    assert!(s.shards[1].replicas.is_empty());
 }

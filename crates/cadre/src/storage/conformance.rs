@@ -102,6 +102,13 @@ async fn fencing(s: &dyn Storage, prefix: &str, shard: u32) {
     let refused = s.put(&k, b("x"), 12345, Fence { shard, epoch: 9 }).await;
     assert!(matches!(refused, Err(StorageError::Conflict { .. })));
     assert_eq!(s.epoch(shard).await.unwrap(), 5);
+    // Raising the fence alone: writes below it are refused, at it they pass.
+    s.fence(Fence { shard, epoch: 7 }).await.unwrap();
+    assert_eq!(s.epoch(shard).await.unwrap(), 7);
+    assert!(matches!(s.fence(Fence { shard, epoch: 6 }).await, Err(StorageError::Fenced { current: 7, .. })));
+    assert!(matches!(s.put(&k, b("x"), r3, Fence { shard, epoch: 6 }).await, Err(StorageError::Fenced { .. })));
+    assert_eq!(s.get(&k).await.unwrap().unwrap().revision, r3, "a fence writes no key");
+    s.fence(Fence { shard, epoch: 7 }).await.unwrap();
     // Fences are per shard.
     let other = key(prefix, "fenced-other-shard");
     s.put(&other, b("x"), 0, Fence { shard: shard + 1000, epoch: 1 }).await.unwrap();

@@ -220,6 +220,10 @@ impl Storage for RedbStorage {
         })
     }
 
+    fn fence<'a>(&'a self, fence: Fence) -> BoxFuture<'a, Result<(), StorageError>> {
+        self.write(fence, |_| Ok(()))
+    }
+
     fn scan_keys<'a>(&'a self, after: Option<&'a Key>, limit: usize) -> BoxFuture<'a, Result<Vec<Key>, StorageError>> {
         let limit = match scan_check(after, limit) {
             Ok(limit) => limit,

@@ -142,6 +142,14 @@ impl Storage for MemoryStorage {
         self.run(move |i| Ok(i.epochs.get(&shard).copied().unwrap_or(0)))
     }
 
+    fn fence<'a>(&'a self, fence: Fence) -> BoxFuture<'a, Result<(), StorageError>> {
+        self.run(move |i| {
+            let epoch = i.fence(fence)?;
+            i.epochs.insert(fence.shard, epoch);
+            Ok(())
+        })
+    }
+
     fn scan_keys<'a>(&'a self, after: Option<&'a Key>, limit: usize) -> BoxFuture<'a, Result<Vec<Key>, StorageError>> {
         self.run(move |i| {
             let limit = scan_check(after, limit)?;

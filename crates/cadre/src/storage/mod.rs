@@ -165,6 +165,11 @@ pub trait Storage: Send + Sync + 'static {
     /// The highest epoch seen for a shard (0 if none).
     fn epoch<'a>(&'a self, shard: u32) -> BoxFuture<'a, Result<u64, StorageError>>;
 
+    /// Raises the shard's epoch to `fence.epoch` without writing a key (`Fenced` if it is already
+    /// higher), so that writes at lower epochs are refused from now on. A new owner of a
+    /// replicated shard fences its replicas this way before it serves.
+    fn fence<'a>(&'a self, fence: Fence) -> BoxFuture<'a, Result<(), StorageError>>;
+
     /// Keys that have a state or entries, in key order (`Key`'s `Ord`, which equals the order of
     /// `Key::encode` bytes because types hold no NUL), strictly after `after` (`None`: from the
     /// start), at most `limit` (capped at [`SCAN_READ_MAX`]). Used to export a shard's agents for a
