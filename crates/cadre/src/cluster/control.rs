@@ -257,6 +257,9 @@ pub(super) async fn to_leader(inner: &Arc<Inner>, req: ControlReq) -> Result<Con
         return Ok(match req {
             ControlReq::Drain { name } => ControlReply::Drain(drain(inner, name).await),
             ControlReq::HandedOff { shard, epoch } => ControlReply::HandedOff(complete_move(inner, shard, epoch).await),
+            ControlReq::Replica { shard, epoch, node, in_sync } => {
+                ControlReply::Replica(replica_report(inner, shard, epoch, node, in_sync).await)
+            }
             other => return Err(format!("not a leader request: {other:?}")),
         });
     }
@@ -275,6 +278,26 @@ pub(super) async fn complete_move(inner: &Arc<Inner>, shard: u32, epoch: u64) ->
         inner.raft.client_write(Cmd::CompleteMove { shard, expected_epoch: epoch }),
     );
     r.await?.data.map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// Leader side of an owner's replica report: in sync after a catch-up, or out of sync after a
+/// missed write (the owner acknowledges that write only once this is committed).
+pub(super) async fn replica_report(
+    inner: &Arc<Inner>,
+    shard: u32,
+    epoch: u64,
+    node: String,
+    in_sync: bool,
+) -> Result<(), String> {
+    if !is_leader(inner) {
+        return Err("not the leader".into());
+    }
+    let cmd = if in_sync {
+        Cmd::ReplicaSynced { shard, node, expected_epoch: epoch }
+    } else {
+        Cmd::ReplicaOutOfSync { shard, node, expected_epoch: epoch }
+    };
+    bounded(inner, "replica report", inner.raft.client_write(cmd)).await?.data.map(|_| ()).map_err(|e| e.to_string())
 }
 
 fn is_leader(inner: &Inner) -> bool {
@@ -318,7 +341,12 @@ async fn tick(inner: &Arc<Inner>) {
         let mut cmds = aborts(inner, &mut ls, &st, &live_refs, now);
         let rebalance = ls.next_rebalance.is_none_or(|t| now >= t);
         let moves_max = if rebalance { inner.cfg.max_moves_per_tick } else { 0 };
-        let planned = plan::plan(&st, &live_refs, moves_max);
+        let copies = if inner.repl.enabled() {
+            plan::Copies::Replicated { factor: inner.cfg.replication_factor }
+        } else {
+            plan::Copies::Shared
+        };
+        let planned = plan::plan(&st, &live_refs, moves_max, copies);
         if planned.iter().any(|c| matches!(c, Cmd::BeginMove { .. })) {
             ls.next_rebalance = Some(now + Duration::from_millis(inner.cfg.rebalance_interval_ms));
         }
@@ -343,7 +371,8 @@ async fn tick(inner: &Arc<Inner>) {
     voters(inner, &live, now).await;
 }
 
-/// Moves to abort: target not live, or the hand-off took longer than `handoff_timeout_ms`.
+/// Moves to abort: target not live or no longer in sync, or the hand-off took longer than
+/// `handoff_timeout_ms`.
 fn aborts(inner: &Inner, ls: &mut LeaderState, st: &MetaState, live: &[&str], now: Instant) -> Vec<Cmd> {
     let timeout = Duration::from_millis(inner.cfg.handoff_timeout_ms);
     let mut out = Vec::new();
@@ -354,7 +383,8 @@ fn aborts(inner: &Inner, ls: &mut LeaderState, st: &MetaState, live: &[&str], no
         let started = *ls.moves.get(&key).unwrap_or(&now);
         seen.insert(key, started);
         let owner_live = e.owner.as_deref().is_some_and(|o| live.contains(&o));
-        if owner_live && (!live.contains(&to.as_str()) || now >= started + timeout) {
+        let behind = e.replica(to).is_some_and(|r| !r.in_sync);
+        if owner_live && (!live.contains(&to.as_str()) || behind || now >= started + timeout) {
             warn!(shard, to = %to, "planned move aborted");
             out.push(Cmd::AbortMove { shard: shard as u32, expected_epoch: e.epoch });
         }

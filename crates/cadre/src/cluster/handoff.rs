@@ -5,12 +5,13 @@
 //!   a late write is fenced by the new owner's epoch anyway);
 //! - for each shard it owns that is `Moving { to }`, runs one hand-off: the gate already refuses new
 //!   work for the shard, so it passivates the shard's agents (in-flight work finishes and is
-//!   stored), copies the shard's state to `to` page by page when storage is node-local, then asks
-//!   the leader to complete the move. Failures are retried until the table changes (the leader
-//!   aborts a move that takes longer than `handoff_timeout_ms`).
-//!
-//! The receiving side ([`import`]) replaces what it held for the shard with the pages, writing at
-//! the move's epoch + 1, the epoch it will own the shard at.
+//!   stored), then asks the leader to complete the move. Nothing is copied: with node-local
+//!   storage the target is an in-sync replica, which got every write before it was acknowledged
+//!   ([`super::replica`]); shared storage needs no copy. Failures are retried until the table
+//!   changes (the leader aborts a move that takes longer than `handoff_timeout_ms`, or whose
+//!   target fell out of sync);
+//! - hands the table to replication ([`super::replica::Replication::on_table`]): opening shards it
+//!   now owns, catching up replicas.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -19,15 +20,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::protocol::{TransferItem, TransferPage};
 use super::Inner;
-use crate::meta::raft::{self as mraft, ControlReply, ControlReq};
+use crate::meta::raft::{ControlReply, ControlReq};
 use crate::meta::{MetaState, ShardState};
 use crate::placement::shard_of;
-use crate::storage::{Fence, Key, ENTRIES_READ_MAX, SCAN_READ_MAX};
 
-/// Bytes of state per transfer page (well under the default 1 MiB frame).
-pub const TRANSFER_PAGE_BYTES_MAX: usize = 256 * 1024;
 /// Wait between attempts of a failed hand-off step.
 const HANDOFF_RETRY_MS: u64 = 200;
 
@@ -37,8 +34,10 @@ pub(super) async fn watch_table(inner: Arc<Inner>) {
     // lagging node may see an owner of e and then of e+2 (lost, then back), and its activations
     // of epoch e must not go on.
     let mut owned: HashMap<u32, u64> = HashMap::new();
+    let mut replication_jobs = HashSet::new();
     loop {
         let st = rx.borrow_and_update().clone();
+        inner.repl.on_table(&st, &mut replication_jobs);
         let now_owned: HashMap<u32, u64> = st
             .shards
             .iter()
@@ -99,7 +98,9 @@ async fn hand_off(inner: &Arc<Inner>, shard: u32, epoch: u64, to: &str) {
         if inner.cancel.is_cancelled() || !still_moving(&inner.state.borrow(), &inner.name, shard, epoch, to) {
             return;
         }
-        match step(inner, shard, epoch, to, count).await {
+        // Nothing to copy: the target is an in-sync replica (node-local storage; writes reached
+        // it before they were acknowledged) or every node sees the store (shared).
+        match report(inner, shard, epoch).await {
             Ok(()) => break,
             Err(e) => warn!(shard, epoch, to, error = %e, "hand-off step failed; retrying"),
         }
@@ -111,138 +112,10 @@ async fn hand_off(inner: &Arc<Inner>, shard: u32, epoch: u64, to: &str) {
     info!(shard, epoch, to, took_ms = started.elapsed().as_millis() as u64, "shard handed over");
 }
 
-/// Copies the state (unless storage is shared) and reports to the leader.
-async fn step(inner: &Arc<Inner>, shard: u32, epoch: u64, to: &str, count: u32) -> Result<(), String> {
-    let timeout = Duration::from_millis(inner.meta_cfg.rpc_timeout_ms);
-    // A page may make the receiver scan its store (page 0): allow more than one RPC's time.
-    let page_timeout = Duration::from_millis(inner.cfg.handoff_timeout_ms / 4).max(timeout);
-    if !inner.storage.shared() {
-        let addr = {
-            let st = inner.state.borrow();
-            st.members.get(to).and_then(|m| m.addr.parse().ok()).ok_or(format!("no address for {to}"))?
-        };
-        let mut page = 0u32;
-        let mut items = Vec::new();
-        let mut bytes = 0usize;
-        let mut after: Option<Key> = None;
-        loop {
-            let keys = inner.storage.scan_keys(after.as_ref(), SCAN_READ_MAX).await.map_err(|e| e.to_string())?;
-            let done = keys.len() < SCAN_READ_MAX;
-            after = keys.last().cloned();
-            for key in keys.into_iter().filter(|k| shard_of(k, count) == shard) {
-                let item = export(inner, key).await?;
-                bytes += item.value.as_ref().map_or(0, Vec::len) + item.entries.iter().map(Vec::len).sum::<usize>();
-                items.push(item);
-                if bytes >= TRANSFER_PAGE_BYTES_MAX {
-                    send_page(inner, addr, shard, epoch, page, std::mem::take(&mut items), page_timeout).await?;
-                    page += 1;
-                    bytes = 0;
-                }
-            }
-            if done {
-                break;
-            }
-        }
-        // The last page (page 0 when the shard is empty, so the receiver still drops stale state).
-        if !items.is_empty() || page == 0 {
-            send_page(inner, addr, shard, epoch, page, items, page_timeout).await?;
-        }
-    }
-    report(inner, shard, epoch).await
-}
-
-async fn export(inner: &Inner, key: Key) -> Result<TransferItem, String> {
-    let value = inner.storage.get(&key).await.map_err(|e| e.to_string())?.map(|v| v.value.to_vec());
-    let mut entries = Vec::new();
-    loop {
-        let batch =
-            inner.storage.entries(&key, entries.len() as u64, ENTRIES_READ_MAX).await.map_err(|e| e.to_string())?;
-        let n = batch.len();
-        entries.extend(batch.into_iter().map(|b| b.to_vec()));
-        if n < ENTRIES_READ_MAX {
-            break;
-        }
-    }
-    Ok(TransferItem { ty: key.ty, id: key.id, value, entries })
-}
-
-async fn send_page(
-    inner: &Inner,
-    addr: std::net::SocketAddr,
-    shard: u32,
-    epoch: u64,
-    page: u32,
-    items: Vec<TransferItem>,
-    timeout: Duration,
-) -> Result<(), String> {
-    let req = ControlReq::Transfer(TransferPage { shard, epoch, page, items });
-    match mraft::ask(&inner.transport, addr, &req, timeout).await? {
-        ControlReply::Transfer(r) => r,
-        other => Err(format!("unexpected transfer reply {other:?}")),
-    }
-}
-
 /// Asks the leader to complete the move.
 async fn report(inner: &Arc<Inner>, shard: u32, epoch: u64) -> Result<(), String> {
     match super::control::to_leader(inner, ControlReq::HandedOff { shard, epoch }).await? {
         ControlReply::HandedOff(r) => r,
         other => Err(format!("unexpected hand-off reply {other:?}")),
     }
-}
-
-/// Whether a page for (shard, epoch) may still be written here: the shard has not moved past
-/// that epoch, and this node does not serve it yet (a late page must not overwrite what the new
-/// owner wrote since).
-fn import_allowed(inner: &Inner, shard: u32, epoch: u64) -> Result<u32, String> {
-    let st = inner.state.borrow();
-    let e = st.shards.get(shard as usize).ok_or(format!("no shard {shard}"))?;
-    if epoch < e.epoch {
-        return Err(format!("stale transfer: shard {shard} is at epoch {}, not {epoch}", e.epoch));
-    }
-    if e.owner.as_deref() == Some(inner.name.as_str()) && e.state == ShardState::Active {
-        return Err(format!("shard {shard} is already served here"));
-    }
-    Ok(st.shard_count)
-}
-
-/// Receiving side of a transfer page: writes at `epoch + 1`. Imports run one at a time (a retried
-/// hand-off's page 0 must not interleave with the pages of an earlier attempt).
-pub(super) async fn import(inner: &Inner, page: TransferPage) -> Result<(), String> {
-    let _one = inner.imports.lock().await;
-    let count = import_allowed(inner, page.shard, page.epoch)?;
-    let fence = Fence { shard: page.shard, epoch: page.epoch + 1 };
-    let storage = &inner.storage;
-    if page.page == 0 {
-        // Drop what this node kept from an earlier ownership of the shard.
-        let mut after: Option<Key> = None;
-        loop {
-            let keys = storage.scan_keys(after.as_ref(), SCAN_READ_MAX).await.map_err(|e| e.to_string())?;
-            let done = keys.len() < SCAN_READ_MAX;
-            after = keys.last().cloned();
-            for key in keys.into_iter().filter(|k| shard_of(k, count) == page.shard) {
-                import_allowed(inner, page.shard, page.epoch)?;
-                let rev = storage.get(&key).await.map_err(|e| e.to_string())?.map_or(0, |v| v.revision);
-                storage.delete(&key, rev, fence).await.map_err(|e| e.to_string())?;
-            }
-            if done {
-                break;
-            }
-        }
-    }
-    for item in page.items {
-        import_allowed(inner, page.shard, page.epoch)?;
-        let key = Key::new(item.ty, item.id);
-        if shard_of(&key, count) != page.shard {
-            return Err(format!("{key:?} is not in shard {}", page.shard));
-        }
-        if let Some(v) = item.value {
-            let rev = storage.get(&key).await.map_err(|e| e.to_string())?.map_or(0, |v| v.revision);
-            storage.put(&key, v.into(), rev, fence).await.map_err(|e| e.to_string())?;
-        }
-        if !item.entries.is_empty() {
-            let entries = item.entries.into_iter().map(bytes::Bytes::from).collect();
-            storage.append(&key, entries, 0, fence).await.map_err(|e| e.to_string())?;
-        }
-    }
-    Ok(())
 }

@@ -38,6 +38,7 @@
 pub mod control;
 pub mod handoff;
 pub mod protocol;
+pub mod replica;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -119,6 +120,7 @@ pub struct ClusterGate {
     name: String,
     state: watch::Receiver<Arc<MetaState>>,
     lease: Arc<Lease>,
+    repl: Arc<replica::Replication>,
 }
 
 impl ClusterGate {
@@ -133,6 +135,9 @@ impl ClusterGate {
         }
         if !self.lease.valid(Instant::now()) {
             return Err(CallError::Unavailable("this node's lease has expired".into()));
+        }
+        if !self.repl.is_open(p.shard, p.epoch) {
+            return Err(CallError::Unavailable(format!("shard {} is opening (fencing its replicas)", p.shard)));
         }
         Ok(Fence { shard: p.shard, epoch: p.epoch })
     }
@@ -169,7 +174,9 @@ pub struct ClusterParts {
     /// `None`: in memory.
     pub meta_file: Option<std::path::PathBuf>,
     pub rng_seed: u64,
+    /// The node-local (or shared) store; the host writes through [`Prepared::storage`].
     pub storage: Arc<dyn Storage>,
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// The pieces built before the host (the gate needs the state the host's cluster will keep).
@@ -179,6 +186,7 @@ pub struct Prepared {
     sm: SmStore,
     raft_id: NodeId,
     lease: Arc<Lease>,
+    repl: Arc<replica::Replication>,
 }
 
 impl Prepared {
@@ -201,12 +209,29 @@ impl Prepared {
         let fresh = xxhash_rust::xxh3::xxh3_64_with_seed(&id_seed, parts.rng_seed).max(1);
         let raft_id = db.node_id(fresh)?;
         let sm = SmStore::open(db.clone())?;
-        Ok(Prepared { parts, db, sm, raft_id, lease: Arc::new(Lease::default()) })
+        let repl = replica::Replication::new(
+            parts.name.clone(),
+            parts.storage.clone(),
+            sm.subscribe(),
+            parts.placement.clone(),
+            &parts.metrics,
+        );
+        Ok(Prepared { parts, db, sm, raft_id, lease: Arc::new(Lease::default()), repl })
     }
 
     /// The gate the node's host must use.
     pub fn gate(&self) -> Arc<ClusterGate> {
-        Arc::new(ClusterGate { name: self.parts.name.clone(), state: self.sm.subscribe(), lease: self.lease.clone() })
+        Arc::new(ClusterGate {
+            name: self.parts.name.clone(),
+            state: self.sm.subscribe(),
+            lease: self.lease.clone(),
+            repl: self.repl.clone(),
+        })
+    }
+
+    /// The store the node's host must write through (replicating, with node-local storage).
+    pub fn storage(&self) -> Arc<dyn Storage> {
+        self.repl.storage()
     }
 }
 
@@ -221,7 +246,7 @@ pub(crate) struct Inner {
     transport: WeakTransport,
     membership: Membership,
     host: Host,
-    storage: Arc<dyn Storage>,
+    repl: Arc<replica::Replication>,
     lease: Arc<Lease>,
     leader: Mutex<control::LeaderState>,
     /// Held by a controller tick and by the grant of a lease (see `control::grant`).
@@ -231,8 +256,6 @@ pub(crate) struct Inner {
     raft_permits: Arc<Semaphore>,
     agent_permits: Arc<Semaphore>,
     handoffs: Mutex<HashSet<(u32, u64)>>,
-    /// Serializes transfer imports.
-    imports: tokio::sync::Mutex<()>,
     /// Set once this node starts leaving (renewals say so).
     draining: std::sync::atomic::AtomicBool,
     cancel: CancellationToken,
@@ -254,7 +277,7 @@ impl Cluster {
         membership: Membership,
         host: Host,
     ) -> Result<Cluster, String> {
-        let Prepared { parts, db, sm, raft_id, lease } = prepared;
+        let Prepared { parts, db, sm, raft_id, lease, repl } = prepared;
         mraft::seed_rng(parts.rng_seed);
         let m = &parts.meta;
         let raft_cfg = openraft::Config {
@@ -294,7 +317,7 @@ impl Cluster {
             transport,
             membership,
             host,
-            storage: parts.storage,
+            repl,
             lease,
             leader: Mutex::new(control::LeaderState::default()),
             controller: tokio::sync::Mutex::new(()),
@@ -302,11 +325,11 @@ impl Cluster {
             raft_permits: Arc::new(Semaphore::new(CONTROL_IN_FLIGHT_MAX)),
             agent_permits: Arc::new(Semaphore::new(AGENT_IN_FLIGHT_MAX)),
             handoffs: Mutex::new(HashSet::new()),
-            imports: tokio::sync::Mutex::new(()),
             draining: std::sync::atomic::AtomicBool::new(false),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
+        inner.repl.start(&inner);
         inner.tasks.spawn(control::renew_loop(inner.clone()));
         inner.tasks.spawn(control::controller_loop(inner.clone()));
         inner.tasks.spawn(handoff::watch_table(inner.clone()));
@@ -558,14 +581,27 @@ impl Cluster {
                 Ok(ControlReq::HandedOff { shard, epoch }) => {
                     ControlReply::HandedOff(control::complete_move(&inner, shard, epoch).await)
                 }
-                Ok(ControlReq::Transfer(page)) => ControlReply::Transfer(handoff::import(&inner, page).await),
                 Ok(ControlReq::Drain { name }) => ControlReply::Drain(control::drain(&inner, name).await),
+                Ok(ControlReq::Replica { shard, epoch, node, in_sync }) => {
+                    ControlReply::Replica(control::replica_report(&inner, shard, epoch, node, in_sync).await)
+                }
             };
             if let Some(t) = inner.transport.upgrade() {
                 let _ = t.reply_on(Lane::Control, to, id, mraft::encode(&reply));
             }
             drop(permit);
         });
+    }
+
+    /// Takes a data-lane replication request (payload starting with
+    /// [`protocol::REPLICA_TAG`]); answered later, in order, unless refused at once.
+    pub fn on_replica_ask(&self, from: &PeerInfo, id: u64, payload: Bytes) -> Option<Bytes> {
+        self.inner.repl.on_ask(from, id, &payload)
+    }
+
+    /// Catch-ups of replicas this node runs as an owner.
+    pub fn syncing(&self) -> Vec<replica::SyncStatus> {
+        self.inner.repl.syncing()
     }
 
     /// Serves a data-lane agent ask (payload after [`AGENT_TAG`]).

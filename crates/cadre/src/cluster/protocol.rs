@@ -1,9 +1,9 @@
 //! Messages of the placement protocol.
 //!
 //! On the control lane (inside [`crate::meta::raft::ControlReq`]): lease renewals, hand-off
-//! reports and state transfer pages. On the data lane: agent calls between nodes, as asks whose
-//! payload starts with [`AGENT_TAG`] followed by a postcard [`AgentReq`] (other data-lane asks go to
-//! the node's data handler).
+//! reports, replica reports. On the data lane: agent calls between nodes, as asks whose payload
+//! starts with [`AGENT_TAG`] followed by a postcard [`AgentReq`], and replication from owners to
+//! replicas ([`REPLICA_TAG`], [`ReplicaReq`]); other data-lane asks go to the node's data handler.
 
 use serde::{Deserialize, Serialize};
 
@@ -37,7 +37,7 @@ pub enum RenewReply {
     Retry(String),
 }
 
-/// One item of a shard's state, sent by the old owner during a hand-off.
+/// One key of a shard's state, as a catch-up page carries it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TransferItem {
     pub ty: String,
@@ -48,15 +48,51 @@ pub struct TransferItem {
     pub entries: Vec<Vec<u8>>,
 }
 
-/// A page of a shard's state. Page 0 makes the receiver drop what it held for the shard.
+/// First byte of a data-lane ask that carries a [`ReplicaReq`].
+pub const REPLICA_TAG: u8 = 0xA8;
+
+/// From a shard's owner to one of its replicas.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TransferPage {
+pub struct ReplicaReq {
     pub shard: u32,
-    /// The epoch of the move (the new owner's will be `epoch + 1`).
+    /// The owner's epoch; a replica refuses an epoch older than the one it knows.
     pub epoch: u64,
-    pub page: u32,
-    pub items: Vec<TransferItem>,
+    pub op: ReplicaOp,
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ReplicaOp {
+    /// The key's state becomes `value`.
+    Put { ty: String, id: String, value: Vec<u8> },
+    /// The key's state and entries are removed.
+    Delete { ty: String, id: String },
+    /// Entries appended after the first `expected_len` (which the replica must hold).
+    Append { ty: String, id: String, expected_len: u64, entries: Vec<Vec<u8>> },
+    /// The sender serves the shard at `epoch` from now on: refuse older epochs.
+    Fence,
+    /// Catch-up: the replica's keys of the shard in the key range `(after, through]` (`None`:
+    /// unbounded) become exactly `items`.
+    Sync { after: Option<(String, String)>, through: Option<(String, String)>, items: Vec<TransferItem> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ReplicaError {
+    /// The replica knows a newer epoch, or another owner at this one.
+    #[error("stale: {0}")]
+    Stale(String),
+    /// The replica does not hold what the write builds on (an append's prefix).
+    #[error("diverged: {0}")]
+    Diverged(String),
+    /// The replica's queue is full.
+    #[error("the replica is busy")]
+    Busy,
+    #[error("replica storage: {0}")]
+    Storage(String),
+    #[error("undecodable replica request: {0}")]
+    Undecodable(String),
+}
+
+pub type ReplicaReply = Result<(), ReplicaError>;
 
 /// An agent request forwarded to the owner of the key's shard.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -215,10 +215,16 @@ impl MetaState {
                 Ok(self.reply(*shard))
             }
             Cmd::CompleteMove { shard, expected_epoch } => {
-                let to = match &self.shard_at(*shard, *expected_epoch)?.state {
+                let e = self.shard_at(*shard, *expected_epoch)?;
+                let to = match &e.state {
                     ShardState::Moving { to } => to.clone(),
                     other => return Err(wrong_state(*shard, other, "moving")),
                 };
+                // A replica target must hold every acknowledged write (it may have missed one
+                // since the move began).
+                if e.replica(&to).is_some_and(|r| !r.in_sync) {
+                    return Err(MetaError::NotInSync { shard: *shard, node: to });
+                }
                 self.member(&to)?;
                 let e = &mut self.shards[*shard as usize];
                 // A replicated shard: the old owner has everything, so it stays as a replica.
@@ -267,7 +273,12 @@ impl MetaState {
                 Ok(self.reply(*shard))
             }
             Cmd::DropReplica { shard, node, expected_epoch } => {
-                self.shard_at(*shard, *expected_epoch)?.replicas.retain(|r| r.node != *node);
+                let e = self.shard_at(*shard, *expected_epoch)?;
+                if matches!(&e.state, ShardState::Moving { to } if to == node) {
+                    // The move is aborted first: completing it must find the target in sync.
+                    return Err(wrong_state(*shard, &e.state, "not moving to it"));
+                }
+                e.replicas.retain(|r| r.node != *node);
                 Ok(self.reply(*shard))
             }
             Cmd::Promote { shard, to, expected_epoch } => {

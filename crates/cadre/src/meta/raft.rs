@@ -163,10 +163,11 @@ pub enum ControlReq {
     Renew(crate::cluster::protocol::RenewReq),
     /// An old owner reports a finished hand-off; answered by the leader only.
     HandedOff { shard: u32, epoch: u64 },
-    /// One page of a shard's state, from its old owner to the new one.
-    Transfer(crate::cluster::protocol::TransferPage),
     /// A member leaves gracefully: hand its shards over; answered by the leader only.
     Drain { name: String },
+    /// A shard's owner reports a replica that missed a write (`in_sync: false`) or that it
+    /// caught up (`true`); answered by the leader only.
+    Replica { shard: u32, epoch: u64, node: String, in_sync: bool },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -176,8 +177,8 @@ pub enum ControlReply {
     FullSnapshot(Result<SnapshotResponse<NodeId>, Fatal<NodeId>>),
     Renew(crate::cluster::protocol::RenewReply),
     HandedOff(Result<(), String>),
-    Transfer(Result<(), String>),
     Drain(Result<(), String>),
+    Replica(Result<(), String>),
     /// The request could not be decoded or served.
     Refused(String),
 }

@@ -97,7 +97,10 @@ fn removing_a_member_frees_its_shards_and_cancels_moves_to_it() {
         ShardEntry { owner: None, epoch: 1, state: ShardState::Unassigned, replicas: vec![] },
         "epoch kept: the next owner fences a"
     );
-    assert_eq!(s.shards[1], ShardEntry { owner: Some("b".into()), epoch: 1, state: ShardState::Active, replicas: vec![] });
+    assert_eq!(
+        s.shards[1],
+        ShardEntry { owner: Some("b".into()), epoch: 1, state: ShardState::Active, replicas: vec![] }
+    );
 }
 
 fn arb_cmd() -> impl Strategy<Value = Cmd> {
@@ -206,8 +209,20 @@ fn replicas_are_caught_up_marked_and_promoted() {
     s.apply(&Cmd::CompleteMove { shard: 0, expected_epoch: 2 }).unwrap();
     assert_eq!(s.shards[0].owner.as_deref(), Some("c"));
     assert_eq!(s.shards[0].replicas, vec![Replica { node: "b".into(), in_sync: true }]);
+    // A move to a replica that fell out of sync cannot complete; its target cannot be dropped.
+    s.apply(&Cmd::ReplicaOutOfSync { shard: 0, node: "b".into(), expected_epoch: 3 }).unwrap();
+    s.apply(&Cmd::BeginMove { shard: 0, to: "b".into(), expected_epoch: 3 }).unwrap();
+    assert_eq!(
+        s.apply(&Cmd::CompleteMove { shard: 0, expected_epoch: 3 }),
+        Err(MetaError::NotInSync { shard: 0, node: "b".into() })
+    );
+    assert!(matches!(
+        s.apply(&Cmd::DropReplica { shard: 0, node: "b".into(), expected_epoch: 3 }),
+        Err(MetaError::WrongState { .. })
+    ));
+    s.apply(&Cmd::AbortMove { shard: 0, expected_epoch: 3 }).unwrap();
     // A fresh assignment (nobody held the state) drops every replica; so does removing a member.
-    s.apply(&Cmd::DropReplica { shard: 0, node: "b".into(), expected_epoch: 3 }).unwrap();
+    s.apply(&Cmd::DropReplica { shard: 0, node: "b".into(), expected_epoch: 4 }).unwrap();
     assert!(s.shards[0].replicas.is_empty());
     s.apply(&Cmd::AddReplica { shard: 1, node: "b".into(), expected_epoch: 0 }).unwrap();
     s.apply(&Cmd::Remove { name: "b".into() }).unwrap();

@@ -21,7 +21,7 @@ use tracing::{info, warn};
 
 use crate::agent::{Agent, Host, HostBuilder};
 use crate::bus::{Bus, RoutesError};
-use crate::cluster::protocol::AGENT_TAG;
+use crate::cluster::protocol::{AGENT_TAG, REPLICA_TAG};
 use crate::cluster::{Cluster, ClusterParts, Prepared};
 use crate::config::{Config, ConfigError};
 use crate::membership::task::{self as membership_task, Input, Membership, View};
@@ -97,6 +97,10 @@ impl Handler for NodeHandler {
             Msg::Ask { id, payload } if lane == Lane::Control => self.cluster.on_control_ask(from, id, payload),
             Msg::Ask { id, payload } if payload.first() == Some(&AGENT_TAG) => {
                 return self.cluster.on_agent_ask(from, id, payload)
+            }
+            // Applied in arrival order per shard, then answered.
+            Msg::Ask { id, payload } if payload.first() == Some(&REPLICA_TAG) => {
+                return self.cluster.on_replica_ask(from, id, payload)
             }
             // Answered at once, on the connection the ask came in on.
             Msg::Ask { payload, .. } => return Some(self.data.on_ask(from, payload)),
@@ -182,10 +186,11 @@ impl Node {
             placement: cfg.placement.clone(),
             meta_file: cfg.data_dir.as_ref().map(|d| d.join(META_FILE)),
             rng_seed: rng_seed.wrapping_add(2),
-            storage: storage.clone(),
+            storage,
+            metrics: metrics.clone(),
         })
         .map_err(NodeError::Meta)?;
-        let mut agents = HostBuilder::new(cfg.agents.clone(), storage)
+        let mut agents = HostBuilder::new(cfg.agents.clone(), prepared.storage())
             .gate(prepared.gate())
             .agent::<crate::agent::counter::Counter>();
         for register in &opts.agent_types {

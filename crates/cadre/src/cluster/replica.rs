@@ -1,0 +1,850 @@
+//! Replication of shard state between nodes, when storage is node-local.
+//!
+//! ## Design
+//! Primary-backup with the configuration in the metadata (as Kafka keeps its in-sync replica set
+//! in a controller): each shard's entry lists its replicas and whether each is *in sync*.
+//! - **Writes** ([`ReplicatedStorage`]): the owner's host writes through this store. A write is
+//!   made durable locally first (so a write the local store refuses, a revision conflict, is sent
+//!   nowhere), then sent to every replica of the shard's entry at the write's epoch, and
+//!   acknowledged once each in-sync replica has applied it. A replica that does not answer within
+//!   `replica_write_timeout_ms` (or refuses) is marked out of sync through the metadata *before*
+//!   the write is acknowledged: so every in-sync replica holds every acknowledged write, and the
+//!   controller promotes only in-sync replicas ([`crate::meta::Cmd::Promote`]). A write that cannot
+//!   get there fails with `Backend` (it may have happened locally: an unacknowledged write).
+//! - **Replicas** apply requests in the order they arrive from the owner (one ordered lane per
+//!   `shard % REPLICA_LANES`), writing at the owner's epoch, so the storage fence refuses any
+//!   older owner's late writes; they also refuse an epoch older than their metadata copy's, and a
+//!   sender that is not the owner at the current one. A put replaces the state whatever its
+//!   revision (revisions are per store and never cross nodes); an append must find the prefix
+//!   it builds on, or the replica reports itself diverged.
+//! - **Opening**: a node that starts to own a shard (assigned, promoted, moved to) first fences
+//!   its in-sync replicas at its epoch ([`ReplicaOp::Fence`]); the gate serves the shard only
+//!   once that is done. A late write of the previous owner can still have reached a replica
+//!   before the fence: it was never acknowledged (the new owner, an in-sync replica, lacks it),
+//!   and is overwritten by the next write of that key (a put), or makes the replica diverge and
+//!   be caught up again (an append). Until then such a replica holds one unacknowledged write
+//!   more than the owner.
+//! - **Catch-up**: the owner copies the shard to a replica that is not in sync, page by page
+//!   ([`ReplicaOp::Sync`]: "your keys of the shard in this key range are exactly these"), at most
+//!   `replica_sync_bytes_per_s` per node. Each page is read and sent under the shard's write lock,
+//!   while writes hold its read lock until their replicas answered, so a page and a write of the
+//!   same key reach the replica in the order they happened. Writes are forwarded to the replica
+//!   only for keys already copied (a later page carries the others). When the last page is in and
+//!   no forwarded write failed, the owner marks the replica in sync (under the write lock, so the
+//!   next write already waits for it).
+//!
+//! A planned move with node-local storage is: catch the target up as a replica, then switch the
+//! owner ([`crate::meta::Cmd::CompleteMove`] keeps the old owner as an in-sync replica).
+//!
+//! ## Caveats
+//! - A catch-up page scans the store from its last key (the store is not laid out by shard), so
+//!   catching up every shard costs one pass over the store per shard.
+//! - Each write is one ask per replica (not batched with other writes).
+//! - One key's state and entries must fit in one transport frame.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::{mpsc, watch, RwLock};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::protocol::{ReplicaError, ReplicaOp, ReplicaReply, ReplicaReq, TransferItem, REPLICA_TAG};
+use super::Inner;
+use crate::config::PlacementConfig;
+use crate::meta::raft::{self as mraft, ControlReply, ControlReq};
+use crate::meta::{MetaState, ShardEntry};
+use crate::metrics::{label, CounterFamily, Metrics};
+use crate::net::{AskError, PeerInfo};
+use crate::placement::shard_of;
+use crate::storage::{Fence, Key, Revision, Storage, StorageError, Versioned, ENTRIES_READ_MAX, SCAN_READ_MAX};
+use crate::wire::Lane;
+
+/// Ordered apply lanes on a replica: a shard's requests go to lane `shard % REPLICA_LANES`.
+pub const REPLICA_LANES: usize = 8;
+/// Requests queued per lane. When full, a request is refused `Busy`: its owner marks this
+/// replica out of sync and catches it up later.
+pub const REPLICA_LANE_QUEUE_LEN_MAX: usize = 1024;
+/// Bytes of state per catch-up page (well under the default 1 MiB frame).
+pub const SYNC_PAGE_BYTES_MAX: usize = 256 * 1024;
+/// Wait before retrying a failed opening or catch-up.
+const RETRY_MS: u64 = 200;
+
+/// A catch-up in progress, as writes see it.
+#[derive(Debug, Clone)]
+struct SyncProgress {
+    epoch: u64,
+    /// Keys up to this one are on the replica (`None`: none yet).
+    through: Option<Key>,
+    /// Every key is.
+    done: bool,
+    /// A forwarded write failed: this attempt cannot mark the replica in sync.
+    broken: bool,
+    keys: u64,
+    bytes: u64,
+}
+
+impl SyncProgress {
+    fn covers(&self, key: &Key) -> bool {
+        self.done || self.through.as_ref().is_some_and(|t| key <= t)
+    }
+}
+
+/// A catch-up in progress, as `GET /v1/cluster` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SyncStatus {
+    pub shard: u32,
+    pub to: String,
+    pub keys: u64,
+    pub bytes: u64,
+}
+
+struct ReplicaMetrics {
+    writes_failed: Counter,
+    marked_out: Counter,
+    synced: Counter,
+    sync_bytes: Counter,
+    refused: CounterFamily,
+}
+
+impl ReplicaMetrics {
+    fn new(m: &Metrics) -> Self {
+        Self {
+            writes_failed: m.counter("replica_writes_failed", "Replicated writes a replica did not acknowledge"),
+            marked_out: m.counter("replica_marked_out_of_sync", "Replicas this owner marked out of sync"),
+            synced: m.counter("replica_catch_ups", "Replicas this owner caught up and marked in sync"),
+            sync_bytes: m.counter("replica_sync_bytes", "State bytes copied to replicas being caught up"),
+            refused: m.counters("replica_requests_refused", "Replica requests this node refused, by reason"),
+        }
+    }
+}
+
+/// One request waiting on an apply lane.
+struct Incoming {
+    from: String,
+    addr: SocketAddr,
+    id: u64,
+    req: ReplicaReq,
+}
+
+/// Replication on one node: the owner side (writes, opening, catch-up) and the replica side.
+pub struct Replication {
+    name: String,
+    /// Off with shared storage: the database is the replica set.
+    enabled: bool,
+    local: Arc<dyn Storage>,
+    state: watch::Receiver<Arc<MetaState>>,
+    cfg: PlacementConfig,
+    cluster: OnceLock<Weak<Inner>>,
+    locks: Mutex<HashMap<u32, Arc<RwLock<()>>>>,
+    /// Shard → the epoch this node has opened it at.
+    opened: Mutex<HashMap<u32, u64>>,
+    syncs: Mutex<HashMap<(u32, String), SyncProgress>>,
+    lanes: OnceLock<Vec<mpsc::Sender<Incoming>>>,
+    /// When this node's catch-up bandwidth is next free.
+    bandwidth: tokio::sync::Mutex<Instant>,
+    metrics: ReplicaMetrics,
+}
+
+impl Replication {
+    pub fn new(
+        name: String,
+        local: Arc<dyn Storage>,
+        state: watch::Receiver<Arc<MetaState>>,
+        cfg: PlacementConfig,
+        metrics: &Metrics,
+    ) -> Arc<Replication> {
+        Arc::new(Replication {
+            name,
+            enabled: !local.shared(),
+            local,
+            state,
+            cfg,
+            cluster: OnceLock::new(),
+            locks: Mutex::new(HashMap::new()),
+            opened: Mutex::new(HashMap::new()),
+            syncs: Mutex::new(HashMap::new()),
+            lanes: OnceLock::new(),
+            bandwidth: tokio::sync::Mutex::new(Instant::now()),
+            metrics: ReplicaMetrics::new(metrics),
+        })
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// The store the host writes through.
+    pub fn storage(self: &Arc<Self>) -> Arc<dyn Storage> {
+        if self.enabled {
+            Arc::new(ReplicatedStorage { repl: self.clone() })
+        } else {
+            self.local.clone()
+        }
+    }
+
+    /// Whether this node may serve `shard` at `epoch` (opened, when replication is on).
+    pub fn is_open(&self, shard: u32, epoch: u64) -> bool {
+        !self.enabled || lock(&self.opened).get(&shard) == Some(&epoch)
+    }
+
+    /// Catch-ups in progress from this node.
+    pub fn syncing(&self) -> Vec<SyncStatus> {
+        let mut out: Vec<SyncStatus> = lock(&self.syncs)
+            .iter()
+            .map(|((shard, to), p)| SyncStatus { shard: *shard, to: to.clone(), keys: p.keys, bytes: p.bytes })
+            .collect();
+        out.sort_by(|a, b| (a.shard, &a.to).cmp(&(b.shard, &b.to)));
+        out
+    }
+
+    /// Connects the cluster layer and starts the apply lanes.
+    pub(super) fn start(self: &Arc<Self>, inner: &Arc<Inner>) {
+        assert!(self.cluster.set(Arc::downgrade(inner)).is_ok(), "replication started twice");
+        let mut senders = Vec::with_capacity(REPLICA_LANES);
+        for _ in 0..REPLICA_LANES {
+            let (tx, rx) = mpsc::channel(REPLICA_LANE_QUEUE_LEN_MAX);
+            senders.push(tx);
+            inner.tasks.spawn(apply_lane(self.clone(), rx, inner.cancel.clone()));
+        }
+        assert!(self.lanes.set(senders).is_ok(), "replication started twice");
+    }
+
+    fn cluster(&self) -> Option<Arc<Inner>> {
+        self.cluster.get().and_then(Weak::upgrade)
+    }
+
+    fn shard_lock(&self, shard: u32) -> Arc<RwLock<()>> {
+        lock(&self.locks).entry(shard).or_default().clone()
+    }
+
+    /// Sends a write the local store accepted to the shard's replicas; `Ok` once every in-sync
+    /// one has it (or was marked out of sync).
+    async fn replicate(&self, fence: Fence, key: &Key, op: ReplicaOp) -> Result<(), StorageError> {
+        let targets = self.targets(fence, key)?;
+        if targets.is_empty() {
+            return Ok(());
+        }
+        let req = ReplicaReq { shard: fence.shard, epoch: fence.epoch, op };
+        let payload = encode_req(&req);
+        let timeout = Duration::from_millis(self.cfg.replica_write_timeout_ms);
+        let asks = targets.iter().map(|t| self.ask(t.addr, payload.clone(), timeout));
+        let results = futures::future::join_all(asks).await;
+        let mut missed = Vec::new();
+        for (t, r) in targets.into_iter().zip(results) {
+            let Err(e) = r else { continue };
+            self.metrics.writes_failed.inc();
+            debug!(shard = fence.shard, replica = %t.node, error = %e, "replica missed a write");
+            if t.in_sync {
+                missed.push(t.node);
+            } else if let Some(p) = lock(&self.syncs).get_mut(&(fence.shard, t.node)) {
+                p.broken = true;
+            }
+        }
+        let reports = missed.iter().map(|n| self.report(fence.shard, fence.epoch, n, false));
+        for (node, r) in missed.iter().zip(futures::future::join_all(reports).await) {
+            r.map_err(|e| {
+                StorageError::Backend(format!("replica {node} missed a write and could not be marked out of sync: {e}"))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The replicas a write of `key` at `fence` goes to.
+    fn targets(&self, fence: Fence, key: &Key) -> Result<Vec<Target>, StorageError> {
+        let st = self.state.borrow();
+        let e = shard_entry(&st, fence.shard).ok_or_else(|| StorageError::Backend("no shard table".into()))?;
+        if e.epoch != fence.epoch || e.owner.as_deref() != Some(self.name.as_str()) {
+            return Err(StorageError::Fenced { shard: fence.shard, epoch: fence.epoch, current: e.epoch });
+        }
+        let syncs = lock(&self.syncs);
+        let mut out = Vec::new();
+        for r in &e.replicas {
+            let forwarded =
+                || syncs.get(&(fence.shard, r.node.clone())).is_some_and(|p| p.epoch == fence.epoch && p.covers(key));
+            if !r.in_sync && !forwarded() {
+                continue;
+            }
+            let addr = st.members.get(&r.node).and_then(|m| m.addr.parse().ok());
+            match addr {
+                Some(addr) => out.push(Target { node: r.node.clone(), addr, in_sync: r.in_sync }),
+                // Unreachable: an in-sync one must be marked out (an unparsable address never
+                // answers); send to a bogus port-0 address so the ask fails at once.
+                None if r.in_sync => {
+                    out.push(Target { node: r.node.clone(), addr: SocketAddr::from(([0, 0, 0, 0], 0)), in_sync: true })
+                }
+                None => {}
+            }
+        }
+        Ok(out)
+    }
+
+    async fn ask(&self, addr: SocketAddr, payload: Bytes, timeout: Duration) -> Result<(), String> {
+        let inner = self.cluster().ok_or("the node is shutting down")?;
+        let t = inner.transport.upgrade().ok_or("the node is shutting down")?;
+        let bytes = t.ask_on(Lane::Data, addr, payload, timeout).await.map_err(|e: AskError| e.to_string())?;
+        let reply: ReplicaReply =
+            postcard::from_bytes(&bytes).map_err(|e| format!("undecodable replica reply: {e}"))?;
+        reply.map_err(|e| e.to_string())
+    }
+
+    /// Asks the leader to mark `node` in or out of sync for `shard` at `epoch`.
+    async fn report(&self, shard: u32, epoch: u64, node: &str, in_sync: bool) -> Result<(), String> {
+        let inner = self.cluster().ok_or("the node is shutting down")?;
+        let req = ControlReq::Replica { shard, epoch, node: node.to_string(), in_sync };
+        match super::control::to_leader(&inner, req).await? {
+            ControlReply::Replica(r) => r?,
+            other => return Err(format!("unexpected reply {other:?}")),
+        }
+        if in_sync {
+            self.metrics.synced.inc();
+        } else {
+            self.metrics.marked_out.inc();
+            info!(shard, epoch, replica = node, "replica marked out of sync");
+        }
+        Ok(())
+    }
+
+    // --- Opening and catch-up (owner side) ---
+
+    /// Reacts to a new table: opens shards newly owned here, starts catch-ups, forgets the rest.
+    pub(super) fn on_table(self: &Arc<Self>, st: &MetaState, running: &mut HashSet<(u32, u64, String)>) {
+        if !self.enabled {
+            return;
+        }
+        let Some(inner) = self.cluster() else { return };
+        let mine: HashMap<u32, &ShardEntry> = st
+            .shards
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.owner.as_deref() == Some(self.name.as_str()))
+            .map(|(s, e)| (s as u32, e))
+            .collect();
+        lock(&self.opened).retain(|s, epoch| mine.get(s).is_some_and(|e| e.epoch == *epoch));
+        lock(&self.syncs).retain(|(s, to), p| {
+            mine.get(s).is_some_and(|e| e.epoch == p.epoch && e.replica(to).is_some_and(|r| !r.in_sync))
+        });
+        running.retain(|(s, epoch, _)| mine.get(s).is_some_and(|e| e.epoch == *epoch));
+        for (&shard, e) in &mine {
+            let open_job = (shard, e.epoch, String::new());
+            if !self.is_open(shard, e.epoch) && running.insert(open_job.clone()) {
+                let (me, epoch) = (self.clone(), e.epoch);
+                inner.tasks.spawn(async move { me.open(shard, epoch).await });
+            }
+            for r in e.replicas.iter().filter(|r| !r.in_sync) {
+                let job = (shard, e.epoch, r.node.clone());
+                if running.insert(job) {
+                    let (me, epoch, to) = (self.clone(), e.epoch, r.node.clone());
+                    inner.tasks.spawn(async move { me.catch_up(shard, epoch, to).await });
+                }
+            }
+        }
+    }
+
+    /// Whether this node still owns `shard` at `epoch`.
+    fn owns(&self, shard: u32, epoch: u64) -> bool {
+        let st = self.state.borrow();
+        shard_entry(&st, shard).is_some_and(|e| e.epoch == epoch && e.owner.as_deref() == Some(self.name.as_str()))
+    }
+
+    /// Fences the in-sync replicas at `epoch` (marking out of sync those that do not answer),
+    /// then lets the gate serve the shard.
+    async fn open(self: Arc<Self>, shard: u32, epoch: u64) {
+        let retry = Duration::from_millis(RETRY_MS);
+        while self.owns(shard, epoch) {
+            match self.fence_replicas(shard, epoch).await {
+                Ok(()) => {
+                    if self.owns(shard, epoch) {
+                        lock(&self.opened).insert(shard, epoch);
+                        debug!(shard, epoch, "shard opened");
+                    }
+                    return;
+                }
+                Err(e) => warn!(shard, epoch, error = %e, "cannot open the shard yet; retrying"),
+            }
+            let Some(inner) = self.cluster() else { return };
+            tokio::select! {
+                _ = tokio::time::sleep(retry) => {}
+                _ = inner.cancel.cancelled() => return,
+            }
+        }
+    }
+
+    async fn fence_replicas(&self, shard: u32, epoch: u64) -> Result<(), String> {
+        let in_sync: Vec<(String, Option<SocketAddr>)> = {
+            let st = self.state.borrow();
+            let Some(e) = shard_entry(&st, shard) else { return Ok(()) };
+            let addr = |n: &str| st.members.get(n).and_then(|m| m.addr.parse().ok());
+            e.replicas.iter().filter(|r| r.in_sync).map(|r| (r.node.clone(), addr(&r.node))).collect()
+        };
+        let payload = encode_req(&ReplicaReq { shard, epoch, op: ReplicaOp::Fence });
+        let timeout = Duration::from_millis(self.cfg.replica_write_timeout_ms);
+        let asks = in_sync.iter().map(|(_, addr)| {
+            let payload = payload.clone();
+            async move {
+                match addr {
+                    Some(a) => self.ask(*a, payload, timeout).await,
+                    None => Err("no address".into()),
+                }
+            }
+        });
+        let results = futures::future::join_all(asks).await;
+        for ((node, _), r) in in_sync.iter().zip(results) {
+            if let Err(e) = r {
+                debug!(shard, epoch, replica = %node, error = %e, "replica not fenced");
+                self.report(shard, epoch, node, false).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the shard to `to` page by page, then marks it in sync; starts over after a failure,
+    /// until the table no longer asks for it.
+    async fn catch_up(self: Arc<Self>, shard: u32, epoch: u64, to: String) {
+        let retry = Duration::from_millis(RETRY_MS);
+        let started = Instant::now();
+        loop {
+            if !self.wants_sync(shard, epoch, &to) {
+                break;
+            }
+            match self.sync_once(shard, epoch, &to).await {
+                Ok(true) => {
+                    let p = lock(&self.syncs).remove(&(shard, to.clone()));
+                    let (keys, bytes) = p.map_or((0, 0), |p| (p.keys, p.bytes));
+                    let took_ms = started.elapsed().as_millis() as u64;
+                    debug!(shard, epoch, to = %to, keys, bytes, took_ms, "replica caught up");
+                    return;
+                }
+                Ok(false) => {}
+                Err(e) => debug!(shard, epoch, to = %to, error = %e, "catch-up failed; starting over"),
+            }
+            lock(&self.syncs).remove(&(shard, to.clone()));
+            let Some(inner) = self.cluster() else { return };
+            tokio::select! {
+                _ = tokio::time::sleep(retry) => {}
+                _ = inner.cancel.cancelled() => return,
+            }
+        }
+        lock(&self.syncs).remove(&(shard, to));
+    }
+
+    /// Whether the table still wants `to` caught up for `shard` at `epoch` by this node.
+    fn wants_sync(&self, shard: u32, epoch: u64, to: &str) -> bool {
+        let st = self.state.borrow();
+        shard_entry(&st, shard).is_some_and(|e| {
+            e.epoch == epoch
+                && e.owner.as_deref() == Some(self.name.as_str())
+                && e.replica(to).is_some_and(|r| !r.in_sync)
+        })
+    }
+
+    /// One attempt: `Ok(true)` once the replica is marked in sync, `Ok(false)` when a forwarded
+    /// write failed meanwhile (start over).
+    async fn sync_once(&self, shard: u32, epoch: u64, to: &str) -> Result<bool, String> {
+        let key = (shard, to.to_string());
+        let fresh = SyncProgress { epoch, through: None, done: false, broken: false, keys: 0, bytes: 0 };
+        lock(&self.syncs).insert(key.clone(), fresh);
+        let timeout = Duration::from_millis(self.cfg.handoff_timeout_ms / 4).max(Duration::from_millis(1000));
+        let shard_lock = self.shard_lock(shard);
+        let mut after: Option<Key> = None;
+        loop {
+            if !self.wants_sync(shard, epoch, to) {
+                return Err("no longer wanted".into());
+            }
+            let addr = self.addr_of(to)?;
+            let sent = {
+                let _w = shard_lock.write().await;
+                let page = self.read_page(shard, after.as_ref()).await?;
+                let (keys, bytes) = (page.items.len() as u64, page.bytes);
+                let op = ReplicaOp::Sync {
+                    after: after.as_ref().map(|k| (k.ty.clone(), k.id.clone())),
+                    through: page.through.as_ref().map(|k| (k.ty.clone(), k.id.clone())),
+                    items: page.items,
+                };
+                self.ask(addr, encode_req(&ReplicaReq { shard, epoch, op }), timeout).await?;
+                let mut syncs = lock(&self.syncs);
+                let p = syncs.get_mut(&key).ok_or("catch-up dropped")?;
+                p.keys += keys;
+                p.bytes += bytes as u64;
+                p.through = page.through.clone();
+                p.done = page.through.is_none();
+                self.metrics.sync_bytes.inc_by(bytes as u64);
+                after = page.through;
+                bytes
+            };
+            if after.is_none() {
+                break;
+            }
+            self.pace(sent).await;
+        }
+        // Every key is there, and writes forwarded since are acknowledged (they held the read
+        // lock): mark it in sync while no write runs, and wait to see it so the next one counts it.
+        let _w = shard_lock.write().await;
+        if lock(&self.syncs).get(&key).is_none_or(|p| p.broken) {
+            return Ok(false);
+        }
+        self.report(shard, epoch, to, true).await?;
+        let mut rx = self.state.clone();
+        let seen = rx.wait_for(|st| shard_entry(st, shard).is_none_or(|e| e.epoch != epoch || e.in_sync(to)));
+        let limit = Duration::from_millis(self.cfg.replica_write_timeout_ms);
+        tokio::time::timeout(limit, seen).await.map_err(|_| "in-sync mark not applied here in time")?.ok();
+        Ok(true)
+    }
+
+    fn addr_of(&self, node: &str) -> Result<SocketAddr, String> {
+        let st = self.state.borrow();
+        st.members.get(node).and_then(|m| m.addr.parse().ok()).ok_or_else(|| format!("no address for {node}"))
+    }
+
+    /// Waits until this node's catch-up bandwidth allows `bytes` more.
+    async fn pace(&self, bytes: usize) {
+        let per_s = self.cfg.replica_sync_bytes_per_s.max(1);
+        let cost = Duration::from_micros((bytes as u64).saturating_mul(1_000_000) / per_s);
+        let until = {
+            let mut next = self.bandwidth.lock().await;
+            let start = (*next).max(Instant::now());
+            *next = start + cost;
+            *next
+        };
+        tokio::time::sleep_until(until).await;
+    }
+
+    /// The shard's keys after `after`: up to [`SYNC_PAGE_BYTES_MAX`] of state, from at most one
+    /// scan of [`SCAN_READ_MAX`] keys. `through` is the last key the page covers (`None`: the end).
+    async fn read_page(&self, shard: u32, after: Option<&Key>) -> Result<Page, String> {
+        let count = self.state.borrow().shard_count;
+        let keys = self.local.scan_keys(after, SCAN_READ_MAX).await.map_err(|e| e.to_string())?;
+        let end = keys.len() < SCAN_READ_MAX;
+        let mut page = Page { items: Vec::new(), through: None, bytes: 0 };
+        let mut last = None;
+        for key in keys {
+            if shard_of(&key, count) == shard {
+                let item = export(&*self.local, &key).await?;
+                page.bytes +=
+                    item.value.as_ref().map_or(0, Vec::len) + item.entries.iter().map(Vec::len).sum::<usize>();
+                page.items.push(item);
+            }
+            last = Some(key);
+            if page.bytes >= SYNC_PAGE_BYTES_MAX {
+                page.through = last;
+                return Ok(page);
+            }
+        }
+        page.through = if end { None } else { last };
+        Ok(page)
+    }
+
+    // --- Replica side ---
+
+    /// Takes a data-lane ask carrying a [`ReplicaReq`] (after [`REPLICA_TAG`]); answers at once
+    /// only when it cannot be queued.
+    pub fn on_ask(&self, from: &PeerInfo, id: u64, payload: &[u8]) -> Option<Bytes> {
+        let refuse = |reason: &str, e: ReplicaError| {
+            self.metrics.refused.get_or_create(&label("reason", reason)).inc();
+            Some(encode_reply(&Err(e)))
+        };
+        let req = match postcard::from_bytes::<ReplicaReq>(payload.get(1..).unwrap_or_default()) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(from = %from.name, error = %e, "undecodable replica request");
+                return refuse("undecodable", ReplicaError::Undecodable(e.to_string()));
+            }
+        };
+        let Some(lanes) = self.lanes.get() else { return refuse("starting", ReplicaError::Busy) };
+        let lane = &lanes[req.shard as usize % REPLICA_LANES];
+        let item = Incoming { from: from.name.to_string(), addr: from.addr, id, req };
+        match lane.try_send(item) {
+            Ok(()) => None,
+            Err(_) => refuse("busy", ReplicaError::Busy),
+        }
+    }
+
+    async fn apply(&self, from: &str, req: ReplicaReq) -> ReplicaReply {
+        let count = {
+            let st = self.state.borrow();
+            if let Some(e) = shard_entry(&st, req.shard) {
+                if req.epoch < e.epoch || (req.epoch == e.epoch && e.owner.as_deref() != Some(from)) {
+                    return Err(ReplicaError::Stale(format!(
+                        "shard {} is at epoch {} owned by {:?}; {from} wrote at {}",
+                        req.shard, e.epoch, e.owner, req.epoch
+                    )));
+                }
+            }
+            if st.shard_count == 0 {
+                // Too far behind to check anything: the owner catches this node up later.
+                return Err(ReplicaError::Stale("this node has no shard table yet".into()));
+            }
+            st.shard_count
+        };
+        let fence = Fence { shard: req.shard, epoch: req.epoch };
+        let in_shard = |ty: &str, id: &str| {
+            let key = Key::new(ty, id);
+            key.check().map_err(|e| ReplicaError::Storage(e.to_string()))?;
+            if shard_of(&key, count) != req.shard {
+                return Err(ReplicaError::Diverged(format!("{key:?} is not in shard {}", req.shard)));
+            }
+            Ok(key)
+        };
+        let local = &*self.local;
+        match req.op {
+            ReplicaOp::Put { ty, id, value } => {
+                let key = in_shard(&ty, &id)?;
+                let rev = revision(local, &key).await?;
+                local.put(&key, value.into(), rev, fence).await.map(drop).map_err(storage_err)
+            }
+            ReplicaOp::Delete { ty, id } => remove(local, &in_shard(&ty, &id)?, fence).await,
+            ReplicaOp::Append { ty, id, expected_len, entries } => {
+                let key = in_shard(&ty, &id)?;
+                let entries = entries.into_iter().map(Bytes::from).collect();
+                match local.append(&key, entries, expected_len, fence).await {
+                    Ok(_) => Ok(()),
+                    Err(StorageError::Conflict { expected, actual }) => Err(ReplicaError::Diverged(format!(
+                        "{key:?} has {actual} entries here, the owner appended after {expected}"
+                    ))),
+                    Err(e) => Err(storage_err(e)),
+                }
+            }
+            ReplicaOp::Fence => local.fence(fence).await.map_err(storage_err),
+            ReplicaOp::Sync { after, through, items } => {
+                let after = after.map(|(t, i)| Key::new(t, i));
+                let through = through.map(|(t, i)| Key::new(t, i));
+                let mut keys = Vec::with_capacity(items.len());
+                for item in &items {
+                    keys.push(in_shard(&item.ty, &item.id)?);
+                }
+                local.fence(fence).await.map_err(storage_err)?;
+                sync_range(local, req.shard, count, fence, after, through, keys, items).await
+            }
+        }
+    }
+}
+
+struct Target {
+    node: String,
+    addr: SocketAddr,
+    in_sync: bool,
+}
+
+struct Page {
+    items: Vec<TransferItem>,
+    through: Option<Key>,
+    bytes: usize,
+}
+
+async fn apply_lane(
+    repl: Arc<Replication>,
+    mut rx: mpsc::Receiver<Incoming>,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let item = tokio::select! {
+            i = rx.recv() => match i { Some(i) => i, None => return },
+            _ = cancel.cancelled() => return,
+        };
+        let reply = repl.apply(&item.from, item.req).await;
+        if let Err(e) = &reply {
+            debug!(from = %item.from, error = %e, "replica request refused");
+            let reason = match e {
+                ReplicaError::Stale(_) => "stale",
+                ReplicaError::Diverged(_) => "diverged",
+                _ => "storage",
+            };
+            repl.metrics.refused.get_or_create(&label("reason", reason)).inc();
+        }
+        let Some(inner) = repl.cluster() else { return };
+        if let Some(t) = inner.transport.upgrade() {
+            let _ = t.reply_on(Lane::Data, item.addr, item.id, encode_reply(&reply));
+        }
+    }
+}
+
+/// Makes the replica's keys of `shard` in `(after, through]` exactly `items` (whose keys are
+/// `keys`).
+#[allow(clippy::too_many_arguments)]
+async fn sync_range(
+    local: &dyn Storage,
+    shard: u32,
+    count: u32,
+    fence: Fence,
+    after: Option<Key>,
+    through: Option<Key>,
+    keys: Vec<Key>,
+    items: Vec<TransferItem>,
+) -> ReplicaReply {
+    let keep: HashSet<&Key> = keys.iter().collect();
+    // Drop what the range holds here and the page does not.
+    let mut cursor = after;
+    'scan: loop {
+        let found = local.scan_keys(cursor.as_ref(), SCAN_READ_MAX).await.map_err(storage_err)?;
+        let end = found.len() < SCAN_READ_MAX;
+        for key in found {
+            if through.as_ref().is_some_and(|t| key > *t) {
+                break 'scan;
+            }
+            if shard_of(&key, count) == shard && !keep.contains(&key) {
+                remove(local, &key, fence).await?;
+            }
+            cursor = Some(key);
+        }
+        if end {
+            break;
+        }
+    }
+    for (key, item) in keys.iter().zip(items) {
+        remove(local, key, fence).await?;
+        if let Some(v) = item.value {
+            local.put(key, v.into(), 0, fence).await.map_err(storage_err)?;
+        }
+        if !item.entries.is_empty() {
+            let entries = item.entries.into_iter().map(Bytes::from).collect();
+            local.append(key, entries, 0, fence).await.map_err(storage_err)?;
+        }
+    }
+    Ok(())
+}
+
+async fn revision(local: &dyn Storage, key: &Key) -> Result<Revision, ReplicaError> {
+    Ok(local.get(key).await.map_err(storage_err)?.map_or(0, |v| v.revision))
+}
+
+/// Removes a key's state and entries, whatever its revision.
+async fn remove(local: &dyn Storage, key: &Key, fence: Fence) -> ReplicaReply {
+    let rev = revision(local, key).await?;
+    let has_entries = !local.entries(key, 0, 1).await.map_err(storage_err)?.is_empty();
+    if rev == 0 && !has_entries {
+        return Ok(());
+    }
+    local.delete(key, rev, fence).await.map_err(storage_err)
+}
+
+async fn export(local: &dyn Storage, key: &Key) -> Result<TransferItem, String> {
+    let value = local.get(key).await.map_err(|e| e.to_string())?.map(|v| v.value.to_vec());
+    let mut entries = Vec::new();
+    loop {
+        let batch = local.entries(key, entries.len() as u64, ENTRIES_READ_MAX).await.map_err(|e| e.to_string())?;
+        let n = batch.len();
+        entries.extend(batch.into_iter().map(|b| b.to_vec()));
+        if n < ENTRIES_READ_MAX {
+            break;
+        }
+    }
+    Ok(TransferItem { ty: key.ty.clone(), id: key.id.clone(), value, entries })
+}
+
+fn storage_err(e: StorageError) -> ReplicaError {
+    match e {
+        StorageError::Fenced { .. } => ReplicaError::Stale(e.to_string()),
+        e => ReplicaError::Storage(e.to_string()),
+    }
+}
+
+fn shard_entry(st: &MetaState, shard: u32) -> Option<&ShardEntry> {
+    st.shards.get(shard as usize)
+}
+
+fn encode_req(req: &ReplicaReq) -> Bytes {
+    let mut buf = BytesMut::with_capacity(64);
+    buf.put_u8(REPLICA_TAG);
+    buf.extend_from_slice(&mraft::encode(req));
+    buf.freeze()
+}
+
+fn encode_reply(reply: &ReplicaReply) -> Bytes {
+    mraft::encode(reply)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The store a replicating owner's host writes through: local first, then the replicas.
+struct ReplicatedStorage {
+    repl: Arc<Replication>,
+}
+
+impl ReplicatedStorage {
+    /// Runs a local write under the shard's read lock, then replicates it.
+    /// (`local` is called only once the lock is held: a store may write when called, not polled.)
+    fn write<'a, T: Send + 'a>(
+        &'a self,
+        key: &'a Key,
+        fence: Fence,
+        local: impl FnOnce() -> BoxFuture<'a, Result<T, StorageError>> + Send + 'a,
+        op: impl FnOnce() -> ReplicaOp + Send + 'a,
+    ) -> BoxFuture<'a, Result<T, StorageError>> {
+        async move {
+            let shard_lock = self.repl.shard_lock(fence.shard);
+            let _r = shard_lock.read().await;
+            let out = local().await?;
+            self.repl.replicate(fence, key, op()).await?;
+            Ok(out)
+        }
+        .boxed()
+    }
+}
+
+impl Storage for ReplicatedStorage {
+    fn get<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, Result<Option<Versioned>, StorageError>> {
+        self.repl.local.get(key)
+    }
+
+    fn put<'a>(
+        &'a self,
+        key: &'a Key,
+        value: Bytes,
+        expected: Revision,
+        fence: Fence,
+    ) -> BoxFuture<'a, Result<Revision, StorageError>> {
+        let v = value.clone();
+        let local = move || self.repl.local.put(key, v, expected, fence);
+        self.write(key, fence, local, move || ReplicaOp::Put {
+            ty: key.ty.clone(),
+            id: key.id.clone(),
+            value: value.to_vec(),
+        })
+    }
+
+    fn delete<'a>(&'a self, key: &'a Key, expected: Revision, fence: Fence) -> BoxFuture<'a, Result<(), StorageError>> {
+        let local = move || self.repl.local.delete(key, expected, fence);
+        self.write(key, fence, local, move || ReplicaOp::Delete { ty: key.ty.clone(), id: key.id.clone() })
+    }
+
+    fn append<'a>(
+        &'a self,
+        key: &'a Key,
+        entries: Vec<Bytes>,
+        expected_len: u64,
+        fence: Fence,
+    ) -> BoxFuture<'a, Result<u64, StorageError>> {
+        let copy: Vec<Vec<u8>> = entries.iter().map(|e| e.to_vec()).collect();
+        let local = move || self.repl.local.append(key, entries, expected_len, fence);
+        self.write(key, fence, local, move || ReplicaOp::Append {
+            ty: key.ty.clone(),
+            id: key.id.clone(),
+            expected_len,
+            entries: copy,
+        })
+    }
+
+    fn entries<'a>(&'a self, key: &'a Key, from: u64, limit: usize) -> BoxFuture<'a, Result<Vec<Bytes>, StorageError>> {
+        self.repl.local.entries(key, from, limit)
+    }
+
+    fn epoch<'a>(&'a self, shard: u32) -> BoxFuture<'a, Result<u64, StorageError>> {
+        self.repl.local.epoch(shard)
+    }
+
+    fn fence<'a>(&'a self, fence: Fence) -> BoxFuture<'a, Result<(), StorageError>> {
+        self.repl.local.fence(fence)
+    }
+
+    fn scan_keys<'a>(&'a self, after: Option<&'a Key>, limit: usize) -> BoxFuture<'a, Result<Vec<Key>, StorageError>> {
+        self.repl.local.scan_keys(after, limit)
+    }
+}
