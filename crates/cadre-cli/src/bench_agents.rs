@@ -10,7 +10,10 @@
 //! - Remote calls: two in-process nodes on loopback; `counter.add` from node b to keys whose
 //!   shard node a owns (the call crosses the transport's data lane and back), `CONCURRENCY`
 //!   callers, against raw transport asks b → a of the same payload size in the same run.
-//!   Latency: one call (one ask) at a time.
+//!   Latency: one call (one ask) at a time. No replicas here (replication factor 1).
+//! - Write-through: `counter.add` on the owner's node, with replication factor 1 and then 2 (each
+//!   write is acknowledged once the other node's store has it too); the ratio is the cost of a
+//!   replica.
 
 use std::time::{Duration, Instant};
 
@@ -165,7 +168,9 @@ async fn latencies() -> Result<(f64, f64)> {
     Ok((p50(agent), p50(raw)))
 }
 
-async fn start_pair() -> Result<(cadre::node::Node, cadre::node::Node)> {
+/// Two nodes on loopback with memory storage, settled: both own shards, none moving, and each
+/// shard has `replication_factor - 1` replicas in sync.
+async fn start_pair(replication_factor: u32) -> Result<(cadre::node::Node, cadre::node::Node)> {
     use cadre::config::{Config, PlacementConfig, Secret};
     use cadre::node::{Node, NodeOptions};
     let config = |name: &str, seeds| Config {
@@ -177,6 +182,7 @@ async fn start_pair() -> Result<(cadre::node::Node, cadre::node::Node)> {
         placement: PlacementConfig {
             rebalance_interval_ms: 50,
             max_moves_per_tick: 1024,
+            replication_factor,
             ..PlacementConfig::default()
         },
         ..Config::default()
@@ -189,7 +195,9 @@ async fn start_pair() -> Result<(cadre::node::Node, cadre::node::Node)> {
         let st = b.cluster().state();
         let counts = st.shard_counts();
         let moving = st.shards.iter().any(|e| !matches!(e.state, cadre::meta::ShardState::Active));
-        if st.shard_count > 0 && !moving && counts.get("a") > Some(&0) && counts.get("b") > Some(&0) {
+        let copies = replication_factor as usize - 1;
+        let replicated = st.shards.iter().all(|e| e.replicas.len() == copies && e.replicas.iter().all(|r| r.in_sync));
+        if st.shard_count > 0 && !moving && replicated && counts.get("a") > Some(&0) && counts.get("b") > Some(&0) {
             break;
         }
         if Instant::now() > deadline {
@@ -201,9 +209,10 @@ async fn start_pair() -> Result<(cadre::node::Node, cadre::node::Node)> {
     Ok((a, b))
 }
 
-/// Remote calls/s, raw asks/s, remote call p50 µs, raw ask p50 µs.
+/// Remote calls/s, raw asks/s, remote call p50 µs, raw ask p50 µs (no replicas: the call path
+/// alone).
 async fn remote(seconds: f64) -> Result<(f64, f64, f64, f64)> {
-    let (a, b) = start_pair().await?;
+    let (a, b) = start_pair(1).await?;
     let keys: Vec<Key> = (0..)
         .map(|i| Key::new("counter", format!("r{i}")))
         .filter(|k| b.cluster().placement(k).ok().and_then(|p| p.owner).as_deref() == Some("a"))
@@ -246,6 +255,37 @@ async fn remote(seconds: f64) -> Result<(f64, f64, f64, f64)> {
     Ok((calls, asks, p50(call_lat), p50(ask_lat)))
 }
 
+/// Write-through `counter.add` on the owner's node with `replication_factor` copies (2: each
+/// write also reaches the other node's store before it is acknowledged): calls/s and p50 µs.
+async fn write_through(seconds: f64, replication_factor: u32) -> Result<(f64, f64)> {
+    let (a, b) = start_pair(replication_factor).await?;
+    let keys: Vec<Key> = (0..)
+        .map(|i| Key::new("counter", format!("w{i}")))
+        .filter(|k| a.cluster().placement(k).ok().and_then(|p| p.owner).as_deref() == Some("a"))
+        .take(HOT_KEYS)
+        .collect();
+    let keys = std::sync::Arc::new(keys);
+    let cluster = a.cluster().clone();
+    let (c, k) = (cluster.clone(), keys.clone());
+    let calls = saturate(seconds, move |t, n| {
+        let (c, k) = (c.clone(), k.clone());
+        async move {
+            c.call(&k[(t * 7 + n as usize) % HOT_KEYS], add(), CALL_TIMEOUT).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    let mut lat = Vec::with_capacity(LATENCY_SAMPLES);
+    for i in 0..LATENCY_SAMPLES {
+        let t = Instant::now();
+        cluster.call(&keys[i % HOT_KEYS], add(), CALL_TIMEOUT).await?;
+        lat.push(t.elapsed());
+    }
+    b.shutdown().await;
+    a.shutdown().await;
+    Ok((calls, p50(lat)))
+}
+
 pub async fn run(seconds: f64) -> Result<()> {
     if !(0.1..=600.0).contains(&seconds) {
         bail!("--seconds must be within 0.1..=600");
@@ -263,12 +303,18 @@ pub async fn run(seconds: f64) -> Result<()> {
         remote_calls / raw_asks
     );
     println!("remote call p50   {remote_p50:>10.2} µs   raw ask {rtt_p50:>8.2} µs");
+    let (rf1, rf1_p50) = write_through(seconds, 1).await?;
+    let (rf2, rf2_p50) = write_through(seconds, 2).await?;
+    println!("write-through rf1 {rf1:>10.0}/s   p50 {rf1_p50:>8.2} µs");
+    println!("write-through rf2 {rf2:>10.0}/s   p50 {rf2_p50:>8.2} µs   ratio rf2/rf1 {:.2}", rf2 / rf1);
     // Field order as the issue gives it.
     println!(
         "{{\"bench\":\"agents\",\"activations_per_s\":{act:.0},\"local_calls_per_s\":{local:.0},\
          \"raw_local_calls_per_s\":{raw:.0},\"local_call_p50_us\":{agent_p50:.2},\"raw_local_call_p50_us\":{raw_p50:.2},\
          \"remote_calls_per_s\":{remote_calls:.0},\"raw_asks_per_s\":{raw_asks:.0},\
-         \"remote_call_p50_us\":{remote_p50:.2},\"raw_rtt_p50_us\":{rtt_p50:.2}}}"
+         \"remote_call_p50_us\":{remote_p50:.2},\"raw_rtt_p50_us\":{rtt_p50:.2},\
+         \"write_rf1_per_s\":{rf1:.0},\"write_rf2_per_s\":{rf2:.0},\"write_rf1_p50_us\":{rf1_p50:.2},\
+         \"write_rf2_p50_us\":{rf2_p50:.2}}}"
     );
     Ok(())
 }

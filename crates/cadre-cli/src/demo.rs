@@ -55,11 +55,21 @@ pub fn cluster_table(c: &cadre::api::agents::ClusterJson) -> String {
         "  leader {leader} (term {}), {} shards ({} moving, {} unassigned), {} active agents",
         c.term, c.shard_count, c.shards_moving, c.shards_unassigned, c.active_agents_total
     );
-    let _ = writeln!(out, "  {:<12} {:<22} {:<7} {:>6} {:>8}", "NAME", "ADDR", "ROLE", "SHARDS", "AGENTS");
+    let _ = writeln!(out, "  replicas: {} in sync, {} catching up", c.replicas_in_sync, c.replicas_behind);
+    let _ = writeln!(
+        out,
+        "  {:<12} {:<22} {:<7} {:>6} {:>8} {:>8} {:>9}",
+        "NAME", "ADDR", "ROLE", "SHARDS", "REPLICAS", "AGENTS", "SYNCING"
+    );
     for m in &c.members {
         let role = if m.voter { "voter" } else { "learner" };
         let agents = m.active_agents.map(|a| a.to_string()).unwrap_or_else(|| "?".into());
-        let _ = writeln!(out, "  {:<12} {:<22} {:<7} {:>6} {:>8}", m.name, m.addr, role, m.shards, agents);
+        let syncing = m.catching_up.len();
+        let _ = writeln!(
+            out,
+            "  {:<12} {:<22} {:<7} {:>6} {:>8} {:>8} {:>9}",
+            m.name, m.addr, role, m.shards, m.replica_of, agents, syncing
+        );
     }
     out.trim_end().to_string()
 }

@@ -150,6 +150,10 @@ pub struct ClusterJson {
     pub shard_count: u32,
     pub shards_moving: usize,
     pub shards_unassigned: usize,
+    /// Replicas (copies besides the owner's) that hold every acknowledged write.
+    pub replicas_in_sync: usize,
+    /// Replicas being caught up (or waiting to be).
+    pub replicas_behind: usize,
     /// Members in admission order.
     pub members: Vec<ClusterMemberJson>,
     /// Sum over the members that answered.
@@ -166,12 +170,19 @@ pub struct ClusterMemberJson {
     pub shards: usize,
     /// Active agents on it; `None` if it did not answer.
     pub active_agents: Option<u64>,
+    /// Shards it keeps a replica of.
+    pub replica_of: usize,
+    /// Replica catch-ups it runs as an owner, with their progress (empty if it did not answer).
+    pub catching_up: Vec<crate::cluster::replica::SyncStatus>,
 }
 
 /// `GET /v1/cluster`.
 pub async fn cluster(State(s): State<ApiState>) -> Json<ClusterJson> {
     let st = s.cluster.state();
-    let active = s.cluster.stats(s.call_timeout.min(STATS_TIMEOUT)).await;
+    let stats = s.cluster.stats(s.call_timeout.min(STATS_TIMEOUT)).await;
+    let replicas = st.shards.iter().flat_map(|e| e.replicas.iter());
+    let (in_sync, behind) = replicas.fold((0, 0), |(i, b), r| if r.in_sync { (i + 1, b) } else { (i, b + 1) });
+    let replica_of = |name: &str| st.shards.iter().filter(|e| e.replica(name).is_some()).count();
     let counts = st.shard_counts();
     let raft = s.cluster.raft().metrics().borrow().clone();
     let membership = raft.membership_config.membership().clone();
@@ -185,7 +196,9 @@ pub async fn cluster(State(s): State<ApiState>) -> Json<ClusterJson> {
             addr: st.members[name].addr.clone(),
             voter: voters.contains(name),
             shards: counts.get(name).copied().unwrap_or(0),
-            active_agents: active.get(name).copied().flatten(),
+            active_agents: stats.get(name).and_then(|m| m.as_ref().map(|m| m.active)),
+            replica_of: replica_of(name),
+            catching_up: stats.get(name).and_then(|m| m.as_ref().map(|m| m.syncing.clone())).unwrap_or_default(),
         })
         .collect();
     Json(ClusterJson {
@@ -194,7 +207,9 @@ pub async fn cluster(State(s): State<ApiState>) -> Json<ClusterJson> {
         shard_count: st.shard_count,
         shards_moving: st.shards.iter().filter(|e| matches!(e.state, crate::meta::ShardState::Moving { .. })).count(),
         shards_unassigned: st.shards.iter().filter(|e| e.owner.is_none()).count(),
+        replicas_in_sync: in_sync,
+        replicas_behind: behind,
         members,
-        active_agents_total: active.values().map(|a| a.unwrap_or(0)).sum(),
+        active_agents_total: stats.values().map(|m| m.as_ref().map_or(0, |m| m.active)).sum(),
     })
 }

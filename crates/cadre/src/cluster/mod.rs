@@ -395,9 +395,9 @@ impl Cluster {
         self.request(key, Op::Lookup, timeout).await
     }
 
-    /// Active agents on each member (asked of each; `None` for those that did not answer in
-    /// `timeout` or that membership does not see alive).
-    pub async fn stats(&self, timeout: Duration) -> BTreeMap<String, Option<u64>> {
+    /// Active agents and replica catch-ups on each member (asked of each; `None` for those that
+    /// did not answer in `timeout` or that membership does not see alive).
+    pub async fn stats(&self, timeout: Duration) -> BTreeMap<String, Option<MemberStats>> {
         let st = self.state();
         let view = self.inner.membership.view();
         let mut asks = Vec::new();
@@ -408,12 +408,13 @@ impl Cluster {
             let addr = m.addr.parse::<SocketAddr>().ok().filter(|_| alive);
             asks.push(async move {
                 if name == me.inner.name {
-                    return (name, Some(me.inner.host.active() as u64));
+                    let stats = MemberStats { active: me.inner.host.active() as u64, syncing: me.inner.repl.syncing() };
+                    return (name, Some(stats));
                 }
                 let Some(addr) = addr else { return (name, None) };
                 let req = AgentReq { op: AgentOp::Stats, ty: String::new(), id: String::new(), epoch: 0 };
                 match me.ask(addr, &req, timeout).await {
-                    Ok(AgentReply::Stats { active }) => (name, Some(active)),
+                    Ok(AgentReply::Stats { active, syncing }) => (name, Some(MemberStats { active, syncing })),
                     _ => (name, None),
                 }
             });
@@ -709,6 +710,13 @@ impl Op {
     }
 }
 
+/// What [`Cluster::stats`] learns of one member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberStats {
+    pub active: u64,
+    pub syncing: Vec<replica::SyncStatus>,
+}
+
 /// A reply and where it came from.
 #[derive(Debug, Clone)]
 pub struct Served {
@@ -727,7 +735,9 @@ async fn serve_remote(inner: &Inner, req: AgentReq) -> AgentReply {
         AgentOp::Ensure => (Op::Ensure, inner.meta_cfg.rpc_timeout_ms),
         AgentOp::Stop => (Op::Stop, inner.meta_cfg.rpc_timeout_ms),
         AgentOp::Lookup => (Op::Lookup, inner.meta_cfg.rpc_timeout_ms),
-        AgentOp::Stats => return AgentReply::Stats { active: inner.host.active() as u64 },
+        AgentOp::Stats => {
+            return AgentReply::Stats { active: inner.host.active() as u64, syncing: inner.repl.syncing() }
+        }
     };
     let deadline = Instant::now() + Duration::from_millis(timeout_ms);
     match serve_local(inner, &key, &op, deadline).await {

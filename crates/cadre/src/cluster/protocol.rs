@@ -129,6 +129,8 @@ pub enum AgentReply {
     },
     Stats {
         active: u64,
+        /// Replica catch-ups the node runs as an owner.
+        syncing: Vec<super::replica::SyncStatus>,
     },
     Err(CallError),
 }
