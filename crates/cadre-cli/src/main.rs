@@ -179,6 +179,10 @@ struct NodeArgs {
     /// subscribed at start.
     #[arg(long, env = "CADRE_ROUTES")]
     routes: Option<PathBuf>,
+    /// Keep agents' state in this Postgres database, shared by every node of the cluster
+    /// (`postgres://USER[:PASSWORD]@HOST:PORT/DB`); default: the embedded store under --data-dir.
+    #[arg(long, env = "CADRE_STORAGE", value_name = "URL", hide_env_values = true)]
+    storage: Option<String>,
 }
 
 fn resolve(addr: &str) -> Result<SocketAddr> {
@@ -218,6 +222,9 @@ fn node_config(args: &NodeArgs) -> Result<Config> {
     }
     if let Some(d) = &args.data_dir {
         cfg.data_dir = Some(d.clone());
+    }
+    if let Some(url) = args.storage.as_ref().filter(|u| !u.is_empty()) {
+        cfg.storage.url = Some(url.clone());
     }
     if let Some(f) = &args.secret_file {
         cfg.secret_file = Some(f.clone());

@@ -85,6 +85,7 @@ pub struct Config {
     pub agents: AgentsConfig,
     pub meta: MetaConfig,
     pub placement: PlacementConfig,
+    pub storage: StorageConfig,
 }
 
 impl Default for Config {
@@ -106,6 +107,7 @@ impl Default for Config {
             agents: AgentsConfig::default(),
             meta: MetaConfig::default(),
             placement: PlacementConfig::default(),
+            storage: StorageConfig::default(),
         }
     }
 }
@@ -453,6 +455,73 @@ impl PlacementConfig {
     }
 }
 
+/// Where agents' state lives: the embedded store, or a shared Postgres database.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `postgres://USER[:PASSWORD]@HOST:PORT/DB[?sslmode=...]`: every node of the cluster keeps its
+    /// agents' state in this database (the schema is created or upgraded at start). `None`: the
+    /// embedded store under `data_dir` (memory without one). A URL that does not parse is refused
+    /// by `validate`; a database that cannot be reached, or refuses the login, fails the start.
+    pub url: Option<String>,
+    /// Connections each node keeps to the database at most. When all are busy, a storage call
+    /// waits for one (up to `connect_timeout_ms`), then fails with `StorageError::Backend`.
+    pub pool_connections_max: u32,
+    /// Time allowed to get a connection: at start, to connect and log in (then the start fails
+    /// with `NodeError::StorageOpen`); later, for a storage call to get a pooled connection or
+    /// open a new one (then the call fails with `StorageError::Backend`).
+    pub connect_timeout_ms: u64,
+    /// Time the database lets one statement run, lock waits included, and lets a transaction sit
+    /// idle (a frozen node cannot hold a shard's lock longer). Over it the statement is cancelled
+    /// and the call fails with `StorageError::Backend` (a write then did not happen). A call that
+    /// gets no answer for `connect_timeout_ms` + 2 x this (an unreachable database) fails the same
+    /// way, except that a write may then have happened.
+    pub statement_timeout_ms: u64,
+}
+
+/// Most connections one node may keep to the database.
+pub const STORAGE_POOL_CONNECTIONS_MAX: u32 = 1000;
+/// Longest accepted storage URL.
+const STORAGE_URL_LEN_MAX_BYTES: usize = 4096;
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self { url: None, pool_connections_max: 16, connect_timeout_ms: 5000, statement_timeout_ms: 5000 }
+    }
+}
+
+impl std::fmt::Debug for StorageConfig {
+    /// Without the URL's password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StorageConfig")
+            .field("url", &self.url.as_deref().map(crate::storage::postgres::redact))
+            .field("pool_connections_max", &self.pool_connections_max)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("statement_timeout_ms", &self.statement_timeout_ms)
+            .finish()
+    }
+}
+
+impl StorageConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.url {
+            if url.len() > STORAGE_URL_LEN_MAX_BYTES {
+                return Err(invalid("storage.url", format!("longer than {STORAGE_URL_LEN_MAX_BYTES} bytes")));
+            }
+            crate::storage::postgres::parse_url(url).map_err(|e| invalid("storage.url", e.to_string()))?;
+        }
+        if !(1..=STORAGE_POOL_CONNECTIONS_MAX).contains(&self.pool_connections_max) {
+            return Err(invalid(
+                "storage.pool_connections_max",
+                format!("must be within 1..={STORAGE_POOL_CONNECTIONS_MAX}"),
+            ));
+        }
+        positive("storage.connect_timeout_ms", self.connect_timeout_ms)?;
+        positive("storage.statement_timeout_ms", self.statement_timeout_ms)?;
+        Ok(())
+    }
+}
+
 impl Default for AgentsConfig {
     fn default() -> Self {
         Self {
@@ -580,7 +649,8 @@ impl Config {
         self.signals.validate()?;
         self.agents.validate()?;
         self.meta.validate()?;
-        self.placement.validate()
+        self.placement.validate()?;
+        self.storage.validate()
     }
 
     /// The `source` of signals this node makes.
@@ -724,6 +794,25 @@ mod tests {
         let mut c = valid();
         c.net.peer_queue_len_max = 0;
         assert!(matches!(c.validate(), Err(ConfigError::Invalid { field: "net.peer_queue_len_max", .. })));
+    }
+
+    #[test]
+    fn storage_urls_are_checked_and_never_printed_with_their_password() {
+        let c = Config::from_toml_str("[storage]\nurl = \"postgres://cadre:pw@db.example:5433/cadre\"\n").unwrap();
+        assert_eq!(c.storage.url.as_deref(), Some("postgres://cadre:pw@db.example:5433/cadre"));
+        let mut c = Config { secret: Secret::new("s3cret-s3cret-s3cret"), ..c };
+        assert_eq!(c.validate(), Ok(()));
+        assert!(!format!("{c:?}").contains("pw"), "{c:?}");
+        for bad in ["mysql://x@h/db", "not a url", "postgres://x@h:99999/db", ""] {
+            c.storage.url = Some(bad.into());
+            assert!(matches!(c.validate(), Err(ConfigError::Invalid { field: "storage.url", .. })), "{bad}");
+        }
+        c.storage.url = None;
+        c.storage.pool_connections_max = 0;
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid { field: "storage.pool_connections_max", .. })));
+        c.storage.pool_connections_max = 1;
+        c.storage.statement_timeout_ms = 0;
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid { field: "storage.statement_timeout_ms", .. })));
     }
 
     #[test]

@@ -51,6 +51,9 @@ pub enum NodeError {
     Routes(#[from] RoutesError),
     #[error("storage: {0}")]
     Storage(#[from] crate::storage::StorageError),
+    /// The database of `[storage] url` cannot be used (unreachable, login refused, schema).
+    #[error(transparent)]
+    StorageOpen(#[from] crate::storage::postgres::OpenError),
     #[error("metadata: {0}")]
     Meta(String),
 }
@@ -174,11 +177,7 @@ impl Node {
         };
         let rng_seed = cfg.rng_seed.unwrap_or_else(rand::random);
         let metrics = Metrics::new();
-        let storage: Arc<dyn Storage> = match (opts.storage, &cfg.data_dir) {
-            (Some(s), _) => s,
-            (None, Some(dir)) => Arc::new(crate::storage::embedded::RedbStorage::open(&dir.join(STATE_FILE))?),
-            (None, None) => Arc::new(crate::storage::memory::MemoryStorage::new()),
-        };
+        let storage = open_storage(opts.storage, &cfg).await?;
         let prepared = Prepared::open(ClusterParts {
             name: cfg.name.clone(),
             founder: cfg.seeds.is_empty(),
@@ -378,6 +377,17 @@ impl Node {
         self.tasks.close();
         self.tasks.wait().await;
     }
+}
+
+/// The store agents keep their state in: the one given, else the database of `[storage] url`,
+/// else a redb file under the data dir, else memory.
+async fn open_storage(given: Option<Arc<dyn Storage>>, cfg: &Config) -> Result<Arc<dyn Storage>, NodeError> {
+    Ok(match (given, &cfg.storage.url, &cfg.data_dir) {
+        (Some(s), _, _) => s,
+        (None, Some(url), _) => Arc::new(crate::storage::postgres::PostgresStorage::open(url, &cfg.storage).await?),
+        (None, None, Some(dir)) => Arc::new(crate::storage::embedded::RedbStorage::open(&dir.join(STATE_FILE))?),
+        (None, None, None) => Arc::new(crate::storage::memory::MemoryStorage::new()),
+    })
 }
 
 const INCARNATION_FILE: &str = "incarnation";

@@ -18,9 +18,12 @@
 //! revision check: a fenced writer learns that it is fenced, not that it conflicts.
 //!
 //! ## Backends
-//! [`memory::MemoryStorage`] (tests, benchmarks) and [`embedded::RedbStorage`] (the embedded
-//! default, a redb file under the data dir; each write is one durable transaction). Both pass
-//! [`conformance`].
+//! [`memory::MemoryStorage`] (tests, benchmarks), [`embedded::RedbStorage`] (the embedded
+//! default, a redb file under the data dir; each write is one durable transaction) and
+//! [`postgres::PostgresStorage`] (`[storage] url`: one database shared by every node, so
+//! [`Storage::shared`] is true and shards move without copying state; each write is one
+//! transaction that locks its shard's epoch row). All three pass [`conformance`]; Postgres also
+//! with several stores (nodes) writing to one database at once.
 //!
 //! ## Limits
 //! Values and entries hold at most [`VALUE_LEN_MAX_BYTES`]; keys at most [`KEY_LEN_MAX_BYTES`];
@@ -30,6 +33,7 @@
 pub mod conformance;
 pub mod embedded;
 pub mod memory;
+pub mod postgres;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
