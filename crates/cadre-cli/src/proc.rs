@@ -40,8 +40,11 @@ pub struct NodeSpec<'a> {
 
 impl NodeProc {
     pub fn spawn(spec: NodeSpec<'_>) -> Result<NodeProc> {
-        let addr = loopback(free_port()?);
-        let http = loopback(free_port()?);
+        Self::spawn_at(spec, loopback(free_port()?), loopback(free_port()?))
+    }
+
+    /// Starts a node on the given transport and HTTP addresses (a restart where it was).
+    pub fn spawn_at(spec: NodeSpec<'_>, addr: SocketAddr, http: SocketAddr) -> Result<NodeProc> {
         let data_dir = spec.dir.join(spec.name);
         let log = spec.dir.join(format!("{}.log", spec.name));
         let log_file = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;

@@ -409,6 +409,20 @@ fn voters_wanted(voters_max: usize, live: usize) -> usize {
 async fn voters(inner: &Arc<Inner>, live: &[String], now: Instant) {
     let m = inner.raft.metrics().borrow().clone();
     let membership = m.membership_config.membership().clone();
+    // A change is two steps (joint, then the new config), and openraft takes the second only
+    // while the caller still waits: a change cut short by our time bound (or a leader change)
+    // stays joint, where the old config's quorum is still needed. Finish it first.
+    if let [.., last] = membership.get_joint_config().as_slice() {
+        if membership.get_joint_config().len() > 1 {
+            let target: BTreeSet<NodeId> = last.clone();
+            info!(voters = ?target, "finishing a voter change left joint");
+            let change = inner.raft.change_membership(target, true);
+            if let Err(e) = bounded_locked(inner, "finishing a voter change", change).await {
+                debug!(error = %e, "voter change not finished yet");
+            }
+            return;
+        }
+    }
     let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
     let name_of = |id: &NodeId| membership.get_node(id).map(|n| n.name.clone());
     let id_live = |ls: &LeaderState, id: NodeId| {

@@ -34,10 +34,9 @@ pub(super) async fn watch_table(inner: Arc<Inner>) {
     // lagging node may see an owner of e and then of e+2 (lost, then back), and its activations
     // of epoch e must not go on.
     let mut owned: HashMap<u32, u64> = HashMap::new();
-    let mut replication_jobs = HashSet::new();
     loop {
         let st = rx.borrow_and_update().clone();
-        inner.repl.on_table(&st, &mut replication_jobs);
+        inner.repl.on_table(&st);
         let now_owned: HashMap<u32, u64> = st
             .shards
             .iter()

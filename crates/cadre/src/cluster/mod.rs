@@ -25,15 +25,18 @@
 //!   no owner serves the shard (none assigned yet, a hand-off, an expired lease) the sender waits
 //!   for its table to change and retries, until the call's deadline. A call whose ask timed out
 //!   is not retried (it may have run).
+//! - **Replicas** ([`replica`]): with node-local storage each shard's state is also kept on
+//!   in-sync replicas; a write is acknowledged once they all have it, and a dead owner's shard is
+//!   promoted on one of them.
 //! - **Hand-off** ([`handoff`]): the old owner of a shard that is `Moving` refuses new work,
-//!   passivates its agents (their state is stored), copies the shard's state to the new owner
-//!   (node-local storage), and reports to the leader, which completes the move at epoch + 1.
+//!   passivates its agents (their state is stored and replicated), and reports to the leader,
+//!   which completes the move at epoch + 1. The target is an in-sync replica already.
 //!
 //! ## Caveats
-//! - With node-local storage the state of a shard whose owner crashed is lost (replication is
-//!   a later step); planned moves copy it.
-//! - Hand-off export scans every key of the store to find a shard's keys.
-//! - Transfer pages and snapshots must fit one transport frame.
+//! - One failure at a time: a shard whose owner and every in-sync replica are lost waits for
+//!   one of them to come back.
+//! - Catch-up pages scan the store from their last key to find a shard's keys.
+//! - Catch-up items and Raft snapshots must fit one transport frame.
 
 pub mod control;
 pub mod handoff;

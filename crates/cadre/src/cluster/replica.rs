@@ -146,6 +146,8 @@ pub struct Replication {
     /// Shard → the epoch this node has opened it at.
     opened: Mutex<HashMap<u32, u64>>,
     syncs: Mutex<HashMap<(u32, String), SyncProgress>>,
+    /// Opening (replica name empty) and catch-up tasks running: (shard, epoch, replica).
+    jobs: Mutex<HashSet<(u32, u64, String)>>,
     lanes: OnceLock<Vec<mpsc::Sender<Incoming>>>,
     /// When this node's catch-up bandwidth is next free.
     bandwidth: tokio::sync::Mutex<Instant>,
@@ -170,6 +172,7 @@ impl Replication {
             locks: Mutex::new(HashMap::new()),
             opened: Mutex::new(HashMap::new()),
             syncs: Mutex::new(HashMap::new()),
+            jobs: Mutex::new(HashSet::new()),
             lanes: OnceLock::new(),
             bandwidth: tokio::sync::Mutex::new(Instant::now()),
             metrics: ReplicaMetrics::new(metrics),
@@ -314,7 +317,7 @@ impl Replication {
     // --- Opening and catch-up (owner side) ---
 
     /// Reacts to a new table: opens shards newly owned here, starts catch-ups, forgets the rest.
-    pub(super) fn on_table(self: &Arc<Self>, st: &MetaState, running: &mut HashSet<(u32, u64, String)>) {
+    pub(super) fn on_table(self: &Arc<Self>, st: &MetaState) {
         if !self.enabled {
             return;
         }
@@ -330,21 +333,34 @@ impl Replication {
         lock(&self.syncs).retain(|(s, to), p| {
             mine.get(s).is_some_and(|e| e.epoch == p.epoch && e.replica(to).is_some_and(|r| !r.in_sync))
         });
-        running.retain(|(s, epoch, _)| mine.get(s).is_some_and(|e| e.epoch == *epoch));
+        // A task ends on its own once the table no longer wants it, and then leaves `jobs`: a
+        // replica dropped and added again at the same epoch gets a new catch-up.
         for (&shard, e) in &mine {
-            let open_job = (shard, e.epoch, String::new());
-            if !self.is_open(shard, e.epoch) && running.insert(open_job.clone()) {
-                let (me, epoch) = (self.clone(), e.epoch);
-                inner.tasks.spawn(async move { me.open(shard, epoch).await });
+            if !self.is_open(shard, e.epoch) {
+                if let Some(job) = self.job(shard, e.epoch, "") {
+                    let me = self.clone();
+                    inner.tasks.spawn(async move {
+                        me.clone().open(shard, job.1).await;
+                        lock(&me.jobs).remove(&job);
+                    });
+                }
             }
             for r in e.replicas.iter().filter(|r| !r.in_sync) {
-                let job = (shard, e.epoch, r.node.clone());
-                if running.insert(job) {
-                    let (me, epoch, to) = (self.clone(), e.epoch, r.node.clone());
-                    inner.tasks.spawn(async move { me.catch_up(shard, epoch, to).await });
+                if let Some(job) = self.job(shard, e.epoch, &r.node) {
+                    let me = self.clone();
+                    inner.tasks.spawn(async move {
+                        me.clone().catch_up(shard, job.1, job.2.clone()).await;
+                        lock(&me.jobs).remove(&job);
+                    });
                 }
             }
         }
+    }
+
+    /// Registers a job; `None` if it is running already.
+    fn job(&self, shard: u32, epoch: u64, replica: &str) -> Option<(u32, u64, String)> {
+        let job = (shard, epoch, replica.to_string());
+        lock(&self.jobs).insert(job.clone()).then_some(job)
     }
 
     /// Whether this node still owns `shard` at `epoch`.

@@ -309,9 +309,19 @@ impl PostgresStorage {
 
 /// A write's own part, between the fence check and the epoch raise.
 enum Write<'a> {
-    Put { value: &'a [u8], expected: Revision },
-    Delete { expected: Revision },
-    Append { entries: &'a [Bytes], expected_len: u64 },
+    Put {
+        value: &'a [u8],
+        expected: Revision,
+    },
+    Delete {
+        expected: Revision,
+    },
+    Append {
+        entries: &'a [Bytes],
+        expected_len: u64,
+    },
+    /// Only the fence: raises the shard's epoch, touches no key.
+    Fence,
 }
 
 async fn fenced(conn: &mut PgConnection, key: &[u8], fence: Fence, op: Write<'_>) -> Result<u64, StorageError> {
@@ -321,6 +331,7 @@ async fn fenced(conn: &mut PgConnection, key: &[u8], fence: Fence, op: Write<'_>
         Write::Put { value, expected } => put_state(conn, key, value, expected).await?,
         Write::Delete { expected } => delete_key(conn, key, expected).await?,
         Write::Append { entries, expected_len } => append_entries(conn, key, entries, expected_len).await?,
+        Write::Fence => 0,
     };
     if epoch > current {
         let e = i64::try_from(epoch)
@@ -528,6 +539,12 @@ impl Storage for PostgresStorage {
                 .map_err(backend)?;
             e.map_or(Ok(0), |e| unsigned(e, "epoch"))
         })
+    }
+
+    fn fence<'a>(&'a self, fence: Fence) -> BoxFuture<'a, Result<(), StorageError>> {
+        // The key is not used by `Write::Fence`; any valid one names no row.
+        let key = Key::new("-", "");
+        self.call(async move { self.write(&key, fence, Write::Fence).await.map(drop) })
     }
 
     fn scan_keys<'a>(&'a self, after: Option<&'a Key>, limit: usize) -> BoxFuture<'a, Result<Vec<Key>, StorageError>> {
