@@ -196,11 +196,12 @@ pub(super) async fn grant(inner: &Arc<Inner>, req: RenewReq) -> RenewReply {
     if leader.as_ref().is_none_or(|(id, _)| *id != inner.raft_id) {
         return RenewReply::NotLeader { leader: leader.map(|(_, n)| n.addr) };
     }
-    let known = inner.state.borrow().members.get(&req.name).map(|r| (r.addr.clone(), r.draining));
-    let current = known.as_ref().is_some_and(|(addr, _)| *addr == req.addr);
-    let stale_drain = known.as_ref().is_some_and(|(_, draining)| *draining && !req.draining);
+    let known = inner.state.borrow().members.get(&req.name).map(|r| (r.addr.clone(), r.draining, r.raft_id));
+    // The same process at the same address (a new Raft id is a new process: see `Cmd::Admit`).
+    let current = known.as_ref().is_some_and(|(addr, _, id)| *addr == req.addr && *id == req.raft_id);
+    let stale_drain = known.as_ref().is_some_and(|(_, draining, _)| *draining && !req.draining);
     if !current || stale_drain {
-        let cmd = Cmd::Admit { name: req.name.clone(), addr: req.addr.clone() };
+        let cmd = Cmd::Admit { name: req.name.clone(), addr: req.addr.clone(), raft_id: req.raft_id };
         if let Err(e) = bounded(inner, "admission", inner.raft.client_write(cmd)).await {
             return RenewReply::Retry(format!("cannot admit {}: {e}", req.name));
         }
@@ -257,8 +258,8 @@ pub(super) async fn to_leader(inner: &Arc<Inner>, req: ControlReq) -> Result<Con
         return Ok(match req {
             ControlReq::Drain { name } => ControlReply::Drain(drain(inner, name).await),
             ControlReq::HandedOff { shard, epoch } => ControlReply::HandedOff(complete_move(inner, shard, epoch).await),
-            ControlReq::Replica { shard, epoch, node, in_sync } => {
-                ControlReply::Replica(replica_report(inner, shard, epoch, node, in_sync).await)
+            ControlReq::Replica { shard, epoch, node, in_sync, generation } => {
+                ControlReply::Replica(replica_report(inner, shard, epoch, node, in_sync, generation).await)
             }
             other => return Err(format!("not a leader request: {other:?}")),
         });
@@ -288,12 +289,13 @@ pub(super) async fn replica_report(
     epoch: u64,
     node: String,
     in_sync: bool,
+    generation: u64,
 ) -> Result<(), String> {
     if !is_leader(inner) {
         return Err("not the leader".into());
     }
     let cmd = if in_sync {
-        Cmd::ReplicaSynced { shard, node, expected_epoch: epoch }
+        Cmd::ReplicaSynced { shard, node, expected_epoch: epoch, generation }
     } else {
         Cmd::ReplicaOutOfSync { shard, node, expected_epoch: epoch }
     };

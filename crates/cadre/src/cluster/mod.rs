@@ -180,6 +180,8 @@ pub struct ClusterParts {
     /// The node-local (or shared) store; the host writes through [`Prepared::storage`].
     pub storage: Arc<dyn Storage>,
     pub metrics: crate::metrics::Metrics,
+    /// Largest transport frame: a replicated write must fit one.
+    pub frame_len_max_bytes: u32,
 }
 
 /// The pieces built before the host (the gate needs the state the host's cluster will keep).
@@ -217,6 +219,7 @@ impl Prepared {
             parts.storage.clone(),
             sm.subscribe(),
             parts.placement.clone(),
+            parts.frame_len_max_bytes,
             &parts.metrics,
         );
         Ok(Prepared { parts, db, sm, raft_id, lease: Arc::new(Lease::default()), repl })
@@ -586,9 +589,9 @@ impl Cluster {
                     ControlReply::HandedOff(control::complete_move(&inner, shard, epoch).await)
                 }
                 Ok(ControlReq::Drain { name }) => ControlReply::Drain(control::drain(&inner, name).await),
-                Ok(ControlReq::Replica { shard, epoch, node, in_sync }) => {
-                    ControlReply::Replica(control::replica_report(&inner, shard, epoch, node, in_sync).await)
-                }
+                Ok(ControlReq::Replica { shard, epoch, node, in_sync, generation }) => ControlReply::Replica(
+                    control::replica_report(&inner, shard, epoch, node, in_sync, generation).await,
+                ),
             };
             if let Some(t) = inner.transport.upgrade() {
                 let _ = t.reply_on(Lane::Control, to, id, mraft::encode(&reply));

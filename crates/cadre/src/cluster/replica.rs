@@ -42,7 +42,7 @@
 //! - Each write is one ask per replica (not batched with other writes).
 //! - One key's state and entries must fit in one transport frame.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
@@ -75,11 +75,18 @@ pub const REPLICA_LANE_QUEUE_LEN_MAX: usize = 1024;
 pub const SYNC_PAGE_BYTES_MAX: usize = 256 * 1024;
 /// Wait before retrying a failed opening or catch-up.
 const RETRY_MS: u64 = 200;
+/// Frame bytes kept for what surrounds replicated state (keys, envelope, length prefixes).
+const FRAME_OVERHEAD_BYTES: usize = 4096 + crate::storage::KEY_LEN_MAX_BYTES;
 
 /// A catch-up in progress, as writes see it.
 #[derive(Debug, Clone)]
 struct SyncProgress {
     epoch: u64,
+    /// The replica's generation when this attempt began (its `ReplicaSynced` names it).
+    generation: u64,
+    /// The in-sync mark was asked for: until the table shows it (or a newer generation), writes
+    /// must be acknowledged by this replica as by an in-sync one (the mark may commit at any time).
+    required: bool,
     /// Keys up to this one are on the replica (`None`: none yet).
     through: Option<Key>,
     /// Every key is.
@@ -146,11 +153,16 @@ pub struct Replication {
     /// Shard → the epoch this node has opened it at.
     opened: Mutex<HashMap<u32, u64>>,
     syncs: Mutex<HashMap<(u32, String), SyncProgress>>,
+    /// Shards closed after a write whose missed replicas could not be marked out of sync:
+    /// shard → (epoch, those replicas).
+    unreported: Mutex<HashMap<u32, (u64, BTreeSet<String>)>>,
     /// Opening (replica name empty) and catch-up tasks running: (shard, epoch, replica).
     jobs: Mutex<HashSet<(u32, u64, String)>>,
     lanes: OnceLock<Vec<mpsc::Sender<Incoming>>>,
     /// When this node's catch-up bandwidth is next free.
     bandwidth: tokio::sync::Mutex<Instant>,
+    /// Largest state bytes of one replicated write or catch-up page (fits a frame).
+    payload_max: usize,
     metrics: ReplicaMetrics,
 }
 
@@ -160,6 +172,7 @@ impl Replication {
         local: Arc<dyn Storage>,
         state: watch::Receiver<Arc<MetaState>>,
         cfg: PlacementConfig,
+        frame_len_max_bytes: u32,
         metrics: &Metrics,
     ) -> Arc<Replication> {
         Arc::new(Replication {
@@ -173,8 +186,11 @@ impl Replication {
             opened: Mutex::new(HashMap::new()),
             syncs: Mutex::new(HashMap::new()),
             jobs: Mutex::new(HashSet::new()),
+            unreported: Mutex::new(HashMap::new()),
             lanes: OnceLock::new(),
             bandwidth: tokio::sync::Mutex::new(Instant::now()),
+            // Room for the key, the envelope and the encoding's length prefixes.
+            payload_max: (frame_len_max_bytes as usize).saturating_sub(FRAME_OVERHEAD_BYTES).max(1),
             metrics: ReplicaMetrics::new(metrics),
         })
     }
@@ -250,12 +266,55 @@ impl Replication {
                 p.broken = true;
             }
         }
-        let reports = missed.iter().map(|n| self.report(fence.shard, fence.epoch, n, false));
+        let reports = missed.iter().map(|n| self.report(fence.shard, fence.epoch, n, false, 0));
+        let mut unreported = Vec::new();
         for (node, r) in missed.iter().zip(futures::future::join_all(reports).await) {
-            r.map_err(|e| {
-                StorageError::Backend(format!("replica {node} missed a write and could not be marked out of sync: {e}"))
-            })?;
+            if let Err(e) = r {
+                unreported.push(format!("{node} ({e})"));
+                self.close(fence, node);
+            }
         }
+        if !unreported.is_empty() {
+            return Err(StorageError::Backend(format!(
+                "replicas missed a write and could not be marked out of sync: {}",
+                unreported.join(", ")
+            )));
+        }
+        Ok(())
+    }
+
+    /// Stops serving a shard whose local store holds a write an in-sync replica lacks (it was
+    /// not acknowledged, but readers here would see it, and it vanishes if that replica is
+    /// promoted): the shard opens again once `node` is marked out of sync.
+    fn close(&self, fence: Fence, node: &str) {
+        let mut pending = lock(&self.unreported);
+        let entry = pending.entry(fence.shard).or_insert_with(|| (fence.epoch, BTreeSet::new()));
+        if entry.0 != fence.epoch {
+            *entry = (fence.epoch, BTreeSet::new());
+        }
+        entry.1.insert(node.to_string());
+        lock(&self.opened).remove(&fence.shard);
+        warn!(
+            shard = fence.shard,
+            epoch = fence.epoch,
+            replica = node,
+            "shard closed until the replica is marked out of sync"
+        );
+    }
+
+    /// Marks the replicas a closed shard's writes missed out of sync; `Ok` once none is left.
+    async fn report_unreported(&self, shard: u32, epoch: u64) -> Result<(), String> {
+        let nodes = match lock(&self.unreported).get(&shard) {
+            Some((e, nodes)) if *e == epoch => nodes.clone(),
+            _ => return Ok(()),
+        };
+        for node in nodes {
+            self.report(shard, epoch, &node, false, 0).await?;
+            if let Some((_, left)) = lock(&self.unreported).get_mut(&shard) {
+                left.remove(&node);
+            }
+        }
+        lock(&self.unreported).remove(&shard);
         Ok(())
     }
 
@@ -266,23 +325,33 @@ impl Replication {
         if e.epoch != fence.epoch || e.owner.as_deref() != Some(self.name.as_str()) {
             return Err(StorageError::Fenced { shard: fence.shard, epoch: fence.epoch, current: e.epoch });
         }
-        let syncs = lock(&self.syncs);
+        let mut syncs = lock(&self.syncs);
         let mut out = Vec::new();
         for r in &e.replicas {
-            let forwarded =
-                || syncs.get(&(fence.shard, r.node.clone())).is_some_and(|p| p.epoch == fence.epoch && p.covers(key));
-            if !r.in_sync && !forwarded() {
+            // A catch-up of this replica's current generation at this epoch: forward the write if
+            // the key was copied already; require its answer once the in-sync mark was asked for.
+            let progress = syncs.get_mut(&(fence.shard, r.node.clone())).filter(|p| p.epoch == fence.epoch);
+            let (forward, required) = match progress {
+                Some(p) if p.generation != r.generation => {
+                    p.broken = true;
+                    (false, p.required)
+                }
+                Some(p) => (p.covers(key), p.required),
+                None => (false, false),
+            };
+            let in_sync = r.in_sync || required;
+            if !in_sync && !forward {
                 continue;
             }
+            // An unparsable address never answers: send to port 0 so the ask fails at once.
             let addr = st.members.get(&r.node).and_then(|m| m.addr.parse().ok());
-            match addr {
-                Some(addr) => out.push(Target { node: r.node.clone(), addr, in_sync: r.in_sync }),
-                // Unreachable: an in-sync one must be marked out (an unparsable address never
-                // answers); send to a bogus port-0 address so the ask fails at once.
-                None if r.in_sync => {
-                    out.push(Target { node: r.node.clone(), addr: SocketAddr::from(([0, 0, 0, 0], 0)), in_sync: true })
-                }
-                None => {}
+            let addr = addr.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+            out.push(Target { node: r.node.clone(), addr, in_sync });
+        }
+        // A catch-up whose replica is no longer listed cannot finish (its writes went nowhere).
+        for ((shard, node), p) in syncs.iter_mut() {
+            if *shard == fence.shard && e.replica(node).is_none() {
+                p.broken = true;
             }
         }
         Ok(out)
@@ -298,9 +367,9 @@ impl Replication {
     }
 
     /// Asks the leader to mark `node` in or out of sync for `shard` at `epoch`.
-    async fn report(&self, shard: u32, epoch: u64, node: &str, in_sync: bool) -> Result<(), String> {
+    async fn report(&self, shard: u32, epoch: u64, node: &str, in_sync: bool, generation: u64) -> Result<(), String> {
         let inner = self.cluster().ok_or("the node is shutting down")?;
-        let req = ControlReq::Replica { shard, epoch, node: node.to_string(), in_sync };
+        let req = ControlReq::Replica { shard, epoch, node: node.to_string(), in_sync, generation };
         match super::control::to_leader(&inner, req).await? {
             ControlReply::Replica(r) => r?,
             other => return Err(format!("unexpected reply {other:?}")),
@@ -322,7 +391,12 @@ impl Replication {
             return;
         }
         let Some(inner) = self.cluster() else { return };
-        let mine: HashMap<u32, &ShardEntry> = st
+        if inner.cancel.is_cancelled() {
+            // Stopping: no new jobs (a finishing job would otherwise respawn itself forever).
+            return;
+        }
+        // Ordered, so jobs start in the same order on every run (simulations replay).
+        let mine: BTreeMap<u32, &ShardEntry> = st
             .shards
             .iter()
             .enumerate()
@@ -330,8 +404,12 @@ impl Replication {
             .map(|(s, e)| (s as u32, e))
             .collect();
         lock(&self.opened).retain(|s, epoch| mine.get(s).is_some_and(|e| e.epoch == *epoch));
+        // A catch-up's entry goes once the table shows its outcome: in sync (the table then
+        // requires the replica), a newer generation (out of sync again, committed), or gone.
         lock(&self.syncs).retain(|(s, to), p| {
-            mine.get(s).is_some_and(|e| e.epoch == p.epoch && e.replica(to).is_some_and(|r| !r.in_sync))
+            mine.get(s).is_some_and(|e| {
+                e.epoch == p.epoch && e.replica(to).is_some_and(|r| !r.in_sync && r.generation == p.generation)
+            })
         });
         // A task ends on its own once the table no longer wants it, and then leaves `jobs`: a
         // replica dropped and added again at the same epoch gets a new catch-up.
@@ -341,7 +419,7 @@ impl Replication {
                     let me = self.clone();
                     inner.tasks.spawn(async move {
                         me.clone().open(shard, job.1).await;
-                        lock(&me.jobs).remove(&job);
+                        me.job_done(&job);
                     });
                 }
             }
@@ -350,11 +428,19 @@ impl Replication {
                     let me = self.clone();
                     inner.tasks.spawn(async move {
                         me.clone().catch_up(shard, job.1, job.2.clone()).await;
-                        lock(&me.jobs).remove(&job);
+                        me.job_done(&job);
                     });
                 }
             }
         }
+    }
+
+    /// Forgets a finished job, then looks at the table again: a change it needed may have come
+    /// while it was finishing (and found it still registered).
+    fn job_done(self: &Arc<Self>, job: &(u32, u64, String)) {
+        lock(&self.jobs).remove(job);
+        let st = self.state.borrow().clone();
+        self.on_table(&st);
     }
 
     /// Registers a job; `None` if it is running already.
@@ -374,7 +460,21 @@ impl Replication {
     async fn open(self: Arc<Self>, shard: u32, epoch: u64) {
         let retry = Duration::from_millis(RETRY_MS);
         while self.owns(shard, epoch) {
-            match self.fence_replicas(shard, epoch).await {
+            // This node's own store too: a write of the previous owner still being applied here
+            // as a replica lands before this fence (and is loaded) or is refused after it.
+            if let Err(e) = self.local.fence(Fence { shard, epoch }).await {
+                warn!(shard, epoch, error = %e, "cannot fence the local store; retrying");
+                let Some(inner) = self.cluster() else { return };
+                tokio::select! {
+                    _ = tokio::time::sleep(retry) => continue,
+                    _ = inner.cancel.cancelled() => return,
+                }
+            }
+            let fenced = match self.report_unreported(shard, epoch).await {
+                Ok(()) => self.fence_replicas(shard, epoch).await,
+                Err(e) => Err(e),
+            };
+            match fenced {
                 Ok(()) => {
                     if self.owns(shard, epoch) {
                         lock(&self.opened).insert(shard, epoch);
@@ -414,7 +514,7 @@ impl Replication {
         for ((node, _), r) in in_sync.iter().zip(results) {
             if let Err(e) = r {
                 debug!(shard, epoch, replica = %node, error = %e, "replica not fenced");
-                self.report(shard, epoch, node, false).await?;
+                self.report(shard, epoch, node, false, 0).await?;
             }
         }
         Ok(())
@@ -431,23 +531,70 @@ impl Replication {
             }
             match self.sync_once(shard, epoch, &to).await {
                 Ok(true) => {
-                    let p = lock(&self.syncs).remove(&(shard, to.clone()));
+                    // The entry stays (required) until the table shows the mark: `on_table` drops it.
+                    let p = lock(&self.syncs).get(&(shard, to.clone())).cloned();
                     let (keys, bytes) = p.map_or((0, 0), |p| (p.keys, p.bytes));
                     let took_ms = started.elapsed().as_millis() as u64;
                     debug!(shard, epoch, to = %to, keys, bytes, took_ms, "replica caught up");
                     return;
                 }
                 Ok(false) => {}
-                Err(e) => debug!(shard, epoch, to = %to, error = %e, "catch-up failed; starting over"),
+                Err(e) => warn!(shard, epoch, to = %to, error = %e, "replica catch-up failed; starting over"),
             }
-            lock(&self.syncs).remove(&(shard, to.clone()));
+            if !self.settle_pending_mark(shard, epoch, &to).await {
+                return;
+            }
+            self.drop_progress(shard, &to);
             let Some(inner) = self.cluster() else { return };
             tokio::select! {
                 _ = tokio::time::sleep(retry) => {}
                 _ = inner.cancel.cancelled() => return,
             }
         }
-        lock(&self.syncs).remove(&(shard, to));
+        self.drop_progress(shard, &to);
+    }
+
+    /// Forgets a catch-up's progress unless its in-sync mark is pending.
+    fn drop_progress(&self, shard: u32, to: &str) {
+        let mut syncs = lock(&self.syncs);
+        if syncs.get(&(shard, to.to_string())).is_some_and(|p| !p.required) {
+            syncs.remove(&(shard, to.to_string()));
+        }
+    }
+
+    /// After an attempt whose in-sync mark has an unknown outcome: commits `ReplicaOutOfSync`
+    /// (a new generation, so the mark can no longer apply), retrying until it is committed or the
+    /// table moved on. `false` when the node is stopping.
+    async fn settle_pending_mark(&self, shard: u32, epoch: u64, to: &str) -> bool {
+        let key = (shard, to.to_string());
+        let Some(generation) = lock(&self.syncs).get(&key).filter(|p| p.required).map(|p| p.generation) else {
+            return true;
+        };
+        let retry = Duration::from_millis(RETRY_MS);
+        loop {
+            let settled = {
+                let st = self.state.borrow();
+                shard_entry(&st, shard).is_none_or(|e| {
+                    e.epoch != epoch || e.replica(to).is_none_or(|r| r.in_sync || r.generation != generation)
+                })
+            };
+            if settled {
+                return true;
+            }
+            match self.report(shard, epoch, to, false, 0).await {
+                Ok(()) => {
+                    // Committed: the old mark cannot apply any more.
+                    lock(&self.syncs).remove(&key);
+                    return true;
+                }
+                Err(e) => warn!(shard, epoch, to, error = %e, "cannot settle a pending in-sync mark; retrying"),
+            }
+            let Some(inner) = self.cluster() else { return false };
+            tokio::select! {
+                _ = tokio::time::sleep(retry) => {}
+                _ = inner.cancel.cancelled() => return false,
+            }
+        }
     }
 
     /// Whether the table still wants `to` caught up for `shard` at `epoch` by this node.
@@ -464,9 +611,31 @@ impl Replication {
     /// write failed meanwhile (start over).
     async fn sync_once(&self, shard: u32, epoch: u64, to: &str) -> Result<bool, String> {
         let key = (shard, to.to_string());
-        let fresh = SyncProgress { epoch, through: None, done: false, broken: false, keys: 0, bytes: 0 };
-        lock(&self.syncs).insert(key.clone(), fresh);
-        let timeout = Duration::from_millis(self.cfg.handoff_timeout_ms / 4).max(Duration::from_millis(1000));
+        let generation = {
+            let st = self.state.borrow();
+            let r = shard_entry(&st, shard).and_then(|e| e.replica(to));
+            r.map(|r| r.generation).ok_or_else(|| format!("{to} is not a replica of shard {shard}"))?
+        };
+        let fresh = SyncProgress {
+            epoch,
+            generation,
+            required: false,
+            through: None,
+            done: false,
+            broken: false,
+            keys: 0,
+            bytes: 0,
+        };
+        {
+            let mut syncs = lock(&self.syncs);
+            if syncs.get(&key).is_some_and(|p| p.required) {
+                return Err("the in-sync mark of an earlier attempt is still pending".into());
+            }
+            syncs.insert(key.clone(), fresh);
+        }
+        // Writes of the shard wait while a page is out: a replica that does not answer costs them
+        // this much once, then the attempt starts over later.
+        let timeout = Duration::from_millis(self.cfg.replica_write_timeout_ms.saturating_mul(4));
         let shard_lock = self.shard_lock(shard);
         let mut after: Option<Key> = None;
         loop {
@@ -501,15 +670,19 @@ impl Replication {
         }
         // Every key is there, and writes forwarded since are acknowledged (they held the read
         // lock): mark it in sync while no write runs, and wait to see it so the next one counts it.
+        // From the moment the mark is asked for it may commit, whatever this node hears back: the
+        // replica is required for acknowledgements until the table shows the outcome.
         let _w = shard_lock.write().await;
-        if lock(&self.syncs).get(&key).is_none_or(|p| p.broken) {
-            return Ok(false);
+        match lock(&self.syncs).get_mut(&key) {
+            Some(p) if !p.broken => p.required = true,
+            _ => return Ok(false),
         }
-        self.report(shard, epoch, to, true).await?;
+        self.report(shard, epoch, to, true, generation).await?;
         let mut rx = self.state.clone();
         let seen = rx.wait_for(|st| shard_entry(st, shard).is_none_or(|e| e.epoch != epoch || e.in_sync(to)));
         let limit = Duration::from_millis(self.cfg.replica_write_timeout_ms);
-        tokio::time::timeout(limit, seen).await.map_err(|_| "in-sync mark not applied here in time")?.ok();
+        // Not seen in time: still required (above), so nothing is acknowledged without it.
+        let _ = tokio::time::timeout(limit, seen).await;
         Ok(true)
     }
 
@@ -537,20 +710,25 @@ impl Replication {
         let count = self.state.borrow().shard_count;
         let keys = self.local.scan_keys(after, SCAN_READ_MAX).await.map_err(|e| e.to_string())?;
         let end = keys.len() < SCAN_READ_MAX;
+        let page_max = self.payload_max.min(SYNC_PAGE_BYTES_MAX);
         let mut page = Page { items: Vec::new(), through: None, bytes: 0 };
         let mut last = None;
         for key in keys {
             if shard_of(&key, count) == shard {
                 let item = export(&*self.local, &key).await?;
-                page.bytes +=
-                    item.value.as_ref().map_or(0, Vec::len) + item.entries.iter().map(Vec::len).sum::<usize>();
+                let len = item.value.as_ref().map_or(0, Vec::len) + item.entries.iter().map(Vec::len).sum::<usize>();
+                if len > self.payload_max {
+                    return Err(format!("{key:?} holds {len} bytes, more than one frame carries"));
+                }
+                // End the page before an item that would overflow it (the next page starts there).
+                if page.bytes + len > page_max && !page.items.is_empty() {
+                    page.through = last;
+                    return Ok(page);
+                }
+                page.bytes += len;
                 page.items.push(item);
             }
             last = Some(key);
-            if page.bytes >= SYNC_PAGE_BYTES_MAX {
-                page.through = last;
-                return Ok(page);
-            }
         }
         page.through = if end { None } else { last };
         Ok(page)
@@ -663,7 +841,10 @@ async fn apply_lane(
             i = rx.recv() => match i { Some(i) => i, None => return },
             _ = cancel.cancelled() => return,
         };
-        let reply = repl.apply(&item.from, item.req).await;
+        // A panic in a store must not end the lane (every later request of its shards would be
+        // refused): it fails this request only.
+        let applied = std::panic::AssertUnwindSafe(repl.apply(&item.from, item.req)).catch_unwind().await;
+        let reply = applied.unwrap_or_else(|_| Err(ReplicaError::Storage("applying the request panicked".into())));
         if let Err(e) = &reply {
             debug!(from = %item.from, error = %e, "replica request refused");
             let reason = match e {
@@ -787,18 +968,30 @@ struct ReplicatedStorage {
 impl ReplicatedStorage {
     /// Runs a local write under the shard's read lock, then replicates it.
     /// (`local` is called only once the lock is held: a store may write when called, not polled.)
+    /// A write whose state (`len` bytes) cannot travel in one frame is refused before anything.
     fn write<'a, T: Send + 'a>(
         &'a self,
         key: &'a Key,
         fence: Fence,
+        len: usize,
         local: impl FnOnce() -> BoxFuture<'a, Result<T, StorageError>> + Send + 'a,
         op: impl FnOnce() -> ReplicaOp + Send + 'a,
     ) -> BoxFuture<'a, Result<T, StorageError>> {
         async move {
+            if len > self.repl.payload_max {
+                return Err(StorageError::TooLarge { len });
+            }
             let shard_lock = self.repl.shard_lock(fence.shard);
             let _r = shard_lock.read().await;
             let out = local().await?;
-            self.repl.replicate(fence, key, op()).await?;
+            if let Err(e) = self.repl.replicate(fence, key, op()).await {
+                // A shard closed on the way reopens through an opening job.
+                if !self.repl.is_open(fence.shard, fence.epoch) {
+                    let st = self.repl.state.borrow().clone();
+                    self.repl.on_table(&st);
+                }
+                return Err(e);
+            }
             Ok(out)
         }
         .boxed()
@@ -819,7 +1012,7 @@ impl Storage for ReplicatedStorage {
     ) -> BoxFuture<'a, Result<Revision, StorageError>> {
         let v = value.clone();
         let local = move || self.repl.local.put(key, v, expected, fence);
-        self.write(key, fence, local, move || ReplicaOp::Put {
+        self.write(key, fence, value.len(), local, move || ReplicaOp::Put {
             ty: key.ty.clone(),
             id: key.id.clone(),
             value: value.to_vec(),
@@ -828,7 +1021,7 @@ impl Storage for ReplicatedStorage {
 
     fn delete<'a>(&'a self, key: &'a Key, expected: Revision, fence: Fence) -> BoxFuture<'a, Result<(), StorageError>> {
         let local = move || self.repl.local.delete(key, expected, fence);
-        self.write(key, fence, local, move || ReplicaOp::Delete { ty: key.ty.clone(), id: key.id.clone() })
+        self.write(key, fence, 0, local, move || ReplicaOp::Delete { ty: key.ty.clone(), id: key.id.clone() })
     }
 
     fn append<'a>(
@@ -839,8 +1032,9 @@ impl Storage for ReplicatedStorage {
         fence: Fence,
     ) -> BoxFuture<'a, Result<u64, StorageError>> {
         let copy: Vec<Vec<u8>> = entries.iter().map(|e| e.to_vec()).collect();
+        let len = entries.iter().map(Bytes::len).sum();
         let local = move || self.repl.local.append(key, entries, expected_len, fence);
-        self.write(key, fence, local, move || ReplicaOp::Append {
+        self.write(key, fence, len, local, move || ReplicaOp::Append {
             ty: key.ty.clone(),
             id: key.id.clone(),
             expected_len,

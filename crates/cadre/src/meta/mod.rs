@@ -48,6 +48,9 @@ pub struct MemberRecord {
     pub admitted: u64,
     /// Leaving gracefully: its shards are handed over by planned moves, and none are given to it.
     pub draining: bool,
+    /// The Raft id of the process last admitted under this name (0: not known). A new id means a
+    /// new process that kept no data dir: see [`Cmd::Admit`].
+    pub raft_id: u64,
 }
 
 /// What a shard is doing.
@@ -78,6 +81,10 @@ pub struct Replica {
     /// Holds every acknowledged write of the shard (it may be promoted); `false` while it is
     /// being caught up, or after it missed a write.
     pub in_sync: bool,
+    /// Changes whenever the replica is added or falls out of sync (unique across the metadata): a
+    /// `ReplicaSynced` is for one catch-up of one generation, so a late one (its result was lost,
+    /// then the replica missed a write or was dropped and added again) changes nothing.
+    pub generation: u64,
 }
 
 impl ShardEntry {
@@ -95,8 +102,11 @@ impl ShardEntry {
 pub enum Cmd {
     /// Fixes the shard count; only once.
     Init { shard_count: u32 },
-    /// Admits a member (again: updates its address, keeps its position).
-    Admit { name: String, addr: String },
+    /// Admits a member (again: updates its address, keeps its position). Admitted again with
+    /// another Raft id, it is a new process that lost its data dir, so it holds none of the state
+    /// the table credits it with: it stops being a replica, and the shards it owned lose their
+    /// owner (at the same epoch; an in-sync replica is promoted).
+    Admit { name: String, addr: String, raft_id: u64 },
     /// Removes a member; its shards become unassigned (epoch kept, so the next owner is fenced
     /// against it).
     Remove { name: String },
@@ -114,8 +124,9 @@ pub enum Cmd {
     Drain { name: String },
     /// Adds a replica of a shard, not in sync yet (its owner catches it up).
     AddReplica { shard: u32, node: String, expected_epoch: u64 },
-    /// The owner caught a replica up: it now counts for acknowledgements and may be promoted.
-    ReplicaSynced { shard: u32, node: String, expected_epoch: u64 },
+    /// The owner caught a replica up (the catch-up began at `generation`): it now counts for
+    /// acknowledgements and may be promoted.
+    ReplicaSynced { shard: u32, node: String, expected_epoch: u64, generation: u64 },
     /// A replica missed a write: it no longer counts (nor may be promoted) until caught up again.
     ReplicaOutOfSync { shard: u32, node: String, expected_epoch: u64 },
     /// Removes a replica (dead, or no longer wanted there).
@@ -169,6 +180,8 @@ pub struct MetaState {
     pub shards: Vec<ShardEntry>,
     /// Admissions so far (the next member's position).
     pub admitted: u64,
+    /// Replica generations handed out so far.
+    pub generations: u64,
 }
 
 impl MetaState {
@@ -176,18 +189,24 @@ impl MetaState {
     pub fn apply(&mut self, cmd: &Cmd) -> Result<CmdReply, MetaError> {
         match cmd {
             Cmd::Init { shard_count } => self.init(*shard_count),
-            Cmd::Admit { name, addr } => {
+            Cmd::Admit { name, addr, raft_id } => {
                 let position = self.admitted;
                 let record = self.members.entry(name.clone()).or_insert_with(|| MemberRecord {
                     addr: addr.clone(),
                     admitted: position,
                     draining: false,
+                    raft_id: *raft_id,
                 });
                 if record.admitted == position {
                     self.admitted += 1;
                 }
                 record.addr = addr.clone();
                 record.draining = false;
+                let reborn = record.raft_id != 0 && *raft_id != 0 && record.raft_id != *raft_id;
+                record.raft_id = *raft_id;
+                if reborn {
+                    self.forget_copies(name);
+                }
                 Ok(CmdReply::Done)
             }
             Cmd::Remove { name } => self.remove(name),
@@ -221,22 +240,26 @@ impl MetaState {
                     other => return Err(wrong_state(*shard, other, "moving")),
                 };
                 // A replica target must hold every acknowledged write (it may have missed one
-                // since the move began).
-                if e.replica(&to).is_some_and(|r| !r.in_sync) {
+                // since the move began); a replicated shard moves only to one of its replicas.
+                if e.replica(&to).is_some_and(|r| !r.in_sync) || (!e.replicas.is_empty() && e.replica(&to).is_none()) {
                     return Err(MetaError::NotInSync { shard: *shard, node: to });
                 }
                 self.member(&to)?;
+                let generation = self.generations + 1;
                 let e = &mut self.shards[*shard as usize];
                 // A replicated shard: the old owner has everything, so it stays as a replica.
+                let mut used = false;
                 if let Some(i) = e.replicas.iter().position(|r| r.node == to) {
                     e.replicas.remove(i);
                     if let Some(old) = e.owner.take() {
-                        e.replicas.push(Replica { node: old, in_sync: true });
+                        e.replicas.push(Replica { node: old, in_sync: true, generation });
+                        used = true;
                     }
                 }
                 e.owner = Some(to);
                 e.epoch += 1;
                 e.state = ShardState::Active;
+                self.generations += u64::from(used);
                 Ok(self.reply(*shard))
             }
             Cmd::AbortMove { shard, expected_epoch } => {
@@ -255,20 +278,27 @@ impl MetaState {
                     return Err(MetaError::OwnerAsReplica { shard: *shard, node: node.clone() });
                 }
                 if e.replica(node).is_none() {
-                    e.replicas.push(Replica { node: node.clone(), in_sync: false });
+                    self.generations += 1;
+                    let generation = self.generations;
+                    let e = &mut self.shards[*shard as usize];
+                    e.replicas.push(Replica { node: node.clone(), in_sync: false, generation });
                 }
                 Ok(self.reply(*shard))
             }
-            Cmd::ReplicaSynced { shard, node, expected_epoch } => {
+            Cmd::ReplicaSynced { shard, node, expected_epoch, generation } => {
                 let e = self.shard_at(*shard, *expected_epoch)?;
-                let r = e.replicas.iter_mut().find(|r| r.node == *node);
+                let r = e.replicas.iter_mut().find(|r| r.node == *node && r.generation == *generation);
                 r.ok_or_else(|| MetaError::NotInSync { shard: *shard, node: node.clone() })?.in_sync = true;
                 Ok(self.reply(*shard))
             }
             Cmd::ReplicaOutOfSync { shard, node, expected_epoch } => {
-                let e = self.shard_at(*shard, *expected_epoch)?;
+                self.shard_at(*shard, *expected_epoch)?;
+                self.generations += 1;
+                let generation = self.generations;
+                let e = &mut self.shards[*shard as usize];
                 if let Some(r) = e.replicas.iter_mut().find(|r| r.node == *node) {
                     r.in_sync = false;
+                    r.generation = generation;
                 }
                 Ok(self.reply(*shard))
             }
@@ -307,6 +337,19 @@ impl MetaState {
         let empty = ShardEntry { owner: None, epoch: 0, state: ShardState::Unassigned, replicas: Vec::new() };
         self.shards = vec![empty; shard_count as usize];
         Ok(CmdReply::Done)
+    }
+
+    /// `name` holds no copy any more: it leaves every replica set and its shards lose their owner.
+    fn forget_copies(&mut self, name: &str) {
+        for e in &mut self.shards {
+            e.replicas.retain(|r| r.node != name);
+            if e.owner.as_deref() == Some(name) {
+                e.owner = None;
+                e.state = ShardState::Unassigned;
+            } else if matches!(&e.state, ShardState::Moving { to } if to == name) {
+                e.state = ShardState::Active;
+            }
+        }
     }
 
     fn remove(&mut self, name: &str) -> Result<CmdReply, MetaError> {

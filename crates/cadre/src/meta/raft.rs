@@ -167,7 +167,8 @@ pub enum ControlReq {
     Drain { name: String },
     /// A shard's owner reports a replica that missed a write (`in_sync: false`) or that it
     /// caught up (`true`); answered by the leader only.
-    Replica { shard: u32, epoch: u64, node: String, in_sync: bool },
+    /// `generation`: the replica's, when its catch-up began (for `in_sync: true`).
+    Replica { shard: u32, epoch: u64, node: String, in_sync: bool, generation: u64 },
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -2,7 +2,7 @@ use super::*;
 use proptest::prelude::*;
 
 fn admit(s: &mut MetaState, name: &str) {
-    s.apply(&Cmd::Admit { name: name.into(), addr: format!("{name}:1") }).unwrap();
+    s.apply(&Cmd::Admit { name: name.into(), addr: format!("{name}:1"), raft_id: 0 }).unwrap();
 }
 
 fn state(shards: u32, members: &[&str]) -> MetaState {
@@ -107,7 +107,7 @@ fn arb_cmd() -> impl Strategy<Value = Cmd> {
     let name = prop::sample::select(vec!["a", "b", "c", "d"]).prop_map(String::from);
     prop_oneof![
         (1u32..6).prop_map(|shard_count| Cmd::Init { shard_count }),
-        name.clone().prop_map(|name| Cmd::Admit { addr: format!("{name}:1"), name }),
+        name.clone().prop_map(|name| Cmd::Admit { addr: format!("{name}:1"), name, raft_id: 0 }),
         name.clone().prop_map(|name| Cmd::Remove { name }),
         (0u32..6, name.clone(), 0u64..4).prop_map(|(shard, owner, expected_epoch)| Cmd::Assign {
             shard,
@@ -124,7 +124,7 @@ fn arb_cmd() -> impl Strategy<Value = Cmd> {
         name.clone().prop_map(|name| Cmd::Drain { name }),
         (0u32..6, name.clone(), 0u64..4, 0u8..5).prop_map(|(shard, node, expected_epoch, which)| match which {
             0 => Cmd::AddReplica { shard, node, expected_epoch },
-            1 => Cmd::ReplicaSynced { shard, node, expected_epoch },
+            1 => Cmd::ReplicaSynced { shard, node, expected_epoch, generation: u64::from(shard) },
             2 => Cmd::ReplicaOutOfSync { shard, node, expected_epoch },
             3 => Cmd::DropReplica { shard, node, expected_epoch },
             _ => Cmd::Promote { shard, to: node, expected_epoch },
@@ -194,21 +194,31 @@ fn replicas_are_caught_up_marked_and_promoted() {
         s.apply(&Cmd::Promote { shard: 0, to: "b".into(), expected_epoch: 1 }),
         Err(MetaError::NotInSync { shard: 0, node: "b".into() })
     );
-    s.apply(&Cmd::ReplicaSynced { shard: 0, node: "b".into(), expected_epoch: 1 }).unwrap();
-    s.apply(&Cmd::ReplicaSynced { shard: 0, node: "c".into(), expected_epoch: 1 }).unwrap();
+    let gen = |s: &MetaState, node: &str| s.shards[0].replica(node).unwrap().generation;
+    s.apply(&Cmd::ReplicaSynced { shard: 0, node: "b".into(), expected_epoch: 1, generation: gen(&s, "b") }).unwrap();
+    // A catch-up of another generation (an older attempt's late report) changes nothing.
+    let stale = Cmd::ReplicaSynced { shard: 0, node: "c".into(), expected_epoch: 1, generation: gen(&s, "b") };
+    assert_eq!(s.apply(&stale), Err(MetaError::NotInSync { shard: 0, node: "c".into() }));
+    s.apply(&Cmd::ReplicaSynced { shard: 0, node: "c".into(), expected_epoch: 1, generation: gen(&s, "c") }).unwrap();
+    let before = gen(&s, "c");
     s.apply(&Cmd::ReplicaOutOfSync { shard: 0, node: "c".into(), expected_epoch: 1 }).unwrap();
     assert!(s.shards[0].in_sync("b") && !s.shards[0].in_sync("c"));
+    assert!(gen(&s, "c") > before, "falling out of sync starts a new generation");
+    let late = Cmd::ReplicaSynced { shard: 0, node: "c".into(), expected_epoch: 1, generation: before };
+    assert!(s.apply(&late).is_err(), "a late mark of the earlier catch-up is refused");
     // The owner dies: b is promoted at epoch 2; a is no longer anything.
     s.apply(&Cmd::Promote { shard: 0, to: "b".into(), expected_epoch: 1 }).unwrap();
     let e = &s.shards[0];
     assert_eq!((e.owner.as_deref(), e.epoch), (Some("b"), 2));
-    assert_eq!(e.replicas, vec![Replica { node: "c".into(), in_sync: false }]);
+    assert_eq!(e.replicas.len(), 1);
+    assert!(e.replica("c").is_some_and(|r| !r.in_sync));
     // A planned move to an in-sync replica keeps the old owner as an in-sync replica.
-    s.apply(&Cmd::ReplicaSynced { shard: 0, node: "c".into(), expected_epoch: 2 }).unwrap();
+    s.apply(&Cmd::ReplicaSynced { shard: 0, node: "c".into(), expected_epoch: 2, generation: gen(&s, "c") }).unwrap();
     s.apply(&Cmd::BeginMove { shard: 0, to: "c".into(), expected_epoch: 2 }).unwrap();
     s.apply(&Cmd::CompleteMove { shard: 0, expected_epoch: 2 }).unwrap();
     assert_eq!(s.shards[0].owner.as_deref(), Some("c"));
-    assert_eq!(s.shards[0].replicas, vec![Replica { node: "b".into(), in_sync: true }]);
+    assert_eq!(s.shards[0].replicas.len(), 1);
+    assert!(s.shards[0].in_sync("b"));
     // A move to a replica that fell out of sync cannot complete; its target cannot be dropped.
     s.apply(&Cmd::ReplicaOutOfSync { shard: 0, node: "b".into(), expected_epoch: 3 }).unwrap();
     s.apply(&Cmd::BeginMove { shard: 0, to: "b".into(), expected_epoch: 3 }).unwrap();
@@ -227,4 +237,23 @@ fn replicas_are_caught_up_marked_and_promoted() {
     s.apply(&Cmd::AddReplica { shard: 1, node: "b".into(), expected_epoch: 0 }).unwrap();
     s.apply(&Cmd::Remove { name: "b".into() }).unwrap();
     assert!(s.shards[1].replicas.is_empty());
+}
+
+#[test]
+fn a_member_back_with_a_new_raft_id_holds_no_copy() {
+    let mut s = state(2, &["a", "b"]);
+    s.apply(&Cmd::Admit { name: "a".into(), addr: "a:1".into(), raft_id: 7 }).unwrap();
+    s.apply(&Cmd::Assign { shard: 0, owner: "a".into(), expected_epoch: 0 }).unwrap();
+    s.apply(&Cmd::Assign { shard: 1, owner: "b".into(), expected_epoch: 0 }).unwrap();
+    s.apply(&Cmd::AddReplica { shard: 1, node: "a".into(), expected_epoch: 1 }).unwrap();
+    // The same process again (same id, even at a new address): nothing changes.
+    s.apply(&Cmd::Admit { name: "a".into(), addr: "a:2".into(), raft_id: 7 }).unwrap();
+    assert_eq!(s.shards[0].owner.as_deref(), Some("a"));
+    assert!(s.shards[1].replica("a").is_some());
+    // A new process under the name (it lost its data dir): its shards lose their owner at the
+    // same epoch, and it is nobody's replica.
+    s.apply(&Cmd::Admit { name: "a".into(), addr: "a:2".into(), raft_id: 8 }).unwrap();
+    assert_eq!((s.shards[0].owner.as_deref(), s.shards[0].epoch), (None, 1));
+    assert!(s.shards[1].replicas.is_empty());
+    assert_eq!(s.members["a"].raft_id, 8);
 }

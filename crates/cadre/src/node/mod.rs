@@ -187,6 +187,7 @@ impl Node {
             rng_seed: rng_seed.wrapping_add(2),
             storage,
             metrics: metrics.clone(),
+            frame_len_max_bytes: cfg.net.frame_len_max_bytes,
         })
         .map_err(NodeError::Meta)?;
         let mut agents = HostBuilder::new(cfg.agents.clone(), prepared.storage())

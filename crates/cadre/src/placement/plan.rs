@@ -139,7 +139,7 @@ mod tests {
         let mut s = MetaState::default();
         s.apply(&Cmd::Init { shard_count: shards }).unwrap();
         for m in members {
-            s.apply(&Cmd::Admit { name: m.to_string(), addr: format!("{m}:1") }).unwrap();
+            s.apply(&Cmd::Admit { name: m.to_string(), addr: format!("{m}:1"), raft_id: 0 }).unwrap();
         }
         s
     }
@@ -162,6 +162,7 @@ mod tests {
                     shard: shard as u32,
                     node: r.node.clone(),
                     expected_epoch: e.epoch,
+                    generation: r.generation,
                 })
             })
             .collect();
@@ -248,7 +249,7 @@ mod tests {
         apply_all(&mut s, &first);
         assert!(plan(&s, &["a", "b"], 8, Copies::Shared).is_empty(), "settled");
         // A third node joins: only moves, at most 8 per plan.
-        s.apply(&Cmd::Admit { name: "c".into(), addr: "c:1".into() }).unwrap();
+        s.apply(&Cmd::Admit { name: "c".into(), addr: "c:1".into(), raft_id: 0 }).unwrap();
         let p = plan(&s, &["a", "b", "c"], 8, Copies::Shared);
         assert!(!p.is_empty() && p.len() <= 8);
         assert!(p.iter().all(|c| matches!(c, Cmd::BeginMove { to, .. } if to == "c")));
@@ -279,7 +280,7 @@ mod tests {
         alone.apply(&Cmd::Drain { name: "a".into() }).unwrap();
         assert_eq!(plan(&alone, &["a"], 8, Copies::Shared).len(), 4);
         // Admitted again: no longer draining.
-        s.apply(&Cmd::Admit { name: "c".into(), addr: "c:1".into() }).unwrap();
+        s.apply(&Cmd::Admit { name: "c".into(), addr: "c:1".into(), raft_id: 0 }).unwrap();
         assert!(!s.members["c"].draining);
     }
 

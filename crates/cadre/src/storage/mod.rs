@@ -119,7 +119,8 @@ pub enum StorageError {
     /// A newer epoch has written to this shard.
     #[error("fenced: shard {shard} is at epoch {current}, the write was at {epoch}")]
     Fenced { shard: u32, epoch: u64, current: u64 },
-    #[error("value of {len} bytes exceeds {VALUE_LEN_MAX_BYTES}")]
+    /// Larger than [`VALUE_LEN_MAX_BYTES`], or than one transport frame when replicated.
+    #[error("value of {len} bytes exceeds the limit (at most {VALUE_LEN_MAX_BYTES}, and one transport frame when replicated)")]
     TooLarge { len: usize },
     #[error("invalid key: {0}")]
     InvalidKey(String),
