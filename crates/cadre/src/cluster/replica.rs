@@ -28,10 +28,20 @@
 //!   ([`ReplicaOp::Sync`]: "your keys of the shard in this key range are exactly these"), at most
 //!   `replica_sync_bytes_per_s` per node. Each page is read and sent under the shard's write lock,
 //!   while writes hold its read lock until their replicas answered, so a page and a write of the
-//!   same key reach the replica in the order they happened. Writes are forwarded to the replica
+//!   same key reach the replica in the order they happened (a page that is not answered holds the
+//!   shard's writes for at most `4 × replica_write_timeout_ms`). Writes are forwarded to the replica
 //!   only for keys already copied (a later page carries the others). When the last page is in and
-//!   no forwarded write failed, the owner marks the replica in sync (under the write lock, so the
-//!   next write already waits for it).
+//!   no forwarded write failed, the owner asks for the in-sync mark, naming the replica's
+//!   *generation* (a new one with every add and every out-of-sync mark), under the write lock.
+//!   From that moment the replica is required for acknowledgements as an in-sync one, until the
+//!   table shows the outcome; an attempt that does not learn it commits `ReplicaOutOfSync` (a new
+//!   generation, so the old mark can no longer apply) before starting over.
+//! - **Closing**: a write whose missed replica cannot be marked out of sync (no leader reachable)
+//!   fails, and the shard stops being served here until that mark is committed: the local store
+//!   holds a write that an in-sync replica lacks, which readers must not see.
+//! - **New processes**: a node admitted again under its name with another Raft id (it lost its
+//!   data dir) holds no copy: it leaves every replica set and its shards lose their owner
+//!   ([`crate::meta::Cmd::Admit`]).
 //!
 //! A planned move with node-local storage is: catch the target up as a replica, then switch the
 //! owner ([`crate::meta::Cmd::CompleteMove`] keeps the old owner as an in-sync replica).
