@@ -214,15 +214,17 @@ impl Prepared {
         let fresh = xxhash_rust::xxh3::xxh3_64_with_seed(&id_seed, parts.rng_seed).max(1);
         let raft_id = db.node_id(fresh)?;
         let sm = SmStore::open(db.clone())?;
+        let lease = Arc::new(Lease::default());
         let repl = replica::Replication::new(
             parts.name.clone(),
+            lease.clone(),
             parts.storage.clone(),
             sm.subscribe(),
             parts.placement.clone(),
             parts.frame_len_max_bytes,
             &parts.metrics,
         );
-        Ok(Prepared { parts, db, sm, raft_id, lease: Arc::new(Lease::default()), repl })
+        Ok(Prepared { parts, db, sm, raft_id, lease, repl })
     }
 
     /// The gate the node's host must use.
@@ -679,6 +681,11 @@ impl Cluster {
                 return false;
             }
         }
+    }
+
+    /// Revokes this node's lease: its gate refuses every call from now on.
+    pub fn stop_serving(&self) {
+        self.inner.lease.revoke();
     }
 
     /// Stops serving (revokes the lease, so no new work starts), stops the group (which ends

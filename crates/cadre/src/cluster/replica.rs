@@ -153,6 +153,8 @@ struct Incoming {
 /// Replication on one node: the owner side (writes, opening, catch-up) and the replica side.
 pub struct Replication {
     name: String,
+    /// This node's lease: a write that missed a replica is acknowledged only under it.
+    lease: Arc<super::Lease>,
     /// Off with shared storage: the database is the replica set.
     enabled: bool,
     local: Arc<dyn Storage>,
@@ -179,6 +181,7 @@ pub struct Replication {
 impl Replication {
     pub fn new(
         name: String,
+        lease: Arc<super::Lease>,
         local: Arc<dyn Storage>,
         state: watch::Receiver<Arc<MetaState>>,
         cfg: PlacementConfig,
@@ -187,6 +190,7 @@ impl Replication {
     ) -> Arc<Replication> {
         Arc::new(Replication {
             name,
+            lease,
             enabled: !local.shared(),
             local,
             state,
@@ -275,6 +279,11 @@ impl Replication {
             } else if let Some(p) = lock(&self.syncs).get_mut(&(fence.shard, t.node)) {
                 p.broken = true;
             }
+        }
+        if !missed.is_empty() && !self.lease.valid(Instant::now()) {
+            // Not to be acknowledged (the shard goes elsewhere once the lease is over): leave the
+            // replicas in sync rather than mark them out on the way down.
+            return Err(StorageError::Backend("a replica missed the write and this node's lease has lapsed".into()));
         }
         let reports = missed.iter().map(|n| self.report(fence.shard, fence.epoch, n, false, 0));
         let mut unreported = Vec::new();

@@ -370,6 +370,9 @@ impl Node {
     /// Abrupt stop, as a crash: no leave, no flush.
     pub async fn kill(self) {
         self.cancel.cancel();
+        // Serve nothing from now on (the gate refuses every call and queued signal), whatever
+        // the steps below wait for.
+        self.cluster.stop_serving();
         // As a crash: no passivation, no last write.
         self.agents.abort().await;
         self.cluster.shutdown().await;
