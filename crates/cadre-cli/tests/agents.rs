@@ -57,6 +57,17 @@ async fn a_counter_keeps_its_value_across_a_restart() {
     assert!(n.wait(WAIT).await.unwrap().success());
 }
 
+/// Whether each member owns as many shards as rendezvous hashing gives it.
+fn on_desired_owners(c: &cadre::api::agents::ClusterJson) -> bool {
+    let names: Vec<&str> = c.members.iter().map(|m| m.name.as_str()).collect();
+    c.members.iter().all(|m| {
+        let desired = (0..c.shard_count)
+            .filter(|s| cadre::placement::desired_owner(*s, names.iter().copied()) == Some(m.name.as_str()))
+            .count();
+        m.shards == desired
+    })
+}
+
 /// Polls `GET /v1/cluster` on `http` until `cond` holds.
 async fn await_cluster(
     http: std::net::SocketAddr,
@@ -96,8 +107,14 @@ async fn calls_from_every_node_reach_one_agent_and_a_planned_leave_keeps_every_a
     for n in nodes {
         wait_ready(n.http, WAIT).await.unwrap_or_else(|e| panic!("{e}: {}", n.log_tail()));
     }
-    await_cluster(n1.http, "3 members own shards, none moving", |c| {
-        c.members.len() == 3 && c.members.iter().all(|m| m.shards > 0) && c.shards_moving == 0
+    // Settled: with replicas, shards move to a node only once it is caught up, so wait for every
+    // replica to be in sync (each shard on all three) as well.
+    await_cluster(n1.http, "shards with their desired owners, none moving, replicas in sync", |c| {
+        c.members.len() == 3
+            && c.shards_moving == 0
+            && c.replicas_behind == 0
+            && c.replicas_in_sync == 2 * c.shard_count as usize
+            && on_desired_owners(c)
     })
     .await;
 

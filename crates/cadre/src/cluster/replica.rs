@@ -29,7 +29,7 @@
 //!   `replica_sync_bytes_per_s` per node. Each page is read and sent under the shard's write lock,
 //!   while writes hold its read lock until their replicas answered, so a page and a write of the
 //!   same key reach the replica in the order they happened (a page that is not answered holds the
-//!   shard's writes for at most `4 × replica_write_timeout_ms`). Writes are forwarded to the replica
+//!   shard's writes for at most `max(handoff_timeout_ms / 4, 4 × replica_write_timeout_ms)`). Writes are forwarded to the replica
 //!   only for keys already copied (a later page carries the others). When the last page is in and
 //!   no forwarded write failed, the owner asks for the in-sync mark, naming the replica's
 //!   *generation* (a new one with every add and every out-of-sync mark), under the write lock.
@@ -480,8 +480,10 @@ impl Replication {
         let retry = Duration::from_millis(RETRY_MS);
         while self.owns(shard, epoch) {
             // This node's own store too: a write of the previous owner still being applied here
-            // as a replica lands before this fence (and is loaded) or is refused after it.
-            if let Err(e) = self.local.fence(Fence { shard, epoch }).await {
+            // as a replica lands before this fence (and is loaded) or is refused after it. (Epoch
+            // 1 had no previous owner: no durable write needed.)
+            let own = if epoch > 1 { self.local.fence(Fence { shard, epoch }).await } else { Ok(()) };
+            if let Err(e) = own {
                 warn!(shard, epoch, error = %e, "cannot fence the local store; retrying");
                 let Some(inner) = self.cluster() else { return };
                 tokio::select! {
@@ -653,8 +655,11 @@ impl Replication {
             syncs.insert(key.clone(), fresh);
         }
         // Writes of the shard wait while a page is out: a replica that does not answer costs them
-        // this much once, then the attempt starts over later.
-        let timeout = Duration::from_millis(self.cfg.replica_write_timeout_ms.saturating_mul(4));
+        // this much once, then the attempt starts over later. A busy replica (its lanes behind
+        // many catch-ups, each page a durable write) needs the room.
+        let timeout = Duration::from_millis(
+            (self.cfg.handoff_timeout_ms / 4).max(self.cfg.replica_write_timeout_ms.saturating_mul(4)),
+        );
         let shard_lock = self.shard_lock(shard);
         let mut after: Option<Key> = None;
         loop {
