@@ -38,6 +38,17 @@ async fn call(http: SocketAddr, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// Whether each member owns as many shards as rendezvous hashing gives it.
+fn on_desired_owners(c: &cadre::api::agents::ClusterJson) -> bool {
+    let names: Vec<&str> = c.members.iter().map(|m| m.name.as_str()).collect();
+    c.members.iter().all(|m| {
+        let desired = (0..c.shard_count)
+            .filter(|s| cadre::placement::desired_owner(*s, names.iter().copied()) == Some(m.name.as_str()))
+            .count();
+        m.shards == desired
+    })
+}
+
 /// Polls `GET /v1/cluster` on `http` until `cond` holds.
 async fn await_cluster(
     http: SocketAddr,
@@ -77,8 +88,10 @@ async fn a_killed_owners_keys_answer_elsewhere_with_every_acknowledged_add() {
     for n in [&n1, &n2, &n3] {
         wait_ready(n.http, WAIT).await.unwrap_or_else(|e| panic!("{e}: {}", n.log_tail()));
     }
-    await_cluster(n1.http, "3 members own shards, none moving", |c| {
-        c.members.len() == 3 && c.members.iter().all(|m| m.shards > 0) && c.shards_moving == 0
+    // Settled: every member holds its rendezvous share (a planned move between two calls of one
+    // key would make them name different owners), none moving.
+    await_cluster(n1.http, "shards with their desired owners, none moving", |c| {
+        c.members.len() == 3 && c.shards_moving == 0 && on_desired_owners(c)
     })
     .await;
 
