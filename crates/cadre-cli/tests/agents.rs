@@ -1,32 +1,16 @@
 //! Real processes: `cadre call` reaches the built-in counter, and its value survives a restart of
 //! the node on the same data dir (the embedded redb store).
 
-#[path = "../src/proc.rs"]
-#[allow(dead_code)]
-mod proc;
+mod support;
 
 use std::path::Path;
 use std::time::Duration;
 
-use proc::{wait_ready, NodeProc, NodeSpec};
+use support::proc::{wait_ready, NodeProc, NodeSpec};
+use support::{await_cluster, call, exe, on_desired_owners, replicated};
 
 const SECRET: &str = "agents-test-secret-0123";
 const WAIT: Duration = Duration::from_secs(30);
-
-fn exe() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_cadre"))
-}
-
-async fn call(http: std::net::SocketAddr, args: &[&str]) -> serde_json::Value {
-    let out = tokio::process::Command::new(exe())
-        .args(["call", "--http", &http.to_string()])
-        .args(args)
-        .output()
-        .await
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
 
 async fn node(dir: &Path) -> NodeProc {
     let n = NodeProc::spawn(NodeSpec { exe: exe(), name: "a1", seeds: &[], dir, secret: SECRET, extra: &[] }).unwrap();
@@ -57,35 +41,6 @@ async fn a_counter_keeps_its_value_across_a_restart() {
     assert!(n.wait(WAIT).await.unwrap().success());
 }
 
-/// Whether each member owns as many shards as rendezvous hashing gives it.
-fn on_desired_owners(c: &cadre::api::agents::ClusterJson) -> bool {
-    let names: Vec<&str> = c.members.iter().map(|m| m.name.as_str()).collect();
-    c.members.iter().all(|m| {
-        let desired = (0..c.shard_count)
-            .filter(|s| cadre::placement::desired_owner(*s, names.iter().copied()) == Some(m.name.as_str()))
-            .count();
-        m.shards == desired
-    })
-}
-
-/// Polls `GET /v1/cluster` on `http` until `cond` holds.
-async fn await_cluster(
-    http: std::net::SocketAddr,
-    what: &str,
-    cond: impl Fn(&cadre::api::agents::ClusterJson) -> bool,
-) -> cadre::api::agents::ClusterJson {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let last = match cadre::api::client::cluster(http, Duration::from_secs(2)).await {
-            Ok(c) if cond(&c) => return c,
-            Ok(c) => format!("{c:?}"),
-            Err(e) => e.to_string(),
-        };
-        assert!(tokio::time::Instant::now() < deadline, "not reached within {WAIT:?}: {what}; last: {last:?}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 /// Three node processes with the embedded store: a counter called through every node is one agent
 /// (same owner, one running sum), and a node leaving with SIGTERM hands its shards over first, so
 /// no acknowledged add is lost although each node keeps its state on its own disk.
@@ -109,12 +64,8 @@ async fn calls_from_every_node_reach_one_agent_and_a_planned_leave_keeps_every_a
     }
     // Settled: with replicas, shards move to a node only once it is caught up, so wait for every
     // replica to be in sync (each shard on all three) as well.
-    await_cluster(n1.http, "shards with their desired owners, none moving, replicas in sync", |c| {
-        c.members.len() == 3
-            && c.shards_moving == 0
-            && c.replicas_behind == 0
-            && c.replicas_in_sync == 2 * c.shard_count as usize
-            && on_desired_owners(c)
+    await_cluster(n1.http, "shards with their desired owners, none moving, replicas in sync", WAIT, |c| {
+        replicated(c, 3, 2) && on_desired_owners(c)
     })
     .await;
 
@@ -139,7 +90,7 @@ async fn calls_from_every_node_reach_one_agent_and_a_planned_leave_keeps_every_a
     let mut leaving = leaving.pop().unwrap();
     leaving.signal(libc::SIGTERM).unwrap();
     assert!(leaving.wait(WAIT).await.unwrap().success(), "{}", leaving.log_tail());
-    let c = await_cluster(stay[0].http, "the leaver owns nothing", |c| {
+    let c = await_cluster(stay[0].http, "the leaver owns nothing", WAIT, |c| {
         c.members.iter().any(|m| m.name == leaver && m.shards == 0) && c.shards_moving == 0
     })
     .await;

@@ -4,26 +4,20 @@
 //!
 //! Conditions are awaited by polling the nodes' HTTP API with a deadline.
 
-#[path = "../src/proc.rs"]
-#[allow(dead_code)]
-mod proc;
+mod support;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
 use cadre::api::client;
 use cadre::api::MembersJson;
 use cadre::membership::MemberState;
-use proc::{wait_ready, NodeProc, NodeSpec};
+use support::exe;
+use support::proc::{self, wait_ready, NodeProc, NodeSpec};
 
 const SECRET: &str = "cluster-test-secret-0123";
 const WAIT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(20);
-
-fn exe() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_cadre"))
-}
 
 fn state_of(m: &MembersJson, name: &str) -> Option<MemberState> {
     m.members.iter().find(|x| x.name == name).map(|x| x.state)

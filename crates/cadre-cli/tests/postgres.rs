@@ -5,9 +5,7 @@
 //! The server comes from `cadre/tests/support/postgres.rs` (`CADRE_TEST_POSTGRES_URL`, or one this
 //! test process starts). Conditions are awaited by polling the nodes' HTTP API with a deadline.
 
-#[path = "../src/proc.rs"]
-#[allow(dead_code)]
-mod proc;
+mod support;
 
 #[path = "../../cadre/tests/support/postgres.rs"]
 #[allow(dead_code)]
@@ -17,59 +15,12 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use proc::{wait_ready, NodeProc, NodeSpec};
+use support::proc::{self, wait_ready, NodeProc, NodeSpec};
+use support::{await_cluster, call, exe, on_desired_owners};
 
 const SECRET: &str = "postgres-test-secret-0123";
 const WAIT: Duration = Duration::from_secs(30);
-const POLL: Duration = Duration::from_millis(25);
 
-fn exe() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_cadre"))
-}
-
-async fn call(http: SocketAddr, args: &[&str]) -> serde_json::Value {
-    let out = tokio::process::Command::new(exe())
-        .args(["call", "--http", &http.to_string()])
-        .args(args)
-        .output()
-        .await
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// Whether each member owns as many shards as rendezvous hashing gives it.
-fn on_desired_owners(c: &cadre::api::agents::ClusterJson) -> bool {
-    let names: Vec<&str> = c.members.iter().map(|m| m.name.as_str()).collect();
-    c.members.iter().all(|m| {
-        let desired = (0..c.shard_count)
-            .filter(|s| cadre::placement::desired_owner(*s, names.iter().copied()) == Some(m.name.as_str()))
-            .count();
-        m.shards == desired
-    })
-}
-
-/// Polls `GET /v1/cluster` on `http` until `cond` holds.
-async fn await_cluster(
-    http: SocketAddr,
-    what: &str,
-    cond: impl Fn(&cadre::api::agents::ClusterJson) -> bool,
-) -> cadre::api::agents::ClusterJson {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let last = match cadre::api::client::cluster(http, Duration::from_secs(2)).await {
-            Ok(c) if cond(&c) => return c,
-            Ok(c) => format!("{c:?}"),
-            Err(e) => e.to_string(),
-        };
-        assert!(tokio::time::Instant::now() < deadline, "not reached within {WAIT:?}: {what}; last: {last}");
-        tokio::time::sleep(POLL).await;
-    }
-}
-
-/// Three nodes on one database: adds through every node reach one agent per key; SIGKILL the node
-/// owning the most keys, and once its lease has run out its keys answer on the others with every
-/// acknowledged add, and take new ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_owners_keys_answer_elsewhere_with_every_acknowledged_add() {
     const KEYS: usize = 12;
@@ -90,7 +41,7 @@ async fn a_killed_owners_keys_answer_elsewhere_with_every_acknowledged_add() {
     }
     // Settled: every member holds its rendezvous share (a planned move between two calls of one
     // key would make them name different owners), none moving.
-    await_cluster(n1.http, "shards with their desired owners, none moving", |c| {
+    await_cluster(n1.http, "shards with their desired owners, none moving", WAIT, |c| {
         c.members.len() == 3 && c.shards_moving == 0 && on_desired_owners(c)
     })
     .await;
@@ -113,7 +64,7 @@ async fn a_killed_owners_keys_answer_elsewhere_with_every_acknowledged_add() {
     let mut killed = killed.pop().unwrap();
     killed.signal(libc::SIGKILL).unwrap();
     killed.wait(WAIT).await.unwrap();
-    let c = await_cluster(stay[0].http, "the killed node's shards are served elsewhere", |c| {
+    let c = await_cluster(stay[0].http, "the killed node's shards are served elsewhere", WAIT, |c| {
         c.members.iter().all(|m| m.name != victim || m.shards == 0) && c.shards_moving == 0 && c.shards_unassigned == 0
     })
     .await;

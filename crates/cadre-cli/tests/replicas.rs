@@ -5,60 +5,18 @@
 //!
 //! Conditions are awaited by polling the nodes' HTTP API with a deadline.
 
-#[path = "../src/proc.rs"]
-#[allow(dead_code)]
-mod proc;
+mod support;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
-use cadre::api::agents::ClusterJson;
-use proc::{wait_ready, NodeProc, NodeSpec};
+use support::proc::{wait_ready, NodeProc, NodeSpec};
+use support::{await_cluster, call, exe, on_desired_owners, replicated};
 
 const SECRET: &str = "replicas-test-secret-0123";
 const WAIT: Duration = Duration::from_secs(60);
-const POLL: Duration = Duration::from_millis(25);
 const KEYS: usize = 12;
 const NAMES: [&str; 3] = ["r1", "r2", "r3"];
-
-fn exe() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_cadre"))
-}
-
-async fn call(http: SocketAddr, args: &[&str]) -> serde_json::Value {
-    let out = tokio::process::Command::new(exe())
-        .args(["call", "--http", &http.to_string()])
-        .args(args)
-        .output()
-        .await
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// Polls `GET /v1/cluster` on `http` until `cond` holds.
-async fn await_cluster(http: SocketAddr, what: &str, cond: impl Fn(&ClusterJson) -> bool) -> ClusterJson {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let last = match cadre::api::client::cluster(http, Duration::from_secs(2)).await {
-            Ok(c) if cond(&c) => return c,
-            Ok(c) => format!("{c:?}"),
-            Err(e) => e.to_string(),
-        };
-        assert!(tokio::time::Instant::now() < deadline, "not reached within {WAIT:?}: {what}; last: {last}");
-        tokio::time::sleep(POLL).await;
-    }
-}
-
-/// Three members, every shard owned, none moving, and `copies` in-sync replicas per shard.
-fn replicated(c: &ClusterJson, copies: usize) -> bool {
-    c.members.len() == 3
-        && c.shards_moving == 0
-        && c.shards_unassigned == 0
-        && c.replicas_behind == 0
-        && c.replicas_in_sync == copies * c.shard_count as usize
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_owner_loses_no_acknowledged_add_and_a_killed_cluster_neither() {
@@ -85,7 +43,10 @@ async fn a_killed_owner_loses_no_acknowledged_add_and_a_killed_cluster_neither()
         wait_ready(n.http, WAIT).await.unwrap_or_else(|e| panic!("{e}: {}", n.log_tail()));
     }
     // Three members: each shard on all three (owner and two in-sync replicas).
-    await_cluster(nodes[0].http, "every shard on three nodes, in sync", |c| replicated(c, 2)).await;
+    await_cluster(nodes[0].http, "every shard on three nodes, in sync, on its desired owner", WAIT, |c| {
+        replicated(c, 3, 2) && on_desired_owners(c)
+    })
+    .await;
 
     let mut owner_of = Vec::new();
     for k in 0..KEYS {
@@ -109,7 +70,7 @@ async fn a_killed_owner_loses_no_acknowledged_add_and_a_killed_cluster_neither()
     nodes[at].signal(libc::SIGKILL).unwrap();
     nodes[at].wait(WAIT).await.unwrap();
     let stay: Vec<usize> = (0..3).filter(|&i| i != at).collect();
-    let promoted = await_cluster(nodes[stay[0]].http, "the killed node's shards promoted elsewhere", move |c| {
+    let promoted = await_cluster(nodes[stay[0]].http, "the killed node's shards promoted elsewhere", WAIT, move |c| {
         c.members.iter().all(|m| m.name != victim || m.shards == 0) && c.shards_moving == 0 && c.shards_unassigned == 0
     });
     if tokio::spawn(promoted).await.is_err() {
@@ -131,7 +92,7 @@ async fn a_killed_owner_loses_no_acknowledged_add_and_a_killed_cluster_neither()
     let seeds_back: &'static [SocketAddr] = Box::leak(Box::new([nodes[stay[0]].addr]));
     nodes[at] = NodeProc::spawn_at(spec(victim, seeds_back), addr, http).unwrap();
     wait_ready(http, WAIT).await.unwrap_or_else(|e| panic!("{e}: {}", nodes[at].log_tail()));
-    await_cluster(nodes[0].http, "the restarted node caught up", |c| replicated(c, 2)).await;
+    await_cluster(nodes[0].http, "the restarted node caught up", WAIT, |c| replicated(c, 3, 2)).await;
 
     // The whole cluster is killed at once and restarted where it was: every add is there.
     let places: Vec<(SocketAddr, SocketAddr)> = nodes.iter().map(|n| (n.addr, n.http)).collect();
@@ -151,7 +112,7 @@ async fn a_killed_owner_loses_no_acknowledged_add_and_a_killed_cluster_neither()
     for n in &nodes {
         wait_ready(n.http, WAIT).await.unwrap_or_else(|e| panic!("{e}: {}", n.log_tail()));
     }
-    await_cluster(nodes[0].http, "the restarted cluster serves every shard", |c| replicated(c, 2)).await;
+    await_cluster(nodes[0].http, "the restarted cluster serves every shard", WAIT, |c| replicated(c, 3, 2)).await;
     for k in 0..KEYS {
         let id = format!("k{k}");
         let v = call(nodes[k % 3].http, &["counter", &id, "counter.get"]).await;

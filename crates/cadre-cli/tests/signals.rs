@@ -1,24 +1,18 @@
 //! Real processes: a node started with `--routes` delivers what `cadre send` posts to the
 //! webhook the routes file names; a routes file a node cannot use is a usage error (exit code 2).
 
-#[path = "../src/proc.rs"]
-#[allow(dead_code)]
-mod proc;
+mod support;
 
-use std::path::Path;
 use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use proc::{wait_ready, NodeProc, NodeSpec};
+use support::exe;
+use support::proc::{wait_ready, NodeProc, NodeSpec};
 use tokio::sync::mpsc;
 
 const SECRET: &str = "signals-test-secret-0123";
 const WAIT: Duration = Duration::from_secs(30);
-
-fn exe() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_cadre"))
-}
 
 async fn receiver() -> (std::net::SocketAddr, mpsc::UnboundedReceiver<Bytes>) {
     let (tx, rx) = mpsc::unbounded_channel::<Bytes>();

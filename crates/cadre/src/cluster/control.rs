@@ -16,8 +16,8 @@ use tracing::{debug, info, warn};
 
 use super::protocol::{RenewReply, RenewReq};
 use super::Inner;
-use crate::meta::raft::{self as mraft, ControlReply, ControlReq, MetaNode, NodeId};
-use crate::meta::{Cmd, MetaState, ShardState};
+use crate::meta::raft::{self as mraft, ControlReply, ControlReq, MetaNode, NodeId, ReplicaReport};
+use crate::meta::{Cmd, CmdReply, MetaState, ShardState, BATCH_CMDS_MAX};
 use crate::placement::plan;
 
 /// Bounds a wait on the group (a write, a leadership check): without a quorum it would never end.
@@ -258,9 +258,7 @@ pub(super) async fn to_leader(inner: &Arc<Inner>, req: ControlReq) -> Result<Con
         return Ok(match req {
             ControlReq::Drain { name } => ControlReply::Drain(drain(inner, name).await),
             ControlReq::HandedOff { shard, epoch } => ControlReply::HandedOff(complete_move(inner, shard, epoch).await),
-            ControlReq::Replica { shard, epoch, node, in_sync, generation } => {
-                ControlReply::Replica(replica_report(inner, shard, epoch, node, in_sync, generation).await)
-            }
+            ControlReq::Replicas(reports) => ControlReply::Replicas(replica_reports(inner, reports).await),
             other => return Err(format!("not a leader request: {other:?}")),
         });
     }
@@ -281,25 +279,35 @@ pub(super) async fn complete_move(inner: &Arc<Inner>, shard: u32, epoch: u64) ->
     r.await?.data.map(|_| ()).map_err(|e| e.to_string())
 }
 
-/// Leader side of an owner's replica report: in sync after a catch-up, or out of sync after a
-/// missed write (the owner acknowledges that write only once this is committed).
-pub(super) async fn replica_report(
+/// Leader side of an owner's replica reports: in sync after a catch-up, or out of sync after a
+/// missed write (the owner acknowledges that write only once this is committed). One log entry
+/// for the batch; one result per report.
+pub(super) async fn replica_reports(
     inner: &Arc<Inner>,
-    shard: u32,
-    epoch: u64,
-    node: String,
-    in_sync: bool,
-    generation: u64,
-) -> Result<(), String> {
+    reports: Vec<ReplicaReport>,
+) -> Result<Vec<Result<(), String>>, String> {
     if !is_leader(inner) {
         return Err("not the leader".into());
     }
-    let cmd = if in_sync {
-        Cmd::ReplicaSynced { shard, node, expected_epoch: epoch, generation }
-    } else {
-        Cmd::ReplicaOutOfSync { shard, node, expected_epoch: epoch }
-    };
-    bounded(inner, "replica report", inner.raft.client_write(cmd)).await?.data.map(|_| ()).map_err(|e| e.to_string())
+    if reports.len() > BATCH_CMDS_MAX {
+        return Err(format!("{} replica reports in one request, over {BATCH_CMDS_MAX}", reports.len()));
+    }
+    let cmds = reports
+        .into_iter()
+        .map(|r| {
+            let ReplicaReport { shard, epoch, node, in_sync, generation } = r;
+            if in_sync {
+                Cmd::ReplicaSynced { shard, node, expected_epoch: epoch, generation }
+            } else {
+                Cmd::ReplicaOutOfSync { shard, node, expected_epoch: epoch }
+            }
+        })
+        .collect();
+    let reply = bounded(inner, "replica reports", inner.raft.client_write(Cmd::Batch(cmds))).await?;
+    match reply.data.map_err(|e| e.to_string())? {
+        CmdReply::Batch(outcomes) => Ok(outcomes.into_iter().map(|o| o.map(drop).map_err(|e| e.to_string())).collect()),
+        other => Err(format!("unexpected reply to a batch: {other:?}")),
+    }
 }
 
 fn is_leader(inner: &Inner) -> bool {
@@ -357,16 +365,21 @@ async fn tick(inner: &Arc<Inner>) {
     };
     if !cmds.is_empty() {
         debug!(count = cmds.len(), "placement commands");
-        // Proposed together: openraft batches them into few log writes.
-        let writes = cmds.into_iter().map(|c| bounded_locked(inner, "placement", inner.raft.client_write(c)));
-        for r in futures::future::join_all(writes).await {
-            match r {
-                Ok(resp) => {
-                    if let Err(e) = resp.data {
+        // One log entry per batch: a tick that plans for every shard costs one write, and
+        // finishes well within the controller lock's bound.
+        for chunk in cmds.chunks(BATCH_CMDS_MAX) {
+            let write = inner.raft.client_write(Cmd::Batch(chunk.to_vec()));
+            match bounded_locked(inner, "placement", write).await.map(|r| r.data) {
+                Ok(Ok(CmdReply::Batch(outcomes))) => {
+                    for e in outcomes.into_iter().filter_map(Result::err) {
                         debug!(error = %e, "placement command refused (stale view)");
                     }
                 }
-                Err(e) => debug!(error = %e, "placement command not committed"),
+                Ok(other) => warn!(reply = ?other, "unexpected reply to placement commands"),
+                Err(e) => {
+                    debug!(error = %e, "placement commands not committed");
+                    break;
+                }
             }
         }
     }

@@ -262,6 +262,9 @@ pub(crate) struct Inner {
     control_permits: Arc<Semaphore>,
     /// Raft RPCs have their own: slow placement requests must not starve heartbeats and votes.
     raft_permits: Arc<Semaphore>,
+    /// And lease renewals theirs: a burst of placement or replica requests must not let leases lapse.
+    renew_permits: Arc<Semaphore>,
+    control_dropped: prometheus_client::metrics::counter::Counter,
     agent_permits: Arc<Semaphore>,
     handoffs: Mutex<HashSet<(u32, u64)>>,
     /// Set once this node starts leaving (renewals say so).
@@ -331,6 +334,10 @@ impl Cluster {
             controller: tokio::sync::Mutex::new(()),
             control_permits: Arc::new(Semaphore::new(CONTROL_IN_FLIGHT_MAX)),
             raft_permits: Arc::new(Semaphore::new(CONTROL_IN_FLIGHT_MAX)),
+            renew_permits: Arc::new(Semaphore::new(CONTROL_IN_FLIGHT_MAX)),
+            control_dropped: parts
+                .metrics
+                .counter("control_requests_dropped", "Control-lane requests dropped because too many were in flight"),
             agent_permits: Arc::new(Semaphore::new(AGENT_IN_FLIGHT_MAX)),
             handoffs: Mutex::new(HashSet::new()),
             draining: std::sync::atomic::AtomicBool::new(false),
@@ -570,9 +577,14 @@ impl Cluster {
 
     /// Serves a control-lane ask from a peer; the reply goes back through the transport.
     pub fn on_control_ask(&self, from: &PeerInfo, id: u64, payload: Bytes) {
-        // The variant tag comes first in postcard: `Raft` is 0.
-        let permits = if payload.first() == Some(&0) { &self.inner.raft_permits } else { &self.inner.control_permits };
+        // The variant tag comes first in postcard: `Raft` is 0, `Renew` 1.
+        let permits = match payload.first() {
+            Some(0) => &self.inner.raft_permits,
+            Some(1) => &self.inner.renew_permits,
+            _ => &self.inner.control_permits,
+        };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
+            self.inner.control_dropped.inc();
             warn!(from = %from.name, "control requests over their limit: one dropped");
             return;
         };
@@ -591,9 +603,9 @@ impl Cluster {
                     ControlReply::HandedOff(control::complete_move(&inner, shard, epoch).await)
                 }
                 Ok(ControlReq::Drain { name }) => ControlReply::Drain(control::drain(&inner, name).await),
-                Ok(ControlReq::Replica { shard, epoch, node, in_sync, generation }) => ControlReply::Replica(
-                    control::replica_report(&inner, shard, epoch, node, in_sync, generation).await,
-                ),
+                Ok(ControlReq::Replicas(reports)) => {
+                    ControlReply::Replicas(control::replica_reports(&inner, reports).await)
+                }
             };
             if let Some(t) = inner.transport.upgrade() {
                 let _ = t.reply_on(Lane::Control, to, id, mraft::encode(&reply));

@@ -61,15 +61,15 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use prometheus_client::metrics::counter::Counter;
-use tokio::sync::{mpsc, watch, RwLock};
+use tokio::sync::{mpsc, oneshot, watch, RwLock};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::protocol::{ReplicaError, ReplicaOp, ReplicaReply, ReplicaReq, TransferItem, REPLICA_TAG};
 use super::Inner;
 use crate::config::PlacementConfig;
-use crate::meta::raft::{self as mraft, ControlReply, ControlReq};
-use crate::meta::{MetaState, ShardEntry};
+use crate::meta::raft::{self as mraft, ControlReply, ControlReq, ReplicaReport};
+use crate::meta::{MetaState, ShardEntry, BATCH_CMDS_MAX};
 use crate::metrics::{label, CounterFamily, Metrics};
 use crate::net::{AskError, PeerInfo};
 use crate::placement::shard_of;
@@ -83,8 +83,17 @@ pub const REPLICA_LANES: usize = 8;
 pub const REPLICA_LANE_QUEUE_LEN_MAX: usize = 1024;
 /// Bytes of state per catch-up page (well under the default 1 MiB frame).
 pub const SYNC_PAGE_BYTES_MAX: usize = 256 * 1024;
-/// Wait before retrying a failed opening or catch-up.
+/// Replica reports waiting to be sent to the leader (four per replica at the default shard
+/// count and factor 3). When full, a report fails at once: a write that needed it
+/// fails (and its shard closes until reported), a catch-up starts over later.
+pub const REPORT_QUEUE_LEN_MAX: usize = 2048;
+/// Wait before retrying a failed opening or catch-up; doubled after each failure up to
+/// [`RETRY_MS_MAX`], so a cluster in trouble is not flooded with retries.
 const RETRY_MS: u64 = 200;
+const RETRY_MS_MAX: u64 = 3200;
+/// Catch-up attempts running at once from one node (others wait their turn): a node that comes
+/// back to many out-of-sync shards copies a few at a time, leaving room for writes.
+pub const CATCH_UPS_MAX: usize = 8;
 /// Frame bytes kept for what surrounds replicated state (keys, envelope, length prefixes).
 const FRAME_OVERHEAD_BYTES: usize = 4096 + crate::storage::KEY_LEN_MAX_BYTES;
 
@@ -142,6 +151,12 @@ impl ReplicaMetrics {
     }
 }
 
+/// A replica report waiting to be sent, and who waits for its outcome.
+struct PendingReport {
+    report: ReplicaReport,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
 /// One request waiting on an apply lane.
 struct Incoming {
     from: String,
@@ -171,6 +186,9 @@ pub struct Replication {
     /// Opening (replica name empty) and catch-up tasks running: (shard, epoch, replica).
     jobs: Mutex<HashSet<(u32, u64, String)>>,
     lanes: OnceLock<Vec<mpsc::Sender<Incoming>>>,
+    /// Replica reports on their way to the leader.
+    reports: OnceLock<mpsc::Sender<PendingReport>>,
+    catch_ups: Arc<tokio::sync::Semaphore>,
     /// When this node's catch-up bandwidth is next free.
     bandwidth: tokio::sync::Mutex<Instant>,
     /// Largest state bytes of one replicated write or catch-up page (fits a frame).
@@ -202,6 +220,8 @@ impl Replication {
             jobs: Mutex::new(HashSet::new()),
             unreported: Mutex::new(HashMap::new()),
             lanes: OnceLock::new(),
+            reports: OnceLock::new(),
+            catch_ups: Arc::new(tokio::sync::Semaphore::new(CATCH_UPS_MAX)),
             bandwidth: tokio::sync::Mutex::new(Instant::now()),
             // Room for the key, the envelope and the encoding's length prefixes.
             payload_max: (frame_len_max_bytes as usize).saturating_sub(FRAME_OVERHEAD_BYTES).max(1),
@@ -247,6 +267,9 @@ impl Replication {
             inner.tasks.spawn(apply_lane(self.clone(), rx, inner.cancel.clone()));
         }
         assert!(self.lanes.set(senders).is_ok(), "replication started twice");
+        let (tx, rx) = mpsc::channel(REPORT_QUEUE_LEN_MAX);
+        inner.tasks.spawn(report_loop(self.clone(), rx, inner.cancel.clone()));
+        assert!(self.reports.set(tx).is_ok(), "replication started twice");
     }
 
     fn cluster(&self) -> Option<Arc<Inner>> {
@@ -385,14 +408,17 @@ impl Replication {
         reply.map_err(|e| e.to_string())
     }
 
-    /// Asks the leader to mark `node` in or out of sync for `shard` at `epoch`.
+    /// Asks the leader to mark `node` in or out of sync for `shard` at `epoch` (through the
+    /// report queue: batched with other shards' reports, one log entry per batch).
     async fn report(&self, shard: u32, epoch: u64, node: &str, in_sync: bool, generation: u64) -> Result<(), String> {
-        let inner = self.cluster().ok_or("the node is shutting down")?;
-        let req = ControlReq::Replica { shard, epoch, node: node.to_string(), in_sync, generation };
-        match super::control::to_leader(&inner, req).await? {
-            ControlReply::Replica(r) => r?,
-            other => return Err(format!("unexpected reply {other:?}")),
-        }
+        let queue = self.reports.get().ok_or("replication has not started")?;
+        let (done, outcome) = oneshot::channel();
+        let report = ReplicaReport { shard, epoch, node: node.to_string(), in_sync, generation };
+        queue.try_send(PendingReport { report, done }).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => format!("{REPORT_QUEUE_LEN_MAX} replica reports are waiting already"),
+            mpsc::error::TrySendError::Closed(_) => "the node is shutting down".to_string(),
+        })?;
+        outcome.await.map_err(|_| "the node is shutting down".to_string())??;
         if in_sync {
             self.metrics.synced.inc();
         } else {
@@ -400,6 +426,17 @@ impl Replication {
             info!(shard, epoch, replica = node, "replica marked out of sync");
         }
         Ok(())
+    }
+
+    /// Sends one batch of reports to the leader: the batch's outcome, or one result per report.
+    async fn send_reports(&self, reports: Vec<ReplicaReport>) -> Result<Vec<Result<(), String>>, String> {
+        let inner = self.cluster().ok_or("the node is shutting down")?;
+        let len = reports.len();
+        match super::control::to_leader(&inner, ControlReq::Replicas(reports)).await? {
+            ControlReply::Replicas(Ok(results)) if results.len() == len => Ok(results),
+            ControlReply::Replicas(r) => Err(r.err().unwrap_or_else(|| "a result per report was expected".into())),
+            other => Err(format!("unexpected reply {other:?}")),
+        }
     }
 
     // --- Opening and catch-up (owner side) ---
@@ -477,7 +514,7 @@ impl Replication {
     /// Fences the in-sync replicas at `epoch` (marking out of sync those that do not answer),
     /// then lets the gate serve the shard.
     async fn open(self: Arc<Self>, shard: u32, epoch: u64) {
-        let retry = Duration::from_millis(RETRY_MS);
+        let mut retry = Backoff::new();
         while self.owns(shard, epoch) {
             // This node's own store too: a write of the previous owner still being applied here
             // as a replica lands before this fence (and is loaded) or is refused after it. (Epoch
@@ -485,11 +522,10 @@ impl Replication {
             let own = if epoch > 1 { self.local.fence(Fence { shard, epoch }).await } else { Ok(()) };
             if let Err(e) = own {
                 warn!(shard, epoch, error = %e, "cannot fence the local store; retrying");
-                let Some(inner) = self.cluster() else { return };
-                tokio::select! {
-                    _ = tokio::time::sleep(retry) => continue,
-                    _ = inner.cancel.cancelled() => return,
+                if !self.pause(&mut retry).await {
+                    return;
                 }
+                continue;
             }
             let fenced = match self.report_unreported(shard, epoch).await {
                 Ok(()) => self.fence_replicas(shard, epoch).await,
@@ -505,11 +541,18 @@ impl Replication {
                 }
                 Err(e) => warn!(shard, epoch, error = %e, "cannot open the shard yet; retrying"),
             }
-            let Some(inner) = self.cluster() else { return };
-            tokio::select! {
-                _ = tokio::time::sleep(retry) => {}
-                _ = inner.cancel.cancelled() => return,
+            if !self.pause(&mut retry).await {
+                return;
             }
+        }
+    }
+
+    /// Waits out the next retry delay; `false` when the node is stopping.
+    async fn pause(&self, backoff: &mut Backoff) -> bool {
+        let Some(inner) = self.cluster() else { return false };
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next()) => true,
+            _ = inner.cancel.cancelled() => false,
         }
     }
 
@@ -544,13 +587,20 @@ impl Replication {
     /// Copies the shard to `to` page by page, then marks it in sync; starts over after a failure,
     /// until the table no longer asks for it.
     async fn catch_up(self: Arc<Self>, shard: u32, epoch: u64, to: String) {
-        let retry = Duration::from_millis(RETRY_MS);
+        let mut retry = Backoff::new();
         let started = Instant::now();
         loop {
             if !self.wants_sync(shard, epoch, &to) {
                 break;
             }
-            match self.sync_once(shard, epoch, &to).await {
+            let attempt = {
+                let Ok(_turn) = self.catch_ups.acquire().await else { return };
+                if !self.wants_sync(shard, epoch, &to) {
+                    break;
+                }
+                self.sync_once(shard, epoch, &to).await
+            };
+            match attempt {
                 Ok(true) => {
                     // The entry stays (required) until the table shows the mark: `on_table` drops it.
                     let p = lock(&self.syncs).get(&(shard, to.clone())).cloned();
@@ -566,10 +616,8 @@ impl Replication {
                 return;
             }
             self.drop_progress(shard, &to);
-            let Some(inner) = self.cluster() else { return };
-            tokio::select! {
-                _ = tokio::time::sleep(retry) => {}
-                _ = inner.cancel.cancelled() => return,
+            if !self.pause(&mut retry).await {
+                return;
             }
         }
         self.drop_progress(shard, &to);
@@ -591,7 +639,7 @@ impl Replication {
         let Some(generation) = lock(&self.syncs).get(&key).filter(|p| p.required).map(|p| p.generation) else {
             return true;
         };
-        let retry = Duration::from_millis(RETRY_MS);
+        let mut retry = Backoff::new();
         loop {
             let settled = {
                 let st = self.state.borrow();
@@ -610,10 +658,8 @@ impl Replication {
                 }
                 Err(e) => warn!(shard, epoch, to, error = %e, "cannot settle a pending in-sync mark; retrying"),
             }
-            let Some(inner) = self.cluster() else { return false };
-            tokio::select! {
-                _ = tokio::time::sleep(retry) => {}
-                _ = inner.cancel.cancelled() => return false,
+            if !self.pause(&mut retry).await {
+                return false;
             }
         }
     }
@@ -689,6 +735,10 @@ impl Replication {
             };
             if after.is_none() {
                 break;
+            }
+            if lock(&self.syncs).get(&key).is_none_or(|p| p.broken) {
+                // A forwarded write failed: the rest of this attempt would be wasted.
+                return Ok(false);
             }
             self.pace(sent).await;
         }
@@ -836,10 +886,34 @@ impl Replication {
                 for item in &items {
                     keys.push(in_shard(&item.ty, &item.id)?);
                 }
-                local.fence(fence).await.map_err(storage_err)?;
+                // Fenced at this epoch already by an earlier page, most of the time: a read, not a write.
+                let here = local.epoch(req.shard).await.map_err(storage_err)?;
+                if here > req.epoch {
+                    return Err(ReplicaError::Stale(format!("shard {} is fenced at {here} here", req.shard)));
+                }
+                if here < req.epoch {
+                    local.fence(fence).await.map_err(storage_err)?;
+                }
                 sync_range(local, req.shard, count, fence, after, through, keys, items).await
             }
         }
+    }
+}
+
+/// Retry delays: [`RETRY_MS`], doubling up to [`RETRY_MS_MAX`].
+struct Backoff {
+    next_ms: u64,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Self { next_ms: RETRY_MS }
+    }
+
+    fn next(&mut self) -> Duration {
+        let d = Duration::from_millis(self.next_ms);
+        self.next_ms = (self.next_ms * 2).min(RETRY_MS_MAX);
+        d
     }
 }
 
@@ -881,6 +955,53 @@ async fn apply_lane(
         let Some(inner) = repl.cluster() else { return };
         if let Some(t) = inner.transport.upgrade() {
             let _ = t.reply_on(Lane::Data, item.addr, item.id, encode_reply(&reply));
+        }
+    }
+}
+
+/// Sends queued reports to the leader, one batch at a time: what queues up while a batch is out
+/// goes in the next one, identical reports once.
+async fn report_loop(
+    repl: Arc<Replication>,
+    mut rx: mpsc::Receiver<PendingReport>,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let first = tokio::select! {
+            r = rx.recv() => match r { Some(r) => r, None => return },
+            _ = cancel.cancelled() => return,
+        };
+        let mut batch = vec![first];
+        while batch.len() < BATCH_CMDS_MAX {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        // Identical reports share one command (and one outcome).
+        let mut unique: Vec<ReplicaReport> = Vec::new();
+        let mut waiters: Vec<Vec<oneshot::Sender<Result<(), String>>>> = Vec::new();
+        let mut index: HashMap<ReplicaReport, usize> = HashMap::new();
+        for PendingReport { report, done } in batch {
+            let i = *index.entry(report.clone()).or_insert_with(|| {
+                unique.push(report);
+                waiters.push(Vec::new());
+                unique.len() - 1
+            });
+            waiters[i].push(done);
+        }
+        let outcome = tokio::select! {
+            o = repl.send_reports(unique) => o,
+            _ = cancel.cancelled() => return,
+        };
+        for (i, done) in waiters.into_iter().enumerate() {
+            let result = match &outcome {
+                Ok(results) => results[i].clone(),
+                Err(e) => Err(e.clone()),
+            };
+            for d in done {
+                let _ = d.send(result.clone());
+            }
         }
     }
 }

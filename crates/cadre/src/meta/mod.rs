@@ -134,7 +134,14 @@ pub enum Cmd {
     /// Makes an in-sync replica the owner at `expected_epoch + 1` (the owner's lease expired):
     /// it holds every acknowledged write. The old owner is no longer a replica.
     Promote { shard: u32, to: String, expected_epoch: u64 },
+    /// Several commands in one log entry, each applied on its own (one refused changes nothing
+    /// of the others): replica reports from many shards cost one entry, not one each. At most
+    /// [`BATCH_CMDS_MAX`]; not nested.
+    Batch(Vec<Cmd>),
 }
+
+/// Commands in one [`Cmd::Batch`].
+pub const BATCH_CMDS_MAX: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CmdReply {
@@ -145,6 +152,8 @@ pub enum CmdReply {
         owner: Option<String>,
         epoch: u64,
     },
+    /// Each command of a [`Cmd::Batch`], in order.
+    Batch(Vec<CmdOutcome>),
 }
 
 /// What applying a command gave: the Raft group's response type.
@@ -170,6 +179,8 @@ pub enum MetaError {
     NotInSync { shard: u32, node: String },
     #[error("{node} owns shard {shard}; it cannot also be its replica")]
     OwnerAsReplica { shard: u32, node: String },
+    #[error("a batch of {len} commands is over {BATCH_CMDS_MAX}, or nested")]
+    BadBatch { len: usize },
 }
 
 /// The replicated metadata.
@@ -322,6 +333,12 @@ impl MetaState {
                 e.epoch += 1;
                 e.state = ShardState::Active;
                 Ok(self.reply(*shard))
+            }
+            Cmd::Batch(cmds) => {
+                if cmds.len() > BATCH_CMDS_MAX || cmds.iter().any(|c| matches!(c, Cmd::Batch(_))) {
+                    return Err(MetaError::BadBatch { len: cmds.len() });
+                }
+                Ok(CmdReply::Batch(cmds.iter().map(|c| self.apply(c)).collect()))
             }
         }
     }

@@ -165,10 +165,20 @@ pub enum ControlReq {
     HandedOff { shard: u32, epoch: u64 },
     /// A member leaves gracefully: hand its shards over; answered by the leader only.
     Drain { name: String },
-    /// A shard's owner reports a replica that missed a write (`in_sync: false`) or that it
-    /// caught up (`true`); answered by the leader only.
-    /// `generation`: the replica's, when its catch-up began (for `in_sync: true`).
-    Replica { shard: u32, epoch: u64, node: String, in_sync: bool, generation: u64 },
+    /// A shard owner's replica reports, batched (at most [`crate::meta::BATCH_CMDS_MAX`]);
+    /// answered by the leader only, one result per report.
+    Replicas(Vec<ReplicaReport>),
+}
+
+/// A replica that missed a write (`in_sync: false`) or that its owner caught up (`true`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ReplicaReport {
+    pub shard: u32,
+    pub epoch: u64,
+    pub node: String,
+    pub in_sync: bool,
+    /// The replica's, when its catch-up began (for `in_sync: true`).
+    pub generation: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -179,7 +189,8 @@ pub enum ControlReply {
     Renew(crate::cluster::protocol::RenewReply),
     HandedOff(Result<(), String>),
     Drain(Result<(), String>),
-    Replica(Result<(), String>),
+    /// The batch's outcome, or one result per report.
+    Replicas(Result<Vec<Result<(), String>>, String>),
     /// The request could not be decoded or served.
     Refused(String),
 }

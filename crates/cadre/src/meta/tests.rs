@@ -257,3 +257,29 @@ fn a_member_back_with_a_new_raft_id_holds_no_copy() {
     assert!(s.shards[1].replicas.is_empty());
     assert_eq!(s.members["a"].raft_id, 8);
 }
+
+#[test]
+fn a_batch_applies_each_command_on_its_own_and_is_bounded() {
+    let mut s = state(2, &["a", "b"]);
+    let batch = Cmd::Batch(vec![
+        Cmd::Assign { shard: 0, owner: "a".into(), expected_epoch: 0 },
+        // Refused (stale epoch): the others still apply.
+        Cmd::Assign { shard: 1, owner: "a".into(), expected_epoch: 7 },
+        Cmd::AddReplica { shard: 0, node: "b".into(), expected_epoch: 1 },
+    ]);
+    let CmdReply::Batch(outcomes) = s.apply(&batch).unwrap() else { panic!("a batch answers per command") };
+    assert_eq!(outcomes.len(), 3);
+    assert!(outcomes[0].is_ok() && outcomes[2].is_ok());
+    assert_eq!(outcomes[1], Err(MetaError::StaleEpoch { shard: 1, expected: 7, actual: 0 }));
+    assert_eq!(s.shards[0].owner.as_deref(), Some("a"));
+    assert!(s.shards[0].replica("b").is_some());
+    assert_eq!(s.shards[1].owner, None);
+
+    let before = s.clone();
+    let nested = Cmd::Batch(vec![Cmd::Batch(vec![])]);
+    assert_eq!(s.apply(&nested), Err(MetaError::BadBatch { len: 1 }));
+    let drain = Cmd::Drain { name: "b".into() };
+    let huge = Cmd::Batch(vec![drain; BATCH_CMDS_MAX + 1]);
+    assert_eq!(s.apply(&huge), Err(MetaError::BadBatch { len: BATCH_CMDS_MAX + 1 }));
+    assert_eq!(s, before, "a refused batch changes nothing");
+}

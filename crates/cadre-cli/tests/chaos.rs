@@ -1,0 +1,659 @@
+//! Chaos over real processes: 3 (or 5) `cadre node` processes on loopback, with the embedded store
+//! (redb under each node's data dir, replicated between nodes) or with one Postgres database, take
+//! `counter.add` calls with known increments from clients on every node's HTTP API while faults are
+//! injected one at a time from a schedule derived from a seed:
+//!
+//! - SIGKILL of a node owning shards, then a restart on the same ports and data dir;
+//! - SIGSTOP of a node for longer than its lease (until the others have taken its shards over),
+//!   then SIGCONT.
+//!
+//! (Partitions through a fault-injecting proxy are not injected yet: a node advertises one address
+//! to all its peers, so cutting one node off from the others alone needs per-peer addresses.)
+//!
+//! Between two faults the cluster is awaited back in its fully replicated state (every member
+//! answering and owning shards, none moving or unassigned, every replica in sync): the guarantee
+//! is one failure at a time. At the end, for every key: acknowledged sum <= value <=
+//! acknowledged plus unknown-outcome sum (no acknowledged add lost, none applied twice), every node answers the
+//! same value, and no two nodes acknowledged calls on one key under the same shard epoch. The
+//! failover time of each SIGKILL (the kill until a key the killed node owned answers on another
+//! node) is printed as p50/p99; timings are figures, never asserted.
+//!
+//! The default run is bounded for CI. By hand:
+//! `CADRE_CHAOS_SEED=7 CADRE_CHAOS_SECONDS=600 CADRE_CHAOS_NODES=5 cargo test -p cadre-cli --test
+//! chaos -- --nocapture` (`CADRE_CHAOS_FAULTS` sets the number of faults instead of a duration).
+//! A failure prints the seed, the schedule so far and the tail of each node's log.
+
+mod support;
+
+#[path = "../../cadre/tests/support/postgres.rs"]
+#[allow(dead_code)]
+mod pg;
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cadre::api::agents::ClusterJson;
+use cadre::api::client::{self, ClientError};
+use cadre::signal::{codec, Signal};
+use support::exe;
+use support::proc::{self, wait_ready, NodeProc, NodeSpec};
+
+const SECRET: &str = "chaos-test-secret-0123456";
+/// Time the cluster has to recover from one fault (or to start).
+const WAIT: Duration = Duration::from_secs(60);
+const POLL: Duration = Duration::from_millis(25);
+/// A client gives up on a call after this long (its outcome is then unknown).
+const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// One attempt of the failover probe.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Pause of a client between two calls.
+const PACE: Duration = Duration::from_millis(10);
+const LEASE_MS: u64 = 1000;
+const DRIFT_MS: u64 = 200;
+const CONFIG: &str = "\
+[placement]
+rebalance_interval_ms = 200
+max_moves_per_tick = 256
+lease_ms = 1000
+lease_renew_interval_ms = 200
+lease_drift_margin_ms = 200
+
+[agents]
+call_timeout_ms = 2000
+";
+const KEYS: usize = 24;
+const CLIENTS: u64 = 4;
+
+/// The chaos tests run one at a time: each has a cluster of its own on a small machine.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_embedded_store() {
+    let _serial = SERIAL.lock().await;
+    run(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_postgres() {
+    let _serial = SERIAL.lock().await;
+    let db = pg::database("chaos").await;
+    run(Backend::Postgres(db.url.clone())).await;
+}
+
+#[derive(Clone, Debug)]
+enum Backend {
+    Embedded,
+    Postgres(String),
+}
+
+/// SplitMix64: the schedule and the workload follow from the seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    let v = std::env::var(name).ok()?;
+    Some(v.parse().unwrap_or_else(|_| panic!("{name}={v:?} is not a number")))
+}
+
+struct Settings {
+    seed: u64,
+    nodes: usize,
+    /// Faults to inject, unless `seconds` is set.
+    faults: usize,
+    /// Inject faults until this much time has passed.
+    seconds: Option<u64>,
+}
+
+impl Settings {
+    fn from_env() -> Settings {
+        let seed = env_u64("CADRE_CHAOS_SEED").unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+        });
+        let nodes = env_u64("CADRE_CHAOS_NODES").unwrap_or(3) as usize;
+        assert!(nodes >= 3, "CADRE_CHAOS_NODES must be at least 3");
+        let seconds = env_u64("CADRE_CHAOS_SECONDS");
+        let faults = env_u64("CADRE_CHAOS_FAULTS").unwrap_or(if seconds.is_some() { usize::MAX as u64 } else { 6 });
+        Settings { seed, nodes, faults: faults as usize, seconds }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Fault {
+    Kill { node: usize },
+    Stop { node: usize, min_ms: u64 },
+}
+
+/// What one call did.
+enum Outcome {
+    /// 2xx with the new value: applied once.
+    Acked { value: i64, node: String, epoch: u64 },
+    /// Timeout, 5xx, broken connection: applied at most once.
+    Unknown(String),
+    /// The connection was refused: nothing was sent.
+    NotSent,
+}
+
+#[derive(Default, Clone)]
+struct KeyLedger {
+    acked_sum: i64,
+    unknown_sum: i64,
+    acked: u64,
+    unknown: u64,
+    max_acked_value: i64,
+}
+
+#[derive(Default)]
+struct Ledger {
+    keys: Vec<KeyLedger>,
+    /// (key, epoch) → the node that acknowledged a call on the key under that epoch.
+    served: HashMap<(usize, u64), String>,
+    violations: Vec<String>,
+    not_sent: u64,
+    unknown_kinds: HashMap<String, u64>,
+}
+
+fn key_id(k: usize) -> String {
+    format!("k{k}")
+}
+
+async fn call(http: SocketAddr, id: &str, ty: &str, data: serde_json::Value, timeout: Duration) -> Outcome {
+    let body = bytes::Bytes::from(codec::encode_structured(&Signal::new(ty, data)));
+    let path = format!("/v1/agents/counter/{id}");
+    match client::post(http, &path, codec::CONTENT_TYPE_STRUCTURED, body, timeout).await {
+        Ok((200, body)) => {
+            let v: serde_json::Value = match serde_json::from_slice(&body) {
+                Ok(v) => v,
+                Err(e) => return Outcome::Unknown(format!("bad body: {e}")),
+            };
+            match (v["reply"].as_i64(), v["node"].as_str(), v["epoch"].as_u64()) {
+                (Some(value), Some(node), Some(epoch)) => Outcome::Acked { value, node: node.to_string(), epoch },
+                _ => Outcome::Unknown(format!("bad body: {v}")),
+            }
+        }
+        Ok((status, _)) => Outcome::Unknown(format!("status {status}")),
+        Err(ClientError::Connect { .. }) => Outcome::NotSent,
+        Err(ClientError::Timeout(_)) => Outcome::Unknown("timeout".into()),
+        Err(e) => Outcome::Unknown(format!("{e}").chars().take(40).collect()),
+    }
+}
+
+/// A client: adds of 1..=9 to random keys through random nodes until told to stop.
+async fn client_loop(mut rng: Rng, http: Vec<SocketAddr>, ledger: Arc<Mutex<Ledger>>, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::Relaxed) {
+        let k = rng.below(KEYS as u64) as usize;
+        let via = http[rng.below(http.len() as u64) as usize];
+        let inc = 1 + rng.below(9) as i64;
+        let outcome = call(via, &key_id(k), "counter.add", serde_json::json!(inc), CALL_TIMEOUT).await;
+        record(&mut ledger.lock().unwrap(), k, inc, outcome);
+        tokio::time::sleep(PACE).await;
+    }
+}
+
+fn record(l: &mut Ledger, k: usize, inc: i64, outcome: Outcome) {
+    match outcome {
+        Outcome::Acked { value, node, epoch } => {
+            let e = &mut l.keys[k];
+            e.acked_sum += inc;
+            e.acked += 1;
+            e.max_acked_value = e.max_acked_value.max(value);
+            if let Some(other) = l.served.insert((k, epoch), node.clone()) {
+                if other != node {
+                    let v = format!("{} acknowledged by {other} and {node} under epoch {epoch}", key_id(k));
+                    l.violations.push(v);
+                }
+            }
+        }
+        Outcome::Unknown(kind) => {
+            let e = &mut l.keys[k];
+            e.unknown_sum += inc;
+            e.unknown += 1;
+            *l.unknown_kinds.entry(kind).or_default() += 1;
+        }
+        Outcome::NotSent => l.not_sent += 1,
+    }
+}
+
+struct Chaos {
+    settings: Settings,
+    backend: Backend,
+    /// Data dirs, logs and the config; removed when the run passes, kept when it fails.
+    dir: PathBuf,
+    config: PathBuf,
+    names: Vec<String>,
+    /// (transport, HTTP) of each node; kept across restarts.
+    places: Vec<(SocketAddr, SocketAddr)>,
+    procs: Vec<Option<NodeProc>>,
+    /// Restarts of each node (earlier logs are kept as `NAME.log.N`).
+    generation: Vec<u32>,
+    schedule: Vec<String>,
+    started: Instant,
+}
+
+impl Chaos {
+    fn extra(&self) -> Vec<String> {
+        let mut extra = vec!["--config".to_string(), self.config.display().to_string()];
+        if let Backend::Postgres(url) = &self.backend {
+            extra.extend(["--storage".to_string(), url.clone()]);
+        }
+        extra
+    }
+
+    fn spawn(&mut self, i: usize, seeds: &[SocketAddr]) {
+        let extra = self.extra();
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let spec = NodeSpec { exe: exe(), name: &self.names[i], seeds, dir: &self.dir, secret: SECRET, extra: &extra };
+        let (addr, http) = self.places[i];
+        match NodeProc::spawn_at(spec, addr, http) {
+            Ok(p) => self.procs[i] = Some(p),
+            Err(e) => self.fail(format!("cannot start {}: {e:#}", self.names[i])),
+        }
+    }
+
+    fn alive(&self) -> Vec<usize> {
+        (0..self.names.len()).filter(|&i| self.procs[i].is_some()).collect()
+    }
+
+    fn note(&mut self, what: String) {
+        let line = format!("{:>8.3}s {what}", self.started.elapsed().as_secs_f64());
+        eprintln!("chaos: {line}");
+        self.schedule.push(line);
+    }
+
+    /// Fails the test with the seed, the schedule so far and the tail of each node's log.
+    fn fail(&self, msg: String) -> ! {
+        let mut out = format!(
+            "CHAOS FAILURE: {msg}\nseed {} ({} nodes, {:?} backend); rerun with CADRE_CHAOS_SEED={}\nschedule so far:\n",
+            self.settings.seed,
+            self.names.len(),
+            match self.backend {
+                Backend::Embedded => "embedded",
+                Backend::Postgres(_) => "postgres",
+            },
+            self.settings.seed
+        );
+        for s in &self.schedule {
+            let _ = writeln!(out, "  {s}");
+        }
+        for (i, name) in self.names.iter().enumerate() {
+            let log = self.dir.join(format!("{name}.log"));
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let _ = writeln!(
+                out,
+                "--- {name} (restarts: {}, {}) log tail:\n{}",
+                self.generation[i],
+                if self.procs[i].is_some() { "running" } else { "not running" },
+                strip_ansi(&lines[lines.len().saturating_sub(30)..].join("\n"))
+            );
+        }
+        let _ = writeln!(out, "data dirs and full logs kept in {}", self.dir.display());
+        panic!("{out}");
+    }
+
+    fn replication_copies(&self) -> usize {
+        match self.backend {
+            Backend::Embedded => self.names.len().min(3) - 1,
+            Backend::Postgres(_) => 0,
+        }
+    }
+
+    /// Every member answering and owning shards, none moving or unassigned, every replica in sync.
+    fn healthy(&self, c: &ClusterJson) -> bool {
+        c.members.len() == self.names.len()
+            && c.members.iter().all(|m| m.active_agents.is_some() && m.shards > 0)
+            && c.shards_moving == 0
+            && c.shards_unassigned == 0
+            && c.replicas_behind == 0
+            && c.replicas_in_sync == self.replication_copies() * c.shard_count as usize
+    }
+
+    /// Polls `GET /v1/cluster` on `http` until `cond` holds, or fails the test.
+    async fn await_cluster(&self, http: SocketAddr, what: &str, cond: impl Fn(&ClusterJson) -> bool) -> ClusterJson {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let last = match client::cluster(http, Duration::from_secs(2)).await {
+                Ok(c) if cond(&c) => return c,
+                Ok(c) => format!("{c:?}"),
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() >= deadline {
+                self.fail(format!("not reached within {WAIT:?} on {http}: {what}; last: {last}"));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Every running node sees the cluster healthy.
+    async fn await_healthy(&self, what: &str) {
+        for i in self.alive() {
+            let http = self.places[i].1;
+            self.await_cluster(http, &format!("{what}: healthy as {} sees it", self.names[i]), |c| self.healthy(c))
+                .await;
+        }
+    }
+
+    async fn await_ready(&self, i: usize) {
+        if let Err(e) = wait_ready(self.places[i].1, WAIT).await {
+            self.fail(format!("{} never became ready: {e}", self.names[i]));
+        }
+    }
+
+    async fn start(&mut self) {
+        self.spawn(0, &[]);
+        let seeds = [self.places[0].0];
+        for i in 1..self.names.len() {
+            self.spawn(i, &seeds);
+        }
+        for i in 0..self.names.len() {
+            self.await_ready(i).await;
+        }
+        self.await_healthy("started").await;
+        self.note(format!("{} nodes up and replicated", self.names.len()));
+    }
+
+    /// A key `victim` owns, as another node sees it: a workload key if one is, else a probe key.
+    async fn key_owned_by(&self, victim: usize, via: SocketAddr) -> String {
+        let ids = (0..KEYS).map(key_id).chain((0..1000).map(|j| format!("probe{j}")));
+        for id in ids {
+            let path = format!("/v1/agents/counter/{id}");
+            if let Ok((200, body)) = client::get(via, &path, Duration::from_secs(2)).await {
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                if v["owner"].as_str() == Some(self.names[victim].as_str()) {
+                    return id;
+                }
+            }
+        }
+        self.fail(format!("no key owned by {} found", self.names[victim]))
+    }
+
+    /// SIGKILL `victim`, time until a key it owned answers on another node, restart it where it was.
+    async fn kill(&mut self, victim: usize) -> Duration {
+        let others: Vec<usize> = self.alive().into_iter().filter(|&i| i != victim).collect();
+        let key = self.key_owned_by(victim, self.places[others[0]].1).await;
+        self.note(format!("SIGKILL {} (owner of {key})", self.names[victim]));
+        let killed_at = Instant::now();
+        let mut proc = self.procs[victim].take().unwrap();
+        if let Err(e) = proc.signal(libc::SIGKILL) {
+            self.fail(format!("cannot kill {}: {e}", self.names[victim]));
+        }
+        if let Err(e) = proc.wait(WAIT).await {
+            self.fail(format!("{e}"));
+        }
+        // The key answers on another node.
+        let deadline = killed_at + WAIT;
+        let mut attempt = 0;
+        let failover = loop {
+            let via = self.places[others[attempt % others.len()]].1;
+            attempt += 1;
+            if let Outcome::Acked { node, .. } =
+                call(via, &key, "counter.get", serde_json::Value::Null, PROBE_TIMEOUT).await
+            {
+                if node != self.names[victim] {
+                    break killed_at.elapsed();
+                }
+            }
+            if Instant::now() >= deadline {
+                self.fail(format!("{key}, owned by the killed {}, never answered elsewhere", self.names[victim]));
+            }
+            tokio::time::sleep(POLL).await;
+        };
+        self.note(format!("{key} answers elsewhere {:.0} ms after the kill", failover.as_secs_f64() * 1000.0));
+        // Restart on the same ports and data dir; the old log is kept.
+        self.generation[victim] += 1;
+        let name = &self.names[victim];
+        let log = self.dir.join(format!("{name}.log"));
+        let _ = std::fs::rename(&log, self.dir.join(format!("{name}.log.{}", self.generation[victim])));
+        let seeds: Vec<SocketAddr> = others.iter().map(|&i| self.places[i].0).collect();
+        self.spawn(victim, &seeds);
+        self.await_ready(victim).await;
+        self.note(format!("{} restarted", self.names[victim]));
+        failover
+    }
+
+    /// SIGSTOP `victim` until at least `min_ms` have passed and the others have taken its shards
+    /// over (its lease ran out), then SIGCONT.
+    async fn stop(&mut self, victim: usize, min_ms: u64) {
+        self.note(format!("SIGSTOP {} for at least {min_ms} ms", self.names[victim]));
+        let stopped_at = Instant::now();
+        let proc = self.procs[victim].as_ref().unwrap();
+        if let Err(e) = proc.signal(libc::SIGSTOP) {
+            self.fail(format!("cannot stop {}: {e}", self.names[victim]));
+        }
+        let via = self.alive().into_iter().find(|&i| i != victim).unwrap();
+        let name = self.names[victim].clone();
+        self.await_cluster(self.places[via].1, &format!("{name}'s shards taken over while it is stopped"), |c| {
+            c.shards_unassigned == 0 && c.members.iter().all(|m| m.name != name || m.shards == 0)
+        })
+        .await;
+        let taken_over = stopped_at.elapsed();
+        tokio::time::sleep(Duration::from_millis(min_ms).saturating_sub(stopped_at.elapsed())).await;
+        let proc = self.procs[victim].as_ref().unwrap();
+        if let Err(e) = proc.signal(libc::SIGCONT) {
+            self.fail(format!("cannot continue {}: {e}", self.names[victim]));
+        }
+        self.note(format!(
+            "SIGCONT {} after {:.0} ms (shards taken over after {:.0} ms)",
+            self.names[victim],
+            stopped_at.elapsed().as_secs_f64() * 1000.0,
+            taken_over.as_secs_f64() * 1000.0
+        ));
+    }
+
+    /// The value of a key as `http` answers it, retried until the deadline.
+    async fn value(&self, k: usize, i: usize) -> i64 {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let last =
+                match call(self.places[i].1, &key_id(k), "counter.get", serde_json::Value::Null, CALL_TIMEOUT).await {
+                    Outcome::Acked { value, .. } => return value,
+                    Outcome::Unknown(e) => e,
+                    Outcome::NotSent => "connection refused".into(),
+                };
+            if Instant::now() >= deadline {
+                self.fail(format!("{} does not answer via {}: {last}", key_id(k), self.names[i]));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+/// `text` without terminal colour sequences (`ESC [ ... m`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn percentile(sorted: &[Duration], p: usize) -> Duration {
+    // Nearest rank.
+    let rank = (p * sorted.len()).div_ceil(100).max(1);
+    sorted[rank - 1]
+}
+
+async fn run(backend: Backend) {
+    let settings = Settings::from_env();
+    let n = settings.nodes;
+    let dir = tempfile::Builder::new().prefix("cadre-chaos").tempdir().unwrap().keep();
+    let config = dir.join("chaos.toml");
+    std::fs::write(&config, CONFIG).unwrap();
+    let places = (0..n)
+        .map(|_| (proc::loopback(proc::free_port().unwrap()), proc::loopback(proc::free_port().unwrap())))
+        .collect();
+    let mut chaos = Chaos {
+        backend,
+        dir,
+        config,
+        names: (1..=n).map(|i| format!("c{i}")).collect(),
+        places,
+        procs: (0..n).map(|_| None).collect(),
+        generation: vec![0; n],
+        schedule: Vec::new(),
+        started: Instant::now(),
+        settings,
+    };
+    eprintln!(
+        "chaos: seed {} ({n} nodes, {:?}); rerun with CADRE_CHAOS_SEED={}",
+        chaos.settings.seed,
+        match chaos.backend {
+            Backend::Embedded => "embedded store",
+            Backend::Postgres(_) => "postgres",
+        },
+        chaos.settings.seed
+    );
+    chaos.start().await;
+
+    let ledger = Arc::new(Mutex::new(Ledger { keys: vec![KeyLedger::default(); KEYS], ..Ledger::default() }));
+    let stop = Arc::new(AtomicBool::new(false));
+    let http: Vec<SocketAddr> = chaos.places.iter().map(|p| p.1).collect();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let rng = Rng(chaos.settings.seed ^ (c + 1).wrapping_mul(0x2545_f491_4f6c_dd1d));
+            tokio::spawn(client_loop(rng, http.clone(), ledger.clone(), stop.clone()))
+        })
+        .collect();
+
+    let mut rng = Rng(chaos.settings.seed);
+    let mut failovers = Vec::new();
+    let (mut kills, mut stops) = (0, 0);
+    let faults_started = Instant::now();
+    for f in 0..chaos.settings.faults {
+        if let Some(s) = chaos.settings.seconds {
+            if faults_started.elapsed() >= Duration::from_secs(s) {
+                break;
+            }
+        }
+        let node = rng.below(n as u64) as usize;
+        // Two kills for one stop: kills give failover figures.
+        let fault = if rng.below(3) < 2 {
+            Fault::Kill { node }
+        } else {
+            Fault::Stop { node, min_ms: LEASE_MS + DRIFT_MS + 300 + rng.below(1000) }
+        };
+        // Let the workload run a little on the healthy cluster.
+        tokio::time::sleep(Duration::from_millis(300 + rng.below(700))).await;
+        chaos.note(format!("fault {}: {fault:?}", f + 1));
+        match fault {
+            Fault::Kill { node } => {
+                failovers.push(chaos.kill(node).await);
+                kills += 1;
+            }
+            Fault::Stop { node, min_ms } => {
+                chaos.stop(node, min_ms).await;
+                stops += 1;
+            }
+        }
+        let recovery = Instant::now();
+        chaos.await_healthy(&format!("after fault {}", f + 1)).await;
+        chaos.note(format!("healthy again after {:.0} ms", recovery.elapsed().as_secs_f64() * 1000.0));
+    }
+
+    // A last stretch of calls on the healthy cluster, then the checks.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    chaos.note("workload stopped".into());
+    chaos.await_healthy("at the end").await;
+
+    let ledger = std::mem::take(&mut *ledger.lock().unwrap());
+    let mut problems = ledger.violations.clone();
+    for (k, e) in ledger.keys.iter().enumerate() {
+        let values = {
+            let mut v = Vec::new();
+            for i in 0..n {
+                v.push(chaos.value(k, i).await);
+            }
+            v
+        };
+        let value = values[0];
+        let id = key_id(k);
+        if values.iter().any(|&v| v != value) {
+            problems.push(format!("{id}: the nodes answer different values {values:?}"));
+        }
+        if value < e.acked_sum {
+            problems.push(format!(
+                "{id}: value {value} < acknowledged sum {} (an acknowledged add was lost; {} acked, {} unknown of sum {})",
+                e.acked_sum, e.acked, e.unknown, e.unknown_sum
+            ));
+        }
+        if value > e.acked_sum + e.unknown_sum {
+            problems.push(format!(
+                "{id}: value {value} > acknowledged {} + unknown {} (an add applied twice)",
+                e.acked_sum, e.unknown_sum
+            ));
+        }
+        if value < e.max_acked_value {
+            problems.push(format!("{id}: value {value} < a value acknowledged earlier {}", e.max_acked_value));
+        }
+    }
+    let acked: u64 = ledger.keys.iter().map(|e| e.acked).sum();
+    let unknown: u64 = ledger.keys.iter().map(|e| e.unknown).sum();
+    let mut sorted = failovers.clone();
+    sorted.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let mut report = format!(
+        "chaos: seed {} — {n} nodes, {kills} kills, {stops} stops in {:.1} s; calls: {acked} acknowledged, {unknown} unknown {:?}, {} refused",
+        chaos.settings.seed,
+        chaos.started.elapsed().as_secs_f64(),
+        ledger.unknown_kinds,
+        ledger.not_sent
+    );
+    if !sorted.is_empty() {
+        let all: Vec<String> = failovers.iter().map(|d| format!("{:.0}", ms(*d))).collect();
+        let _ = write!(
+            report,
+            "\nchaos: failover after SIGKILL: p50 {:.0} ms, p99 {:.0} ms over {} kills (ms: {})",
+            ms(percentile(&sorted, 50)),
+            ms(percentile(&sorted, 99)),
+            sorted.len(),
+            all.join(", ")
+        );
+    }
+    println!("{report}");
+    eprintln!("{report}");
+    if !problems.is_empty() {
+        chaos.fail(format!("{} violations:\n{}", problems.len(), problems.join("\n")));
+    }
+    if acked == 0 {
+        chaos.fail("no call was acknowledged".into());
+    }
+
+    for i in chaos.alive() {
+        let mut p = chaos.procs[i].take().unwrap();
+        let _ = p.signal(libc::SIGTERM);
+        if p.wait(WAIT).await.is_err() {
+            let _ = p.signal(libc::SIGKILL);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&chaos.dir);
+}
