@@ -168,10 +168,11 @@ async fn latencies() -> Result<(f64, f64)> {
     Ok((p50(agent), p50(raw)))
 }
 
-/// Two nodes on loopback with memory storage, settled: both own shards, none moving, and each
-/// shard has `replication_factor - 1` replicas in sync.
-async fn start_pair(replication_factor: u32) -> Result<(cadre::node::Node, cadre::node::Node)> {
-    use cadre::config::{Config, PlacementConfig, Secret};
+/// Two nodes on loopback with memory storage (or one Postgres database, `storage`), settled:
+/// both own shards, none moving, and each shard has `replication_factor - 1` replicas in sync
+/// (none with Postgres: the database is the replica set).
+async fn start_pair(replication_factor: u32, storage: Option<&str>) -> Result<(cadre::node::Node, cadre::node::Node)> {
+    use cadre::config::{Config, PlacementConfig, Secret, StorageConfig};
     use cadre::node::{Node, NodeOptions};
     let config = |name: &str, seeds| Config {
         name: name.into(),
@@ -185,6 +186,7 @@ async fn start_pair(replication_factor: u32) -> Result<(cadre::node::Node, cadre
             replication_factor,
             ..PlacementConfig::default()
         },
+        storage: StorageConfig { url: storage.map(str::to_string), ..StorageConfig::default() },
         ..Config::default()
     };
     let a = Node::start(config("a", vec![]), NodeOptions::default()).await?;
@@ -195,7 +197,7 @@ async fn start_pair(replication_factor: u32) -> Result<(cadre::node::Node, cadre
         let st = b.cluster().state();
         let counts = st.shard_counts();
         let moving = st.shards.iter().any(|e| !matches!(e.state, cadre::meta::ShardState::Active));
-        let copies = replication_factor as usize - 1;
+        let copies = if storage.is_some() { 0 } else { replication_factor as usize - 1 };
         let replicated = st.shards.iter().all(|e| e.replicas.len() == copies && e.replicas.iter().all(|r| r.in_sync));
         if st.shard_count > 0 && !moving && replicated && counts.get("a") > Some(&0) && counts.get("b") > Some(&0) {
             break;
@@ -212,7 +214,7 @@ async fn start_pair(replication_factor: u32) -> Result<(cadre::node::Node, cadre
 /// Remote calls/s, raw asks/s, remote call p50 µs, raw ask p50 µs (no replicas: the call path
 /// alone).
 async fn remote(seconds: f64) -> Result<(f64, f64, f64, f64)> {
-    let (a, b) = start_pair(1).await?;
+    let (a, b) = start_pair(1, None).await?;
     let keys: Vec<Key> = (0..)
         .map(|i| Key::new("counter", format!("r{i}")))
         .filter(|k| b.cluster().placement(k).ok().and_then(|p| p.owner).as_deref() == Some("a"))
@@ -256,9 +258,10 @@ async fn remote(seconds: f64) -> Result<(f64, f64, f64, f64)> {
 }
 
 /// Write-through `counter.add` on the owner's node with `replication_factor` copies (2: each
-/// write also reaches the other node's store before it is acknowledged): calls/s and p50 µs.
-async fn write_through(seconds: f64, replication_factor: u32) -> Result<(f64, f64)> {
-    let (a, b) = start_pair(replication_factor).await?;
+/// write also reaches the other node's store before it is acknowledged), or on a Postgres
+/// database (`storage`): calls/s and p50 µs.
+async fn write_through(seconds: f64, replication_factor: u32, storage: Option<&str>) -> Result<(f64, f64)> {
+    let (a, b) = start_pair(replication_factor, storage).await?;
     let keys: Vec<Key> = (0..)
         .map(|i| Key::new("counter", format!("w{i}")))
         .filter(|k| a.cluster().placement(k).ok().and_then(|p| p.owner).as_deref() == Some("a"))
@@ -286,7 +289,7 @@ async fn write_through(seconds: f64, replication_factor: u32) -> Result<(f64, f6
     Ok((calls, p50(lat)))
 }
 
-pub async fn run(seconds: f64) -> Result<()> {
+pub async fn run(seconds: f64, storage: Option<String>) -> Result<()> {
     if !(0.1..=600.0).contains(&seconds) {
         bail!("--seconds must be within 0.1..=600");
     }
@@ -303,10 +306,22 @@ pub async fn run(seconds: f64) -> Result<()> {
         remote_calls / raw_asks
     );
     println!("remote call p50   {remote_p50:>10.2} µs   raw ask {rtt_p50:>8.2} µs");
-    let (rf1, rf1_p50) = write_through(seconds, 1).await?;
-    let (rf2, rf2_p50) = write_through(seconds, 2).await?;
-    println!("write-through rf1 {rf1:>10.0}/s   p50 {rf1_p50:>8.2} µs");
+    let (rf1, rf1_p50) = write_through(seconds, 1, None).await?;
+    let (rf2, rf2_p50) = write_through(seconds, 2, None).await?;
+    println!("write-through rf1 {rf1:>10.0}/s   p50 {rf1_p50:>8.2} µs   (memory storage)");
     println!("write-through rf2 {rf2:>10.0}/s   p50 {rf2_p50:>8.2} µs   ratio rf2/rf1 {:.2}", rf2 / rf1);
+    let (pg, pg_p50) = match storage.as_deref().filter(|s| !s.is_empty()) {
+        Some(url) => {
+            let (pg, pg_p50) = write_through(seconds, 1, Some(url)).await?;
+            let shown = cadre::storage::postgres::redact(url);
+            println!(
+                "write-through pg  {pg:>10.0}/s   p50 {pg_p50:>8.2} µs   ratio pg/rf2 {:.2}   ({shown})",
+                pg / rf2
+            );
+            (format!("{pg:.0}"), format!("{pg_p50:.2}"))
+        }
+        None => ("null".to_string(), "null".to_string()),
+    };
     // Field order as the issue gives it.
     println!(
         "{{\"bench\":\"agents\",\"activations_per_s\":{act:.0},\"local_calls_per_s\":{local:.0},\
@@ -314,7 +329,7 @@ pub async fn run(seconds: f64) -> Result<()> {
          \"remote_calls_per_s\":{remote_calls:.0},\"raw_asks_per_s\":{raw_asks:.0},\
          \"remote_call_p50_us\":{remote_p50:.2},\"raw_rtt_p50_us\":{rtt_p50:.2},\
          \"write_rf1_per_s\":{rf1:.0},\"write_rf2_per_s\":{rf2:.0},\"write_rf1_p50_us\":{rf1_p50:.2},\
-         \"write_rf2_p50_us\":{rf2_p50:.2}}}"
+         \"write_rf2_p50_us\":{rf2_p50:.2},\"write_pg_per_s\":{pg},\"write_pg_p50_us\":{pg_p50}}}"
     );
     Ok(())
 }

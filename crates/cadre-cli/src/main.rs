@@ -87,6 +87,10 @@ enum BenchCmd {
     Agents {
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
+        /// Also measure write-through with both nodes on this Postgres database
+        /// (postgres://USER@HOST:PORT/DB; tables are created in it).
+        #[arg(long, env = "CADRE_BENCH_STORAGE")]
+        storage: Option<String>,
     },
     /// Publishing on the node-local bus to a channel subscriber, against a bare tokio channel.
     Bus {
@@ -390,9 +394,9 @@ fn main() -> ExitCode {
             // On a worker thread, like application code; raw baselines run in the same task.
             rt.block_on(async move { tokio::spawn(bench::transport(seconds, payload)).await? })
         }
-        Cmd::Bench { which: BenchCmd::Agents { seconds } } => {
+        Cmd::Bench { which: BenchCmd::Agents { seconds, storage } } => {
             init_logging("warn");
-            rt.block_on(async move { tokio::spawn(bench_agents::run(seconds)).await? })
+            rt.block_on(async move { tokio::spawn(bench_agents::run(seconds, storage)).await? })
         }
         Cmd::Bench { which: BenchCmd::Bus { seconds, routes } } => {
             init_logging("warn");

@@ -10,7 +10,8 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use support::proc::{wait_ready, NodeProc, NodeSpec};
+use cadre::api::agents::ClusterJson;
+use support::proc::{self, wait_ready, NodeProc, NodeSpec};
 use support::{await_cluster, call, exe, on_desired_owners, replicated};
 
 const SECRET: &str = "replicas-test-secret-0123";
@@ -94,14 +95,20 @@ async fn a_killed_owner_loses_no_acknowledged_add_and_a_killed_cluster_neither()
     wait_ready(http, WAIT).await.unwrap_or_else(|e| panic!("{e}: {}", nodes[at].log_tail()));
     await_cluster(nodes[0].http, "the restarted node caught up", WAIT, |c| replicated(c, 3, 2)).await;
 
-    // The whole cluster is killed at once and restarted where it was: every add is there.
-    let places: Vec<(SocketAddr, SocketAddr)> = nodes.iter().map(|n| (n.addr, n.http)).collect();
+    // The whole cluster is killed at once and restarted on its data dirs, on new ports (as
+    // machines given new addresses): the members find each other by name through gossip, and
+    // every add is there.
+    let old_places: Vec<(SocketAddr, SocketAddr)> = nodes.iter().map(|n| (n.addr, n.http)).collect();
     for n in &nodes {
         n.signal(libc::SIGKILL).unwrap();
     }
     for n in &mut nodes {
         n.wait(WAIT).await.unwrap();
     }
+    let places: Vec<(SocketAddr, SocketAddr)> = (0..NAMES.len())
+        .map(|_| (proc::loopback(proc::free_port().unwrap()), proc::loopback(proc::free_port().unwrap())))
+        .collect();
+    assert!(places.iter().zip(&old_places).all(|(new, old)| new.0 != old.0), "new transport ports");
     let founder_seeds: &'static [SocketAddr] = Box::leak(Box::new([places[1].0]));
     let others_seeds: &'static [SocketAddr] = Box::leak(Box::new([places[0].0]));
     nodes.clear();
@@ -112,7 +119,9 @@ async fn a_killed_owner_loses_no_acknowledged_add_and_a_killed_cluster_neither()
     for n in &nodes {
         wait_ready(n.http, WAIT).await.unwrap_or_else(|e| panic!("{e}: {}", n.log_tail()));
     }
-    await_cluster(nodes[0].http, "the restarted cluster serves every shard", WAIT, |c| replicated(c, 3, 2)).await;
+    // (A leader first: a restarted node's table is its copy from before the kill until then.)
+    let elected = |c: &ClusterJson| c.leader.is_some() && replicated(c, 3, 2);
+    await_cluster(nodes[0].http, "the restarted cluster has a leader and serves every shard", WAIT, elected).await;
     for k in 0..KEYS {
         let id = format!("k{k}");
         let v = call(nodes[k % 3].http, &["counter", &id, "counter.get"]).await;

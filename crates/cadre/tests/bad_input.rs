@@ -155,3 +155,70 @@ async fn undecodable_control_and_agent_requests_are_refused() {
     b.shutdown().await;
     a.shutdown().await;
 }
+
+/// Replication requests (data lane, `REPLICA_TAG`) that do not decode, come from a node that does
+/// not own the shard, or name a key of another shard get a typed refusal, are counted by reason,
+/// and the node keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_replication_requests_are_refused_and_counted() {
+    use cadre::cluster::protocol::{ReplicaError, ReplicaOp, ReplicaReply, ReplicaReq, REPLICA_TAG};
+    let a = node("a", vec![]).await;
+    let b = node("b", vec![a.addr()]).await;
+    let ask = |req: Bytes| {
+        let b = &b;
+        let to = a.addr();
+        async move {
+            let reply = b.transport().ask_on(Lane::Data, to, req, WAIT).await.unwrap();
+            postcard::from_bytes::<ReplicaReply>(&reply).unwrap()
+        }
+    };
+    let tagged = |body: &[u8]| {
+        let mut buf = BytesMut::new();
+        buf.put_u8(REPLICA_TAG);
+        buf.extend_from_slice(body);
+        buf.freeze()
+    };
+
+    // 1. Bytes that are no request.
+    let reply = ask(tagged(&[0xff, 0xff, 0xff, 0xff, 0x01])).await;
+    assert!(matches!(reply, Err(ReplicaError::Undecodable(_))), "{reply:?}");
+
+    // A key a owns (once the table has one), and the epoch a serves it at.
+    let (key, shard, epoch) = loop {
+        let found = (0..1000).map(|i| cadre::storage::Key::new("counter", format!("r{i}"))).find_map(|k| {
+            let p = a.cluster().placement(&k).ok()?;
+            (p.owner.as_deref() == Some("a")).then_some((k, p.shard, p.epoch))
+        });
+        if let Some(f) = found {
+            break f;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let put = |shard: u32, id: &str| ReplicaReq {
+        shard,
+        epoch,
+        op: ReplicaOp::Put { ty: "counter".into(), id: id.into(), value: b"9".to_vec() },
+    };
+    let encode = |req: &ReplicaReq| tagged(&postcard::to_allocvec(req).unwrap());
+
+    // 2. A write to a's own shard, from b at a's epoch: b is not the owner.
+    let reply = ask(encode(&put(shard, &key.id))).await;
+    assert!(matches!(reply, Err(ReplicaError::Stale(_))), "{reply:?}");
+
+    // 3. A write naming a key of another shard than the request's, at a newer epoch (as from a
+    //    new owner a has not heard of yet): refused before anything is written.
+    let other = (shard + 1) % a.cluster().state().shard_count;
+    let reply = ask(encode(&ReplicaReq { epoch: epoch + 1, ..put(other, &key.id) })).await;
+    assert!(matches!(reply, Err(ReplicaError::Diverged(_))), "{reply:?}");
+
+    // Nothing was written, and a still serves the key.
+    let s = cadre::signal::Signal::new("counter.add", serde_json::json!(3));
+    assert_eq!(b.cluster().call(&key, s, WAIT).await.unwrap().reply, 3);
+    let metrics = a.metrics().render();
+    for reason in ["undecodable", "stale", "diverged"] {
+        let line = format!("cadre_replica_requests_refused_total{{reason=\"{reason}\"}} 1");
+        assert!(metrics.contains(&line), "{line} in\n{metrics}");
+    }
+    b.shutdown().await;
+    a.shutdown().await;
+}

@@ -132,11 +132,19 @@ fn renew_req(inner: &Inner) -> RenewReq {
 }
 
 /// The leader as this node knows it: its Raft id and member record.
+/// The leader's Raft id and node, at its address as gossip has it now (the Raft membership keeps
+/// the one it had when added).
 pub(super) fn leader_of(inner: &Inner) -> Option<(NodeId, MetaNode)> {
-    let metrics = inner.raft.metrics();
-    let m = metrics.borrow();
-    let id = m.current_leader?;
-    Some((id, m.membership_config.membership().get_node(&id)?.clone()))
+    let (id, mut node) = {
+        let metrics = inner.raft.metrics();
+        let m = metrics.borrow();
+        let id = m.current_leader?;
+        (id, m.membership_config.membership().get_node(&id)?.clone())
+    };
+    if let Some(addr) = inner.membership.addr_of(&node.name) {
+        node.addr = addr.to_string();
+    }
+    Some((id, node))
 }
 
 async fn renew_once(inner: &Arc<Inner>, next_peer: &mut usize) -> Result<(), String> {

@@ -303,7 +303,9 @@ impl Cluster {
         .validate()
         .map_err(|e| format!("raft config: {e}"))?;
         let state = sm.subscribe();
-        let factory = NetFactory { transport: transport.clone() };
+        let gossip = membership.clone();
+        let resolve: mraft::Resolver = Arc::new(move |name: &str| gossip.addr_of(name));
+        let factory = NetFactory { transport: transport.clone(), resolve };
         let raft = Raft::new(raft_id, Arc::new(raft_cfg), factory, LogStore::new(db), sm)
             .await
             .map_err(|e| format!("raft: {e}"))?;

@@ -39,6 +39,10 @@
 //! - **Closing**: a write whose missed replica cannot be marked out of sync (no leader reachable)
 //!   fails, and the shard stops being served here until that mark is committed: the local store
 //!   holds a write that an in-sync replica lacks, which readers must not see.
+//! - **Reports** (marks in and out of sync) queue per node and go to the leader in batches, one
+//!   log entry per batch, identical reports once: a replica lost under load otherwise costs one
+//!   Raft entry per write in flight to it, enough to starve the leader of control permits.
+//!   Catch-up attempts run at most [`CATCH_UPS_MAX`] at a time per node; retries back off.
 //! - **New processes**: a node admitted again under its name with another Raft id (it lost its
 //!   data dir) holds no copy: it leaves every replica set and its shards lose their owner
 //!   ([`crate::meta::Cmd::Admit`]).

@@ -56,6 +56,15 @@ impl View {
     }
 }
 
+impl Membership {
+    /// The address of the live (alive or suspect) member named `name`, as gossip has it now: a
+    /// process restarted elsewhere is found at its new address.
+    pub fn addr_of(&self, name: &str) -> Option<std::net::SocketAddr> {
+        let view = self.view.borrow();
+        view.members.iter().find(|m| m.meta.name == name && m.state.is_active()).map(|m| m.meta.addr)
+    }
+}
+
 enum Cmd {
     Leave(oneshot::Sender<()>),
 }

@@ -16,6 +16,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -231,15 +232,23 @@ pub async fn ask(
 // ------------------------------------------------------------------------------------------------
 // openraft's network
 
+/// A member's current address by name (from gossip), if known.
+pub type Resolver = Arc<dyn Fn(&str) -> Option<SocketAddr> + Send + Sync>;
+
 /// Makes one [`NetClient`] per target.
 #[derive(Clone)]
 pub struct NetFactory {
     pub transport: WeakTransport,
+    /// Preferred over the address in the Raft membership, which is the one a member had when it
+    /// was added: after a whole-cluster restart on new addresses, that one is stale.
+    pub resolve: Resolver,
 }
 
 pub struct NetClient {
     transport: WeakTransport,
     target: NodeId,
+    name: String,
+    resolve: Resolver,
     addr: Result<SocketAddr, String>,
 }
 
@@ -247,7 +256,13 @@ impl RaftNetworkFactory<TC> for NetFactory {
     type Network = NetClient;
     async fn new_client(&mut self, target: NodeId, node: &MetaNode) -> NetClient {
         let addr = node.addr.parse().map_err(|e| format!("member {node}: bad address: {e}"));
-        NetClient { transport: self.transport.clone(), target, addr }
+        NetClient {
+            transport: self.transport.clone(),
+            target,
+            name: node.name.clone(),
+            resolve: self.resolve.clone(),
+            addr,
+        }
     }
 }
 
@@ -266,7 +281,11 @@ type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, MetaNode, RaftEr
 
 impl NetClient {
     async fn call(&self, rpc: RaftRpc, timeout: Duration) -> Result<ControlReply, NetErr> {
-        let addr = self.addr.clone().map_err(NetErr)?;
+        // The Raft id in the request makes a process at that address that is not `target` refuse.
+        let addr = match (self.resolve)(&self.name) {
+            Some(a) => a,
+            None => self.addr.clone().map_err(NetErr)?,
+        };
         let req = ControlReq::Raft { to: self.target, rpc };
         match ask(&self.transport, addr, &req, timeout).await.map_err(NetErr)? {
             ControlReply::Refused(why) => Err(NetErr(why)),
