@@ -45,10 +45,24 @@ impl NodeProc {
 
     /// Starts a node on the given transport and HTTP addresses (a restart where it was).
     pub fn spawn_at(spec: NodeSpec<'_>, addr: SocketAddr, http: SocketAddr) -> Result<NodeProc> {
+        Self::spawn_in(spec, None, addr, http)
+    }
+
+    /// Starts a node on the given addresses, inside the network namespace `netns` when given
+    /// (through `ip netns exec NETNS`, which execs the node: the child, its pid and the signals
+    /// sent to it are the node's own).
+    pub fn spawn_in(spec: NodeSpec<'_>, netns: Option<&str>, addr: SocketAddr, http: SocketAddr) -> Result<NodeProc> {
         let data_dir = spec.dir.join(spec.name);
         let log = spec.dir.join(format!("{}.log", spec.name));
         let log_file = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
-        let mut cmd = Command::new(spec.exe);
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns]).arg(spec.exe);
+                cmd
+            }
+            None => Command::new(spec.exe),
+        };
         cmd.arg("node")
             .args(["--name", spec.name, "--listen", &addr.to_string(), "--http", &http.to_string()])
             .arg("--data-dir")

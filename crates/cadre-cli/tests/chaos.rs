@@ -1,14 +1,30 @@
-//! Chaos over real processes: 3 (or 5) `cadre node` processes on loopback, with the embedded store
-//! (redb under each node's data dir, replicated between nodes) or with one Postgres database, take
+//! Chaos over real processes: 3 (or 5) `cadre node` processes, with the embedded store (redb under
+//! each node's data dir, replicated between nodes) or with one Postgres database, take
 //! `counter.add` calls with known increments from clients on every node's HTTP API while faults are
 //! injected one at a time from a schedule derived from a seed:
 //!
 //! - SIGKILL of a node owning shards, then a restart on the same ports and data dir;
 //! - SIGSTOP of a node for longer than its lease (until the others have taken its shards over),
-//!   then SIGCONT.
+//!   then SIGCONT;
+//! - a partition of one node from the other nodes for longer than its lease (until the others have
+//!   taken its shards over), then healing.
 //!
-//! (Partitions through a fault-injecting proxy are not injected yet: a node advertises one address
-//! to all its peers, so cutting one node off from the others alone needs per-peer addresses.)
+//! With the embedded store, as root with `ip` (iproute2) at hand, each node runs in a network
+//! namespace of its own (`cadre-PID-I`), on `eth0` of a veth pair whose other end is a port of a
+//! bridge in the root namespace; the bridge has the first address of a private /24 (10.213.X.0/24,
+//! X unused on the machine), the nodes the following ones, and the namespaces have no other route.
+//! This test process (clients, cluster polls) reaches every node through the bridge. A partition
+//! points, in the victim's namespace, the neighbour entries of the other nodes' addresses at a
+//! link-layer address no interface has (and theirs of the victim's address likewise): frames
+//! between them are dropped silently in both directions, like on a broken network, while the
+//! clients still reach every node (a call through the cut-off node may then time out: its outcome
+//! is unknown). Healing deletes those entries. The faults are then a third of each kind, with at
+//! least one partition in a run of a number of faults. Namespaces, veths and the bridge are removed when
+//! the run ends, also when it fails (nodes killed first); ones left behind by a run whose process
+//! is gone are removed at the start. Elsewhere (not root, no `ip`, a namespace cannot be made, or
+//! `CADRE_CHAOS_NETNS=0`) the nodes run on loopback and the schedule has no partitions. With
+//! Postgres the nodes run on loopback too (the test server listens on the root namespace's
+//! loopback, which a namespace does not reach), without partitions.
 //!
 //! Between two faults the cluster is awaited back in its fully replicated state (every member
 //! answering and owning shards, none moving or unassigned, every replica in sync): the guarantee
@@ -31,8 +47,9 @@ mod pg;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -66,6 +83,11 @@ lease_drift_margin_ms = 200
 [agents]
 call_timeout_ms = 2000
 ";
+/// Transport and HTTP ports of a node in a network namespace of its own (each has its address).
+const NETNS_PORT: u16 = 7100;
+const NETNS_HTTP_PORT: u16 = 7200;
+/// A link-layer address no interface has: frames sent there are dropped by every receiver.
+const NOWHERE_MAC: &str = "02:00:00:de:ad:00";
 const KEYS: usize = 24;
 const CLIENTS: u64 = 4;
 
@@ -120,6 +142,8 @@ struct Settings {
     faults: usize,
     /// Inject faults until this much time has passed.
     seconds: Option<u64>,
+    /// Nodes in network namespaces of their own (with partitions) where the machine allows it.
+    netns: bool,
 }
 
 impl Settings {
@@ -131,7 +155,8 @@ impl Settings {
         assert!(nodes >= 3, "CADRE_CHAOS_NODES must be at least 3");
         let seconds = env_u64("CADRE_CHAOS_SECONDS");
         let faults = env_u64("CADRE_CHAOS_FAULTS").unwrap_or(if seconds.is_some() { usize::MAX as u64 } else { 6 });
-        Settings { seed, nodes, faults: faults as usize, seconds }
+        let netns = env_u64("CADRE_CHAOS_NETNS") != Some(0);
+        Settings { seed, nodes, faults: faults as usize, seconds, netns }
     }
 }
 
@@ -139,6 +164,7 @@ impl Settings {
 enum Fault {
     Kill { node: usize },
     Stop { node: usize, min_ms: u64 },
+    Partition { node: usize, ms: u64 },
 }
 
 /// What one call did.
@@ -231,6 +257,151 @@ fn record(l: &mut Ledger, k: usize, inc: i64, outcome: Outcome) {
     }
 }
 
+/// Runs `ip ARGS...`; its output, or what went wrong.
+fn ip(args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("`ip {}`: {e}", args.join(" ")))?;
+    if !out.status.success() {
+        return Err(format!("`ip {}`: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn pid_gone(pid: u32) -> bool {
+    !Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// The pid in a name `PREFIX<pid>...` of ours, if it is one.
+fn pid_in(name: &str, prefix: &str) -> Option<u32> {
+    name.strip_prefix(prefix)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+/// The network namespaces of one run: node `i` in `cadre-PID-i` with `addrs[i]` on `eth0`, the
+/// end of a veth pair whose other end `cdrPIDvI` is a port of the bridge `cdrPIDb` in the root
+/// namespace, which has `gateway`. Removed when dropped (also when the test panics).
+struct Net {
+    bridge: Option<String>,
+    /// Namespaces and root-side veths, as created.
+    namespaces: Vec<String>,
+    veths: Vec<String>,
+    gateway: Ipv4Addr,
+    addrs: Vec<Ipv4Addr>,
+}
+
+impl Net {
+    /// Namespaces, veths and the bridge for `n` nodes, or why they cannot be made.
+    fn setup(n: usize) -> Result<Net, String> {
+        assert!(n <= 200, "at most 200 nodes in namespaces");
+        // SAFETY: geteuid(2) has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("not running as root".into());
+        }
+        Self::remove_stale()?;
+        let pid = std::process::id();
+        let x = Self::free_subnet(pid)?;
+        let mut net = Net {
+            bridge: None,
+            namespaces: Vec::new(),
+            veths: Vec::new(),
+            gateway: Ipv4Addr::new(10, 213, x, 1),
+            addrs: (0..n).map(|i| Ipv4Addr::new(10, 213, x, 10 + i as u8)).collect(),
+        };
+        let bridge = format!("cdr{pid}b");
+        ip(&["link", "add", &bridge, "type", "bridge"])?;
+        net.bridge = Some(bridge.clone());
+        ip(&["addr", "add", &format!("{}/24", net.gateway), "dev", &bridge])?;
+        ip(&["link", "set", &bridge, "up"])?;
+        for i in 0..n {
+            let (ns, veth) = (format!("cadre-{pid}-{i}"), format!("cdr{pid}v{i}"));
+            ip(&["netns", "add", &ns])?;
+            net.namespaces.push(ns.clone());
+            ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+            net.veths.push(veth.clone());
+            ip(&["link", "set", &veth, "master", &bridge, "up"])?;
+            ip(&["-n", &ns, "addr", "add", &format!("{}/24", net.addrs[i]), "dev", "eth0"])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(net)
+    }
+
+    /// Removes the namespaces, veths and bridges of runs whose process is gone (or of an
+    /// earlier run of this process that could not remove them).
+    fn remove_stale() -> Result<(), String> {
+        let own = std::process::id();
+        let stale = |pid: Option<u32>| pid.is_some_and(|p| p == own || pid_gone(p));
+        for line in ip(&["netns", "list"])?.lines() {
+            let name = line.split_whitespace().next().unwrap_or_default();
+            if stale(pid_in(name, "cadre-")) {
+                let _ = ip(&["netns", "del", name]);
+            }
+        }
+        // Lines `N: NAME[@PEER]: <FLAGS> ...`; bridges before veths would not matter.
+        for line in ip(&["-o", "link", "show"])?.lines() {
+            let name = line.split(": ").nth(1).unwrap_or_default().split('@').next().unwrap_or_default();
+            if stale(pid_in(name, "cdr")) {
+                let _ = ip(&["link", "del", name]);
+            }
+        }
+        Ok(())
+    }
+
+    /// An X such that no route of the machine but the default one covers or lies in 10.213.X.0/24.
+    fn free_subnet(pid: u32) -> Result<u8, String> {
+        for k in 0..250 {
+            let x = (pid + k) % 250 + 1;
+            let prefix = format!("10.213.{x}.0/24");
+            let covering = ip(&["-4", "route", "show", "match", &prefix])?;
+            let inside = ip(&["-4", "route", "show", "root", &prefix])?;
+            if covering.lines().chain(inside.lines()).all(|l| l.trim().is_empty() || l.starts_with("default")) {
+                return Ok(x as u8);
+            }
+        }
+        Err("no free 10.213.X.0/24".into())
+    }
+
+    /// Cuts node `i` off from the other nodes (`cut`) or heals that: in both directions, the
+    /// neighbour entry of the other's address points at a link-layer address nobody has.
+    fn cut(&self, i: usize, cut: bool) -> Result<(), String> {
+        for j in (0..self.addrs.len()).filter(|&j| j != i) {
+            for (at, peer) in [(i, j), (j, i)] {
+                let (ns, peer) = (&self.namespaces[at], self.addrs[peer].to_string());
+                if cut {
+                    let to = ["lladdr", NOWHERE_MAC, "dev", "eth0", "nud", "permanent"];
+                    ip(&[&["-n", ns, "neigh", "replace", &peer][..], &to].concat())?;
+                } else {
+                    ip(&["-n", ns, "neigh", "del", &peer, "dev", "eth0"])?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        // Deleting one end of a veth pair deletes both.
+        for veth in &self.veths {
+            if let Err(e) = ip(&["link", "del", veth]) {
+                eprintln!("chaos: {e}");
+            }
+        }
+        for ns in &self.namespaces {
+            if let Err(e) = ip(&["netns", "del", ns]) {
+                eprintln!("chaos: {e}");
+            }
+        }
+        if let Some(bridge) = &self.bridge {
+            if let Err(e) = ip(&["link", "del", bridge]) {
+                eprintln!("chaos: {e}");
+            }
+        }
+    }
+}
+
 struct Chaos {
     settings: Settings,
     backend: Backend,
@@ -241,6 +412,9 @@ struct Chaos {
     /// (transport, HTTP) of each node; kept across restarts.
     places: Vec<(SocketAddr, SocketAddr)>,
     procs: Vec<Option<NodeProc>>,
+    /// The nodes' network namespaces, if they run in ones (after `procs`: dropped after the
+    /// nodes are killed).
+    net: Option<Net>,
     /// Restarts of each node (earlier logs are kept as `NAME.log.N`).
     generation: Vec<u32>,
     schedule: Vec<String>,
@@ -261,7 +435,8 @@ impl Chaos {
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
         let spec = NodeSpec { exe: exe(), name: &self.names[i], seeds, dir: &self.dir, secret: SECRET, extra: &extra };
         let (addr, http) = self.places[i];
-        match NodeProc::spawn_at(spec, addr, http) {
+        let netns = self.net.as_ref().map(|n| n.namespaces[i].as_str());
+        match NodeProc::spawn_in(spec, netns, addr, http) {
             Ok(p) => self.procs[i] = Some(p),
             Err(e) => self.fail(format!("cannot start {}: {e:#}", self.names[i])),
         }
@@ -280,12 +455,17 @@ impl Chaos {
     /// Fails the test with the seed, the schedule so far and the tail of each node's log.
     fn fail(&self, msg: String) -> ! {
         let mut out = format!(
-            "CHAOS FAILURE: {msg}\nseed {} ({} nodes, {:?} backend); rerun with CADRE_CHAOS_SEED={}\nschedule so far:\n",
+            "CHAOS FAILURE: {msg}\nseed {} ({} nodes, {:?} backend, {}); rerun with CADRE_CHAOS_SEED={}\nschedule so far:\n",
             self.settings.seed,
             self.names.len(),
             match self.backend {
                 Backend::Embedded => "embedded",
                 Backend::Postgres(_) => "postgres",
+            },
+            if self.net.is_some() {
+                "nodes in network namespaces; CADRE_CHAOS_NETNS=0 for loopback"
+            } else {
+                "nodes on loopback"
             },
             self.settings.seed
         );
@@ -457,6 +637,32 @@ impl Chaos {
         ));
     }
 
+    /// Cuts `victim` off from the other nodes until at least `ms` have passed and the others have
+    /// taken its shards over (its lease ran out), then heals the partition.
+    async fn partition(&mut self, victim: usize, ms: u64) {
+        let name = self.names[victim].clone();
+        self.note(format!("partition {name} from the other nodes for at least {ms} ms"));
+        let cut_at = Instant::now();
+        if let Err(e) = self.net.as_ref().unwrap().cut(victim, true) {
+            self.fail(format!("cannot partition {name}: {e}"));
+        }
+        let via = self.alive().into_iter().find(|&i| i != victim).unwrap();
+        self.await_cluster(self.places[via].1, &format!("{name}'s shards taken over while it is cut off"), |c| {
+            c.shards_unassigned == 0 && c.members.iter().all(|m| m.name != name || m.shards == 0)
+        })
+        .await;
+        let taken_over = cut_at.elapsed();
+        tokio::time::sleep(Duration::from_millis(ms).saturating_sub(cut_at.elapsed())).await;
+        if let Err(e) = self.net.as_ref().unwrap().cut(victim, false) {
+            self.fail(format!("cannot heal the partition of {name}: {e}"));
+        }
+        self.note(format!(
+            "partition of {name} healed after {:.0} ms (shards taken over after {:.0} ms)",
+            cut_at.elapsed().as_secs_f64() * 1000.0,
+            taken_over.as_secs_f64() * 1000.0
+        ));
+    }
+
     /// The value of a key as `http` answers it, retried until the deadline.
     async fn value(&self, k: usize, i: usize) -> i64 {
         let deadline = Instant::now() + WAIT;
@@ -471,6 +677,28 @@ impl Chaos {
                 self.fail(format!("{} does not answer via {}: {last}", key_id(k), self.names[i]));
             }
             tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+impl Drop for Chaos {
+    /// Kills the nodes still running and waits for them to be gone (for [`Net`] to remove
+    /// their namespaces next), also when the test panics.
+    fn drop(&mut self) {
+        let pids: Vec<u32> = self.procs.iter().flatten().filter_map(|p| p.pid()).collect();
+        for p in self.procs.iter().flatten() {
+            let _ = p.signal(libc::SIGKILL);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for pid in pids {
+            // Gone, or a zombie (its namespaces already released).
+            let dead = || {
+                std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .map_or(true, |s| s.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')))
+            };
+            while !dead() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
     }
 }
@@ -505,9 +733,28 @@ async fn run(backend: Backend) {
     let dir = tempfile::Builder::new().prefix("cadre-chaos").tempdir().unwrap().keep();
     let config = dir.join("chaos.toml");
     std::fs::write(&config, CONFIG).unwrap();
-    let places = (0..n)
-        .map(|_| (proc::loopback(proc::free_port().unwrap()), proc::loopback(proc::free_port().unwrap())))
-        .collect();
+    let net = match (&backend, settings.netns) {
+        (Backend::Postgres(_), _) => {
+            Err("the Postgres test server listens on loopback, which a namespace does not reach".to_string())
+        }
+        (_, false) => Err("CADRE_CHAOS_NETNS=0".to_string()),
+        (Backend::Embedded, true) => Net::setup(n).map_err(|e| format!("no network namespaces: {e}")),
+    };
+    let (net, places) = match net {
+        Ok(net) => {
+            eprintln!("chaos: nodes in network namespaces on {}/24, with partitions", net.gateway);
+            let at = |a: Ipv4Addr, port| SocketAddr::new(IpAddr::V4(a), port);
+            let places = net.addrs.iter().map(|&a| (at(a, NETNS_PORT), at(a, NETNS_HTTP_PORT))).collect();
+            (Some(net), places)
+        }
+        Err(why) => {
+            eprintln!("chaos: nodes on loopback, no partitions ({why})");
+            let places = (0..n)
+                .map(|_| (proc::loopback(proc::free_port().unwrap()), proc::loopback(proc::free_port().unwrap())))
+                .collect();
+            (None, places)
+        }
+    };
     let mut chaos = Chaos {
         backend,
         dir,
@@ -515,6 +762,7 @@ async fn run(backend: Backend) {
         names: (1..=n).map(|i| format!("c{i}")).collect(),
         places,
         procs: (0..n).map(|_| None).collect(),
+        net,
         generation: vec![0; n],
         schedule: Vec::new(),
         started: Instant::now(),
@@ -543,7 +791,8 @@ async fn run(backend: Backend) {
 
     let mut rng = Rng(chaos.settings.seed);
     let mut failovers = Vec::new();
-    let (mut kills, mut stops) = (0, 0);
+    let partitions = chaos.net.is_some();
+    let (mut kills, mut stops, mut cuts) = (0, 0, 0);
     let faults_started = Instant::now();
     for f in 0..chaos.settings.faults {
         if let Some(s) = chaos.settings.seconds {
@@ -552,11 +801,20 @@ async fn run(backend: Backend) {
             }
         }
         let node = rng.below(n as u64) as usize;
-        // Two kills for one stop: kills give failover figures.
-        let fault = if rng.below(3) < 2 {
-            Fault::Kill { node }
-        } else {
-            Fault::Stop { node, min_ms: LEASE_MS + DRIFT_MS + 300 + rng.below(1000) }
+        // With partitions, a third of each kind, and at least one partition in a run of a number
+        // of faults; without, two kills for one stop (kills give failover figures).
+        let kind = match rng.below(3) {
+            k if partitions => k,
+            0 | 1 => 0,
+            _ => 1,
+        };
+        let last = chaos.settings.seconds.is_none() && f + 1 == chaos.settings.faults;
+        let kind = if partitions && last && cuts == 0 { 2 } else { kind };
+        let ms = if kind == 0 { 0 } else { LEASE_MS + DRIFT_MS + 300 + rng.below(1000) };
+        let fault = match kind {
+            0 => Fault::Kill { node },
+            1 => Fault::Stop { node, min_ms: ms },
+            _ => Fault::Partition { node, ms },
         };
         // Let the workload run a little on the healthy cluster.
         tokio::time::sleep(Duration::from_millis(300 + rng.below(700))).await;
@@ -569,6 +827,10 @@ async fn run(backend: Backend) {
             Fault::Stop { node, min_ms } => {
                 chaos.stop(node, min_ms).await;
                 stops += 1;
+            }
+            Fault::Partition { node, ms } => {
+                chaos.partition(node, ms).await;
+                cuts += 1;
             }
         }
         let recovery = Instant::now();
@@ -622,8 +884,9 @@ async fn run(backend: Backend) {
     sorted.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let mut report = format!(
-        "chaos: seed {} — {n} nodes, {kills} kills, {stops} stops in {:.1} s; calls: {acked} acknowledged, {unknown} unknown {:?}, {} refused",
+        "chaos: seed {} — {n} nodes, {} faults: {kills} kills, {stops} stops, {cuts} partitions in {:.1} s; calls: {acked} acknowledged, {unknown} unknown {:?}, {} refused",
         chaos.settings.seed,
+        kills + stops + cuts,
         chaos.started.elapsed().as_secs_f64(),
         ledger.unknown_kinds,
         ledger.not_sent
