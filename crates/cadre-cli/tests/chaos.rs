@@ -23,8 +23,9 @@
 //! the run ends, also when it fails (nodes killed first); ones left behind by a run whose process
 //! is gone are removed at the start. Elsewhere (not root, no `ip`, a namespace cannot be made, or
 //! `CADRE_CHAOS_NETNS=0`) the nodes run on loopback and the schedule has no partitions. With
-//! Postgres the nodes run on loopback too (the test server listens on the root namespace's
-//! loopback, which a namespace does not reach), without partitions.
+//! Postgres the nodes reach the database (on this process's loopback, which a namespace does not
+//! reach) through a TCP relay on the bridge's address: a partition cuts a node off from the other
+//! nodes, not from the database, whose epoch fence then keeps it from writing.
 //!
 //! Between two faults the cluster is awaited back in its fully replicated state (every member
 //! answering and owning shards, none moving or unassigned, every replica in sync): the guarantee
@@ -727,18 +728,52 @@ fn percentile(sorted: &[Duration], p: usize) -> Duration {
     sorted[rank - 1]
 }
 
+/// Starts a relay on `gateway` to the database of `url` (`postgres://USERINFO@HOST:PORT/REST`):
+/// the same URL with the relay's address, for the nodes.
+async fn relay_database(url: &str, gateway: Ipv4Addr) -> Result<String, String> {
+    let (scheme, rest) = url.split_once("://").ok_or("no scheme")?;
+    let (user, rest) = rest.rsplit_once('@').ok_or("no user")?;
+    let (host, path) = rest.split_once('/').ok_or("no database")?;
+    let to: SocketAddr = host.parse().map_err(|e| format!("{host}: not an IP address and port: {e}"))?;
+    let listener = tokio::net::TcpListener::bind((gateway, 0)).await.map_err(|e| e.to_string())?;
+    let at = listener.local_addr().map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        // Ends with the test's runtime; one task per connection (pools of a few nodes).
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut out) = tokio::net::TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                }
+            });
+        }
+    });
+    Ok(format!("{scheme}://{user}@{at}/{path}"))
+}
+
 async fn run(backend: Backend) {
     let settings = Settings::from_env();
     let n = settings.nodes;
     let dir = tempfile::Builder::new().prefix("cadre-chaos").tempdir().unwrap().keep();
     let config = dir.join("chaos.toml");
     std::fs::write(&config, CONFIG).unwrap();
-    let net = match (&backend, settings.netns) {
-        (Backend::Postgres(_), _) => {
-            Err("the Postgres test server listens on loopback, which a namespace does not reach".to_string())
-        }
-        (_, false) => Err("CADRE_CHAOS_NETNS=0".to_string()),
-        (Backend::Embedded, true) => Net::setup(n).map_err(|e| format!("no network namespaces: {e}")),
+    let mut backend = backend;
+    let net = if settings.netns {
+        Net::setup(n).map_err(|e| format!("no network namespaces: {e}"))
+    } else {
+        Err("CADRE_CHAOS_NETNS=0".to_string())
+    };
+    // The database listens where this process runs, which a namespace does not reach: a relay on
+    // the bridge's address carries the nodes' connections to it (partitions cut nodes off from
+    // each other, not from the database).
+    let net = match (net, &backend) {
+        (Ok(net), Backend::Postgres(url)) => match relay_database(url, net.gateway).await {
+            Ok(relayed) => {
+                backend = Backend::Postgres(relayed);
+                Ok(net)
+            }
+            Err(e) => Err(format!("no relay to the database: {e}")),
+        },
+        (net, _) => net,
     };
     let (net, places) = match net {
         Ok(net) => {
