@@ -597,13 +597,21 @@ impl Replication {
             if !self.wants_sync(shard, epoch, &to) {
                 break;
             }
-            let attempt = {
-                let Ok(_turn) = self.catch_ups.acquire().await else { return };
-                if !self.wants_sync(shard, epoch, &to) {
-                    break;
-                }
-                self.sync_once(shard, epoch, &to).await
+            let Some(inner) = self.cluster() else { return };
+            // A stopping node ends its catch-ups at once (queued ones would otherwise each run an
+            // attempt against possibly dead replicas, holding up the shutdown).
+            let attempt = tokio::select! {
+                a = async {
+                    let _turn = self.catch_ups.acquire().await.ok()?;
+                    if !self.wants_sync(shard, epoch, &to) {
+                        return None;
+                    }
+                    Some(self.sync_once(shard, epoch, &to).await)
+                } => a,
+                _ = inner.cancel.cancelled() => return,
             };
+            drop(inner);
+            let Some(attempt) = attempt else { break };
             match attempt {
                 Ok(true) => {
                     // The entry stays (required) until the table shows the mark: `on_table` drops it.
