@@ -15,6 +15,9 @@
 //! [`PROBE_TIMEOUT`]: a call to a crashed owner waits that long, so "answered again" lags the
 //! reassignment by up to one probe.
 
+#[path = "support/sim.rs"]
+mod simkit;
+
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -24,23 +27,19 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use cadre::config::{Config, PlacementConfig};
 use cadre::meta::ShardState;
 use cadre::node::NodeOptions;
 use cadre::placement::{desired_owner, shard_of};
-use cadre::signal::Signal;
 use cadre::sim::{run_seeds_in, SimCluster, SimNode, SIM_SECRET};
 use cadre::storage::memory::MemoryStorage;
 use cadre::storage::{Fence, Key, Revision, Storage, StorageError, Versioned};
+use simkit::{add, get, key, names, read_all, strs, Rng, CALL_TIMEOUT, KEYS};
 
-const KEYS: usize = 20;
 /// One workload call in this many is a read.
 const READ_EVERY: usize = 4;
-/// Timeout of one workload call.
-const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Time a fresh cluster has to place every shard.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Check (c): once faults stop, every key answers within this much simulated time.
@@ -184,28 +183,6 @@ fn check_writes(log: &[Write]) -> Result<(), String> {
 // ------------------------------------------------------------------------------------------------
 // Cluster set-up
 
-/// A small deterministic RNG (splitmix64) for the test's own choices.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed ^ 0x5DEE_CE66_D1CE_4E5B)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn millis(&mut self, lo: u64, hi: u64) -> Duration {
-        Duration::from_millis(lo + self.next() % (hi - lo + 1))
-    }
-}
-
 fn placement() -> PlacementConfig {
     PlacementConfig {
         shard_count: 32,
@@ -217,10 +194,6 @@ fn placement() -> PlacementConfig {
         max_moves_per_tick: 32,
         ..PlacementConfig::default()
     }
-}
-
-fn names(n: usize) -> Vec<String> {
-    (1..=n).map(|i| format!("n{i}")).collect()
 }
 
 /// A simulation with `n` nodes (`n1` founds the cluster) over one shared store.
@@ -275,18 +248,6 @@ fn settled(c: &SimCluster) -> bool {
                     })
             })
         })
-}
-
-fn key(i: usize) -> Key {
-    Key::new("counter", format!("k{i}"))
-}
-
-fn add(n: i64) -> Signal {
-    Signal::new("counter.add", serde_json::json!(n))
-}
-
-fn get() -> Signal {
-    Signal::new("counter.get", serde_json::Value::Null)
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -402,34 +363,6 @@ impl Load {
         let lost = calls.iter().filter(|c| c.outcome == Outcome::Lost).count();
         format!("{} calls, {acked} acked, {lost} lost with their node", calls.len())
     }
-}
-
-/// Reads every key through `via`, retrying each until it answers; fails past `bound`.
-/// Returns the values and the time it took.
-fn read_all(c: &mut SimCluster, via: &str, bound: Duration) -> Result<(Vec<i64>, Duration), String> {
-    let out = c
-        .run_on(via, bound + Duration::from_secs(1), move |cl| async move {
-            let start = Instant::now();
-            let mut values = Vec::with_capacity(KEYS);
-            for k in 0..KEYS {
-                loop {
-                    let left = bound.saturating_sub(start.elapsed());
-                    if left.is_zero() {
-                        return Err(format!("key k{k} did not answer within {bound:?}"));
-                    }
-                    match cl.call(&key(k), get(), left.min(CALL_TIMEOUT)).await {
-                        Ok(s) => {
-                            values.push(s.reply.as_i64().ok_or(format!("k{k}: not a number: {}", s.reply))?);
-                            break;
-                        }
-                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                    }
-                }
-            }
-            Ok((values, start.elapsed()))
-        })
-        .map_err(|e| format!("reading through {via}: {e}"))?;
-    out.ok_or(format!("{via} is not running"))?
 }
 
 /// Check (b): no acknowledged add lost, none counted twice, nothing from nowhere.
@@ -615,10 +548,6 @@ fn chaos(seed: u64, events: usize) -> Result<ChaosRun, String> {
         writes.len()
     );
     Ok(ChaosRun { report, trace })
-}
-
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
 }
 
 #[test]

@@ -29,6 +29,9 @@
 //! A failure prints its seed and the command that replays it. `RUST_LOG=cadre=debug` (for
 //! instance) logs the nodes' traces to the test output, stamped with the simulated time.
 
+#[path = "support/sim.rs"]
+mod simkit;
+
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -36,26 +39,22 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use cadre::config::{Config, PlacementConfig};
 use cadre::meta::{MetaState, ShardState};
 use cadre::node::NodeOptions;
 use cadre::placement::{ranked, shard_of};
-use cadre::signal::Signal;
 use cadre::sim::{run_seeds_in, SimCluster, SimNode, SIM_SECRET};
 use cadre::storage::memory::MemoryStorage;
-use cadre::storage::{Key, Storage};
+use cadre::storage::Storage;
+use simkit::{add, get, key, names, read_all, strs, Rng, CALL_TIMEOUT, KEYS};
 
 const NODES: usize = 3;
-const KEYS: usize = 20;
 /// One workload call in this many is a read.
 const READ_EVERY: usize = 4;
 /// Largest increment of one add (each is 1..=ADD_MAX).
 const ADD_MAX: u64 = 9;
-/// Timeout of one workload call.
-const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Time the cluster has to settle (place, catch up, move) after a change of live nodes.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Once faults stop and the cluster has settled, every key answers within this much simulated time.
@@ -91,28 +90,6 @@ fn logs() {
 // ------------------------------------------------------------------------------------------------
 // Cluster set-up
 
-/// A small deterministic RNG (splitmix64) for the test's own choices.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed ^ 0x5DEE_CE66_D1CE_4E5B)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn millis(&mut self, lo: u64, hi: u64) -> Duration {
-        Duration::from_millis(lo + self.next() % (hi - lo + 1))
-    }
-}
-
 fn placement() -> PlacementConfig {
     PlacementConfig {
         shard_count: 32,
@@ -128,14 +105,6 @@ fn placement() -> PlacementConfig {
         replica_write_timeout_ms: 500,
         ..PlacementConfig::default()
     }
-}
-
-fn names(n: usize) -> Vec<String> {
-    (1..=n).map(|i| format!("n{i}")).collect()
-}
-
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
 }
 
 /// Each node's store of its current start (a fresh empty one at every start), by name.
@@ -233,18 +202,6 @@ fn unsettled(c: &SimCluster, live: &[String]) -> Option<String> {
         return Some(format!("voters {voters:?}, live Raft ids {ids:?}"));
     }
     None
-}
-
-fn key(i: usize) -> Key {
-    Key::new("counter", format!("k{i}"))
-}
-
-fn add(n: i64) -> Signal {
-    Signal::new("counter.add", serde_json::json!(n))
-}
-
-fn get() -> Signal {
-    Signal::new("counter.get", serde_json::Value::Null)
 }
 
 /// The owner of `k` in `via`'s table.
@@ -405,34 +362,6 @@ impl Load {
         let failed: Vec<String> = reasons.iter().take(3).map(|(n, r)| format!("{n}x {r:?}")).collect();
         format!("{} calls, {acked} acked, {lost} lost with their node; failed: [{}]", calls.len(), failed.join(", "))
     }
-}
-
-/// Reads every key through `via`, retrying each until it answers; fails past `bound`.
-/// Returns the values and the time it took.
-fn read_all(c: &mut SimCluster, via: &str, bound: Duration) -> Result<(Vec<i64>, Duration), String> {
-    let out = c
-        .run_on(via, bound + Duration::from_secs(1), move |cl| async move {
-            let start = Instant::now();
-            let mut values = Vec::with_capacity(KEYS);
-            for k in 0..KEYS {
-                loop {
-                    let left = bound.saturating_sub(start.elapsed());
-                    if left.is_zero() {
-                        return Err(format!("key k{k} did not answer within {bound:?}"));
-                    }
-                    match cl.call(&key(k), get(), left.min(CALL_TIMEOUT)).await {
-                        Ok(s) => {
-                            values.push(s.reply.as_i64().ok_or(format!("k{k}: not a number: {}", s.reply))?);
-                            break;
-                        }
-                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                    }
-                }
-            }
-            Ok((values, start.elapsed()))
-        })
-        .map_err(|e| format!("reading through {via}: {e}"))?;
-    out.ok_or(format!("{via} is not running"))?
 }
 
 /// No acknowledged add lost, none counted twice, nothing from nowhere.

@@ -371,16 +371,8 @@ impl MetaState {
 
     fn remove(&mut self, name: &str) -> Result<CmdReply, MetaError> {
         self.members.remove(name).ok_or_else(|| MetaError::UnknownMember(name.to_string()))?;
-        for e in &mut self.shards {
-            // Its copies go; the shards it owned keep their replicas (one can be promoted).
-            e.replicas.retain(|r| r.node != name);
-            if e.owner.as_deref() == Some(name) {
-                e.owner = None;
-                e.state = ShardState::Unassigned;
-            } else if matches!(&e.state, ShardState::Moving { to } if to == name) {
-                e.state = ShardState::Active;
-            }
-        }
+        // Its copies go; the shards it owned keep their replicas (one can be promoted).
+        self.forget_copies(name);
         Ok(CmdReply::Done)
     }
 
