@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use cadre::api::agents::ClusterJson;
 use support::proc::{self, wait_ready, NodeProc, NodeSpec};
-use support::{await_cluster, call, exe, on_desired_owners, replicated};
+use support::{await_cluster, call, exe, on_desired_owners, replicated, serving};
 
 const SECRET: &str = "replicas-test-secret-0123";
 const WAIT: Duration = Duration::from_secs(60);
@@ -119,8 +119,9 @@ async fn a_killed_owner_loses_no_acknowledged_add_and_a_killed_cluster_neither()
     for n in &nodes {
         wait_ready(n.http, WAIT).await.unwrap_or_else(|e| panic!("{e}: {}", n.log_tail()));
     }
-    // (A leader first: a restarted node's table is its copy from before the kill until then.)
-    let elected = |c: &ClusterJson| c.leader.is_some() && replicated(c, 3, 2);
+    // (Every member serving: a restarted node's table is its copy from before the kill, and the
+    // leader it reports is the one it last voted for, until a leader grants it a lease.)
+    let elected = |c: &ClusterJson| c.leader.is_some() && replicated(c, 3, 2) && serving(c);
     await_cluster(nodes[0].http, "the restarted cluster has a leader and serves every shard", WAIT, elected).await;
     for k in 0..KEYS {
         let id = format!("k{k}");

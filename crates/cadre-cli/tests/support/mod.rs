@@ -74,3 +74,8 @@ pub fn replicated(c: &ClusterJson, members: usize, copies: usize) -> bool {
         && c.replicas_behind == 0
         && c.replicas_in_sync == copies * c.shard_count as usize
 }
+
+/// Every member answered and holds a valid lease (serves the shards it owns).
+pub fn serving(c: &ClusterJson) -> bool {
+    c.members.iter().all(|m| m.serving == Some(true))
+}

@@ -174,6 +174,8 @@ pub struct ClusterMemberJson {
     pub replica_of: usize,
     /// Replica catch-ups it runs as an owner, with their progress (empty if it did not answer).
     pub catching_up: Vec<crate::cluster::replica::SyncStatus>,
+    /// Whether it holds a valid lease, so serves the shards it owns; `None` if it did not answer.
+    pub serving: Option<bool>,
 }
 
 /// `GET /v1/cluster`.
@@ -199,6 +201,7 @@ pub async fn cluster(State(s): State<ApiState>) -> Json<ClusterJson> {
             active_agents: stats.get(name).and_then(|m| m.as_ref().map(|m| m.active)),
             replica_of: replica_of(name),
             catching_up: stats.get(name).and_then(|m| m.as_ref().map(|m| m.syncing.clone())).unwrap_or_default(),
+            serving: stats.get(name).and_then(|m| m.as_ref().map(|m| m.lease_valid)),
         })
         .collect();
     Json(ClusterJson {

@@ -425,13 +425,12 @@ impl Cluster {
             let addr = m.addr.parse::<SocketAddr>().ok().filter(|_| alive);
             asks.push(async move {
                 if name == me.inner.name {
-                    let stats = MemberStats { active: me.inner.host.active() as u64, syncing: me.inner.repl.syncing() };
-                    return (name, Some(stats));
+                    return (name, Some(local_stats(&me.inner)));
                 }
                 let Some(addr) = addr else { return (name, None) };
                 let req = AgentReq { op: AgentOp::Stats, ty: String::new(), id: String::new(), epoch: 0 };
                 match me.ask(addr, &req, timeout).await {
-                    Ok(AgentReply::Stats { active, syncing }) => (name, Some(MemberStats { active, syncing })),
+                    Ok(AgentReply::Stats(stats)) => (name, Some(stats)),
                     _ => (name, None),
                 }
             });
@@ -738,10 +737,23 @@ impl Op {
 }
 
 /// What [`Cluster::stats`] learns of one member.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MemberStats {
+    /// Agents active on it.
     pub active: u64,
+    /// Replica catch-ups it runs as an owner.
     pub syncing: Vec<replica::SyncStatus>,
+    /// Whether its lease is valid: it serves the shards it owns (after a restart, not before
+    /// a leader has granted it one and it has caught up with the table).
+    pub lease_valid: bool,
+}
+
+fn local_stats(inner: &Inner) -> MemberStats {
+    MemberStats {
+        active: inner.host.active() as u64,
+        syncing: inner.repl.syncing(),
+        lease_valid: inner.lease.valid(Instant::now()),
+    }
 }
 
 /// A reply and where it came from.
@@ -762,9 +774,7 @@ async fn serve_remote(inner: &Inner, req: AgentReq) -> AgentReply {
         AgentOp::Ensure => (Op::Ensure, inner.meta_cfg.rpc_timeout_ms),
         AgentOp::Stop => (Op::Stop, inner.meta_cfg.rpc_timeout_ms),
         AgentOp::Lookup => (Op::Lookup, inner.meta_cfg.rpc_timeout_ms),
-        AgentOp::Stats => {
-            return AgentReply::Stats { active: inner.host.active() as u64, syncing: inner.repl.syncing() }
-        }
+        AgentOp::Stats => return AgentReply::Stats(local_stats(inner)),
     };
     let deadline = Instant::now() + Duration::from_millis(timeout_ms);
     match serve_local(inner, &key, &op, deadline).await {

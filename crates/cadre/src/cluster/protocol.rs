@@ -127,10 +127,6 @@ pub enum AgentReply {
         reply: Vec<u8>,
         epoch: u64,
     },
-    Stats {
-        active: u64,
-        /// Replica catch-ups the node runs as an owner.
-        syncing: Vec<super::replica::SyncStatus>,
-    },
+    Stats(super::MemberStats),
     Err(CallError),
 }
