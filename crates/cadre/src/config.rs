@@ -82,6 +82,7 @@ pub struct Config {
     pub net: NetConfig,
     pub membership: MembershipConfig,
     pub signals: SignalsConfig,
+    pub pubsub: PubsubConfig,
     pub agents: AgentsConfig,
     pub meta: MetaConfig,
     pub placement: PlacementConfig,
@@ -104,6 +105,7 @@ impl Default for Config {
             net: NetConfig::default(),
             membership: MembershipConfig::default(),
             signals: SignalsConfig::default(),
+            pubsub: PubsubConfig::default(),
             agents: AgentsConfig::default(),
             meta: MetaConfig::default(),
             placement: PlacementConfig::default(),
@@ -554,6 +556,105 @@ impl AgentsConfig {
     }
 }
 
+/// Signals across the cluster: the interest map, the buffers to other nodes, de-duplication.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PubsubConfig {
+    /// Signals buffered for one other node (sent or waiting to be). Full: an `eventual` or
+    /// `strong` publish that would add to it fails with `BufferFull`; a `weak` one skips that node
+    /// (counted).
+    pub peer_buffer_len_max: usize,
+    /// Bytes (encoded signals) buffered for one other node; full as for the length.
+    pub peer_buffer_bytes_max: usize,
+    /// Most signals in one batch to a node (one ask, one acknowledgement).
+    pub batch_len_max: usize,
+    /// Most bytes of signals in one batch; must fit a transport frame. A single signal larger than
+    /// this goes alone; one larger than a frame cannot go to other nodes (`TooLarge`).
+    pub batch_bytes_max: usize,
+    /// Time a node has to acknowledge a batch before it is sent again (weak signals in it are dropped).
+    pub ack_timeout_ms: u64,
+    /// First wait before sending a batch again; doubles up to `retry_ms_max`.
+    pub retry_ms_min: u64,
+    pub retry_ms_max: u64,
+    /// Signal ids a receiver remembers to drop copies sent twice; the oldest is forgotten first.
+    pub dedup_window_len_max: usize,
+    /// Time a `strong` publish waits for a majority of its target nodes; then it fails (the
+    /// signal may still be delivered from the buffers).
+    pub strong_timeout_ms: u64,
+    /// Between two pulls of the interest map from a random member.
+    pub interest_sync_interval_ms: u64,
+    /// Distinct patterns a node advertises; beyond it advertises `**` (gets every signal).
+    pub interest_patterns_max: usize,
+    /// Time a member may stay down before its buffer is dropped (counted) and its interest
+    /// forgotten; until then signals for it are kept and sent when it is back.
+    pub down_keep_ms: u64,
+}
+
+impl Default for PubsubConfig {
+    fn default() -> Self {
+        Self {
+            peer_buffer_len_max: 65_536,
+            peer_buffer_bytes_max: 64 << 20,
+            batch_len_max: 1024,
+            batch_bytes_max: 512 << 10,
+            ack_timeout_ms: 2000,
+            retry_ms_min: 50,
+            retry_ms_max: 2000,
+            dedup_window_len_max: 65_536,
+            strong_timeout_ms: 5000,
+            interest_sync_interval_ms: 1000,
+            interest_patterns_max: 1024,
+            down_keep_ms: 600_000,
+        }
+    }
+}
+
+impl PubsubConfig {
+    /// Checks the section against the transport's `frame_len_max_bytes`.
+    pub fn validate(&self, frame_len_max_bytes: usize) -> Result<(), ConfigError> {
+        let counts = [
+            ("pubsub.peer_buffer_len_max", self.peer_buffer_len_max),
+            ("pubsub.batch_len_max", self.batch_len_max),
+            ("pubsub.dedup_window_len_max", self.dedup_window_len_max),
+            ("pubsub.interest_patterns_max", self.interest_patterns_max),
+        ];
+        for (field, v) in counts {
+            positive(field, v as u64)?;
+            if v > SIGNALS_COUNT_MAX {
+                return Err(invalid(field, format!("must be at most {SIGNALS_COUNT_MAX}")));
+            }
+        }
+        positive("pubsub.peer_buffer_bytes_max", self.peer_buffer_bytes_max as u64)?;
+        if self.peer_buffer_bytes_max > SIGNALS_BYTES_MAX {
+            return Err(invalid("pubsub.peer_buffer_bytes_max", "must be at most 64 GiB"));
+        }
+        if self.interest_patterns_max > crate::bus::interest::PATTERNS_MAX {
+            return Err(invalid("pubsub.interest_patterns_max", "must be at most 65536"));
+        }
+        let batch_max = crate::bus::remote::batch_bytes_limit(frame_len_max_bytes);
+        if self.batch_bytes_max == 0 || self.batch_bytes_max > batch_max {
+            return Err(invalid(
+                "pubsub.batch_bytes_max",
+                format!("must be within 1..={batch_max} (net.frame_len_max_bytes)"),
+            ));
+        }
+        for (field, v) in [
+            ("pubsub.ack_timeout_ms", self.ack_timeout_ms),
+            ("pubsub.retry_ms_min", self.retry_ms_min),
+            ("pubsub.retry_ms_max", self.retry_ms_max),
+            ("pubsub.strong_timeout_ms", self.strong_timeout_ms),
+            ("pubsub.interest_sync_interval_ms", self.interest_sync_interval_ms),
+            ("pubsub.down_keep_ms", self.down_keep_ms),
+        ] {
+            positive(field, v)?;
+        }
+        if self.retry_ms_min > self.retry_ms_max {
+            return Err(invalid("pubsub.retry_ms_min", "must not exceed pubsub.retry_ms_max"));
+        }
+        Ok(())
+    }
+}
+
 /// Upper bound of the signals section's counts (queue lengths, subscriptions, journal entries).
 const SIGNALS_COUNT_MAX: usize = 10_000_000;
 /// Upper bound of the signals section's byte budgets (64 GiB).
@@ -647,6 +748,7 @@ impl Config {
         self.net.validate()?;
         self.membership.validate()?;
         self.signals.validate()?;
+        self.pubsub.validate(self.net.frame_len_max_bytes as usize)?;
         self.agents.validate()?;
         self.meta.validate()?;
         self.placement.validate()?;

@@ -1,8 +1,10 @@
 //! Signal ingress, subscriptions, dead letters and traces over HTTP.
 //!
-//! - `POST /v1/signals`: a structured (`application/cloudevents+json`), batch
+//! - `POST /v1/signals?delivery=weak|eventual|strong` (default `eventual`, see
+//!   [`crate::bus::remote`]): a structured (`application/cloudevents+json`), batch
 //!   (`application/cloudevents-batch+json`) or binary-mode (`ce-specversion` header present) body,
-//!   published on the node's bus. `202 {"accepted":[ids]}` when every signal was taken.
+//!   published on the node's bus and sent to the other interested nodes. `202 {"accepted":[ids],
+//!   "delivery":level}` when every signal was taken at that level.
 //!   Client mistakes are `application/problem+json`: `400` naming the attribute (and the batch
 //!   index), `413` for a body over `signals.ingress_body_bytes_max`, `415` for another content type.
 //!   A batch is validated as a whole before anything is published. When publishing refuses a
@@ -34,7 +36,7 @@ use serde_json::json;
 use tracing::info;
 
 use super::ApiState;
-use crate::bus::{PublishError, SubId, SubscriptionJson};
+use crate::bus::{Delivery, PublishError, SubId, SubscriptionJson};
 use crate::signal::codec::{self, CONTENT_TYPE_BATCH, CONTENT_TYPE_STRUCTURED};
 use crate::signal::journal::Direction;
 use crate::signal::{Signal, SignalError};
@@ -133,7 +135,27 @@ pub(crate) fn decode_one(s: &ApiState, headers: &HeaderMap, body: &[u8]) -> Resu
     Ok(signals.remove(0))
 }
 
-pub async fn post_signals(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Response {
+/// The query of `POST /v1/signals`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishQuery {
+    #[serde(default)]
+    pub delivery: Delivery,
+}
+
+pub async fn post_signals(
+    State(s): State<ApiState>,
+    query: Result<Query<PublishQuery>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let delivery = match query {
+        Ok(Query(q)) => q.delivery,
+        Err(e) => {
+            let detail = format!("{}; delivery is weak, eventual (default) or strong", e.body_text());
+            return problem(StatusCode::BAD_REQUEST, "invalid-query", detail, json!({}));
+        }
+    };
     let body = match read_body(&headers, body, s.ingress_body_bytes_max).await {
         Ok(b) => b,
         Err(res) => return res,
@@ -146,12 +168,12 @@ pub async fn post_signals(State(s): State<ApiState>, headers: HeaderMap, body: B
     let total = signals.len();
     for signal in signals {
         let id = signal.id.clone();
-        match s.bus.publish(signal).await {
+        match s.bus.publish_with(signal, delivery).await {
             Ok(p) => accepted.push(p.id),
             Err(e) => return refused(&id, e, accepted, total),
         }
     }
-    (StatusCode::ACCEPTED, Json(json!({ "accepted": accepted }))).into_response()
+    (StatusCode::ACCEPTED, Json(json!({ "accepted": accepted, "delivery": delivery }))).into_response()
 }
 
 fn refused(id: &str, e: PublishError, accepted: Vec<String>, total: usize) -> Response {
@@ -159,6 +181,9 @@ fn refused(id: &str, e: PublishError, accepted: Vec<String>, total: usize) -> Re
         PublishError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid-signal"),
         PublishError::Rejected { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "rejected"),
         PublishError::QueueFull { .. } => (StatusCode::SERVICE_UNAVAILABLE, "subscriber-queue-full"),
+        PublishError::BufferFull { .. } => (StatusCode::SERVICE_UNAVAILABLE, "node-buffer-full"),
+        PublishError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too-large-for-other-nodes"),
+        PublishError::StrongUnmet { .. } => (StatusCode::SERVICE_UNAVAILABLE, "strong-unmet"),
         PublishError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting-down"),
     };
     let not_sent = total - accepted.len() - 1;

@@ -28,12 +28,14 @@
 //! subscriptions come with cluster delivery). A webhook's retries hold back its later signals:
 //! order is kept at the cost of head-of-line blocking.
 
+pub mod interest;
+pub mod remote;
 pub mod webhook;
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -51,6 +53,7 @@ use crate::router::{Predicate, RouteError, RouteId, RouteSpec, Router};
 use crate::signal::journal::{Direction, Journal, TraceStep};
 use crate::signal::{Context, Signal, SignalError, TraceParent, TRACEPARENT};
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+pub use remote::{Delivery, PUBSUB_TAG};
 use webhook::{Breaker, WebhookSpec};
 
 /// Identifies a subscription on its node.
@@ -234,15 +237,30 @@ pub enum PublishError {
     Rejected { middleware: String, reason: String },
     #[error("queue of subscription {subscription} is full (delivered to {delivered} other subscriptions)")]
     QueueFull { subscription: SubId, delivered: usize },
+    /// The buffer for another interested node is full (it is slow or unreachable); nothing was
+    /// sent to other nodes, local subscribers have the signal.
+    #[error("the buffer for node {node} is full")]
+    BufferFull { node: String },
+    /// The encoded signal does not fit a transport frame, so it cannot go to other nodes (local
+    /// subscribers have it).
+    #[error("signal of {len} bytes is over the {max} bytes other nodes can be sent")]
+    TooLarge { len: usize, max: usize },
+    /// A `strong` publish did not reach a majority of its target nodes in time. It is buffered
+    /// and may still arrive.
+    #[error("strong delivery unmet: {acked} of {targets} target nodes accepted, {needed} needed")]
+    StrongUnmet { acked: usize, needed: usize, targets: usize },
     #[error("the bus is shutting down")]
     ShuttingDown,
 }
 
-/// A published signal: its id and how many subscriptions took it (0: no route matched).
+/// A published signal: its id, how many local subscriptions took it, how many other nodes were
+/// sent a copy, and the delivery level met.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
     pub id: String,
     pub deliveries: usize,
+    pub remote_nodes: usize,
+    pub delivery: Delivery,
 }
 
 /// A middleware's answer.
@@ -430,6 +448,8 @@ pub(crate) struct Inner {
     /// Replaced whole on change, so a publish takes it with one `Arc` clone.
     middleware: RwLock<Arc<Vec<Arc<dyn Middleware>>>>,
     journal: Journal,
+    /// The cluster side, once the node has a transport and membership.
+    remote: OnceLock<Arc<remote::Remote>>,
     deadletters: Mutex<DeadLetters>,
     /// Bytes held by all subscriber queues (`queued_bytes_max`).
     queued_bytes: AtomicUsize,
@@ -489,6 +509,7 @@ impl Bus {
     pub fn new(cfg: SignalsConfig, source: &str, metrics: &Metrics) -> Bus {
         let inner = Inner {
             journal: Journal::new(cfg.journal_len_max),
+            remote: OnceLock::new(),
             http: webhook::client(),
             cfg,
             source: source.into(),
@@ -572,6 +593,7 @@ impl Bus {
         inner.metrics.subscriptions.set(subs.len() as i64);
         drop(subs);
         inner.tasks.spawn(worker(self.inner.clone(), sub));
+        self.advertise();
         Ok(id)
     }
 
@@ -638,6 +660,7 @@ impl Bus {
         }
         sub.notify.notify_one();
         inner.metrics.subscriptions.set(read(&inner.subs).len() as i64);
+        self.advertise();
         if let Dispatch::Webhook(w) = &sub.dispatch {
             // Forget the URL's breaker once no subscription uses it (the map stays bounded).
             let subs = read(&inner.subs);
@@ -649,8 +672,15 @@ impl Bus {
         true
     }
 
-    /// Publishes one signal; see [`Bus::publish_all`].
+    /// Publishes one signal at the default level (`eventual`); see [`Bus::publish_with`].
     pub async fn publish(&self, signal: Signal) -> Result<Published, PublishError> {
+        self.publish_with(signal, Delivery::Eventual).await
+    }
+
+    /// Publishes one signal to the subscriptions of this node and, once the node is in a cluster,
+    /// of every other node, at `delivery` (see [`remote`]). A signal refused by a full local queue
+    /// goes to no other node.
+    pub async fn publish_with(&self, signal: Signal, delivery: Delivery) -> Result<Published, PublishError> {
         let inner = &self.inner;
         if inner.cancel.is_cancelled() {
             return Err(PublishError::ShuttingDown);
@@ -696,8 +726,134 @@ impl Bus {
             self.count_rejected(&e);
             return Err(e);
         }
+        let remote_nodes = match inner.remote.get() {
+            Some(r) => r.publish(&signal, delivery, delivered > 0).await.inspect_err(|e| self.count_rejected(e))?.nodes,
+            None => 0,
+        };
         inner.metrics.published.inc();
-        Ok(Published { id: signal.id.clone(), deliveries: delivered })
+        Ok(Published { id: signal.id.clone(), deliveries: delivered, remote_nodes, delivery })
+    }
+
+    /// Starts the cluster side: advertises this node's patterns and sends copies of what it
+    /// publishes to the other interested nodes. Called once, by the node.
+    pub(crate) fn start_remote(&self, parts: remote::RemoteParts) {
+        let r = remote::Remote::start(parts, self.patterns());
+        assert!(self.inner.remote.set(r).is_ok(), "the bus's remote side started twice");
+    }
+
+    /// The patterns of this node's subscriptions.
+    fn patterns(&self) -> Vec<String> {
+        read(&self.inner.subs).values().map(|s| s.pattern.clone()).collect()
+    }
+
+    /// Tells the cluster side that the subscriptions changed.
+    fn advertise(&self) {
+        if let Some(r) = self.inner.remote.get() {
+            r.set_patterns(self.patterns());
+        }
+    }
+
+    /// Other nodes this node would send a signal of type `ty` to.
+    pub fn remote_nodes_for(&self, ty: &str) -> Vec<String> {
+        self.inner.remote.get().map(|r| r.nodes_for(ty)).unwrap_or_default()
+    }
+
+    /// Waits until the other nodes interested in `ty` satisfy `cond` (the interest map converges
+    /// through gossip); false if the bus has no cluster side or `timeout` passes first.
+    pub async fn await_remote_nodes(&self, ty: &str, timeout: Duration, cond: impl Fn(&[String]) -> bool) -> bool {
+        let Some(r) = self.inner.remote.get() else { return false };
+        let mut rx = r.watch();
+        let wait = async {
+            loop {
+                rx.borrow_and_update();
+                if cond(&r.nodes_for(ty)) {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.is_ok()
+    }
+
+    /// Signal copies buffered for other nodes.
+    pub fn remote_buffered(&self) -> usize {
+        self.inner.remote.get().map_or(0, |r| r.buffered())
+    }
+
+    /// Serves a pub/sub ask from another node (payload starting with [`PUBSUB_TAG`]); returns
+    /// the reply. Bad input is refused with a counted reason, never a panic.
+    pub fn on_pubsub_ask(&self, from: &str, payload: &[u8]) -> bytes::Bytes {
+        let Some(r) = self.inner.remote.get() else {
+            return remote::encode(&remote::Reply::Refused("not in a cluster yet".into()));
+        };
+        let req = match payload.strip_prefix(&[PUBSUB_TAG]).map(postcard::from_bytes::<remote::Req<'_>>) {
+            Some(Ok(req)) => req,
+            _ => {
+                warn!(%from, "undecodable pub/sub request");
+                r.count_refused("undecodable");
+                return remote::encode(&remote::Reply::Refused("undecodable request".into()));
+            }
+        };
+        let reply = match req {
+            remote::Req::Signals { signals } => {
+                let mut count = 0u32;
+                for body in signals {
+                    match crate::signal::codec::decode_structured(body) {
+                        Ok(signal) => {
+                            let signal = Arc::new(signal);
+                            if !r.take_once(&signal, || self.deliver_remote(&signal)) {
+                                break;
+                            }
+                        }
+                        // Taken as done: sending it again would not make it valid.
+                        Err(e) => {
+                            warn!(%from, error = %e, "invalid signal from another node");
+                            r.count_refused("invalid_signal");
+                        }
+                    }
+                    count += 1;
+                }
+                remote::Reply::Accepted { count }
+            }
+            remote::Req::Interest(entry) => remote::Reply::Accepted { count: r.merge(vec![entry]) },
+            remote::Req::Pull(digest) => remote::Reply::Entries(r.newer_than(&digest)),
+        };
+        remote::encode(&reply)
+    }
+
+    /// Routes a signal from another node to this node's subscriptions, all or none (see
+    /// [`enqueue_all`]). False when a queue is full: the sender keeps it and tries again.
+    fn deliver_remote(&self, signal: &Arc<Signal>) -> bool {
+        let inner = &self.inner;
+        if inner.cancel.is_cancelled() {
+            return false;
+        }
+        let mut targets: Vec<Arc<Sub>> = {
+            let subs = read(&inner.subs);
+            let router = read(&inner.router);
+            match router.route(&signal.ty, signal) {
+                Ok(ids) => ids.into_iter().filter_map(|id| subs.get(id).cloned()).collect(),
+                Err(_) => Vec::new(),
+            }
+        };
+        targets.sort_by_key(|s| s.id);
+        targets.dedup_by_key(|s| s.id);
+        if !enqueue_all(inner, &targets, signal, signal.size_hint_bytes()) {
+            inner.metrics.rejected.get_or_create(&label("reason", "remote_queue_full")).inc();
+            return false;
+        }
+        inner.journal.record(signal);
+        true
+    }
+
+    /// Waits (at most `timeout`) for the buffers to other nodes to empty: a graceful stop
+    /// delivers what it acknowledged to the nodes that are reachable.
+    pub async fn flush_remote(&self, timeout: Duration) {
+        if let Some(r) = self.inner.remote.get() {
+            r.flush(timeout).await;
+        }
     }
 
     /// Publishes signals in order; one result per signal.
@@ -736,6 +892,9 @@ impl Bus {
             PublishError::Invalid(_) => "invalid",
             PublishError::Rejected { .. } => "middleware",
             PublishError::QueueFull { .. } => "queue_full",
+            PublishError::BufferFull { .. } => "buffer_full",
+            PublishError::TooLarge { .. } => "too_large",
+            PublishError::StrongUnmet { .. } => "strong_unmet",
             PublishError::ShuttingDown => "shutting_down",
         };
         self.inner.metrics.rejected.get_or_create(&label("reason", reason)).inc();
@@ -764,6 +923,9 @@ impl Bus {
 
     /// Stops the workers (after their current delivery) and waits for them.
     pub async fn shutdown(&self) {
+        if let Some(r) = self.inner.remote.get() {
+            r.shutdown().await;
+        }
         self.inner.cancel.cancel();
         self.inner.tasks.close();
         self.inner.tasks.wait().await;
@@ -837,6 +999,42 @@ fn enqueue(inner: &Inner, sub: &Sub, signal: &Arc<Signal>, size: usize) -> Enque
     drop(q);
     sub.notify.notify_one();
     Enqueued::Yes
+}
+
+/// Appends a signal to every queue in `targets` (sorted by id, distinct) or to none: a `reject`
+/// queue without room, or no room left in the node's budget, refuses it for all; `drop_oldest`
+/// queues make room as their policy says. The queues are locked together in id order (elsewhere
+/// one at a time, so this cannot deadlock).
+fn enqueue_all(inner: &Inner, targets: &[Arc<Sub>], signal: &Arc<Signal>, size: usize) -> bool {
+    let mut queues: Vec<(&Sub, std::sync::MutexGuard<'_, Queue>)> =
+        targets.iter().map(|s| (&**s, s.lock_queue())).filter(|(_, q)| !q.closed).collect();
+    let room = |sub: &Sub, q: &Queue| {
+        q.items.len() < sub.queue_len_max
+            && (q.items.is_empty() || q.bytes + size <= inner.cfg.subscriber_queue_bytes_max)
+    };
+    if queues.iter().any(|(sub, q)| sub.overflow == Overflow::Reject && !room(sub, q)) {
+        return false;
+    }
+    if !inner.try_reserve(size * queues.len()) {
+        return false;
+    }
+    for (sub, q) in queues.iter_mut() {
+        while !room(sub, q) {
+            let (_, bytes) = q.items.pop_front().expect("a queue without room is not empty");
+            q.bytes -= bytes;
+            inner.release(bytes);
+            sub.counts.dropped.fetch_add(1, Ordering::Relaxed);
+            inner.metrics.queue_dropped.get_or_create(&label("queue", "subscriber")).inc();
+        }
+        q.items.push_back((signal.clone(), size));
+        q.bytes += size;
+    }
+    let subs: Vec<&Sub> = queues.iter().map(|(s, _)| *s).collect();
+    drop(queues);
+    for sub in subs {
+        sub.notify.notify_one();
+    }
+    true
 }
 
 impl Verdict {

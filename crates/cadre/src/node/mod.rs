@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::agent::{Agent, Host, HostBuilder};
-use crate::bus::{Bus, RoutesError};
+use crate::bus::{Bus, RoutesError, PUBSUB_TAG};
 use crate::cluster::protocol::{AGENT_TAG, REPLICA_TAG};
 use crate::cluster::{Cluster, ClusterParts, Prepared};
 use crate::config::{Config, ConfigError};
@@ -86,6 +86,7 @@ struct NodeHandler {
     membership: Membership,
     data: Arc<dyn DataHandler>,
     cluster: Cluster,
+    bus: Bus,
 }
 
 impl Handler for NodeHandler {
@@ -100,6 +101,10 @@ impl Handler for NodeHandler {
             Msg::Ask { id, payload } if lane == Lane::Control => self.cluster.on_control_ask(from, id, payload),
             Msg::Ask { id, payload } if payload.first() == Some(&AGENT_TAG) => {
                 return self.cluster.on_agent_ask(from, id, payload)
+            }
+            // Signals from other nodes and the interest map: taken at once, in arrival order.
+            Msg::Ask { payload, .. } if payload.first() == Some(&PUBSUB_TAG) => {
+                return Some(self.bus.on_pubsub_ask(&from.name, &payload))
             }
             // Applied in arrival order per shard, then answered.
             Msg::Ask { id, payload } if payload.first() == Some(&REPLICA_TAG) => {
@@ -286,7 +291,15 @@ impl Node {
                 return Err(NodeError::Meta(e));
             }
         };
-        let handler = NodeHandler { membership: membership.clone(), data: opts.data, cluster: cluster.clone() };
+        bus.start_remote(crate::bus::remote::RemoteParts {
+            cfg: cfg.pubsub.clone(),
+            frame_len_max: cfg.net.frame_len_max_bytes as usize,
+            transport: transport.downgrade(),
+            membership: membership.clone(),
+            metrics: metrics.clone(),
+        });
+        let handler =
+            NodeHandler { membership: membership.clone(), data: opts.data, cluster: cluster.clone(), bus: bus.clone() };
         transport.set_handler(Arc::new(handler));
         if let Some(listener) = http_listener {
             let state = crate::api::ApiState {
@@ -358,6 +371,8 @@ impl Node {
         // Agents first, while the lease holds: passivating stores their state, and they may
         // still publish.
         self.agents.shutdown().await;
+        // Signals acknowledged at `eventual` reach the nodes that can be reached.
+        self.bus.flush_remote(Duration::from_millis(SHUTDOWN_FLUSH_MS)).await;
         self.cluster.shutdown().await;
         self.transport.shutdown(Duration::from_millis(SHUTDOWN_FLUSH_MS)).await;
         self.bus.shutdown().await;

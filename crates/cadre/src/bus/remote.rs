@@ -1,0 +1,696 @@
+//! Signals across the cluster: one copy per interested node, batched, buffered, acknowledged.
+//!
+//! A publish routes through the local bus first; then [`Remote::publish`] looks up the other
+//! nodes whose advertised patterns match (the [`Interest`] map) and appends the encoded signal to
+//! one buffer per such node: one copy per node, never one per subscriber. A sender task per node
+//! drains its buffer in batches (as many queued signals as fit `batch_len_max` and
+//! `batch_bytes_max`), sends each batch as one ask on the data lane and waits for the receiver's
+//! acknowledgement before sending the next: batching comes from draining, so a lone signal goes
+//! at once, and under load one frame carries many signals.
+//!
+//! ## Delivery levels
+//! - `weak`: put in the buffers if there is room (else skipped, counted); dropped if its batch
+//!   fails. Never retried.
+//! - `eventual` (default): acknowledged once in every target node's buffer (all or none: a full
+//!   buffer fails the publish with `BufferFull` before anything is added). A batch that fails is
+//!   sent again, after a back-off, until the receiver acknowledges it; the buffer waits out an
+//!   unreachable node (down up to `down_keep_ms`) and is flushed when it is back.
+//! - `strong`: as `eventual`, and the publish waits until a majority of the target nodes (this
+//!   node counts when it has local subscribers) have acknowledged, at most `strong_timeout_ms`;
+//!   then it fails with `StrongUnmet` instead of hanging (the copies stay buffered and may still
+//!   arrive).
+//!
+//! ## Order and duplicates
+//! Each node's buffer is one FIFO with one batch in flight, so signals from one publisher reach a
+//! receiver in publish order, across retries. A batch sent again after a lost acknowledgement
+//! arrives twice; receivers drop copies by `(source, id)` within `dedup_window_len_max` ids. A
+//! receiver takes a signal for all its matching subscriptions or for none, and acknowledges the
+//! prefix of the batch it took: a full subscriber queue holds the rest back at the sender, where
+//! back-pressure ends in `BufferFull`.
+//!
+//! ## Interest map
+//! Each node pushes its own entry to every member when its patterns change, pushes it to a member
+//! that becomes alive, and every `interest_sync_interval_ms` pulls what is newer from one random
+//! alive member (so maps converge after partitions). Entries of members that left, or have been
+//! down longer than `down_keep_ms`, are forgotten together with their buffers (the dropped
+//! signals are counted).
+//!
+//! ## Caveats
+//! Buffers live in memory: what is buffered when the publishing node crashes is lost (an
+//! `eventual` acknowledgement means accepted by this node, as the level says). Signals go to other
+//! nodes in the structured JSON encoding.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::future::join_all;
+use rand::seq::IndexedRandom;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use super::interest::{normalize, Entry, Interest, Stamp};
+use super::PublishError;
+use crate::config::PubsubConfig;
+use crate::membership::task::Membership;
+use crate::membership::MemberState;
+use crate::metrics::{label, CounterFamily, Metrics};
+use crate::net::WeakTransport;
+use crate::signal::Signal;
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+
+/// First byte of a data-lane ask that carries a pub/sub request.
+pub const PUBSUB_TAG: u8 = 0xA9;
+/// Room in a batch's payload for everything but the signals (tag, origin name, lengths).
+const BATCH_OVERHEAD_BYTES: usize = 512;
+/// Room per signal in a batch besides its bytes (its length prefix).
+const SIGNAL_OVERHEAD_BYTES: usize = 8;
+
+/// Largest `batch_bytes_max` a transport with frames of `frame_len_max` bytes can carry.
+pub fn batch_bytes_limit(frame_len_max: usize) -> usize {
+    crate::wire::payload_len_max(frame_len_max).saturating_sub(BATCH_OVERHEAD_BYTES)
+}
+
+/// How hard a publish tries to reach other nodes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    /// Fire and forget.
+    Weak,
+    /// Accepted by this node, delivered from its buffers.
+    #[default]
+    Eventual,
+    /// Accepted by a majority of the target nodes.
+    Strong,
+}
+
+impl Delivery {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Delivery::Weak => "weak",
+            Delivery::Eventual => "eventual",
+            Delivery::Strong => "strong",
+        }
+    }
+}
+
+impl std::str::FromStr for Delivery {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "weak" => Ok(Delivery::Weak),
+            "eventual" => Ok(Delivery::Eventual),
+            "strong" => Ok(Delivery::Strong),
+            other => Err(format!("unknown delivery level {other:?} (weak, eventual or strong)")),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) enum Req<'a> {
+    /// Signals in publish order, each a structured JSON event.
+    Signals {
+        #[serde(borrow)]
+        signals: Vec<&'a [u8]>,
+    },
+    /// The sender's own interest entry, changed.
+    Interest(Entry),
+    /// The sender's digest; answered with the entries newer than it.
+    Pull(Vec<(String, Stamp)>),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) enum Reply {
+    /// The first `count` signals (or entries) were taken.
+    Accepted {
+        count: u32,
+    },
+    Entries(Vec<Entry>),
+    Refused(String),
+}
+
+pub(super) fn encode<T: Serialize>(value: &T) -> Bytes {
+    let mut buf = BytesMut::new();
+    buf.put_u8(PUBSUB_TAG);
+    buf.extend_from_slice(&postcard::to_allocvec(value).expect("postcard into a Vec"));
+    buf.freeze()
+}
+
+/// What a remote publish did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteSent {
+    /// Other nodes given a copy.
+    pub nodes: usize,
+}
+
+/// Counts acknowledgements of one `strong` publish (a permit per acknowledging node).
+struct Quorum {
+    acks: Semaphore,
+}
+
+struct Item {
+    body: Bytes,
+    level: Delivery,
+    quorum: Option<Arc<Quorum>>,
+}
+
+#[derive(Default)]
+struct Outbox {
+    items: VecDeque<Item>,
+    bytes: usize,
+}
+
+/// The buffer to one other node and its sender task's wake-up.
+struct PeerOut {
+    name: String,
+    outbox: Mutex<Outbox>,
+    notify: Notify,
+    cancel: CancellationToken,
+}
+
+impl PeerOut {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Outbox> {
+        self.outbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Remembers recent `(source, id)` pairs, oldest forgotten first.
+struct Dedup {
+    seen: HashSet<(String, String)>,
+    order: VecDeque<(String, String)>,
+    len_max: usize,
+}
+
+impl Dedup {
+    fn contains(&self, key: &(String, String)) -> bool {
+        self.seen.contains(key)
+    }
+    fn insert(&mut self, key: (String, String)) {
+        if !self.seen.insert(key.clone()) {
+            return;
+        }
+        self.order.push_back(key);
+        while self.order.len() > self.len_max {
+            let old = self.order.pop_front().expect("not empty");
+            self.seen.remove(&old);
+        }
+    }
+}
+
+struct RemoteMetrics {
+    /// Signals sent to other nodes and acknowledged.
+    sent: Counter,
+    /// Batches (asks) sent, acknowledged or not.
+    batches: Counter,
+    dropped: CounterFamily,
+    received: Counter,
+    duplicates: Counter,
+    refused: CounterFamily,
+    buffered: Gauge,
+}
+
+impl RemoteMetrics {
+    fn new(m: &Metrics) -> Self {
+        Self {
+            sent: m.counter("pubsub_sent", "Signals other nodes acknowledged"),
+            batches: m.counter("pubsub_batches", "Batches of signals sent to other nodes"),
+            dropped: m.counters("pubsub_dropped", "Signal copies for other nodes dropped, by reason"),
+            received: m.counter("pubsub_received", "Signals taken from other nodes"),
+            duplicates: m.counter("pubsub_duplicates", "Copies from other nodes dropped as already taken"),
+            refused: m.counters("pubsub_refused", "Pub/sub requests or parts of them refused, by reason"),
+            buffered: m.gauge("pubsub_buffered", "Signal copies buffered for other nodes"),
+        }
+    }
+}
+
+/// The cluster side of a node's bus.
+pub(crate) struct Remote {
+    me: String,
+    started_ms: u64,
+    cfg: PubsubConfig,
+    /// Largest encoded signal that fits a batch alone.
+    body_len_max: usize,
+    transport: WeakTransport,
+    membership: Membership,
+    interest: RwLock<Interest>,
+    /// Counts changes of the interest map (to await convergence).
+    changes: tokio::sync::watch::Sender<u64>,
+    own_version: AtomicU64,
+    own_changed: Notify,
+    peers: Mutex<HashMap<String, Arc<PeerOut>>>,
+    dedup: Mutex<Dedup>,
+    metrics: RemoteMetrics,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// What [`Remote::start`] needs.
+pub(crate) struct RemoteParts {
+    pub cfg: PubsubConfig,
+    pub frame_len_max: usize,
+    pub transport: WeakTransport,
+    pub membership: Membership,
+    pub metrics: Metrics,
+}
+
+impl Remote {
+    /// Starts the interest gossip; `patterns` are the node's own to advertise.
+    pub(crate) fn start(parts: RemoteParts, patterns: Vec<String>) -> Arc<Remote> {
+        let view = parts.membership.view();
+        let remote = Arc::new(Remote {
+            me: view.me.name.clone(),
+            started_ms: view.me.started_ms,
+            body_len_max: batch_bytes_limit(parts.frame_len_max) - SIGNAL_OVERHEAD_BYTES,
+            dedup: Mutex::new(Dedup {
+                seen: HashSet::new(),
+                order: VecDeque::new(),
+                len_max: parts.cfg.dedup_window_len_max,
+            }),
+            cfg: parts.cfg,
+            transport: parts.transport,
+            membership: parts.membership,
+            interest: RwLock::new(Interest::new(view.me.name)),
+            changes: tokio::sync::watch::Sender::new(0),
+            own_version: AtomicU64::new(0),
+            own_changed: Notify::new(),
+            peers: Mutex::new(HashMap::new()),
+            metrics: RemoteMetrics::new(&parts.metrics),
+            cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        });
+        remote.set_patterns(patterns);
+        remote.tasks.spawn(gossip_loop(remote.clone()));
+        remote
+    }
+
+    /// Advertises a new set of own patterns (pushed to the members by the gossip task).
+    pub(crate) fn set_patterns(&self, patterns: Vec<String>) {
+        let patterns = normalize(patterns, self.cfg.interest_patterns_max);
+        let mut map = self.interest.write().unwrap_or_else(|e| e.into_inner());
+        if map.entry(&self.me).is_some_and(|e| e.patterns == patterns) {
+            return;
+        }
+        let version = self.own_version.fetch_add(1, Ordering::Relaxed) + 1;
+        let stamp = Stamp { started_ms: self.started_ms, version };
+        // Patterns come from subscriptions the router accepted, so they parse.
+        map.set_own(stamp, patterns).expect("own patterns are valid");
+        drop(map);
+        self.changed();
+        self.own_changed.notify_one();
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// A receiver that sees every change of the interest map.
+    pub(crate) fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Other nodes interested in `ty`.
+    pub(crate) fn nodes_for(&self, ty: &str) -> Vec<String> {
+        self.interest.read().unwrap_or_else(|e| e.into_inner()).remote_nodes_for(ty)
+    }
+
+    /// The interest map's digest (for views and tests).
+    pub(crate) fn interest_digest(&self) -> Vec<(String, Stamp)> {
+        self.interest.read().unwrap_or_else(|e| e.into_inner()).digest()
+    }
+
+    /// Sends a copy of `signal` to every other interested node at `level`; `local` says whether
+    /// this node's own subscriptions took it (it then counts towards a `strong` majority).
+    pub(crate) async fn publish(
+        self: &Arc<Self>,
+        signal: &Signal,
+        level: Delivery,
+        local: bool,
+    ) -> Result<RemoteSent, PublishError> {
+        let nodes = self.nodes_for(&signal.ty);
+        if nodes.is_empty() {
+            return Ok(RemoteSent { nodes: 0 });
+        }
+        let body = Bytes::from(crate::signal::codec::encode_structured(signal));
+        if body.len() > self.body_len_max {
+            self.metrics.dropped.get_or_create(&label("reason", "too_large")).inc();
+            return Err(PublishError::TooLarge { len: body.len(), max: self.body_len_max });
+        }
+        let quorum = (level == Delivery::Strong).then(|| Arc::new(Quorum { acks: Semaphore::new(0) }));
+        let peers: Vec<Arc<PeerOut>> = nodes.iter().map(|n| self.peer_out(n)).collect();
+        let taken = self.append(&peers, &body, level, &quorum)?;
+        let Some(quorum) = quorum else { return Ok(RemoteSent { nodes: taken }) };
+        let targets = nodes.len() + usize::from(local);
+        let needed = targets / 2 + 1 - usize::from(local);
+        let wait = Duration::from_millis(self.cfg.strong_timeout_ms);
+        let met = matches!(tokio::time::timeout(wait, quorum.acks.acquire_many(needed as u32)).await, Ok(Ok(_)));
+        match met {
+            true => Ok(RemoteSent { nodes: taken }),
+            false => {
+                let acked = quorum.acks.available_permits() + usize::from(local);
+                Err(PublishError::StrongUnmet { acked, needed: targets / 2 + 1, targets })
+            }
+        }
+    }
+
+    /// Appends one copy to each buffer: for `eventual` and `strong` to all or (if one is full)
+    /// to none. Locks the buffers in name order (as `nodes_for` sorts), one at a time elsewhere.
+    fn append(
+        &self,
+        peers: &[Arc<PeerOut>],
+        body: &Bytes,
+        level: Delivery,
+        quorum: &Option<Arc<Quorum>>,
+    ) -> Result<usize, PublishError> {
+        let size = body.len();
+        let mut boxes: Vec<_> = peers.iter().map(|p| p.lock()).collect();
+        let room = |b: &Outbox| {
+            b.items.len() < self.cfg.peer_buffer_len_max && b.bytes + size <= self.cfg.peer_buffer_bytes_max
+        };
+        if level != Delivery::Weak {
+            if let Some(i) = boxes.iter().position(|b| !room(b)) {
+                self.metrics.dropped.get_or_create(&label("reason", "buffer_full")).inc();
+                return Err(PublishError::BufferFull { node: peers[i].name.clone() });
+            }
+        }
+        let mut taken = 0;
+        for b in boxes.iter_mut() {
+            if !room(b) {
+                self.metrics.dropped.get_or_create(&label("reason", "buffer_full")).inc();
+                continue;
+            }
+            b.items.push_back(Item { body: body.clone(), level, quorum: quorum.clone() });
+            b.bytes += size;
+            taken += 1;
+        }
+        drop(boxes);
+        self.metrics.buffered.inc_by(taken as i64);
+        for p in peers {
+            p.notify.notify_one();
+        }
+        Ok(taken)
+    }
+
+    /// The buffer to `node`, with its sender task started on first use.
+    fn peer_out(self: &Arc<Self>, node: &str) -> Arc<PeerOut> {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = peers.get(node) {
+            return p.clone();
+        }
+        let p = Arc::new(PeerOut {
+            name: node.to_string(),
+            outbox: Mutex::new(Outbox::default()),
+            notify: Notify::new(),
+            cancel: self.cancel.child_token(),
+        });
+        peers.insert(node.to_string(), p.clone());
+        self.tasks.spawn(send_loop(self.clone(), p.clone()));
+        p
+    }
+
+    /// Signal copies buffered for other nodes, in all.
+    pub(crate) fn buffered(&self) -> usize {
+        let peers: Vec<Arc<PeerOut>> = self.peers.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        peers.iter().map(|p| p.lock().items.len()).sum()
+    }
+
+    /// Whether the copy `(source, id)` was taken before; else runs `take` and remembers it if
+    /// that succeeds.
+    pub(super) fn take_once(&self, signal: &Signal, take: impl FnOnce() -> bool) -> bool {
+        let key = (signal.source.clone(), signal.id.clone());
+        let mut dedup = self.dedup.lock().unwrap_or_else(|e| e.into_inner());
+        if dedup.contains(&key) {
+            self.metrics.duplicates.inc();
+            return true;
+        }
+        // Under the lock: two connections from one sender (an old and a new one) cannot both
+        // take the same copy.
+        if !take() {
+            return false;
+        }
+        dedup.insert(key);
+        self.metrics.received.inc();
+        true
+    }
+
+    pub(super) fn count_refused(&self, reason: &'static str) {
+        self.metrics.refused.get_or_create(&label("reason", reason)).inc();
+    }
+
+    /// Merges entries from a peer; only for current members (the map holds one entry per member).
+    pub(super) fn merge(&self, entries: Vec<Entry>) -> u32 {
+        let view = self.membership.view();
+        let mut map = self.interest.write().unwrap_or_else(|e| e.into_inner());
+        let mut taken = 0;
+        for e in entries {
+            if e.node == self.me || !view.members.iter().any(|m| m.meta.name == e.node) {
+                continue;
+            }
+            match map.merge(e) {
+                Ok(changed) => {
+                    taken += 1;
+                    if changed {
+                        self.changes.send_modify(|n| *n += 1);
+                    }
+                }
+                Err(err) => {
+                    debug!(error = %err, "interest entry refused");
+                    self.count_refused("interest");
+                }
+            }
+        }
+        taken
+    }
+
+    pub(super) fn newer_than(&self, digest: &[(String, Stamp)]) -> Vec<Entry> {
+        self.interest.read().unwrap_or_else(|e| e.into_inner()).newer_than(digest)
+    }
+
+    /// Waits until every buffer is empty, at most `timeout` (a graceful stop flushes).
+    pub(crate) async fn flush(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.buffered() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(FLUSH_POLL_MS)).await;
+        }
+    }
+
+    pub(crate) async fn shutdown(&self) {
+        self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    async fn ask(&self, node: &str, payload: Bytes) -> Option<Reply> {
+        let addr = self.membership.addr_of(node)?;
+        let transport = self.transport.upgrade()?;
+        let timeout = Duration::from_millis(self.cfg.ack_timeout_ms);
+        let reply = transport.ask(addr, payload, timeout).await.ok()?;
+        let Some(body) = reply.strip_prefix(&[PUBSUB_TAG]) else {
+            self.count_refused("bad_reply");
+            return None;
+        };
+        match postcard::from_bytes::<Reply>(body) {
+            Ok(r) => Some(r),
+            Err(_) => {
+                self.count_refused("bad_reply");
+                None
+            }
+        }
+    }
+}
+
+/// Between checks of the buffers while a stop flushes them.
+const FLUSH_POLL_MS: u64 = 10;
+
+/// Sends one node's buffer in batches, one in flight, until the buffer is dropped.
+async fn send_loop(remote: Arc<Remote>, peer: Arc<PeerOut>) {
+    let mut retry_ms = remote.cfg.retry_ms_min;
+    let mut view = remote.membership.watch();
+    loop {
+        while peer.lock().items.is_empty() {
+            tokio::select! {
+                _ = peer.notify.notified() => {}
+                _ = peer.cancel.cancelled() => return,
+            }
+        }
+        let (payload, n) = batch(&remote.cfg, &peer);
+        remote.metrics.batches.inc();
+        let acked = match remote.ask(&peer.name, payload).await {
+            Some(Reply::Accepted { count }) => (count as usize).min(n),
+            Some(other) => {
+                warn!(node = %peer.name, reply = ?other, "signals refused by the receiver");
+                0
+            }
+            None => 0,
+        };
+        if acked > 0 {
+            ack(&remote, &peer, acked);
+        }
+        if acked == n {
+            retry_ms = remote.cfg.retry_ms_min;
+            continue;
+        }
+        if acked == 0 {
+            drop_weak(&remote, &peer, n);
+        }
+        // Not (all) taken: wait, or less when the membership view changes (a node back).
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(retry_ms)) => {}
+            _ = view.changed() => {}
+            _ = peer.cancel.cancelled() => return,
+        }
+        retry_ms = (retry_ms * 2).min(remote.cfg.retry_ms_max);
+    }
+}
+
+/// The first signals of the buffer that fit one batch, encoded; and how many.
+fn batch(cfg: &PubsubConfig, peer: &PeerOut) -> (Bytes, usize) {
+    let outbox = peer.lock();
+    let mut bodies: Vec<&[u8]> = Vec::new();
+    let mut bytes = 0;
+    for item in outbox.items.iter().take(cfg.batch_len_max) {
+        let size = item.body.len() + SIGNAL_OVERHEAD_BYTES;
+        if !bodies.is_empty() && bytes + size > cfg.batch_bytes_max {
+            break;
+        }
+        bytes += size;
+        bodies.push(&item.body);
+    }
+    let n = bodies.len();
+    (encode(&Req::Signals { signals: bodies }), n)
+}
+
+/// Removes the first `n` signals, acknowledged.
+fn ack(remote: &Remote, peer: &PeerOut, n: usize) {
+    let done: Vec<Item> = {
+        let mut outbox = peer.lock();
+        let done: Vec<Item> = outbox.items.drain(..n).collect();
+        outbox.bytes -= done.iter().map(|i| i.body.len()).sum::<usize>();
+        done
+    };
+    for item in &done {
+        if let Some(q) = &item.quorum {
+            q.acks.add_permits(1);
+        }
+    }
+    remote.metrics.sent.inc_by(n as u64);
+    remote.metrics.buffered.dec_by(n as i64);
+}
+
+/// After a failed batch of `n`: its `weak` signals are dropped (counted), the others stay.
+fn drop_weak(remote: &Remote, peer: &PeerOut, n: usize) {
+    let mut outbox = peer.lock();
+    let mut kept = VecDeque::with_capacity(outbox.items.len());
+    let mut dropped = 0;
+    for (i, item) in outbox.items.drain(..).enumerate() {
+        if i < n && item.level == Delivery::Weak {
+            dropped += 1;
+            continue;
+        }
+        kept.push_back(item);
+    }
+    outbox.bytes = kept.iter().map(|i| i.body.len()).sum();
+    outbox.items = kept;
+    drop(outbox);
+    if dropped > 0 {
+        remote.metrics.dropped.get_or_create(&label("reason", "weak_failed")).inc_by(dropped);
+        remote.metrics.buffered.dec_by(dropped as i64);
+    }
+}
+
+/// Pushes and pulls interest entries; forgets members gone for good with their buffers.
+async fn gossip_loop(remote: Arc<Remote>) {
+    let mut events = remote.membership.subscribe();
+    let mut tick = tokio::time::interval(Duration::from_millis(remote.cfg.interest_sync_interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut down_since: HashMap<String, Instant> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = remote.cancel.cancelled() => return,
+            _ = remote.own_changed.notified() => push_own(&remote, None).await,
+            ev = events.recv() => match ev {
+                Ok(ev) if ev.to == MemberState::Alive && ev.from != Some(MemberState::Alive) => {
+                    push_own(&remote, Some(&ev.meta.name)).await;
+                    pull(&remote, &ev.meta.name).await;
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+            _ = tick.tick() => {
+                let alive = remote.membership.view().names(MemberState::Alive);
+                let others: Vec<&String> = alive.iter().filter(|n| **n != remote.me).collect();
+                let pick = others.choose(&mut rand::rng()).map(|n| n.to_string());
+                if let Some(node) = pick {
+                    pull(&remote, &node).await;
+                }
+                expire(&remote, &mut down_since);
+            }
+        }
+    }
+}
+
+/// Sends the own entry to `to`, or to every alive member.
+async fn push_own(remote: &Remote, to: Option<&str>) {
+    let Some(entry) = remote.interest.read().unwrap_or_else(|e| e.into_inner()).entry(&remote.me) else { return };
+    let payload = encode(&Req::Interest(entry));
+    let names = match to {
+        Some(n) => vec![n.to_string()],
+        None => remote.membership.view().names(MemberState::Alive),
+    };
+    let asks = names.iter().filter(|n| **n != remote.me).map(|n| remote.ask(n, payload.clone()));
+    join_all(asks).await;
+}
+
+/// Asks `node` for the entries newer than ours.
+async fn pull(remote: &Remote, node: &str) {
+    let payload = encode(&Req::Pull(remote.interest_digest()));
+    if let Some(Reply::Entries(entries)) = remote.ask(node, payload).await {
+        remote.merge(entries);
+    }
+}
+
+/// Forgets members that left or have been down longer than `down_keep_ms`: their entries, and
+/// their buffers (what was buffered is dropped and counted).
+fn expire(remote: &Remote, down_since: &mut HashMap<String, Instant>) {
+    let now = Instant::now();
+    let view = remote.membership.view();
+    let keep = Duration::from_millis(remote.cfg.down_keep_ms);
+    let mut known: Vec<String> =
+        remote.interest.read().unwrap_or_else(|e| e.into_inner()).nodes().map(String::from).collect();
+    known.extend(remote.peers.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned());
+    known.sort();
+    known.dedup();
+    for node in known.into_iter().filter(|n| *n != remote.me) {
+        let state = view.state_of(&node);
+        let gone = match state {
+            Some(s) if s.is_active() => {
+                down_since.remove(&node);
+                false
+            }
+            Some(MemberState::Left) => true,
+            _ => now.duration_since(*down_since.entry(node.clone()).or_insert(now)) >= keep,
+        };
+        if !gone {
+            continue;
+        }
+        down_since.remove(&node);
+        if remote.interest.write().unwrap_or_else(|e| e.into_inner()).forget(&node) {
+            remote.changed();
+        }
+        let out = remote.peers.lock().unwrap_or_else(|e| e.into_inner()).remove(&node);
+        if let Some(out) = out {
+            out.cancel.cancel();
+            let lost = out.lock().items.len();
+            if lost > 0 {
+                warn!(%node, lost, "member gone: signals buffered for it dropped");
+                remote.metrics.dropped.get_or_create(&label("reason", "node_gone")).inc_by(lost as u64);
+                remote.metrics.buffered.dec_by(lost as i64);
+            }
+        }
+    }
+}

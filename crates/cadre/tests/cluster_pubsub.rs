@@ -1,0 +1,183 @@
+//! Signals across in-process nodes on loopback: the interest map converges, a publish reaches
+//! every matching subscription on every node exactly once and in publish order, one copy per node;
+//! delivery levels (`weak`, `eventual`, `strong`) and a `strong` publish that cannot reach a
+//! majority failing instead of hanging; bad pub/sub requests refused with the node carrying on.
+//!
+//! Conditions are awaited (interest map changes, channel receives) with deadlines, never slept on.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use cadre::bus::{Delivery, Dispatch, PublishError, SubscriptionSpec, PUBSUB_TAG};
+use cadre::config::{Config, PubsubConfig, Secret};
+use cadre::node::{Node, NodeOptions};
+use cadre::signal::Signal;
+
+const WAIT: Duration = Duration::from_secs(20);
+const SECRET: &str = "cluster-pubsub-secret-0123";
+
+fn config(name: &str, seeds: Vec<SocketAddr>) -> Config {
+    Config {
+        name: name.into(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        seeds,
+        secret: Secret::new(SECRET),
+        rng_seed: Some(name.bytes().map(u64::from).sum()),
+        pubsub: PubsubConfig { strong_timeout_ms: 1000, ack_timeout_ms: 500, ..PubsubConfig::default() },
+        ..Config::default()
+    }
+}
+
+async fn cluster(names: &[&str]) -> Vec<Node> {
+    let first = Node::start(config(names[0], vec![]), NodeOptions::default()).await.unwrap();
+    let seeds = vec![first.addr()];
+    let mut nodes = vec![first];
+    for name in &names[1..] {
+        nodes.push(Node::start(config(name, seeds.clone()), NodeOptions::default()).await.unwrap());
+    }
+    let n = names.len();
+    for node in &nodes {
+        let joined =
+            node.membership().wait_for(|v| v.joined && v.members.iter().filter(|m| m.state.is_active()).count() == n);
+        tokio::time::timeout(WAIT, joined).await.expect("membership converges").unwrap();
+    }
+    nodes
+}
+
+fn channel(node: &Node, pattern: &str) -> mpsc::Receiver<Arc<Signal>> {
+    let (tx, rx) = mpsc::channel(10_000);
+    node.bus().subscribe_detached(SubscriptionSpec::new(pattern, Dispatch::Channel(tx))).unwrap();
+    rx
+}
+
+fn signal(ty: &str, i: usize) -> Signal {
+    let mut s = Signal::new(ty, serde_json::json!({"i": i}));
+    s.id = format!("{ty}-{i}");
+    s
+}
+
+async fn await_nodes(node: &Node, ty: &str, want: &[&str]) {
+    let ok = node.bus().await_remote_nodes(ty, WAIT, |got| got == want).await;
+    assert!(ok, "{} never saw {want:?} interested in {ty}: {:?}", node.name(), node.bus().remote_nodes_for(ty));
+}
+
+/// The ids received on `rx`, `n` of them, in order.
+async fn receive(rx: &mut mpsc::Receiver<Arc<Signal>>, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    while ids.len() < n {
+        match tokio::time::timeout(WAIT, rx.recv()).await {
+            Ok(Some(s)) => ids.push(s.id.clone()),
+            other => panic!("after {} of {n} signals: {other:?}", ids.len()),
+        }
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_matching_subscription_on_every_node_gets_each_signal_once_in_order() {
+    let nodes = cluster(&["a", "b", "c"]).await;
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let mut on_b = channel(b, "order.**");
+    let mut on_c1 = channel(c, "order.placed");
+    let mut on_c2 = channel(c, "order.*");
+    let mut payments = channel(c, "payment.*");
+    await_nodes(a, "order.placed", &["b", "c"]).await;
+    await_nodes(a, "payment.done", &["c"]).await;
+    await_nodes(b, "order.placed", &["c"]).await;
+
+    const N: usize = 500;
+    for i in 0..N {
+        let p = a.bus().publish(signal("order.placed", i)).await.unwrap();
+        assert_eq!((p.deliveries, p.remote_nodes, p.delivery), (0, 2, Delivery::Eventual));
+    }
+    let want: Vec<String> = (0..N).map(|i| format!("order.placed-{i}")).collect();
+    assert_eq!(receive(&mut on_b, N).await, want, "b: every signal once, in publish order");
+    assert_eq!(receive(&mut on_c1, N).await, want, "c's first subscription");
+    assert_eq!(receive(&mut on_c2, N).await, want, "c's second subscription (same copy)");
+    // One copy per node: c had two matching subscriptions and was sent each signal once.
+    a.bus().flush_remote(WAIT).await;
+    assert_eq!(a.bus().remote_buffered(), 0, "every copy acknowledged");
+    let sent = metric(a, "cadre_pubsub_sent_total");
+    assert_eq!(sent, 2.0 * N as f64, "one copy per interested node");
+    let batches = metric(a, "cadre_pubsub_batches_total");
+    assert!(batches >= 2.0 && batches <= sent, "batches {batches} for {sent} copies");
+
+    // Weak and strong reach them too, in order with the rest.
+    a.bus().publish_with(signal("payment.done", 0), Delivery::Weak).await.unwrap();
+    let p = a.bus().publish_with(signal("payment.done", 1), Delivery::Strong).await.unwrap();
+    assert_eq!((p.remote_nodes, p.delivery), (1, Delivery::Strong));
+    assert_eq!(receive(&mut payments, 2).await, ["payment.done-0", "payment.done-1"]);
+    assert!(tokio::time::timeout(Duration::from_millis(1), on_b.recv()).await.is_err(), "b has no payment route");
+
+    // Unsubscribing withdraws the interest.
+    drop(on_b);
+    for id in b.bus().subscriptions().iter().map(|s| s.id) {
+        b.bus().unsubscribe(id);
+    }
+    await_nodes(a, "order.placed", &["c"]).await;
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strong_publish_without_a_majority_fails_instead_of_hanging() {
+    let mut nodes = cluster(&["a", "b", "c"]).await;
+    let _on_b = channel(&nodes[1], "alert.*");
+    let _on_c = channel(&nodes[2], "alert.*");
+    await_nodes(&nodes[0], "alert.raised", &["b", "c"]).await;
+    let p = nodes[0].bus().publish_with(signal("alert.raised", 0), Delivery::Strong).await.unwrap();
+    assert_eq!(p.delivery, Delivery::Strong);
+
+    // c gone: b alone is not a majority of {b, c}.
+    let c = nodes.pop().unwrap();
+    c.kill().await;
+    let err = nodes[0].bus().publish_with(signal("alert.raised", 1), Delivery::Strong).await.unwrap_err();
+    assert_eq!(err, PublishError::StrongUnmet { acked: 1, needed: 2, targets: 2 });
+    // With a local subscriber, a and b are a majority of {a, b, c}.
+    let mut on_a = channel(&nodes[0], "alert.*");
+    let p = nodes[0].bus().publish_with(signal("alert.raised", 2), Delivery::Strong).await.unwrap();
+    assert_eq!((p.deliveries, p.delivery), (1, Delivery::Strong));
+    assert_eq!(receive(&mut on_a, 1).await, ["alert.raised-2"]);
+    // Eventual is accepted at once: buffered for c.
+    let p = nodes[0].bus().publish(signal("alert.raised", 3)).await.unwrap();
+    assert_eq!(p.remote_nodes, 2);
+    assert!(nodes[0].bus().remote_buffered() >= 1);
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_pubsub_requests_are_refused_and_the_node_carries_on() {
+    let nodes = cluster(&["a", "b"]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let mut on_b = channel(b, "ok.*");
+    await_nodes(a, "ok.x", &["b"]).await;
+    let t = Duration::from_secs(5);
+    for junk in [vec![PUBSUB_TAG], vec![PUBSUB_TAG, 0xFF, 0xFF, 0xFF], vec![PUBSUB_TAG, 0, 3, 1, b'{', 0]] {
+        let reply = a.ask(b.addr(), Bytes::from(junk), t).await.unwrap();
+        assert_eq!(reply.first(), Some(&PUBSUB_TAG), "a typed reply");
+    }
+    assert!(metric(b, "cadre_pubsub_refused_total") >= 2.0);
+    // Still serving.
+    a.bus().publish(signal("ok.x", 0)).await.unwrap();
+    assert_eq!(receive(&mut on_b, 1).await, ["ok.x-0"]);
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+/// Sum of a metric's series in the node's Prometheus text.
+fn metric(node: &Node, name: &str) -> f64 {
+    node.metrics()
+        .render()
+        .lines()
+        .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with(' ') || l[name.len()..].starts_with('{')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
