@@ -13,9 +13,11 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use cadre::bus::{Delivery, Dispatch, PublishError, SubscriptionSpec, PUBSUB_TAG};
-use cadre::config::{Config, PubsubConfig, Secret};
+use cadre::config::{Config, PlacementConfig, PubsubConfig, Secret};
+use cadre::meta::{AgentRoute, AgentTarget, MetaState, ShardState};
 use cadre::node::{Node, NodeOptions};
 use cadre::signal::Signal;
+use cadre::storage::Key;
 
 const WAIT: Duration = Duration::from_secs(20);
 const SECRET: &str = "cluster-pubsub-secret-0123";
@@ -28,6 +30,16 @@ fn config(name: &str, seeds: Vec<SocketAddr>) -> Config {
         secret: Secret::new(SECRET),
         rng_seed: Some(name.bytes().map(u64::from).sum()),
         pubsub: PubsubConfig { strong_timeout_ms: 1000, ack_timeout_ms: 500, ..PubsubConfig::default() },
+        placement: PlacementConfig {
+            shard_count: 32,
+            lease_ms: 1000,
+            lease_renew_interval_ms: 200,
+            lease_drift_margin_ms: 200,
+            controller_tick_ms: 50,
+            rebalance_interval_ms: 100,
+            max_moves_per_tick: 32,
+            ..PlacementConfig::default()
+        },
         ..Config::default()
     }
 }
@@ -170,6 +182,116 @@ async fn bad_pubsub_requests_are_refused_and_the_node_carries_on() {
     for n in nodes {
         n.shutdown().await;
     }
+}
+
+/// Waits until every shard is active and every node owns some, as `node` sees it.
+async fn placed(node: &Node, members: usize) {
+    let mut rx = node.cluster().watch();
+    let done = |st: &MetaState| {
+        st.shard_count > 0
+            && st.shards.iter().all(|e| e.state == ShardState::Active && e.owner.is_some())
+            && st.members.keys().filter(|m| st.shards.iter().any(|e| e.owner.as_ref() == Some(*m))).count() == members
+    };
+    let wait = async {
+        while !done(&rx.borrow_and_update()) {
+            rx.changed().await.unwrap();
+        }
+    };
+    tokio::time::timeout(WAIT, wait).await.expect("every node owns shards");
+}
+
+/// Calls `counter.get` on `key` through `node` until it answers `want` (deliveries are
+/// asynchronous), at most [`WAIT`].
+async fn await_counter(node: &Node, key: &Key, want: i64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let get = Signal::new("counter.get", serde_json::Value::Null);
+        let got = node.cluster().call(key, get, Duration::from_secs(5)).await.map(|s| s.reply);
+        if got.as_ref().ok() == Some(&serde_json::json!(want)) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{key:?} is {got:?}, not {want}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_wide_route_delivers_to_agents_from_every_node_and_a_pool_stays_local() {
+    let nodes = cluster(&["a", "b", "c"]).await;
+    for n in &nodes {
+        placed(n, 3).await;
+    }
+    // Added once through b; every node mirrors it and delivers what it publishes.
+    let route = AgentRoute {
+        pattern: "counter.add".into(),
+        target: AgentTarget::Agent { ty: "counter".into(), key: "subject".into() },
+    };
+    let (id, _) = nodes[1].bus().add_route(route.clone(), WAIT).await.unwrap();
+    let (again, _) = nodes[2].bus().add_route(route, WAIT).await.unwrap();
+    assert_eq!(id, again, "the same route added twice is one route");
+    for n in &nodes {
+        assert!(n.bus().await_mirror(id, WAIT).await, "{} mirrors the route", n.name());
+        let mirrored = n.bus().subscriptions().iter().filter(|s| s.route == Some(id.to_string())).count();
+        assert_eq!(mirrored, 1, "{} mirrors the route once", n.name());
+        let ok = n.bus().await_remote_nodes("counter.add", WAIT, |nodes| nodes.is_empty()).await;
+        assert!(ok, "a route is not advertised as a node's interest");
+    }
+    const KEYS: usize = 6;
+    const ROUNDS: usize = 5;
+    for round in 0..ROUNDS {
+        for (i, n) in nodes.iter().enumerate() {
+            for k in 0..KEYS {
+                let s = Signal::new("counter.add", serde_json::json!(1)).with_subject(format!("k{k}"));
+                let p = n.bus().publish(s).await.unwrap();
+                assert_eq!((p.deliveries, p.remote_nodes), (1, 0), "round {round} via node {i}");
+            }
+        }
+    }
+    for k in 0..KEYS {
+        await_counter(&nodes[0], &Key::new("counter", format!("k{k}")), (ROUNDS * nodes.len()) as i64).await;
+    }
+    // Removing it removes every mirror.
+    nodes[0].bus().remove_route(id, WAIT).await.unwrap();
+    for n in &nodes {
+        let mut rx = n.cluster().watch();
+        tokio::time::timeout(WAIT, rx.wait_for(|st| st.routes.is_empty())).await.unwrap().unwrap();
+    }
+
+    // A pool: every node owns shards, so every delivery stays on its publishing node.
+    let pool = AgentRoute { pattern: "counter.add".into(), target: AgentTarget::Pool { ty: "counter".into() } };
+    let (pool, _) = nodes[0].bus().add_route(pool, WAIT).await.unwrap();
+    for n in &nodes {
+        assert!(n.bus().await_mirror(pool, WAIT).await, "{} mirrors the pool route", n.name());
+    }
+    const WORK: usize = 30;
+    for i in 0..WORK {
+        let s = Signal::new("counter.add", serde_json::json!(1));
+        nodes[i % 3].bus().publish(s).await.unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let delivered = |n: &Node| n.bus().subscriptions().iter().map(|s| s.delivered).sum::<u64>();
+    while nodes.iter().map(delivered).sum::<u64>() < WORK as u64 {
+        let subs: Vec<_> = nodes.iter().map(|n| n.bus().subscriptions()).collect();
+        let dead: Vec<_> = nodes.iter().map(|n| n.bus().deadletters()).collect();
+        assert!(tokio::time::Instant::now() < deadline, "pool deliveries: {subs:#?}\n{dead:#?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let local: f64 = nodes.iter().map(|n| metric_where(n, "local")).sum();
+    let remote: f64 = nodes.iter().map(|n| metric_where(n, "remote")).sum();
+    assert_eq!((local, remote), (WORK as f64, 0.0), "pool deliveries stay local");
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+fn metric_where(node: &Node, place: &str) -> f64 {
+    let line = format!("cadre_pool_deliveries_total{{where=\"{place}\"}}");
+    node.metrics()
+        .render()
+        .lines()
+        .filter(|l| l.starts_with(&line))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// Sum of a metric's series in the node's Prometheus text.

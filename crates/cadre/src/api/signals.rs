@@ -11,8 +11,11 @@
 //!   signal (middleware: `422`; a full subscriber queue or shutdown: `503` with `Retry-After`), the
 //!   problem lists what was accepted before it and what was refused.
 //! - `POST /v1/subscriptions` `{"pattern","dispatch":{"log":{}}|{"webhook":{"url","secret"}},
-//!   "priority"?,"overflow"?:"reject"|"drop_oldest","queue_len_max"?}` → `201 {"id"}`;
-//!   `GET /v1/subscriptions`; `DELETE /v1/subscriptions/{id}` → `204` or `404`.
+//!   "priority"?,"overflow"?:"reject"|"drop_oldest","queue_len_max"?}` → `201 {"id"}`; with
+//!   `"dispatch":{"agent":{"type","key":"subject"|"/json/pointer"}}|{"pool":{"type"}}` a
+//!   cluster-wide route (see [`crate::bus::agents`]) → `201 {"id","route"}` once mirrored here, `503`
+//!   without a leader; `GET /v1/subscriptions`; `DELETE /v1/subscriptions/{id}` → `204` or `404`
+//!   (a route's mirror: the route goes from every node).
 //! - `GET /v1/deadletters`: deliveries given up, oldest first.
 //! - `GET /v1/signals/{id}/trace?direction=backward|forward` (default backward): the causality
 //!   chain from the node's journal, at most 100 steps; `404` if the journal does not know the id.
@@ -204,8 +207,20 @@ pub async fn post_subscription(State(s): State<ApiState>, headers: HeaderMap, bo
         Ok(j) => j,
         Err(e) => return problem(StatusCode::BAD_REQUEST, "invalid-subscription", e.to_string(), json!({})),
     };
-    match s.bus.subscribe_detached(spec.into()) {
-        Ok(id) => (StatusCode::CREATED, Json(json!({ "id": id }))).into_response(),
+    let created = match spec.into_spec() {
+        Ok(spec) => s.bus.subscribe_detached(spec).map(|id| json!({ "id": id })),
+        // An agent or pool target: a cluster-wide route, mirrored here before the answer.
+        Err(route) => s
+            .bus
+            .add_route(route, s.call_timeout)
+            .await
+            .map(|(route, id)| json!({ "id": id, "route": route.to_string() })),
+    };
+    match created {
+        Ok(body) => (StatusCode::CREATED, Json(body)).into_response(),
+        Err(crate::bus::SubscribeError::Cluster(e)) => {
+            problem(StatusCode::SERVICE_UNAVAILABLE, "cluster-unavailable", e, json!({}))
+        }
         Err(crate::bus::SubscribeError::ShuttingDown) => {
             problem(StatusCode::SERVICE_UNAVAILABLE, "shutting-down", "the node is shutting down", json!({}))
         }
@@ -233,7 +248,15 @@ pub async fn delete_subscription(State(s): State<ApiState>, id: Result<Path<Stri
         Ok(Path(id)) => id,
         Err(e) => return bad_request(e.body_text()),
     };
-    match id.parse::<SubId>() {
+    let parsed = id.parse::<SubId>();
+    // A mirror of a cluster-wide route: the route goes, on every node.
+    if let Some(route) = parsed.as_ref().ok().and_then(|id| s.bus.route_of(*id)) {
+        return match s.bus.remove_route(route, s.call_timeout).await {
+            Ok(()) => StatusCode::NO_CONTENT.into_response(),
+            Err(e) => problem(StatusCode::SERVICE_UNAVAILABLE, "cluster-unavailable", e.to_string(), json!({})),
+        };
+    }
+    match parsed {
         Ok(id) if s.bus.unsubscribe(id) => StatusCode::NO_CONTENT.into_response(),
         _ => problem(StatusCode::NOT_FOUND, "not-found", format!("no subscription {id:?}"), json!({})),
     }

@@ -28,6 +28,7 @@
 //! subscriptions come with cluster delivery). A webhook's retries hold back its later signals:
 //! order is kept at the cost of head-of-line blocking.
 
+pub mod agents;
 pub mod interest;
 pub mod remote;
 pub mod webhook;
@@ -87,6 +88,9 @@ pub enum Dispatch {
     Channel(mpsc::Sender<Arc<Signal>>),
     /// An in-process async function; an `Err` or panic is a failed delivery (dead-lettered).
     Function(HandlerFn),
+    /// An agent (or one of a pool), wherever it lives: the mirror of a cluster-wide route (see
+    /// [`agents`]); only the bus creates these.
+    Agent(crate::meta::AgentTarget),
 }
 
 /// The JSON form of the dispatches that can be configured from outside (HTTP, routes files):
@@ -96,13 +100,27 @@ pub enum Dispatch {
 pub enum DispatchSpec {
     Log {},
     Webhook(WebhookSpec),
+    /// A cluster-wide route to an agent: `{"agent":{"type":"order","key":"subject"}}`.
+    Agent {
+        #[serde(rename = "type")]
+        ty: String,
+        key: String,
+    },
+    /// A cluster-wide route to a pool of agents: `{"pool":{"type":"worker"}}`.
+    Pool {
+        #[serde(rename = "type")]
+        ty: String,
+    },
 }
 
-impl From<DispatchSpec> for Dispatch {
-    fn from(spec: DispatchSpec) -> Dispatch {
-        match spec {
-            DispatchSpec::Log {} => Dispatch::Log,
-            DispatchSpec::Webhook(w) => Dispatch::Webhook(w),
+impl DispatchSpec {
+    /// The agent target of a cluster-wide route, or the node-bound dispatch.
+    pub fn into_dispatch(self) -> Result<Dispatch, crate::meta::AgentTarget> {
+        match self {
+            DispatchSpec::Log {} => Ok(Dispatch::Log),
+            DispatchSpec::Webhook(w) => Ok(Dispatch::Webhook(w)),
+            DispatchSpec::Agent { ty, key } => Err(crate::meta::AgentTarget::Agent { ty, key }),
+            DispatchSpec::Pool { ty } => Err(crate::meta::AgentTarget::Pool { ty }),
         }
     }
 }
@@ -126,6 +144,7 @@ impl Dispatch {
             }
             Dispatch::Channel(_) => serde_json::json!({"channel": {}}),
             Dispatch::Function(_) => serde_json::json!({"function": {}}),
+            Dispatch::Agent(t) => serde_json::to_value(t).unwrap_or_default(),
         }
     }
 
@@ -135,6 +154,8 @@ impl Dispatch {
             Dispatch::Webhook(_) => "webhook",
             Dispatch::Channel(_) => "channel",
             Dispatch::Function(_) => "function",
+            Dispatch::Agent(crate::meta::AgentTarget::Agent { .. }) => "agent",
+            Dispatch::Agent(crate::meta::AgentTarget::Pool { .. }) => "pool",
         }
     }
 }
@@ -148,6 +169,8 @@ pub struct SubscriptionSpec {
     /// `None`: the node's `subscriber_queue_len_max`.
     pub queue_len_max: Option<usize>,
     pub predicate: Option<Predicate<Signal>>,
+    /// The cluster-wide route this subscription mirrors (set by the bus only).
+    route: Option<u64>,
 }
 
 impl SubscriptionSpec {
@@ -159,6 +182,7 @@ impl SubscriptionSpec {
             overflow: Overflow::Reject,
             queue_len_max: None,
             predicate: None,
+            route: None,
         }
     }
     pub fn priority(mut self, priority: i32) -> Self {
@@ -193,15 +217,20 @@ pub struct SubscriptionJson {
     pub queue_len_max: Option<usize>,
 }
 
-impl From<SubscriptionJson> for SubscriptionSpec {
-    fn from(j: SubscriptionJson) -> Self {
-        SubscriptionSpec {
-            pattern: j.pattern,
-            dispatch: j.dispatch.into(),
-            priority: j.priority,
-            overflow: j.overflow,
-            queue_len_max: j.queue_len_max,
-            predicate: None,
+impl SubscriptionJson {
+    /// The node-bound subscription, or the cluster-wide agent route it describes.
+    pub fn into_spec(self) -> Result<SubscriptionSpec, crate::meta::AgentRoute> {
+        match self.dispatch.into_dispatch() {
+            Ok(dispatch) => Ok(SubscriptionSpec {
+                pattern: self.pattern,
+                dispatch,
+                priority: self.priority,
+                overflow: self.overflow,
+                queue_len_max: self.queue_len_max,
+                predicate: None,
+                route: None,
+            }),
+            Err(target) => Err(crate::meta::AgentRoute { pattern: self.pattern, target }),
         }
     }
 }
@@ -218,6 +247,9 @@ pub enum SubscribeError {
     TooMany(usize),
     #[error("the bus is shutting down")]
     ShuttingDown,
+    /// A cluster-wide route could not be changed (no leader, refused by the metadata group).
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 /// Why a routes table cannot be subscribed.
@@ -342,6 +374,9 @@ pub struct SubscriptionInfo {
     /// Breaker state of a webhook's URL: `closed`, `open` or `half_open`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub breaker: Option<String>,
+    /// The cluster-wide route it mirrors (agent and pool targets), as a decimal string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
 }
 
 /// A subscription's own counts, plus its adapter's series in `deliveries` (looked up once).
@@ -375,6 +410,9 @@ impl SubCounts {
 
 struct Sub {
     id: SubId,
+    /// The cluster-wide route it mirrors; such subscriptions are not advertised to other nodes
+    /// (every node has the mirror and delivers what it publishes itself).
+    route_id: Option<u64>,
     pattern: String,
     dispatch: Dispatch,
     priority: i32,
@@ -419,6 +457,7 @@ struct BusMetrics {
     subscriptions: Gauge,
     webhook_attempts: CounterFamily,
     breaker_opened: Counter,
+    pool_deliveries: CounterFamily,
 }
 
 impl BusMetrics {
@@ -434,6 +473,7 @@ impl BusMetrics {
             subscriptions: m.gauge("subscriptions", "Subscriptions on this node"),
             webhook_attempts: m.counters("webhook_attempts", "Webhook requests, by outcome"),
             breaker_opened: m.counter("breaker_opened", "Times a webhook breaker opened"),
+            pool_deliveries: m.counters("pool_deliveries", "Pool deliveries, by where the agent was (local, remote)"),
         }
     }
 }
@@ -450,6 +490,12 @@ pub(crate) struct Inner {
     journal: Journal,
     /// The cluster side, once the node has a transport and membership.
     remote: OnceLock<Arc<remote::Remote>>,
+    /// The agents of the cluster, for agent and pool deliveries.
+    cluster: OnceLock<crate::cluster::Cluster>,
+    /// Routes of a routes file to add once the node is in a cluster.
+    pending_routes: Mutex<Vec<crate::meta::AgentRoute>>,
+    /// Counts changes of the subscriptions (to await a route's mirror).
+    subs_changed: tokio::sync::watch::Sender<u64>,
     deadletters: Mutex<DeadLetters>,
     /// Bytes held by all subscriber queues (`queued_bytes_max`).
     queued_bytes: AtomicUsize,
@@ -510,6 +556,9 @@ impl Bus {
         let inner = Inner {
             journal: Journal::new(cfg.journal_len_max),
             remote: OnceLock::new(),
+            cluster: OnceLock::new(),
+            pending_routes: Mutex::new(Vec::new()),
+            subs_changed: tokio::sync::watch::Sender::new(0),
             http: webhook::client(),
             cfg,
             source: source.into(),
@@ -560,6 +609,11 @@ impl Bus {
         if let Dispatch::Webhook(w) = &spec.dispatch {
             w.validate().map_err(SubscribeError::Dispatch)?;
         }
+        if matches!(spec.dispatch, Dispatch::Agent(_)) && spec.route.is_none() {
+            return Err(SubscribeError::Dispatch(
+                "agent and pool targets are cluster-wide routes (Bus::add_route)".into(),
+            ));
+        }
         // Lock order: subs, then router, then breakers.
         let mut subs = write(&inner.subs);
         if subs.len() >= inner.cfg.subscriptions_max {
@@ -577,6 +631,7 @@ impl Bus {
         let counts = SubCounts::new(&inner.metrics, &spec.dispatch);
         let sub = Arc::new(Sub {
             id,
+            route_id: spec.route,
             pattern: spec.pattern,
             dispatch: spec.dispatch,
             priority: spec.priority,
@@ -606,9 +661,14 @@ impl Bus {
 
     /// Subscribes every target of a routes table (a node's `--routes` file): each target must be
     /// a dispatch object. All or nothing: on an error no subscription is left behind.
+    ///
+    /// Agent and pool targets are cluster-wide routes: they are added to the cluster once the
+    /// node is in one (again and again until the metadata group takes them; adding a route that
+    /// exists changes nothing, so every node may load the same file).
     pub fn subscribe_table(&self, table: &Table) -> Result<Vec<SubId>, RoutesError> {
         table.router::<()>()?;
         let mut specs = Vec::new();
+        let mut routes = Vec::new();
         for (index, r) in table.routes.iter().enumerate() {
             let err = |reason: String| RoutesError::Target { index, path: r.path.clone(), reason };
             for t in r.target.to_vec() {
@@ -624,7 +684,14 @@ impl Bus {
                 if let DispatchSpec::Webhook(w) = &dispatch {
                     w.validate().map_err(err)?;
                 }
-                specs.push((index, SubscriptionSpec::new(r.path.clone(), dispatch.into()).priority(r.priority)));
+                match dispatch.into_dispatch() {
+                    Ok(d) => specs.push((index, SubscriptionSpec::new(r.path.clone(), d).priority(r.priority))),
+                    Err(target) => {
+                        let route = crate::meta::AgentRoute { pattern: r.path.clone(), target };
+                        route.check().map_err(err)?;
+                        routes.push(route);
+                    }
+                }
             }
         }
         let mut ids = Vec::new();
@@ -640,6 +707,7 @@ impl Bus {
                 }
             }
         }
+        lock(&self.inner.pending_routes).extend(routes);
         Ok(ids)
     }
 
@@ -741,13 +809,14 @@ impl Bus {
         assert!(self.inner.remote.set(r).is_ok(), "the bus's remote side started twice");
     }
 
-    /// The patterns of this node's subscriptions.
+    /// The patterns of this node's node-bound subscriptions.
     fn patterns(&self) -> Vec<String> {
-        read(&self.inner.subs).values().map(|s| s.pattern.clone()).collect()
+        read(&self.inner.subs).values().filter(|s| s.route_id.is_none()).map(|s| s.pattern.clone()).collect()
     }
 
-    /// Tells the cluster side that the subscriptions changed.
+    /// Tells the cluster side (and those awaiting a mirror) that the subscriptions changed.
     fn advertise(&self) {
+        self.inner.subs_changed.send_modify(|n| *n += 1);
         if let Some(r) = self.inner.remote.get() {
             r.set_patterns(self.patterns());
         }
@@ -946,6 +1015,7 @@ fn info_of(s: &Sub) -> SubscriptionInfo {
         dropped: s.counts.dropped.load(Ordering::Relaxed),
         skipped: s.counts.skipped.load(Ordering::Relaxed),
         breaker: s.breaker.as_ref().map(|b| lock(b).state_name().to_string()),
+        route: s.route_id.map(|r| r.to_string()),
     }
 }
 
@@ -1122,6 +1192,7 @@ async fn deliver_one(inner: &Inner, sub: &Sub, signal: Arc<Signal>) {
                 _ = sub.cancel.cancelled() => Outcome::Failed { attempts: 1, reason: "unsubscribed or shutting down".into() },
             }
         }
+        Dispatch::Agent(target) => agents::deliver(inner, sub, target, &signal).await,
         Dispatch::Webhook(w) => {
             let breaker = sub.breaker.as_ref().expect("webhook subscriptions have a breaker");
             webhook::deliver(inner, w, breaker, &sub.cancel, &signal).await

@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::protocol::{RenewReply, RenewReq};
 use super::Inner;
-use crate::meta::raft::{self as mraft, ControlReply, ControlReq, MetaNode, NodeId, ReplicaReport};
+use crate::meta::raft::{self as mraft, ControlReply, ControlReq, MetaNode, NodeId, ReplicaReport, RouteChange};
 use crate::meta::{Cmd, CmdReply, MetaState, ShardState, BATCH_CMDS_MAX};
 use crate::placement::plan;
 
@@ -259,6 +259,21 @@ pub(super) async fn drain(inner: &Arc<Inner>, name: String) -> Result<(), String
         .map_err(|e| e.to_string())
 }
 
+/// Leader side of a route change: one log entry. The reply is the route's id.
+pub(super) async fn route(inner: &Arc<Inner>, change: RouteChange) -> Result<u64, String> {
+    if !is_leader(inner) {
+        return Err("not the leader".into());
+    }
+    let (cmd, id) = match change {
+        RouteChange::Add(r) => {
+            let id = r.id();
+            (Cmd::AddRoute(r), id)
+        }
+        RouteChange::Remove(id) => (Cmd::RemoveRoute { id }, id),
+    };
+    bounded(inner, "changing a route", inner.raft.client_write(cmd)).await?.data.map(|_| id).map_err(|e| e.to_string())
+}
+
 /// Sends a request to the leader (served here when this node leads).
 pub(super) async fn to_leader(inner: &Arc<Inner>, req: ControlReq) -> Result<ControlReply, String> {
     let (leader, node) = leader_of(inner).ok_or("no leader known")?;
@@ -267,6 +282,7 @@ pub(super) async fn to_leader(inner: &Arc<Inner>, req: ControlReq) -> Result<Con
             ControlReq::Drain { name } => ControlReply::Drain(drain(inner, name).await),
             ControlReq::HandedOff { shard, epoch } => ControlReply::HandedOff(complete_move(inner, shard, epoch).await),
             ControlReq::Replicas(reports) => ControlReply::Replicas(replica_reports(inner, reports).await),
+            ControlReq::Route(change) => ControlReply::Route(route(inner, change).await),
             other => return Err(format!("not a leader request: {other:?}")),
         });
     }

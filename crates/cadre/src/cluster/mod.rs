@@ -42,6 +42,7 @@ pub mod control;
 pub mod handoff;
 pub mod protocol;
 pub mod replica;
+pub mod routes;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -269,6 +270,8 @@ pub(crate) struct Inner {
     handoffs: Mutex<HashSet<(u32, u64)>>,
     /// Set once this node starts leaving (renewals say so).
     draining: std::sync::atomic::AtomicBool,
+    /// Pool keys found per (agent type, node) (see [`routes`]).
+    pool: Mutex<routes::PoolKeys>,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -343,6 +346,7 @@ impl Cluster {
             agent_permits: Arc::new(Semaphore::new(AGENT_IN_FLIGHT_MAX)),
             handoffs: Mutex::new(HashSet::new()),
             draining: std::sync::atomic::AtomicBool::new(false),
+            pool: Mutex::new(routes::PoolKeys::default()),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
@@ -607,6 +611,7 @@ impl Cluster {
                 Ok(ControlReq::Replicas(reports)) => {
                     ControlReply::Replicas(control::replica_reports(&inner, reports).await)
                 }
+                Ok(ControlReq::Route(change)) => ControlReply::Route(control::route(&inner, change).await),
             };
             if let Some(t) = inner.transport.upgrade() {
                 let _ = t.reply_on(Lane::Control, to, id, mraft::encode(&reply));

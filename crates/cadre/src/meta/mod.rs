@@ -138,6 +138,72 @@ pub enum Cmd {
     /// of the others): replica reports from many shards cost one entry, not one each. At most
     /// [`BATCH_CMDS_MAX`]; not nested.
     Batch(Vec<Cmd>),
+    /// Adds a cluster-wide route to agents (idempotent: the same route has the same id).
+    AddRoute(AgentRoute),
+    /// Removes a cluster-wide route.
+    RemoveRoute { id: u64 },
+}
+
+/// Most cluster-wide agent routes.
+pub const ROUTES_MAX: usize = 10_000;
+/// Longest pattern, agent type or key pointer of a route, in bytes.
+pub const ROUTE_FIELD_LEN_MAX: usize = 1024;
+
+/// A cluster-wide subscription whose target is an agent: every node delivers the matching signals
+/// it publishes to the agent, wherever that lives (see [`crate::bus`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct AgentRoute {
+    pub pattern: String,
+    pub target: AgentTarget,
+}
+
+/// Which agent a routed signal goes to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum AgentTarget {
+    /// The agent of type `ty` whose id is the signal's `subject` (`key: "subject"`) or the string
+    /// at a JSON pointer into its data (`key: "/order/id"`).
+    Agent {
+        #[serde(rename = "type")]
+        ty: String,
+        key: String,
+    },
+    /// One agent of type `ty`, preferably on the publishing node (stateless workers).
+    Pool {
+        #[serde(rename = "type")]
+        ty: String,
+    },
+}
+
+impl AgentTarget {
+    pub fn ty(&self) -> &str {
+        match self {
+            AgentTarget::Agent { ty, .. } | AgentTarget::Pool { ty } => ty,
+        }
+    }
+}
+
+impl AgentRoute {
+    /// The route's id: a hash of its content, so adding it twice (every node loading the same
+    /// routes file) gives one route.
+    pub fn id(&self) -> u64 {
+        let bytes = postcard::to_allocvec(self).expect("postcard into a Vec");
+        xxhash_rust::xxh3::xxh3_64(&bytes)
+    }
+
+    /// Checks what can be checked without a router: lengths and the key source.
+    pub fn check(&self) -> Result<(), String> {
+        let long = |s: &str| s.is_empty() || s.len() > ROUTE_FIELD_LEN_MAX;
+        if long(&self.pattern) || long(self.target.ty()) {
+            return Err(format!("pattern and type must be 1..={ROUTE_FIELD_LEN_MAX} bytes"));
+        }
+        if let AgentTarget::Agent { key, .. } = &self.target {
+            if key != "subject" && !(key.starts_with('/') && key.len() <= ROUTE_FIELD_LEN_MAX) {
+                return Err(format!("key {key:?} must be \"subject\" or a JSON pointer (\"/field\")"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Commands in one [`Cmd::Batch`].
@@ -154,6 +220,10 @@ pub enum CmdReply {
     },
     /// Each command of a [`Cmd::Batch`], in order.
     Batch(Vec<CmdOutcome>),
+    /// The id of the route added (or already there).
+    Route {
+        id: u64,
+    },
 }
 
 /// What applying a command gave: the Raft group's response type.
@@ -181,6 +251,12 @@ pub enum MetaError {
     OwnerAsReplica { shard: u32, node: String },
     #[error("a batch of {len} commands is over {BATCH_CMDS_MAX}, or nested")]
     BadBatch { len: usize },
+    #[error("invalid route: {0}")]
+    BadRoute(String),
+    #[error("the cluster has {ROUTES_MAX} routes, its limit")]
+    TooManyRoutes,
+    #[error("no route {0}")]
+    UnknownRoute(u64),
 }
 
 /// The replicated metadata.
@@ -193,6 +269,8 @@ pub struct MetaState {
     pub admitted: u64,
     /// Replica generations handed out so far.
     pub generations: u64,
+    /// Cluster-wide routes to agents, by id.
+    pub routes: BTreeMap<u64, AgentRoute>,
 }
 
 impl MetaState {
@@ -340,6 +418,19 @@ impl MetaState {
                 }
                 Ok(CmdReply::Batch(cmds.iter().map(|c| self.apply(c)).collect()))
             }
+            Cmd::AddRoute(route) => {
+                route.check().map_err(MetaError::BadRoute)?;
+                let id = route.id();
+                if !self.routes.contains_key(&id) && self.routes.len() >= ROUTES_MAX {
+                    return Err(MetaError::TooManyRoutes);
+                }
+                self.routes.insert(id, route.clone());
+                Ok(CmdReply::Route { id })
+            }
+            Cmd::RemoveRoute { id } => match self.routes.remove(id) {
+                Some(_) => Ok(CmdReply::Done),
+                None => Err(MetaError::UnknownRoute(*id)),
+            },
         }
     }
 

@@ -169,6 +169,15 @@ pub enum ControlReq {
     /// A shard owner's replica reports, batched (at most [`crate::meta::BATCH_CMDS_MAX`]);
     /// answered by the leader only, one result per report.
     Replicas(Vec<ReplicaReport>),
+    /// Adds (`Some`) or removes a cluster-wide agent route; answered by the leader only.
+    Route(RouteChange),
+}
+
+/// A change of the cluster-wide agent routes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RouteChange {
+    Add(crate::meta::AgentRoute),
+    Remove(u64),
 }
 
 /// A replica that missed a write (`in_sync: false`) or that its owner caught up (`true`).
@@ -192,6 +201,8 @@ pub enum ControlReply {
     Drain(Result<(), String>),
     /// The batch's outcome, or one result per report.
     Replicas(Result<Vec<Result<(), String>>, String>),
+    /// The route's id (added), or whether one was removed.
+    Route(Result<u64, String>),
     /// The request could not be decoded or served.
     Refused(String),
 }

@@ -283,3 +283,32 @@ fn a_batch_applies_each_command_on_its_own_and_is_bounded() {
     assert_eq!(s.apply(&huge), Err(MetaError::BadBatch { len: BATCH_CMDS_MAX + 1 }));
     assert_eq!(s, before, "a refused batch changes nothing");
 }
+
+#[test]
+fn routes_are_idempotent_checked_and_bounded() {
+    let mut s = MetaState::default();
+    let route = |pattern: &str, key: &str| AgentRoute {
+        pattern: pattern.into(),
+        target: AgentTarget::Agent { ty: "order".into(), key: key.into() },
+    };
+    let r = route("order.**", "subject");
+    let id = r.id();
+    assert_eq!(s.apply(&Cmd::AddRoute(r.clone())), Ok(CmdReply::Route { id }));
+    assert_eq!(s.apply(&Cmd::AddRoute(r.clone())), Ok(CmdReply::Route { id }), "the same route twice is one");
+    assert_eq!(s.routes.len(), 1);
+    let pool = AgentRoute { pattern: "job.*".into(), target: AgentTarget::Pool { ty: "worker".into() } };
+    assert_ne!(pool.id(), id);
+    s.apply(&Cmd::AddRoute(pool)).unwrap();
+    assert_eq!(s.routes.len(), 2);
+    for bad in [route("", "subject"), route("order.*", "data.id"), route(&"x".repeat(ROUTE_FIELD_LEN_MAX + 1), "/id")] {
+        assert!(matches!(s.apply(&Cmd::AddRoute(bad)), Err(MetaError::BadRoute(_))));
+    }
+    assert_eq!(s.apply(&Cmd::RemoveRoute { id }), Ok(CmdReply::Done));
+    assert_eq!(s.apply(&Cmd::RemoveRoute { id }), Err(MetaError::UnknownRoute(id)));
+    while s.routes.len() < ROUTES_MAX {
+        s.apply(&Cmd::AddRoute(route(&format!("t{}", s.routes.len()), "/id"))).unwrap();
+    }
+    assert_eq!(s.apply(&Cmd::AddRoute(route("one.more", "/id"))), Err(MetaError::TooManyRoutes));
+    let existing = s.routes.values().next().unwrap().clone();
+    assert!(s.apply(&Cmd::AddRoute(existing)).is_ok(), "adding an existing route at the limit is fine");
+}

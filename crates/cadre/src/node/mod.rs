@@ -298,6 +298,7 @@ impl Node {
             membership: membership.clone(),
             metrics: metrics.clone(),
         });
+        bus.attach_cluster(cluster.clone());
         let handler =
             NodeHandler { membership: membership.clone(), data: opts.data, cluster: cluster.clone(), bus: bus.clone() };
         transport.set_handler(Arc::new(handler));
