@@ -79,10 +79,16 @@ pub enum AgentError {
     Fatal(String),
 }
 
+/// Signals one handled signal may emit.
+pub const EMITS_PER_CALL_MAX: usize = 256;
+
 /// What a handler can see of its activation.
 pub struct Ctx {
     key: Key,
     revision: Revision,
+    /// The signal being handled, as the cause of what the handler emits.
+    cause: Option<Signal>,
+    emitted: Vec<Signal>,
 }
 
 impl Ctx {
@@ -94,7 +100,25 @@ impl Ctx {
     pub fn revision(&self) -> Revision {
         self.revision
     }
+
+    /// Emits a signal, published once the call succeeds (after its state is stored, before the
+    /// reply), with the handled signal as its cause; dropped if the call fails. At most
+    /// [`EMITS_PER_CALL_MAX`] per call.
+    pub fn emit(&mut self, signal: Signal) -> Result<(), AgentError> {
+        if self.emitted.len() >= EMITS_PER_CALL_MAX {
+            return Err(AgentError::Failed(format!("more than {EMITS_PER_CALL_MAX} signals emitted by one call")));
+        }
+        let signal = match &self.cause {
+            Some(cause) => signal.caused_by(cause),
+            None => signal,
+        };
+        self.emitted.push(signal);
+        Ok(())
+    }
 }
+
+/// Publishes what a call emitted (the node's bus); awaited before the call's reply.
+pub type Emitter = Arc<dyn Fn(Vec<Signal>) -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
 
 /// An agent type. The value is the state.
 pub trait Agent: Serialize + DeserializeOwned + Default + Send + 'static {
@@ -230,6 +254,8 @@ struct HostInner {
     cancel: CancellationToken,
     /// Set by [`Host::abort`]: activations end without passivating, as in a crash.
     aborted: std::sync::atomic::AtomicBool,
+    /// Publishes what handlers emit (set once by the node).
+    emitter: std::sync::OnceLock<Emitter>,
     tasks: TaskTracker,
 }
 
@@ -271,6 +297,7 @@ impl HostBuilder {
                 table: Mutex::new(Table::default()),
                 cancel: CancellationToken::new(),
                 aborted: std::sync::atomic::AtomicBool::new(false),
+                emitter: std::sync::OnceLock::new(),
                 tasks: TaskTracker::new(),
             }),
         }
@@ -290,6 +317,11 @@ impl HostInner {
 }
 
 impl Host {
+    /// Sets what publishes the signals handlers emit (without one they are dropped). Once.
+    pub fn set_emitter(&self, emitter: Emitter) {
+        assert!(self.inner.emitter.set(emitter).is_ok(), "the host's emitter set twice");
+    }
+
     /// Sends `signal` to the agent `key` (activating it) and waits for the reply.
     pub async fn call(&self, key: &Key, signal: Signal, timeout: Duration) -> Result<Reply, CallError> {
         // Boxed before the futures below capture it: they stay small to move and poll.
@@ -517,7 +549,8 @@ impl<A: Agent> Live<A> {
         let agent = decode::<A>(&stored).map_err(CallError::Unavailable)?;
         // An absent key counts as storing the default: reading it writes nothing.
         let stored = if revision == 0 { encode(&agent).map_err(CallError::Unavailable)? } else { stored };
-        Ok(Live { agent, ctx: Ctx { key: key.clone(), revision }, stored, restarts: Vec::new(), epoch })
+        let ctx = Ctx { key: key.clone(), revision, cause: None, emitted: Vec::new() };
+        Ok(Live { agent, ctx, stored, restarts: Vec::new(), epoch })
     }
 
     /// Stores the state if it changed.
@@ -732,6 +765,9 @@ async fn handle<A: Agent>(
             return Step::Stop(e);
         }
     };
+    // The cause of what the handler emits: the attributes `caused_by` reads, not the data.
+    live.ctx.cause = Some(cause_of(&signal));
+    live.ctx.emitted.clear();
     let outcome = AssertUnwindSafe(async { live.agent.handle(&mut live.ctx, *signal).await }).catch_unwind().await;
     let (result, step) = match outcome {
         Ok(Ok(value)) => match A::PERSISTENCE {
@@ -758,8 +794,22 @@ async fn handle<A: Agent>(
         // Before the caller hears of it: a call after this reply finds the key stopping.
         begin_stop(host, &live.ctx.key);
     }
+    let emitted = std::mem::take(&mut live.ctx.emitted);
+    if result.is_ok() && !emitted.is_empty() {
+        if let Some(emit) = host.emitter.get() {
+            emit(emitted).await;
+        }
+    }
     send(reply, result);
     step
+}
+
+fn cause_of(signal: &Signal) -> Signal {
+    let mut cause = Signal::bare(signal.id.clone(), signal.source.clone(), signal.ty.clone());
+    if let Some(tp) = signal.extension(crate::signal::TRACEPARENT) {
+        cause.extensions.insert(crate::signal::TRACEPARENT.into(), tp.to_string());
+    }
+    cause
 }
 
 /// Restarts the agent from its last good state (and runs `on_activate` again), or stops it when

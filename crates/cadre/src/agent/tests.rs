@@ -430,3 +430,56 @@ async fn routes_dispatch_by_signal_type_and_refuse_others() {
     assert!(matches!(&e, CallError::Handler(m) if m.contains("does not handle \"counter.nope\"")), "{e}");
     host.shutdown().await;
 }
+
+/// Emits `relay.out` with its count for each `relay.in`; `relay.fail` emits, then fails.
+#[derive(Default, Serialize, Deserialize)]
+struct Relay {
+    n: u64,
+}
+
+impl Agent for Relay {
+    const TYPE: &'static str = "relay";
+    const ROUTES: &'static [(&'static str, Route<Self>)] = &[("relay.in", Relay::relay), ("relay.fail", Relay::fail)];
+}
+
+impl Relay {
+    fn relay(&mut self, ctx: &mut Ctx, _s: Signal) -> Result<Reply, AgentError> {
+        self.n += 1;
+        ctx.emit(Signal::new("relay.out", serde_json::json!(self.n)))?;
+        Ok(self.n.into())
+    }
+    fn fail(&mut self, ctx: &mut Ctx, _s: Signal) -> Result<Reply, AgentError> {
+        self.n += 100;
+        ctx.emit(Signal::new("relay.out", serde_json::json!("never")))?;
+        Err(AgentError::Failed("refused".into()))
+    }
+}
+
+#[tokio::test]
+async fn signals_a_handler_emits_go_out_after_a_successful_call_with_its_cause() {
+    let host = HostBuilder::new(AgentsConfig::default(), Arc::new(MemoryStorage::new())).agent::<Relay>().build();
+    let out: Arc<Mutex<Vec<Signal>>> = Arc::default();
+    let sink = out.clone();
+    host.set_emitter(Arc::new(move |signals| {
+        sink.lock().unwrap().extend(signals);
+        futures::future::ready(()).boxed()
+    }));
+    let k = Key::new("relay", "r");
+    let first = Signal::new("relay.in", serde_json::json!(null));
+    assert_eq!(host.call(&k, first.clone(), T).await.unwrap(), 1);
+    // Emitted before the reply: already out.
+    {
+        let out = out.lock().unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].data, Some(crate::signal::Data::Json(serde_json::json!(1))));
+        assert_eq!(out[0].causation_id(), Some(first.id.as_str()));
+    }
+    // A failed call emits nothing (and its state is rolled back).
+    assert!(host.call(&k, Signal::new("relay.fail", serde_json::json!(null)), T).await.is_err());
+    assert_eq!(host.call(&k, Signal::new("relay.in", serde_json::json!(null)), T).await.unwrap(), 2);
+    let out = out.lock().unwrap();
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert_eq!(out[1].data, Some(crate::signal::Data::Json(serde_json::json!(2))));
+    drop(out);
+    host.shutdown().await;
+}

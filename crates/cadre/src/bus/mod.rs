@@ -550,7 +550,21 @@ fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     m.write().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A [`Bus`] reference that does not keep it alive (for callbacks the bus itself reaches).
+#[derive(Clone)]
+pub struct WeakBus(Weak<Inner>);
+
+impl WeakBus {
+    pub fn upgrade(&self) -> Option<Bus> {
+        self.0.upgrade().map(|inner| Bus { inner })
+    }
+}
+
 impl Bus {
+    pub fn downgrade(&self) -> WeakBus {
+        WeakBus(Arc::downgrade(&self.inner))
+    }
+
     /// A bus whose signals come from `source`. Must be created inside a tokio runtime.
     pub fn new(cfg: SignalsConfig, source: &str, metrics: &Metrics) -> Bus {
         let inner = Inner {

@@ -299,6 +299,7 @@ impl Node {
             metrics: metrics.clone(),
         });
         bus.attach_cluster(cluster.clone());
+        agents.set_emitter(emitter(bus.downgrade()));
         let handler =
             NodeHandler { membership: membership.clone(), data: opts.data, cluster: cluster.clone(), bus: bus.clone() };
         transport.set_handler(Arc::new(handler));
@@ -397,6 +398,23 @@ impl Node {
         self.tasks.close();
         self.tasks.wait().await;
     }
+}
+
+/// Publishes what agents emit on the node's bus, in order, at the default level; a refused
+/// signal is logged (the bus counts it).
+fn emitter(bus: crate::bus::WeakBus) -> crate::agent::Emitter {
+    Arc::new(move |signals| {
+        let bus = bus.upgrade();
+        Box::pin(async move {
+            let Some(bus) = bus else { return };
+            for s in signals {
+                let (id, ty) = (s.id.clone(), s.ty.clone());
+                if let Err(e) = bus.publish(s).await {
+                    warn!(%id, %ty, error = %e, "a signal an agent emitted was refused");
+                }
+            }
+        })
+    })
 }
 
 /// The store agents keep their state in: the one given, else the database of `[storage] url`,
