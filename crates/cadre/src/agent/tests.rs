@@ -477,9 +477,8 @@ async fn signals_a_handler_emits_go_out_after_a_successful_call_with_its_cause()
     // A failed call emits nothing (and its state is rolled back).
     assert!(host.call(&k, Signal::new("relay.fail", serde_json::json!(null)), T).await.is_err());
     assert_eq!(host.call(&k, Signal::new("relay.in", serde_json::json!(null)), T).await.unwrap(), 2);
-    let out = out.lock().unwrap();
-    assert_eq!(out.len(), 2, "{out:?}");
-    assert_eq!(out[1].data, Some(crate::signal::Data::Json(serde_json::json!(2))));
-    drop(out);
+    let emitted = out.lock().unwrap().clone();
+    assert_eq!(emitted.len(), 2, "{emitted:?}");
+    assert_eq!(emitted[1].data, Some(crate::signal::Data::Json(serde_json::json!(2))));
     host.shutdown().await;
 }
