@@ -266,7 +266,7 @@ async fn signals_and_agents(http: SocketAddr) -> Result<()> {
     const HOOK_SECRET: &str = "demo-webhook-secret";
     const ORDERS: usize = 3;
 
-    let (hook, mut received) = webhook_receiver(HOOK_SECRET).await?;
+    let (hook, mut received) = crate::hook::webhook_receiver(HOOK_SECRET).await?;
     let sub = serde_json::json!({"pattern": "order.**", "dispatch": {"webhook": {"url": format!("http://{hook}/orders"), "secret": HOOK_SECRET}}});
     let (status, body) =
         client::post(http, "/v1/subscriptions", "application/json", Bytes::from(sub.to_string()), HTTP_TIMEOUT).await?;
@@ -406,37 +406,4 @@ async fn final_values(http: SocketAddr, expected: &[i64]) -> Result<()> {
     }
     println!("final values: all {} counters match the sum of their acknowledged adds", expected.len());
     Ok(())
-}
-
-/// A webhook receiver on loopback: sends each request's subject and whether its signature verified.
-async fn webhook_receiver(
-    secret: &'static str,
-) -> Result<(SocketAddr, tokio::sync::mpsc::UnboundedReceiver<(String, bool)>)> {
-    use axum::body::Bytes;
-    use axum::extract::State;
-    use axum::http::HeaderMap;
-    type Tx = tokio::sync::mpsc::UnboundedSender<(String, bool)>;
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let app = axum::Router::new()
-        .route(
-            "/orders",
-            axum::routing::post(move |State(tx): State<Tx>, headers: HeaderMap, body: Bytes| async move {
-                let now = cadre::clock::wall_since_epoch().as_secs();
-                let signed = headers
-                    .get(cadre::bus::webhook::SIGNATURE_HEADER)
-                    .and_then(|v| v.to_str().ok())
-                    .is_some_and(|h| cadre::bus::webhook::verify(secret.as_bytes(), h, &body, now, 300));
-                let subject = cadre::signal::codec::decode_structured(&body)
-                    .ok()
-                    .and_then(|s| s.subject)
-                    .unwrap_or_else(|| "(no subject)".into());
-                let _ = tx.send((subject, signed));
-                "ok"
-            }),
-        )
-        .with_state(tx);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    Ok((addr, rx))
 }

@@ -8,7 +8,9 @@ mod bench_agents;
 mod bench_bus;
 mod bench_router;
 mod demo;
+mod hook;
 mod proc;
+mod shop;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -262,7 +264,9 @@ fn read_table(file: &std::path::Path) -> Result<cadre::router::table::Table> {
 }
 
 async fn run_node(cfg: Config, routes: Option<cadre::router::table::Table>) -> Result<()> {
-    let node = Node::start(cfg, NodeOptions { routes, ..NodeOptions::default() }).await?;
+    // The demo's order-flow types are there on every node (they cost nothing unless called).
+    let opts = NodeOptions { routes, ..NodeOptions::default() }.agent::<shop::Inventory>().agent::<shop::Payment>();
+    let node = Node::start(cfg, opts).await?;
     wait_for_shutdown_signal().await?;
     node.shutdown().await;
     Ok(())

@@ -94,6 +94,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/subscriptions", get(signals::list_subscriptions).post(signals::post_subscription))
         .route("/v1/subscriptions/{id}", axum::routing::delete(signals::delete_subscription))
         .route("/v1/deadletters", get(signals::deadletters))
+        .route("/v1/interest", get(signals::interest))
         .route("/v1/agents/{type}/{id}", get(agents::lookup).post(agents::call).delete(agents::stop))
         .fallback(signals::not_found)
         .method_not_allowed_fallback(signals::method_not_allowed)

@@ -16,6 +16,8 @@
 //!   cluster-wide route (see [`crate::bus::agents`]) → `201 {"id","route"}` once mirrored here, `503`
 //!   without a leader; `GET /v1/subscriptions`; `DELETE /v1/subscriptions/{id}` → `204` or `404`
 //!   (a route's mirror: the route goes from every node).
+//! - `GET /v1/interest`: `{"nodes":[{"node","patterns"}],"buffered"}`, which nodes want which
+//!   signal types as this node knows it, and the copies it buffers for other nodes.
 //! - `GET /v1/deadletters`: deliveries given up, oldest first.
 //! - `GET /v1/signals/{id}/trace?direction=backward|forward` (default backward): the causality
 //!   chain from the node's journal, at most 100 steps; `404` if the journal does not know the id.
@@ -232,6 +234,12 @@ pub async fn post_subscription(State(s): State<ApiState>, headers: HeaderMap, bo
         ),
         Err(e) => problem(StatusCode::BAD_REQUEST, "invalid-subscription", e.to_string(), json!({})),
     }
+}
+
+/// `GET /v1/interest`: the interest map as this node holds it, and what it buffers for others.
+pub async fn interest(State(s): State<ApiState>) -> Response {
+    let nodes: Vec<_> = s.bus.interest().into_iter().map(|e| json!({"node": e.node, "patterns": e.patterns})).collect();
+    Json(json!({ "nodes": nodes, "buffered": s.bus.remote_buffered() })).into_response()
 }
 
 pub async fn list_subscriptions(State(s): State<ApiState>) -> Response {

@@ -860,6 +860,11 @@ impl Bus {
         tokio::time::timeout(timeout, wait).await.is_ok()
     }
 
+    /// The interest map as this node holds it: each node's advertised patterns.
+    pub fn interest(&self) -> Vec<interest::Entry> {
+        self.inner.remote.get().map(|r| r.newer_than(&[])).unwrap_or_default()
+    }
+
     /// Signal copies buffered for other nodes.
     pub fn remote_buffered(&self) -> usize {
         self.inner.remote.get().map_or(0, |r| r.buffered())

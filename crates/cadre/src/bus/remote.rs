@@ -467,7 +467,7 @@ impl Remote {
         taken
     }
 
-    pub(super) fn newer_than(&self, digest: &[(String, Stamp)]) -> Vec<Entry> {
+    pub(crate) fn newer_than(&self, digest: &[(String, Stamp)]) -> Vec<Entry> {
         self.interest.read().unwrap_or_else(|e| e.into_inner()).newer_than(digest)
     }
 

@@ -1,0 +1,173 @@
+//! Real processes: signals published over HTTP on one node reach a webhook subscribed on another
+//! and agents through a cluster-wide route added on the third; the order flow of the demo's
+//! example agents runs across the nodes.
+//!
+//! Conditions are awaited by polling the nodes' HTTP API with a deadline.
+
+#[path = "../src/hook.rs"]
+mod hook;
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cadre::api::client;
+use cadre::signal::codec::{encode_batch, CONTENT_TYPE_BATCH};
+use cadre::signal::Signal;
+use support::proc::{wait_ready, NodeProc, NodeSpec};
+use support::{await_cluster, call, exe, on_desired_owners, POLL};
+
+const SECRET: &str = "pubsub-test-secret-0123";
+const HOOK_SECRET: &str = "pubsub-test-hook-secret";
+const WAIT: Duration = Duration::from_secs(30);
+const HTTP: Duration = Duration::from_secs(5);
+
+async fn post_json(http: SocketAddr, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let (status, res) =
+        client::post(http, path, "application/json", Bytes::from(body.to_string()), HTTP).await.unwrap();
+    (status, serde_json::from_slice(&res).unwrap_or(serde_json::Value::Null))
+}
+
+/// Polls `GET path` on `http` until `cond` holds on the JSON answer.
+async fn await_get(http: SocketAddr, path: &str, what: &str, cond: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let last = match client::get(http, path, HTTP).await {
+            Ok((200, body)) => {
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                if cond(&v) {
+                    return;
+                }
+                v.to_string()
+            }
+            other => format!("{other:?}"),
+        };
+        assert!(tokio::time::Instant::now() < deadline, "not reached within {WAIT:?}: {what}; last: {last}");
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+fn interested(v: &serde_json::Value, node: &str, pattern: &str) -> bool {
+    v["nodes"].as_array().is_some_and(|nodes| {
+        nodes
+            .iter()
+            .any(|n| n["node"] == node && n["patterns"].as_array().is_some_and(|p| p.iter().any(|x| x == pattern)))
+    })
+}
+
+fn mirrors(v: &serde_json::Value, route: &str) -> bool {
+    v["subscriptions"].as_array().is_some_and(|subs| subs.iter().any(|s| s["route"] == route))
+}
+
+async fn publish(http: SocketAddr, signals: &[Signal], delivery: &str) {
+    let body = Bytes::from(encode_batch(signals));
+    let path = format!("/v1/signals?delivery={delivery}");
+    let (status, res) = client::post(http, &path, CONTENT_TYPE_BATCH, body, HTTP).await.unwrap();
+    assert_eq!(status, 202, "{}", String::from_utf8_lossy(&res));
+    let v: serde_json::Value = serde_json::from_slice(&res).unwrap();
+    assert_eq!(v["delivery"], delivery);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_from_one_node_reach_a_webhook_on_another_and_agents_through_a_route_from_the_third() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fast.toml");
+    std::fs::write(&config, "[placement]\nrebalance_interval_ms = 200\nmax_moves_per_tick = 256\n").unwrap();
+    let extra = ["--config", config.to_str().unwrap()];
+    let spawn = |name: &str, seeds: &[SocketAddr]| {
+        NodeProc::spawn(NodeSpec { exe: exe(), name, seeds, dir: dir.path(), secret: SECRET, extra: &extra }).unwrap()
+    };
+    let n1 = spawn("s1", &[]);
+    let n2 = spawn("s2", &[n1.addr]);
+    let n3 = spawn("s3", &[n1.addr]);
+    let nodes = [n1, n2, n3];
+    for n in &nodes {
+        wait_ready(n.http, WAIT).await.unwrap_or_else(|e| panic!("{e}: {}", n.log_tail()));
+    }
+    let (h1, h2, h3) = (nodes[0].http, nodes[1].http, nodes[2].http);
+    await_cluster(h1, "three members, each on its desired shards", WAIT, |c| {
+        c.members.len() == 3 && on_desired_owners(c)
+    })
+    .await;
+
+    // A webhook on s1, for orders and captured payments.
+    let (hook, mut received) = hook::webhook_receiver(HOOK_SECRET).await.unwrap();
+    for pattern in ["order.**", "payment.captured"] {
+        let url = format!("http://{hook}/{pattern}");
+        let sub = serde_json::json!({"pattern": pattern, "dispatch": {"webhook": {"url": url, "secret": HOOK_SECRET}}});
+        assert_eq!(post_json(h1, "/v1/subscriptions", sub).await.0, 201);
+    }
+    // Cluster-wide routes added on s2: counters by subject; the order flow (inventory by SKU,
+    // payment by order).
+    let routes = [
+        ("counter.add", serde_json::json!({"agent": {"type": "counter", "key": "subject"}})),
+        ("order.placed", serde_json::json!({"agent": {"type": "inventory", "key": "/sku"}})),
+        ("inventory.reserved", serde_json::json!({"agent": {"type": "payment", "key": "/order"}})),
+    ];
+    let mut route_ids = Vec::new();
+    for (pattern, dispatch) in routes {
+        let (status, v) =
+            post_json(h2, "/v1/subscriptions", serde_json::json!({"pattern": pattern, "dispatch": dispatch})).await;
+        assert_eq!(status, 201, "{v}");
+        route_ids.push(v["route"].as_str().unwrap().to_string());
+    }
+    for http in [h1, h2, h3] {
+        await_get(http, "/v1/interest", "s1's webhook patterns known", |v| {
+            interested(v, "s1", "order.**") && interested(v, "s1", "payment.captured")
+        })
+        .await;
+        for id in &route_ids {
+            await_get(http, "/v1/subscriptions", "every route mirrored", |v| mirrors(v, id)).await;
+        }
+    }
+
+    // Published on s3: counter adds (eventual) and orders (strong).
+    let adds: Vec<Signal> = (0..10)
+        .map(|i| Signal::new("counter.add", serde_json::json!(i + 1)).with_subject(format!("k{}", i % 5)))
+        .collect();
+    publish(h3, &adds, "eventual").await;
+    let orders: Vec<Signal> = (1..=3)
+        .map(|i| {
+            let data = serde_json::json!({"order": format!("o{i}"), "sku": "sku-a", "qty": i});
+            Signal::new("order.placed", data).with_subject(format!("o{i}"))
+        })
+        .collect();
+    publish(h3, &orders, "strong").await;
+
+    // The webhook hears each order once, then each captured payment (emitted by payment agents
+    // wherever they live), every one signed.
+    let mut heard = Vec::new();
+    while heard.len() < 6 {
+        let (subject, signed) = tokio::time::timeout(WAIT, received.recv()).await.expect("webhook deliveries").unwrap();
+        assert!(signed, "signature of {subject}");
+        heard.push(subject);
+    }
+    heard.sort();
+    assert_eq!(heard, ["o1", "o1", "o2", "o2", "o3", "o3"], "each order placed and paid, once");
+    assert!(tokio::time::timeout(Duration::from_millis(300), received.recv()).await.is_err(), "nothing more");
+
+    // Counter deliveries run on s3's mirror of their route, apart from the orders: await them.
+    for k in 0..5 {
+        let want = (k + 1) + (k + 6);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let v = call(h1, &["counter", &format!("k{k}"), "counter.get"]).await;
+            if v["reply"] == want {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "k{k} is {v}, not {want}");
+            tokio::time::sleep(POLL).await;
+        }
+    }
+    let stock = call(h2, &["inventory", "sku-a", "inventory.get"]).await;
+    assert_eq!(stock["reply"]["stock"], 10 - 6, "{stock}");
+    for i in 1..=3 {
+        let paid = call(h1, &["payment", &format!("o{i}"), "payment.get"]).await;
+        assert_eq!(paid["reply"]["status"], "captured", "o{i}: {paid}");
+    }
+    for mut n in nodes {
+        n.signal(libc::SIGTERM).unwrap();
+        assert!(n.wait(WAIT).await.unwrap().success(), "{}", n.log_tail());
+    }
+}
