@@ -1,7 +1,9 @@
 //! `cadre demo`: a local cluster of node processes, end to end.
 //!
-//! Starts N nodes on loopback with embedded defaults, shows them converge, posts signals to a
-//! signed webhook subscription and counts with a `counter` agent, runs a counter workload through
+//! Starts N nodes on loopback with embedded defaults, shows them converge, runs an order flow
+//! across nodes (a signed webhook subscription on the first node, cluster-wide routes to the
+//! `inventory` and `payment` agents added on the second, orders placed on the last, each flowing
+//! through both agents to the webhook), counts with a `counter` agent, runs a counter workload through
 //! every node, starts one more node and shows shards moving to it (state handed over), prints
 //! the final counter values next to the expected ones, SIGKILLs one node and measures how long
 //! the others take to mark it `down`, then stops the rest with SIGTERM (they leave gracefully and
@@ -199,7 +201,8 @@ async fn drive(procs: &mut Vec<NodeProc>, spawner: &Spawner, started: Instant) -
     );
     println!("{}", members_table(&client::members(https[0], HTTP_TIMEOUT).await?));
 
-    signals_and_agents(https[0]).await?;
+    order_flow(&https, &names).await?;
+    agents(https[0]).await?;
     let expected = workload(&https).await?;
     println!("{}", cluster_table(&client::cluster(https[0], HTTP_TIMEOUT).await?));
 
@@ -258,43 +261,11 @@ async fn drive(procs: &mut Vec<NodeProc>, spawner: &Spawner, started: Instant) -
     Ok(())
 }
 
-/// Signals reaching a signed webhook, and a counter agent, on one node.
-async fn signals_and_agents(http: SocketAddr) -> Result<()> {
+/// A counter agent called over HTTP on one node.
+async fn agents(http: SocketAddr) -> Result<()> {
     use bytes::Bytes;
-    use cadre::signal::codec::{encode_batch, CONTENT_TYPE_BATCH, CONTENT_TYPE_STRUCTURED};
+    use cadre::signal::codec::CONTENT_TYPE_STRUCTURED;
     use cadre::signal::Signal;
-    const HOOK_SECRET: &str = "demo-webhook-secret";
-    const ORDERS: usize = 3;
-
-    let (hook, mut received) = crate::hook::webhook_receiver(HOOK_SECRET).await?;
-    let sub = serde_json::json!({"pattern": "order.**", "dispatch": {"webhook": {"url": format!("http://{hook}/orders"), "secret": HOOK_SECRET}}});
-    let (status, body) =
-        client::post(http, "/v1/subscriptions", "application/json", Bytes::from(sub.to_string()), HTTP_TIMEOUT).await?;
-    if status != 201 {
-        bail!("subscribing failed ({status}): {}", String::from_utf8_lossy(&body));
-    }
-    println!(
-        "
-signals: a webhook subscription for order.** on n1, then {ORDERS} signals posted as one batch"
-    );
-    let orders: Vec<Signal> = (1..=ORDERS)
-        .map(|i| Signal::new("order.placed", serde_json::json!({"order": i})).with_subject(format!("order-{i}")))
-        .collect();
-    let (status, body) =
-        client::post(http, "/v1/signals", CONTENT_TYPE_BATCH, Bytes::from(encode_batch(&orders)), HTTP_TIMEOUT).await?;
-    if status != 202 {
-        bail!("publishing failed ({status}): {}", String::from_utf8_lossy(&body));
-    }
-    for _ in 0..ORDERS {
-        let (subject, signed) = tokio::time::timeout(DETECT_TIMEOUT, received.recv())
-            .await
-            .context("the webhook received nothing")?
-            .context("the receiver stopped")?;
-        println!("  webhook received {subject} (signature {})", if signed { "valid" } else { "INVALID" });
-        if !signed {
-            bail!("a webhook signature did not verify");
-        }
-    }
 
     let adds = [5i64, 12, -3, 30];
     let mut last = serde_json::Value::Null;
@@ -406,4 +377,100 @@ async fn final_values(http: SocketAddr, expected: &[i64]) -> Result<()> {
     }
     println!("final values: all {} counters match the sum of their acknowledged adds", expected.len());
     Ok(())
+}
+
+/// Orders the demo places, as (order, SKU, quantity).
+const ORDERS: [(&str, &str, i64); 3] = [("o1", "sku-a", 2), ("o2", "sku-b", 1), ("o3", "sku-a", 3)];
+const HOOK_SECRET: &str = "demo-webhook-secret";
+
+/// Signals across nodes: a webhook subscription on the first node, cluster-wide routes to the
+/// `inventory` and `payment` agents added on the second, orders placed on the last; each order
+/// flows through both agents, wherever they live, to the webhook.
+async fn order_flow(https: &[SocketAddr], names: &[String]) -> Result<()> {
+    let (first, second, last) = (https[0], https[1], https[https.len() - 1]);
+    let last_name = &names[names.len() - 1];
+    println!("\nsignals across nodes: an order flow");
+    crate::proc::await_json(first, "/v1/cluster", "a metadata leader and every shard owned", CONVERGE_TIMEOUT, |c| {
+        !c["leader"].is_null() && c["shard_count"].as_u64().is_some_and(|n| n > 0) && c["shards_unassigned"] == 0
+    })
+    .await?;
+    let (hook, mut received) = crate::hook::webhook_receiver(HOOK_SECRET).await?;
+    let url = format!("http://{hook}/payments");
+    let sub = serde_json::json!({"pattern": "payment.captured", "dispatch": {"webhook": {"url": url, "secret": HOOK_SECRET}}});
+    post_json(first, "/v1/subscriptions", sub).await?;
+    println!("  {}: a signed webhook subscription for payment.captured", names[0]);
+    let routes = [
+        ("order.placed", serde_json::json!({"agent": {"type": "inventory", "key": "/sku"}})),
+        ("inventory.reserved", serde_json::json!({"agent": {"type": "payment", "key": "/order"}})),
+    ];
+    let mut ids = Vec::new();
+    for (pattern, dispatch) in routes {
+        let created =
+            post_json(second, "/v1/subscriptions", serde_json::json!({"pattern": pattern, "dispatch": dispatch}))
+                .await?;
+        ids.push(created["route"].as_str().unwrap_or_default().to_string());
+        println!("  {}: a cluster-wide route {pattern} -> {dispatch}", names[1]);
+    }
+    for http in https {
+        crate::proc::await_json(*http, "/v1/interest", "the webhook's interest known", CONVERGE_TIMEOUT, |v| {
+            v["nodes"].as_array().is_some_and(|n| n.iter().any(|e| e["node"] == names[0].as_str()))
+        })
+        .await?;
+        for id in &ids {
+            crate::proc::await_json(*http, "/v1/subscriptions", "the routes mirrored", CONVERGE_TIMEOUT, |v| {
+                v["subscriptions"].as_array().is_some_and(|s| s.iter().any(|x| x["route"] == id.as_str()))
+            })
+            .await?;
+        }
+    }
+    let orders: Vec<cadre::signal::Signal> = ORDERS
+        .iter()
+        .map(|(order, sku, qty)| {
+            let data = serde_json::json!({"order": order, "sku": sku, "qty": qty});
+            cadre::signal::Signal::new("order.placed", data).with_subject(*order)
+        })
+        .collect();
+    let body = bytes::Bytes::from(cadre::signal::codec::encode_batch(&orders));
+    let path = "/v1/signals?delivery=strong";
+    let (status, res) = client::post(last, path, cadre::signal::codec::CONTENT_TYPE_BATCH, body, HTTP_TIMEOUT).await?;
+    if status != 202 {
+        bail!("placing orders failed ({status}): {}", String::from_utf8_lossy(&res));
+    }
+    println!("  {last_name}: {} orders placed (POST /v1/signals?delivery=strong)", ORDERS.len());
+    for _ in 0..ORDERS.len() {
+        let (order, signed) = tokio::time::timeout(DETECT_TIMEOUT, received.recv())
+            .await
+            .context("the webhook heard of no captured payment")?
+            .context("the webhook receiver stopped")?;
+        let (_, sku, qty) = ORDERS.iter().find(|o| o.0 == order).context("a payment for an unknown order")?;
+        let stock = post_agent(first, &format!("/v1/agents/inventory/{sku}"), "inventory.get").await?;
+        let paid = post_agent(first, &format!("/v1/agents/payment/{order}"), "payment.get").await?;
+        println!(
+            "  {order}: placed on {last_name} -> inventory/{sku} on {} reserved {qty} (stock now {}) -> payment/{order} on {} {} -> webhook on {} (signature {})",
+            stock["node"].as_str().unwrap_or("?"),
+            stock["reply"]["stock"],
+            paid["node"].as_str().unwrap_or("?"),
+            paid["reply"]["status"].as_str().unwrap_or("?"),
+            names[0],
+            if signed { "valid" } else { "INVALID" }
+        );
+        if !signed {
+            bail!("a webhook signature did not verify");
+        }
+    }
+    Ok(())
+}
+
+async fn post_json(http: SocketAddr, path: &str, body: serde_json::Value) -> Result<serde_json::Value> {
+    let (status, res) =
+        client::post(http, path, "application/json", bytes::Bytes::from(body.to_string()), HTTP_TIMEOUT).await?;
+    if !(200..300).contains(&status) {
+        bail!("POST {path} failed ({status}): {}", String::from_utf8_lossy(&res));
+    }
+    Ok(serde_json::from_slice(&res)?)
+}
+
+/// Calls an agent with a signal of type `ty` and no data; its reply and where it ran.
+async fn post_agent(http: SocketAddr, path: &str, ty: &str) -> Result<serde_json::Value> {
+    post_counter(http, path, ty, serde_json::Value::Null).await
 }

@@ -125,3 +125,29 @@ pub async fn wait_ready(http: SocketAddr, timeout: Duration) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Polls `GET path` on `http` until its JSON answer satisfies `cond`; the error names `what` and
+/// shows the last answer.
+pub async fn await_json(
+    http: SocketAddr,
+    path: &str,
+    what: &str,
+    timeout: Duration,
+    cond: impl Fn(&serde_json::Value) -> bool,
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let last = match cadre::api::client::get(http, path, Duration::from_secs(2)).await {
+            Ok((200, body)) => match serde_json::from_slice::<serde_json::Value>(&body) {
+                Ok(v) if cond(&v) => return Ok(()),
+                Ok(v) => v.to_string(),
+                Err(e) => e.to_string(),
+            },
+            other => format!("{other:?}"),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            bail!("{what}: not reached within {timeout:?} (last answer of {http}{path}: {last})");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,4 +1,5 @@
-//! The main job runs end to end: `cadre demo` with two node processes exits 0 and shows each step.
+//! The main job runs end to end: `cadre demo` with two node processes exits 0 and shows each step,
+//! the order flow across nodes among them.
 
 #[tokio::test]
 async fn the_demo_runs_end_to_end() {
@@ -11,7 +12,9 @@ async fn the_demo_runs_end_to_end() {
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     for step in [
         "converged: every node sees 2 alive members",
-        "webhook received order-3 (signature valid)",
+        "n2: 3 orders placed (POST /v1/signals?delivery=strong)",
+        "o3: placed on n2 -> inventory/sku-a on",
+        "captured -> webhook on n1 (signature valid)",
         "(expected 44)",
         "rebalanced: n3 owns",
         "final values: all 12 counters match",

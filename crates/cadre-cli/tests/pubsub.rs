@@ -15,7 +15,7 @@ use bytes::Bytes;
 use cadre::api::client;
 use cadre::signal::codec::{encode_batch, CONTENT_TYPE_BATCH};
 use cadre::signal::Signal;
-use support::proc::{wait_ready, NodeProc, NodeSpec};
+use support::proc::{self, wait_ready, NodeProc, NodeSpec};
 use support::{await_cluster, call, exe, on_desired_owners, POLL};
 
 const SECRET: &str = "pubsub-test-secret-0123";
@@ -29,23 +29,8 @@ async fn post_json(http: SocketAddr, path: &str, body: serde_json::Value) -> (u1
     (status, serde_json::from_slice(&res).unwrap_or(serde_json::Value::Null))
 }
 
-/// Polls `GET path` on `http` until `cond` holds on the JSON answer.
 async fn await_get(http: SocketAddr, path: &str, what: &str, cond: impl Fn(&serde_json::Value) -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let last = match client::get(http, path, HTTP).await {
-            Ok((200, body)) => {
-                let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-                if cond(&v) {
-                    return;
-                }
-                v.to_string()
-            }
-            other => format!("{other:?}"),
-        };
-        assert!(tokio::time::Instant::now() < deadline, "not reached within {WAIT:?}: {what}; last: {last}");
-        tokio::time::sleep(POLL).await;
-    }
+    proc::await_json(http, path, what, WAIT, cond).await.unwrap();
 }
 
 fn interested(v: &serde_json::Value, node: &str, pattern: &str) -> bool {

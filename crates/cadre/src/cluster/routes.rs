@@ -25,6 +25,8 @@ use crate::meta::{AgentRoute, MetaState, ShardState};
 use crate::placement::shard_of;
 use crate::storage::Key;
 
+/// Between two attempts of a route change while the leader is not known.
+const LEADER_RETRY_MS: u64 = 100;
 /// Agent ids per (pool type, node) that take turns.
 pub const POOL_KEYS_PER_NODE: usize = 4;
 /// Ids probed to find those of a node's shards (a node owning a 1/n share needs about n each).
@@ -57,11 +59,20 @@ impl Cluster {
         self.route_change(RouteChange::Remove(id)).await.map(|_| ())
     }
 
+    /// Sends a route change to the leader; while none is known (a node that just joined) or
+    /// the one asked no longer leads, tries again every [`LEADER_RETRY_MS`] (callers bound the
+    /// whole with a timeout).
     async fn route_change(&self, change: RouteChange) -> Result<u64, CallError> {
-        match control::to_leader(&self.inner, ControlReq::Route(change)).await {
-            Ok(ControlReply::Route(Ok(id))) => Ok(id),
-            Ok(ControlReply::Route(Err(e))) | Err(e) => Err(CallError::Unavailable(e)),
-            Ok(other) => Err(CallError::Unavailable(format!("unexpected reply {other:?}"))),
+        loop {
+            let e = match control::to_leader(&self.inner, ControlReq::Route(change.clone())).await {
+                Ok(ControlReply::Route(Ok(id))) => return Ok(id),
+                Ok(ControlReply::Route(Err(e))) | Err(e) => e,
+                Ok(other) => return Err(CallError::Unavailable(format!("unexpected reply {other:?}"))),
+            };
+            if !(e.contains("no leader known") || e.contains("not the leader")) {
+                return Err(CallError::Unavailable(e));
+            }
+            tokio::time::sleep(Duration::from_millis(LEADER_RETRY_MS)).await;
         }
     }
 
