@@ -38,6 +38,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::bus::Bus;
 use crate::cluster::Cluster;
 use crate::config::{Config, Secret};
 use crate::membership::task::{Membership, View};
@@ -62,7 +63,7 @@ pub struct SimNode {
 }
 
 /// Work handed to a running node (see [`SimHandle::run_on`]).
-type Job = Box<dyn FnOnce(Cluster) -> LocalBoxFuture<'static, ()>>;
+type Job = Box<dyn FnOnce(Cluster, Bus) -> LocalBoxFuture<'static, ()>>;
 
 /// Adjusts a node's config and options at each start; the `u32` counts earlier starts (0 first).
 type Setup = Rc<dyn Fn(&mut Config, &mut NodeOptions, u32)>;
@@ -71,6 +72,7 @@ type Setup = Rc<dyn Fn(&mut Config, &mut NodeOptions, u32)>;
 struct Running {
     membership: Membership,
     cluster: Cluster,
+    bus: Bus,
     /// Work to run inside the node's host.
     jobs: mpsc::UnboundedSender<Job>,
     /// Cancelled by [`SimCluster::crash`]: the node stops abruptly (no leave, no flush).
@@ -112,10 +114,20 @@ impl SimHandle {
         F: FnOnce(Cluster) -> Fut + 'static,
         Fut: Future<Output = T> + 'static,
     {
+        self.run_with_bus(node, move |cluster, _| f(cluster))
+    }
+
+    /// As [`SimHandle::run_on`], with the node's bus too.
+    pub fn run_with_bus<T, F, Fut>(&self, node: &str, f: F) -> impl Future<Output = Option<T>> + 'static
+    where
+        T: 'static,
+        F: FnOnce(Cluster, Bus) -> Fut + 'static,
+        Fut: Future<Output = T> + 'static,
+    {
         let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |cluster| {
+        let job: Job = Box::new(move |cluster, bus| {
             Box::pin(async move {
-                let _ = tx.send(f(cluster).await);
+                let _ = tx.send(f(cluster, bus).await);
             })
         });
         let sent = self.registry.borrow().get(node).is_some_and(|r| r.jobs.send(job).is_ok());
@@ -229,6 +241,7 @@ impl SimCluster {
                 let running = Running {
                     membership: node.membership().clone(),
                     cluster: node.cluster().clone(),
+                    bus: node.bus().clone(),
                     jobs,
                     kill: kill.clone(),
                     dead: dead.clone(),
@@ -240,7 +253,7 @@ impl SimCluster {
                         biased;
                         _ = kill.cancelled() => break,
                         Some(job) = inbox.recv() => {
-                            let fut = job(node.cluster().clone());
+                            let fut = job(node.cluster().clone(), node.bus().clone());
                             let kill = kill.clone();
                             work.spawn_local(async move {
                                 tokio::select! {
@@ -288,6 +301,14 @@ impl SimCluster {
         self.registry.borrow().get(name).map(|r| r.cluster.clone())
     }
 
+    /// The bus of a running node (for what is synchronous on it: interest, buffers, subscriptions).
+    pub fn bus(&self, name: &str) -> Option<Bus> {
+        if self.crashed.contains(name) {
+            return None;
+        }
+        self.registry.borrow().get(name).map(|r| r.bus.clone())
+    }
+
     /// Runs `f` inside `node`'s host (see [`SimHandle::run_on`]) and steps the simulation until it
     /// finishes, at most `timeout` of simulated time. `Ok(None)`: the node is not running or crashed.
     pub fn run_on<T, F, Fut>(&mut self, node: &str, timeout: Duration, f: F) -> Result<Option<T>, SimError>
@@ -296,8 +317,18 @@ impl SimCluster {
         F: FnOnce(Cluster) -> Fut + 'static,
         Fut: Future<Output = T> + 'static,
     {
+        self.run_with_bus(node, timeout, move |cluster, _| f(cluster))
+    }
+
+    /// As [`SimCluster::run_on`], with the node's bus too.
+    pub fn run_with_bus<T, F, Fut>(&mut self, node: &str, timeout: Duration, f: F) -> Result<Option<T>, SimError>
+    where
+        T: 'static,
+        F: FnOnce(Cluster, Bus) -> Fut + 'static,
+        Fut: Future<Output = T> + 'static,
+    {
         let out: Rc<RefCell<Option<Option<T>>>> = Rc::default();
-        let fut = self.handle().run_on(node, f);
+        let fut = self.handle().run_with_bus(node, f);
         let slot = out.clone();
         let mut fut = Box::pin(async move {
             *slot.borrow_mut() = Some(fut.await);

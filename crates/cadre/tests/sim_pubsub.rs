@@ -1,0 +1,283 @@
+//! Cluster pub/sub in deterministic simulation, over several seeds: five nodes, each with one
+//! subscription to `evt.**`; a client publishes through random nodes (`eventual` mostly, `strong`
+//! one in four) while the cluster is partitioned 2 | 3 and healed.
+//!
+//! Checks: (a) after the heal, every acknowledged signal reaches every node's subscription exactly
+//! once, within [`DELIVERY_BOUND`]; (b) nothing is delivered twice, and nothing that was not
+//! published; (c) from each publisher to each subscriber, signals arrive in publish order; (d)
+//! every publish ends (none hangs): `strong` publishes on the minority side, once it sees the
+//! partition, fail with `StrongUnmet`, and those on the majority side succeed. A failure prints
+//! its seed and the command that replays it.
+
+#[path = "support/sim.rs"]
+mod simkit;
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::task::TaskTracker;
+
+use cadre::bus::{Delivery, Dispatch, PublishError, SubscriptionSpec};
+use cadre::config::PubsubConfig;
+use cadre::membership::MemberState;
+use cadre::signal::Signal;
+use cadre::sim::{run_seeds_in, SimCluster, SimNode, SIM_SECRET};
+use simkit::{names, strs, Rng};
+
+const NODES: usize = 5;
+const PUBLISH_EVERY: Duration = Duration::from_millis(40);
+/// A `strong` publish waits this long for a majority (the nodes' `strong_timeout_ms`).
+const STRONG_TIMEOUT: Duration = Duration::from_secs(2);
+/// After the heal, every acknowledged signal must be everywhere within this much simulated time.
+const DELIVERY_BOUND: Duration = Duration::from_secs(30);
+/// Time a fresh cluster has to converge (membership and interest).
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What each node's subscription received, in order: (receiver, signal id).
+type Received = Arc<Mutex<BTreeMap<String, Vec<String>>>>;
+
+#[derive(Debug, Clone)]
+enum Outcome {
+    Pending,
+    Acked,
+    Failed(PublishError),
+    /// The node was not running.
+    Lost,
+}
+
+#[derive(Debug, Clone)]
+struct Publish {
+    id: String,
+    via: String,
+    level: Delivery,
+    sent: Duration,
+    outcome: Outcome,
+}
+
+fn cluster(seed: u64) -> SimCluster {
+    let mut c = SimCluster::empty(seed);
+    let all = names(NODES);
+    for (i, name) in all.iter().enumerate() {
+        let seeds = if i == 0 { vec![] } else { vec![all[0].clone()] };
+        let node = SimNode { name: name.clone(), secret: SIM_SECRET.into(), seeds };
+        c.add_node_with(node, |cfg, _, _| {
+            cfg.pubsub = PubsubConfig {
+                strong_timeout_ms: STRONG_TIMEOUT.as_millis() as u64,
+                ack_timeout_ms: 1000,
+                ..PubsubConfig::default()
+            };
+        });
+    }
+    c
+}
+
+fn subscribe_all(c: &mut SimCluster, received: &Received) -> Result<(), String> {
+    for name in names(NODES) {
+        let (log, me) = (received.clone(), name.clone());
+        let record = Dispatch::function(move |s: Arc<Signal>| {
+            log.lock().unwrap().entry(me.clone()).or_default().push(s.id.clone());
+            futures::future::ready(Ok(()))
+        });
+        let done = c
+            .run_with_bus(&name, Duration::from_secs(1), move |_, bus| async move {
+                bus.subscribe_detached(SubscriptionSpec::new("evt.**", record)).map(|_| ())
+            })
+            .map_err(|e| e.to_string())?;
+        done.ok_or(format!("{name} not running"))?.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Every node sees every other interested in `evt.x`.
+fn interest_converged(c: &SimCluster) -> bool {
+    names(NODES).iter().all(|n| c.bus(n).is_some_and(|b| b.remote_nodes_for("evt.x").len() == NODES - 1))
+}
+
+/// Publishes through a random running node every [`PUBLISH_EVERY`] until `stop`; `done` once
+/// every publish has an outcome.
+fn start_load(
+    c: &mut SimCluster,
+    seed: u64,
+    log: Rc<RefCell<Vec<Publish>>>,
+    stop: Rc<Cell<bool>>,
+    done: Rc<Cell<bool>>,
+) {
+    let h = c.handle();
+    c.client("publisher", async move {
+        let mut rng = Rng::new(seed.wrapping_add(7));
+        let tracker = TaskTracker::new();
+        let mut seq: BTreeMap<String, usize> = BTreeMap::new();
+        while !stop.get() {
+            tokio::time::sleep(PUBLISH_EVERY).await;
+            let nodes = h.running();
+            let via = nodes[rng.below(nodes.len())].clone();
+            let n = seq.entry(via.clone()).or_default();
+            *n += 1;
+            // Ids sort in publish order per publisher.
+            let id = format!("{via}-{:06}", *n);
+            let level = if rng.below(4) == 0 { Delivery::Strong } else { Delivery::Eventual };
+            let sent = turmoil::sim_elapsed().unwrap_or_default();
+            let i = {
+                let mut log = log.borrow_mut();
+                log.push(Publish { id: id.clone(), via: via.clone(), level, sent, outcome: Outcome::Pending });
+                log.len() - 1
+            };
+            let mut signal = Signal::new("evt.x", serde_json::json!(i));
+            signal.id = id;
+            let fut = h.run_with_bus(&via, move |_, bus| async move { bus.publish_with(signal, level).await });
+            let log = log.clone();
+            tracker.spawn_local(async move {
+                let outcome = match fut.await {
+                    None => Outcome::Lost,
+                    Some(Ok(_)) => Outcome::Acked,
+                    Some(Err(e)) => Outcome::Failed(e),
+                };
+                log.borrow_mut()[i].outcome = outcome;
+            });
+        }
+        tracker.close();
+        tracker.wait().await;
+        done.set(true);
+        Ok(())
+    });
+}
+
+fn scenario(seed: u64) -> Result<String, String> {
+    let mut c = cluster(seed);
+    let all = names(NODES);
+    c.run_until(SETTLE_TIMEOUT, |c| c.all_see_alive(&all, &all)).map_err(|e| format!("membership: {e}"))?;
+    let received = Received::default();
+    subscribe_all(&mut c, &received)?;
+    c.run_until(SETTLE_TIMEOUT, interest_converged).map_err(|e| format!("interest map: {e}"))?;
+
+    let (log, stop, done) = (Rc::new(RefCell::new(Vec::new())), Rc::new(Cell::new(false)), Rc::new(Cell::new(false)));
+    start_load(&mut c, seed, log.clone(), stop.clone(), done.clone());
+    c.run_for(Duration::from_secs(2)).map_err(|e| e.to_string())?;
+    let (minority, majority) = (all[..2].to_vec(), all[2..].to_vec());
+    c.partition(&strs(&minority), &strs(&majority));
+    let cut_at = c.elapsed();
+    // Both sides see the cut (the minority's strong publishes can only fail once they do).
+    let seen = |c: &SimCluster| {
+        majority.iter().all(|m| c.all_see(&minority, m, &[MemberState::Down]))
+            && minority.iter().all(|m| c.all_see(&majority, m, &[MemberState::Down]))
+    };
+    c.run_until(Duration::from_secs(10), seen).map_err(|e| format!("partition not seen: {e}"))?;
+    let seen_at = c.elapsed();
+    c.run_for(STRONG_TIMEOUT * 3).map_err(|e| e.to_string())?;
+    c.repair(&strs(&minority), &strs(&majority));
+    let healed_at = c.elapsed();
+    // What was acknowledged before the heal (much of it buffered across the cut) arrives.
+    let before: Vec<String> =
+        log.borrow().iter().filter(|p| matches!(p.outcome, Outcome::Acked)).map(|p| p.id.clone()).collect();
+    let flushed = |_: &SimCluster| {
+        let got = received.lock().unwrap();
+        all.iter().all(|n| {
+            let ids: BTreeSet<&String> = got.get(n).map(|v| v.iter().collect()).unwrap_or_default();
+            before.iter().all(|id| ids.contains(id))
+        })
+    };
+    let flush_time =
+        c.run_until(DELIVERY_BOUND, flushed).map_err(|e| format!("(a) not flushed after the heal: {e}"))?;
+    stop.set(true);
+    let publish_bound = STRONG_TIMEOUT * 2;
+    c.run_until(publish_bound, |_| done.get()).map_err(|e| format!("(d) publishes still pending: {e}"))?;
+
+    let log = log.borrow().clone();
+    let acked: Vec<&Publish> = log.iter().filter(|p| matches!(p.outcome, Outcome::Acked)).collect();
+    let everywhere = |_: &SimCluster| {
+        let got = received.lock().unwrap();
+        all.iter().all(|n| {
+            let ids: BTreeSet<&String> = got.get(n).map(|v| v.iter().collect()).unwrap_or_default();
+            acked.iter().all(|p| ids.contains(&p.id))
+        })
+    };
+    let delivered = c.run_until(DELIVERY_BOUND, everywhere);
+    let got = received.lock().unwrap().clone();
+    let missing: Vec<(String, usize)> = all
+        .iter()
+        .map(|n| {
+            let ids: BTreeSet<&String> = got.get(n).map(|v| v.iter().collect()).unwrap_or_default();
+            (n.clone(), acked.iter().filter(|p| !ids.contains(&p.id)).count())
+        })
+        .collect();
+    delivered
+        .map_err(|e| format!("(a) acknowledged signals missing after the heal (node, count): {missing:?}: {e}"))?;
+
+    check_deliveries(&log, &got)?;
+    check_strong(&log, &minority, seen_at, healed_at)?;
+    let strong_ok = log.iter().filter(|p| p.level == Delivery::Strong && matches!(p.outcome, Outcome::Acked)).count();
+    let strong_failed =
+        log.iter().filter(|p| matches!(p.outcome, Outcome::Failed(PublishError::StrongUnmet { .. }))).count();
+    Ok(format!(
+        "{} publishes ({} acknowledged; strong: {strong_ok} met, {strong_failed} unmet); cut at {:?}, seen after {:?}; \
+         the {} acknowledged before the heal on every node {:?} after it",
+        log.len(),
+        acked.len(),
+        cut_at,
+        seen_at - cut_at,
+        before.len(),
+        flush_time
+    ))
+}
+
+/// (b) no duplicates and nothing unpublished; (c) per publisher, in publish order.
+fn check_deliveries(log: &[Publish], got: &BTreeMap<String, Vec<String>>) -> Result<(), String> {
+    let published: BTreeMap<&str, &Publish> = log.iter().map(|p| (p.id.as_str(), p)).collect();
+    for (node, ids) in got {
+        let mut seen = BTreeSet::new();
+        let mut last: BTreeMap<&str, &str> = BTreeMap::new();
+        for id in ids {
+            if !seen.insert(id) {
+                return Err(format!("(b) {node} received {id} twice"));
+            }
+            let Some(p) = published.get(id.as_str()) else {
+                return Err(format!("(b) {node} received {id}, never published"));
+            };
+            if let Some(prev) = last.insert(p.via.as_str(), id.as_str()) {
+                if prev > id.as_str() {
+                    return Err(format!("(c) {node} received {id} after {prev} (both from {})", p.via));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// (d) strong publishes: on the minority side while it sees the cut, unmet; on the majority
+/// side, met. Nothing else fails.
+fn check_strong(log: &[Publish], minority: &[String], seen_at: Duration, healed_at: Duration) -> Result<(), String> {
+    let mut majority_met = 0;
+    for p in log {
+        let cut = p.sent >= seen_at && p.sent + STRONG_TIMEOUT < healed_at;
+        let on_minority = minority.contains(&p.via);
+        match (&p.outcome, p.level) {
+            (Outcome::Pending, _) => return Err(format!("(d) {} never ended", p.id)),
+            (Outcome::Failed(PublishError::StrongUnmet { .. }), Delivery::Strong) if cut && on_minority => {}
+            (Outcome::Acked, Delivery::Strong) if cut && on_minority => {
+                return Err(format!("(d) strong {} met on the minority side during the cut", p.id));
+            }
+            (Outcome::Acked, Delivery::Strong) if cut => majority_met += 1,
+            (Outcome::Acked, _) => {}
+            // Around the cut's edges a strong publish may go either way.
+            (Outcome::Failed(PublishError::StrongUnmet { .. }), Delivery::Strong) if !cut => {}
+            (other, level) => return Err(format!("(d) {} ({level:?} via {}) ended {other:?}", p.id, p.via)),
+        }
+    }
+    if majority_met == 0 {
+        return Err("(d) no strong publish on the majority side met during the cut".into());
+    }
+    Ok(())
+}
+
+#[test]
+fn acknowledged_signals_reach_every_subscriber_once_in_order_after_a_partition_heals() {
+    run_seeds_in(
+        "sim_pubsub",
+        "acknowledged_signals_reach_every_subscriber_once_in_order_after_a_partition_heals",
+        6,
+        scenario,
+    );
+}
