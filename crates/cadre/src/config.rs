@@ -588,6 +588,8 @@ pub struct PubsubConfig {
     /// Time a member may stay down before its buffer is dropped (counted) and its interest
     /// forgotten; until then signals for it are kept and sent when it is back.
     pub down_keep_ms: u64,
+    /// Copies a node sends of one broadcast (each receiver reaches its share of the rest).
+    pub broadcast_fanout: usize,
 }
 
 impl Default for PubsubConfig {
@@ -605,6 +607,7 @@ impl Default for PubsubConfig {
             interest_sync_interval_ms: 1000,
             interest_patterns_max: 1024,
             down_keep_ms: 600_000,
+            broadcast_fanout: 4,
         }
     }
 }
@@ -651,9 +654,15 @@ impl PubsubConfig {
         if self.retry_ms_min > self.retry_ms_max {
             return Err(invalid("pubsub.retry_ms_min", "must not exceed pubsub.retry_ms_max"));
         }
+        if !(2..=BROADCAST_FANOUT_MAX).contains(&self.broadcast_fanout) {
+            return Err(invalid("pubsub.broadcast_fanout", format!("must be within 2..={BROADCAST_FANOUT_MAX}")));
+        }
         Ok(())
     }
 }
+
+/// Largest broadcast fanout.
+const BROADCAST_FANOUT_MAX: usize = 64;
 
 /// Upper bound of the signals section's counts (queue lengths, subscriptions, journal entries).
 const SIGNALS_COUNT_MAX: usize = 10_000_000;

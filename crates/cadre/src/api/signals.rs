@@ -1,7 +1,8 @@
 //! Signal ingress, subscriptions, dead letters and traces over HTTP.
 //!
 //! - `POST /v1/signals?delivery=weak|eventual|strong` (default `eventual`, see
-//!   [`crate::bus::remote`]): a structured (`application/cloudevents+json`), batch
+//!   [`crate::bus::remote`]; `?broadcast=true`: to every live node through the broadcast tree,
+//!   best effort, answered as `weak`): a structured (`application/cloudevents+json`), batch
 //!   (`application/cloudevents-batch+json`) or binary-mode (`ce-specversion` header present) body,
 //!   published on the node's bus and sent to the other interested nodes. `202 {"accepted":[ids],
 //!   "delivery":level}` when every signal was taken at that level.
@@ -146,6 +147,9 @@ pub(crate) fn decode_one(s: &ApiState, headers: &HeaderMap, body: &[u8]) -> Resu
 pub struct PublishQuery {
     #[serde(default)]
     pub delivery: Delivery,
+    /// To every live node's subscriptions, through the broadcast tree (best effort).
+    #[serde(default)]
+    pub broadcast: bool,
 }
 
 pub async fn post_signals(
@@ -154,8 +158,13 @@ pub async fn post_signals(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let delivery = match query {
-        Ok(Query(q)) => q.delivery,
+    let (delivery, broadcast) = match query {
+        Ok(Query(q)) if q.broadcast && q.delivery != Delivery::Weak && q.delivery != Delivery::Eventual => {
+            let detail = "a broadcast is best effort (weak); it cannot be strong";
+            return problem(StatusCode::BAD_REQUEST, "invalid-query", detail, json!({}));
+        }
+        Ok(Query(q)) if q.broadcast => (Delivery::Weak, true),
+        Ok(Query(q)) => (q.delivery, false),
         Err(e) => {
             let detail = format!("{}; delivery is weak, eventual (default) or strong", e.body_text());
             return problem(StatusCode::BAD_REQUEST, "invalid-query", detail, json!({}));
@@ -173,7 +182,11 @@ pub async fn post_signals(
     let total = signals.len();
     for signal in signals {
         let id = signal.id.clone();
-        match s.bus.publish_with(signal, delivery).await {
+        let published = match broadcast {
+            true => s.bus.broadcast(signal).await,
+            false => s.bus.publish_with(signal, delivery).await,
+        };
+        match published {
             Ok(p) => accepted.push(p.id),
             Err(e) => return refused(&id, e, accepted, total),
         }

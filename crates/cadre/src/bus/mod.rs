@@ -29,6 +29,7 @@
 //! order is kept at the cost of head-of-line blocking.
 
 pub mod agents;
+pub mod broadcast;
 pub mod interest;
 pub mod remote;
 pub mod webhook;
@@ -759,10 +760,9 @@ impl Bus {
         self.publish_with(signal, Delivery::Eventual).await
     }
 
-    /// Publishes one signal to the subscriptions of this node and, once the node is in a cluster,
-    /// of every other node, at `delivery` (see [`remote`]). A signal refused by a full local queue
-    /// goes to no other node.
-    pub async fn publish_with(&self, signal: Signal, delivery: Delivery) -> Result<Published, PublishError> {
+    /// Validates, runs the middleware, journals, and queues for this node's subscriptions; the
+    /// signal as published and how many took it.
+    async fn publish_local(&self, signal: Signal) -> Result<(Arc<Signal>, usize), PublishError> {
         let inner = &self.inner;
         if inner.cancel.is_cancelled() {
             return Err(PublishError::ShuttingDown);
@@ -808,12 +808,41 @@ impl Bus {
             self.count_rejected(&e);
             return Err(e);
         }
+        Ok((signal, delivered))
+    }
+
+    /// Publishes one signal to the subscriptions of this node and, once the node is in a cluster,
+    /// of every other node, at `delivery` (see [`remote`]). A signal refused by a full local queue
+    /// goes to no other node.
+    pub async fn publish_with(&self, signal: Signal, delivery: Delivery) -> Result<Published, PublishError> {
+        let inner = &self.inner;
+        let (signal, delivered) = self.publish_local(signal).await?;
         let remote_nodes = match inner.remote.get() {
             Some(r) => r.publish(&signal, delivery, delivered > 0).await.inspect_err(|e| self.count_rejected(e))?.nodes,
             None => 0,
         };
         inner.metrics.published.inc();
         Ok(Published { id: signal.id.clone(), deliveries: delivered, remote_nodes, delivery })
+    }
+
+    /// Publishes one signal to the subscriptions of every live node, whatever their patterns
+    /// advertise (cache invalidation, configuration), through the broadcast tree (see
+    /// [`broadcast`]): this node sends at most `broadcast_fanout` copies. Best effort (`weak`):
+    /// returns once this node's copies are accepted, each unreachable node's share taken over.
+    pub async fn broadcast(&self, signal: Signal) -> Result<Published, PublishError> {
+        let inner = &self.inner;
+        let (signal, delivered) = self.publish_local(signal).await?;
+        let remote_nodes = match inner.remote.get() {
+            Some(r) => r.broadcast(&signal).await.inspect_err(|e| self.count_rejected(e))?,
+            None => 0,
+        };
+        inner.metrics.published.inc();
+        Ok(Published { id: signal.id.clone(), deliveries: delivered, remote_nodes, delivery: Delivery::Weak })
+    }
+
+    /// Broadcast figures of this node: copies sent, and the most hops a broadcast took to reach it.
+    pub fn broadcast_stats(&self) -> remote::BroadcastStats {
+        self.inner.remote.get().map(|r| r.broadcast_stats()).unwrap_or_default()
     }
 
     /// Starts the cluster side: advertises this node's patterns and sends copies of what it
@@ -904,6 +933,22 @@ impl Bus {
                     count += 1;
                 }
                 remote::Reply::Accepted { count }
+            }
+            remote::Req::Broadcast { hops, rest, signal } => {
+                match crate::signal::codec::decode_structured(signal) {
+                    Ok(decoded) => {
+                        let decoded = Arc::new(decoded);
+                        // Best effort: a full queue here does not stop the others' copies.
+                        r.take_once(&decoded, || self.deliver_remote(&decoded));
+                        r.forward_broadcast(bytes::Bytes::copy_from_slice(signal), hops, rest);
+                        remote::Reply::Accepted { count: 1 }
+                    }
+                    Err(e) => {
+                        warn!(%from, error = %e, "invalid broadcast signal from another node");
+                        r.count_refused("invalid_signal");
+                        remote::Reply::Refused(format!("invalid signal: {e}"))
+                    }
+                }
             }
             remote::Req::Interest(entry) => remote::Reply::Accepted { count: r.merge(vec![entry]) },
             remote::Req::Pull(digest) => remote::Reply::Entries(r.newer_than(&digest)),

@@ -123,6 +123,28 @@ pub(super) enum Req<'a> {
     Interest(Entry),
     /// The sender's digest; answered with the entries newer than it.
     Pull(Vec<(String, Stamp)>),
+    /// A broadcast: take the signal (reached in `hops` hops), then reach `rest` (see
+    /// [`super::broadcast`]).
+    Broadcast {
+        hops: u32,
+        rest: Vec<String>,
+        #[serde(borrow)]
+        signal: &'a [u8],
+    },
+}
+
+/// Most nodes one broadcast message may name.
+pub const BROADCAST_TARGETS_MAX: usize = 65_536;
+
+/// Broadcast figures of one node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BroadcastStats {
+    /// Copies this node sent (its own broadcasts and forwards).
+    pub sent: u64,
+    /// Hops the farthest-travelled broadcast took to reach this node.
+    pub depth_max: u32,
+    /// Hops whose node could not be reached, its share taken over by the sender.
+    pub rerouted: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -246,6 +268,9 @@ pub(crate) struct Remote {
     peers: Mutex<HashMap<String, Arc<PeerOut>>>,
     dedup: Mutex<Dedup>,
     metrics: RemoteMetrics,
+    broadcast_sent: AtomicU64,
+    broadcast_depth_max: std::sync::atomic::AtomicU32,
+    broadcast_rerouted: AtomicU64,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -281,6 +306,9 @@ impl Remote {
             own_changed: Notify::new(),
             peers: Mutex::new(HashMap::new()),
             metrics: RemoteMetrics::new(&parts.metrics),
+            broadcast_sent: AtomicU64::new(0),
+            broadcast_depth_max: std::sync::atomic::AtomicU32::new(0),
+            broadcast_rerouted: AtomicU64::new(0),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
@@ -355,6 +383,46 @@ impl Remote {
                 let acked = quorum.acks.available_permits() + usize::from(local);
                 Err(PublishError::StrongUnmet { acked, needed: targets / 2 + 1, targets })
             }
+        }
+    }
+
+    /// Sends `signal` to every other active member through the broadcast tree; how many nodes it
+    /// is for.
+    pub(crate) async fn broadcast(self: &Arc<Self>, signal: &Signal) -> Result<usize, PublishError> {
+        let body = Bytes::from(crate::signal::codec::encode_structured(signal));
+        if body.len() > self.body_len_max {
+            self.metrics.dropped.get_or_create(&label("reason", "too_large")).inc();
+            return Err(PublishError::TooLarge { len: body.len(), max: self.body_len_max });
+        }
+        let view = self.membership.view();
+        let mut targets: Vec<String> = view
+            .members
+            .iter()
+            .filter(|m| m.state.is_active() && m.meta.name != self.me)
+            .map(|m| m.meta.name.clone())
+            .collect();
+        targets.sort();
+        targets.dedup();
+        let n = targets.len();
+        forward(self.clone(), body, 1, targets).await;
+        Ok(n)
+    }
+
+    /// Reaches `rest` for a broadcast that reached this node in `hops` hops (in the background).
+    pub(super) fn forward_broadcast(self: &Arc<Self>, body: Bytes, hops: u32, mut rest: Vec<String>) {
+        self.broadcast_depth_max.fetch_max(hops, Ordering::Relaxed);
+        rest.retain(|n| *n != self.me);
+        rest.truncate(BROADCAST_TARGETS_MAX);
+        if !rest.is_empty() {
+            self.tasks.spawn(forward(self.clone(), body, hops + 1, rest));
+        }
+    }
+
+    pub(crate) fn broadcast_stats(&self) -> BroadcastStats {
+        BroadcastStats {
+            sent: self.broadcast_sent.load(Ordering::Relaxed),
+            depth_max: self.broadcast_depth_max.load(Ordering::Relaxed),
+            rerouted: self.broadcast_rerouted.load(Ordering::Relaxed),
         }
     }
 
@@ -502,6 +570,38 @@ impl Remote {
             }
         }
     }
+}
+
+/// Sends a broadcast to the plan's hops (each reached in `hops` hops), all at once; a hop that
+/// cannot be reached has its share taken over here.
+fn forward(
+    remote: Arc<Remote>,
+    body: Bytes,
+    hops: u32,
+    targets: Vec<String>,
+) -> futures::future::BoxFuture<'static, ()> {
+    use futures::FutureExt;
+    async move {
+        let plan = super::broadcast::plan(&targets, remote.cfg.broadcast_fanout);
+        let sends = plan.into_iter().map(|hop| {
+            let (remote, body) = (remote.clone(), body.clone());
+            async move {
+                remote.broadcast_sent.fetch_add(1, Ordering::Relaxed);
+                let req = encode(&Req::Broadcast { hops, rest: hop.rest.clone(), signal: &body });
+                if let Some(Reply::Accepted { .. }) = remote.ask(&hop.to, req).await {
+                    return;
+                }
+                debug!(node = %hop.to, "broadcast hop unreachable; taking its share over");
+                remote.broadcast_rerouted.fetch_add(1, Ordering::Relaxed);
+                remote.metrics.dropped.get_or_create(&label("reason", "broadcast_unreachable")).inc();
+                if !hop.rest.is_empty() {
+                    forward(remote, body, hops, hop.rest).await;
+                }
+            }
+        });
+        join_all(sends).await;
+    }
+    .boxed()
 }
 
 /// Between checks of the buffers while a stop flushes them.
