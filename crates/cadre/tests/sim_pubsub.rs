@@ -83,7 +83,7 @@ fn subscribe_all(c: &mut SimCluster, received: &Received) -> Result<(), String> 
 }
 
 fn subscribe_each(c: &mut SimCluster, nodes: &[String], pattern: &str, received: &Received) -> Result<(), String> {
-    for name in nodes.iter().cloned() {
+    for name in nodes {
         let pattern = pattern.to_string();
         let (log, me) = (received.clone(), name.clone());
         let record = Dispatch::function(move |s: Arc<Signal>| {
@@ -91,7 +91,7 @@ fn subscribe_each(c: &mut SimCluster, nodes: &[String], pattern: &str, received:
             futures::future::ready(Ok(()))
         });
         let done = c
-            .run_with_bus(&name, Duration::from_secs(1), move |_, bus| async move {
+            .run_with_bus(name, Duration::from_secs(1), move |_, bus| async move {
                 bus.subscribe_detached(SubscriptionSpec::new(pattern, record)).map(|_| ())
             })
             .map_err(|e| e.to_string())?;
