@@ -169,8 +169,22 @@ async fn structured_posts_are_published_as_sent() {
         let sent = signal("order.created", json!({"n": 1, "ct": ct, "nested": {"a": [1, 2.5, null, "x"]}}));
         let res = post(addr, "/v1/signals", ct, encode_structured(&sent)).await;
         assert_eq!(res.accepted(), [sent.id.as_str()], "{ct}");
-        assert_eq!(res.json(), json!({"accepted": [sent.id]}));
+        assert_eq!(res.json(), json!({"accepted": [sent.id], "delivery": "eventual"}));
         assert_received(&*next(&mut rx).await, &sent);
+    }
+
+    // The level asked for is the level answered; an unknown one is a client error.
+    for level in ["weak", "eventual", "strong"] {
+        let sent = signal("order.created", json!({"level": level}));
+        let res = post(addr, &format!("/v1/signals?delivery={level}"), STRUCTURED, encode_structured(&sent)).await;
+        assert_eq!(res.json(), json!({"accepted": [sent.id], "delivery": level}));
+        assert_received(&*next(&mut rx).await, &sent);
+    }
+    for bad in ["?delivery=sometimes", "?broadcast=true&delivery=strong", "?nope=1"] {
+        let sent = signal("order.created", json!(null));
+        let res = post(addr, &format!("/v1/signals{bad}"), STRUCTURED, encode_structured(&sent)).await;
+        assert_eq!(res.status, 400, "{bad}: {:?}", res.json());
+        assert_eq!(res.json()["type"], "urn:cadre:problem:invalid-query", "{bad}");
     }
 
     // A traceparent given by the client is kept.
