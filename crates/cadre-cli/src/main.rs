@@ -150,6 +150,12 @@ struct SendArgs {
     /// Signal id; default a fresh UUIDv7.
     #[arg(long)]
     id: Option<String>,
+    /// How hard to reach other nodes: weak, eventual or strong.
+    #[arg(long, default_value = "eventual", value_parser = ["weak", "eventual", "strong"])]
+    delivery: String,
+    /// To every live node's subscriptions, through the broadcast tree (best effort).
+    #[arg(long, conflicts_with = "delivery")]
+    broadcast: bool,
 }
 
 #[derive(Args)]
@@ -337,9 +343,12 @@ async fn send(args: SendArgs) -> Result<()> {
     s.subject = args.subject;
     s.validate()?;
     let body = bytes::Bytes::from(codec::encode_structured(&s));
+    let path = match args.broadcast {
+        true => "/v1/signals?broadcast=true".to_string(),
+        false => format!("/v1/signals?delivery={}", args.delivery),
+    };
     let (status, body) =
-        cadre::api::client::post(addr, "/v1/signals", codec::CONTENT_TYPE_STRUCTURED, body, Duration::from_secs(10))
-            .await?;
+        cadre::api::client::post(addr, &path, codec::CONTENT_TYPE_STRUCTURED, body, Duration::from_secs(10)).await?;
     let text = String::from_utf8_lossy(&body);
     if status != 202 {
         bail!("the node answered {status}: {text}");

@@ -59,13 +59,28 @@ async fn send_reaches_the_webhook_of_a_routes_file() {
         .await
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), r#"{"accepted":["order-1-placed"]}"#);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), r#"{"accepted":["order-1-placed"],"delivery":"eventual"}"#);
 
     let body = tokio::time::timeout(WAIT, bodies.recv()).await.unwrap().unwrap();
     let s = cadre::signal::codec::decode_structured(&body).unwrap();
     assert_eq!((s.id.as_str(), s.ty.as_str(), s.source.as_str()), ("order-1-placed", "order.placed", "/shop"));
     assert_eq!(s.subject.as_deref(), Some("order-1"));
     assert_eq!(s.data, Some(cadre::signal::Data::Json(serde_json::json!({"total": 42}))));
+
+    // Delivery levels and broadcasts are flags.
+    for (flags, level) in [(&["--delivery", "strong"][..], "strong"), (&["--broadcast"][..], "weak")] {
+        let out = tokio::process::Command::new(exe())
+            .args(["send", "--http", &node.http.to_string(), "--type", "order.paid", "--id", level])
+            .args(flags)
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["delivery"], level, "{flags:?}");
+        let body = tokio::time::timeout(WAIT, bodies.recv()).await.unwrap().unwrap();
+        assert_eq!(cadre::signal::codec::decode_structured(&body).unwrap().id, level);
+    }
 
     // Bad input from `send` is refused before anything is posted.
     let out = tokio::process::Command::new(exe())

@@ -282,6 +282,8 @@ pub(crate) struct RemoteParts {
     pub transport: WeakTransport,
     pub membership: Membership,
     pub metrics: Metrics,
+    /// Seeds the choice of whom to pull from (so a simulation replays).
+    pub rng_seed: u64,
 }
 
 impl Remote {
@@ -313,7 +315,8 @@ impl Remote {
             tasks: TaskTracker::new(),
         });
         remote.set_patterns(patterns);
-        remote.tasks.spawn(gossip_loop(remote.clone()));
+        let rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(parts.rng_seed);
+        remote.tasks.spawn(gossip_loop(remote.clone(), rng));
         remote
     }
 
@@ -704,7 +707,7 @@ fn drop_weak(remote: &Remote, peer: &PeerOut, n: usize) {
 }
 
 /// Pushes and pulls interest entries; forgets members gone for good with their buffers.
-async fn gossip_loop(remote: Arc<Remote>) {
+async fn gossip_loop(remote: Arc<Remote>, mut rng: rand::rngs::StdRng) {
     let mut events = remote.membership.subscribe();
     let mut tick = tokio::time::interval(Duration::from_millis(remote.cfg.interest_sync_interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -724,7 +727,7 @@ async fn gossip_loop(remote: Arc<Remote>) {
             _ = tick.tick() => {
                 let alive = remote.membership.view().names(MemberState::Alive);
                 let others: Vec<&String> = alive.iter().filter(|n| **n != remote.me).collect();
-                let pick = others.choose(&mut rand::rng()).map(|n| n.to_string());
+                let pick = others.choose(&mut rng).map(|n| n.to_string());
                 if let Some(node) = pick {
                     pull(&remote, &node).await;
                 }

@@ -297,6 +297,7 @@ impl Node {
             transport: transport.downgrade(),
             membership: membership.clone(),
             metrics: metrics.clone(),
+            rng_seed: rng_seed.wrapping_add(3),
         });
         bus.attach_cluster(cluster.clone());
         agents.set_emitter(emitter(bus.downgrade()));
