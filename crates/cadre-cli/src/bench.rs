@@ -25,10 +25,10 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::proc::{free_port, loopback, wait_ready, NodeProc, NodeSpec};
 
-const ASK_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const ASK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Raw protocol: first byte of a connection selects the mode.
 const RAW_MODE_COUNT: u8 = b'C';
-const RAW_MODE_ECHO: u8 = b'E';
+pub(crate) const RAW_MODE_ECHO: u8 = b'E';
 /// Raw frames are at most this long (the raw server refuses longer ones).
 const RAW_FRAME_LEN_MAX: usize = 1 << 20;
 const RAW_BUF_BYTES: usize = 256 * 1024;
@@ -37,7 +37,7 @@ const SENDS_PER_CLOCK_CHECK: u64 = 1024;
 /// Alternating rounds of cadre and raw throughput.
 const THROUGHPUT_ROUNDS: u32 = 4;
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
@@ -45,7 +45,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i]
 }
 
-fn us(d: Duration) -> f64 {
+pub(crate) fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
@@ -68,12 +68,7 @@ pub async fn transport(seconds: f64, payload_len: usize) -> Result<()> {
         dir: dir.path(),
         secret: &secret,
     })?;
-    let raw_addr = loopback(free_port()?);
-    let mut raw = tokio::process::Command::new(&exe)
-        .args(["bench-raw-server", "--listen", &raw_addr.to_string()])
-        .kill_on_drop(true)
-        .spawn()
-        .context("cannot start the raw server")?;
+    let (mut raw, raw_addr) = spawn_raw_server(&exe)?;
     wait_ready(rx.http, Duration::from_secs(20)).await.with_context(|| rx.log_tail())?;
 
     let cfg =
@@ -160,13 +155,25 @@ pub async fn transport(seconds: f64, payload_len: usize) -> Result<()> {
     Ok(())
 }
 
+/// Starts the raw TCP server (`cadre bench-raw-server`) as a child process, killed when dropped;
+/// [`raw_connect`] waits for it to listen.
+pub(crate) fn spawn_raw_server(exe: &std::path::Path) -> Result<(tokio::process::Child, SocketAddr)> {
+    let addr = loopback(free_port()?);
+    let child = tokio::process::Command::new(exe)
+        .args(["bench-raw-server", "--listen", &addr.to_string()])
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start the raw server")?;
+    Ok((child, addr))
+}
+
 async fn ask_count(node: &Node, to: SocketAddr) -> Result<u64> {
     let reply = node.ask(to, Bytes::from_static(ECHO_COUNT_ASK), ASK_TIMEOUT).await?;
     let bytes: [u8; 8] = reply.as_ref().try_into().context("count reply is not 8 bytes")?;
     Ok(u64::from_le_bytes(bytes))
 }
 
-async fn raw_connect(addr: SocketAddr, mode: u8) -> Result<TcpStream> {
+pub(crate) async fn raw_connect(addr: SocketAddr, mode: u8) -> Result<TcpStream> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match TcpStream::connect(addr).await {
@@ -182,7 +189,7 @@ async fn raw_connect(addr: SocketAddr, mode: u8) -> Result<TcpStream> {
 }
 
 /// Sends tells for `round`, then asks the receiver how many arrived. Every tell must arrive.
-async fn cadre_tells(
+pub(crate) async fn cadre_tells(
     node: &Node,
     peer: &PeerSender,
     to: SocketAddr,
@@ -208,18 +215,18 @@ async fn cadre_tells(
 
 /// One plain connection with buffered writes of length-prefixed frames; a zero-length frame asks
 /// the server for its count (which it then resets).
-struct RawCounter {
+pub(crate) struct RawCounter {
     r: BufReader<tokio::net::tcp::OwnedReadHalf>,
     w: BufWriter<tokio::net::tcp::OwnedWriteHalf>,
 }
 
 impl RawCounter {
-    async fn connect(addr: SocketAddr) -> Result<Self> {
+    pub(crate) async fn connect(addr: SocketAddr) -> Result<Self> {
         let (r, w) = raw_connect(addr, RAW_MODE_COUNT).await?.into_split();
         Ok(RawCounter { r: BufReader::new(r), w: BufWriter::with_capacity(RAW_BUF_BYTES, w) })
     }
 
-    async fn run(&mut self, payload: &[u8], round: Duration) -> Result<(u64, Duration)> {
+    pub(crate) async fn run(&mut self, payload: &[u8], round: Duration) -> Result<(u64, Duration)> {
         let len = (payload.len() as u32).to_be_bytes();
         let start = Instant::now();
         let mut sent = 0u64;

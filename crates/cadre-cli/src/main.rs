@@ -6,6 +6,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod bench;
 mod bench_agents;
 mod bench_bus;
+mod bench_pubsub;
 mod bench_router;
 mod demo;
 mod hook;
@@ -61,6 +62,9 @@ enum Cmd {
         #[command(subcommand)]
         which: BenchCmd,
     },
+    /// Internal: the subscriber's node of `cadre bench pubsub` (takes the flags of `node`).
+    #[command(hide = true, name = bench_pubsub::PEER_SUBCOMMAND)]
+    BenchPubsubPeer(NodeArgs),
     /// Internal: the raw TCP peer of `cadre bench transport`.
     #[command(hide = true)]
     BenchRawServer {
@@ -101,6 +105,16 @@ enum BenchCmd {
         /// Other subscriptions on the bus (not matching the published type).
         #[arg(long, default_value_t = 1000)]
         routes: usize,
+    },
+    /// Cluster pub/sub to a subscriber in another process: publish throughput (eventual, weak),
+    /// frames per signal and round-trip latency, against transport tells, asks and raw TCP.
+    Pubsub {
+        /// Seconds per throughput measure (and for the latency measure), 0.1 to 600.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// Bytes of each signal's data (a JSON string), at most 65536.
+        #[arg(long, default_value_t = 100)]
+        payload: usize,
     },
     /// Routing a signal type against many routes, against an exact hash-map lookup.
     Router {
@@ -415,7 +429,15 @@ fn main() -> ExitCode {
             init_logging("warn");
             rt.block_on(async move { tokio::spawn(bench_bus::run(seconds, routes)).await? })
         }
+        Cmd::Bench { which: BenchCmd::Pubsub { seconds, payload } } => {
+            init_logging("warn");
+            rt.block_on(async move { tokio::spawn(bench_pubsub::run(seconds, payload)).await? })
+        }
         Cmd::Bench { which: BenchCmd::Router { routes, lookups } } => bench_router::run(routes, lookups),
+        Cmd::BenchPubsubPeer(args) => {
+            init_logging("warn");
+            node_config(&args).and_then(|cfg| rt.block_on(bench_pubsub::peer(cfg)))
+        }
         Cmd::BenchRawServer { listen } => rt.block_on(bench::raw_server(listen)),
     };
     match result {

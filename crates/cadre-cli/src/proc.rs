@@ -52,6 +52,22 @@ impl NodeProc {
     /// (through `ip netns exec NETNS`, which execs the node: the child, its pid and the signals
     /// sent to it are the node's own).
     pub fn spawn_in(spec: NodeSpec<'_>, netns: Option<&str>, addr: SocketAddr, http: SocketAddr) -> Result<NodeProc> {
+        Self::spawn_cmd(spec, "node", netns, addr, http)
+    }
+
+    /// Starts `cadre SUBCOMMAND` with the flags of `cadre node` (a node with extra behaviour,
+    /// such as a benchmark's peer), on free loopback ports.
+    pub fn spawn_as(spec: NodeSpec<'_>, subcommand: &str) -> Result<NodeProc> {
+        Self::spawn_cmd(spec, subcommand, None, loopback(free_port()?), loopback(free_port()?))
+    }
+
+    fn spawn_cmd(
+        spec: NodeSpec<'_>,
+        subcommand: &str,
+        netns: Option<&str>,
+        addr: SocketAddr,
+        http: SocketAddr,
+    ) -> Result<NodeProc> {
         let data_dir = spec.dir.join(spec.name);
         let log = spec.dir.join(format!("{}.log", spec.name));
         let log_file = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
@@ -63,7 +79,7 @@ impl NodeProc {
             }
             None => Command::new(spec.exe),
         };
-        cmd.arg("node")
+        cmd.arg(subcommand)
             .args(["--name", spec.name, "--listen", &addr.to_string(), "--http", &http.to_string()])
             .arg("--data-dir")
             .arg(&data_dir)
