@@ -901,7 +901,28 @@ impl Bus {
 
     /// Serves a pub/sub ask from another node (payload starting with [`PUBSUB_TAG`]); returns
     /// the reply. Bad input is refused with a counted reason, never a panic.
-    pub fn on_pubsub_ask(&self, from: &str, payload: &[u8]) -> bytes::Bytes {
+    ///
+    /// A batch of signals (up to `batch_len_max`, milliseconds of work) is taken on a task of its
+    /// own and answered through [`crate::net::Transport::reply`], so the connection's reader goes
+    /// on with other asks meanwhile; order holds, as a sender has one batch in flight. Other
+    /// requests are answered at once (`Some`).
+    pub fn on_pubsub_ask(&self, from: &crate::net::PeerInfo, id: u64, payload: bytes::Bytes) -> Option<bytes::Bytes> {
+        let signals = payload.get(1) == Some(&remote::SIGNALS_VARIANT);
+        let transport = self.inner.remote.get().and_then(|r| r.transport());
+        match (signals, transport) {
+            (true, Some(transport)) => {
+                let (bus, from) = (self.clone(), from.clone());
+                self.inner.tasks.spawn(async move {
+                    let reply = bus.serve_pubsub(&from.name, &payload);
+                    let _ = transport.reply(from.addr, id, reply);
+                });
+                None
+            }
+            _ => Some(self.serve_pubsub(&from.name, &payload)),
+        }
+    }
+
+    fn serve_pubsub(&self, from: &str, payload: &[u8]) -> bytes::Bytes {
         let Some(r) = self.inner.remote.get() else {
             return remote::encode(&remote::Reply::Refused("not in a cluster yet".into()));
         };

@@ -10,7 +10,8 @@
 //!
 //! ## Delivery levels
 //! - `weak`: put in the buffers if there is room (else skipped, counted); dropped if its batch
-//!   fails. Never retried.
+//!   fails (no answer, or refused). Never retried after a failure; a batch the receiver answers
+//!   but takes only in part (its queues are full) keeps the rest, weak signals too.
 //! - `eventual` (default): acknowledged once in every target node's buffer (all or none: a full
 //!   buffer fails the publish with `BufferFull` before anything is added). A batch that fails is
 //!   sent again, after a back-off, until the receiver acknowledges it; the buffer waits out an
@@ -111,6 +112,9 @@ impl std::str::FromStr for Delivery {
         }
     }
 }
+
+/// The encoding of [`Req::Signals`]'s variant (postcard: its index, the byte after the tag).
+pub(super) const SIGNALS_VARIANT: u8 = 0;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) enum Req<'a> {
@@ -550,6 +554,10 @@ impl Remote {
         }
     }
 
+    pub(super) fn transport(&self) -> Option<crate::net::Transport> {
+        self.transport.upgrade()
+    }
+
     pub(crate) async fn shutdown(&self) {
         self.cancel.cancel();
         self.tasks.close();
@@ -623,31 +631,39 @@ async fn send_loop(remote: Arc<Remote>, peer: Arc<PeerOut>) {
         }
         let (payload, n) = batch(&remote.cfg, &peer);
         remote.metrics.batches.inc();
-        let acked = match remote.ask(&peer.name, payload).await {
-            Some(Reply::Accepted { count }) => (count as usize).min(n),
+        // `Some(count)`: the receiver answered and took the first `count` (fewer than `n` when its
+        // subscriber queues are full: back-pressure, the rest waits). `None`: the batch failed.
+        let taken = match remote.ask(&peer.name, payload).await {
+            Some(Reply::Accepted { count }) => Some((count as usize).min(n)),
             Some(other) => {
                 warn!(node = %peer.name, reply = ?other, "signals refused by the receiver");
-                0
+                None
             }
-            None => 0,
+            None => None,
         };
-        if acked > 0 {
-            ack(&remote, &peer, acked);
+        match taken {
+            Some(count) if count == n => {
+                ack(&remote, &peer, count);
+                retry_ms = remote.cfg.retry_ms_min;
+                continue;
+            }
+            // Progress: go on after a short pause (the receiver's queues are draining).
+            Some(count) if count > 0 => {
+                ack(&remote, &peer, count);
+                retry_ms = remote.cfg.retry_ms_min;
+            }
+            // The receiver is full: back off, keeping even the weak signals (nothing failed).
+            Some(_) => {}
+            None => drop_weak(&remote, &peer, n),
         }
-        if acked == n {
-            retry_ms = remote.cfg.retry_ms_min;
-            continue;
-        }
-        if acked == 0 {
-            drop_weak(&remote, &peer, n);
-        }
-        // Not (all) taken: wait, or less when the membership view changes (a node back).
+        // Wait, or less when the membership view changes (a node back).
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(retry_ms)) => {}
             _ = view.changed() => {}
             _ = peer.cancel.cancelled() => return,
         }
-        retry_ms = (retry_ms * 2).min(remote.cfg.retry_ms_max);
+        let progress = matches!(taken, Some(c) if c > 0);
+        retry_ms = if progress { remote.cfg.retry_ms_min } else { (retry_ms * 2).min(remote.cfg.retry_ms_max) };
     }
 }
 
@@ -794,6 +810,20 @@ fn expire(remote: &Remote, down_since: &mut HashMap<String, Instant>) {
                 remote.metrics.dropped.get_or_create(&label("reason", "node_gone")).inc_by(lost as u64);
                 remote.metrics.buffered.dec_by(lost as i64);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_of_signals_is_told_apart_by_its_second_byte() {
+        let signals = encode(&Req::Signals { signals: vec![b"{}".as_slice()] });
+        assert_eq!((signals[0], signals[1]), (PUBSUB_TAG, SIGNALS_VARIANT));
+        for other in [encode(&Req::Pull(vec![])), encode(&Req::Broadcast { hops: 1, rest: vec![], signal: b"{}" })] {
+            assert_ne!(other[1], SIGNALS_VARIANT);
         }
     }
 }

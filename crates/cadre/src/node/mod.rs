@@ -103,8 +103,8 @@ impl Handler for NodeHandler {
                 return self.cluster.on_agent_ask(from, id, payload)
             }
             // Signals from other nodes and the interest map: taken at once, in arrival order.
-            Msg::Ask { payload, .. } if payload.first() == Some(&PUBSUB_TAG) => {
-                return Some(self.bus.on_pubsub_ask(&from.name, &payload))
+            Msg::Ask { id, payload } if payload.first() == Some(&PUBSUB_TAG) => {
+                return self.bus.on_pubsub_ask(from, id, payload)
             }
             // Applied in arrival order per shard, then answered.
             Msg::Ask { id, payload } if payload.first() == Some(&REPLICA_TAG) => {
