@@ -1,7 +1,8 @@
 //! Signals across in-process nodes on loopback: the interest map converges, a publish reaches
 //! every matching subscription on every node exactly once and in publish order, one copy per node;
 //! delivery levels (`weak`, `eventual`, `strong`) and a `strong` publish that cannot reach a
-//! majority failing instead of hanging; bad pub/sub requests refused with the node carrying on.
+//! majority failing instead of hanging; bad pub/sub requests (undecodable, an invalid CloudEvent in
+//! a batch, a signal too large for a frame) refused with the node carrying on.
 //!
 //! Conditions are awaited (interest map changes, channel receives) with deadlines, never slept on.
 
@@ -176,6 +177,23 @@ async fn bad_pubsub_requests_are_refused_and_the_node_carries_on() {
         assert_eq!(reply.first(), Some(&PUBSUB_TAG), "a typed reply");
     }
     assert!(metric(b, "cadre_pubsub_refused_total") >= 2.0);
+    // A batch with an invalid CloudEvent between two valid ones: all three answered as taken
+    // (sending it again would not make it valid), the valid ones delivered, the invalid counted.
+    let valid = |i| cadre::signal::codec::encode_structured(&signal("ok.x", i));
+    let invalid = br#"{"specversion":"1.0","id":"","source":"/s","type":"ok.x"}"#.to_vec();
+    let batch = (0u32, vec![valid(100), invalid, valid(101)]);
+    let mut payload = vec![PUBSUB_TAG];
+    payload.extend(postcard::to_allocvec(&batch).unwrap());
+    let reply = a.ask(b.addr(), Bytes::from(payload), t).await.unwrap();
+    assert_eq!(reply.first(), Some(&PUBSUB_TAG));
+    assert_eq!(receive(&mut on_b, 2).await, ["ok.x-100", "ok.x-101"]);
+    let invalid_counted = "cadre_pubsub_refused_total{reason=\"invalid_signal\"}";
+    assert_eq!(metric(b, invalid_counted), 1.0);
+    // A signal too large for a frame cannot go to other nodes: a typed error, counted.
+    let mut big = signal("ok.x", 0);
+    big.data = Some(cadre::signal::Data::Json(serde_json::json!("x".repeat(2 << 20))));
+    let err = a.bus().publish(big).await.unwrap_err();
+    assert!(matches!(err, PublishError::TooLarge { .. }), "{err}");
     // Still serving.
     a.bus().publish(signal("ok.x", 0)).await.unwrap();
     assert_eq!(receive(&mut on_b, 1).await, ["ok.x-0"]);

@@ -37,6 +37,8 @@ use crate::storage::Key;
 const INSTALL_RETRY_MS: u64 = 500;
 /// Attempts per route of a routes file (about five minutes); then it is given up, logged.
 const INSTALL_ATTEMPTS_MAX: u32 = 600;
+/// Time one attempt may take (a route change waits for a leader to be known).
+const INSTALL_ATTEMPT_MS: u64 = 2000;
 
 impl Bus {
     /// Gives the bus the cluster's agents: mirrors the cluster-wide routes as local subscriptions
@@ -153,7 +155,12 @@ fn mirror(bus: &Bus, routes: &BTreeMap<u64, AgentRoute>, mirrored: &mut HashMap<
 async fn install(bus: Bus, cluster: Cluster, routes: Vec<AgentRoute>) {
     for route in routes {
         for attempt in 1..=INSTALL_ATTEMPTS_MAX {
-            match cluster.add_route(route.clone()).await {
+            let add = tokio::time::timeout(Duration::from_millis(INSTALL_ATTEMPT_MS), cluster.add_route(route.clone()));
+            let added = tokio::select! {
+                r = add => r.unwrap_or_else(|_| Err(CallError::Timeout(Duration::from_millis(INSTALL_ATTEMPT_MS)))),
+                _ = bus.inner.cancel.cancelled() => return,
+            };
+            match added {
                 Ok(id) => {
                     info!(route = id, pattern = %route.pattern, "cluster-wide route added");
                     break;

@@ -1143,17 +1143,22 @@ fn enqueue(inner: &Inner, sub: &Sub, signal: &Arc<Signal>, size: usize) -> Enque
         if q.items.is_empty() || sub.overflow == Overflow::Reject {
             return Enqueued::Full;
         }
-        let (_, bytes) = q.items.pop_front().expect("the queue is not empty");
-        q.bytes -= bytes;
-        inner.release(bytes);
-        sub.counts.dropped.fetch_add(1, Ordering::Relaxed);
-        inner.metrics.queue_dropped.get_or_create(&label("queue", "subscriber")).inc();
+        drop_oldest(inner, sub, &mut q);
     }
     q.items.push_back((signal.clone(), size));
     q.bytes += size;
     drop(q);
     sub.notify.notify_one();
     Enqueued::Yes
+}
+
+/// Drops a `drop_oldest` queue's oldest signal to make room (counted).
+fn drop_oldest(inner: &Inner, sub: &Sub, q: &mut Queue) {
+    let (_, bytes) = q.items.pop_front().expect("a queue without room is not empty");
+    q.bytes -= bytes;
+    inner.release(bytes);
+    sub.counts.dropped.fetch_add(1, Ordering::Relaxed);
+    inner.metrics.queue_dropped.get_or_create(&label("queue", "subscriber")).inc();
 }
 
 /// Appends a signal to every queue in `targets` (sorted by id, distinct) or to none: a `reject`
@@ -1175,11 +1180,7 @@ fn enqueue_all(inner: &Inner, targets: &[Arc<Sub>], signal: &Arc<Signal>, size: 
     }
     for (sub, q) in queues.iter_mut() {
         while !room(sub, q) {
-            let (_, bytes) = q.items.pop_front().expect("a queue without room is not empty");
-            q.bytes -= bytes;
-            inner.release(bytes);
-            sub.counts.dropped.fetch_add(1, Ordering::Relaxed);
-            inner.metrics.queue_dropped.get_or_create(&label("queue", "subscriber")).inc();
+            drop_oldest(inner, sub, q);
         }
         q.items.push_back((signal.clone(), size));
         q.bytes += size;
