@@ -14,6 +14,10 @@
 //! - Write-through: `counter.add` on the owner's node, with replication factor 1 and then 2 (each
 //!   write is acknowledged once the other node's store has it too); the ratio is the cost of a
 //!   replica.
+//! - Reads: two nodes, replication factor 2 (each holds a copy of every shard); `counter.get`
+//!   as a read-only call from node b to keys whose shard node a owns: from the nearest copy
+//!   (b's own replica: no hop) against from the owner (a hop to a), both on the stored state,
+//!   and the share of nearest reads that b served itself.
 
 use std::time::{Duration, Instant};
 
@@ -289,6 +293,56 @@ async fn write_through(seconds: f64, replication_factor: u32, storage: Option<&s
     Ok((calls, p50(lat)))
 }
 
+/// Read-only `counter.get` from b to keys a owns, b holding replicas (factor 2): reads/s and p50 µs
+/// from the nearest copy, the same from the owner, and the share of nearest reads b served.
+async fn reads(seconds: f64) -> Result<((f64, f64), (f64, f64), f64)> {
+    use cadre::cluster::read::{ReadFrom, ReadOpts};
+    let (a, b) = start_pair(2, None).await?;
+    let keys: Vec<Key> = (0..)
+        .map(|i| Key::new("counter", format!("q{i}")))
+        .filter(|k| b.cluster().placement(k).ok().and_then(|p| p.owner).as_deref() == Some("a"))
+        .take(HOT_KEYS)
+        .collect();
+    for k in &keys {
+        a.cluster().call(k, add(), CALL_TIMEOUT).await?;
+    }
+    let keys = std::sync::Arc::new(keys);
+    let cluster = b.cluster().clone();
+    let get = || Signal::bare("q", "/bench", "counter.get");
+    let mut out = Vec::new();
+    // Nearest reads b served itself, and all nearest reads.
+    let counts = std::sync::Arc::new([std::sync::atomic::AtomicU64::new(0), std::sync::atomic::AtomicU64::new(0)]);
+    for from in [ReadFrom::Nearest, ReadFrom::Owner] {
+        let opts = ReadOpts { from, stale_ms_max: None };
+        let (c, k, l) = (cluster.clone(), keys.clone(), counts.clone());
+        let rate = saturate(seconds, move |t, n| {
+            let (c, k, l) = (c.clone(), k.clone(), l.clone());
+            async move {
+                let r = c.read(&k[(t * 7 + n as usize) % HOT_KEYS], Some(get()), opts, CALL_TIMEOUT).await?;
+                if from == ReadFrom::Nearest {
+                    l[usize::from(r.node != "b")].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(())
+            }
+        })
+        .await?;
+        let mut lat = Vec::with_capacity(LATENCY_SAMPLES);
+        for i in 0..LATENCY_SAMPLES {
+            let t = Instant::now();
+            cluster.read(&keys[i % HOT_KEYS], Some(get()), opts, CALL_TIMEOUT).await?;
+            lat.push(t.elapsed());
+        }
+        out.push((rate, p50(lat)));
+    }
+    let [here, elsewhere] = counts.as_ref();
+    let (here, elsewhere) =
+        (here.load(std::sync::atomic::Ordering::Relaxed), elsewhere.load(std::sync::atomic::Ordering::Relaxed));
+    let share = here as f64 / (here + elsewhere).max(1) as f64;
+    b.shutdown().await;
+    a.shutdown().await;
+    Ok((out[0], out[1], share))
+}
+
 pub async fn run(seconds: f64, storage: Option<String>) -> Result<()> {
     if !(0.1..=600.0).contains(&seconds) {
         bail!("--seconds must be within 0.1..=600");
@@ -310,6 +364,16 @@ pub async fn run(seconds: f64, storage: Option<String>) -> Result<()> {
     let (rf2, rf2_p50) = write_through(seconds, 2, None).await?;
     println!("write-through rf1 {rf1:>10.0}/s   p50 {rf1_p50:>8.2} µs   (memory storage)");
     println!("write-through rf2 {rf2:>10.0}/s   p50 {rf2_p50:>8.2} µs   ratio rf2/rf1 {:.2}", rf2 / rf1);
+    let ((near, near_p50), (own, own_p50), local_share) = reads(seconds).await?;
+    println!(
+        "reads nearest     {near:>10.0}/s   p50 {near_p50:>8.2} µs   ({:.1}% served by the reader's own replica)",
+        local_share * 100.0
+    );
+    println!(
+        "reads from owner  {own:>10.0}/s   p50 {own_p50:>8.2} µs   ratio nearest/owner {:.2} (rate), {:.2} (p50)",
+        near / own,
+        near_p50 / own_p50
+    );
     let (pg, pg_p50) = match storage.as_deref().filter(|s| !s.is_empty()) {
         Some(url) => {
             let (pg, pg_p50) = write_through(seconds, 1, Some(url)).await?;
@@ -329,7 +393,9 @@ pub async fn run(seconds: f64, storage: Option<String>) -> Result<()> {
          \"remote_calls_per_s\":{remote_calls:.0},\"raw_asks_per_s\":{raw_asks:.0},\
          \"remote_call_p50_us\":{remote_p50:.2},\"raw_rtt_p50_us\":{rtt_p50:.2},\
          \"write_rf1_per_s\":{rf1:.0},\"write_rf2_per_s\":{rf2:.0},\"write_rf1_p50_us\":{rf1_p50:.2},\
-         \"write_rf2_p50_us\":{rf2_p50:.2},\"write_pg_per_s\":{pg},\"write_pg_p50_us\":{pg_p50}}}"
+         \"write_rf2_p50_us\":{rf2_p50:.2},\"write_pg_per_s\":{pg},\"write_pg_p50_us\":{pg_p50},\
+         \"reads_nearest_per_s\":{near:.0},\"reads_nearest_p50_us\":{near_p50:.2},\"reads_owner_per_s\":{own:.0},\
+         \"reads_owner_p50_us\":{own_p50:.2},\"reads_nearest_local_share\":{local_share:.4}}}"
     );
     Ok(())
 }

@@ -141,8 +141,12 @@ struct CallArgs {
     #[arg(long)]
     data: Option<String>,
     /// Do not wait for the handler (`?mode=cast`).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "read")]
     cast: bool,
+    /// A read-only call on the stored state, served by the nearest copy (`nearest`: this node's,
+    /// the owner's or an in-sync replica's) or by the owner (`owner`) (`?mode=read&from=`).
+    #[arg(long, value_name = "FROM", value_parser = ["nearest", "owner"])]
+    read: Option<String>,
 }
 
 #[derive(Args)]
@@ -334,7 +338,11 @@ async fn call(args: CallArgs) -> Result<()> {
         "/v1/agents/{}/{}{}",
         percent_encoding::utf8_percent_encode(&args.agent_type, percent_encoding::NON_ALPHANUMERIC),
         percent_encoding::utf8_percent_encode(&args.id, percent_encoding::NON_ALPHANUMERIC),
-        if args.cast { "?mode=cast" } else { "" }
+        match (&args.read, args.cast) {
+            (Some(from), _) => format!("?mode=read&from={from}"),
+            (None, true) => "?mode=cast".into(),
+            (None, false) => String::new(),
+        }
     );
     let body = bytes::Bytes::from(codec::encode_structured(&s));
     let (status, body) =

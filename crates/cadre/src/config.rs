@@ -397,6 +397,10 @@ pub struct PlacementConfig {
     /// Bandwidth one owner spends catching up a new replica of a shard (state transfer); writes to
     /// the shard keep flowing meanwhile.
     pub replica_sync_bytes_per_s: u64,
+    /// Reads from the nearest copy: an in-sync replica answers only while its last lease renewal
+    /// is at most this old, so its answer reflects every write acknowledged more than this long
+    /// ago (a read may ask for less). At least `lease_renew_interval_ms`.
+    pub replica_read_stale_ms_max: u64,
 }
 
 /// Most nodes holding one shard.
@@ -417,6 +421,7 @@ impl Default for PlacementConfig {
             replication_factor: 0,
             replica_write_timeout_ms: 1000,
             replica_sync_bytes_per_s: 32 << 20,
+            replica_read_stale_ms_max: 1000,
         }
     }
 }
@@ -453,6 +458,13 @@ impl PlacementConfig {
         }
         positive("placement.replica_write_timeout_ms", self.replica_write_timeout_ms)?;
         positive("placement.replica_sync_bytes_per_s", self.replica_sync_bytes_per_s)?;
+        if self.replica_read_stale_ms_max < self.lease_renew_interval_ms {
+            // Renewals come that often: a tighter bound would refuse most replica reads.
+            return Err(invalid(
+                "placement.replica_read_stale_ms_max",
+                "must be at least placement.lease_renew_interval_ms",
+            ));
+        }
         Ok(())
     }
 }

@@ -251,3 +251,70 @@ async fn a_graceful_leave_hands_every_shard_over_with_its_state() {
         n.shutdown().await;
     }
 }
+
+/// Every shard active with its desired owner and every replica in sync (factor 3 on 3 nodes).
+fn replicated(st: &MetaState, live: &[&str]) -> bool {
+    settled(st, live) && st.shards.iter().all(|e| e.replicas.len() == 2 && e.replicas.iter().all(|r| r.in_sync))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_are_served_by_the_nearest_in_sync_copy() {
+    use cadre::agent::CallError;
+    use cadre::cluster::read::{ReadFrom, ReadOpts, Role};
+    logs();
+    let a = Node::start(config("a", vec![]), NodeOptions::default()).await.unwrap();
+    let b = Node::start(config("b", vec![a.addr()]), NodeOptions::default()).await.unwrap();
+    let c = Node::start(config("c", vec![a.addr()]), NodeOptions::default()).await.unwrap();
+    let abc = ["a", "b", "c"];
+    for n in [&a, &b, &c] {
+        await_meta(n, "every shard on 3 nodes, replicas in sync", |st| replicated(st, &abc)).await;
+    }
+    let get_signal = || Signal::new("counter.get", serde_json::Value::Null);
+    let nearest = ReadOpts { from: ReadFrom::Nearest, stale_ms_max: None };
+    let (mut by_replica, mut by_owner) = (0, 0);
+    for i in 0..KEYS {
+        for (round, n) in [&a, &b, &c].into_iter().enumerate() {
+            let (value, _) = add(n, &key(i), 1).await;
+            // Every node holds a copy of every shard: the read is served where it is asked, by
+            // the owner or by an in-sync replica, with every acknowledged add.
+            for m in [&a, &b, &c] {
+                let r = m.cluster().read(&key(i), Some(get_signal()), nearest, T).await.unwrap();
+                assert_eq!(r.reply, value, "key {i}, round {round}, read via {}", m.name());
+                assert_eq!(r.node, m.name(), "key {i}: served by the nearest copy, its own");
+                let owner = m.cluster().placement(&key(i)).unwrap().owner;
+                let want = if owner.as_deref() == Some(m.name()) { Role::Owner } else { Role::Replica };
+                assert_eq!(r.role, want, "key {i} via {}", m.name());
+                match r.role {
+                    Role::Owner => by_owner += 1,
+                    Role::Replica => by_replica += 1,
+                }
+            }
+        }
+        // `from: owner` goes to the owner; the stored state reads as the state itself.
+        let owner_read = ReadOpts { from: ReadFrom::Owner, stale_ms_max: None };
+        let r = b.cluster().read(&key(i), None, owner_read, T).await.unwrap();
+        assert_eq!(r.reply, serde_json::json!({"value": 3}), "key {i}");
+        assert_eq!(r.role, Role::Owner);
+        assert_eq!(Some(r.node), b.cluster().placement(&key(i)).unwrap().owner);
+    }
+    assert!(by_replica > 0 && by_owner > 0, "replicas served {by_replica} reads, owners {by_owner}");
+    // A bound tighter than a replica's table age sends the read on: a replica answers only with
+    // a table at most that old, else an owner answers.
+    for i in 0..KEYS {
+        let tight = ReadOpts { from: ReadFrom::Nearest, stale_ms_max: Some(1) };
+        let r = c.cluster().read(&key(i), Some(get_signal()), tight, T).await.unwrap();
+        assert_eq!(r.reply, 3, "key {i}");
+        assert!(r.role == Role::Owner || r.age_ms <= 1, "key {i}: a replica answered with a table {} ms old", r.age_ms);
+    }
+    // A handler that changes the state is not a read, wherever it would run; nothing changed.
+    let e = a
+        .cluster()
+        .read(&key(0), Some(Signal::new("counter.add", serde_json::json!(5))), nearest, T)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CallError::NotRead(_)), "{e}");
+    assert_eq!(get(&c, &key(0)).await, 3);
+    for n in [c, b, a] {
+        n.shutdown().await;
+    }
+}

@@ -99,3 +99,44 @@ async fn agent_errors_are_problems() {
     assert_eq!(client::get(http, "/healthz", T).await.unwrap().0, 200);
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_of_stored_state_over_http() {
+    let (node, http) = start().await;
+    let get = Signal::new("counter.get", serde_json::json!(null));
+    // Nothing stored yet: the default state, served without activating the agent.
+    let (status, body) = client::get(http, "/v1/agents/counter/r1/state", T).await.unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["state"], serde_json::json!({"value": 0}));
+    assert_eq!((v["node"].as_str(), v["role"].as_str()), (Some("a1"), Some("owner")));
+    let (_, v) = client::get(http, "/v1/agents/counter/r1", T).await.unwrap();
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&v).unwrap()["active"], false);
+    assert_eq!(post(http, "/v1/agents/counter/r1", &add(4)).await.1["reply"], 4);
+    // A read-only call, from the nearest copy (the default) or the owner.
+    for query in ["?mode=read", "?mode=read&from=owner", "?mode=read&from=nearest&stale_ms_max=5000"] {
+        let (status, body) = post(http, &format!("/v1/agents/counter/r1{query}"), &get).await;
+        assert_eq!(status, 200, "{query}: {body}");
+        assert_eq!((body["reply"].as_i64(), body["role"].as_str()), (Some(4), Some("owner")), "{query}");
+        assert!(body["age_ms"].is_u64(), "{body}");
+    }
+    let (status, body) = client::get(http, "/v1/agents/counter/r1/state?from=owner", T).await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&body).unwrap()["state"], serde_json::json!({"value": 4}));
+    // A signal that changes the state is not a read: 422, and nothing changed.
+    let (status, body) = post(http, "/v1/agents/counter/r1?mode=read", &add(1)).await;
+    assert_eq!((status, body["type"].as_str()), (422, Some("urn:cadre:problem:not-a-read")), "{body}");
+    assert_eq!(post(http, "/v1/agents/counter/r1", &get).await.1["reply"], 4);
+    // Bad parameters are refused.
+    for query in ["?mode=read&from=far", "?mode=read&stale_ms_max=0", "?mode=read&stale_ms_max=soon"] {
+        let (status, body) = post(http, &format!("/v1/agents/counter/r1{query}"), &get).await;
+        assert_eq!(status, 400, "{query}: {body}");
+    }
+    for query in ["?from=far", "?stale_ms_max=-1"] {
+        let (status, _) = client::get(http, &format!("/v1/agents/counter/r1/state{query}"), T).await.unwrap();
+        assert_eq!(status, 400, "{query}");
+    }
+    let (status, _) = client::get(http, "/v1/agents/nope/r1/state", T).await.unwrap();
+    assert_eq!(status, 404);
+    node.shutdown().await;
+}

@@ -49,6 +49,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use futures::FutureExt;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -191,6 +192,9 @@ pub enum CallError {
     /// The key's shard is not served here; `owner` at `epoch` is, as far as this node knows.
     #[error("not the owner of this key's shard{}", owner.as_ref().map(|o| format!(" (owner: {o}, epoch {epoch})")).unwrap_or_default())]
     NotOwner { owner: Option<String>, epoch: u64 },
+    /// A read-only call ([`Host::read`]) changed the state or emitted signals: it is not a read.
+    #[error("not a read: {0}")]
+    NotRead(String),
 }
 
 /// Decides whether a key is served here, and with which fence its writes go out.
@@ -244,13 +248,21 @@ struct Table {
 }
 
 type Spawner = Arc<dyn Fn(Arc<HostInner>, Key, mpsc::Receiver<Msg>) + Send + Sync>;
+/// Runs a read-only call of one type on a state loaded from the store (see [`Host::read`]).
+type Reader =
+    Arc<dyn Fn(Arc<HostInner>, Key, Option<Signal>) -> BoxFuture<'static, Result<Reply, CallError>> + Send + Sync>;
+
+/// Reads ([`Host::read`]) running at once on one node; more are refused `Unavailable` at once
+/// (each holds a decoded state, outside any mailbox, so they need their own bound).
+pub const READS_IN_FLIGHT_MAX: usize = 1024;
 
 struct HostInner {
     cfg: AgentsConfig,
     storage: Arc<dyn Storage>,
     gate: Arc<dyn Gate>,
-    types: HashMap<&'static str, Spawner>,
+    types: HashMap<&'static str, (Spawner, Reader)>,
     table: Mutex<Table>,
+    reads: Arc<tokio::sync::Semaphore>,
     cancel: CancellationToken,
     /// Set by [`Host::abort`]: activations end without passivating, as in a crash.
     aborted: std::sync::atomic::AtomicBool,
@@ -264,7 +276,7 @@ pub struct HostBuilder {
     cfg: AgentsConfig,
     storage: Arc<dyn Storage>,
     gate: Arc<dyn Gate>,
-    types: HashMap<&'static str, Spawner>,
+    types: HashMap<&'static str, (Spawner, Reader)>,
 }
 
 impl HostBuilder {
@@ -283,7 +295,10 @@ impl HostBuilder {
             let tasks = host.tasks.clone();
             tasks.spawn(run::<A>(host, key, rx));
         });
-        self.types.insert(A::TYPE, spawn);
+        let read: Reader = Arc::new(|host: Arc<HostInner>, key: Key, query: Option<Signal>| {
+            Box::pin(async move { read::<A>(&host, &key, query).await })
+        });
+        self.types.insert(A::TYPE, (spawn, read));
         self
     }
 
@@ -295,6 +310,7 @@ impl HostBuilder {
                 gate: self.gate,
                 types: self.types,
                 table: Mutex::new(Table::default()),
+                reads: Arc::new(tokio::sync::Semaphore::new(READS_IN_FLIGHT_MAX)),
                 cancel: CancellationToken::new(),
                 aborted: std::sync::atomic::AtomicBool::new(false),
                 emitter: std::sync::OnceLock::new(),
@@ -360,6 +376,28 @@ impl Host {
     /// Active agents on this node.
     pub fn active(&self) -> usize {
         self.inner.lock().lru.len()
+    }
+
+    /// A read of the agent's *stored* state, outside its activation (none is started, the
+    /// mailbox is not used): with `query`, the type's handler runs on a copy decoded from the
+    /// store and its reply is returned; without, the stored state itself (the default state when
+    /// none is stored). Nothing is written: a handler that changes the state or emits signals
+    /// fails the read with [`CallError::NotRead`].
+    ///
+    /// The gate is not asked: the caller decides whether this node's copy may be read (the
+    /// owner's, or an in-sync replica's, see [`crate::cluster::read`]). What is read is what the
+    /// store holds: for [`Persistence::OnPassivate`] types, the state as of the last passivation.
+    pub async fn read(&self, key: &Key, query: Option<Signal>) -> Result<Reply, CallError> {
+        let (_, reader) =
+            self.inner.types.get(key.ty.as_str()).ok_or_else(|| CallError::UnknownType(key.ty.clone()))?;
+        key.check().map_err(|e| CallError::InvalidKey(e.to_string()))?;
+        let Ok(_permit) = self.inner.reads.clone().try_acquire_owned() else {
+            return Err(CallError::Unavailable(format!("more than {READS_IN_FLIGHT_MAX} reads in flight")));
+        };
+        if self.inner.cancel.is_cancelled() {
+            return Err(CallError::Unavailable("the node is shutting down".into()));
+        }
+        reader(self.inner.clone(), key.clone(), query).await
     }
 
     /// Passivates the agent (after what is in its mailbox); false if it was not active.
@@ -431,7 +469,7 @@ impl Host {
     /// The mailbox of the live activation, activating one if needed.
     async fn sender(&self, key: &Key) -> Result<mpsc::Sender<Msg>, CallError> {
         let inner = &self.inner;
-        let spawn = inner.types.get(key.ty.as_str()).ok_or_else(|| CallError::UnknownType(key.ty.clone()))?;
+        let (spawn, _) = inner.types.get(key.ty.as_str()).ok_or_else(|| CallError::UnknownType(key.ty.clone()))?;
         key.check().map_err(|e| CallError::InvalidKey(e.to_string()))?;
         loop {
             let found = {
@@ -802,6 +840,35 @@ async fn handle<A: Agent>(
     }
     send(reply, result);
     step
+}
+
+/// One read ([`Host::read`]) of a type: decode the stored state, run the handler on it, and
+/// check that it left the state as it was and emitted nothing.
+async fn read<A: Agent>(host: &HostInner, key: &Key, query: Option<Signal>) -> Result<Reply, CallError> {
+    let found = host.storage.get(key).await.map_err(CallError::Storage)?;
+    let (stored, revision) = found.map(|v| (v.value, v.revision)).unwrap_or_default();
+    let mut agent = decode::<A>(&stored).map_err(CallError::Unavailable)?;
+    let before = encode(&agent).map_err(CallError::Unavailable)?;
+    let Some(signal) = query else {
+        return serde_json::from_slice(&before).map_err(|e| CallError::Unavailable(e.to_string()));
+    };
+    let mut ctx = Ctx { key: key.clone(), revision, cause: Some(cause_of(&signal)), emitted: Vec::new() };
+    // Derived fields (`serde(skip)`) are set up as in an activation.
+    hook(key, "on_activate", agent.on_activate(&mut ctx)).await;
+    let ty = signal.ty.clone();
+    let outcome = AssertUnwindSafe(agent.handle(&mut ctx, signal)).catch_unwind().await;
+    let reply = match outcome {
+        Ok(Ok(reply)) => reply,
+        Ok(Err(e)) => return Err(CallError::Handler(e.to_string())),
+        Err(_) => return Err(CallError::Handler("handler panicked".into())),
+    };
+    if !ctx.emitted.is_empty() {
+        return Err(CallError::NotRead(format!("{ty:?} emitted {} signals", ctx.emitted.len())));
+    }
+    if encode(&agent).map_err(CallError::Unavailable)? != before {
+        return Err(CallError::NotRead(format!("{ty:?} changed the state of {key:?}")));
+    }
+    Ok(reply)
 }
 
 fn cause_of(signal: &Signal) -> Signal {

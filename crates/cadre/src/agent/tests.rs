@@ -439,13 +439,19 @@ struct Relay {
 
 impl Agent for Relay {
     const TYPE: &'static str = "relay";
-    const ROUTES: &'static [(&'static str, Route<Self>)] = &[("relay.in", Relay::relay), ("relay.fail", Relay::fail)];
+    const ROUTES: &'static [(&'static str, Route<Self>)] =
+        &[("relay.in", Relay::relay), ("relay.fail", Relay::fail), ("relay.ping", Relay::ping)];
 }
 
 impl Relay {
     fn relay(&mut self, ctx: &mut Ctx, _s: Signal) -> Result<Reply, AgentError> {
         self.n += 1;
         ctx.emit(Signal::new("relay.out", serde_json::json!(self.n)))?;
+        Ok(self.n.into())
+    }
+    /// Emits without changing the state.
+    fn ping(&mut self, ctx: &mut Ctx, _s: Signal) -> Result<Reply, AgentError> {
+        ctx.emit(Signal::new("relay.out", serde_json::json!("pong")))?;
         Ok(self.n.into())
     }
     fn fail(&mut self, ctx: &mut Ctx, _s: Signal) -> Result<Reply, AgentError> {
@@ -481,4 +487,48 @@ async fn signals_a_handler_emits_go_out_after_a_successful_call_with_its_cause()
     assert_eq!(emitted.len(), 2, "{emitted:?}");
     assert_eq!(emitted[1].data, Some(crate::signal::Data::Json(serde_json::json!(2))));
     host.shutdown().await;
+}
+
+#[tokio::test]
+async fn reads_run_on_the_stored_state_and_refuse_what_is_not_a_read() {
+    let storage = Arc::new(MemoryStorage::new());
+    let host = HostBuilder::new(AgentsConfig::default(), storage.clone()).agent::<Counter>().agent::<Relay>().build();
+    let k = key("r1");
+    // Nothing stored: the default state, and no activation, no write.
+    assert_eq!(host.read(&k, None).await.unwrap(), serde_json::json!({"value": 0}));
+    assert_eq!(host.read(&k, Some(get())).await.unwrap(), 0);
+    assert!(!host.is_active(&k));
+    assert!(storage.get(&k).await.unwrap().is_none());
+    assert_eq!(host.call(&k, add(7), T).await.unwrap(), 7);
+    let revision = storage.get(&k).await.unwrap().unwrap().revision;
+    assert_eq!(host.read(&k, Some(get())).await.unwrap(), 7);
+    assert_eq!(host.read(&k, None).await.unwrap(), serde_json::json!({"value": 7}));
+    // A handler that changes the state is not a read: refused, nothing written, state kept.
+    let e = host.read(&k, Some(add(1))).await.unwrap_err();
+    assert!(matches!(&e, CallError::NotRead(m) if m.contains("changed the state")), "{e}");
+    assert_eq!(storage.get(&k).await.unwrap().unwrap().revision, revision);
+    assert_eq!(host.call(&k, get(), T).await.unwrap(), 7);
+    // Handler errors are the handler's; unknown types and bad keys are refused as for calls.
+    let bad = Signal::new("counter.nope", serde_json::json!(null));
+    assert!(matches!(host.read(&k, Some(bad)).await, Err(CallError::Handler(_))));
+    assert_eq!(host.read(&Key::new("nope", "1"), None).await, Err(CallError::UnknownType("nope".into())));
+    let long = Key::new("counter", "x".repeat(crate::storage::KEY_LEN_MAX_BYTES + 1));
+    assert!(matches!(host.read(&long, None).await, Err(CallError::InvalidKey(_))));
+    // Emitting is an effect: refused, and nothing goes out.
+    let out: Arc<Mutex<Vec<Signal>>> = Arc::default();
+    let sink = out.clone();
+    host.set_emitter(Arc::new(move |signals| {
+        sink.lock().unwrap().extend(signals);
+        futures::future::ready(()).boxed()
+    }));
+    let r = Key::new("relay", "x");
+    let e = host.read(&r, Some(Signal::new("relay.ping", serde_json::json!(null)))).await.unwrap_err();
+    assert!(matches!(&e, CallError::NotRead(m) if m.contains("emitted 1")), "{e}");
+    assert!(out.lock().unwrap().is_empty());
+    // A read of a state the store cannot decode fails; the host carries on.
+    storage.put(&key("junk"), bytes::Bytes::from_static(b"{not json"), 0, Fence { shard: 0, epoch: 1 }).await.unwrap();
+    assert!(matches!(host.read(&key("junk"), Some(get())).await, Err(CallError::Unavailable(_))));
+    host.shutdown().await;
+    // After shutdown, reads are refused rather than served by a stopped node.
+    assert!(matches!(host.read(&k, None).await, Err(CallError::Unavailable(_))));
 }

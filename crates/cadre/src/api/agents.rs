@@ -2,6 +2,13 @@
 //!
 //! - `POST /v1/agents/{type}/{id}` with a CloudEvent (structured or binary mode) → `200
 //!   {"reply":…,"node":"n1","epoch":1}`; `?mode=cast` → `202 {"accepted":id}` without waiting.
+//!   `?mode=read` runs a read-only call on the stored state, served by the nearest copy (this
+//!   node's, or the owner's or an in-sync replica's by round-trip time; `&from=owner` for the
+//!   owner only; `&stale_ms_max=` bounds a replica's staleness) → `200
+//!   {"reply":…,"node","epoch","role":"owner"|"replica","age_ms"}`; a handler that changes the
+//!   state or emits fails with 422 `not-a-read` (see [`crate::cluster::read`]).
+//! - `GET /v1/agents/{type}/{id}/state` (same `from` and `stale_ms_max`) → `{"type","id","state",
+//!   "node","epoch","role","age_ms"}`: the stored state (the type's default when none is stored).
 //! - `GET /v1/agents/{type}/{id}` → `{"type","id","shard","owner","epoch","active"}`.
 //! - `DELETE /v1/agents/{type}/{id}` → `204` (passivated) or `404` (not active).
 //!
@@ -28,11 +35,41 @@ use serde_json::json;
 use super::signals::{bad_request, decode_one, problem, read_body};
 use super::ApiState;
 use crate::agent::CallError;
+use crate::cluster::read::{ReadFrom, ReadOpts};
 use crate::storage::Key;
 
 #[derive(Deserialize)]
 pub struct CallQuery {
     mode: Option<String>,
+    // Not a flattened `ReadQuery`: flattening makes the URL decoder see numbers as strings.
+    from: Option<String>,
+    stale_ms_max: Option<u64>,
+}
+
+/// How a read may be served (`?from=nearest|owner&stale_ms_max=`).
+#[derive(Deserialize, Default)]
+pub struct ReadQuery {
+    from: Option<String>,
+    stale_ms_max: Option<u64>,
+}
+
+impl ReadQuery {
+    fn opts(&self) -> Result<ReadOpts, Response> {
+        let from = match &self.from {
+            None => ReadFrom::Nearest,
+            Some(f) => f.parse().map_err(bad_request)?,
+        };
+        if self.stale_ms_max == Some(0) {
+            return Err(bad_request("stale_ms_max must be positive".to_string()));
+        }
+        Ok(ReadOpts { from, stale_ms_max: self.stale_ms_max })
+    }
+}
+
+enum Mode {
+    Call,
+    Cast,
+    Read(ReadOpts),
 }
 
 fn call_error(e: CallError) -> Response {
@@ -45,6 +82,7 @@ fn call_error(e: CallError) -> Response {
         }
         CallError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
         CallError::Handler(_) => (StatusCode::UNPROCESSABLE_ENTITY, "handler-error"),
+        CallError::NotRead(_) => (StatusCode::UNPROCESSABLE_ENTITY, "not-a-read"),
         CallError::Crashed => (StatusCode::INTERNAL_SERVER_ERROR, "agent-crashed"),
     };
     let mut res = problem(status, kind, e.to_string(), json!({}));
@@ -70,10 +108,17 @@ pub async fn call(
         Ok(k) => k,
         Err(res) => return res,
     };
-    let cast = match query.as_ref().map(|q| q.mode.as_deref()) {
-        Ok(None | Some("call")) => false,
-        Ok(Some("cast")) => true,
-        Ok(Some(other)) => return bad_request(format!("mode {other:?} is not call or cast")),
+    let mode = match query
+        .as_ref()
+        .map(|q| (q.mode.as_deref(), ReadQuery { from: q.from.clone(), stale_ms_max: q.stale_ms_max }))
+    {
+        Ok((None | Some("call"), _)) => Mode::Call,
+        Ok((Some("cast"), _)) => Mode::Cast,
+        Ok((Some("read"), read)) => match read.opts() {
+            Ok(opts) => Mode::Read(opts),
+            Err(res) => return res,
+        },
+        Ok((Some(other), _)) => return bad_request(format!("mode {other:?} is not call, cast or read")),
         Err(e) => return bad_request(e.body_text()),
     };
     let body = match read_body(&headers, body, s.ingress_body_bytes_max).await {
@@ -84,7 +129,20 @@ pub async fn call(
         Ok(signal) => signal,
         Err(res) => return res,
     };
-    if cast {
+    if let Mode::Read(opts) = mode {
+        return match s.cluster.read(&key, Some(signal), opts, s.call_timeout).await {
+            Ok(r) => Json(json!({
+                "reply": r.reply,
+                "node": r.node,
+                "epoch": r.epoch,
+                "role": r.role,
+                "age_ms": r.age_ms,
+            }))
+            .into_response(),
+            Err(e) => call_error(e),
+        };
+    }
+    if let Mode::Cast = mode {
         let id = signal.id.clone();
         return match s.cluster.cast(&key, signal, s.call_timeout).await {
             Ok(served) => {
@@ -120,6 +178,36 @@ pub async fn lookup(State(s): State<ApiState>, path: Result<Path<(String, String
             }))
             .into_response()
         }
+        Err(e) => call_error(e),
+    }
+}
+
+/// `GET /v1/agents/{type}/{id}/state`.
+pub async fn state(
+    State(s): State<ApiState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<ReadQuery>, QueryRejection>,
+) -> Response {
+    let key = match key_of(path) {
+        Ok(k) => k,
+        Err(res) => return res,
+    };
+    let opts = match query.as_ref().map(|q| q.opts()) {
+        Ok(Ok(opts)) => opts,
+        Ok(Err(res)) => return res,
+        Err(e) => return bad_request(e.body_text()),
+    };
+    match s.cluster.read(&key, None, opts, s.call_timeout).await {
+        Ok(r) => Json(json!({
+            "type": key.ty,
+            "id": key.id,
+            "state": r.reply,
+            "node": r.node,
+            "epoch": r.epoch,
+            "role": r.role,
+            "age_ms": r.age_ms,
+        }))
+        .into_response(),
         Err(e) => call_error(e),
     }
 }

@@ -96,6 +96,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/deadletters", get(signals::deadletters))
         .route("/v1/interest", get(signals::interest))
         .route("/v1/agents/{type}/{id}", get(agents::lookup).post(agents::call).delete(agents::stop))
+        .route("/v1/agents/{type}/{id}/state", get(agents::state))
         .fallback(signals::not_found)
         .method_not_allowed_fallback(signals::method_not_allowed)
         .layer(tower::limit::ConcurrencyLimitLayer::new(API_REQUESTS_IN_FLIGHT_MAX))

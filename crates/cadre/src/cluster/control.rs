@@ -107,7 +107,7 @@ pub(super) async fn renew_loop(inner: Arc<Inner>) {
         let sent = Instant::now();
         let wait = match renew_once(&inner, &mut next_peer).await {
             Ok(()) => {
-                inner.lease.extend(sent + Duration::from_millis(inner.cfg.lease_ms));
+                inner.lease.extend(sent, sent + Duration::from_millis(inner.cfg.lease_ms));
                 every
             }
             Err(e) => {

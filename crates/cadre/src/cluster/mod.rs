@@ -41,6 +41,7 @@
 pub mod control;
 pub mod handoff;
 pub mod protocol;
+pub mod read;
 pub mod replica;
 pub mod routes;
 
@@ -88,18 +89,33 @@ pub fn reset_start_count() {
     STARTS.with(|c| c.set(0));
 }
 
-/// This node's lease: serving is allowed until this instant.
+/// This node's lease: serving is allowed until `until`. `renewed` is when the renewal that
+/// granted it was sent: this node's table holds every metadata entry committed before then (a
+/// renewal counts only once the node has applied what the leader had committed when granting).
 #[derive(Default)]
-pub struct Lease(Mutex<Option<Instant>>);
+pub struct Lease(Mutex<Option<LeaseTimes>>);
+
+#[derive(Debug, Clone, Copy)]
+struct LeaseTimes {
+    renewed: Instant,
+    until: Instant,
+}
 
 impl Lease {
     pub fn valid(&self, now: Instant) -> bool {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|until| now < until)
+        self.times().is_some_and(|t| now < t.until)
     }
-    fn extend(&self, until: Instant) {
+    /// When the renewal behind the current lease was sent, while the lease is valid.
+    pub fn renewed_at(&self, now: Instant) -> Option<Instant> {
+        self.times().filter(|t| now < t.until).map(|t| t.renewed)
+    }
+    fn times(&self) -> Option<LeaseTimes> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn extend(&self, renewed: Instant, until: Instant) {
         let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if g.is_none_or(|u| u < until) {
-            *g = Some(until);
+        if g.is_none_or(|t| t.until < until) {
+            *g = Some(LeaseTimes { renewed, until });
         }
     }
     /// Ends the lease now (shutdown).
@@ -272,6 +288,10 @@ pub(crate) struct Inner {
     draining: std::sync::atomic::AtomicBool,
     /// Pool keys found per (agent type, node) (see [`routes`]).
     pool: Mutex<routes::PoolKeys>,
+    /// Reads served here, by role (see [`read`]).
+    reads: crate::metrics::CounterFamily,
+    /// Reads this node's copy could not serve, by reason.
+    reads_refused: crate::metrics::CounterFamily,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -347,6 +367,11 @@ impl Cluster {
             handoffs: Mutex::new(HashSet::new()),
             draining: std::sync::atomic::AtomicBool::new(false),
             pool: Mutex::new(routes::PoolKeys::default()),
+            reads: parts.metrics.counters("agent_reads", "Reads of stored agent state served by this node, by role"),
+            reads_refused: parts.metrics.counters(
+                "agent_reads_refused",
+                "Reads this node's copy could not serve (the reader tried another), by reason",
+            ),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
@@ -535,7 +560,9 @@ impl Cluster {
                 Ok(Served { reply, node: owner.to_string(), epoch })
             }
             AgentReply::Err(e) => Err(e),
-            AgentReply::Stats { .. } => Err(CallError::Unavailable(format!("unexpected reply from {owner}"))),
+            AgentReply::Stats { .. } | AgentReply::Read { .. } => {
+                Err(CallError::Unavailable(format!("unexpected reply from {owner}")))
+            }
         }
     }
 
@@ -780,11 +807,37 @@ async fn serve_remote(inner: &Inner, req: AgentReq) -> AgentReply {
         AgentOp::Stop => (Op::Stop, inner.meta_cfg.rpc_timeout_ms),
         AgentOp::Lookup => (Op::Lookup, inner.meta_cfg.rpc_timeout_ms),
         AgentOp::Stats => return AgentReply::Stats(local_stats(inner)),
+        AgentOp::Read { query, stale_ms_max, timeout_ms } => {
+            return serve_remote_read(inner, &key, query, stale_ms_max, timeout_ms).await;
+        }
     };
     let deadline = Instant::now() + Duration::from_millis(timeout_ms);
     match serve_local(inner, &key, &op, deadline).await {
         Ok(s) => match serde_json::to_vec(&s.reply) {
             Ok(reply) => AgentReply::Ok { reply, epoch: s.epoch },
+            Err(e) => AgentReply::Err(CallError::Unavailable(format!("reply does not serialize: {e}"))),
+        },
+        Err(e) => AgentReply::Err(e),
+    }
+}
+
+async fn serve_remote_read(
+    inner: &Inner,
+    key: &Key,
+    query: Option<Vec<u8>>,
+    stale_ms_max: u64,
+    timeout_ms: u64,
+) -> AgentReply {
+    let query = match query.map(|q| crate::signal::codec::decode_structured(&q)).transpose() {
+        Ok(q) => q,
+        Err(e) => return AgentReply::Err(CallError::Unavailable(format!("invalid signal: {e}"))),
+    };
+    let until = Instant::now() + Duration::from_millis(timeout_ms);
+    match read::serve_read(inner, key, query, stale_ms_max, until).await {
+        Ok(s) => match serde_json::to_vec(&s.reply) {
+            Ok(reply) => {
+                AgentReply::Read { reply, epoch: s.epoch, replica: s.role == read::Role::Replica, age_ms: s.age_ms }
+            }
             Err(e) => AgentReply::Err(CallError::Unavailable(format!("reply does not serialize: {e}"))),
         },
         Err(e) => AgentReply::Err(e),

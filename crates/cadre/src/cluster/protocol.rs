@@ -118,6 +118,14 @@ pub enum AgentOp {
     Lookup,
     /// How many agents are active on the receiving node.
     Stats,
+    /// A read of the stored state (`query`: a structured-mode CloudEvent for a read-only call),
+    /// served by the owner or an in-sync replica whose table is at most `stale_ms_max` old (see
+    /// [`super::read`]).
+    Read {
+        query: Option<Vec<u8>>,
+        stale_ms_max: u64,
+        timeout_ms: u64,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -129,4 +137,11 @@ pub enum AgentReply {
     },
     Stats(super::MemberStats),
     Err(CallError),
+    /// A read's reply as JSON; `replica`: served by a replica, whose table was `age_ms` old.
+    Read {
+        reply: Vec<u8>,
+        epoch: u64,
+        replica: bool,
+        age_ms: u64,
+    },
 }

@@ -1,0 +1,326 @@
+//! Reads served by the nearest copy of a key's state: its owner or one of its in-sync replicas.
+//!
+//! ## Design
+//! A read ([`Cluster::read`]) runs a read-only call on the *stored* state ([`Host::read`]: the
+//! handler runs on a copy decoded from the store, nothing is written, a handler that changes the
+//! state or emits fails it with `NotRead`), or returns the stored state itself. With node-local
+//! storage every in-sync replica holds every acknowledged write of its shard, so it can answer as
+//! well as the owner; the reader tries the copies nearest first: this node when it holds one,
+//! then the others by measured round-trip time ([`crate::net::Transport::peer_rtts`]).
+//!
+//! **When a replica may answer.** A replica knows it is in sync from its copy of the metadata,
+//! which may be behind: the owner may have marked it out of sync (it missed a write, which was
+//! then acknowledged) in an entry this node has not applied yet. The lease closes that gap: a
+//! renewal counts only once the node has applied everything the leader had committed when it
+//! granted it ([`super::control`]), so a node whose lease was renewed at time `r` (when the
+//! renewal was *sent*) holds in its table every mark committed before `r`. A write acknowledged
+//! before `r` either reached this replica before it was acknowledged, or its out-of-sync mark was
+//! committed before the acknowledgement, hence before `r`, and the table shows it. So:
+//! - a replica serves a read only when its table shows it in sync at the shard's current epoch
+//!   and its lease, renewed at `r`, is valid with `now - r <= stale_ms_max`;
+//! - then the read reflects every write acknowledged before `now - stale_ms_max` (bounded
+//!   staleness, as follower reads elsewhere give). The answer says how old the table was
+//!   (`age_ms`); the default bound is `placement.replica_read_stale_ms_max`.
+//!
+//! The owner serves a read from its store when it serves the shard (lease valid, shard open), so
+//! an owner read reflects every acknowledged write. Either may also show writes still in flight
+//! (stored, not yet acknowledged), and a replica a late write of a previous owner that was never
+//! acknowledged (see [`super::replica`]); never a write that was not made.
+//!
+//! A copy that cannot answer (not in sync, table too old, not the owner any more, unreachable)
+//! refuses, and the reader tries the next; when none answers it waits for its table to change
+//! and tries again, until the deadline. A read has no effect, so one whose answer was lost is
+//! simply asked again elsewhere.
+//!
+//! ## Caveats
+//! - Reads see the store: for [`crate::agent::Persistence::OnPassivate`] types, the state as of
+//!   the last passivation, not what an active agent holds in memory.
+//! - Every read decodes the state from the store (no cache): reads of large states cost more
+//!   than calls to an active agent.
+//! - With shared storage (a database) there are no replicas: reads go to the owner.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::protocol::{AgentOp, AgentReply, AgentReq};
+use super::{placement_in, Cluster, Inner, RETRY_WAIT_MIN_MS};
+use crate::agent::{CallError, Reply};
+use crate::metrics::label;
+use crate::signal::Signal;
+use crate::storage::Key;
+
+/// Which copies may serve a read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadFrom {
+    /// The nearest copy: this node's, else the owner's or an in-sync replica's by round-trip time.
+    #[default]
+    Nearest,
+    /// The owner only: every acknowledged write.
+    Owner,
+}
+
+impl std::str::FromStr for ReadFrom {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "nearest" => Ok(ReadFrom::Nearest),
+            "owner" => Ok(ReadFrom::Owner),
+            other => Err(format!("read {other:?} is not nearest or owner")),
+        }
+    }
+}
+
+/// How a read may be served.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReadOpts {
+    pub from: ReadFrom,
+    /// Oldest table a replica may answer with, in ms (`None`: `placement.replica_read_stale_ms_max`).
+    pub stale_ms_max: Option<u64>,
+}
+
+/// Which copy answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Owner,
+    Replica,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Owner => "owner",
+            Role::Replica => "replica",
+        }
+    }
+}
+
+/// A read's answer and where it came from.
+#[derive(Debug, Clone)]
+pub struct ReadServed {
+    pub reply: Reply,
+    pub node: String,
+    pub role: Role,
+    /// The shard's epoch in the serving node's table.
+    pub epoch: u64,
+    /// Time between the serving node's last lease renewal and the read: its table holds every
+    /// metadata entry committed before that.
+    pub age_ms: u64,
+}
+
+impl Cluster {
+    /// Reads `key`'s stored state (`query: None`) or runs a read-only call on it, on the nearest
+    /// copy allowed by `opts` (see the module's design note).
+    pub async fn read(
+        &self,
+        key: &Key,
+        query: Option<Signal>,
+        opts: ReadOpts,
+        timeout: Duration,
+    ) -> Result<ReadServed, CallError> {
+        key.check().map_err(|e| CallError::InvalidKey(e.to_string()))?;
+        if !self.inner.host.has_type(&key.ty) {
+            return Err(CallError::UnknownType(key.ty.clone()));
+        }
+        let stale_ms_max = opts.stale_ms_max.unwrap_or(self.inner.cfg.replica_read_stale_ms_max);
+        let deadline = Instant::now() + timeout;
+        let attempt_max = Duration::from_millis(self.inner.meta_cfg.rpc_timeout_ms);
+        let mut wait_ms = RETRY_WAIT_MIN_MS;
+        loop {
+            let mut refused = None;
+            // No table yet (a node just started): wait for one, as calls do.
+            let copies = self.copies(key, opts.from).unwrap_or_else(|e| {
+                refused = Some(e);
+                Vec::new()
+            });
+            for (i, node) in copies.iter().enumerate() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                // Only the last copy may take all the time left: a dead one must not eat it.
+                let until = Instant::now() + if i + 1 < copies.len() { left.min(attempt_max) } else { left };
+                let result = if *node == self.inner.name {
+                    serve_read(&self.inner, key, query.clone(), stale_ms_max, until).await
+                } else {
+                    self.read_remote(node, key, query.as_ref(), stale_ms_max, until).await
+                };
+                match result {
+                    Ok(served) => return Ok(served),
+                    Err(e @ (CallError::NotOwner { .. } | CallError::Unavailable(_) | CallError::Timeout(_))) => {
+                        refused = Some(e)
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if !self.wait_for_change(deadline, Duration::from_millis(wait_ms)).await {
+                return Err(match refused {
+                    Some(CallError::NotOwner { .. }) | None => {
+                        CallError::Unavailable(format!("no copy of {key:?} could serve the read"))
+                    }
+                    Some(e) => e,
+                });
+            }
+            wait_ms = (wait_ms * 2).min(RETRY_WAIT_MIN_MS * 8);
+        }
+    }
+
+    /// The nodes that may serve a read of `key`, nearest first: this one, then by round-trip
+    /// time (unmeasured last, by name). Replicas only when `from` allows and membership sees them.
+    fn copies(&self, key: &Key, from: ReadFrom) -> Result<Vec<String>, CallError> {
+        let st = self.inner.state.borrow().clone();
+        let p = placement_in(&st, key)?;
+        let mut nodes: Vec<String> = p.owner.iter().cloned().collect();
+        if from == ReadFrom::Nearest {
+            let view = self.inner.membership.view();
+            let alive = |n: &str| n == self.inner.name || view.state_of(n).is_some_and(|s| s.is_active());
+            let entry = &st.shards[p.shard as usize];
+            nodes.extend(entry.replicas.iter().filter(|r| r.in_sync && alive(&r.node)).map(|r| r.node.clone()));
+        }
+        let rtts: HashMap<SocketAddr, Duration> = match self.inner.transport.upgrade() {
+            Some(t) => t.peer_rtts().into_iter().collect(),
+            None => HashMap::new(),
+        };
+        let rtt_of = |n: &str| self.inner.membership.addr_of(n).and_then(|a| rtts.get(&a).copied());
+        Ok(nearest_first(nodes, &self.inner.name, rtt_of))
+    }
+
+    async fn read_remote(
+        &self,
+        node: &str,
+        key: &Key,
+        query: Option<&Signal>,
+        stale_ms_max: u64,
+        until: Instant,
+    ) -> Result<ReadServed, CallError> {
+        let addr = {
+            let st = self.inner.state.borrow();
+            st.members.get(node).and_then(|m| m.addr.parse::<SocketAddr>().ok())
+        };
+        let Some(addr) = addr else {
+            return Err(CallError::Unavailable(format!("{node} has no known address")));
+        };
+        let timeout = until.saturating_duration_since(Instant::now());
+        let op = AgentOp::Read {
+            query: query.map(crate::signal::codec::encode_structured),
+            stale_ms_max,
+            timeout_ms: timeout.as_millis() as u64,
+        };
+        let req = AgentReq { op, ty: key.ty.clone(), id: key.id.clone(), epoch: 0 };
+        match self.ask(addr, &req, timeout).await? {
+            AgentReply::Read { reply, epoch, replica, age_ms } => {
+                let reply = serde_json::from_slice(&reply)
+                    .map_err(|e| CallError::Unavailable(format!("undecodable reply from {node}: {e}")))?;
+                let role = if replica { Role::Replica } else { Role::Owner };
+                Ok(ReadServed { reply, node: node.to_string(), role, epoch, age_ms })
+            }
+            AgentReply::Err(e) => Err(e),
+            _ => Err(CallError::Unavailable(format!("unexpected reply from {node}"))),
+        }
+    }
+}
+
+/// `nodes` without repeats, nearest first: `me`, then by round-trip time, unmeasured ones last,
+/// ties by name (so every reader with the same measurements picks alike).
+fn nearest_first(mut nodes: Vec<String>, me: &str, rtt_of: impl Fn(&str) -> Option<Duration>) -> Vec<String> {
+    nodes.sort_by_cached_key(|n| {
+        let rtt = if n == me { Duration::ZERO } else { rtt_of(n).unwrap_or(Duration::MAX) };
+        (rtt, n.clone())
+    });
+    nodes.dedup();
+    nodes
+}
+
+/// Serves a read here if this node's copy may answer (see the module's design note).
+pub(super) async fn serve_read(
+    inner: &Inner,
+    key: &Key,
+    query: Option<Signal>,
+    stale_ms_max: u64,
+    until: Instant,
+) -> Result<ReadServed, CallError> {
+    let now = Instant::now();
+    let (role, epoch) = match may_read(inner, key, stale_ms_max, now) {
+        Ok(ok) => ok,
+        Err((reason, e)) => {
+            inner.reads_refused.get_or_create(&label("reason", reason)).inc();
+            return Err(e);
+        }
+    };
+    let age_ms = inner.lease.renewed_at(now).map_or(0, |r| now.duration_since(r).as_millis() as u64);
+    let timeout = until.saturating_duration_since(now);
+    let reply = match tokio::time::timeout(timeout, inner.host.read(key, query)).await {
+        Ok(r) => r?,
+        Err(_) => return Err(CallError::Timeout(timeout)),
+    };
+    inner.reads.get_or_create(&label("role", role.as_str())).inc();
+    Ok(ReadServed { reply, node: inner.name.clone(), role, epoch, age_ms })
+}
+
+/// Whether this node's copy of `key` may answer a read now, and as what; else why not.
+fn may_read(
+    inner: &Inner,
+    key: &Key,
+    stale_ms_max: u64,
+    now: Instant,
+) -> Result<(Role, u64), (&'static str, CallError)> {
+    let st = inner.state.borrow();
+    let p = placement_in(&st, key).map_err(|e| ("no_table", e))?;
+    let Some(renewed) = inner.lease.renewed_at(now) else {
+        return Err(("lease", CallError::Unavailable("this node's lease has expired".into())));
+    };
+    if p.owner.as_deref() == Some(inner.name.as_str()) {
+        if !inner.repl.is_open(p.shard, p.epoch) {
+            return Err(("opening", CallError::Unavailable(format!("shard {} is opening", p.shard))));
+        }
+        return Ok((Role::Owner, p.epoch));
+    }
+    if !st.shards[p.shard as usize].in_sync(&inner.name) {
+        return Err(("not_in_sync", CallError::NotOwner { owner: p.owner, epoch: p.epoch }));
+    }
+    let age_ms = now.duration_since(renewed).as_millis() as u64;
+    if age_ms > stale_ms_max {
+        return Err((
+            "stale",
+            CallError::Unavailable(format!("this replica's table is {age_ms} ms old (at most {stale_ms_max} allowed)")),
+        ));
+    }
+    Ok((Role::Replica, p.epoch))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn copies_are_tried_nearest_first() {
+        let rtt = |n: &str| match n {
+            "far" => Some(Duration::from_millis(40)),
+            "near" => Some(Duration::from_micros(300)),
+            "mid" => Some(Duration::from_millis(2)),
+            _ => None,
+        };
+        // This node first, then by RTT, unmeasured last (by name), each once.
+        let got = nearest_first(names(&["far", "unknown-b", "mid", "me", "near", "unknown-a", "far"]), "me", rtt);
+        assert_eq!(got, names(&["me", "near", "mid", "far", "unknown-a", "unknown-b"]));
+        // Without a copy here, the owner is not preferred for being the owner: the nearer replica is.
+        assert_eq!(nearest_first(names(&["far", "near"]), "me", rtt), names(&["near", "far"]));
+        assert_eq!(nearest_first(Vec::new(), "me", rtt), Vec::<String>::new());
+    }
+
+    #[test]
+    fn read_from_parses_its_two_names_only() {
+        assert_eq!("nearest".parse::<ReadFrom>(), Ok(ReadFrom::Nearest));
+        assert_eq!("owner".parse::<ReadFrom>(), Ok(ReadFrom::Owner));
+        assert!("Owner".parse::<ReadFrom>().is_err());
+        assert!("".parse::<ReadFrom>().is_err());
+    }
+}
