@@ -318,3 +318,48 @@ async fn reads_are_served_by_the_nearest_in_sync_copy() {
         n.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_shards_sends_pool_work_to_the_least_loaded_owner() {
+    logs();
+    let a = Node::start(config("a", vec![]), NodeOptions::default()).await.unwrap();
+    let b = Node::start(config("b", vec![a.addr()]), NodeOptions::default()).await.unwrap();
+    let c = Node::start(config("c", vec![a.addr()]), NodeOptions::default()).await.unwrap();
+    for n in [&a, &b, &c] {
+        await_meta(n, "settled", |st| settled(st, &["a", "b", "c"])).await;
+    }
+    // c hands its shards over and keeps running: its pool deliveries must go to a or b.
+    assert!(c.cluster().drain(WAIT).await, "c drained");
+    await_meta(&c, "c owns no shard", |st| st.shard_counts().get("c").is_none_or(|n| *n == 0)).await;
+    let picked = || {
+        let p = c.cluster().pool_pick("counter").expect("a pool pick");
+        assert!(!p.local, "c serves no shard");
+        c.cluster().placement(&p.key).unwrap().owner.unwrap()
+    };
+    // Loads are refreshed in the background: wait (bounded) until the picks follow them.
+    let until_picked = |want: &'static str| async move {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while picked() != want {
+            assert!(tokio::time::Instant::now() < deadline, "pool picks never went to {want}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    activate(&a, 40, "la").await;
+    until_picked("b").await;
+    // b becomes far busier (beyond the slack): the picks move to a.
+    activate(&b, 120, "lb").await;
+    until_picked("a").await;
+    assert!(a.cluster().host().active() >= 40 && b.cluster().host().active() >= 120);
+    c.shutdown().await;
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+/// Activates `n` agents on `node` (keys whose shards it owns).
+async fn activate(node: &Node, n: usize, prefix: &str) {
+    let keys = (0..).map(|i| Key::new("counter", format!("{prefix}{i}")));
+    let mine = keys.filter(|k| node.cluster().placement(k).unwrap().owner.as_deref() == Some(node.name()));
+    for k in mine.take(n) {
+        node.cluster().ensure(&k, T).await.unwrap();
+    }
+}

@@ -288,6 +288,8 @@ pub(crate) struct Inner {
     draining: std::sync::atomic::AtomicBool,
     /// Pool keys found per (agent type, node) (see [`routes`]).
     pool: Mutex<routes::PoolKeys>,
+    /// Members' loads for remote pool picks (see [`routes`]).
+    loads: Mutex<routes::Loads>,
     /// Reads served here, by role (see [`read`]).
     reads: crate::metrics::CounterFamily,
     /// Reads this node's copy could not serve, by reason.
@@ -367,6 +369,7 @@ impl Cluster {
             handoffs: Mutex::new(HashSet::new()),
             draining: std::sync::atomic::AtomicBool::new(false),
             pool: Mutex::new(routes::PoolKeys::default()),
+            loads: Mutex::new(routes::Loads::default()),
             reads: parts.metrics.counters("agent_reads", "Reads of stored agent state served by this node, by role"),
             reads_refused: parts.metrics.counters(
                 "agent_reads_refused",

@@ -7,13 +7,18 @@
 //! publisher straight to the agent's owner, never through the node that added the route.
 //!
 //! A pool delivery ([`AgentTarget::Pool`]) goes to one agent of the type, on this node when it
-//! serves any shard (local first: no network hop), otherwise on the node nearest by round-trip
-//! time among those that own shards. The agent ids are found by probing `0, 1, 2, ...` for ids
+//! serves any shard (local first: no network hop). Otherwise it goes to the least-loaded node
+//! among those that own shards, and among nodes about as loaded as that one (within
+//! [`POOL_LOAD_SLACK_PCT`] %, or [`POOL_LOAD_SLACK_AGENTS`] agents) to the nearest by round-trip
+//! time. A node's load is the number of agents active on it, asked of every member at most every
+//! [`POOL_LOADS_REFRESH_MS`] by a background task while pool deliveries need it; until the first
+//! answers, the nearest node is picked. The agent ids are found by probing `0, 1, 2, ...` for ids
 //! whose shard the chosen node owns; [`POOL_KEYS_PER_NODE`] of them per node take turns, so pool
 //! work spreads over several mailboxes.
 //!
-//! Caveat: a pool agent's id is tied to the shard table; after a rebalance the next delivery
-//! finds new ids (an agent on the old owner passivates when idle).
+//! Caveats: a pool agent's id is tied to the shard table; after a rebalance the next delivery
+//! finds new ids (an agent on the old owner passivates when idle). Loads are up to a refresh
+//! interval old, so a burst from one node goes to one remote node until the next refresh.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -31,6 +36,22 @@ const LEADER_RETRY_MS: u64 = 100;
 pub const POOL_KEYS_PER_NODE: usize = 4;
 /// Ids probed to find those of a node's shards (a node owning a 1/n share needs about n each).
 pub const POOL_PROBES_MAX: usize = 1 << 16;
+/// Oldest member loads a remote pool pick uses before asking again.
+pub const POOL_LOADS_REFRESH_MS: u64 = 1000;
+/// Time each member has to answer a load refresh.
+const POOL_LOADS_TIMEOUT_MS: u64 = 500;
+/// Nodes this much more loaded than the least-loaded one (in % of its load, or in agents,
+/// whichever is larger) still count as about as loaded: the nearest of them is picked.
+pub const POOL_LOAD_SLACK_PCT: u64 = 10;
+pub const POOL_LOAD_SLACK_AGENTS: u64 = 8;
+
+/// Agents active per member, as last asked (see [`Cluster::pool_pick`]).
+#[derive(Default)]
+pub struct Loads {
+    active: HashMap<String, u64>,
+    asked: Option<tokio::time::Instant>,
+    refreshing: bool,
+}
 
 /// Pool ids found so far, and the turn counter.
 #[derive(Default)]
@@ -86,7 +107,7 @@ impl Cluster {
         let st = self.inner.state.borrow().clone();
         let me = self.inner.name.as_str();
         let owns = |node: &str| st.shards.iter().any(|e| serving(e, node));
-        let node = if owns(me) && self.lease_valid() { me.to_string() } else { self.nearest_owner(&st)? };
+        let node = if owns(me) && self.lease_valid() { me.to_string() } else { self.remote_owner(&st)? };
         let mut pool = self.inner.pool.lock().unwrap_or_else(|e| e.into_inner());
         let slot = (ty.to_string(), node.clone());
         let fresh = pool.ids.get(&slot).is_some_and(|ids| {
@@ -108,18 +129,69 @@ impl Cluster {
         Some(PoolPick { key: Key::new(ty, id), local: node == me })
     }
 
-    /// The member owning shards with the smallest measured round-trip time (by name when none
-    /// has been measured).
-    fn nearest_owner(&self, st: &MetaState) -> Option<String> {
+    /// The member owning shards a pool delivery from this node goes to: least loaded, then
+    /// nearest (see the module's note).
+    fn remote_owner(&self, st: &MetaState) -> Option<String> {
         let rtts: HashMap<std::net::SocketAddr, Duration> = match self.inner.transport.upgrade() {
             Some(t) => t.peer_rtts().into_iter().collect(),
             None => HashMap::new(),
         };
+        let loads = self.pool_loads();
         let me = self.inner.name.as_str();
         let owners = st.members.keys().filter(|n| *n != me && st.shards.iter().any(|e| serving(e, n)));
         let rtt_of = |n: &str| self.inner.membership.addr_of(n).and_then(|a| rtts.get(&a).copied());
-        owners.min_by_key(|n| (rtt_of(n).unwrap_or(Duration::MAX), n.to_string())).cloned()
+        let candidates: Vec<Candidate> =
+            owners.map(|n| Candidate { name: n.clone(), load: loads.get(n).copied(), rtt: rtt_of(n) }).collect();
+        least_loaded_then_nearest(&candidates)
     }
+
+    /// The members' loads as last asked; starts a refresh when they are older than
+    /// [`POOL_LOADS_REFRESH_MS`] (one at a time, in the background).
+    fn pool_loads(&self) -> HashMap<String, u64> {
+        let now = tokio::time::Instant::now();
+        let mut loads = self.inner.loads.lock().unwrap_or_else(|e| e.into_inner());
+        let stale = loads.asked.is_none_or(|t| now.duration_since(t) >= Duration::from_millis(POOL_LOADS_REFRESH_MS));
+        if stale && !loads.refreshing && !self.inner.cancel.is_cancelled() {
+            loads.refreshing = true;
+            let me = self.clone();
+            self.inner.tasks.spawn(async move {
+                let stats = me.stats(Duration::from_millis(POOL_LOADS_TIMEOUT_MS)).await;
+                let active = stats.into_iter().filter_map(|(n, s)| Some((n, s?.active))).collect();
+                let mut loads = me.inner.loads.lock().unwrap_or_else(|e| e.into_inner());
+                *loads = Loads { active, asked: Some(tokio::time::Instant::now()), refreshing: false };
+            });
+        }
+        loads.active.clone()
+    }
+}
+
+/// A node a remote pool delivery may go to.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub name: String,
+    /// Agents active on it, if known.
+    pub load: Option<u64>,
+    pub rtt: Option<Duration>,
+}
+
+/// The least-loaded candidate, and among those about as loaded (within [`POOL_LOAD_SLACK_PCT`]
+/// % or [`POOL_LOAD_SLACK_AGENTS`] agents of the least) the nearest; ties by name. Candidates
+/// whose load is unknown count only when no load is known.
+pub fn least_loaded_then_nearest(candidates: &[Candidate]) -> Option<String> {
+    let least = candidates.iter().filter_map(|c| c.load).min();
+    let eligible = |c: &&Candidate| match (least, c.load) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(least), Some(load)) => {
+            let slack = (least.saturating_mul(POOL_LOAD_SLACK_PCT) / 100).max(POOL_LOAD_SLACK_AGENTS);
+            load <= least.saturating_add(slack)
+        }
+    };
+    candidates
+        .iter()
+        .filter(eligible)
+        .min_by_key(|c| (c.rtt.unwrap_or(Duration::MAX), c.name.clone()))
+        .map(|c| c.name.clone())
 }
 
 fn serving(e: &crate::meta::ShardEntry, node: &str) -> bool {
@@ -137,4 +209,38 @@ fn find_ids(st: &MetaState, ty: &str, node: &str) -> Vec<String> {
         .filter(|id| owner_serving(st, &Key::new(ty, id.as_str()), node))
         .take(POOL_KEYS_PER_NODE)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(name: &str, load: Option<u64>, rtt_us: Option<u64>) -> Candidate {
+        Candidate { name: name.into(), load, rtt: rtt_us.map(Duration::from_micros) }
+    }
+
+    #[test]
+    fn a_remote_pool_pick_is_the_least_loaded_then_the_nearest() {
+        // The least loaded wins over a nearer node carrying much more.
+        let picks = [c("near-busy", Some(500), Some(100)), c("far-idle", Some(10), Some(9000))];
+        assert_eq!(least_loaded_then_nearest(&picks).as_deref(), Some("far-idle"));
+        // About as loaded (within the slack): the nearer one.
+        let picks = [c("far", Some(100), Some(9000)), c("near", Some(109), Some(100)), c("busy", Some(400), Some(50))];
+        assert_eq!(least_loaded_then_nearest(&picks).as_deref(), Some("near"));
+        // Small loads: the slack in agents applies (0 and 8 are alike, 9 is not).
+        let picks = [c("a", Some(0), Some(900)), c("b", Some(8), Some(100))];
+        assert_eq!(least_loaded_then_nearest(&picks).as_deref(), Some("b"));
+        let picks = [c("a", Some(0), Some(900)), c("b", Some(9), Some(100))];
+        assert_eq!(least_loaded_then_nearest(&picks).as_deref(), Some("a"));
+        // Unknown loads: ignored when some are known; by RTT (then name) when none is.
+        let picks = [c("unknown", None, Some(1)), c("known", Some(1000), Some(5000))];
+        assert_eq!(least_loaded_then_nearest(&picks).as_deref(), Some("known"));
+        let picks = [c("y", None, None), c("x", None, None), c("z", None, Some(700))];
+        assert_eq!(least_loaded_then_nearest(&picks).as_deref(), Some("z"));
+        assert_eq!(least_loaded_then_nearest(&picks[..2]).as_deref(), Some("x"));
+        assert_eq!(least_loaded_then_nearest(&[]), None);
+        // No overflow at the top of the range.
+        let picks = [c("max", Some(u64::MAX), Some(1)), c("less", Some(u64::MAX - 1), Some(2))];
+        assert_eq!(least_loaded_then_nearest(&picks).as_deref(), Some("max"));
+    }
 }
