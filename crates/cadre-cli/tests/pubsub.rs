@@ -145,6 +145,19 @@ async fn signals_from_one_node_reach_a_webhook_on_another_and_agents_through_a_r
             tokio::time::sleep(POLL).await;
         }
     }
+    // Read-only calls on the stored state: from the owner, every acknowledged add; from the
+    // nearest copy (each node holds one, 3 copies on 3 nodes), at most what was added.
+    for k in 0..5 {
+        let want = (k + 1) + (k + 6);
+        let id = format!("k{k}");
+        let v = call(h3, &["counter", &id, "counter.get", "--read", "owner"]).await;
+        assert_eq!((v["reply"].as_i64(), v["role"].as_str()), (Some(want as i64), Some("owner")), "{v}");
+        for h in [h1, h2, h3] {
+            let v = call(h, &["counter", &id, "counter.get", "--read", "nearest"]).await;
+            assert!(v["reply"].as_i64().is_some_and(|r| r <= want as i64), "{v}");
+            assert!(matches!(v["role"].as_str(), Some("owner" | "replica")) && v["age_ms"].is_u64(), "{v}");
+        }
+    }
     let stock = call(h2, &["inventory", "sku-a", "inventory.get"]).await;
     assert_eq!(stock["reply"]["stock"], 10 - 6, "{stock}");
     for i in 1..=3 {
