@@ -172,11 +172,21 @@ async fn bad_pubsub_requests_are_refused_and_the_node_carries_on() {
     let mut on_b = channel(b, "ok.*");
     await_nodes(a, "ok.x", &["b"]).await;
     let t = Duration::from_secs(5);
-    for junk in [vec![PUBSUB_TAG], vec![PUBSUB_TAG, 0xFF, 0xFF, 0xFF], vec![PUBSUB_TAG, 0, 3, 1, b'{', 0]] {
+    let junks = [
+        vec![PUBSUB_TAG],
+        vec![PUBSUB_TAG, 0xFF, 0xFF, 0xFF],
+        vec![PUBSUB_TAG, 0, 3, 1, b'{', 0],
+        // A route wait (variant 4) cut short.
+        vec![PUBSUB_TAG, 4, 0xFF],
+    ];
+    for junk in junks {
         let reply = a.ask(b.addr(), Bytes::from(junk), t).await.unwrap();
         assert_eq!(reply.first(), Some(&PUBSUB_TAG), "a typed reply");
     }
-    assert!(metric(b, "cadre_pubsub_refused_total") >= 2.0);
+    assert!(metric(b, "cadre_pubsub_refused_total") >= 3.0);
+    // A wait for a route nobody added (id 9, 1 ms): answered "not mirrored" (`Accepted { count: 0 }`).
+    let reply = a.ask(b.addr(), Bytes::from(vec![PUBSUB_TAG, 4, 9, 1]), t).await.unwrap();
+    assert_eq!(&reply[..], [PUBSUB_TAG, 0, 0]);
     // A batch with an invalid CloudEvent between two valid ones: all three answered as taken
     // (sending it again would not make it valid), the valid ones delivered, the invalid counted.
     let valid = |i| cadre::signal::codec::encode_structured(&signal("ok.x", i));
@@ -244,11 +254,16 @@ async fn a_cluster_wide_route_delivers_to_agents_from_every_node_and_a_pool_stay
         pattern: "counter.add".into(),
         target: AgentTarget::Agent { ty: "counter".into(), key: "subject".into() },
     };
-    let (id, _) = nodes[1].bus().add_route(route.clone(), WAIT).await.unwrap();
-    let (again, _) = nodes[2].bus().add_route(route, WAIT).await.unwrap();
-    assert_eq!(id, again, "the same route added twice is one route");
+    let added = nodes[1].bus().add_route(route.clone(), WAIT).await.unwrap();
+    let id = added.id;
+    // Answered once every live member mirrors it: publishing anywhere right away reaches it.
+    assert!(added.unconfirmed.is_empty(), "{added:?}");
     for n in &nodes {
-        assert!(n.bus().await_mirror(id, WAIT).await, "{} mirrors the route", n.name());
+        assert!(n.bus().mirrors(id), "{} mirrors the route when add_route answers", n.name());
+    }
+    let again = nodes[2].bus().add_route(route, WAIT).await.unwrap();
+    assert_eq!(id, again.id, "the same route added twice is one route");
+    for n in &nodes {
         let mirrored = n.bus().subscriptions().iter().filter(|s| s.route == Some(id.to_string())).count();
         assert_eq!(mirrored, 1, "{} mirrors the route once", n.name());
         let ok = n.bus().await_remote_nodes("counter.add", WAIT, |nodes| nodes.is_empty()).await;
@@ -277,9 +292,10 @@ async fn a_cluster_wide_route_delivers_to_agents_from_every_node_and_a_pool_stay
 
     // A pool: every node owns shards, so every delivery stays on its publishing node.
     let pool = AgentRoute { pattern: "counter.add".into(), target: AgentTarget::Pool { ty: "counter".into() } };
-    let (pool, _) = nodes[0].bus().add_route(pool, WAIT).await.unwrap();
+    let pool = nodes[0].bus().add_route(pool, WAIT).await.unwrap();
+    assert!(pool.unconfirmed.is_empty(), "{pool:?}");
     for n in &nodes {
-        assert!(n.bus().await_mirror(pool, WAIT).await, "{} mirrors the pool route", n.name());
+        assert!(n.bus().mirrors(pool.id), "{} mirrors the pool route", n.name());
     }
     const WORK: usize = 30;
     for i in 0..WORK {

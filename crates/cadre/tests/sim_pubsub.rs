@@ -8,6 +8,10 @@
 //! every publish ends (none hangs): `strong` publishes on the minority side, once it sees the
 //! partition, fail with `StrongUnmet`, and those on the majority side succeed. A failure prints
 //! its seed and the command that replays it.
+//!
+//! Also: a route to agents added while one node is cut off answers naming that node as
+//! unconfirmed, which mirrors the route once healed; one added with every node reachable answers
+//! only once every node mirrors it.
 
 #[path = "support/sim.rs"]
 mod simkit;
@@ -23,6 +27,7 @@ use tokio_util::task::TaskTracker;
 use cadre::bus::{Delivery, Dispatch, PublishError, SubscriptionSpec};
 use cadre::config::PubsubConfig;
 use cadre::membership::MemberState;
+use cadre::meta::{AgentRoute, AgentTarget};
 use cadre::signal::Signal;
 use cadre::sim::{run_seeds_in, SimCluster, SimNode, SIM_SECRET};
 use simkit::{names, strs, Rng};
@@ -365,6 +370,73 @@ fn broadcast_scenario(seed: u64) -> Result<String, String> {
         first.len(),
         live.len()
     ))
+}
+
+/// Adds a route to counters for `pattern` through `via`; its id and the unconfirmed members.
+fn add_route(c: &mut SimCluster, via: &str, pattern: &str) -> Result<(u64, Vec<String>), String> {
+    let route = AgentRoute {
+        pattern: pattern.into(),
+        target: AgentTarget::Agent { ty: "counter".into(), key: "subject".into() },
+    };
+    let added = c
+        .run_with_bus(via, Duration::from_secs(10), move |_, bus| async move {
+            bus.add_route(route, Duration::from_secs(3)).await
+        })
+        .map_err(|e| e.to_string())?
+        .ok_or(format!("{via} not running"))?
+        .map_err(|e| e.to_string())?;
+    Ok((added.id, added.unconfirmed))
+}
+
+/// Every node serving (a lease: admitted, with the table) and seeing every other alive.
+fn settled(c: &SimCluster, nodes: &[String]) -> bool {
+    nodes.iter().all(|n| {
+        c.cluster(n).is_some_and(|cl| cl.lease_valid())
+            && c.view(n).is_some_and(|v| v.members.iter().filter(|m| m.state.is_active()).count() == nodes.len())
+    })
+}
+
+fn route_scenario(seed: u64) -> Result<String, String> {
+    let nodes = names(3);
+    let mut c = cluster_of(3, seed);
+    c.run_until(SETTLE_TIMEOUT, |c| settled(c, &nodes)).map_err(|e| format!("not settled: {e}"))?;
+    // n3 cut off: still alive in the others' views for a while, but it cannot confirm.
+    c.partition(&["n3"], &["n1", "n2"]);
+    let (cut_route, unconfirmed) = add_route(&mut c, "n1", "cut.*")?;
+    if unconfirmed != ["n3"] {
+        return Err(format!("with n3 cut off, unconfirmed: {unconfirmed:?}"));
+    }
+    for n in ["n1", "n2"] {
+        if !c.bus(n).is_some_and(|b| b.mirrors(cut_route)) {
+            return Err(format!("{n} does not mirror the route when add_route answers"));
+        }
+    }
+    c.repair(&["n3"], &["n1", "n2"]);
+    let healed = c
+        .run_until(SETTLE_TIMEOUT, |c| c.bus("n3").is_some_and(|b| b.mirrors(cut_route)))
+        .map_err(|e| format!("n3 never mirrored the route after the heal: {e}"))?;
+    // All reachable: the answer comes once every node mirrors the route.
+    c.run_until(SETTLE_TIMEOUT, |c| settled(c, &nodes)).map_err(|e| format!("not settled after the heal: {e}"))?;
+    let (route, unconfirmed) = add_route(&mut c, "n2", "all.*")?;
+    if !unconfirmed.is_empty() {
+        return Err(format!("all reachable, unconfirmed: {unconfirmed:?}"));
+    }
+    for n in &nodes {
+        if !c.bus(n).is_some_and(|b| b.mirrors(route)) {
+            return Err(format!("{n} does not mirror the route when add_route answers"));
+        }
+    }
+    Ok(format!("n3 mirrored the route added while it was cut off {healed:?} after the heal"))
+}
+
+#[test]
+fn a_route_answers_once_every_reachable_member_mirrors_it_and_names_the_others() {
+    run_seeds_in(
+        "sim_pubsub",
+        "a_route_answers_once_every_reachable_member_mirrors_it_and_names_the_others",
+        4,
+        route_scenario,
+    );
 }
 
 #[test]

@@ -14,8 +14,9 @@
 //! - `POST /v1/subscriptions` `{"pattern","dispatch":{"log":{}}|{"webhook":{"url","secret"}},
 //!   "priority"?,"overflow"?:"reject"|"drop_oldest","queue_len_max"?}` → `201 {"id"}`; with
 //!   `"dispatch":{"agent":{"type","key":"subject"|"/json/pointer"}}|{"pool":{"type"}}` a
-//!   cluster-wide route (see [`crate::bus::agents`]) → `201 {"id","route"}` once mirrored here, `503`
-//!   without a leader; `GET /v1/subscriptions`; `DELETE /v1/subscriptions/{id}` → `204` or `404`
+//!   cluster-wide route (see [`crate::bus::agents`]) → `201 {"id","route","unconfirmed"}` once
+//!   mirrored here and on every live member (`unconfirmed`: those that did not confirm within the
+//!   call timeout), `503` without a leader; `GET /v1/subscriptions`; `DELETE /v1/subscriptions/{id}` → `204` or `404`
 //!   (a route's mirror: the route goes from every node).
 //! - `GET /v1/interest`: `{"nodes":[{"node","patterns"}],"buffered"}`, which nodes want which
 //!   signal types as this node knows it, and the copies it buffers for other nodes.
@@ -229,7 +230,7 @@ pub async fn post_subscription(State(s): State<ApiState>, headers: HeaderMap, bo
             .bus
             .add_route(route, s.call_timeout)
             .await
-            .map(|(route, id)| json!({ "id": id, "route": route.to_string() })),
+            .map(|r| json!({ "id": r.sub, "route": r.id.to_string(), "unconfirmed": r.unconfirmed })),
     };
     match created {
         Ok(body) => (StatusCode::CREATED, Json(body)).into_response(),

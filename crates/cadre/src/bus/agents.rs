@@ -16,8 +16,14 @@
 //! The key: the signal's `subject` (`key: "subject"`), or the string (or number) at a JSON pointer
 //! into its data (`key: "/order/id"`); a signal without one is dead-lettered.
 //!
-//! Caveat: mirrors follow this node's copy of the metadata; a route added a moment ago may miss a
-//! signal published on a node that has not applied it yet.
+//! Mirrors follow each node's copy of the metadata, so a route is not mirrored everywhere at the
+//! same moment. [`Bus::add_route`] therefore answers once every live member confirms it mirrors
+//! the route ([`super::remote::Req::AwaitRoute`]): a signal published anywhere after the answer
+//! reaches it. Members that do not confirm in time (unreachable, behind) are named in the
+//! answer; until they apply the route, what they publish does not reach it.
+//!
+//! Caveat: a node that joins or comes back later mirrors the route once it has caught up with the
+//! metadata; what it publishes before then misses the route.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -40,6 +46,18 @@ const INSTALL_ATTEMPTS_MAX: u32 = 600;
 /// Time one attempt may take (a route change waits for a leader to be known).
 const INSTALL_ATTEMPT_MS: u64 = 2000;
 
+/// What [`Bus::add_route`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteAdded {
+    /// The route's id (a hash of the route: adding it again gives the same one).
+    pub id: u64,
+    /// This node's mirror of it.
+    pub sub: SubId,
+    /// Members (of the metadata, or seen alive) that did not confirm they mirror it: not seen
+    /// alive (not asked), unreachable, or not mirroring it within the timeout.
+    pub unconfirmed: Vec<String>,
+}
+
 impl Bus {
     /// Gives the bus the cluster's agents: mirrors the cluster-wide routes as local subscriptions
     /// and adds the routes of a routes file. Called once, by the node.
@@ -52,10 +70,12 @@ impl Bus {
         }
     }
 
-    /// Adds a cluster-wide route to an agent or pool and waits (at most `timeout`) until this
-    /// node mirrors it; returns the route id and the local subscription's id.
-    pub async fn add_route(&self, route: AgentRoute, timeout: Duration) -> Result<(u64, SubId), SubscribeError> {
+    /// Adds a cluster-wide route to an agent or pool and waits (at most `timeout` in all) until
+    /// this node mirrors it, then until every other member seen alive confirms it does; the
+    /// members that did not (or were not asked) are in [`RouteAdded::unconfirmed`].
+    pub async fn add_route(&self, route: AgentRoute, timeout: Duration) -> Result<RouteAdded, SubscribeError> {
         crate::router::Path::parse(&route.pattern).map_err(|e| SubscribeError::Dispatch(e.to_string()))?;
+        let deadline = tokio::time::Instant::now() + timeout;
         let cluster = self.cluster()?;
         let add = cluster.add_route(route);
         let id = match tokio::time::timeout(timeout, add).await {
@@ -63,11 +83,25 @@ impl Bus {
             Ok(Err(e)) => return Err(SubscribeError::Cluster(e.to_string())),
             Err(_) => return Err(SubscribeError::Cluster(format!("no answer from the leader within {timeout:?}"))),
         };
-        if self.await_mirror(id, timeout).await {
-            let sub = self.mirror_of(id).expect("mirrored");
-            return Ok((id, sub));
+        let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
+        if !self.await_mirror(id, left()).await {
+            return Err(SubscribeError::Cluster(format!("route {id} added but not mirrored here within {timeout:?}")));
         }
-        Err(SubscribeError::Cluster(format!("route {id} added but not mirrored here within {timeout:?}")))
+        let sub = self.mirror_of(id).expect("mirrored");
+        let members: Vec<String> = cluster.state().members.keys().cloned().collect();
+        let unconfirmed = match self.inner.remote.get() {
+            Some(remote) => remote.await_route(id, members, left()).await,
+            None => members.into_iter().filter(|n| n != cluster.name()).collect(),
+        };
+        if !unconfirmed.is_empty() {
+            warn!(route = id, ?unconfirmed, "route added; these members did not confirm they mirror it in time");
+        }
+        Ok(RouteAdded { id, sub, unconfirmed })
+    }
+
+    /// Whether this node mirrors route `id` now.
+    pub fn mirrors(&self, id: u64) -> bool {
+        self.mirror_of(id).is_some()
     }
 
     /// Waits until this node mirrors route `id` (at most `timeout`); whether it does.

@@ -497,6 +497,8 @@ pub(crate) struct Inner {
     pending_routes: Mutex<Vec<crate::meta::AgentRoute>>,
     /// Counts changes of the subscriptions (to await a route's mirror).
     subs_changed: tokio::sync::watch::Sender<u64>,
+    /// Other nodes' waits for a route's mirror here (see [`remote::ROUTE_WAITS_MAX`]).
+    route_waits: Arc<tokio::sync::Semaphore>,
     deadletters: Mutex<DeadLetters>,
     /// Bytes held by all subscriber queues (`queued_bytes_max`).
     queued_bytes: AtomicUsize,
@@ -574,6 +576,7 @@ impl Bus {
             cluster: OnceLock::new(),
             pending_routes: Mutex::new(Vec::new()),
             subs_changed: tokio::sync::watch::Sender::new(0),
+            route_waits: Arc::new(tokio::sync::Semaphore::new(remote::ROUTE_WAITS_MAX)),
             http: webhook::client(),
             cfg,
             source: source.into(),
@@ -908,13 +911,33 @@ impl Bus {
     /// requests are answered at once (`Some`).
     pub fn on_pubsub_ask(&self, from: &crate::net::PeerInfo, id: u64, payload: bytes::Bytes) -> Option<bytes::Bytes> {
         let signals = payload.get(1) == Some(&remote::SIGNALS_VARIANT);
+        let route_wait = payload.get(1) == Some(&remote::AWAIT_ROUTE_VARIANT);
         let transport = self.inner.remote.get().and_then(|r| r.transport());
-        match (signals, transport) {
-            (true, Some(transport)) => {
+        match (signals, route_wait, transport) {
+            (true, _, Some(transport)) => {
                 let (bus, from) = (self.clone(), from.clone());
                 self.inner.tasks.spawn(async move {
                     let reply = bus.serve_pubsub(&from.name, &payload);
                     let _ = transport.reply(from.addr, id, reply);
+                });
+                None
+            }
+            (_, true, Some(transport)) => {
+                let Ok(permit) = self.inner.route_waits.clone().try_acquire_owned() else {
+                    // Over the limit: answered at once with what is mirrored now.
+                    return Some(self.serve_pubsub(&from.name, &payload));
+                };
+                let Ok(remote::Req::AwaitRoute { id: route, timeout_ms }) =
+                    postcard::from_bytes::<remote::Req<'_>>(&payload[1..])
+                else {
+                    return Some(self.serve_pubsub(&from.name, &payload));
+                };
+                let (bus, from) = (self.clone(), from.clone());
+                self.inner.tasks.spawn(async move {
+                    let wait = Duration::from_millis(timeout_ms.min(remote::ROUTE_WAIT_MS_MAX));
+                    let count = u32::from(bus.await_mirror(route, wait).await);
+                    let _ = transport.reply(from.addr, id, remote::encode(&remote::Reply::Accepted { count }));
+                    drop(permit);
                 });
                 None
             }
@@ -973,6 +996,7 @@ impl Bus {
             }
             remote::Req::Interest(entry) => remote::Reply::Accepted { count: r.merge(vec![entry]) },
             remote::Req::Pull(digest) => remote::Reply::Entries(r.newer_than(&digest)),
+            remote::Req::AwaitRoute { id, .. } => remote::Reply::Accepted { count: u32::from(self.mirrors(id)) },
         };
         remote::encode(&reply)
     }

@@ -115,6 +115,13 @@ impl std::str::FromStr for Delivery {
 
 /// The encoding of [`Req::Signals`]'s variant (postcard: its index, the byte after the tag).
 pub(super) const SIGNALS_VARIANT: u8 = 0;
+/// The encoding of [`Req::AwaitRoute`]'s variant.
+pub(super) const AWAIT_ROUTE_VARIANT: u8 = 4;
+/// Longest a node waits for a route to be mirrored before answering an [`Req::AwaitRoute`].
+pub const ROUTE_WAIT_MS_MAX: u64 = 10_000;
+/// [`Req::AwaitRoute`]s waited on at once by one node; more are answered at once with what the
+/// node mirrors now (so a flood of them costs no tasks).
+pub const ROUTE_WAITS_MAX: usize = 64;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) enum Req<'a> {
@@ -135,6 +142,9 @@ pub(super) enum Req<'a> {
         #[serde(borrow)]
         signal: &'a [u8],
     },
+    /// Answer once the receiver mirrors the cluster-wide route `id` (`Accepted { count: 1 }`),
+    /// or after `timeout_ms` (at most [`ROUTE_WAIT_MS_MAX`]) without it (`count: 0`).
+    AwaitRoute { id: u64, timeout_ms: u64 },
 }
 
 /// Most nodes one broadcast message may name.
@@ -564,10 +574,43 @@ impl Remote {
         self.tasks.wait().await;
     }
 
+    /// Asks every other member in `members` or seen alive to confirm it mirrors route `id`, each
+    /// waiting at most `timeout`; the ones that did not (not seen alive, so not asked; unreachable;
+    /// or not mirroring it in time), in name order.
+    pub(crate) async fn await_route(&self, id: u64, members: Vec<String>, timeout: Duration) -> Vec<String> {
+        let view = self.membership.view();
+        let alive: std::collections::BTreeSet<String> = view
+            .members
+            .iter()
+            .filter(|m| m.state.is_active() && m.meta.name != self.me)
+            .map(|m| m.meta.name.clone())
+            .collect();
+        let not_seen = members.into_iter().filter(|n| *n != self.me && !alive.contains(n));
+        let not_seen: std::collections::BTreeSet<String> = not_seen.collect();
+        let timeout_ms = (timeout.as_millis() as u64).min(ROUTE_WAIT_MS_MAX);
+        let payload = encode(&Req::AwaitRoute { id, timeout_ms });
+        // The answer may take the whole wait, plus a round trip.
+        let ask_timeout = Duration::from_millis(timeout_ms + self.cfg.ack_timeout_ms);
+        let asks = alive.into_iter().map(|node| {
+            let payload = payload.clone();
+            async move {
+                let reply = self.ask_within(&node, payload, ask_timeout).await;
+                (!matches!(reply, Some(Reply::Accepted { count: 1 }))).then_some(node)
+            }
+        });
+        let unconfirmed = futures::future::join_all(asks).await.into_iter().flatten();
+        let mut all: Vec<String> = unconfirmed.chain(not_seen).collect();
+        all.sort();
+        all
+    }
+
     async fn ask(&self, node: &str, payload: Bytes) -> Option<Reply> {
+        self.ask_within(node, payload, Duration::from_millis(self.cfg.ack_timeout_ms)).await
+    }
+
+    async fn ask_within(&self, node: &str, payload: Bytes, timeout: Duration) -> Option<Reply> {
         let addr = self.membership.addr_of(node)?;
         let transport = self.transport.upgrade()?;
-        let timeout = Duration::from_millis(self.cfg.ack_timeout_ms);
         let reply = transport.ask(addr, payload, timeout).await.ok()?;
         let Some(body) = reply.strip_prefix(&[PUBSUB_TAG]) else {
             self.count_refused("bad_reply");
@@ -824,6 +867,9 @@ mod tests {
         assert_eq!((signals[0], signals[1]), (PUBSUB_TAG, SIGNALS_VARIANT));
         for other in [encode(&Req::Pull(vec![])), encode(&Req::Broadcast { hops: 1, rest: vec![], signal: b"{}" })] {
             assert_ne!(other[1], SIGNALS_VARIANT);
+            assert_ne!(other[1], AWAIT_ROUTE_VARIANT);
         }
+        let wait = encode(&Req::AwaitRoute { id: 7, timeout_ms: 10 });
+        assert_eq!((wait[0], wait[1]), (PUBSUB_TAG, AWAIT_ROUTE_VARIANT));
     }
 }
