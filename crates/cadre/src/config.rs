@@ -399,7 +399,8 @@ pub struct PlacementConfig {
     pub replica_sync_bytes_per_s: u64,
     /// Reads from the nearest copy: an in-sync replica answers only while its last lease renewal
     /// is at most this old, so its answer reflects every write acknowledged more than this long
-    /// ago (a read may ask for less). At least `lease_renew_interval_ms`.
+    /// ago. The default for reads that set no bound of their own (`stale_ms_max`, tighter or
+    /// looser). At least `lease_renew_interval_ms`.
     pub replica_read_stale_ms_max: u64,
 }
 

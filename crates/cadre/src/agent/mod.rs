@@ -848,13 +848,17 @@ async fn read<A: Agent>(host: &HostInner, key: &Key, query: Option<Signal>) -> R
     let found = host.storage.get(key).await.map_err(CallError::Storage)?;
     let (stored, revision) = found.map(|v| (v.value, v.revision)).unwrap_or_default();
     let mut agent = decode::<A>(&stored).map_err(CallError::Unavailable)?;
-    let before = encode(&agent).map_err(CallError::Unavailable)?;
     let Some(signal) = query else {
-        return serde_json::from_slice(&before).map_err(|e| CallError::Unavailable(e.to_string()));
+        let state = encode(&agent).map_err(CallError::Unavailable)?;
+        return serde_json::from_slice(&state).map_err(|e| CallError::Unavailable(e.to_string()));
     };
-    let mut ctx = Ctx { key: key.clone(), revision, cause: Some(cause_of(&signal)), emitted: Vec::new() };
-    // Derived fields (`serde(skip)`) are set up as in an activation.
+    let mut ctx = Ctx { key: key.clone(), revision, cause: None, emitted: Vec::new() };
+    // Derived fields (`serde(skip)`) are set up as in an activation; what the hook changes or
+    // emits is the activation's, not the read's (and, as the read, is not kept).
     hook(key, "on_activate", agent.on_activate(&mut ctx)).await;
+    ctx.emitted.clear();
+    ctx.cause = Some(cause_of(&signal));
+    let before = encode(&agent).map_err(CallError::Unavailable)?;
     let ty = signal.ty.clone();
     let outcome = AssertUnwindSafe(agent.handle(&mut ctx, signal)).catch_unwind().await;
     let reply = match outcome {

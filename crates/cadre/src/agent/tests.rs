@@ -532,3 +532,36 @@ async fn reads_run_on_the_stored_state_and_refuse_what_is_not_a_read() {
     // After shutdown, reads are refused rather than served by a stopped node.
     assert!(matches!(host.read(&k, None).await, Err(CallError::Unavailable(_))));
 }
+
+/// Counts its activations in its state and announces each.
+#[derive(Default, Serialize, Deserialize)]
+struct Warm {
+    activations: u64,
+}
+
+impl Agent for Warm {
+    const TYPE: &'static str = "warm";
+    const ROUTES: &'static [(&'static str, Route<Self>)] = &[("warm.get", Warm::get)];
+
+    fn on_activate(&mut self, ctx: &mut Ctx) -> impl Future<Output = ()> + Send {
+        self.activations += 1;
+        let _ = ctx.emit(Signal::new("warm.up", serde_json::json!(self.activations)));
+        async {}
+    }
+}
+
+impl Warm {
+    fn get(&mut self, _ctx: &mut Ctx, _s: Signal) -> Result<Reply, AgentError> {
+        Ok(self.activations.into())
+    }
+}
+
+#[tokio::test]
+async fn what_on_activate_changes_or_emits_is_not_held_against_a_read() {
+    let host = HostBuilder::new(AgentsConfig::default(), Arc::new(MemoryStorage::new())).agent::<Warm>().build();
+    let k = Key::new("warm", "w");
+    // The handler sees the state as an activation would set it up, and nothing is kept.
+    assert_eq!(host.read(&k, Some(Signal::new("warm.get", serde_json::json!(null)))).await.unwrap(), 1);
+    assert_eq!(host.read(&k, None).await.unwrap(), serde_json::json!({"activations": 0}));
+    host.shutdown().await;
+}

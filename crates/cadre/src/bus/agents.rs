@@ -70,9 +70,10 @@ impl Bus {
         }
     }
 
-    /// Adds a cluster-wide route to an agent or pool and waits (at most `timeout` in all) until
-    /// this node mirrors it, then until every other member seen alive confirms it does; the
-    /// members that did not (or were not asked) are in [`RouteAdded::unconfirmed`].
+    /// Adds a cluster-wide route to an agent or pool and waits until this node mirrors it, then
+    /// until every other member seen alive confirms it does (each wait within what is left of
+    /// `timeout`, plus one `ack_timeout_ms` for an answer in transit); the members that did not
+    /// (or were not asked) are in [`RouteAdded::unconfirmed`].
     pub async fn add_route(&self, route: AgentRoute, timeout: Duration) -> Result<RouteAdded, SubscribeError> {
         crate::router::Path::parse(&route.pattern).map_err(|e| SubscribeError::Dispatch(e.to_string()))?;
         let deadline = tokio::time::Instant::now() + timeout;
@@ -87,7 +88,10 @@ impl Bus {
         if !self.await_mirror(id, left()).await {
             return Err(SubscribeError::Cluster(format!("route {id} added but not mirrored here within {timeout:?}")));
         }
-        let sub = self.mirror_of(id).expect("mirrored");
+        // Removed again meanwhile (by another caller): say so rather than answer with no mirror.
+        let Some(sub) = self.mirror_of(id) else {
+            return Err(SubscribeError::Cluster(format!("route {id} was removed while being added")));
+        };
         let members: Vec<String> = cluster.state().members.keys().cloned().collect();
         let unconfirmed = match self.inner.remote.get() {
             Some(remote) => remote.await_route(id, members, left()).await,

@@ -935,7 +935,11 @@ impl Bus {
                 let (bus, from) = (self.clone(), from.clone());
                 self.inner.tasks.spawn(async move {
                     let wait = Duration::from_millis(timeout_ms.min(remote::ROUTE_WAIT_MS_MAX));
-                    let count = u32::from(bus.await_mirror(route, wait).await);
+                    // Not past shutdown: answered "not mirrored" then.
+                    let count = tokio::select! {
+                        mirrored = bus.await_mirror(route, wait) => u32::from(mirrored),
+                        () = bus.inner.cancel.cancelled() => 0,
+                    };
                     let _ = transport.reply(from.addr, id, remote::encode(&remote::Reply::Accepted { count }));
                     drop(permit);
                 });

@@ -810,8 +810,8 @@ async fn serve_remote(inner: &Inner, req: AgentReq) -> AgentReply {
         AgentOp::Stop => (Op::Stop, inner.meta_cfg.rpc_timeout_ms),
         AgentOp::Lookup => (Op::Lookup, inner.meta_cfg.rpc_timeout_ms),
         AgentOp::Stats => return AgentReply::Stats(local_stats(inner)),
-        AgentOp::Read { query, stale_ms_max, timeout_ms } => {
-            return serve_remote_read(inner, &key, query, stale_ms_max, timeout_ms).await;
+        AgentOp::Read { query, stale_ms_max, owner_only, timeout_ms } => {
+            return serve_remote_read(inner, &key, query, stale_ms_max, owner_only, timeout_ms).await;
         }
     };
     let deadline = Instant::now() + Duration::from_millis(timeout_ms);
@@ -829,6 +829,7 @@ async fn serve_remote_read(
     key: &Key,
     query: Option<Vec<u8>>,
     stale_ms_max: u64,
+    owner_only: bool,
     timeout_ms: u64,
 ) -> AgentReply {
     let query = match query.map(|q| crate::signal::codec::decode_structured(&q)).transpose() {
@@ -836,7 +837,7 @@ async fn serve_remote_read(
         Err(e) => return AgentReply::Err(CallError::Unavailable(format!("invalid signal: {e}"))),
     };
     let until = Instant::now() + Duration::from_millis(timeout_ms);
-    match read::serve_read(inner, key, query, stale_ms_max, until).await {
+    match read::serve_read(inner, key, query, stale_ms_max, owner_only, until).await {
         Ok(s) => match serde_json::to_vec(&s.reply) {
             Ok(reply) => {
                 AgentReply::Read { reply, epoch: s.epoch, replica: s.role == read::Role::Replica, age_ms: s.age_ms }

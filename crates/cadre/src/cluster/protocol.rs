@@ -121,9 +121,11 @@ pub enum AgentOp {
     /// A read of the stored state (`query`: a structured-mode CloudEvent for a read-only call),
     /// served by the owner or an in-sync replica whose table is at most `stale_ms_max` old (see
     /// [`super::read`]).
+    /// `owner_only`: refused unless the receiver owns the shard in its table.
     Read {
         query: Option<Vec<u8>>,
         stale_ms_max: u64,
+        owner_only: bool,
         timeout_ms: u64,
     },
 }

@@ -22,8 +22,12 @@
 //!   staleness, as follower reads elsewhere give). The answer says how old the table was
 //!   (`age_ms`); the default bound is `placement.replica_read_stale_ms_max`.
 //!
-//! The owner serves a read from its store when it serves the shard (lease valid, shard open), so
-//! an owner read reflects every acknowledged write. Either may also show writes still in flight
+//! The owner serves a read from its store when it serves the shard (lease valid, shard open, not
+//! handing it over), so an owner read reflects every acknowledged write. (While the shard is
+//! `Moving`, the move may already be complete without this node knowing, and the new owner
+//! acknowledging writes without it: the old owner refuses, and the reader goes to an in-sync
+//! replica, the target among them, or waits.) A read with `from: owner` is refused by any node
+//! that is not the owner in its own table, whatever the reader's table said. Either may also show writes still in flight
 //! (stored, not yet acknowledged), and a replica a late write of a previous owner that was never
 //! acknowledged (see [`super::replica`]); never a write that was not made.
 //!
@@ -144,10 +148,11 @@ impl Cluster {
                 }
                 // Only the last copy may take all the time left: a dead one must not eat it.
                 let until = Instant::now() + if i + 1 < copies.len() { left.min(attempt_max) } else { left };
+                let owner_only = opts.from == ReadFrom::Owner;
                 let result = if *node == self.inner.name {
-                    serve_read(&self.inner, key, query.clone(), stale_ms_max, until).await
+                    serve_read(&self.inner, key, query.clone(), stale_ms_max, owner_only, until).await
                 } else {
-                    self.read_remote(node, key, query.as_ref(), stale_ms_max, until).await
+                    self.read_remote(node, key, query.as_ref(), stale_ms_max, owner_only, until).await
                 };
                 match result {
                     Ok(served) => return Ok(served),
@@ -195,6 +200,7 @@ impl Cluster {
         key: &Key,
         query: Option<&Signal>,
         stale_ms_max: u64,
+        owner_only: bool,
         until: Instant,
     ) -> Result<ReadServed, CallError> {
         let addr = {
@@ -208,6 +214,7 @@ impl Cluster {
         let op = AgentOp::Read {
             query: query.map(crate::signal::codec::encode_structured),
             stale_ms_max,
+            owner_only,
             timeout_ms: timeout.as_millis() as u64,
         };
         let req = AgentReq { op, ty: key.ty.clone(), id: key.id.clone(), epoch: 0 };
@@ -241,10 +248,11 @@ pub(super) async fn serve_read(
     key: &Key,
     query: Option<Signal>,
     stale_ms_max: u64,
+    owner_only: bool,
     until: Instant,
 ) -> Result<ReadServed, CallError> {
     let now = Instant::now();
-    let (role, epoch) = match may_read(inner, key, stale_ms_max, now) {
+    let (role, epoch) = match may_read(inner, key, stale_ms_max, owner_only, now) {
         Ok(ok) => ok,
         Err((reason, e)) => {
             inner.reads_refused.get_or_create(&label("reason", reason)).inc();
@@ -266,6 +274,7 @@ fn may_read(
     inner: &Inner,
     key: &Key,
     stale_ms_max: u64,
+    owner_only: bool,
     now: Instant,
 ) -> Result<(Role, u64), (&'static str, CallError)> {
     let st = inner.state.borrow();
@@ -277,7 +286,16 @@ fn may_read(
         if !inner.repl.is_open(p.shard, p.epoch) {
             return Err(("opening", CallError::Unavailable(format!("shard {} is opening", p.shard))));
         }
+        // Handing over: the move may have completed without this node knowing yet, and the new
+        // owner acknowledge writes this copy lacks. A reader goes to the target (an in-sync
+        // replica, under the staleness rule) or waits for the move to end.
+        if p.moving_to.is_some() {
+            return Err(("moving", CallError::Unavailable(format!("shard {} is being handed over", p.shard))));
+        }
         return Ok((Role::Owner, p.epoch));
+    }
+    if owner_only {
+        return Err(("not_owner", CallError::NotOwner { owner: p.owner, epoch: p.epoch }));
     }
     if !st.shards[p.shard as usize].in_sync(&inner.name) {
         return Err(("not_in_sync", CallError::NotOwner { owner: p.owner, epoch: p.epoch }));

@@ -391,11 +391,13 @@ impl Node {
         // Serve nothing from now on (the gate refuses every call and queued signal), whatever
         // the steps below wait for.
         self.cluster.stop_serving();
+        // Silent on the network at once, as a crashed process is: the steps below take time (in
+        // a simulation, simulated time while the others run), and nothing may answer meanwhile.
+        self.transport.abort().await;
         // As a crash: no passivation, no last write.
         self.agents.abort().await;
         self.cluster.shutdown().await;
         self.bus.shutdown().await;
-        self.transport.abort().await;
         self.tasks.close();
         self.tasks.wait().await;
     }
