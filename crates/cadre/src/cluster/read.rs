@@ -52,6 +52,7 @@ use tokio::time::Instant;
 use super::protocol::{AgentOp, AgentReply, AgentReq};
 use super::{placement_in, Cluster, Inner, RETRY_WAIT_MIN_MS};
 use crate::agent::{CallError, Reply};
+use crate::meta::MetaState;
 use crate::metrics::label;
 use crate::signal::Signal;
 use crate::storage::Key;
@@ -278,12 +279,39 @@ fn may_read(
     now: Instant,
 ) -> Result<(Role, u64), (&'static str, CallError)> {
     let st = inner.state.borrow();
-    let p = placement_in(&st, key).map_err(|e| ("no_table", e))?;
-    let Some(renewed) = inner.lease.renewed_at(now) else {
+    let node = Answering {
+        me: &inner.name,
+        renewed: inner.lease.renewed_at(now),
+        open: &|shard, epoch| inner.repl.is_open(shard, epoch),
+    };
+    read_rule(&st, &node, key, stale_ms_max, owner_only, now)
+}
+
+/// What the read rule needs to know of the node answering.
+struct Answering<'a> {
+    me: &'a str,
+    /// When the renewal behind its valid lease was sent (`None`: no valid lease).
+    renewed: Option<Instant>,
+    /// Whether it has opened the shard at the epoch (its replicas fenced).
+    open: &'a dyn Fn(u32, u64) -> bool,
+}
+
+/// The rule of the module's design note, on a node's table `st`: the role this copy answers as
+/// (and the shard's epoch), or why it may not (a metric reason and the error).
+fn read_rule(
+    st: &MetaState,
+    node: &Answering<'_>,
+    key: &Key,
+    stale_ms_max: u64,
+    owner_only: bool,
+    now: Instant,
+) -> Result<(Role, u64), (&'static str, CallError)> {
+    let p = placement_in(st, key).map_err(|e| ("no_table", e))?;
+    let Some(renewed) = node.renewed else {
         return Err(("lease", CallError::Unavailable("this node's lease has expired".into())));
     };
-    if p.owner.as_deref() == Some(inner.name.as_str()) {
-        if !inner.repl.is_open(p.shard, p.epoch) {
+    if p.owner.as_deref() == Some(node.me) {
+        if !(node.open)(p.shard, p.epoch) {
             return Err(("opening", CallError::Unavailable(format!("shard {} is opening", p.shard))));
         }
         // Handing over: the move may have completed without this node knowing yet, and the new
@@ -297,10 +325,10 @@ fn may_read(
     if owner_only {
         return Err(("not_owner", CallError::NotOwner { owner: p.owner, epoch: p.epoch }));
     }
-    if !st.shards[p.shard as usize].in_sync(&inner.name) {
+    if !st.shards[p.shard as usize].in_sync(node.me) {
         return Err(("not_in_sync", CallError::NotOwner { owner: p.owner, epoch: p.epoch }));
     }
-    let age_ms = now.duration_since(renewed).as_millis() as u64;
+    let age_ms = now.saturating_duration_since(renewed).as_millis() as u64;
     if age_ms > stale_ms_max {
         return Err((
             "stale",
@@ -332,6 +360,57 @@ mod tests {
         // Without a copy here, the owner is not preferred for being the owner: the nearer replica is.
         assert_eq!(nearest_first(names(&["far", "near"]), "me", rtt), names(&["near", "far"]));
         assert_eq!(nearest_first(Vec::new(), "me", rtt), Vec::<String>::new());
+    }
+
+    /// One shard owned by `owner` at epoch 4, in `state`, with replica b (`in_sync`) and c.
+    fn table(owner: &str, state: crate::meta::ShardState, in_sync: bool) -> MetaState {
+        use crate::meta::{Replica, ShardEntry};
+        let replica = |node: &str, in_sync| Replica { node: node.into(), in_sync, generation: 1 };
+        MetaState {
+            shard_count: 1,
+            shards: vec![ShardEntry {
+                owner: Some(owner.into()),
+                epoch: 4,
+                state,
+                replicas: vec![replica("b", in_sync), replica("c", false)],
+            }],
+            ..MetaState::default()
+        }
+    }
+
+    #[test]
+    fn who_may_answer_a_read() {
+        use crate::meta::ShardState::{Active, Moving};
+        let key = Key::new("counter", "k");
+        let now = Instant::now();
+        let ago = |ms| Some(now - Duration::from_millis(ms));
+        let open = |_, _| true;
+        let closed = |_, _| false;
+        let node = |me, renewed, open| Answering { me, renewed, open };
+        let rule = |st: &MetaState, c: &Answering<'_>, owner_only| {
+            read_rule(st, c, &key, 500, owner_only, now).map_err(|(reason, _)| reason)
+        };
+        let active = table("a", Active, true);
+        // The owner: with a valid lease and the shard open, whatever its table's age.
+        assert_eq!(rule(&active, &node("a", ago(1900), &open), false), Ok((Role::Owner, 4)));
+        assert_eq!(rule(&active, &node("a", ago(10), &open), true), Ok((Role::Owner, 4)));
+        assert_eq!(rule(&active, &node("a", None, &open), false), Err("lease"));
+        assert_eq!(rule(&active, &node("a", ago(10), &closed), false), Err("opening"));
+        // Handing over: the move may be complete already elsewhere.
+        let moving = table("a", Moving { to: "b".into() }, true);
+        assert_eq!(rule(&moving, &node("a", ago(10), &open), false), Err("moving"));
+        // An in-sync replica with a fresh enough table; not when the owner is asked for.
+        assert_eq!(rule(&active, &node("b", ago(500), &open), false), Ok((Role::Replica, 4)));
+        assert_eq!(rule(&moving, &node("b", ago(10), &open), false), Ok((Role::Replica, 4)));
+        assert_eq!(rule(&active, &node("b", ago(501), &open), false), Err("stale"));
+        assert_eq!(rule(&active, &node("b", None, &open), false), Err("lease"));
+        assert_eq!(rule(&active, &node("b", ago(10), &open), true), Err("not_owner"));
+        // Out of sync, or not a replica at all.
+        assert_eq!(rule(&table("a", Active, false), &node("b", ago(10), &open), false), Err("not_in_sync"));
+        assert_eq!(rule(&active, &node("c", ago(10), &open), false), Err("not_in_sync"));
+        assert_eq!(rule(&active, &node("d", ago(10), &open), false), Err("not_in_sync"));
+        // No table yet.
+        assert_eq!(rule(&MetaState::default(), &node("a", ago(10), &open), false), Err("no_table"));
     }
 
     #[test]
