@@ -95,6 +95,8 @@ async fn signals_from_one_node_reach_a_webhook_on_another_and_agents_through_a_r
         let (status, v) =
             post_json(h2, "/v1/subscriptions", serde_json::json!({"pattern": pattern, "dispatch": dispatch})).await;
         assert_eq!(status, 201, "{v}");
+        // Answered once every member mirrors it.
+        assert_eq!(v["unconfirmed"], serde_json::json!([]), "{v}");
         route_ids.push(v["route"].as_str().unwrap().to_string());
     }
     for http in [h1, h2, h3] {
@@ -102,8 +104,10 @@ async fn signals_from_one_node_reach_a_webhook_on_another_and_agents_through_a_r
             interested(v, "s1", "order.**") && interested(v, "s1", "payment.captured")
         })
         .await;
+        let (_, subs) = client::get(http, "/v1/subscriptions", HTTP).await.unwrap();
+        let subs: serde_json::Value = serde_json::from_slice(&subs).unwrap();
         for id in &route_ids {
-            await_get(http, "/v1/subscriptions", "every route mirrored", |v| mirrors(v, id)).await;
+            assert!(mirrors(&subs, id), "route {id} mirrored on {http} when its answer came: {subs}");
         }
     }
 
