@@ -77,6 +77,14 @@ fn settled(st: &MetaState, live: &[&str]) -> bool {
         })
 }
 
+/// Nodes a (founding), b and c, joining through a.
+async fn start_abc() -> (Node, Node, Node) {
+    let a = Node::start(config("a", vec![]), NodeOptions::default()).await.unwrap();
+    let b = Node::start(config("b", vec![a.addr()]), NodeOptions::default()).await.unwrap();
+    let c = Node::start(config("c", vec![a.addr()]), NodeOptions::default()).await.unwrap();
+    (a, b, c)
+}
+
 fn key(i: usize) -> Key {
     Key::new("counter", format!("k{i}"))
 }
@@ -94,9 +102,7 @@ async fn get(node: &Node, k: &Key) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_reach_owners_rebalancing_keeps_state_and_a_crash_fails_over() {
     logs();
-    let a = Node::start(config("a", vec![]), NodeOptions::default()).await.unwrap();
-    let b = Node::start(config("b", vec![a.addr()]), NodeOptions::default()).await.unwrap();
-    let c = Node::start(config("c", vec![a.addr()]), NodeOptions::default()).await.unwrap();
+    let (a, b, c) = start_abc().await;
     let abc = ["a", "b", "c"];
     for n in [&a, &b, &c] {
         await_meta(n, "shards with their desired owners", |st| settled(st, &abc)).await;
@@ -262,9 +268,7 @@ async fn reads_are_served_by_the_nearest_in_sync_copy() {
     use cadre::agent::CallError;
     use cadre::cluster::read::{ReadFrom, ReadOpts, Role};
     logs();
-    let a = Node::start(config("a", vec![]), NodeOptions::default()).await.unwrap();
-    let b = Node::start(config("b", vec![a.addr()]), NodeOptions::default()).await.unwrap();
-    let c = Node::start(config("c", vec![a.addr()]), NodeOptions::default()).await.unwrap();
+    let (a, b, c) = start_abc().await;
     let abc = ["a", "b", "c"];
     for n in [&a, &b, &c] {
         await_meta(n, "every shard on 3 nodes, replicas in sync", |st| replicated(st, &abc)).await;
@@ -326,9 +330,7 @@ async fn reads_are_served_by_the_nearest_in_sync_copy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_shards_sends_pool_work_to_the_least_loaded_owner() {
     logs();
-    let a = Node::start(config("a", vec![]), NodeOptions::default()).await.unwrap();
-    let b = Node::start(config("b", vec![a.addr()]), NodeOptions::default()).await.unwrap();
-    let c = Node::start(config("c", vec![a.addr()]), NodeOptions::default()).await.unwrap();
+    let (a, b, c) = start_abc().await;
     for n in [&a, &b, &c] {
         await_meta(n, "settled", |st| settled(st, &["a", "b", "c"])).await;
     }

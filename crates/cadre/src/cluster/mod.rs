@@ -531,6 +531,24 @@ impl Cluster {
         serve_local(&self.inner, key, op, deadline).await
     }
 
+    /// A member's transport address, as the metadata has it.
+    fn member_addr(&self, node: &str) -> Result<SocketAddr, CallError> {
+        let st = self.inner.state.borrow();
+        st.members
+            .get(node)
+            .and_then(|m| m.addr.parse::<SocketAddr>().ok())
+            .ok_or_else(|| CallError::Unavailable(format!("{node} has no known address")))
+    }
+
+    /// The smoothed round-trip time to each member by name, as measured now (`None`: unmeasured).
+    fn rtts(&self) -> impl Fn(&str) -> Option<Duration> + '_ {
+        let rtts: std::collections::HashMap<SocketAddr, Duration> = match self.inner.transport.upgrade() {
+            Some(t) => t.peer_rtts().into_iter().collect(),
+            None => std::collections::HashMap::new(),
+        };
+        move |n: &str| self.inner.membership.addr_of(n).and_then(|a| rtts.get(&a).copied())
+    }
+
     async fn remote(
         &self,
         owner: &str,
@@ -539,13 +557,7 @@ impl Cluster {
         epoch: u64,
         deadline: Instant,
     ) -> Result<Served, CallError> {
-        let addr = {
-            let st = self.inner.state.borrow();
-            st.members.get(owner).and_then(|m| m.addr.parse::<SocketAddr>().ok())
-        };
-        let Some(addr) = addr else {
-            return Err(CallError::Unavailable(format!("owner {owner} has no known address")));
-        };
+        let addr = self.member_addr(owner)?;
         let timeout_ms = deadline.saturating_duration_since(Instant::now()).as_millis() as u64;
         let req = AgentReq { op: op.to_wire(timeout_ms), ty: key.ty.clone(), id: key.id.clone(), epoch };
         let timeout = deadline.saturating_duration_since(Instant::now());

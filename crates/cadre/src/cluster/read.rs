@@ -43,8 +43,6 @@
 //!   than calls to an active agent.
 //! - With shared storage (a database) there are no replicas: reads go to the owner.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -187,12 +185,7 @@ impl Cluster {
             let entry = &st.shards[p.shard as usize];
             nodes.extend(entry.replicas.iter().filter(|r| r.in_sync && alive(&r.node)).map(|r| r.node.clone()));
         }
-        let rtts: HashMap<SocketAddr, Duration> = match self.inner.transport.upgrade() {
-            Some(t) => t.peer_rtts().into_iter().collect(),
-            None => HashMap::new(),
-        };
-        let rtt_of = |n: &str| self.inner.membership.addr_of(n).and_then(|a| rtts.get(&a).copied());
-        Ok(nearest_first(nodes, &self.inner.name, rtt_of))
+        Ok(nearest_first(nodes, &self.inner.name, self.rtts()))
     }
 
     async fn read_remote(
@@ -204,13 +197,7 @@ impl Cluster {
         owner_only: bool,
         until: Instant,
     ) -> Result<ReadServed, CallError> {
-        let addr = {
-            let st = self.inner.state.borrow();
-            st.members.get(node).and_then(|m| m.addr.parse::<SocketAddr>().ok())
-        };
-        let Some(addr) = addr else {
-            return Err(CallError::Unavailable(format!("{node} has no known address")));
-        };
+        let addr = self.member_addr(node)?;
         let timeout = until.saturating_duration_since(Instant::now());
         let op = AgentOp::Read {
             query: query.map(crate::signal::codec::encode_structured),

@@ -132,14 +132,10 @@ impl Cluster {
     /// The member owning shards a pool delivery from this node goes to: least loaded, then
     /// nearest (see the module's note).
     fn remote_owner(&self, st: &MetaState) -> Option<String> {
-        let rtts: HashMap<std::net::SocketAddr, Duration> = match self.inner.transport.upgrade() {
-            Some(t) => t.peer_rtts().into_iter().collect(),
-            None => HashMap::new(),
-        };
         let loads = self.pool_loads();
         let me = self.inner.name.as_str();
         let owners = st.members.keys().filter(|n| *n != me && st.shards.iter().any(|e| serving(e, n)));
-        let rtt_of = |n: &str| self.inner.membership.addr_of(n).and_then(|a| rtts.get(&a).copied());
+        let rtt_of = self.rtts();
         let candidates: Vec<Candidate> =
             owners.map(|n| Candidate { name: n.clone(), load: loads.get(n).copied(), rtt: rtt_of(n) }).collect();
         least_loaded_then_nearest(&candidates)
