@@ -337,3 +337,97 @@ fn metric(node: &Node, name: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// Signals the mirrors of route `id` on `node` took into their queues.
+fn mirror_took(node: &Node, id: u64) -> u64 {
+    let subs = node.bus().subscriptions();
+    subs.iter().filter(|s| s.route == Some(id.to_string())).map(|s| s.received).sum()
+}
+
+/// A route to agents and ordinary subscriptions of the same pattern on other nodes: the agent
+/// gets each signal once, whichever node added the route, whichever nodes subscribe and whichever
+/// publishes. Only the publisher's mirror of the route delivers; a node that takes a copy for its
+/// own subscriptions leaves the route alone (it used to deliver too: k + 1 copies with k
+/// subscribing nodes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_and_subscriptions_on_other_nodes_deliver_to_the_agent_once_in_every_combination() {
+    let nodes = cluster(&["a", "b", "c"]).await;
+    for n in &nodes {
+        placed(n, 3).await;
+    }
+    let names: Vec<&str> = nodes.iter().map(|n| n.name()).collect();
+    let route = AgentRoute {
+        pattern: "counter.**".into(),
+        target: AgentTarget::Agent { ty: "counter".into(), key: "subject".into() },
+    };
+    const SIGNALS: usize = 10;
+    const KEYS: usize = 2;
+    let mut case = 0;
+    for added_on in 0..nodes.len() {
+        let added = nodes[added_on].bus().add_route(route.clone(), WAIT).await.unwrap();
+        assert!(added.unconfirmed.is_empty(), "{added:?}");
+        // Every subset of nodes holding an ordinary subscription, the empty one included.
+        for subscribed in 0u32..(1 << nodes.len()) {
+            let on: Vec<usize> = (0..nodes.len()).filter(|i| subscribed & (1 << i) != 0).collect();
+            let mut rxs: Vec<_> = on.iter().map(|&i| (i, channel(&nodes[i], "counter.**"))).collect();
+            for publisher in 0..nodes.len() {
+                case += 1;
+                let what = format!(
+                    "case {case}: route added on {}, subscriptions on {:?}, published on {}",
+                    names[added_on],
+                    on.iter().map(|&i| names[i]).collect::<Vec<_>>(),
+                    names[publisher]
+                );
+                let others: Vec<&str> = on.iter().filter(|&&i| i != publisher).map(|&i| names[i]).collect();
+                await_nodes(&nodes[publisher], "counter.add", &others).await;
+                let before: Vec<u64> = nodes.iter().map(|n| mirror_took(n, added.id)).collect();
+                for i in 0..SIGNALS {
+                    let mut s = Signal::new("counter.add", serde_json::json!(1))
+                        .with_subject(format!("case{case}-k{}", i % KEYS));
+                    s.id = format!("case{case}-{i}");
+                    let p = nodes[publisher].bus().publish_with(s, Delivery::Strong).await.unwrap();
+                    assert_eq!(p.remote_nodes, others.len(), "{what}");
+                }
+                // Every subscriber has every copy: a node that wrongly handed one to the route
+                // did so when it took the copy, so its mirror shows it now.
+                for (i, rx) in &mut rxs {
+                    let got = receive(rx, SIGNALS).await;
+                    assert_eq!(got.len(), SIGNALS, "{what}: subscriber on {}", names[*i]);
+                }
+                for k in 0..KEYS {
+                    let key = Key::new("counter", format!("case{case}-k{k}"));
+                    await_counter(&nodes[0], &key, (SIGNALS / KEYS) as i64).await;
+                }
+                for (i, n) in nodes.iter().enumerate() {
+                    let took = mirror_took(n, added.id) - before[i];
+                    let want = if i == publisher { SIGNALS as u64 } else { 0 };
+                    assert_eq!(took, want, "{what}: signals the route's mirror on {} took", names[i]);
+                }
+                for k in 0..KEYS {
+                    let key = Key::new("counter", format!("case{case}-k{k}"));
+                    let get = Signal::new("counter.get", serde_json::Value::Null);
+                    let got = nodes[1].cluster().call(&key, get, WAIT).await.unwrap().reply;
+                    assert_eq!(got, serde_json::json!(SIGNALS / KEYS), "{what}: {key:?} counted each signal once");
+                }
+            }
+            for (i, rx) in rxs {
+                drop(rx);
+                for s in nodes[i].bus().subscriptions().iter().filter(|s| s.route.is_none()) {
+                    nodes[i].bus().unsubscribe(s.id);
+                }
+            }
+        }
+        nodes[added_on].bus().remove_route(added.id, WAIT).await.unwrap();
+        for n in &nodes {
+            let mut rx = n.cluster().watch();
+            tokio::time::timeout(WAIT, rx.wait_for(|st| st.routes.is_empty())).await.unwrap().unwrap();
+            assert!(n.bus().await_unmirrored(added.id, WAIT).await, "{}: mirror removed", n.name());
+            let gone = n.bus().await_remote_nodes("counter.add", WAIT, |nodes| nodes.is_empty()).await;
+            assert!(gone, "{}: interest withdrawn", n.name());
+        }
+    }
+    assert_eq!(case, 3 * 8 * 3);
+    for n in nodes {
+        n.shutdown().await;
+    }
+}

@@ -43,6 +43,10 @@ pub async fn post(
     request(addr, Method::POST, path, &[("content-type", content_type)], body, timeout).await
 }
 
+pub async fn delete(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16, Bytes), ClientError> {
+    request(addr, Method::DELETE, path, &[], Bytes::new(), timeout).await
+}
+
 /// One request on a new connection; returns the status code and body.
 pub async fn request(
     addr: SocketAddr,

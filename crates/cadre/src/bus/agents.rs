@@ -110,11 +110,20 @@ impl Bus {
 
     /// Waits until this node mirrors route `id` (at most `timeout`); whether it does.
     pub async fn await_mirror(&self, id: u64, timeout: Duration) -> bool {
+        self.await_mirrored(id, true, timeout).await
+    }
+
+    /// Waits until this node no longer mirrors route `id` (at most `timeout`); whether it does not.
+    pub async fn await_unmirrored(&self, id: u64, timeout: Duration) -> bool {
+        self.await_mirrored(id, false, timeout).await
+    }
+
+    async fn await_mirrored(&self, id: u64, present: bool, timeout: Duration) -> bool {
         let mut rx = self.inner.subs_changed.subscribe();
         let wait = async {
             loop {
                 rx.borrow_and_update();
-                if self.mirror_of(id).is_some() {
+                if self.mirror_of(id).is_some() == present {
                     return;
                 }
                 if rx.changed().await.is_err() {

@@ -368,6 +368,9 @@ pub struct SubscriptionInfo {
     pub overflow: Overflow,
     pub queue_len_max: usize,
     pub queued: usize,
+    /// Signals taken into its queue (each is then delivered, failed, dropped or skipped).
+    #[serde(default)]
+    pub received: u64,
     pub delivered: u64,
     pub failed: u64,
     pub dropped: u64,
@@ -382,6 +385,7 @@ pub struct SubscriptionInfo {
 
 /// A subscription's own counts, plus its adapter's series in `deliveries` (looked up once).
 struct SubCounts {
+    received: AtomicU64,
     delivered: AtomicU64,
     failed: AtomicU64,
     dropped: AtomicU64,
@@ -398,6 +402,7 @@ impl SubCounts {
             metrics.deliveries.get_or_create(&labels).clone()
         };
         SubCounts {
+            received: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
@@ -1007,6 +1012,10 @@ impl Bus {
 
     /// Routes a signal from another node to this node's subscriptions, all or none (see
     /// [`enqueue_all`]). False when a queue is full: the sender keeps it and tries again.
+    ///
+    /// Mirrors of cluster-wide routes are left out: the publishing node delivered to every route
+    /// itself, so a copy sent here for this node's own subscriptions must not reach the route
+    /// again (with a matching subscription on k other nodes, an agent would get k + 1 copies).
     fn deliver_remote(&self, signal: &Arc<Signal>) -> bool {
         let inner = &self.inner;
         if inner.cancel.is_cancelled() {
@@ -1016,7 +1025,9 @@ impl Bus {
             let subs = read(&inner.subs);
             let router = read(&inner.router);
             match router.route(&signal.ty, signal) {
-                Ok(ids) => ids.into_iter().filter_map(|id| subs.get(id).cloned()).collect(),
+                Ok(ids) => {
+                    ids.into_iter().filter_map(|id| subs.get(id).filter(|s| s.route_id.is_none()).cloned()).collect()
+                }
                 Err(_) => Vec::new(),
             }
         };
@@ -1123,6 +1134,7 @@ fn info_of(s: &Sub) -> SubscriptionInfo {
         overflow: s.overflow,
         queue_len_max: s.queue_len_max,
         queued: s.lock_queue().items.len(),
+        received: s.counts.received.load(Ordering::Relaxed),
         delivered: s.counts.delivered.load(Ordering::Relaxed),
         failed: s.counts.failed.load(Ordering::Relaxed),
         dropped: s.counts.dropped.load(Ordering::Relaxed),
@@ -1175,6 +1187,7 @@ fn enqueue(inner: &Inner, sub: &Sub, signal: &Arc<Signal>, size: usize) -> Enque
     }
     q.items.push_back((signal.clone(), size));
     q.bytes += size;
+    sub.counts.received.fetch_add(1, Ordering::Relaxed);
     drop(q);
     sub.notify.notify_one();
     Enqueued::Yes
@@ -1212,6 +1225,7 @@ fn enqueue_all(inner: &Inner, targets: &[Arc<Sub>], signal: &Arc<Signal>, size: 
         }
         q.items.push_back((signal.clone(), size));
         q.bytes += size;
+        sub.counts.received.fetch_add(1, Ordering::Relaxed);
     }
     let subs: Vec<&Sub> = queues.iter().map(|(s, _)| *s).collect();
     drop(queues);
