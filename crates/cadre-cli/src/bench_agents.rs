@@ -35,13 +35,28 @@ const HOT_KEYS: usize = 1000;
 const LATENCY_SAMPLES: usize = 20_000;
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn host() -> Host {
-    let cfg = AgentsConfig { agents_active_max: 10_000_000, ..AgentsConfig::default() };
-    HostBuilder::new(cfg, std::sync::Arc::new(MemoryStorage::new())).agent::<Counter>().build()
+/// Agents with a record of `dedupe_ids_max` handled signals each (0: none kept).
+fn agents_config(dedupe_ids_max: usize) -> AgentsConfig {
+    AgentsConfig { agents_active_max: 10_000_000, dedupe_ids_max, ..AgentsConfig::default() }
 }
 
+fn host_with(dedupe_ids_max: usize) -> Host {
+    HostBuilder::new(agents_config(dedupe_ids_max), std::sync::Arc::new(MemoryStorage::new()))
+        .agent::<Counter>()
+        .build()
+}
+
+fn host() -> Host {
+    host_with(DEDUPE_DEFAULT)
+}
+
+const DEDUPE_DEFAULT: usize = cadre::agent::handled::DEDUPE_IDS_MAX_DEFAULT;
+
+/// A `counter.add` of 1 with an id of its own (a repeated id would be a duplicate, not handled).
 fn add() -> Signal {
-    let mut s = Signal::bare("b", "/bench", "counter.add");
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut s = Signal::bare(format!("b{n}"), "/bench", "counter.add");
     s.datacontenttype = Some("application/json".into());
     s.data = Some(cadre::signal::Data::Json(1.into()));
     s
@@ -93,8 +108,8 @@ async fn activations(seconds: f64) -> Result<(f64, usize)> {
     Ok((rate, active))
 }
 
-async fn local_calls(seconds: f64) -> Result<f64> {
-    let host = host();
+async fn local_calls(seconds: f64, dedupe_ids_max: usize) -> Result<f64> {
+    let host = host_with(dedupe_ids_max);
     let h = host.clone();
     let rate = saturate(seconds, move |t, n| {
         let h = h.clone();
@@ -176,6 +191,14 @@ async fn latencies() -> Result<(f64, f64)> {
 /// both own shards, none moving, and each shard has `replication_factor - 1` replicas in sync
 /// (none with Postgres: the database is the replica set).
 async fn start_pair(replication_factor: u32, storage: Option<&str>) -> Result<(cadre::node::Node, cadre::node::Node)> {
+    start_pair_with(replication_factor, storage, DEDUPE_DEFAULT).await
+}
+
+async fn start_pair_with(
+    replication_factor: u32,
+    storage: Option<&str>,
+    dedupe_ids_max: usize,
+) -> Result<(cadre::node::Node, cadre::node::Node)> {
     use cadre::config::{Config, PlacementConfig, Secret, StorageConfig};
     use cadre::node::{Node, NodeOptions};
     let config = |name: &str, seeds| Config {
@@ -183,7 +206,7 @@ async fn start_pair(replication_factor: u32, storage: Option<&str>) -> Result<(c
         listen: "127.0.0.1:0".parse().expect("static address"),
         seeds,
         secret: Secret::new("bench-agents-secret-0123456"),
-        agents: AgentsConfig { agents_active_max: 10_000_000, ..AgentsConfig::default() },
+        agents: agents_config(dedupe_ids_max),
         placement: PlacementConfig {
             rebalance_interval_ms: 50,
             max_moves_per_tick: 1024,
@@ -217,8 +240,8 @@ async fn start_pair(replication_factor: u32, storage: Option<&str>) -> Result<(c
 
 /// Remote calls/s, raw asks/s, remote call p50 µs, raw ask p50 µs (no replicas: the call path
 /// alone).
-async fn remote(seconds: f64) -> Result<(f64, f64, f64, f64)> {
-    let (a, b) = start_pair(1, None).await?;
+async fn remote(seconds: f64, dedupe_ids_max: usize) -> Result<(f64, f64, f64, f64)> {
+    let (a, b) = start_pair_with(1, None, dedupe_ids_max).await?;
     let keys: Vec<Key> = (0..)
         .map(|i| Key::new("counter", format!("r{i}")))
         .filter(|k| b.cluster().placement(k).ok().and_then(|p| p.owner).as_deref() == Some("a"))
@@ -264,8 +287,13 @@ async fn remote(seconds: f64) -> Result<(f64, f64, f64, f64)> {
 /// Write-through `counter.add` on the owner's node with `replication_factor` copies (2: each
 /// write also reaches the other node's store before it is acknowledged), or on a Postgres
 /// database (`storage`): calls/s and p50 µs.
-async fn write_through(seconds: f64, replication_factor: u32, storage: Option<&str>) -> Result<(f64, f64)> {
-    let (a, b) = start_pair(replication_factor, storage).await?;
+async fn write_through(
+    seconds: f64,
+    replication_factor: u32,
+    storage: Option<&str>,
+    dedupe_ids_max: usize,
+) -> Result<(f64, f64)> {
+    let (a, b) = start_pair_with(replication_factor, storage, dedupe_ids_max).await?;
     let keys: Vec<Key> = (0..)
         .map(|i| Key::new("counter", format!("w{i}")))
         .filter(|k| a.cluster().placement(k).ok().and_then(|p| p.owner).as_deref() == Some("a"))
@@ -350,20 +378,35 @@ pub async fn run(seconds: f64, storage: Option<String>) -> Result<()> {
     let (act, active) = activations(seconds).await?;
     println!("activations       {act:>10.0}/s   ({active} agents active at the end, memory storage)");
     let raw = raw_calls(seconds).await?;
-    let local = local_calls(seconds).await?;
+    let local = local_calls(seconds, DEDUPE_DEFAULT).await?;
     println!("local calls       {local:>10.0}/s   raw channel actors {raw:>10.0}/s   ratio {:.2}", local / raw);
+    let local_off = local_calls(seconds, 0).await?;
+    println!(
+        "  without record  {local_off:>10.0}/s   ratio with/without {:.2}   ({DEDUPE_DEFAULT} ids kept per agent)",
+        local / local_off
+    );
     let (agent_p50, raw_p50) = latencies().await?;
     println!("local call p50    {agent_p50:>10.2} µs   raw {raw_p50:>8.2} µs");
-    let (remote_calls, raw_asks, remote_p50, rtt_p50) = remote(seconds).await?;
+    let (remote_calls, raw_asks, remote_p50, rtt_p50) = remote(seconds, DEDUPE_DEFAULT).await?;
     println!(
         "remote calls      {remote_calls:>10.0}/s   raw transport asks {raw_asks:>10.0}/s   ratio {:.2}",
         remote_calls / raw_asks
     );
+    let (remote_off, _, remote_off_p50, _) = remote(seconds, 0).await?;
+    println!(
+        "  without record  {remote_off:>10.0}/s   p50 {remote_off_p50:>8.2} µs   ratio with/without {:.2}",
+        remote_calls / remote_off
+    );
     println!("remote call p50   {remote_p50:>10.2} µs   raw ask {rtt_p50:>8.2} µs");
-    let (rf1, rf1_p50) = write_through(seconds, 1, None).await?;
-    let (rf2, rf2_p50) = write_through(seconds, 2, None).await?;
+    let (rf1, rf1_p50) = write_through(seconds, 1, None, DEDUPE_DEFAULT).await?;
+    let (rf2, rf2_p50) = write_through(seconds, 2, None, DEDUPE_DEFAULT).await?;
     println!("write-through rf1 {rf1:>10.0}/s   p50 {rf1_p50:>8.2} µs   (memory storage)");
     println!("write-through rf2 {rf2:>10.0}/s   p50 {rf2_p50:>8.2} µs   ratio rf2/rf1 {:.2}", rf2 / rf1);
+    let (rf2_off, rf2_off_p50) = write_through(seconds, 2, None, 0).await?;
+    println!(
+        "  without record  {rf2_off:>10.0}/s   p50 {rf2_off_p50:>8.2} µs   ratio with/without {:.2}",
+        rf2 / rf2_off
+    );
     let ((near, near_p50), (own, own_p50), local_share) = reads(seconds).await?;
     println!(
         "reads nearest     {near:>10.0}/s   p50 {near_p50:>8.2} µs   ({:.1}% served by the reader's own replica)",
@@ -376,7 +419,7 @@ pub async fn run(seconds: f64, storage: Option<String>) -> Result<()> {
     );
     let (pg, pg_p50) = match storage.as_deref().filter(|s| !s.is_empty()) {
         Some(url) => {
-            let (pg, pg_p50) = write_through(seconds, 1, Some(url)).await?;
+            let (pg, pg_p50) = write_through(seconds, 1, Some(url), DEDUPE_DEFAULT).await?;
             let shown = cadre::storage::postgres::redact(url);
             println!(
                 "write-through pg  {pg:>10.0}/s   p50 {pg_p50:>8.2} µs   ratio pg/rf2 {:.2}   ({shown})",
@@ -395,7 +438,9 @@ pub async fn run(seconds: f64, storage: Option<String>) -> Result<()> {
          \"write_rf1_per_s\":{rf1:.0},\"write_rf2_per_s\":{rf2:.0},\"write_rf1_p50_us\":{rf1_p50:.2},\
          \"write_rf2_p50_us\":{rf2_p50:.2},\"write_pg_per_s\":{pg},\"write_pg_p50_us\":{pg_p50},\
          \"reads_nearest_per_s\":{near:.0},\"reads_nearest_p50_us\":{near_p50:.2},\"reads_owner_per_s\":{own:.0},\
-         \"reads_owner_p50_us\":{own_p50:.2},\"reads_nearest_local_share\":{local_share:.4}}}"
+         \"reads_owner_p50_us\":{own_p50:.2},\"reads_nearest_local_share\":{local_share:.4},\
+         \"local_calls_no_record_per_s\":{local_off:.0},\"remote_calls_no_record_per_s\":{remote_off:.0},\
+         \"write_rf2_no_record_per_s\":{rf2_off:.0}}}"
     );
     Ok(())
 }

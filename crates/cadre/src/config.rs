@@ -310,6 +310,10 @@ pub struct AgentsConfig {
     pub restart_window_ms: u64,
     /// Time a call over HTTP waits for its reply (HTTP 504 after).
     pub call_timeout_ms: u64,
+    /// Signals (by source and id) each agent remembers having handled, stored with its state: a
+    /// duplicate among them is not handled again (0: none remembered). Each costs 16 bytes of
+    /// every write of the agent's state.
+    pub dedupe_ids_max: usize,
 }
 
 /// The metadata Raft group.
@@ -546,6 +550,7 @@ impl Default for AgentsConfig {
             restarts_max: 3,
             restart_window_ms: 60_000,
             call_timeout_ms: 10_000,
+            dedupe_ids_max: crate::agent::handled::DEDUPE_IDS_MAX_DEFAULT,
         }
     }
 }
@@ -564,6 +569,10 @@ impl AgentsConfig {
         }
         if self.restarts_max > 1000 {
             return Err(invalid("agents.restarts_max", "must be at most 1000"));
+        }
+        if self.dedupe_ids_max > crate::agent::handled::DEDUPE_IDS_MAX_LIMIT {
+            let limit = crate::agent::handled::DEDUPE_IDS_MAX_LIMIT;
+            return Err(invalid("agents.dedupe_ids_max", format!("must be at most {limit}")));
         }
         Ok(())
     }

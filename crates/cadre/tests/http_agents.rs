@@ -140,3 +140,59 @@ async fn reads_of_stored_state_over_http() {
     assert_eq!(status, 404);
     node.shutdown().await;
 }
+
+/// The sum of a metric's series with `labels` in the node's Prometheus text.
+async fn metric(http: SocketAddr, series: &str) -> f64 {
+    let (_, body) = client::get(http, "/metrics", T).await.unwrap();
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    text.lines().filter(|l| l.starts_with(series)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+}
+
+/// A client that retries with the same CloudEvent (source and id) changes the agent once: the
+/// retry gets the original reply while the agent keeps it, then `"duplicate": true`. The same
+/// holds for a signal published twice to a route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_call_or_publish_changes_the_agent_once() {
+    let (node, http) = start().await;
+    let first = add(5);
+    for _ in 0..2 {
+        let (status, body) = post(http, "/v1/agents/counter/d1", &first).await;
+        assert_eq!((status, &body["reply"]), (200, &serde_json::json!(5)), "{body}");
+    }
+    for _ in 0..cadre::agent::handled::REPLIES_KEPT_MAX {
+        post(http, "/v1/agents/counter/d1", &add(1)).await;
+    }
+    let (status, body) = post(http, "/v1/agents/counter/d1", &first).await;
+    assert_eq!((status, body), (200, serde_json::json!({"reply": null, "duplicate": true})));
+    let get = Signal::new("counter.get", serde_json::json!(null));
+    let (_, body) = post(http, "/v1/agents/counter/d1", &get).await;
+    assert_eq!(body["reply"], 5 + cadre::agent::handled::REPLIES_KEPT_MAX as i64);
+    assert_eq!(metric(http, "cadre_agent_duplicates_total{reply=\"kept\"}").await, 1.0);
+    assert_eq!(metric(http, "cadre_agent_duplicates_total{reply=\"gone\"}").await, 1.0);
+
+    // Published twice (a publisher retrying) to a route: counted once.
+    let route =
+        serde_json::json!({"pattern": "counter.add", "dispatch": {"agent": {"type": "counter", "key": "subject"}}});
+    let (status, _) =
+        client::post(http, "/v1/subscriptions", "application/json", Bytes::from(route.to_string()), T).await.unwrap();
+    assert_eq!(status, 201);
+    let published = add(3).with_subject("p1");
+    for _ in 0..2 {
+        let (status, body) = post(http, "/v1/signals", &published).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    let then = add(10).with_subject("p1");
+    post(http, "/v1/signals", &then).await;
+    // Deliveries are asynchronous, in publish order: once the last is counted, so are the others.
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let (_, body) = post(http, "/v1/agents/counter/p1", &get).await;
+        if body["reply"] == 13 {
+            break;
+        }
+        assert!(body["reply"].as_i64().unwrap_or(0) < 13, "{body}");
+        assert!(tokio::time::Instant::now() < deadline, "p1 is {body}, not 13");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.shutdown().await;
+}

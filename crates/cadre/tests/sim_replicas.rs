@@ -48,6 +48,7 @@ use cadre::config::{Config, PlacementConfig};
 use cadre::meta::{MetaState, ShardState};
 use cadre::node::NodeOptions;
 use cadre::placement::{ranked, shard_of};
+use cadre::signal::Signal;
 use cadre::sim::{run_seeds_in, SimCluster, SimNode, SIM_SECRET};
 use cadre::storage::memory::MemoryStorage;
 use cadre::storage::Storage;
@@ -230,6 +231,10 @@ enum Outcome {
         by: String,
         epoch: u64,
     },
+    /// Acknowledged as a signal the agent had handled before, its reply no longer kept (a retry).
+    Duplicate {
+        by: String,
+    },
     /// An error: it may or may not have applied.
     Failed(String),
     /// The node the call went through crashed first: it may or may not have applied.
@@ -247,6 +252,8 @@ struct Call {
     by_replica: bool,
     via: String,
     outcome: Outcome,
+    /// Attempts made (more than one: retried with the same signal after unknown outcomes).
+    attempts: u32,
     /// Simulated times the call was made and got its outcome.
     sent: Duration,
     ended: Duration,
@@ -258,6 +265,17 @@ impl Call {
     }
 }
 
+/// With [`Retry::UntilAcked`], an add whose outcome is unknown (an error, its node crashed) is
+/// sent again, the same signal (source and id) through the next running node, every
+/// [`RETRY_BACKOFF`] for at most [`RETRY_FOR`] of simulated time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    Never,
+    UntilAcked,
+}
+const RETRY_BACKOFF: Duration = Duration::from_millis(100);
+const RETRY_FOR: Duration = Duration::from_secs(60);
+
 /// A turmoil client calling a random key through a random running node every `every` (one call in
 /// [`READ_EVERY`] a `counter.get`, the others `counter.add` of 1..=[`ADD_MAX`]), until `stop`;
 /// `done` once every call it made has an outcome.
@@ -267,7 +285,7 @@ struct Load {
     done: Rc<Cell<bool>>,
 }
 
-fn start_load(c: &mut SimCluster, seed: u64, every: Duration) -> Load {
+fn start_load(c: &mut SimCluster, seed: u64, every: Duration, retry: Retry) -> Load {
     let load = Load { calls: Rc::default(), stop: Rc::default(), done: Rc::default() };
     let (calls, stop, done) = (load.calls.clone(), load.stop.clone(), load.done.clone());
     let h = c.handle();
@@ -295,39 +313,39 @@ fn start_load(c: &mut SimCluster, seed: u64, every: Duration) -> Load {
                     by_replica: false,
                     via: via.clone(),
                     outcome,
+                    attempts: 0,
                     sent,
                     ended: sent,
                 });
                 calls.len() - 1
             };
-            let signal = if n == 0 { get() } else { add(n) };
-            let fut = h.run_on(&via, move |cl| async move {
-                if nearest {
-                    let opts = ReadOpts { from: ReadFrom::Nearest, stale_ms_max: None };
-                    let r = cl.read(&key(k), Some(signal), opts, CALL_TIMEOUT).await?;
-                    Ok((r.reply, r.node, r.epoch, r.role == Role::Replica))
-                } else {
-                    let s = cl.call(&key(k), signal, CALL_TIMEOUT).await?;
-                    Ok((s.reply, s.node, s.epoch, false))
-                }
-            });
+            let mut signal = if n == 0 { get() } else { add(n) };
+            // Deterministic ids (the default ones are random): a seed replays exactly.
+            signal.id = format!("call-{i}");
             let calls = calls.clone();
+            let h = h.clone();
             tracker.spawn_local(async move {
-                let mut by_replica = false;
-                let outcome = match fut.await {
-                    None => Outcome::Lost,
-                    Some(Ok((reply, by, epoch, replica))) => match reply.as_i64() {
-                        Some(value) => {
-                            by_replica = replica;
-                            Outcome::Acked { value, by, epoch }
-                        }
-                        None => Outcome::Failed(format!("not a number: {reply}")),
-                    },
-                    Some(Err::<_, cadre::agent::CallError>(e)) => Outcome::Failed(e.to_string()),
+                let started = turmoil::sim_elapsed().unwrap_or_default();
+                let mut via = via;
+                let mut attempts = 0u32;
+                let (outcome, by_replica) = loop {
+                    attempts += 1;
+                    let (outcome, by_replica) = attempt(&h, &via, k, nearest, signal.clone()).await;
+                    let unknown = matches!(outcome, Outcome::Failed(_) | Outcome::Lost);
+                    let now = turmoil::sim_elapsed().unwrap_or_default();
+                    if retry == Retry::Never || n == 0 || !unknown || now >= started + RETRY_FOR {
+                        break (outcome, by_replica);
+                    }
+                    tokio::time::sleep(RETRY_BACKOFF).await;
+                    let nodes = h.running();
+                    if !nodes.is_empty() {
+                        via = nodes[(i + attempts as usize) % nodes.len()].clone();
+                    }
                 };
                 let mut calls = calls.borrow_mut();
                 calls[i].by_replica = by_replica;
                 calls[i].outcome = outcome;
+                calls[i].attempts = attempts;
                 calls[i].ended = turmoil::sim_elapsed().unwrap_or_default();
             });
         }
@@ -337,6 +355,29 @@ fn start_load(c: &mut SimCluster, seed: u64, every: Duration) -> Load {
         Ok(())
     });
     load
+}
+
+/// One attempt of a call through `via`: its outcome, and whether a replica served it.
+async fn attempt(h: &cadre::sim::SimHandle, via: &str, k: usize, nearest: bool, signal: Signal) -> (Outcome, bool) {
+    let fut = h.run_on(via, move |cl| async move {
+        if nearest {
+            let opts = ReadOpts { from: ReadFrom::Nearest, stale_ms_max: None };
+            let r = cl.read(&key(k), Some(signal), opts, CALL_TIMEOUT).await?;
+            Ok((r.reply, r.node, r.epoch, r.role == Role::Replica))
+        } else {
+            let s = cl.call(&key(k), signal, CALL_TIMEOUT).await?;
+            Ok((s.reply, s.node, s.epoch, false))
+        }
+    });
+    match fut.await {
+        None => (Outcome::Lost, false),
+        Some(Ok((reply, by, epoch, replica))) => match reply.as_i64() {
+            Some(value) => (Outcome::Acked { value, by, epoch }, replica),
+            None => (Outcome::Failed(format!("not a number: {reply}")), false),
+        },
+        Some(Err(cadre::agent::CallError::Duplicate)) => (Outcome::Duplicate { by: via.to_string() }, false),
+        Some(Err::<_, cadre::agent::CallError>(e)) => (Outcome::Failed(e.to_string()), false),
+    }
 }
 
 /// Per key: the sum of acknowledged adds, of unacknowledged ones, the highest value an
@@ -354,7 +395,7 @@ impl Load {
     fn finish(&self, c: &mut SimCluster) -> Result<(), String> {
         self.stop.set(true);
         let done = self.done.clone();
-        c.run_until(CALL_TIMEOUT * 3, |_| done.get()).map_err(|e| format!("calls still in flight: {e}"))?;
+        c.run_until(CALL_TIMEOUT * 3 + RETRY_FOR, |_| done.get()).map_err(|e| format!("calls still in flight: {e}"))?;
         Ok(())
     }
 
@@ -372,6 +413,7 @@ impl Load {
                     t.acked += call.add;
                     t.top = t.top.max(value);
                 }
+                Outcome::Duplicate { .. } => t.acked += call.add,
                 _ => t.unacked += call.add,
             }
         }
@@ -389,7 +431,10 @@ impl Load {
 
     fn summary(&self) -> String {
         let calls = self.calls.borrow();
-        let acked = calls.iter().filter(|c| matches!(c.outcome, Outcome::Acked { .. })).count();
+        let acked =
+            calls.iter().filter(|c| matches!(c.outcome, Outcome::Acked { .. } | Outcome::Duplicate { .. })).count();
+        let retried = calls.iter().filter(|c| c.attempts > 1).count();
+        let duplicates = calls.iter().filter(|c| matches!(c.outcome, Outcome::Duplicate { .. })).count();
         let lost = calls.iter().filter(|c| c.outcome == Outcome::Lost).count();
         let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
         for c in calls.iter() {
@@ -403,7 +448,8 @@ impl Load {
         reasons.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
         let failed: Vec<String> = reasons.iter().take(3).map(|(n, r)| format!("{n}x {r:?}")).collect();
         format!(
-            "{} calls, {acked} acked ({} reads by replicas), {lost} lost with their node; failed: [{}]",
+            "{} calls, {acked} acked ({} reads by replicas, {retried} after retries, {duplicates} answered \
+             duplicate), {lost} lost with their node; failed: [{}]",
             calls.len(),
             self.replica_reads(),
             failed.join(", ")
@@ -414,6 +460,20 @@ impl Load {
     fn replica_reads(&self) -> usize {
         self.calls.borrow().iter().filter(|c| c.by_replica && matches!(c.outcome, Outcome::Acked { .. })).count()
     }
+}
+
+/// Every add was acknowledged in the end (retried until it was) and counted exactly once.
+fn check_exact(load: &Load, finals: &[i64]) -> Result<(), String> {
+    for (k, (t, v)) in load.tally().iter().zip(finals).enumerate() {
+        if t.unacked != 0 {
+            return Err(format!("k{k}: adds of {} never acknowledged within {RETRY_FOR:?} of retries", t.unacked));
+        }
+        if *v != t.acked {
+            let what = if *v > t.acked { "an add counted twice" } else { "an acknowledged add lost" };
+            return Err(format!("k{k}: final value {v}, acknowledged adds sum to {} ({what})", t.acked));
+        }
+    }
+    Ok(())
 }
 
 /// No acknowledged add lost, none counted twice, nothing from nowhere.
@@ -491,7 +551,8 @@ fn stored(store: &MemoryStorage, k: usize) -> Result<i64, String> {
     let key = key(k);
     let v = futures::executor::block_on(store.get(&key)).map_err(|e| format!("k{k}: {e}"))?;
     let Some(v) = v else { return Ok(0) };
-    let state: serde_json::Value = serde_json::from_slice(&v.value).map_err(|e| format!("k{k}: stored state: {e}"))?;
+    let state = cadre::agent::handled::stored_state(&v.value).map_err(|e| format!("k{k}: stored record: {e}"))?;
+    let state: serde_json::Value = serde_json::from_slice(&state).map_err(|e| format!("k{k}: stored state: {e}"))?;
     state["value"].as_i64().ok_or(format!("k{k}: stored state {state}"))
 }
 
@@ -565,13 +626,13 @@ struct ChaosRun {
     trace: String,
 }
 
-fn chaos(seed: u64, events: usize) -> Result<ChaosRun, String> {
+fn chaos(seed: u64, events: usize, retry: Retry) -> Result<ChaosRun, String> {
     let all = names(NODES);
     let mut h = Harness::new(seed, NODES);
     let mut trace = String::new();
     let settle = h.settle(&all, "start")?;
     writeln!(trace, "{:?} settled", h.c.elapsed()).unwrap();
-    let load = start_load(&mut h.c, seed, Duration::from_millis(10));
+    let load = start_load(&mut h.c, seed, Duration::from_millis(10), retry);
     let mut rng = Rng::new(seed);
     let (mut crashes, mut partitions) = (0, 0);
     let mut resettles = Vec::new();
@@ -638,6 +699,9 @@ fn chaos(seed: u64, events: usize) -> Result<ChaosRun, String> {
     let (_, answered) = read_all(&mut h.c, &via, ANSWER_BOUND).map_err(|e| with_faults(e, &trace))?;
     load.finish(&mut h.c).map_err(|e| with_faults(e, &trace))?;
     let (finals, _) = read_all(&mut h.c, &via, ANSWER_BOUND).map_err(|e| with_faults(e, &trace))?;
+    if retry == Retry::UntilAcked {
+        check_exact(&load, &finals).map_err(|e| with_faults(history(&e, &load, st(&h)), &trace))?;
+    }
     check_counts(&load, &finals).map_err(|e| with_faults(history(&e, &load, st(&h)), &trace))?;
     check_reads(&load).map_err(|e| with_faults(history(&e, &load, st(&h)), &trace))?;
     if load.replica_reads() == 0 {
@@ -679,7 +743,20 @@ fn chaos(seed: u64, events: usize) -> Result<ChaosRun, String> {
 
 #[test]
 fn acknowledged_adds_survive_owner_crashes_and_partitions() {
-    run("acknowledged_adds_survive_owner_crashes_and_partitions", 16, |seed| chaos(seed, 3).map(|r| r.report));
+    run("acknowledged_adds_survive_owner_crashes_and_partitions", 16, |seed| {
+        chaos(seed, 3, Retry::Never).map(|r| r.report)
+    });
+}
+
+/// As above, with every add whose outcome is unknown retried (the same signal) until it is
+/// acknowledged: the agents' record of handled signals makes each count exactly once, so every
+/// counter ends at exactly the sum of its adds. With the record off (`agents.dedupe_ids_max` =
+/// 0), seeds fail with adds counted twice.
+#[test]
+fn adds_retried_until_acknowledged_count_exactly_once() {
+    run("adds_retried_until_acknowledged_count_exactly_once", 8, |seed| {
+        chaos(seed, 3, Retry::UntilAcked).map(|r| r.report)
+    });
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -690,7 +767,7 @@ fn acknowledged_adds_survive_owner_crashes_and_partitions() {
 #[test]
 fn a_replicated_chaos_seed_replays_exactly() {
     logs();
-    let trace = |seed| chaos(seed, 2).map(|r| r.trace);
+    let trace = |seed| chaos(seed, 2, Retry::UntilAcked).map(|r| r.trace);
     let a = trace(7);
     let b = trace(7);
     if a != b {
@@ -857,7 +934,7 @@ fn quick_restart(seed: u64) -> Result<String, String> {
     let mut h = Harness::new(seed, NODES);
     let mut trace = String::new();
     h.settle(&all, "start")?;
-    let load = start_load(&mut h.c, seed, Duration::from_millis(10));
+    let load = start_load(&mut h.c, seed, Duration::from_millis(10), Retry::Never);
     let mut rng = Rng::new(seed);
     let with_faults = |e: String, trace: &str| format!("{e}\nfaults:\n{trace}");
     h.c.run_for(rng.millis(300, 1500)).map_err(|e| e.to_string())?;

@@ -22,6 +22,11 @@
 //!   `agents_active_max` are active (least recently used first), on [`Host::stop`], and at
 //!   shutdown: `on_passivate`, store, exit.
 //!
+//! - **Effectively once**: a signal whose `(source, id)` the agent already handled is answered
+//!   without running the handler: the original reply while it is kept, else
+//!   [`CallError::Duplicate`]; nothing is emitted again. The record of handled signals is stored
+//!   with the state, in the same write (see [`handled`]).
+//!
 //! ## One activation per key
 //! The host's map holds each key as `Active` or `Stopping`. An activation removes itself only
 //! after its last write; a call for a `Stopping` key waits for that, so a new activation never
@@ -39,6 +44,7 @@
 //! default gate ([`LocalGate`]) serves every key at epoch 1 (a host without a cluster).
 
 pub mod counter;
+pub mod handled;
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -195,6 +201,10 @@ pub enum CallError {
     /// A read-only call ([`Host::read`]) changed the state or emitted signals: it is not a read.
     #[error("not a read: {0}")]
     NotRead(String),
+    /// The agent handled this signal (same source and id) before and its reply is no longer
+    /// kept: it was not handled again (see [`handled`]). Not a failure: the signal took effect.
+    #[error("a duplicate: this signal was handled before")]
+    Duplicate,
 }
 
 /// Decides whether a key is served here, and with which fence its writes go out.
@@ -268,6 +278,8 @@ struct HostInner {
     aborted: std::sync::atomic::AtomicBool,
     /// Publishes what handlers emit (set once by the node).
     emitter: std::sync::OnceLock<Emitter>,
+    /// Duplicates answered without running the handler: [reply kept, reply gone].
+    duplicates: [prometheus_client::metrics::counter::Counter; 2],
     tasks: TaskTracker,
 }
 
@@ -277,12 +289,20 @@ pub struct HostBuilder {
     storage: Arc<dyn Storage>,
     gate: Arc<dyn Gate>,
     types: HashMap<&'static str, (Spawner, Reader)>,
+    duplicates: Option<crate::metrics::CounterFamily>,
 }
 
 impl HostBuilder {
     pub fn new(cfg: AgentsConfig, storage: Arc<dyn Storage>) -> Self {
         assert!(cfg.mailbox_len_max > 0 && cfg.agents_active_max > 0, "host limits must be positive: {cfg:?}");
-        Self { cfg, storage, gate: Arc::new(LocalGate), types: HashMap::new() }
+        Self { cfg, storage, gate: Arc::new(LocalGate), types: HashMap::new(), duplicates: None }
+    }
+
+    /// Counts what the host does in `metrics` (`agent_duplicates{reply}`).
+    pub fn metrics(mut self, metrics: &crate::metrics::Metrics) -> Self {
+        let help = "Signals an agent had handled before, answered without handling them again, by whether their reply was kept";
+        self.duplicates = Some(metrics.counters("agent_duplicates", help));
+        self
     }
 
     pub fn gate(mut self, gate: Arc<dyn Gate>) -> Self {
@@ -303,6 +323,15 @@ impl HostBuilder {
     }
 
     pub fn build(self) -> Host {
+        // One statement per series: the guard `get_or_create` returns holds the family's lock
+        // until the end of its statement, and creating the next series takes it to write.
+        let mut duplicates: [prometheus_client::metrics::counter::Counter; 2] = Default::default();
+        if let Some(f) = &self.duplicates {
+            for (counter, reply) in duplicates.iter_mut().zip(["kept", "gone"]) {
+                let series = f.get_or_create(&crate::metrics::label("reply", reply)).clone();
+                *counter = series;
+            }
+        }
         Host {
             inner: Arc::new(HostInner {
                 cfg: self.cfg,
@@ -314,6 +343,7 @@ impl HostBuilder {
                 cancel: CancellationToken::new(),
                 aborted: std::sync::atomic::AtomicBool::new(false),
                 emitter: std::sync::OnceLock::new(),
+                duplicates,
                 tasks: TaskTracker::new(),
             }),
         }
@@ -570,8 +600,12 @@ fn end_stop(host: &HostInner, key: &Key, done: &Notify) {
 struct Live<A> {
     agent: A,
     ctx: Ctx,
-    /// The stored bytes (what a rollback or restart goes back to).
+    /// The stored state's JSON (what a rollback or restart goes back to).
     stored: Bytes,
+    /// The signals handled, as stored with the state (and, when `record_dirty`, newer).
+    record: handled::Record,
+    /// The record has entries not stored yet.
+    record_dirty: bool,
     restarts: Vec<Instant>,
     /// The shard epoch the state was loaded under: once the gate gives another, this activation
     /// is stale (the shard moved away and back) and must end.
@@ -584,27 +618,44 @@ impl<A: Agent> Live<A> {
         let epoch = host.gate.write(key)?.epoch;
         let found = host.storage.get(key).await.map_err(CallError::Storage)?;
         let (stored, revision) = found.map(|v| (v.value, v.revision)).unwrap_or_default();
+        let (record, stored) = handled::decode_stored(&stored).map_err(CallError::Unavailable)?;
         let agent = decode::<A>(&stored).map_err(CallError::Unavailable)?;
         // An absent key counts as storing the default: reading it writes nothing.
         let stored = if revision == 0 { encode(&agent).map_err(CallError::Unavailable)? } else { stored };
         let ctx = Ctx { key: key.clone(), revision, cause: None, emitted: Vec::new() };
-        Ok(Live { agent, ctx, stored, restarts: Vec::new(), epoch })
+        Ok(Live { agent, ctx, stored, record, record_dirty: false, restarts: Vec::new(), epoch })
     }
 
     /// Stores the state if it changed.
     async fn persist(&mut self, host: &HostInner) -> Result<(), CallError> {
         let bytes = encode(&self.agent).map_err(|e| CallError::Storage(StorageError::Backend(e)))?;
-        if bytes == self.stored {
+        self.persist_bytes(host, bytes).await
+    }
+
+    /// Stores `state` (the agent's encoding) with the record, if either changed.
+    async fn persist_bytes(&mut self, host: &HostInner, state: Bytes) -> Result<(), CallError> {
+        if state == self.stored && !self.record_dirty {
             return Ok(());
         }
         let fence = host.gate.write(&self.ctx.key)?;
-        self.ctx.revision = host
-            .storage
-            .put(&self.ctx.key, bytes.clone(), self.ctx.revision, fence)
-            .await
-            .map_err(CallError::Storage)?;
-        self.stored = bytes;
+        let value = handled::encode_stored(&self.record, &state);
+        self.ctx.revision =
+            host.storage.put(&self.ctx.key, value, self.ctx.revision, fence).await.map_err(CallError::Storage)?;
+        self.stored = state;
+        self.record_dirty = false;
         Ok(())
+    }
+
+    /// Records a handled signal (stored with the next write).
+    fn note_handled(&mut self, host: &HostInner, id: handled::HandledId, reply: &Reply) {
+        let ids_max = host.cfg.dedupe_ids_max;
+        if ids_max == 0 {
+            return;
+        }
+        // Kept only when small (see `handled::REPLY_KEPT_BYTES_MAX`).
+        let kept = serde_json::to_vec(reply).ok().map(Bytes::from);
+        self.record.insert(id, kept, ids_max);
+        self.record_dirty = true;
     }
 
     /// Where a failed call goes back to: the stored state, or (when storing only at passivation)
@@ -803,18 +854,41 @@ async fn handle<A: Agent>(
             return Step::Stop(e);
         }
     };
+    let id = handled::handled_id(&signal.source, &signal.id);
+    if let Some(seen) = live.record.find(&id) {
+        send(reply, duplicate(host, seen));
+        return Step::Go;
+    }
     // The cause of what the handler emits: the attributes `caused_by` reads, not the data.
     live.ctx.cause = Some(cause_of(&signal));
     live.ctx.emitted.clear();
     let outcome = AssertUnwindSafe(async { live.agent.handle(&mut live.ctx, *signal).await }).catch_unwind().await;
     let (result, step) = match outcome {
         Ok(Ok(value)) => match A::PERSISTENCE {
-            Persistence::WriteThrough => match live.persist(host).await {
-                Ok(()) => (Ok(value), Step::Go),
-                // Another activation wrote, or the store failed: this one must not go on.
-                Err(e) => (Err(e.clone()), Step::Stop(e)),
+            Persistence::WriteThrough => match encode(&live.agent) {
+                Ok(state) => {
+                    // A call that changed nothing and emitted nothing is not recorded: running
+                    // it again is harmless, and it then costs no write.
+                    if state != live.stored || !live.ctx.emitted.is_empty() {
+                        live.note_handled(host, id, &value);
+                    }
+                    match live.persist_bytes(host, state).await {
+                        Ok(()) => (Ok(value), Step::Go),
+                        // Another activation wrote, or the store failed: this one must not go on.
+                        Err(e) => (Err(e.clone()), Step::Stop(e)),
+                    }
+                }
+                Err(e) => {
+                    let e = CallError::Storage(StorageError::Backend(e));
+                    (Err(e.clone()), Step::Stop(e))
+                }
             },
-            Persistence::OnPassivate => (Ok(value), Step::Go),
+            // Stored at passivation, with the record: every call is recorded (telling whether it
+            // changed the state would cost an encoding per call).
+            Persistence::OnPassivate => {
+                live.note_handled(host, id, &value);
+                (Ok(value), Step::Go)
+            }
         },
         Ok(Err(AgentError::Failed(m))) => match live.rollback(point.as_ref()) {
             Ok(()) => {
@@ -847,6 +921,7 @@ async fn handle<A: Agent>(
 async fn read<A: Agent>(host: &HostInner, key: &Key, query: Option<Signal>) -> Result<Reply, CallError> {
     let found = host.storage.get(key).await.map_err(CallError::Storage)?;
     let (stored, revision) = found.map(|v| (v.value, v.revision)).unwrap_or_default();
+    let (_, stored) = handled::decode_stored(&stored).map_err(CallError::Unavailable)?;
     let mut agent = decode::<A>(&stored).map_err(CallError::Unavailable)?;
     let Some(signal) = query else {
         let state = encode(&agent).map_err(CallError::Unavailable)?;
@@ -901,6 +976,16 @@ async fn restart<A: Agent>(
     let key = live.ctx.key.clone();
     hook(&key, "on_activate", live.agent.on_activate(&mut live.ctx)).await;
     (Err(CallError::Handler(why)), Step::Go)
+}
+
+/// The answer to a signal handled before, counted.
+fn duplicate(host: &HostInner, seen: handled::Seen) -> Result<Reply, CallError> {
+    let kept = match seen {
+        handled::Seen::Reply(json) => serde_json::from_slice(&json).ok(),
+        handled::Seen::Handled => None,
+    };
+    host.duplicates[usize::from(kept.is_none())].inc();
+    kept.ok_or(CallError::Duplicate)
 }
 
 fn send(reply: Option<oneshot::Sender<Result<Reply, CallError>>>, result: Result<Reply, CallError>) {

@@ -36,7 +36,10 @@ async fn calls_activate_the_agent_and_write_through() {
     assert_eq!(host.active(), 2);
     // Stored before the reply.
     let stored = storage.get(&key("c1")).await.unwrap().unwrap();
-    assert_eq!(serde_json::from_slice::<serde_json::Value>(&stored.value).unwrap(), serde_json::json!({"value": 3}));
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&handled::stored_state(&stored.value).unwrap()).unwrap(),
+        serde_json::json!({"value": 3})
+    );
     // A get changes nothing, so nothing is written.
     assert_eq!(host.call(&key("c1"), get(), T).await.unwrap(), 3);
     assert_eq!(storage.get(&key("c1")).await.unwrap().unwrap().revision, stored.revision);
@@ -74,7 +77,10 @@ async fn concurrent_calls_to_one_key_meet_one_activation() {
     assert_eq!(host.call(&key("hot"), get(), T).await.unwrap(), 200);
     host.shutdown().await;
     let stored = storage.get(&key("hot")).await.unwrap().unwrap();
-    assert_eq!(serde_json::from_slice::<serde_json::Value>(&stored.value).unwrap()["value"], 200);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&handled::stored_state(&stored.value).unwrap()).unwrap()["value"],
+        200
+    );
 }
 
 /// A test agent: records lifecycle events, fails, panics and blocks on request.
@@ -249,7 +255,8 @@ async fn on_passivate_persistence_writes_at_shutdown_only() {
     struct N {
         n: i64,
     }
-    let stored: N = serde_json::from_slice(&storage.get(&k).await.unwrap().unwrap().value).unwrap();
+    let stored = storage.get(&k).await.unwrap().unwrap().value;
+    let stored: N = serde_json::from_slice(&handled::stored_state(&stored).unwrap()).unwrap();
     assert_eq!(stored.n, 3);
 }
 
@@ -563,5 +570,101 @@ async fn what_on_activate_changes_or_emits_is_not_held_against_a_read() {
     // The handler sees the state as an activation would set it up, and nothing is kept.
     assert_eq!(host.read(&k, Some(Signal::new("warm.get", serde_json::json!(null)))).await.unwrap(), 1);
     assert_eq!(host.read(&k, None).await.unwrap(), serde_json::json!({"activations": 0}));
+    host.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_signal_handled_before_is_answered_with_its_reply_and_not_handled_again() {
+    let storage = Arc::new(MemoryStorage::new());
+    let host = HostBuilder::new(AgentsConfig::default(), storage.clone()).agent::<Counter>().agent::<Relay>().build();
+    let out: Arc<Mutex<Vec<Signal>>> = Arc::default();
+    let sink = out.clone();
+    host.set_emitter(Arc::new(move |signals| {
+        sink.lock().unwrap().extend(signals);
+        futures::future::ready(()).boxed()
+    }));
+    let k = key("once");
+    let first = add(5);
+    assert_eq!(host.call(&k, first.clone(), T).await.unwrap(), 5);
+    assert_eq!(host.call(&k, add(1), T).await.unwrap(), 6);
+    // The same (source, id) again: the original reply, the state unchanged, no write.
+    let revision = storage.get(&k).await.unwrap().unwrap().revision;
+    assert_eq!(host.call(&k, first.clone(), T).await.unwrap(), 5);
+    assert_eq!(host.call(&k, get(), T).await.unwrap(), 6);
+    assert_eq!(storage.get(&k).await.unwrap().unwrap().revision, revision);
+    // The same id from another source is another signal.
+    let mut other = first.clone();
+    other.source = "/elsewhere".into();
+    assert_eq!(host.call(&k, other, T).await.unwrap(), 11);
+    // A new activation loads the record with the state.
+    assert_eq!(host.passivate_where(|x| *x == k).await, 1);
+    assert!(!host.is_active(&k));
+    assert_eq!(host.call(&k, first, T).await.unwrap(), 5, "known after passivation");
+    assert_eq!(host.call(&k, get(), T).await.unwrap(), 11);
+
+    // What a call emitted is not emitted again by its duplicate.
+    let r = Key::new("relay", "r");
+    let relay = Signal::new("relay.in", serde_json::json!(null));
+    assert_eq!(host.call(&r, relay.clone(), T).await.unwrap(), 1);
+    assert_eq!(host.call(&r, relay, T).await.unwrap(), 1);
+    // A call that emits without changing the state is recorded too.
+    let ping = Signal::new("relay.ping", serde_json::json!(null));
+    host.call(&r, ping.clone(), T).await.unwrap();
+    host.call(&r, ping, T).await.unwrap();
+    assert_eq!(out.lock().unwrap().len(), 2, "{:?}", out.lock().unwrap());
+    host.shutdown().await;
+}
+
+#[tokio::test]
+async fn duplicates_past_the_kept_replies_answer_duplicate_and_reads_failures_and_evicted_ids_run_again() {
+    let cfg = AgentsConfig { dedupe_ids_max: handled::REPLIES_KEPT_MAX + 4, ..AgentsConfig::default() };
+    let storage = Arc::new(MemoryStorage::new());
+    let host = host_with(cfg.clone(), storage.clone());
+    let k = key("window");
+    let adds: Vec<Signal> = (0..cfg.dedupe_ids_max + 2).map(|_| add(1)).collect();
+    for (i, s) in adds.iter().enumerate() {
+        assert_eq!(host.call(&k, s.clone(), T).await.unwrap(), i as i64 + 1);
+    }
+    let total = adds.len() as i64;
+    // The newest replies are kept; older ids are known without their reply; the oldest are gone.
+    assert_eq!(host.call(&k, adds[adds.len() - 1].clone(), T).await.unwrap(), total);
+    assert_eq!(host.call(&k, adds[3].clone(), T).await, Err(CallError::Duplicate));
+    assert_eq!(host.call(&k, adds[0].clone(), T).await.unwrap(), total + 1, "evicted: handled again");
+    // A read changed nothing: not recorded, so its repeat runs (and sees the new value).
+    let read = get();
+    assert_eq!(host.call(&k, read.clone(), T).await.unwrap(), total + 1);
+    assert_eq!(host.call(&k, add(1), T).await.unwrap(), total + 2);
+    assert_eq!(host.call(&k, read, T).await.unwrap(), total + 2);
+    // A failed call is not recorded: its retry runs.
+    let bad = Signal::new("counter.add", serde_json::json!("x"));
+    assert!(matches!(host.call(&k, bad.clone(), T).await, Err(CallError::Handler(_))));
+    assert!(matches!(host.call(&k, bad, T).await, Err(CallError::Handler(_))));
+    host.shutdown().await;
+
+    // Without a record, a repeat is handled again; a state stored before records existed loads.
+    let off = host_with(AgentsConfig { dedupe_ids_max: 0, ..AgentsConfig::default() }, storage.clone());
+    let k = key("off");
+    let s = add(2);
+    assert_eq!(off.call(&k, s.clone(), T).await.unwrap(), 2);
+    assert_eq!(off.call(&k, s, T).await.unwrap(), 4);
+    let stored = storage.get(&k).await.unwrap().unwrap().value;
+    assert_eq!(&stored[..], br#"{"value":4}"#, "no record, plain JSON");
+    off.shutdown().await;
+    let on = host_with(AgentsConfig::default(), storage.clone());
+    assert_eq!(on.call(&k, add(1), T).await.unwrap(), 5);
+    on.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_corrupt_record_fails_the_activation_not_the_node() {
+    let storage = Arc::new(MemoryStorage::new());
+    let k = key("corrupt");
+    let fence = LocalGate.write(&k).unwrap();
+    storage.put(&k, Bytes::from_static(b"\0cd\x01\xff"), 0, fence).await.unwrap();
+    let host = host_with(AgentsConfig::default(), storage.clone());
+    let e = host.call(&k, add(1), T).await.unwrap_err();
+    assert!(matches!(&e, CallError::Unavailable(m) if m.contains("record")), "{e}");
+    assert!(matches!(host.read(&k, None).await, Err(CallError::Unavailable(_))));
+    assert_eq!(host.call(&key("fine"), add(1), T).await.unwrap(), 1);
     host.shutdown().await;
 }

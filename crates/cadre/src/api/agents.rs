@@ -1,7 +1,9 @@
 //! Agents over HTTP.
 //!
 //! - `POST /v1/agents/{type}/{id}` with a CloudEvent (structured or binary mode) → `200
-//!   {"reply":…,"node":"n1","epoch":1}`; `?mode=cast` → `202 {"accepted":id}` without waiting.
+//!   {"reply":…,"node":"n1","epoch":1}`. A signal the agent handled before (same `source` and
+//!   `id`) is not handled again: the answer is the original reply while the agent keeps it, else
+//!   `200 {"reply":null,"duplicate":true}` (see [`crate::agent::handled`]). `?mode=cast` → `202 {"accepted":id}` without waiting.
 //!   `?mode=read` runs a read-only call on the stored state, served by the nearest copy (this
 //!   node's, or the owner's or an in-sync replica's by round-trip time; `&from=owner` for the
 //!   owner only; `&stale_ms_max=` bounds a replica's staleness) → `200
@@ -84,6 +86,8 @@ fn call_error(e: CallError) -> Response {
         CallError::Handler(_) => (StatusCode::UNPROCESSABLE_ENTITY, "handler-error"),
         CallError::NotRead(_) => (StatusCode::UNPROCESSABLE_ENTITY, "not-a-read"),
         CallError::Crashed => (StatusCode::INTERNAL_SERVER_ERROR, "agent-crashed"),
+        // Answered as a success by `call`; elsewhere (a read, a lookup) it cannot arise.
+        CallError::Duplicate => (StatusCode::OK, "duplicate"),
     };
     let mut res = problem(status, kind, e.to_string(), json!({}));
     if status == StatusCode::SERVICE_UNAVAILABLE {
@@ -156,6 +160,9 @@ pub async fn call(
         Ok(served) => {
             Json(json!({ "reply": served.reply, "node": served.node, "epoch": served.epoch })).into_response()
         }
+        // Handled before, its reply no longer kept: the signal took effect once, so this is a
+        // success that says so.
+        Err(CallError::Duplicate) => Json(json!({ "reply": null, "duplicate": true })).into_response(),
         Err(e) => call_error(e),
     }
 }

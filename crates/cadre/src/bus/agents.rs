@@ -12,6 +12,9 @@
 //! state). A call refused because the shard is moving, its owner is unreachable or the mailbox is
 //! full is tried again with back-off, at most `webhook_retries_max` times (each attempt bounded
 //! by `webhook_timeout_ms`); a handler error is final. Either way a failure is dead-lettered.
+//! A retry after a timeout (the first attempt may have run) is safe for an agent route: the agent
+//! remembers the signals it handled ([`crate::agent::handled`]) and answers a repeat without
+//! handling it again. A pool's retry may pick another agent, which does not know the signal.
 //!
 //! The key: the signal's `subject` (`key: "subject"`), or the string (or number) at a JSON pointer
 //! into its data (`key: "/order/id"`); a signal without one is dead-lettered.
@@ -250,7 +253,8 @@ pub(super) async fn deliver(inner: &Inner, sub: &Sub, target: &AgentTarget, sign
             _ = sub.cancel.cancelled() => return Outcome::Failed { attempts: attempt, reason: "unsubscribed or shutting down".into() },
         };
         match result {
-            Ok(_) => return Outcome::Delivered { attempts: attempt },
+            // Handled before (an earlier attempt whose answer was lost): it took effect.
+            Ok(_) | Err(CallError::Duplicate) => return Outcome::Delivered { attempts: attempt },
             Err(e) if !retryable(&e) => return Outcome::Failed { attempts: attempt, reason: e.to_string() },
             Err(e) => last = e.to_string(),
         }

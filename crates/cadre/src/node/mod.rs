@@ -197,6 +197,7 @@ impl Node {
         .map_err(NodeError::Meta)?;
         let mut agents = HostBuilder::new(cfg.agents.clone(), prepared.storage())
             .gate(prepared.gate())
+            .metrics(&metrics)
             .agent::<crate::agent::counter::Counter>();
         for register in &opts.agent_types {
             agents = register(agents);
