@@ -269,15 +269,22 @@ async fn agents(http: SocketAddr) -> Result<()> {
 
     let adds = [5i64, 12, -3, 30];
     let mut last = serde_json::Value::Null;
+    let post = |s: &Signal| {
+        let body = Bytes::from(cadre::signal::codec::encode_structured(s));
+        async move {
+            let (status, res) =
+                client::post(http, "/v1/agents/counter/demo", CONTENT_TYPE_STRUCTURED, body, HTTP_TIMEOUT).await?;
+            if status != 200 {
+                bail!("counter call failed ({status}): {}", String::from_utf8_lossy(&res));
+            }
+            anyhow::Ok(serde_json::from_slice::<serde_json::Value>(&res)?)
+        }
+    };
+    let mut sent = Vec::new();
     for n in adds {
         let s = Signal::new("counter.add", serde_json::json!(n));
-        let body = Bytes::from(cadre::signal::codec::encode_structured(&s));
-        let (status, res) =
-            client::post(http, "/v1/agents/counter/demo", CONTENT_TYPE_STRUCTURED, body, HTTP_TIMEOUT).await?;
-        if status != 200 {
-            bail!("counter.add failed ({status}): {}", String::from_utf8_lossy(&res));
-        }
-        last = serde_json::from_slice(&res)?;
+        last = post(&s).await?;
+        sent.push(s);
     }
     let expected: i64 = adds.iter().sum();
     println!(
@@ -286,6 +293,16 @@ async fn agents(http: SocketAddr) -> Result<()> {
     );
     if last["reply"] != expected {
         bail!("the counter is {} instead of {expected}", last["reply"]);
+    }
+    // A client that did not get its answer sends the same signal (source and id) again.
+    let retry = post(&sent[1]).await?;
+    let now = post(&Signal::new("counter.get", serde_json::Value::Null)).await?;
+    println!(
+        "agents: the add of {} sent again with the same id: answered {} (its original reply), counter still {}",
+        adds[1], retry["reply"], now["reply"]
+    );
+    if retry["reply"] != adds[0] + adds[1] || now["reply"] != expected {
+        bail!("a retried add was handled again: {retry} then {now}");
     }
     Ok(())
 }
