@@ -124,6 +124,22 @@ async fn local_calls(seconds: f64, dedupe_ids_max: usize) -> Result<f64> {
     Ok(rate)
 }
 
+/// Rounds each side of a with/without comparison is split into.
+const PAIRED_ROUNDS: u32 = 4;
+
+/// Local calls with the record of handled signals and without, in alternating rounds so that a
+/// change in the machine's load reaches both sides alike (one long run after the other varied by
+/// more than the difference measured).
+async fn local_with_and_without(seconds: f64) -> Result<(f64, f64)> {
+    let round = seconds / f64::from(PAIRED_ROUNDS);
+    let (mut with, mut without) = (0.0, 0.0);
+    for _ in 0..PAIRED_ROUNDS {
+        with += local_calls(round, DEDUPE_DEFAULT).await?;
+        without += local_calls(round, 0).await?;
+    }
+    Ok((with / f64::from(PAIRED_ROUNDS), without / f64::from(PAIRED_ROUNDS)))
+}
+
 type Req = (Signal, oneshot::Sender<i64>);
 
 /// The baseline: `HOT_KEYS` tasks with channels, each adding into a local integer.
@@ -378,9 +394,8 @@ pub async fn run(seconds: f64, storage: Option<String>) -> Result<()> {
     let (act, active) = activations(seconds).await?;
     println!("activations       {act:>10.0}/s   ({active} agents active at the end, memory storage)");
     let raw = raw_calls(seconds).await?;
-    let local = local_calls(seconds, DEDUPE_DEFAULT).await?;
+    let (local, local_off) = local_with_and_without(seconds).await?;
     println!("local calls       {local:>10.0}/s   raw channel actors {raw:>10.0}/s   ratio {:.2}", local / raw);
-    let local_off = local_calls(seconds, 0).await?;
     println!(
         "  without record  {local_off:>10.0}/s   ratio with/without {:.2}   ({DEDUPE_DEFAULT} ids kept per agent)",
         local / local_off

@@ -475,7 +475,59 @@ async fn order_flow(https: &[SocketAddr], names: &[String]) -> Result<()> {
             bail!("a webhook signature did not verify");
         }
     }
+    duplicate_order(https, last_name, &orders[0]).await?;
+    let refund = post_agent(last, "/v1/agents/payment/o1", "payment.refund").await?;
+    if refund["reply"]["status"] != "refunded" {
+        bail!("the refund of o1 failed: {refund}");
+    }
+    println!(
+        "  o1 refunded on {}: payment/o1 called inventory/sku-a (an agent-to-agent call), stock back to {}",
+        refund["node"].as_str().unwrap_or("?"),
+        refund["reply"]["stock"]
+    );
     Ok(())
+}
+
+/// Publishes `order` again, same source and id: its inventory agent answers it from its record of
+/// handled signals instead of handling it again (awaited on the nodes' duplicate counters).
+async fn duplicate_order(https: &[SocketAddr], last_name: &str, order: &cadre::signal::Signal) -> Result<()> {
+    let (first, last) = (https[0], https[https.len() - 1]);
+    let before = duplicates(https).await?;
+    let stock_before =
+        post_agent(first, "/v1/agents/inventory/sku-a", "inventory.get").await?["reply"]["stock"].clone();
+    let body = bytes::Bytes::from(cadre::signal::codec::encode_batch(std::slice::from_ref(order)));
+    let path = "/v1/signals?delivery=strong";
+    let (status, res) = client::post(last, path, cadre::signal::codec::CONTENT_TYPE_BATCH, body, HTTP_TIMEOUT).await?;
+    if status != 202 {
+        bail!("publishing o1 again failed ({status}): {}", String::from_utf8_lossy(&res));
+    }
+    let deadline = Instant::now() + DETECT_TIMEOUT;
+    while duplicates(https).await? <= before {
+        if Instant::now() > deadline {
+            bail!("o1 published again was not answered as a duplicate");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stock = post_agent(first, "/v1/agents/inventory/sku-a", "inventory.get").await?["reply"]["stock"].clone();
+    if stock != stock_before {
+        bail!("o1 published again changed the stock: {stock_before} -> {stock}");
+    }
+    println!(
+        "  {last_name}: o1 published again with the same id: answered as a duplicate, not handled again (stock still {stock})"
+    );
+    Ok(())
+}
+
+/// Signals answered as duplicates on all the nodes (`cadre_agent_duplicates_total`).
+async fn duplicates(https: &[SocketAddr]) -> Result<f64> {
+    let mut sum = 0.0;
+    for http in https {
+        let (_, body) = client::get(*http, "/metrics", HTTP_TIMEOUT).await?;
+        let text = String::from_utf8_lossy(&body);
+        let series = text.lines().filter(|l| l.starts_with("cadre_agent_duplicates_total"));
+        sum += series.filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum::<f64>();
+    }
+    Ok(sum)
 }
 
 async fn post_json(http: SocketAddr, path: &str, body: serde_json::Value) -> Result<serde_json::Value> {

@@ -43,6 +43,25 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1:8101", env = "CADRE_HTTP")]
         http: String,
     },
+    /// List the active agents of a type across the cluster (or, with --stored, the ids with a
+    /// stored state), as JSON: one page, or every page with --all.
+    Agents {
+        /// The agent type.
+        agent_type: String,
+        #[arg(long)]
+        stored: bool,
+        /// Start after this id (the `next` of a page).
+        #[arg(long)]
+        after: Option<String>,
+        /// Agents per page (1 to 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Follow `next` to the last page, printing each agent (or id) on a line.
+        #[arg(long)]
+        all: bool,
+        #[arg(long, default_value = "127.0.0.1:8101", env = "CADRE_HTTP")]
+        http: String,
+    },
     /// Start a local cluster of node processes, watch it converge, kill one, watch detection.
     Demo {
         #[arg(long, default_value_t = 3)]
@@ -316,6 +335,39 @@ async fn status(http: &str) -> Result<()> {
     Ok(())
 }
 
+/// `cadre agents`: pages of `GET /v1/agents/{type}`.
+async fn agents(http: &str, ty: &str, stored: bool, mut after: Option<String>, limit: usize, all: bool) -> Result<()> {
+    use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+    let addr = resolve(http)?;
+    loop {
+        let mut path =
+            format!("/v1/agents/{}?limit={limit}&stored={stored}", utf8_percent_encode(ty, NON_ALPHANUMERIC));
+        if let Some(a) = &after {
+            path.push_str(&format!("&after={}", utf8_percent_encode(a, NON_ALPHANUMERIC)));
+        }
+        let (status, body) = cadre::api::client::get(addr, &path, Duration::from_secs(30)).await?;
+        if status != 200 {
+            bail!("GET {path} failed ({status}): {}", String::from_utf8_lossy(&body));
+        }
+        let page: serde_json::Value = serde_json::from_slice(&body).context("the page is not JSON")?;
+        if !all {
+            println!("{}", serde_json::to_string_pretty(&page)?);
+            return Ok(());
+        }
+        let items = page[if stored { "ids" } else { "agents" }].as_array().cloned().unwrap_or_default();
+        for item in items {
+            println!("{item}");
+        }
+        if let Some(unreachable) = page["unreachable"].as_array().filter(|u| !u.is_empty()) {
+            eprintln!("not answered (their agents are missing): {unreachable:?}");
+        }
+        match page["next"].as_str() {
+            Some(next) => after = Some(next.to_string()),
+            None => return Ok(()),
+        }
+    }
+}
+
 /// A signal from the command line: fresh id, the time, JSON data if given.
 fn cli_signal(source: String, ty: String, data: Option<String>) -> Result<cadre::signal::Signal> {
     use cadre::signal::{new_id, now, Data, Signal};
@@ -413,6 +465,9 @@ fn main() -> ExitCode {
         Cmd::Send(args) => rt.block_on(send(args)),
         Cmd::Call(args) => rt.block_on(call(args)),
         Cmd::Status { http } => rt.block_on(status(&http)),
+        Cmd::Agents { agent_type, stored, after, limit, all, http } => {
+            rt.block_on(agents(&http, &agent_type, stored, after, limit, all))
+        }
         Cmd::Routes { which: RoutesCmd::Check { file } } => match routes_check(&file) {
             Ok(()) => Ok(()),
             Err(e) => {

@@ -83,6 +83,23 @@ async fn calls_from_every_node_reach_one_agent_and_a_planned_leave_keeps_every_a
         owner_of.push(owners[0].clone());
     }
 
+    // `cadre agents` lists them, from any node, on their owners, in pages of 5 followed to the end.
+    let out = tokio::process::Command::new(exe())
+        .args(["agents", "counter", "--all", "--limit", "5", "--http", &n3.http.to_string()])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let mut want: Vec<String> = (0..KEYS).map(|k| format!("k{k}")).collect();
+    want.sort();
+    assert_eq!(listed.iter().map(|a| a["id"].as_str().unwrap().to_string()).collect::<Vec<_>>(), want);
+    for a in &listed {
+        let k: usize = a["id"].as_str().unwrap()[1..].parse().unwrap();
+        assert_eq!((a["node"].as_str(), a["handled"].as_u64()), (Some(owner_of[k].as_str()), Some(3)), "{a}");
+    }
+
     // The node owning the most of these keys leaves gracefully.
     let leaver = ["p1", "p2", "p3"].into_iter().max_by_key(|n| owner_of.iter().filter(|o| o == n).count()).unwrap();
     assert!(owner_of.iter().any(|o| o == leaver));

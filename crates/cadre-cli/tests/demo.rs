@@ -15,6 +15,8 @@ async fn the_demo_runs_end_to_end() {
         "n2: 3 orders placed (POST /v1/signals?delivery=strong)",
         "o3: placed on n2 -> inventory/sku-a on",
         "captured -> webhook on n1 (signature valid)",
+        "o1 published again with the same id: answered as a duplicate, not handled again",
+        "payment/o1 called inventory/sku-a (an agent-to-agent call), stock back to",
         "(expected 44)",
         "rebalanced: n3 owns",
         "final values: all 12 counters match",

@@ -168,6 +168,14 @@ async fn signals_from_one_node_reach_a_webhook_on_another_and_agents_through_a_r
         let paid = call(h1, &["payment", &format!("o{i}"), "payment.get"]).await;
         assert_eq!(paid["reply"]["status"], "captured", "o{i}: {paid}");
     }
+    // A refund: the payment agent calls the inventory agent (wherever each lives) to put o2's 2
+    // units back. A second refund changes nothing.
+    for _ in 0..2 {
+        let refund = call(h3, &["payment", "o2", "payment.refund"]).await;
+        assert_eq!(refund["reply"]["status"], "refunded", "{refund}");
+        let stock = call(h1, &["inventory", "sku-a", "inventory.get"]).await;
+        assert_eq!(stock["reply"]["stock"], 10 - 6 + 2, "{stock}");
+    }
     for mut n in nodes {
         n.signal(libc::SIGTERM).unwrap();
         assert!(n.wait(WAIT).await.unwrap().success(), "{}", n.log_tail());

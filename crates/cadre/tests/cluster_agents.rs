@@ -369,3 +369,115 @@ async fn activate(node: &Node, n: usize, prefix: &str) {
         node.cluster().ensure(&k, T).await.unwrap();
     }
 }
+
+/// `hop` `{"path": [ids]}`: calls the relay of the first id with the rest and answers the depth
+/// below it plus one (0 at the end), or the call's error as `{"error"}`.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Relay {}
+
+impl cadre::agent::Agent for Relay {
+    const TYPE: &'static str = "relay";
+
+    async fn handle(
+        &mut self,
+        ctx: &mut cadre::agent::Ctx,
+        signal: Signal,
+    ) -> Result<cadre::agent::Reply, cadre::agent::AgentError> {
+        let Some(cadre::signal::Data::Json(data)) = signal.data else { return Ok(serde_json::json!(null)) };
+        let path: Vec<String> = serde_json::from_value(data["path"].clone()).unwrap_or_default();
+        let Some((next, rest)) = path.split_first() else { return Ok(0.into()) };
+        let hop = ctx.signal("hop", serde_json::json!({ "path": rest }));
+        Ok(match ctx.call(&Key::new("relay", next.clone()), hop).await {
+            Ok(below) if below.is_object() => below,
+            Ok(depth) => (depth.as_i64().unwrap() + 1).into(),
+            Err(e) => serde_json::json!({ "error": format!("{e:?}") }),
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_call_agents_on_other_nodes_and_a_cycle_across_nodes_fails_at_once() {
+    logs();
+    let opts = || NodeOptions::default().agent::<Relay>();
+    let a = Node::start(config("a", vec![]), opts()).await.unwrap();
+    let b = Node::start(config("b", vec![a.addr()]), opts()).await.unwrap();
+    let c = Node::start(config("c", vec![a.addr()]), opts()).await.unwrap();
+    for n in [&a, &b, &c] {
+        await_meta(n, "shards with their desired owners", |st| settled(st, &["a", "b", "c"])).await;
+    }
+    // Six relays, each owned by another node than the one before it.
+    let owner = |id: &str| a.cluster().placement(&Key::new("relay", id)).unwrap().owner.unwrap();
+    let mut path: Vec<String> = Vec::new();
+    for i in 0.. {
+        let id = format!("r{i}");
+        if path.last().is_none_or(|last| owner(last) != owner(&id)) {
+            path.push(id);
+        }
+        if path.len() == 6 {
+            break;
+        }
+    }
+    let owners: std::collections::BTreeSet<String> = path.iter().map(|id| owner(id)).collect();
+    assert!(owners.len() >= 2, "the path crosses nodes: {owners:?}");
+    let cluster = c.cluster().clone();
+    let call = |first: &str, rest: &[String]| {
+        let signal = Signal::new("hop", serde_json::json!({ "path": rest }));
+        let (key, cluster) = (Key::new("relay", first), cluster.clone());
+        async move { cluster.call(&key, signal, T).await.unwrap().reply }
+    };
+    assert_eq!(call(&path[0], &path[1..]).await, 5);
+    // Back to the first, which waits on the whole chain: refused where it arrives, at once
+    // (without the chain, the first call would wait until `T`).
+    let mut back = path[1..].to_vec();
+    back.push(path[0].clone());
+    let reply = call(&path[0], &back).await;
+    assert!(reply["error"].as_str().is_some_and(|e| e.starts_with("Cycle")), "{reply}");
+    c.shutdown().await;
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_and_stored_agents_list_across_nodes_in_pages() {
+    logs();
+    let (a, b, c) = start_abc().await;
+    for n in [&a, &b, &c] {
+        await_meta(n, "shards with their desired owners", |st| settled(st, &["a", "b", "c"])).await;
+    }
+    let ids: Vec<String> = (0..30).map(|i| format!("l{i:02}")).collect();
+    for id in &ids {
+        add(&b, &Key::new("counter", id.clone()), 1).await;
+    }
+    // Pages of 7 from c, followed to the end: every agent once, on its owner.
+    let (mut seen, mut after, mut pages) = (Vec::new(), None::<String>, 0);
+    loop {
+        let page = c.cluster().list("counter", after.as_deref(), 7, T).await.unwrap();
+        assert!(page.unreachable.is_empty(), "{page:?}");
+        assert!(page.agents.len() <= 7);
+        for agent in &page.agents {
+            let owner = c.cluster().placement(&Key::new("counter", agent.info.id.clone())).unwrap().owner;
+            assert_eq!(Some(&agent.node), owner.as_ref(), "{agent:?}");
+            assert_eq!(agent.info.handled, 1, "{agent:?}");
+        }
+        seen.extend(page.agents.into_iter().map(|a| a.info.id));
+        pages += 1;
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ids, "in order, each once");
+    assert_eq!(pages, 5);
+    let owners: std::collections::BTreeSet<String> =
+        ids.iter().map(|id| a.cluster().placement(&Key::new("counter", id.clone())).unwrap().owner.unwrap()).collect();
+    assert!(owners.len() >= 2, "spread over nodes: {owners:?}");
+    // Stored: the embedded stores of every member, deduplicated (each key is on 2 or 3 nodes).
+    let page = a.cluster().stored("counter", Some("l09"), 10, T).await.unwrap();
+    assert_eq!(page.ids, ids[10..20].to_vec());
+    assert_eq!(page.next.as_deref(), Some("l19"));
+    assert!(matches!(a.cluster().list("nope", None, 5, T).await, Err(cadre::agent::CallError::UnknownType(_))));
+    assert!(matches!(a.cluster().list("counter", None, 0, T).await, Err(cadre::agent::CallError::InvalidKey(_))));
+    c.shutdown().await;
+    b.shutdown().await;
+    a.shutdown().await;
+}

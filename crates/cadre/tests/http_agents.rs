@@ -196,3 +196,44 @@ async fn a_retried_call_or_publish_changes_the_agent_once() {
     }
     node.shutdown().await;
 }
+
+async fn get_json(http: SocketAddr, path: &str) -> (u16, serde_json::Value) {
+    let (status, body) = client::get(http, path, T).await.unwrap();
+    (status, serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null))
+}
+
+/// `GET /v1/agents/{type}` pages through the active agents (or the stored ids); one agent's
+/// `GET` shows its counters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_list_by_type_in_pages_and_show_their_counters() {
+    let (node, http) = start().await;
+    for id in ["b", "a", "c"] {
+        assert_eq!(post(http, &format!("/v1/agents/counter/{id}"), &add(1)).await.0, 200);
+    }
+    post(http, "/v1/agents/counter/a", &add(1)).await;
+    let (status, page) = get_json(http, "/v1/agents/counter?limit=2").await;
+    assert_eq!(status, 200, "{page}");
+    let ids: Vec<&str> = page["agents"].as_array().unwrap().iter().map(|a| a["id"].as_str().unwrap()).collect();
+    assert_eq!((ids, page["next"].as_str()), (vec!["a", "b"], Some("b")), "{page}");
+    assert_eq!((page["agents"][0]["handled"].as_u64(), page["agents"][0]["node"].as_str()), (Some(2), Some("a1")));
+    let (_, page) = get_json(http, "/v1/agents/counter?limit=2&after=b").await;
+    assert_eq!((page["agents"][0]["id"].as_str(), &page["next"]), (Some("c"), &serde_json::Value::Null), "{page}");
+    let (_, page) = get_json(http, "/v1/agents/counter?stored=true&after=a").await;
+    assert_eq!(page["ids"], serde_json::json!(["b", "c"]), "{page}");
+    let (status, v) = get_json(http, "/v1/agents/counter/a").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (v["active"].as_bool(), v["stats"]["handled"].as_u64(), v["stats"]["mailbox_len"].as_u64()),
+        (Some(true), Some(2), Some(0)),
+        "{v}"
+    );
+    for (path, want) in [
+        ("/v1/agents/nope", 404),
+        ("/v1/agents/counter?limit=0", 400),
+        ("/v1/agents/counter?limit=1001", 400),
+        ("/v1/agents/counter?limit=x", 400),
+    ] {
+        assert_eq!(get_json(http, path).await.0, want, "{path}");
+    }
+    node.shutdown().await;
+}

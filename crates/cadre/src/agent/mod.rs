@@ -86,8 +86,43 @@ pub enum AgentError {
     Fatal(String),
 }
 
-/// Signals one handled signal may emit.
+/// Signals one handled signal may emit (and casts it may send, counted together).
 pub const EMITS_PER_CALL_MAX: usize = 256;
+
+/// The extension that carries the chain of agents waiting on a call: a comma-separated list of
+/// [`chain_link`]s, the first caller first. Set by [`Ctx::call`]; read where the call arrives.
+pub const CALL_CHAIN: &str = "cadrechain";
+/// Agents one chain of calls may hold: a call that would make it longer fails with
+/// [`CallError::TooDeep`].
+pub const CALL_DEPTH_MAX: usize = 16;
+
+/// How a handler's calls and casts reach other agents, wherever they live: `Some(timeout)` a
+/// call, `None` a cast. Set by the node (its cluster); a host alone calls its own agents.
+pub type Caller =
+    Arc<dyn Fn(Key, Signal, Option<Duration>) -> BoxFuture<'static, Result<Reply, CallError>> + Send + Sync>;
+
+/// What stands for `key` in a call chain: 64 bits of SHA-256 over its encoding, in hex (a key
+/// may hold any character, a link only hex digits).
+pub fn chain_link(key: &Key) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(key.encode());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Refuses a call to `key` whose chain holds it already (its activation is waiting on this very
+/// chain: the call would wait forever) or that is longer than [`CALL_DEPTH_MAX`].
+fn check_chain(key: &Key, signal: &Signal) -> Result<(), CallError> {
+    let Some(chain) = signal.extension(CALL_CHAIN) else { return Ok(()) };
+    let len = chain.split(',').count();
+    if len > CALL_DEPTH_MAX {
+        return Err(CallError::TooDeep(len));
+    }
+    let link = chain_link(key);
+    if chain.split(',').any(|l| l == link) {
+        return Err(CallError::Cycle(format!("{key:?} is waiting on this chain of {len} calls")));
+    }
+    Ok(())
+}
 
 /// What a handler can see of its activation.
 pub struct Ctx {
@@ -95,10 +130,44 @@ pub struct Ctx {
     revision: Revision,
     /// The signal being handled, as the cause of what the handler emits.
     cause: Option<Signal>,
+    /// The call chain the signal being handled came with.
+    chain: Option<String>,
     emitted: Vec<Signal>,
+    /// Casts to send once the call succeeds.
+    casts: Vec<(Key, Signal)>,
+    /// Signals made by [`Ctx::signal`] while handling this one.
+    made: u32,
+    caller: Option<Caller>,
+    call_timeout: Duration,
+    /// A read ([`Host::read`]): calls and casts are refused.
+    reading: bool,
 }
 
 impl Ctx {
+    fn new(key: Key, revision: Revision, call_timeout: Duration) -> Ctx {
+        Ctx {
+            key,
+            revision,
+            cause: None,
+            chain: None,
+            emitted: Vec::new(),
+            casts: Vec::new(),
+            made: 0,
+            caller: None,
+            call_timeout,
+            reading: false,
+        }
+    }
+
+    /// Starts handling `signal`: what the handler emits, casts and calls follows from it.
+    fn begin(&mut self, signal: &Signal) {
+        self.cause = Some(cause_of(signal));
+        self.chain = signal.extension(CALL_CHAIN).map(str::to_string);
+        self.emitted.clear();
+        self.casts.clear();
+        self.made = 0;
+    }
+
     pub fn key(&self) -> &Key {
         &self.key
     }
@@ -110,17 +179,84 @@ impl Ctx {
 
     /// Emits a signal, published once the call succeeds (after its state is stored, before the
     /// reply), with the handled signal as its cause; dropped if the call fails. At most
-    /// [`EMITS_PER_CALL_MAX`] per call.
+    /// [`EMITS_PER_CALL_MAX`] per call, casts included.
     pub fn emit(&mut self, signal: Signal) -> Result<(), AgentError> {
-        if self.emitted.len() >= EMITS_PER_CALL_MAX {
-            return Err(AgentError::Failed(format!("more than {EMITS_PER_CALL_MAX} signals emitted by one call")));
-        }
-        let signal = match &self.cause {
-            Some(cause) => signal.caused_by(cause),
-            None => signal,
-        };
+        self.check_effects()?;
+        let signal = self.caused(signal);
         self.emitted.push(signal);
         Ok(())
+    }
+
+    /// A signal from this agent (source `/agents/{type}/{id}`) whose id follows from the signal
+    /// being handled and from how many this handler made before: handling the same signal again
+    /// (a retry after a failure) makes the same ids, so the agents they go to handle them once.
+    pub fn signal(&mut self, ty: impl Into<String>, data: serde_json::Value) -> Signal {
+        let n = self.made;
+        self.made += 1;
+        let id = match &self.cause {
+            Some(c) => {
+                let of: String =
+                    handled::handled_id(&c.source, &c.id)[..12].iter().map(|b| format!("{b:02x}")).collect();
+                format!("{of}-{n}")
+            }
+            None => crate::signal::new_id(),
+        };
+        let mut signal = Signal::new(ty, data);
+        signal.id = id;
+        signal.source = format!("/agents/{}/{}", self.key.ty, self.key.id);
+        signal
+    }
+
+    /// Calls the agent `key`, wherever it lives, and waits for its reply (at most
+    /// `agents.call_timeout_ms`). This agent handles nothing else meanwhile: agents are not
+    /// reentrant. The chain of waiting agents goes with the call, so a call back to one of them
+    /// (this one included) fails at once with [`CallError::Cycle`] instead of waiting for the
+    /// timeout. The call is not undone if this handler fails later: give it a [`Ctx::signal`]
+    /// so that a retry reaches the callee as a duplicate.
+    pub async fn call(&mut self, key: &Key, signal: Signal) -> Result<Reply, CallError> {
+        if self.reading {
+            return Err(CallError::NotRead(format!("a read calls no agent ({key:?})")));
+        }
+        let mine = chain_link(&self.key);
+        let chain = match &self.chain {
+            Some(c) => format!("{c},{mine}"),
+            None => mine,
+        };
+        let signal = self.caused(signal).with_extension(CALL_CHAIN, chain);
+        // Refused here already when it would come back to a waiting agent: no need to travel.
+        check_chain(key, &signal)?;
+        let caller = self.caller.clone().ok_or_else(|| CallError::Unavailable("no route to other agents".into()))?;
+        caller(key.clone(), signal, Some(self.call_timeout)).await
+    }
+
+    /// Sends `signal` to the agent `key` without waiting for it: sent once this call succeeds
+    /// (after its state is stored), dropped if it fails, as [`Ctx::emit`]. A cast carries no
+    /// call chain: nobody waits on it.
+    pub fn cast(&mut self, key: Key, signal: Signal) -> Result<(), AgentError> {
+        self.check_effects()?;
+        if self.reading {
+            return Err(AgentError::Failed(format!("a read casts to no agent ({key:?})")));
+        }
+        key.check().map_err(|e| AgentError::Failed(e.to_string()))?;
+        let signal = self.caused(signal);
+        self.casts.push((key, signal));
+        Ok(())
+    }
+
+    fn check_effects(&self) -> Result<(), AgentError> {
+        if self.emitted.len() + self.casts.len() >= EMITS_PER_CALL_MAX {
+            return Err(AgentError::Failed(format!("more than {EMITS_PER_CALL_MAX} signals emitted by one call")));
+        }
+        Ok(())
+    }
+
+    /// `signal` as caused by the one handled, without a call chain it may have been copied with.
+    fn caused(&self, mut signal: Signal) -> Signal {
+        signal.extensions.remove(CALL_CHAIN);
+        match &self.cause {
+            Some(cause) => signal.caused_by(cause),
+            None => signal,
+        }
     }
 }
 
@@ -205,6 +341,13 @@ pub enum CallError {
     /// kept: it was not handled again (see [`handled`]). Not a failure: the signal took effect.
     #[error("a duplicate: this signal was handled before")]
     Duplicate,
+    /// A call to an agent that is waiting on the chain of calls this one belongs to (see
+    /// [`Ctx::call`]): it would wait forever, so it fails at once.
+    #[error("a call cycle: {0}")]
+    Cycle(String),
+    /// A call that would make its chain longer than [`CALL_DEPTH_MAX`] agents.
+    #[error("a chain of {0} calls is longer than {CALL_DEPTH_MAX}")]
+    TooDeep(usize),
 }
 
 /// Decides whether a key is served here, and with which fence its writes go out.
@@ -236,9 +379,66 @@ enum Msg {
     Stop,
 }
 
+/// Agents one [`Host::list`] answers at most.
+pub const LIST_PAGE_MAX: usize = 1000;
+
+/// What a node knows of one active agent ([`Host::list`], [`Host::info`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AgentInfo {
+    pub id: String,
+    /// The shard epoch it was activated at.
+    pub epoch: u64,
+    /// When this activation started (Unix ms).
+    pub since_ms: u64,
+    /// Signals this activation handled (failed ones included; duplicates answered from the
+    /// record of handled signals not).
+    pub handled: u64,
+    /// When it last handled one (Unix ms; 0: none yet).
+    pub last_call_ms: u64,
+    /// Signals waiting in its mailbox.
+    pub mailbox_len: usize,
+    /// Restarts (after fatal errors or panics) of this activation.
+    pub restarts: u32,
+}
+
+/// Counters of one activation, shared by its task (which writes) and the table (which reads).
+struct Stats {
+    since_ms: u64,
+    epoch: std::sync::atomic::AtomicU64,
+    handled: std::sync::atomic::AtomicU64,
+    last_call_ms: std::sync::atomic::AtomicU64,
+    restarts: std::sync::atomic::AtomicU32,
+}
+
+impl Stats {
+    fn new() -> Stats {
+        Stats {
+            since_ms: crate::clock::wall_ms(),
+            epoch: Default::default(),
+            handled: Default::default(),
+            last_call_ms: Default::default(),
+            restarts: Default::default(),
+        }
+    }
+
+    fn info(&self, id: &str, tx: &mpsc::Sender<Msg>) -> AgentInfo {
+        use std::sync::atomic::Ordering::Relaxed;
+        AgentInfo {
+            id: id.to_string(),
+            epoch: self.epoch.load(Relaxed),
+            since_ms: self.since_ms,
+            handled: self.handled.load(Relaxed),
+            last_call_ms: self.last_call_ms.load(Relaxed),
+            mailbox_len: tx.max_capacity() - tx.capacity(),
+            restarts: self.restarts.load(Relaxed),
+        }
+    }
+}
+
 enum Slot {
     Active {
         tx: mpsc::Sender<Msg>,
+        stats: Arc<Stats>,
         tick: u64,
         /// Cancelled when the activation has ended (its slot removed).
         ended: CancellationToken,
@@ -257,7 +457,7 @@ struct Table {
     next_tick: u64,
 }
 
-type Spawner = Arc<dyn Fn(Arc<HostInner>, Key, mpsc::Receiver<Msg>) + Send + Sync>;
+type Spawner = Arc<dyn Fn(Arc<HostInner>, Key, mpsc::Receiver<Msg>, Arc<Stats>) + Send + Sync>;
 /// Runs a read-only call of one type on a state loaded from the store (see [`Host::read`]).
 type Reader =
     Arc<dyn Fn(Arc<HostInner>, Key, Option<Signal>) -> BoxFuture<'static, Result<Reply, CallError>> + Send + Sync>;
@@ -278,6 +478,8 @@ struct HostInner {
     aborted: std::sync::atomic::AtomicBool,
     /// Publishes what handlers emit (set once by the node).
     emitter: std::sync::OnceLock<Emitter>,
+    /// Carries handlers' calls and casts (set once by the node; else to this host's agents).
+    caller: std::sync::OnceLock<Caller>,
     /// Duplicates answered without running the handler: [reply kept, reply gone].
     duplicates: [prometheus_client::metrics::counter::Counter; 2],
     tasks: TaskTracker,
@@ -311,9 +513,9 @@ impl HostBuilder {
     }
 
     pub fn agent<A: Agent>(mut self) -> Self {
-        let spawn: Spawner = Arc::new(|host: Arc<HostInner>, key: Key, rx: mpsc::Receiver<Msg>| {
+        let spawn: Spawner = Arc::new(|host: Arc<HostInner>, key: Key, rx: mpsc::Receiver<Msg>, stats| {
             let tasks = host.tasks.clone();
-            tasks.spawn(run::<A>(host, key, rx));
+            tasks.spawn(run::<A>(host, key, rx, stats));
         });
         let read: Reader = Arc::new(|host: Arc<HostInner>, key: Key, query: Option<Signal>| {
             Box::pin(async move { read::<A>(&host, &key, query).await })
@@ -343,6 +545,7 @@ impl HostBuilder {
                 cancel: CancellationToken::new(),
                 aborted: std::sync::atomic::AtomicBool::new(false),
                 emitter: std::sync::OnceLock::new(),
+                caller: std::sync::OnceLock::new(),
                 duplicates,
                 tasks: TaskTracker::new(),
             }),
@@ -360,12 +563,36 @@ impl HostInner {
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// What carries handlers' calls: the node's, else one to this host's own agents (weak: the
+    /// activations hold it, and the host must be able to go).
+    fn caller(self: &Arc<Self>) -> Caller {
+        if let Some(c) = self.caller.get() {
+            return c.clone();
+        }
+        let host = Arc::downgrade(self);
+        Arc::new(move |key, signal, timeout| {
+            let host = host.upgrade().map(|inner| Host { inner });
+            Box::pin(async move {
+                let host = host.ok_or_else(|| CallError::Unavailable("the node is shutting down".into()))?;
+                match timeout {
+                    Some(t) => host.call(&key, signal, t).await,
+                    None => host.cast(&key, signal).await.map(|()| Reply::Null),
+                }
+            })
+        })
+    }
 }
 
 impl Host {
     /// Sets what publishes the signals handlers emit (without one they are dropped). Once.
     pub fn set_emitter(&self, emitter: Emitter) {
         assert!(self.inner.emitter.set(emitter).is_ok(), "the host's emitter set twice");
+    }
+
+    /// Sets what carries handlers' calls and casts to other agents ([`Ctx::call`]). Once.
+    pub fn set_caller(&self, caller: Caller) {
+        assert!(self.inner.caller.set(caller).is_ok(), "the host's caller set twice");
     }
 
     /// Sends `signal` to the agent `key` (activating it) and waits for the reply.
@@ -406,6 +633,65 @@ impl Host {
     /// Active agents on this node.
     pub fn active(&self) -> usize {
         self.inner.lock().lru.len()
+    }
+
+    /// Ids of type `ty` with a state in this node's store, after `after`, in order; at most
+    /// `limit` (and [`LIST_PAGE_MAX`]).
+    pub async fn stored(&self, ty: &str, after: Option<&str>, limit: usize) -> Result<Vec<String>, CallError> {
+        if !self.has_type(ty) {
+            return Err(CallError::UnknownType(ty.to_string()));
+        }
+        let limit = limit.min(LIST_PAGE_MAX);
+        // Keys order by type, then id: those of `ty` start right after (ty, "") (a key with an
+        // empty id is not listed).
+        let from = Key::new(ty, after.unwrap_or(""));
+        let keys = self.inner.storage.scan_keys(Some(&from), limit).await.map_err(CallError::Storage)?;
+        Ok(keys.into_iter().take_while(|k| k.ty == ty).map(|k| k.id).collect())
+    }
+
+    /// Whether the store is shared by every node (one node's scan sees every key).
+    pub fn storage_shared(&self) -> bool {
+        self.inner.storage.shared()
+    }
+
+    /// The active agent `key` (None: not active here).
+    pub fn info(&self, key: &Key) -> Option<AgentInfo> {
+        match self.inner.lock().slots.get(key) {
+            Some(Slot::Active { tx, stats, .. }) => Some(stats.info(&key.id, tx)),
+            _ => None,
+        }
+    }
+
+    /// Active agents of type `ty` here, by id, those after `after` first; at most `limit` (and
+    /// [`LIST_PAGE_MAX`]). One pass over the table under its lock, keeping the `limit` smallest.
+    pub fn list(&self, ty: &str, after: Option<&str>, limit: usize) -> Vec<AgentInfo> {
+        let limit = limit.min(LIST_PAGE_MAX);
+        if limit == 0 {
+            return Vec::new();
+        }
+        let t = self.inner.lock();
+        // Keys of one type order by id.
+        let mut smallest: std::collections::BinaryHeap<&Key> = Default::default();
+        for (key, slot) in &t.slots {
+            if !matches!(slot, Slot::Active { .. }) || key.ty != ty || after.is_some_and(|a| key.id.as_str() <= a) {
+                continue;
+            }
+            if smallest.len() < limit {
+                smallest.push(key);
+            } else if smallest.peek().is_some_and(|top| key < *top) {
+                smallest.pop();
+                smallest.push(key);
+            }
+        }
+        let mut page: Vec<AgentInfo> = smallest
+            .into_iter()
+            .filter_map(|key| match t.slots.get(key) {
+                Some(Slot::Active { tx, stats, .. }) => Some(stats.info(&key.id, tx)),
+                _ => None,
+            })
+            .collect();
+        page.sort_by(|a, b| a.id.cmp(&b.id));
+        page
     }
 
     /// A read of the agent's *stored* state, outside its activation (none is started, the
@@ -483,6 +769,9 @@ impl Host {
     }
 
     async fn send(&self, key: &Key, msg: Msg) -> Result<(), CallError> {
+        if let Msg::Call { signal, .. } = &msg {
+            check_chain(key, signal)?;
+        }
         let mut msg = msg;
         for _ in 0..CALL_ATTEMPTS_MAX {
             let tx = self.sender(key).await?;
@@ -526,9 +815,10 @@ impl Host {
                     None => {
                         let (tx, rx) = mpsc::channel(inner.cfg.mailbox_len_max);
                         let ended = CancellationToken::new();
-                        t.slots.insert(key.clone(), Slot::Active { tx: tx.clone(), tick, ended });
+                        let stats = Arc::new(Stats::new());
+                        t.slots.insert(key.clone(), Slot::Active { tx: tx.clone(), stats: stats.clone(), tick, ended });
                         t.lru.insert(tick, key.clone());
-                        spawn(inner.clone(), key.clone(), rx);
+                        spawn(inner.clone(), key.clone(), rx, stats);
                         // Over the limit: the least recently used others passivate. They leave the
                         // LRU order now, so the next activation picks another.
                         let mut victims = Vec::new();
@@ -610,10 +900,11 @@ struct Live<A> {
     /// The shard epoch the state was loaded under: once the gate gives another, this activation
     /// is stale (the shard moved away and back) and must end.
     epoch: u64,
+    stats: Arc<Stats>,
 }
 
 impl<A: Agent> Live<A> {
-    async fn load(host: &HostInner, key: &Key) -> Result<Live<A>, CallError> {
+    async fn load(host: &HostInner, key: &Key, stats: Arc<Stats>) -> Result<Live<A>, CallError> {
         // The epoch first: the state read after it is at least as new as that epoch's start.
         let epoch = host.gate.write(key)?.epoch;
         let found = host.storage.get(key).await.map_err(CallError::Storage)?;
@@ -622,8 +913,9 @@ impl<A: Agent> Live<A> {
         let agent = decode::<A>(&stored).map_err(CallError::Unavailable)?;
         // An absent key counts as storing the default: reading it writes nothing.
         let stored = if revision == 0 { encode(&agent).map_err(CallError::Unavailable)? } else { stored };
-        let ctx = Ctx { key: key.clone(), revision, cause: None, emitted: Vec::new() };
-        Ok(Live { agent, ctx, stored, record, record_dirty: false, restarts: Vec::new(), epoch })
+        let ctx = Ctx::new(key.clone(), revision, Duration::from_millis(host.cfg.call_timeout_ms));
+        stats.epoch.store(epoch, std::sync::atomic::Ordering::Relaxed);
+        Ok(Live { agent, ctx, stored, record, record_dirty: false, restarts: Vec::new(), epoch, stats })
     }
 
     /// Stores the state if it changed.
@@ -729,9 +1021,9 @@ impl Drop for SlotGuard<'_> {
 }
 
 /// One activation.
-async fn run<A: Agent>(host: Arc<HostInner>, key: Key, mut rx: mpsc::Receiver<Msg>) {
+async fn run<A: Agent>(host: Arc<HostInner>, key: Key, mut rx: mpsc::Receiver<Msg>, stats: Arc<Stats>) {
     let _slot = SlotGuard { host: &host, key: &key };
-    let mut live = match Live::<A>::load(&host, &key).await {
+    let mut live = match Live::<A>::load(&host, &key, stats).await {
         Ok(l) => l,
         Err(e) => {
             warn!(key = ?key, error = %e, "activation failed");
@@ -739,6 +1031,7 @@ async fn run<A: Agent>(host: Arc<HostInner>, key: Key, mut rx: mpsc::Receiver<Ms
             return;
         }
     };
+    live.ctx.caller = Some(host.caller());
     hook(&key, "on_activate", live.agent.on_activate(&mut live.ctx)).await;
     let idle = Duration::from_millis(host.cfg.idle_timeout_ms);
     // One timer for the activation, moved only when it fires early: re-arming it per signal
@@ -859,9 +1152,9 @@ async fn handle<A: Agent>(
         send(reply, duplicate(host, seen));
         return Step::Go;
     }
-    // The cause of what the handler emits: the attributes `caused_by` reads, not the data.
-    live.ctx.cause = Some(cause_of(&signal));
-    live.ctx.emitted.clear();
+    live.ctx.begin(&signal);
+    live.stats.handled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    live.stats.last_call_ms.store(crate::clock::wall_ms(), std::sync::atomic::Ordering::Relaxed);
     let outcome = AssertUnwindSafe(async { live.agent.handle(&mut live.ctx, *signal).await }).catch_unwind().await;
     let (result, step) = match outcome {
         Ok(Ok(value)) => match A::PERSISTENCE {
@@ -869,7 +1162,7 @@ async fn handle<A: Agent>(
                 Ok(state) => {
                     // A call that changed nothing and emitted nothing is not recorded: running
                     // it again is harmless, and it then costs no write.
-                    if state != live.stored || !live.ctx.emitted.is_empty() {
+                    if state != live.stored || !live.ctx.emitted.is_empty() || !live.ctx.casts.is_empty() {
                         live.note_handled(host, id, &value);
                     }
                     match live.persist_bytes(host, state).await {
@@ -907,13 +1200,29 @@ async fn handle<A: Agent>(
         begin_stop(host, &live.ctx.key);
     }
     let emitted = std::mem::take(&mut live.ctx.emitted);
+    let casts = std::mem::take(&mut live.ctx.casts);
     if result.is_ok() && !emitted.is_empty() {
         if let Some(emit) = host.emitter.get() {
             emit(emitted).await;
         }
     }
+    if result.is_ok() {
+        send_casts(&live.ctx, casts).await;
+    }
     send(reply, result);
     step
+}
+
+/// Sends what a handler cast, once its call succeeded; a cast refused is logged (the caller does
+/// not wait on it).
+async fn send_casts(ctx: &Ctx, casts: Vec<(Key, Signal)>) {
+    let Some(caller) = &ctx.caller else { return };
+    for (key, signal) in casts {
+        let id = signal.id.clone();
+        if let Err(e) = caller(key.clone(), signal, None).await {
+            warn!(from = ?ctx.key, to = ?key, %id, error = %e, "a cast was refused");
+        }
+    }
 }
 
 /// One read ([`Host::read`]) of a type: decode the stored state, run the handler on it, and
@@ -927,12 +1236,12 @@ async fn read<A: Agent>(host: &HostInner, key: &Key, query: Option<Signal>) -> R
         let state = encode(&agent).map_err(CallError::Unavailable)?;
         return serde_json::from_slice(&state).map_err(|e| CallError::Unavailable(e.to_string()));
     };
-    let mut ctx = Ctx { key: key.clone(), revision, cause: None, emitted: Vec::new() };
+    let mut ctx = Ctx::new(key.clone(), revision, Duration::from_millis(host.cfg.call_timeout_ms));
+    ctx.reading = true;
     // Derived fields (`serde(skip)`) are set up as in an activation; what the hook changes or
     // emits is the activation's, not the read's (and, as the read, is not kept).
     hook(key, "on_activate", agent.on_activate(&mut ctx)).await;
-    ctx.emitted.clear();
-    ctx.cause = Some(cause_of(&signal));
+    ctx.begin(&signal);
     let before = encode(&agent).map_err(CallError::Unavailable)?;
     let ty = signal.ty.clone();
     let outcome = AssertUnwindSafe(agent.handle(&mut ctx, signal)).catch_unwind().await;
@@ -941,8 +1250,8 @@ async fn read<A: Agent>(host: &HostInner, key: &Key, query: Option<Signal>) -> R
         Ok(Err(e)) => return Err(CallError::Handler(e.to_string())),
         Err(_) => return Err(CallError::Handler("handler panicked".into())),
     };
-    if !ctx.emitted.is_empty() {
-        return Err(CallError::NotRead(format!("{ty:?} emitted {} signals", ctx.emitted.len())));
+    if !ctx.emitted.is_empty() || !ctx.casts.is_empty() {
+        return Err(CallError::NotRead(format!("{ty:?} emitted {} signals", ctx.emitted.len() + ctx.casts.len())));
     }
     if encode(&agent).map_err(CallError::Unavailable)? != before {
         return Err(CallError::NotRead(format!("{ty:?} changed the state of {key:?}")));
@@ -967,6 +1276,7 @@ async fn restart<A: Agent>(
     why: String,
 ) -> (Result<Reply, CallError>, Step) {
     warn!(key = ?live.ctx.key, why, "agent restarts from its last good state");
+    live.stats.restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     if !live.count_restart(&host.cfg) {
         return (Err(CallError::Crashed), Step::Stop(CallError::Crashed));
     }
@@ -996,3 +1306,5 @@ fn send(reply: Option<oneshot::Sender<Result<Reply, CallError>>>, result: Result
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_calls;

@@ -104,6 +104,8 @@ fn emit(ctx: &Ctx, what: &str) {
 }
 
 static GATE: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+/// Held by `hold` signals (only the counters test sends them).
+static HOLD: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
 
 impl Agent for Probe {
     const TYPE: &'static str = "probe";
@@ -114,6 +116,11 @@ impl Agent for Probe {
             "fail" => Err(AgentError::Failed("refused".into())),
             "fatal" => Err(AgentError::Fatal("broken".into())),
             "panic" => panic!("probe bug"),
+            "hold" => {
+                emit(ctx, "held");
+                let _permit = HOLD.get_or_init(|| tokio::sync::Semaphore::new(0)).acquire().await.unwrap();
+                Ok(self.n.into())
+            }
             "block" => {
                 emit(ctx, "blocked");
                 let _permit = GATE.get_or_init(|| tokio::sync::Semaphore::new(0)).acquire().await.unwrap();
@@ -666,5 +673,52 @@ async fn a_corrupt_record_fails_the_activation_not_the_node() {
     assert!(matches!(&e, CallError::Unavailable(m) if m.contains("record")), "{e}");
     assert!(matches!(host.read(&k, None).await, Err(CallError::Unavailable(_))));
     assert_eq!(host.call(&key("fine"), add(1), T).await.unwrap(), 1);
+    host.shutdown().await;
+}
+
+#[tokio::test]
+async fn active_agents_list_by_id_in_pages_with_their_counters() {
+    let (host, _) = host();
+    for i in [3, 1, 4, 0, 2] {
+        host.call(&key(&format!("c{i}")), add(i + 1), T).await.unwrap();
+    }
+    host.call(&key("c4"), add(1), T).await.unwrap();
+    host.call(&probe("p"), sig("ok"), T).await.unwrap();
+    let ids = |page: Vec<AgentInfo>| page.into_iter().map(|a| a.id).collect::<Vec<_>>();
+    assert_eq!(ids(host.list("counter", None, 2)), ["c0", "c1"]);
+    assert_eq!(ids(host.list("counter", Some("c1"), 2)), ["c2", "c3"]);
+    assert_eq!(ids(host.list("counter", Some("c3"), 2)), ["c4"]);
+    assert_eq!(ids(host.list("probe", None, 10)), ["p"]);
+    assert!(host.list("counter", None, 0).is_empty());
+    let c4 = host.info(&key("c4")).unwrap();
+    assert_eq!((c4.handled, c4.mailbox_len, c4.restarts, c4.epoch), (2, 0, 0, 1));
+    assert!(c4.last_call_ms >= c4.since_ms && c4.since_ms > 0, "{c4:?}");
+    assert_eq!(host.info(&key("absent")), None);
+    // Stored ids, by type, in pages.
+    assert_eq!(host.stored("counter", None, 3).await.unwrap(), ["c0", "c1", "c2"]);
+    assert_eq!(host.stored("counter", Some("c2"), 3).await.unwrap(), ["c3", "c4"]);
+    assert_eq!(host.stored("nope", None, 3).await, Err(CallError::UnknownType("nope".into())));
+    host.shutdown().await;
+}
+
+#[tokio::test]
+async fn restarts_and_queued_signals_show_in_the_agents_counters() {
+    let (host, _) = host();
+    let p = probe("counted");
+    let mut events = events_for("counted");
+    host.call(&p, sig("ok"), T).await.unwrap();
+    assert!(host.call(&p, sig("fatal"), T).await.is_err());
+    let info = host.info(&p).unwrap();
+    assert_eq!((info.handled, info.restarts, info.mailbox_len), (2, 1, 0), "{info:?}");
+    // Held in a handler, with three more queued behind it.
+    host.cast(&p, sig("hold")).await.unwrap();
+    while events.recv().await.unwrap() != "held" {}
+    for _ in 0..3 {
+        host.cast(&p, sig("ok")).await.unwrap();
+    }
+    assert_eq!(host.info(&p).unwrap().mailbox_len, 3);
+    HOLD.get().unwrap().add_permits(1);
+    assert_eq!(host.call(&p, sig("ok"), T).await.unwrap(), 6);
+    assert_eq!(host.info(&p).unwrap().handled, 7);
     host.shutdown().await;
 }

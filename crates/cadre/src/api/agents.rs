@@ -86,6 +86,9 @@ fn call_error(e: CallError) -> Response {
         CallError::Handler(_) => (StatusCode::UNPROCESSABLE_ENTITY, "handler-error"),
         CallError::NotRead(_) => (StatusCode::UNPROCESSABLE_ENTITY, "not-a-read"),
         CallError::Crashed => (StatusCode::INTERNAL_SERVER_ERROR, "agent-crashed"),
+        // 508 Loop Detected: a call back to an agent waiting on the same chain.
+        CallError::Cycle(_) => (StatusCode::LOOP_DETECTED, "call-cycle"),
+        CallError::TooDeep(_) => (StatusCode::LOOP_DETECTED, "call-chain-too-deep"),
         // Answered as a success by `call`; elsewhere (a read, a lookup) it cannot arise.
         CallError::Duplicate => (StatusCode::OK, "duplicate"),
     };
@@ -167,6 +170,43 @@ pub async fn call(
     }
 }
 
+#[derive(serde::Deserialize)]
+pub struct ListQuery {
+    after: Option<String>,
+    limit: Option<usize>,
+    #[serde(default)]
+    stored: bool,
+}
+
+/// `GET /v1/agents/{type}`: the type's active agents across the cluster (or, with
+/// `stored=true`, its ids with a stored state), a page at a time.
+pub async fn list(
+    State(s): State<ApiState>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Response {
+    let ty = match path {
+        Ok(Path(ty)) => ty,
+        Err(e) => return bad_request(e.body_text()),
+    };
+    let q = match query {
+        Ok(Query(q)) => q,
+        Err(e) => return bad_request(e.body_text()),
+    };
+    let limit = q.limit.unwrap_or(crate::cluster::list::LIST_LIMIT_DEFAULT);
+    let after = q.after.as_deref();
+    let page = if q.stored {
+        s.cluster.stored(&ty, after, limit, s.call_timeout).await.map(|p| json!(p))
+    } else {
+        s.cluster.list(&ty, after, limit, s.call_timeout).await.map(|p| json!(p))
+    };
+    match page {
+        Ok(page) => Json(page).into_response(),
+        Err(CallError::InvalidKey(m)) => bad_request(m),
+        Err(e) => call_error(e),
+    }
+}
+
 pub async fn lookup(State(s): State<ApiState>, path: Result<Path<(String, String)>, PathRejection>) -> Response {
     let key = match key_of(path) {
         Ok(k) => k,
@@ -181,7 +221,8 @@ pub async fn lookup(State(s): State<ApiState>, path: Result<Path<(String, String
                 "shard": shard,
                 "owner": served.node,
                 "epoch": served.epoch,
-                "active": served.reply,
+                "active": served.reply["active"],
+                "stats": served.reply["stats"],
             }))
             .into_response()
         }

@@ -95,6 +95,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/subscriptions/{id}", axum::routing::delete(signals::delete_subscription))
         .route("/v1/deadletters", get(signals::deadletters))
         .route("/v1/interest", get(signals::interest))
+        .route("/v1/agents/{type}", get(agents::list))
         .route("/v1/agents/{type}/{id}", get(agents::lookup).post(agents::call).delete(agents::stop))
         .route("/v1/agents/{type}/{id}/state", get(agents::state))
         .fallback(signals::not_found)

@@ -40,6 +40,7 @@
 
 pub mod control;
 pub mod handoff;
+pub mod list;
 pub mod protocol;
 pub mod read;
 pub mod replica;
@@ -304,6 +305,16 @@ pub struct Cluster {
     inner: Arc<Inner>,
 }
 
+/// See [`Cluster::downgrade`].
+#[derive(Clone)]
+pub struct WeakCluster(std::sync::Weak<Inner>);
+
+impl WeakCluster {
+    pub fn upgrade(&self) -> Option<Cluster> {
+        self.0.upgrade().map(|inner| Cluster { inner })
+    }
+}
+
 impl Cluster {
     /// Starts the group's member on this node; `addr` is the bound transport address.
     pub async fn start(
@@ -385,6 +396,11 @@ impl Cluster {
         Ok(Cluster { inner })
     }
 
+    /// A handle that does not keep the cluster alive (for what the cluster itself holds).
+    pub fn downgrade(&self) -> WeakCluster {
+        WeakCluster(Arc::downgrade(&self.inner))
+    }
+
     pub fn name(&self) -> &str {
         &self.inner.name
     }
@@ -439,7 +455,8 @@ impl Cluster {
         self.request(key, Op::Stop, timeout).await
     }
 
-    /// Whether the agent is active, asked of its owner.
+    /// Whether the agent is active, asked of its owner: `{"active", "stats"}` (an
+    /// [`crate::agent::AgentInfo`] while active, else `null`).
     pub async fn lookup(&self, key: &Key, timeout: Duration) -> Result<Served, CallError> {
         self.request(key, Op::Lookup, timeout).await
     }
@@ -575,7 +592,7 @@ impl Cluster {
                 Ok(Served { reply, node: owner.to_string(), epoch })
             }
             AgentReply::Err(e) => Err(e),
-            AgentReply::Stats { .. } | AgentReply::Read { .. } => {
+            AgentReply::Stats { .. } | AgentReply::Read { .. } | AgentReply::Active(_) | AgentReply::Stored(_) => {
                 Err(CallError::Unavailable(format!("unexpected reply from {owner}")))
             }
         }
@@ -822,6 +839,7 @@ async fn serve_remote(inner: &Inner, req: AgentReq) -> AgentReply {
         AgentOp::Stop => (Op::Stop, inner.meta_cfg.rpc_timeout_ms),
         AgentOp::Lookup => (Op::Lookup, inner.meta_cfg.rpc_timeout_ms),
         AgentOp::Stats => return AgentReply::Stats(local_stats(inner)),
+        AgentOp::List { after, limit, stored } => return list::serve(inner, &key.ty, after, limit, stored).await,
         AgentOp::Read { query, stale_ms_max, owner_only, timeout_ms } => {
             return serve_remote_read(inner, &key, query, stale_ms_max, owner_only, timeout_ms).await;
         }
@@ -892,7 +910,8 @@ async fn serve_local(inner: &Inner, key: &Key, op: &Op, deadline: Instant) -> Re
         }
         Op::Lookup => {
             owned_here(inner, key)?;
-            Reply::Bool(host.is_active(key))
+            let info = host.info(key);
+            serde_json::json!({ "active": info.is_some(), "stats": info })
         }
     };
     let epoch = placement_in(&inner.state.borrow(), key).map(|p| p.epoch).unwrap_or(0);

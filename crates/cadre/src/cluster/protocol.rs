@@ -118,6 +118,13 @@ pub enum AgentOp {
     Lookup,
     /// How many agents are active on the receiving node.
     Stats,
+    /// The receiver's active agents of the request's type (or, with `stored`, its ids with a
+    /// stored state) after `after`, at most `limit` (see [`super::list`]).
+    List {
+        after: Option<String>,
+        limit: u32,
+        stored: bool,
+    },
     /// A read of the stored state (`query`: a structured-mode CloudEvent for a read-only call),
     /// served by the owner or an in-sync replica whose table is at most `stale_ms_max` old (see
     /// [`super::read`]).
@@ -138,6 +145,10 @@ pub enum AgentReply {
         epoch: u64,
     },
     Stats(super::MemberStats),
+    /// Active agents, by id.
+    Active(Vec<crate::agent::AgentInfo>),
+    /// Ids with a stored state, in order.
+    Stored(Vec<String>),
     Err(CallError),
     /// A read's reply as JSON; `replica`: served by a replica, whose table was `age_ms` old.
     Read {

@@ -302,6 +302,7 @@ impl Node {
         });
         bus.attach_cluster(cluster.clone());
         agents.set_emitter(emitter(bus.downgrade()));
+        agents.set_caller(caller(cluster.downgrade()));
         let handler =
             NodeHandler { membership: membership.clone(), data: opts.data, cluster: cluster.clone(), bus: bus.clone() };
         transport.set_handler(Arc::new(handler));
@@ -416,6 +417,23 @@ fn emitter(bus: crate::bus::WeakBus) -> crate::agent::Emitter {
                 if let Err(e) = bus.publish(s).await {
                     warn!(%id, %ty, error = %e, "a signal an agent emitted was refused");
                 }
+            }
+        })
+    })
+}
+
+/// Carries handlers' calls and casts to agents wherever they live (through the cluster).
+fn caller(cluster: crate::cluster::WeakCluster) -> crate::agent::Caller {
+    // A cast waits for its mailbox this long at most (the caller does not wait for its handler).
+    const CAST_TIMEOUT: Duration = Duration::from_secs(5);
+    Arc::new(move |key, signal, timeout| {
+        let cluster = cluster.upgrade();
+        Box::pin(async move {
+            let cluster =
+                cluster.ok_or_else(|| crate::agent::CallError::Unavailable("the node is shutting down".into()))?;
+            match timeout {
+                Some(t) => cluster.call(&key, signal, t).await.map(|s| s.reply),
+                None => cluster.cast(&key, signal, CAST_TIMEOUT).await.map(|_| serde_json::Value::Null),
             }
         })
     })
