@@ -218,6 +218,7 @@ async fn drive(procs: &mut Vec<NodeProc>, spawner: &Spawner, started: Instant) -
 
     let mut victim = procs.pop().expect("at least two nodes");
     let others: Vec<SocketAddr> = procs.iter().map(|p| p.http).collect();
+    let reminder = set_reminder(victim.http, &victim.name).await?;
     println!("\nkilling {} with SIGKILL (no goodbye) ...", victim.name);
     let pb = spinner(format!("waiting for the others to mark {} down", victim.name));
     victim.signal(libc::SIGKILL)?;
@@ -230,6 +231,7 @@ async fn drive(procs: &mut Vec<NodeProc>, spawner: &Spawner, started: Instant) -
     pb.finish_and_clear();
     println!("detected: every surviving node marks {} down, {} ms after the kill", victim.name, detect.as_millis());
     println!("{}", members_table(&client::members(others[0], HTTP_TIMEOUT).await?));
+    reminder_fired(others[0], &victim.name, &reminder).await?;
 
     println!("\nstopping the rest with SIGTERM (graceful leave) ...");
     let first_http = procs[0].http;
@@ -259,6 +261,68 @@ async fn drive(procs: &mut Vec<NodeProc>, spawner: &Spawner, started: Instant) -
     println!("  {} exited 0", last.name);
     println!("\ndemo complete: crash detected in {} ms; all nodes stopped cleanly", detect.as_millis());
     Ok(())
+}
+
+/// How long after it is set the demo's reminder is due: after the kill that follows.
+const REMINDER_IN_MS: u64 = 1500;
+/// How long the demo waits for its reminder to fire once its owner is gone.
+const REMINDER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A reminder (`counter.add` 1, once) on a counter that `owner` owns: `(path, due_ms)`.
+async fn set_reminder(http: SocketAddr, owner: &str) -> Result<(String, u64)> {
+    let mut found = None;
+    for i in 0..1000 {
+        let path = format!("/v1/agents/counter/alarm{i}");
+        let (status, body) = client::get(http, &path, HTTP_TIMEOUT).await?;
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        if status == 200 && v["owner"] == owner {
+            found = Some(path);
+            break;
+        }
+    }
+    let path = found.with_context(|| format!("no counter of 1000 is owned by {owner}"))?;
+    let body = serde_json::json!({"in_ms": REMINDER_IN_MS, "signal": {"type": "counter.add", "data": 1}});
+    let headers = [("content-type", "application/json")];
+    let payload = bytes::Bytes::from(body.to_string());
+    let reminders = format!("{path}/reminders/wake");
+    let (status, res) = client::request(http, client::Method::PUT, &reminders, &headers, payload, HTTP_TIMEOUT).await?;
+    if status != 200 {
+        bail!("PUT {reminders} failed ({status}): {}", String::from_utf8_lossy(&res));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&res)?;
+    let due_ms = v["reminder"]["due_ms"].as_u64().context("the reminder has no due time")?;
+    println!(
+        "\n  {owner}: a reminder on {} due in {REMINDER_IN_MS} ms (counter.add 1, stored with the agent's state)",
+        &path[11..]
+    );
+    Ok((path, due_ms))
+}
+
+/// Waits for the reminder set on the killed node to fire on the key's new owner.
+async fn reminder_fired(http: SocketAddr, killed: &str, (path, due_ms): &(String, u64)) -> Result<()> {
+    let pb = spinner(format!("waiting for the reminder on {} to fire", &path[11..]));
+    let start = Instant::now();
+    loop {
+        // Unanswered while the key's shard fails over: asked again.
+        let v = post_counter(http, path, "counter.get", serde_json::Value::Null).await.unwrap_or_default();
+        if v["reply"] == 1 {
+            pb.finish_and_clear();
+            let late = cadre::clock::wall_ms().saturating_sub(*due_ms);
+            println!(
+                "reminder: {} fired once on {} after {killed} was killed ({late} ms after it was due)",
+                &path[11..],
+                v["node"].as_str().unwrap_or("?")
+            );
+            return Ok(());
+        }
+        if v["reply"].as_i64().is_some_and(|n| n > 1) {
+            bail!("the reminder on {path} fired more than once: {}", v["reply"]);
+        }
+        if start.elapsed() > REMINDER_TIMEOUT {
+            bail!("the reminder on {path} did not fire within {REMINDER_TIMEOUT:?} of {killed}'s crash");
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
 }
 
 /// A counter agent called over HTTP on one node.

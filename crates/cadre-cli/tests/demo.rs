@@ -21,6 +21,7 @@ async fn the_demo_runs_end_to_end() {
         "rebalanced: n3 owns",
         "final values: all 12 counters match",
         "marks n3 down",
+        "after n3 was killed (",
         "demo complete",
     ] {
         assert!(stdout.contains(step), "missing {step:?} in:\n{stdout}");

@@ -9,6 +9,9 @@
 //! - [`node`]: assembles the layers, start-up and graceful shutdown;
 //! - [`api`]: the HTTP surface;
 //! - [`sim`]: deterministic cluster simulation on turmoil (test support).
+//!
+//! An application starts a node with [`Node::builder`], defines agent types with [`Agent`], and
+//! reaches one agent anywhere in the cluster with [`Node::agent`] (see [`prelude`]).
 
 pub mod agent;
 pub mod api;
@@ -27,3 +30,16 @@ pub mod signal;
 pub mod sim;
 pub mod storage;
 pub mod wire;
+
+pub use agent::{Agent, AgentError, CallError, Ctx, Persistence, Reminder, Reply};
+pub use node::{AgentRef, Node, NodeBuilder};
+pub use signal::Signal;
+pub use storage::Key;
+
+/// What an application embedding cadre usually needs: `use cadre::prelude::*;`.
+pub mod prelude {
+    pub use crate::agent::{Agent, AgentError, CallError, Ctx, Persistence, Reminder, Reply};
+    pub use crate::node::{AgentRef, Node, NodeBuilder};
+    pub use crate::signal::Signal;
+    pub use crate::storage::Key;
+}

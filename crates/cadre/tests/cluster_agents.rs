@@ -481,3 +481,106 @@ async fn active_and_stored_agents_list_across_nodes_in_pages() {
     b.shutdown().await;
     a.shutdown().await;
 }
+
+/// Ticks each `ticker` handled: (agent id, reminder name, tick).
+static TICKS: std::sync::LazyLock<tokio::sync::broadcast::Sender<(String, String, u64)>> =
+    std::sync::LazyLock::new(|| tokio::sync::broadcast::channel(4096).0);
+
+/// `ticker.set {"name", "in_ms" | "every_ms"}` sets a reminder; its ticks are recorded in the
+/// state, in the order handled; `ticker.get` answers them.
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct Ticker {
+    ticks: Vec<(String, u64)>,
+}
+
+impl cadre::agent::Agent for Ticker {
+    const TYPE: &'static str = "ticker";
+
+    async fn handle(
+        &mut self,
+        ctx: &mut cadre::agent::Ctx,
+        signal: Signal,
+    ) -> Result<cadre::agent::Reply, cadre::agent::AgentError> {
+        use cadre::agent::Reminder;
+        let data = match &signal.data {
+            Some(cadre::signal::Data::Json(v)) => v.clone(),
+            _ => serde_json::Value::Null,
+        };
+        match signal.ty.as_str() {
+            "ticker.set" => {
+                let when = match (data["in_ms"].as_u64(), data["every_ms"].as_u64()) {
+                    (_, Some(every)) => Reminder::every(Duration::from_millis(every)),
+                    (in_ms, None) => Reminder::after(Duration::from_millis(in_ms.unwrap_or(0))),
+                };
+                let name = data["name"].as_str().unwrap_or_default();
+                ctx.remind(name, when, Signal::new("ticker.tick", serde_json::json!({})))?;
+                Ok(serde_json::Value::Null)
+            }
+            "ticker.tick" => {
+                let name = signal.extension("cadrereminder").unwrap_or_default().to_string();
+                let tick = signal.extension("cadretick").and_then(|t| t.parse().ok()).unwrap_or(u64::MAX);
+                self.ticks.push((name.clone(), tick));
+                let _ = TICKS.send((ctx.key().id.clone(), name, tick));
+                Ok(serde_json::Value::Null)
+            }
+            _ => Ok(serde_json::to_value(&self.ticks).unwrap()),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reminders_fire_on_the_new_owner_after_a_crash_each_tick_once() {
+    logs();
+    let mut ticks = TICKS.subscribe();
+    let opts = || NodeOptions::default().agent::<Ticker>();
+    let a = Node::start(config("a", vec![]), opts()).await.unwrap();
+    let b = Node::start(config("b", vec![a.addr()]), opts()).await.unwrap();
+    let c = Node::start(config("c", vec![a.addr()]), opts()).await.unwrap();
+    let abc = ["a", "b", "c"];
+    for n in [&a, &b, &c] {
+        await_meta(n, "shards with their desired owners", |st| settled(st, &abc)).await;
+    }
+    // Tickers owned by c: each with a reminder every second and one due once after the crash.
+    let owner = |id: &str| a.cluster().placement(&Key::new("ticker", id)).unwrap().owner.unwrap();
+    let ids: Vec<String> = (0..).map(|i| format!("t{i}")).filter(|id| owner(id) == "c").take(4).collect();
+    let set = |id: &str, data: serde_json::Value| {
+        let (key, cluster) = (Key::new("ticker", id), a.cluster().clone());
+        async move { cluster.call(&key, Signal::new("ticker.set", data), T).await.unwrap() }
+    };
+    for id in &ids {
+        set(id, serde_json::json!({"name": "every", "every_ms": 1000})).await;
+        set(id, serde_json::json!({"name": "once", "in_ms": 2500})).await;
+    }
+    // Await each one's first tick on c, then crash c.
+    let mut first: std::collections::BTreeSet<String> = Default::default();
+    while first.len() < ids.len() {
+        let (id, name, _) = tokio::time::timeout(WAIT, ticks.recv()).await.expect("a first tick").unwrap();
+        if name == "every" && ids.contains(&id) {
+            first.insert(id);
+        }
+    }
+    c.kill().await;
+    let ab = ["a", "b"];
+    await_meta(&a, "c's shards reassigned", |st| settled(st, &ab)).await;
+    // Served again on a or b: each fires its one-shot reminder and goes on ticking.
+    let mut pending: std::collections::BTreeSet<(String, &str)> =
+        ids.iter().flat_map(|id| [(id.clone(), "once"), (id.clone(), "every")]).collect();
+    while !pending.is_empty() {
+        let (id, name, tick) = tokio::time::timeout(WAIT, ticks.recv()).await.expect("ticks after the crash").unwrap();
+        if name == "once" || tick >= 5 {
+            pending.retain(|(i, n)| !(*i == id && *n == name));
+        }
+    }
+    // The state the new owner kept holds every tick once, in order: none skipped, none repeated.
+    for id in &ids {
+        let key = Key::new("ticker", id.as_str());
+        let served = b.cluster().call(&key, Signal::new("ticker.get", serde_json::Value::Null), T).await.unwrap();
+        assert_ne!(served.node, "c");
+        let got: Vec<(String, u64)> = serde_json::from_value(served.reply).unwrap();
+        let every: Vec<u64> = got.iter().filter(|(n, _)| n == "every").map(|(_, t)| *t).collect();
+        assert!(every.len() >= 6 && every.iter().enumerate().all(|(i, t)| *t == i as u64), "{id}: {got:?}");
+        assert_eq!(got.iter().filter(|(n, _)| n == "once").count(), 1, "{id}: {got:?}");
+    }
+    b.shutdown().await;
+    a.shutdown().await;
+}

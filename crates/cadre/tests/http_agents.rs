@@ -237,3 +237,63 @@ async fn agents_list_by_type_in_pages_and_show_their_counters() {
     }
     node.shutdown().await;
 }
+
+async fn put_json(http: SocketAddr, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let body = Bytes::from(body.to_string());
+    let headers = [("content-type", "application/json")];
+    let (status, body) = client::request(http, Method::PUT, path, &headers, body, T).await.unwrap();
+    (status, serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null))
+}
+
+/// Reminders set, listed and cancelled over HTTP; one fires its signal into the agent; what the
+/// node can check is refused with 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reminders_over_http_fire_list_and_cancel() {
+    let (node, http) = start().await;
+    let path = "/v1/agents/counter/r1/reminders";
+    let once = serde_json::json!({"in_ms": 100, "signal": {"type": "counter.add", "data": 4}});
+    let (status, body) = put_json(http, &format!("{path}/soon"), once).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!((body["reminder"]["name"].as_str(), body["node"].as_str()), (Some("soon"), Some("a1")));
+    let hourly = serde_json::json!({"every_ms": 3_600_000, "signal": {"type": "counter.add", "data": 1}});
+    assert_eq!(put_json(http, &format!("{path}/hourly"), hourly).await.0, 200);
+    // The reminder's signal reaches the agent (a cross-process event: polled with a deadline).
+    let deadline = tokio::time::Instant::now() + T;
+    let get = Signal::new("counter.get", serde_json::json!(null));
+    loop {
+        let (_, body) = post(http, "/v1/agents/counter/r1", &get).await;
+        if body["reply"] == 4 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "r1 is {body}, not 4");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, body) = get_json(http, path).await;
+    assert_eq!(status, 200, "{body}");
+    let names: Vec<&str> = body["reminders"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["hourly"], "the one-shot reminder is gone once fired");
+    assert_eq!(metric(http, "cadre_reminder_fires_total{outcome=\"handled\"}").await, 1.0);
+    let (status, _) = client::delete(http, &format!("{path}/hourly"), T).await.unwrap();
+    assert_eq!(status, 204);
+    let (status, _) = client::delete(http, &format!("{path}/hourly"), T).await.unwrap();
+    assert_eq!(status, 404);
+    assert_eq!(get_json(http, path).await.1["reminders"], serde_json::json!([]));
+    // Refused before they travel.
+    let signal = serde_json::json!({"type": "counter.add", "data": 1});
+    for (name, body) in [
+        ("p", serde_json::json!({"every_ms": 10, "signal": signal})),
+        ("a%20b", serde_json::json!({"in_ms": 10, "signal": signal})),
+        ("both", serde_json::json!({"in_ms": 10, "due_ms": 10, "signal": signal})),
+        ("none", serde_json::json!({"signal": signal})),
+        ("nosignal", serde_json::json!({"in_ms": 10})),
+        ("unknown", serde_json::json!({"in_ms": 10, "signal": signal, "colour": "red"})),
+        ("badsignal", serde_json::json!({"in_ms": 10, "signal": {"type": ""}})),
+    ] {
+        let (status, body) = put_json(http, &format!("{path}/{name}"), body).await;
+        assert_eq!(status, 400, "{name}: {body}");
+    }
+    let (status, _) =
+        put_json(http, "/v1/agents/nosuch/x/reminders/r", serde_json::json!({"in_ms": 1, "signal": signal})).await;
+    assert_eq!(status, 404);
+    node.shutdown().await;
+}

@@ -44,6 +44,9 @@ pub const REPLIES_KEPT_MAX: usize = 8;
 pub const REPLY_KEPT_BYTES_MAX: usize = 512;
 
 const MAGIC: [u8; 4] = [0x00, b'c', b'd', 0x01];
+const MAGIC_EXTRA: [u8; 4] = [0x00, b'c', b'd', 0x02];
+/// Largest reminders section of a stored value.
+const EXTRA_BYTES_MAX: usize = 16 << 20;
 const ID_BYTES: usize = 16;
 
 /// What identifies a handled signal: 128 bits of SHA-256 over its source and id.
@@ -117,14 +120,16 @@ impl Record {
     }
 }
 
-/// The value to store: `state` (JSON) alone when the record is empty, else with the record.
-pub(crate) fn encode_stored(record: &Record, state: &[u8]) -> Bytes {
-    if record.is_empty() {
+/// The value to store: `state` (JSON) alone when the record and `extra` (the reminders) are
+/// empty, else with them.
+pub(crate) fn encode_stored(record: &Record, extra: &[u8], state: &[u8]) -> Bytes {
+    if record.is_empty() && extra.is_empty() {
         return Bytes::copy_from_slice(state);
     }
     let replies: usize = record.replies.iter().map(|(_, r)| ID_BYTES + 4 + r.len()).sum();
-    let mut out = Vec::with_capacity(MAGIC.len() + 8 + record.ids.len() * ID_BYTES + replies + state.len());
-    out.extend_from_slice(&MAGIC);
+    let len = MAGIC.len() + 12 + record.ids.len() * ID_BYTES + replies + extra.len() + state.len();
+    let mut out = Vec::with_capacity(len);
+    out.extend_from_slice(if extra.is_empty() { &MAGIC } else { &MAGIC_EXTRA });
     out.put_u32_le(record.ids.len() as u32);
     // Two copies of contiguous memory (the ring's halves), not one per id: this runs on every
     // write.
@@ -137,15 +142,20 @@ pub(crate) fn encode_stored(record: &Record, state: &[u8]) -> Bytes {
         out.put_u32_le(reply.len() as u32);
         out.extend_from_slice(reply);
     }
+    if !extra.is_empty() {
+        out.put_u32_le(extra.len() as u32);
+        out.extend_from_slice(extra);
+    }
     out.extend_from_slice(state);
     Bytes::from(out)
 }
 
-/// Splits a stored value into its record and its state's JSON (a value stored without a record
-/// is all state).
-pub(crate) fn decode_stored(stored: &Bytes) -> Result<(Record, Bytes), String> {
-    if !stored.starts_with(&MAGIC) {
-        return Ok((Record::default(), stored.clone()));
+/// Splits a stored value into its record, its reminders' JSON (empty: none) and its state's JSON
+/// (a value stored without a record is all state).
+pub(crate) fn decode_stored(stored: &Bytes) -> Result<(Record, Bytes, Bytes), String> {
+    let with_extra = stored.starts_with(&MAGIC_EXTRA);
+    if !stored.starts_with(&MAGIC) && !with_extra {
+        return Ok((Record::default(), Bytes::new(), stored.clone()));
     }
     let mut at = MAGIC.len();
     let mut take = |n: usize| -> Result<std::ops::Range<usize>, String> {
@@ -173,14 +183,22 @@ pub(crate) fn decode_stored(stored: &Bytes) -> Result<(Record, Bytes), String> {
         let reply = stored.slice(take(len)?);
         record.replies.push_back((id, reply));
     }
+    let mut extra = Bytes::new();
+    if with_extra {
+        let len = u32_at(take(4)?);
+        if len > EXTRA_BYTES_MAX {
+            return Err(format!("stored reminders of {len} bytes, more than {EXTRA_BYTES_MAX}"));
+        }
+        extra = stored.slice(take(len)?);
+    }
     let state = stored.slice(at..);
-    Ok((record, state))
+    Ok((record, extra, state))
 }
 
 /// The state's JSON in a value an agent stored (without the record of handled signals), for
 /// tools and tests that read a store directly.
 pub fn stored_state(stored: &Bytes) -> Result<Bytes, String> {
-    decode_stored(stored).map(|(_, state)| state)
+    decode_stored(stored).map(|(_, _, state)| state)
 }
 
 #[cfg(test)]
@@ -226,18 +244,22 @@ mod tests {
     #[test]
     fn a_state_without_a_record_is_stored_as_plain_json() {
         let state = Bytes::from_static(br#"{"value":3}"#);
-        let stored = encode_stored(&Record::default(), &state);
+        let stored = encode_stored(&Record::default(), b"", &state);
         assert_eq!(stored, state);
-        assert_eq!(decode_stored(&stored).unwrap(), (Record::default(), state));
+        assert_eq!(decode_stored(&stored).unwrap(), (Record::default(), Bytes::new(), state));
     }
 
     #[test]
     fn corrupt_records_are_errors() {
         let mut r = Record::default();
         r.insert(id(1), Some(Bytes::from("1")), 8);
-        let stored = encode_stored(&r, b"{}");
+        let stored = encode_stored(&r, b"", b"{}");
         for cut in MAGIC.len()..stored.len() - 2 {
             assert!(decode_stored(&stored.slice(..cut)).is_err(), "cut at {cut}");
+        }
+        let stored = encode_stored(&r, b"[1]", b"{}");
+        for cut in MAGIC.len()..stored.len() - 2 {
+            assert!(decode_stored(&stored.slice(..cut)).is_err(), "with reminders, cut at {cut}");
         }
         let mut huge = MAGIC.to_vec();
         huge.extend_from_slice(&u32::MAX.to_le_bytes());
@@ -248,22 +270,26 @@ mod tests {
         #[test]
         fn records_round_trip(ops in proptest::collection::vec((0u32..50, proptest::option::of("[a-z]{0,20}")), 0..100),
                               ids_max in 1usize..40,
+                              extra in "[ -~]{0,20}",
                               state in "[ -~]{0,40}") {
             let mut r = Record::default();
             for (n, reply) in ops {
                 r.insert(id(n), reply.map(Bytes::from), ids_max);
             }
-            let stored = encode_stored(&r, state.as_bytes());
-            let (back, st) = decode_stored(&stored).unwrap();
+            let stored = encode_stored(&r, extra.as_bytes(), state.as_bytes());
+            let (back, ex, st) = decode_stored(&stored).unwrap();
             prop_assert_eq!(back, r);
+            prop_assert_eq!(&ex[..], extra.as_bytes());
             prop_assert_eq!(&st[..], state.as_bytes());
         }
 
         #[test]
         fn any_bytes_decode_or_fail_without_panicking(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let mut b = MAGIC.to_vec();
-            b.extend_from_slice(&bytes);
-            let _ = decode_stored(&Bytes::from(b));
+            for magic in [MAGIC, MAGIC_EXTRA] {
+                let mut b = magic.to_vec();
+                b.extend_from_slice(&bytes);
+                let _ = decode_stored(&Bytes::from(b));
+            }
         }
     }
 }

@@ -45,6 +45,9 @@
 
 pub mod counter;
 pub mod handled;
+pub mod reminders;
+
+pub use reminders::{Reminder, ReminderInfo};
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -63,7 +66,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::config::AgentsConfig;
 use crate::signal::Signal;
@@ -141,6 +144,15 @@ pub struct Ctx {
     call_timeout: Duration,
     /// A read ([`Host::read`]): calls and casts are refused.
     reading: bool,
+    /// The agent's reminders, as the handler left them (stored with the next write).
+    reminders: reminders::Table,
+    /// `reminders` differs from what is stored.
+    reminders_dirty: bool,
+    /// Timers to start once the call succeeds.
+    timers_pending: Vec<(Duration, Signal)>,
+    /// Timers waiting; cancelled when the activation ends (the scope is).
+    timers: Vec<CancellationToken>,
+    timer_scope: CancellationToken,
 }
 
 impl Ctx {
@@ -156,6 +168,11 @@ impl Ctx {
             caller: None,
             call_timeout,
             reading: false,
+            reminders: reminders::Table::new(),
+            reminders_dirty: false,
+            timers_pending: Vec::new(),
+            timers: Vec::new(),
+            timer_scope: CancellationToken::new(),
         }
     }
 
@@ -165,7 +182,83 @@ impl Ctx {
         self.chain = signal.extension(CALL_CHAIN).map(str::to_string);
         self.emitted.clear();
         self.casts.clear();
+        self.timers_pending.clear();
         self.made = 0;
+    }
+
+    /// Sets the reminder `name` (replacing one of that name): `signal` is sent to this agent when
+    /// it is due, on whichever node then owns it, activating it if needed. Stored with the state
+    /// once the call succeeds (see [`reminders`]); each tick fires once. Fails for a bad name, a
+    /// period under [`reminders::REMINDER_PERIOD_MIN_MS`], more than
+    /// [`reminders::REMINDERS_PER_AGENT_MAX`] reminders, or an invalid or oversized signal.
+    pub fn remind(&mut self, name: &str, when: Reminder, signal: Signal) -> Result<(), AgentError> {
+        if self.reading {
+            return Err(AgentError::Failed(format!("a read sets no reminder ({name:?})")));
+        }
+        let key_len = self.key.ty.len() + 1 + self.key.id.len();
+        if key_len + reminders::INDEX_KEY_OVERHEAD_BYTES > crate::storage::KEY_LEN_MAX_BYTES {
+            return Err(AgentError::Failed(format!("a key of {key_len} bytes is too long for reminders")));
+        }
+        let r = reminders::make(&self.reminders, name, when, &signal).map_err(AgentError::Failed)?;
+        self.reminders.insert(name.to_string(), r);
+        self.reminders_dirty = true;
+        Ok(())
+    }
+
+    /// Cancels the reminder `name`; false if there was none.
+    pub fn cancel_reminder(&mut self, name: &str) -> bool {
+        let had = self.reminders.remove(name).is_some();
+        self.reminders_dirty |= had;
+        had
+    }
+
+    /// This agent's reminders, by name.
+    pub fn reminders(&self) -> impl Iterator<Item = &ReminderInfo> {
+        self.reminders.values()
+    }
+
+    /// Sends `signal` to this agent after `after`, if this activation still lives then: a timer
+    /// is not stored, dies with the activation (passivation, a move, a crash) and does not keep
+    /// it active. Started once the call succeeds. At most [`reminders::TIMERS_PER_AGENT_MAX`]
+    /// waiting per activation.
+    pub fn timer(&mut self, after: Duration, signal: Signal) -> Result<(), AgentError> {
+        if self.reading {
+            return Err(AgentError::Failed("a read sets no timer".into()));
+        }
+        self.timers.retain(|t| !t.is_cancelled());
+        if self.timers.len() + self.timers_pending.len() >= reminders::TIMERS_PER_AGENT_MAX {
+            return Err(AgentError::Failed(format!(
+                "an activation has at most {} timers waiting",
+                reminders::TIMERS_PER_AGENT_MAX
+            )));
+        }
+        let signal = self.caused(signal);
+        self.timers_pending.push((after, signal));
+        Ok(())
+    }
+
+    /// Starts the timers the call set (it succeeded).
+    fn start_timers(&mut self) {
+        let Some(caller) = self.caller.clone() else {
+            self.timers_pending.clear();
+            return;
+        };
+        for (after, signal) in self.timers_pending.drain(..) {
+            let token = self.timer_scope.child_token();
+            self.timers.push(token.clone());
+            let (caller, key) = (caller.clone(), self.key.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(after) => {}
+                    _ = token.cancelled() => return,
+                }
+                token.cancel();
+                let id = signal.id.clone();
+                if let Err(e) = caller(key.clone(), signal, None).await {
+                    debug!(key = ?key, %id, error = %e, "a timer's signal was refused");
+                }
+            });
+        }
     }
 
     pub fn key(&self) -> &Key {
@@ -348,6 +441,10 @@ pub enum CallError {
     /// A call that would make its chain longer than [`CALL_DEPTH_MAX`] agents.
     #[error("a chain of {0} calls is longer than {CALL_DEPTH_MAX}")]
     TooDeep(usize),
+    /// A typed handle's reply (or data) does not match the type asked for
+    /// ([`crate::node::AgentRef::ask`]).
+    #[error("the reply does not decode: {0}")]
+    Reply(String),
 }
 
 /// Decides whether a key is served here, and with which fence its writes go out.
@@ -356,6 +453,11 @@ pub trait Gate: Send + Sync + 'static {
     fn admit(&self, key: &Key) -> Result<Fence, CallError>;
     /// May a write for `key` go ahead (also while its shard is being handed off)?
     fn write(&self, key: &Key) -> Result<Fence, CallError>;
+    /// The shards served here now, with their epochs (the reminder schedule loads their index).
+    /// By default every shard of [`crate::placement::SHARD_COUNT_DEFAULT`] at epoch 1.
+    fn served(&self) -> Vec<(u32, u64)> {
+        (0..crate::placement::SHARD_COUNT_DEFAULT).map(|s| (s, 1)).collect()
+    }
 }
 
 /// Serves every key, at epoch 1 of its shard (of [`crate::placement::SHARD_COUNT_DEFAULT`]).
@@ -376,6 +478,8 @@ enum Msg {
         signal: Box<Signal>,
         reply: Option<oneshot::Sender<Result<Reply, CallError>>>,
     },
+    /// Fire the reminders that are due (sent by the schedule).
+    Fire,
     Stop,
 }
 
@@ -482,6 +586,11 @@ struct HostInner {
     caller: std::sync::OnceLock<Caller>,
     /// Duplicates answered without running the handler: [reply kept, reply gone].
     duplicates: [prometheus_client::metrics::counter::Counter; 2],
+    /// Reminder ticks fired: [handled, failed]; ticks skipped as too far behind.
+    fires: [prometheus_client::metrics::counter::Counter; 2],
+    skipped: prometheus_client::metrics::counter::Counter,
+    schedule: Mutex<reminders::Schedule>,
+    schedule_wake: Notify,
     tasks: TaskTracker,
 }
 
@@ -492,18 +601,32 @@ pub struct HostBuilder {
     gate: Arc<dyn Gate>,
     types: HashMap<&'static str, (Spawner, Reader)>,
     duplicates: Option<crate::metrics::CounterFamily>,
+    reminder_metrics: Option<(crate::metrics::CounterFamily, prometheus_client::metrics::counter::Counter)>,
 }
 
 impl HostBuilder {
     pub fn new(cfg: AgentsConfig, storage: Arc<dyn Storage>) -> Self {
         assert!(cfg.mailbox_len_max > 0 && cfg.agents_active_max > 0, "host limits must be positive: {cfg:?}");
-        Self { cfg, storage, gate: Arc::new(LocalGate), types: HashMap::new(), duplicates: None }
+        Self {
+            cfg,
+            storage,
+            gate: Arc::new(LocalGate),
+            types: HashMap::new(),
+            duplicates: None,
+            reminder_metrics: None,
+        }
     }
 
     /// Counts what the host does in `metrics` (`agent_duplicates{reply}`).
     pub fn metrics(mut self, metrics: &crate::metrics::Metrics) -> Self {
         let help = "Signals an agent had handled before, answered without handling them again, by whether their reply was kept";
         self.duplicates = Some(metrics.counters("agent_duplicates", help));
+        let fires = metrics.counters("reminder_fires", "Reminder ticks fired, by whether their handler succeeded");
+        let skipped = metrics.counter(
+            "reminder_ticks_skipped",
+            "Ticks of periodic reminders skipped because more than the limit were missed",
+        );
+        self.reminder_metrics = Some((fires, skipped));
         self
     }
 
@@ -513,6 +636,7 @@ impl HostBuilder {
     }
 
     pub fn agent<A: Agent>(mut self) -> Self {
+        assert_ne!(A::TYPE, reminders::REMINDER_INDEX_TYPE, "an agent type may not be named {:?}", A::TYPE);
         let spawn: Spawner = Arc::new(|host: Arc<HostInner>, key: Key, rx: mpsc::Receiver<Msg>, stats| {
             let tasks = host.tasks.clone();
             tasks.spawn(run::<A>(host, key, rx, stats));
@@ -534,7 +658,16 @@ impl HostBuilder {
                 *counter = series;
             }
         }
-        Host {
+        let mut fires: [prometheus_client::metrics::counter::Counter; 2] = Default::default();
+        let mut skipped = prometheus_client::metrics::counter::Counter::default();
+        if let Some((f, s)) = &self.reminder_metrics {
+            for (counter, outcome) in fires.iter_mut().zip(["handled", "failed"]) {
+                let series = f.get_or_create(&crate::metrics::label("outcome", outcome)).clone();
+                *counter = series;
+            }
+            skipped = s.clone();
+        }
+        let host = Host {
             inner: Arc::new(HostInner {
                 cfg: self.cfg,
                 storage: self.storage,
@@ -547,9 +680,19 @@ impl HostBuilder {
                 emitter: std::sync::OnceLock::new(),
                 caller: std::sync::OnceLock::new(),
                 duplicates,
+                fires,
+                skipped,
+                schedule: Mutex::new(reminders::Schedule::default()),
+                schedule_wake: Notify::new(),
                 tasks: TaskTracker::new(),
             }),
+        };
+        // The schedule runs on the runtime the host is built in (a host built outside one, in a
+        // synchronous test, fires no reminders).
+        if tokio::runtime::Handle::try_current().is_ok() {
+            host.inner.tasks.spawn(reminders::run(Arc::downgrade(&host.inner)));
         }
+        host
     }
 }
 
@@ -562,6 +705,17 @@ pub struct Host {
 impl HostInner {
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn schedule(&self) -> std::sync::MutexGuard<'_, reminders::Schedule> {
+        self.schedule.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Tells the schedule when `key` is due next (`None`: it has no reminders).
+    fn reschedule(&self, key: &Key, shard: u32, due_ms: Option<u64>) {
+        if self.schedule().set(key, shard, due_ms) {
+            self.schedule_wake.notify_one();
+        }
     }
 
     /// What carries handlers' calls: the node's, else one to this host's own agents (weak: the
@@ -647,6 +801,11 @@ impl Host {
         let from = Key::new(ty, after.unwrap_or(""));
         let keys = self.inner.storage.scan_keys(Some(&from), limit).await.map_err(CallError::Storage)?;
         Ok(keys.into_iter().take_while(|k| k.ty == ty).map(|k| k.id).collect())
+    }
+
+    /// Agents with reminders this node's schedule knows (on the shards it serves).
+    pub fn reminders_scheduled(&self) -> usize {
+        self.inner.schedule().len()
     }
 
     /// Whether the store is shared by every node (one node's scan sees every key).
@@ -896,6 +1055,12 @@ struct Live<A> {
     record: handled::Record,
     /// The record has entries not stored yet.
     record_dirty: bool,
+    /// The reminders as stored (what a rollback goes back to), and their encoding in the value.
+    stored_reminders: reminders::Table,
+    extra: Bytes,
+    /// What the agent's reminder index holds, as stored (see [`reminders`]).
+    hint_ms: Option<u64>,
+    shard: u32,
     restarts: Vec<Instant>,
     /// The shard epoch the state was loaded under: once the gate gives another, this activation
     /// is stale (the shard moved away and back) and must end.
@@ -906,16 +1071,35 @@ struct Live<A> {
 impl<A: Agent> Live<A> {
     async fn load(host: &HostInner, key: &Key, stats: Arc<Stats>) -> Result<Live<A>, CallError> {
         // The epoch first: the state read after it is at least as new as that epoch's start.
-        let epoch = host.gate.write(key)?.epoch;
+        let fence = host.gate.write(key)?;
         let found = host.storage.get(key).await.map_err(CallError::Storage)?;
         let (stored, revision) = found.map(|v| (v.value, v.revision)).unwrap_or_default();
-        let (record, stored) = handled::decode_stored(&stored).map_err(CallError::Unavailable)?;
+        let (record, extra, stored) = handled::decode_stored(&stored).map_err(CallError::Unavailable)?;
+        let rem = reminders::Stored::decode(&extra).map_err(CallError::Unavailable)?;
         let agent = decode::<A>(&stored).map_err(CallError::Unavailable)?;
         // An absent key counts as storing the default: reading it writes nothing.
         let stored = if revision == 0 { encode(&agent).map_err(CallError::Unavailable)? } else { stored };
-        let ctx = Ctx::new(key.clone(), revision, Duration::from_millis(host.cfg.call_timeout_ms));
-        stats.epoch.store(epoch, std::sync::atomic::Ordering::Relaxed);
-        Ok(Live { agent, ctx, stored, record, record_dirty: false, restarts: Vec::new(), epoch, stats })
+        let mut ctx = Ctx::new(key.clone(), revision, Duration::from_millis(host.cfg.call_timeout_ms));
+        stats.epoch.store(fence.epoch, std::sync::atomic::Ordering::Relaxed);
+        if !rem.list.is_empty() {
+            // The exact due time replaces whatever the index said.
+            host.reschedule(key, fence.shard, reminders::earliest(&rem.list));
+        }
+        ctx.reminders = rem.list.clone();
+        Ok(Live {
+            agent,
+            ctx,
+            stored,
+            record,
+            record_dirty: false,
+            stored_reminders: rem.list,
+            extra,
+            hint_ms: rem.hint_ms,
+            shard: fence.shard,
+            restarts: Vec::new(),
+            epoch: fence.epoch,
+            stats,
+        })
     }
 
     /// Stores the state if it changed.
@@ -924,17 +1108,47 @@ impl<A: Agent> Live<A> {
         self.persist_bytes(host, bytes).await
     }
 
-    /// Stores `state` (the agent's encoding) with the record, if either changed.
+    /// Stores `state` (the agent's encoding) with the record and the reminders, if any changed.
     async fn persist_bytes(&mut self, host: &HostInner, state: Bytes) -> Result<(), CallError> {
-        if state == self.stored && !self.record_dirty {
+        let reminders_dirty = self.ctx.reminders_dirty;
+        if state == self.stored && !self.record_dirty && !reminders_dirty {
             return Ok(());
         }
         let fence = host.gate.write(&self.ctx.key)?;
-        let value = handled::encode_stored(&self.record, &state);
+        let (mut hint, mut next, mut extra) = (self.hint_ms, None, self.extra.clone());
+        if reminders_dirty {
+            next = reminders::earliest(&self.ctx.reminders);
+            match next {
+                // The index first: it must never say later than the stored reminders.
+                Some(n) if hint.is_none_or(|h| n < h) => {
+                    let storage = host.storage.as_ref();
+                    reminders::write_index(storage, &self.ctx.key, fence, n).await.map_err(CallError::Storage)?;
+                    hint = Some(n);
+                }
+                Some(_) => {}
+                None => hint = None,
+            }
+            let list = self.ctx.reminders.clone();
+            extra = Bytes::from(reminders::Stored { hint_ms: hint, list }.encode());
+        }
+        let value = handled::encode_stored(&self.record, &extra, &state);
         self.ctx.revision =
             host.storage.put(&self.ctx.key, value, self.ctx.revision, fence).await.map_err(CallError::Storage)?;
         self.stored = state;
         self.record_dirty = false;
+        self.extra = extra;
+        if reminders_dirty {
+            if next.is_none() && self.hint_ms.is_some() {
+                // After the write that says there is none: a stale entry costs one activation.
+                if let Err(e) = reminders::delete_index(host.storage.as_ref(), &self.ctx.key, fence).await {
+                    debug!(key = ?self.ctx.key, error = %e, "a reminder index entry was left behind");
+                }
+            }
+            self.hint_ms = hint;
+            self.stored_reminders = self.ctx.reminders.clone();
+            self.ctx.reminders_dirty = false;
+            host.reschedule(&self.ctx.key, fence.shard, next);
+        }
         Ok(())
     }
 
@@ -961,6 +1175,10 @@ impl<A: Agent> Live<A> {
 
     fn rollback(&mut self, to: Option<&Bytes>) -> Result<(), String> {
         self.agent = decode::<A>(to.unwrap_or(&self.stored))?;
+        if self.ctx.reminders_dirty {
+            self.ctx.reminders = self.stored_reminders.clone();
+            self.ctx.reminders_dirty = false;
+        }
         Ok(())
     }
 
@@ -1032,6 +1250,8 @@ async fn run<A: Agent>(host: Arc<HostInner>, key: Key, mut rx: mpsc::Receiver<Ms
         }
     };
     live.ctx.caller = Some(host.caller());
+    // Timers die with the activation, however it ends.
+    let _timers = live.ctx.timer_scope.clone().drop_guard();
     hook(&key, "on_activate", live.agent.on_activate(&mut live.ctx)).await;
     let idle = Duration::from_millis(host.cfg.idle_timeout_ms);
     // One timer for the activation, moved only when it fires early: re-arming it per signal
@@ -1061,6 +1281,12 @@ async fn run<A: Agent>(host: Arc<HostInner>, key: Key, mut rx: mpsc::Receiver<Ms
                     break;
                 }
             }
+            Some(Msg::Fire) => {
+                if let Step::Stop(e) = fire(&host, &mut live).await {
+                    failure = Some(e);
+                    break;
+                }
+            }
             Some(Msg::Stop) | None => break,
         }
     }
@@ -1079,7 +1305,12 @@ async fn run<A: Agent>(host: Arc<HostInner>, key: Key, mut rx: mpsc::Receiver<Ms
                 }
             }
             (Msg::Call { reply, .. }, Some(e)) => send(reply, Err(e.clone())),
-            (Msg::Stop, _) => {}
+            (Msg::Fire, None) => {
+                if let Step::Stop(e) = fire(&host, &mut live).await {
+                    failure = Some(e);
+                }
+            }
+            (Msg::Fire | Msg::Stop, _) => {}
         }
     }
     if failure.is_none() {
@@ -1155,14 +1386,18 @@ async fn handle<A: Agent>(
     live.ctx.begin(&signal);
     live.stats.handled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     live.stats.last_call_ms.store(crate::clock::wall_ms(), std::sync::atomic::Ordering::Relaxed);
-    let outcome = AssertUnwindSafe(async { live.agent.handle(&mut live.ctx, *signal).await }).catch_unwind().await;
+    let outcome = match reminders::admin(&mut live.ctx, &signal) {
+        Some(done) => Ok(done),
+        None => AssertUnwindSafe(async { live.agent.handle(&mut live.ctx, *signal).await }).catch_unwind().await,
+    };
     let (result, step) = match outcome {
         Ok(Ok(value)) => match A::PERSISTENCE {
             Persistence::WriteThrough => match encode(&live.agent) {
                 Ok(state) => {
                     // A call that changed nothing and emitted nothing is not recorded: running
                     // it again is harmless, and it then costs no write.
-                    if state != live.stored || !live.ctx.emitted.is_empty() || !live.ctx.casts.is_empty() {
+                    let effects = !live.ctx.emitted.is_empty() || !live.ctx.casts.is_empty();
+                    if state != live.stored || effects || live.ctx.reminders_dirty {
                         live.note_handled(host, id, &value);
                     }
                     match live.persist_bytes(host, state).await {
@@ -1180,7 +1415,15 @@ async fn handle<A: Agent>(
             // changed the state would cost an encoding per call).
             Persistence::OnPassivate => {
                 live.note_handled(host, id, &value);
-                (Ok(value), Step::Go)
+                // Reminders are stored at once, whatever the persistence: they must survive a crash.
+                if !live.ctx.reminders_dirty {
+                    (Ok(value), Step::Go)
+                } else {
+                    match live.persist(host).await {
+                        Ok(()) => (Ok(value), Step::Go),
+                        Err(e) => (Err(e.clone()), Step::Stop(e)),
+                    }
+                }
             }
         },
         Ok(Err(AgentError::Failed(m))) => match live.rollback(point.as_ref()) {
@@ -1208,9 +1451,85 @@ async fn handle<A: Agent>(
     }
     if result.is_ok() {
         send_casts(&live.ctx, casts).await;
+        live.ctx.start_timers();
     }
     send(reply, result);
     step
+}
+
+/// Fires the reminders due now, each tick through [`handle`] like a call: its state change and
+/// the reminder's move to its next tick are one write (see [`reminders`]).
+async fn fire<A: Agent>(host: &HostInner, live: &mut Live<A>) -> Step {
+    let key = live.ctx.key.clone();
+    if live.ctx.reminders.is_empty() {
+        // A stale index entry (see `reminders`): remove it, so that no node fires this agent again.
+        if live.hint_ms.is_none() {
+            if let Ok(fence) = host.gate.write(&key) {
+                let _ = reminders::delete_index(host.storage.as_ref(), &key, fence).await;
+            }
+        }
+        host.reschedule(&key, live.shard, None);
+        return Step::Go;
+    }
+    let now = crate::clock::wall_ms();
+    let mut due: Vec<(u64, String)> =
+        live.ctx.reminders.values().filter(|r| r.due_ms <= now).map(|r| (r.due_ms, r.name.clone())).collect();
+    due.sort();
+    for (_, name) in due.into_iter().take(reminders::TICKS_PER_FIRE_MAX) {
+        // An earlier tick's handler may have cancelled or moved it.
+        let Some(r) = live.ctx.reminders.get(&name).filter(|r| r.due_ms <= now).cloned() else { continue };
+        let (next, skipped) = reminders::advance(&r, now);
+        host.skipped.inc_by(skipped);
+        let moved = |ctx: &mut Ctx| {
+            match &next {
+                Some(n) => ctx.reminders.insert(name.clone(), n.clone()),
+                None => ctx.reminders.remove(&name),
+            };
+            ctx.reminders_dirty = true;
+        };
+        let signal = match reminders::tick_signal(&key, &r) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(key = ?key, reminder = %name, error = %e, "a reminder's signal is broken; the tick is skipped");
+                moved(&mut live.ctx);
+                if let Err(e) = live.persist(host).await {
+                    begin_stop(host, &key);
+                    return Step::Stop(e);
+                }
+                continue;
+            }
+        };
+        moved(&mut live.ctx);
+        let (tx, mut rx) = oneshot::channel();
+        if let Step::Stop(e) = handle(host, live, Box::new(signal), Some(tx)).await {
+            return Step::Stop(e);
+        }
+        match rx.try_recv() {
+            Ok(Ok(_) | Err(CallError::Duplicate)) => {
+                host.fires[0].inc();
+            }
+            // Not served here now: nothing ran, the tick stays due (the schedule tries again).
+            Ok(Err(CallError::Unavailable(_) | CallError::NotOwner { .. })) => {
+                live.ctx.reminders = live.stored_reminders.clone();
+                live.ctx.reminders_dirty = false;
+                break;
+            }
+            Ok(Err(e)) => {
+                host.fires[1].inc();
+                warn!(key = ?key, reminder = %name, tick = r.tick, error = %e, "a reminder's tick failed");
+                // Rolled back with the state: the reminder still moves on.
+                moved(&mut live.ctx);
+            }
+            Err(_) => {}
+        }
+        // A duplicate or a failure wrote nothing: store the move alone.
+        if let Err(e) = live.persist(host).await {
+            begin_stop(host, &key);
+            return Step::Stop(e);
+        }
+    }
+    host.reschedule(&key, live.shard, reminders::earliest(&live.ctx.reminders));
+    Step::Go
 }
 
 /// Sends what a handler cast, once its call succeeded; a cast refused is logged (the caller does
@@ -1230,7 +1549,11 @@ async fn send_casts(ctx: &Ctx, casts: Vec<(Key, Signal)>) {
 async fn read<A: Agent>(host: &HostInner, key: &Key, query: Option<Signal>) -> Result<Reply, CallError> {
     let found = host.storage.get(key).await.map_err(CallError::Storage)?;
     let (stored, revision) = found.map(|v| (v.value, v.revision)).unwrap_or_default();
-    let (_, stored) = handled::decode_stored(&stored).map_err(CallError::Unavailable)?;
+    let (_, extra, stored) = handled::decode_stored(&stored).map_err(CallError::Unavailable)?;
+    if query.as_ref().is_some_and(|q| q.ty == reminders::OP_LIST) {
+        let rem = reminders::Stored::decode(&extra).map_err(CallError::Unavailable)?;
+        return Ok(reminders::list_reply(&rem.list));
+    }
     let mut agent = decode::<A>(&stored).map_err(CallError::Unavailable)?;
     let Some(signal) = query else {
         let state = encode(&agent).map_err(CallError::Unavailable)?;
@@ -1308,3 +1631,5 @@ fn send(reply: Option<oneshot::Sender<Result<Reply, CallError>>>, result: Result
 mod tests;
 #[cfg(test)]
 mod tests_calls;
+#[cfg(test)]
+mod tests_reminders;

@@ -56,7 +56,7 @@ pub struct ReadQuery {
 }
 
 impl ReadQuery {
-    fn opts(&self) -> Result<ReadOpts, Response> {
+    pub(crate) fn opts(&self) -> Result<ReadOpts, Response> {
         let from = match &self.from {
             None => ReadFrom::Nearest,
             Some(f) => f.parse().map_err(bad_request)?,
@@ -74,7 +74,7 @@ enum Mode {
     Read(ReadOpts),
 }
 
-fn call_error(e: CallError) -> Response {
+pub(crate) fn call_error(e: CallError) -> Response {
     let (status, kind) = match &e {
         CallError::UnknownType(_) => (StatusCode::NOT_FOUND, "unknown-agent-type"),
         CallError::InvalidKey(_) => (StatusCode::BAD_REQUEST, "invalid-key"),
@@ -86,6 +86,7 @@ fn call_error(e: CallError) -> Response {
         CallError::Handler(_) => (StatusCode::UNPROCESSABLE_ENTITY, "handler-error"),
         CallError::NotRead(_) => (StatusCode::UNPROCESSABLE_ENTITY, "not-a-read"),
         CallError::Crashed => (StatusCode::INTERNAL_SERVER_ERROR, "agent-crashed"),
+        CallError::Reply(_) => (StatusCode::INTERNAL_SERVER_ERROR, "bad-reply"),
         // 508 Loop Detected: a call back to an agent waiting on the same chain.
         CallError::Cycle(_) => (StatusCode::LOOP_DETECTED, "call-cycle"),
         CallError::TooDeep(_) => (StatusCode::LOOP_DETECTED, "call-chain-too-deep"),

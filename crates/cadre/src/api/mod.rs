@@ -6,13 +6,14 @@
 //! - `GET /readyz`: 200 once the node has joined a cluster (or formed one alone), else 503
 //! - `GET /metrics`: Prometheus text
 //! - signals, subscriptions, dead letters and traces: see [`signals`]
-//! - agent calls, lookups and stops: see [`agents`]
+//! - agent calls, lookups and stops: see [`agents`]; reminders: see [`reminders`]
 //!
 //! Connections are limited by `API_CONNECTIONS_MAX` (more wait in the kernel's accept backlog) and
 //! requests in flight by `API_REQUESTS_IN_FLIGHT_MAX` (more wait for a slot).
 
 pub mod agents;
 pub mod client;
+pub mod reminders;
 pub mod signals;
 
 use std::future::Future;
@@ -98,6 +99,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/agents/{type}", get(agents::list))
         .route("/v1/agents/{type}/{id}", get(agents::lookup).post(agents::call).delete(agents::stop))
         .route("/v1/agents/{type}/{id}/state", get(agents::state))
+        .route("/v1/agents/{type}/{id}/reminders", get(reminders::list))
+        .route("/v1/agents/{type}/{id}/reminders/{name}", axum::routing::put(reminders::put).delete(reminders::delete))
         .fallback(signals::not_found)
         .method_not_allowed_fallback(signals::method_not_allowed)
         .layer(tower::limit::ConcurrencyLimitLayer::new(API_REQUESTS_IN_FLIGHT_MAX))

@@ -171,6 +171,14 @@ impl Gate for ClusterGate {
     fn write(&self, key: &Key) -> Result<Fence, CallError> {
         self.check(key, true)
     }
+    fn served(&self) -> Vec<(u32, u64)> {
+        if !self.lease.valid(Instant::now()) {
+            return Vec::new();
+        }
+        let st = self.state.borrow();
+        let mine = st.shards.iter().enumerate().filter(|(_, e)| e.owner.as_deref() == Some(self.name.as_str()));
+        mine.filter(|(s, e)| self.repl.is_open(*s as u32, e.epoch)).map(|(s, e)| (s as u32, e.epoch)).collect()
+    }
 }
 
 fn placement_in(st: &MetaState, key: &Key) -> Result<Placement, CallError> {

@@ -14,6 +14,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod embed;
+
+pub use embed::{AgentRef, NodeBuilder};
+
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -174,6 +178,16 @@ pub const STATE_FILE: &str = "state.redb";
 pub const META_FILE: &str = "meta.redb";
 
 impl Node {
+    /// A node to start, without filling a [`Config`] by hand (see [`NodeBuilder`]).
+    pub fn builder(name: impl Into<String>) -> NodeBuilder {
+        NodeBuilder::new(name)
+    }
+
+    /// A typed handle on the agent `id` of type `A`, wherever it lives.
+    pub fn agent<A: Agent>(&self, id: impl Into<String>) -> AgentRef<A> {
+        AgentRef::new(self, id)
+    }
+
     pub async fn start(cfg: Config, opts: NodeOptions) -> Result<Node, NodeError> {
         cfg.validate()?;
         let incarnation = match &cfg.data_dir {

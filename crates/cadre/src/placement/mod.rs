@@ -24,6 +24,10 @@ pub mod plan;
 /// The shard of a key.
 pub fn shard_of(key: &Key, shard_count: u32) -> u32 {
     assert!(shard_count > 0, "a cluster has at least one shard");
+    // An agent's reminder index entry lives in the agent's shard, which its id names.
+    if let Some(shard) = crate::agent::reminders::index_shard(key, shard_count) {
+        return shard;
+    }
     (xxh3_64(&key.encode()) % u64::from(shard_count)) as u32
 }
 
