@@ -1,7 +1,8 @@
 //! Real processes with the embedded store (redb under each node's data dir, replicated between
 //! nodes): a SIGKILLed owner's keys answer on another node with every acknowledged add, the killed
 //! node comes back and is caught up again, and a whole cluster killed at once and restarted on its
-//! data dirs keeps every acknowledged add.
+//! data dirs keeps every acknowledged add, and fires the reminder that fell due while it was down,
+//! once.
 //!
 //! Conditions are awaited by polling the nodes' HTTP API with a deadline.
 
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use cadre::api::agents::ClusterJson;
 use support::proc::{self, wait_ready, NodeProc, NodeSpec};
-use support::{await_cluster, call, exe, on_desired_owners, replicated, serving};
+use support::{await_cluster, call, cli, exe, on_desired_owners, replicated, serving};
 
 const SECRET: &str = "replicas-test-secret-0123";
 const WAIT: Duration = Duration::from_secs(60);
@@ -98,6 +99,13 @@ async fn a_killed_owner_loses_no_acknowledged_add_and_a_killed_cluster_neither()
     // The whole cluster is killed at once and restarted on its data dirs, on new ports (as
     // machines given new addresses): the members find each other by name through gossip, and
     // every add is there.
+    // A reminder (set with the CLI) falls due while the whole cluster is down.
+    let args = ["counter", "alarm", "wake", "--in-ms", "2000", "--signal-type", "counter.add", "--data", "10"];
+    let set: serde_json::Value = serde_json::from_str(&cli("remind", nodes[1].http, &args).await).unwrap();
+    assert_eq!(set["reminder"]["name"], "wake", "{set}");
+    let listed: serde_json::Value =
+        serde_json::from_str(&cli("remind", nodes[2].http, &["counter", "alarm"]).await).unwrap();
+    assert_eq!(listed["reminders"].as_array().map(Vec::len), Some(1), "{listed}");
     let old_places: Vec<(SocketAddr, SocketAddr)> = nodes.iter().map(|n| (n.addr, n.http)).collect();
     for n in &nodes {
         n.signal(libc::SIGKILL).unwrap();
@@ -128,6 +136,20 @@ async fn a_killed_owner_loses_no_acknowledged_add_and_a_killed_cluster_neither()
         let v = call(nodes[k % 3].http, &["counter", &id, "counter.get"]).await;
         assert_eq!(v["reply"], 4, "{id} after the whole cluster was killed and restarted");
     }
+    // The reminder fired once after the restart (a cross-process event: polled with a deadline).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let v = call(nodes[0].http, &["counter", "alarm", "counter.get"]).await;
+        if v["reply"] == 10 {
+            break;
+        }
+        assert_eq!(v["reply"], 0, "the reminder fired more than once");
+        assert!(tokio::time::Instant::now() < deadline, "the reminder did not fire after the restart");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let listed: serde_json::Value =
+        serde_json::from_str(&cli("remind", nodes[1].http, &["counter", "alarm"]).await).unwrap();
+    assert_eq!(listed["reminders"], serde_json::json!([]), "fired, it is gone");
     for mut n in nodes {
         n.signal(libc::SIGTERM).unwrap();
         assert!(n.wait(WAIT).await.unwrap().success(), "{}", n.log_tail());

@@ -36,7 +36,7 @@ use cadre::placement::{desired_owner, shard_of};
 use cadre::sim::{run_seeds_in, SimCluster, SimNode, SIM_SECRET};
 use cadre::storage::memory::MemoryStorage;
 use cadre::storage::{Fence, Key, Revision, Storage, StorageError, Versioned};
-use simkit::{add, get, key, names, read_all, strs, Rng, CALL_TIMEOUT, KEYS};
+use simkit::{add, crash_is_safe, get, key, names, read_all, strs, Rng, CALL_TIMEOUT, KEYS};
 
 /// One workload call in this many is a read.
 const READ_EVERY: usize = 4;
@@ -436,23 +436,6 @@ fn history(msg: &str, load: &Load, writes: &[Write]) -> String {
 
 // ------------------------------------------------------------------------------------------------
 // Scenario 1: partitions, crashes and restarts under load
-
-/// Whether crashing `victim` leaves the metadata group a quorum for good: at least three voters,
-/// each a running node's current Raft id (a restarted node has a new id; its old one is a dead
-/// voter until the leader replaces it).
-fn crash_is_safe(c: &SimCluster, victim: &str) -> bool {
-    let running = c.running();
-    let mut ids = BTreeSet::new();
-    let mut voters = BTreeSet::new();
-    for n in &running {
-        let Some(cl) = c.cluster(n) else { return false };
-        ids.insert(cl.raft_id());
-        let m = cl.raft().metrics().borrow().clone();
-        voters.extend(m.membership_config.membership().voter_ids());
-    }
-    let Some(victim_id) = c.cluster(victim).map(|cl| cl.raft_id()) else { return false };
-    voters.len() >= 3 && voters.iter().all(|v| ids.contains(v)) && running.len() > 1 && ids.contains(&victim_id)
-}
 
 struct ChaosRun {
     report: String,

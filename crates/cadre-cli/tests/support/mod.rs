@@ -30,6 +30,18 @@ pub async fn call(http: SocketAddr, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// Runs `cadre SUBCOMMAND --http HTTP ARGS...`; what it prints (fails the test if it fails).
+pub async fn cli(subcommand: &str, http: SocketAddr, args: &[&str]) -> String {
+    let out = tokio::process::Command::new(exe())
+        .args([subcommand, "--http", &http.to_string()])
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "cadre {subcommand} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// Polls `GET /v1/cluster` on `http` until `cond` holds; fails the test after `wait`, showing
 /// the last answer.
 pub async fn await_cluster(

@@ -1,7 +1,8 @@
 //! What the agent simulations share: a seeded RNG for the tests' own choices, node names, the
-//! `counter` signals, and reading every key back through one node.
+//! `counter` signals, reading every key back through one node, and whether a crash is safe.
 #![allow(dead_code)]
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use cadre::signal::Signal;
@@ -82,4 +83,21 @@ pub fn read_all(c: &mut SimCluster, via: &str, bound: Duration) -> Result<(Vec<i
         })
         .map_err(|e| format!("reading through {via}: {e}"))?;
     out.ok_or(format!("{via} is not running"))?
+}
+
+/// Whether crashing `victim` leaves the metadata group a quorum for good: at least three voters,
+/// each a running node's current Raft id (a restarted node has a new id; its old one is a dead
+/// voter until the leader replaces it).
+pub fn crash_is_safe(c: &SimCluster, victim: &str) -> bool {
+    let running = c.running();
+    let mut ids = BTreeSet::new();
+    let mut voters = BTreeSet::new();
+    for n in &running {
+        let Some(cl) = c.cluster(n) else { return false };
+        ids.insert(cl.raft_id());
+        let m = cl.raft().metrics().borrow().clone();
+        voters.extend(m.membership_config.membership().voter_ids());
+    }
+    let Some(victim_id) = c.cluster(victim).map(|cl| cl.raft_id()) else { return false };
+    voters.len() >= 3 && voters.iter().all(|v| ids.contains(v)) && running.len() > 1 && ids.contains(&victim_id)
 }
