@@ -28,6 +28,9 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(20);
 const CATCH_UP: Duration = Duration::from_secs(10);
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// A partition in force: the two sides, by node name.
+type Cut = (Vec<String>, Vec<String>);
+
 /// `ticker.set {"first_ms", "once_ms"}` sets both reminders; ticks are recorded in order.
 #[derive(Default, serde::Serialize, serde::Deserialize)]
 struct Ticker {
@@ -150,7 +153,8 @@ fn scenario(seed: u64) -> Result<String, String> {
     })?;
     // Faults, as the agent simulations make them (a crash only while another node is up).
     let mut trace = String::new();
-    let (mut cut, mut down): (Option<(Vec<String>, Vec<String>)>, Option<String>) = (None, None);
+    let mut cut: Option<Cut> = None;
+    let mut down: Option<String> = None;
     for _ in 0..8 {
         c.run_for(rng.millis(300, 2500)).map_err(|e| e.to_string())?;
         let roll = rng.below(10);
@@ -162,7 +166,7 @@ fn scenario(seed: u64) -> Result<String, String> {
             let v = down.take().expect("checked");
             c.restart(&v);
             format!("restart {v}")
-        } else if cut.is_none() && down.is_none() && roll % 2 == 0 {
+        } else if cut.is_none() && down.is_none() && roll.is_multiple_of(2) {
             let mut side = all.clone();
             let a = vec![side.remove(rng.below(side.len()))];
             c.partition(&strs(&a), &strs(&side));
