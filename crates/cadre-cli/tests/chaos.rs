@@ -31,7 +31,13 @@
 //! answering and owning shards, none moving or unassigned, every replica in sync): the guarantee
 //! is one failure at a time. At the end, for every key: acknowledged sum <= value <=
 //! acknowledged plus unknown-outcome sum (no acknowledged add lost, none applied twice), every node answers the
-//! same value, and no two nodes acknowledged calls on one key under the same shard epoch. The
+//! same value, and no two nodes acknowledged calls on one key under the same shard epoch.
+//!
+//! In the *retrying* mode (`chaos_embedded_store_retrying`, or `CADRE_CHAOS_RETRY=1`), a client
+//! sends every call whose outcome is unknown again, with the same CloudEvent (source and id),
+//! through another node, until it is acknowledged (an answer from the agent's record of handled
+//! signals counts: the original reply or `"duplicate": true`). No outcome stays unknown, so every
+//! key must end **exactly** at the sum of its adds: an add applied twice or lost fails the run. The
 //! failover time of each SIGKILL (the kill until a key the killed node owned answers on another
 //! node) is printed as p50/p99; timings are figures, never asserted.
 //!
@@ -99,6 +105,13 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 async fn chaos_embedded_store() {
     let _serial = SERIAL.lock().await;
     run(Backend::Embedded).await;
+}
+
+/// Every unknown outcome retried with the same signal until acknowledged: exact sums.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_embedded_store_retrying() {
+    let _serial = SERIAL.lock().await;
+    run_with(Backend::Embedded, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,6 +185,8 @@ enum Fault {
 enum Outcome {
     /// 2xx with the new value: applied once.
     Acked { value: i64, node: String, epoch: u64 },
+    /// 2xx `"duplicate": true`: the signal was applied once before (a retry's answer).
+    Duplicate,
     /// Timeout, 5xx, broken connection: applied at most once.
     Unknown(String),
     /// The connection was refused: nothing was sent.
@@ -195,6 +210,12 @@ struct Ledger {
     violations: Vec<String>,
     not_sent: u64,
     unknown_kinds: HashMap<String, u64>,
+    /// Calls sent again with the same signal (retrying mode).
+    retries: u64,
+    /// Retries answered `"duplicate": true`: the first attempt had been applied.
+    duplicates: u64,
+    /// Retrying mode: every add acknowledged, so values must equal the acknowledged sums.
+    exact: bool,
 }
 
 fn key_id(k: usize) -> String {
@@ -202,7 +223,11 @@ fn key_id(k: usize) -> String {
 }
 
 async fn call(http: SocketAddr, id: &str, ty: &str, data: serde_json::Value, timeout: Duration) -> Outcome {
-    let body = bytes::Bytes::from(codec::encode_structured(&Signal::new(ty, data)));
+    call_with(http, id, &Signal::new(ty, data), timeout).await
+}
+
+async fn call_with(http: SocketAddr, id: &str, signal: &Signal, timeout: Duration) -> Outcome {
+    let body = bytes::Bytes::from(codec::encode_structured(signal));
     let path = format!("/v1/agents/counter/{id}");
     match client::post(http, &path, codec::CONTENT_TYPE_STRUCTURED, body, timeout).await {
         Ok((200, body)) => {
@@ -212,6 +237,7 @@ async fn call(http: SocketAddr, id: &str, ty: &str, data: serde_json::Value, tim
             };
             match (v["reply"].as_i64(), v["node"].as_str(), v["epoch"].as_u64()) {
                 (Some(value), Some(node), Some(epoch)) => Outcome::Acked { value, node: node.to_string(), epoch },
+                _ if v["duplicate"] == true => Outcome::Duplicate,
                 _ => Outcome::Unknown(format!("bad body: {v}")),
             }
         }
@@ -222,13 +248,35 @@ async fn call(http: SocketAddr, id: &str, ty: &str, data: serde_json::Value, tim
     }
 }
 
-/// A client: adds of 1..=9 to random keys through random nodes until told to stop.
-async fn client_loop(mut rng: Rng, http: Vec<SocketAddr>, ledger: Arc<Mutex<Ledger>>, stop: Arc<AtomicBool>) {
+/// A client: adds of 1..=9 to random keys through random nodes until told to stop. Retrying, it
+/// sends an add whose outcome is unknown again (the same signal, through the next node) until it
+/// is acknowledged, also after being told to stop (for at most `WAIT`).
+async fn client_loop(
+    mut rng: Rng,
+    http: Vec<SocketAddr>,
+    ledger: Arc<Mutex<Ledger>>,
+    stop: Arc<AtomicBool>,
+    retry: bool,
+) {
     while !stop.load(Ordering::Relaxed) {
         let k = rng.below(KEYS as u64) as usize;
-        let via = http[rng.below(http.len() as u64) as usize];
+        let mut via = rng.below(http.len() as u64) as usize;
         let inc = 1 + rng.below(9) as i64;
-        let outcome = call(via, &key_id(k), "counter.add", serde_json::json!(inc), CALL_TIMEOUT).await;
+        let signal = Signal::new("counter.add", serde_json::json!(inc));
+        let mut outcome = call_with(http[via], &key_id(k), &signal, CALL_TIMEOUT).await;
+        let mut stopped_at: Option<Instant> = None;
+        while retry && matches!(outcome, Outcome::Unknown(_) | Outcome::NotSent) {
+            if let Outcome::Unknown(kind) = &outcome {
+                *ledger.lock().unwrap().unknown_kinds.entry(format!("retried after {kind}")).or_default() += 1;
+            }
+            if stop.load(Ordering::Relaxed) && stopped_at.get_or_insert_with(Instant::now).elapsed() > WAIT {
+                break;
+            }
+            ledger.lock().unwrap().retries += 1;
+            tokio::time::sleep(PACE).await;
+            via = (via + 1) % http.len();
+            outcome = call_with(http[via], &key_id(k), &signal, CALL_TIMEOUT).await;
+        }
         record(&mut ledger.lock().unwrap(), k, inc, outcome);
         tokio::time::sleep(PACE).await;
     }
@@ -248,7 +296,16 @@ fn record(l: &mut Ledger, k: usize, inc: i64, outcome: Outcome) {
                 }
             }
         }
+        Outcome::Duplicate => {
+            l.duplicates += 1;
+            let e = &mut l.keys[k];
+            e.acked_sum += inc;
+            e.acked += 1;
+        }
         Outcome::Unknown(kind) => {
+            if l.exact {
+                l.violations.push(format!("{}: an add of {inc} was never acknowledged ({kind})", key_id(k)));
+            }
             let e = &mut l.keys[k];
             e.unknown_sum += inc;
             e.unknown += 1;
@@ -671,6 +728,7 @@ impl Chaos {
             let last =
                 match call(self.places[i].1, &key_id(k), "counter.get", serde_json::Value::Null, CALL_TIMEOUT).await {
                     Outcome::Acked { value, .. } => return value,
+                    Outcome::Duplicate => "a duplicate answer to a read".into(),
                     Outcome::Unknown(e) => e,
                     Outcome::NotSent => "connection refused".into(),
                 };
@@ -751,6 +809,10 @@ async fn relay_database(url: &str, gateway: Ipv4Addr) -> Result<String, String> 
 }
 
 async fn run(backend: Backend) {
+    run_with(backend, env_u64("CADRE_CHAOS_RETRY") == Some(1)).await;
+}
+
+async fn run_with(backend: Backend, retry: bool) {
     let settings = Settings::from_env();
     let n = settings.nodes;
     let dir = tempfile::Builder::new().prefix("cadre-chaos").tempdir().unwrap().keep();
@@ -814,13 +876,14 @@ async fn run(backend: Backend) {
     );
     chaos.start().await;
 
-    let ledger = Arc::new(Mutex::new(Ledger { keys: vec![KeyLedger::default(); KEYS], ..Ledger::default() }));
+    let ledger =
+        Arc::new(Mutex::new(Ledger { keys: vec![KeyLedger::default(); KEYS], exact: retry, ..Ledger::default() }));
     let stop = Arc::new(AtomicBool::new(false));
     let http: Vec<SocketAddr> = chaos.places.iter().map(|p| p.1).collect();
     let clients: Vec<_> = (0..CLIENTS)
         .map(|c| {
             let rng = Rng(chaos.settings.seed ^ (c + 1).wrapping_mul(0x2545_f491_4f6c_dd1d));
-            tokio::spawn(client_loop(rng, http.clone(), ledger.clone(), stop.clone()))
+            tokio::spawn(client_loop(rng, http.clone(), ledger.clone(), stop.clone(), retry))
         })
         .collect();
 
@@ -909,6 +972,12 @@ async fn run(backend: Backend) {
                 e.acked_sum, e.unknown_sum
             ));
         }
+        if ledger.exact && value != e.acked_sum {
+            problems.push(format!(
+                "{id}: value {value} != the sum of its adds {} (every add was acknowledged, retries included)",
+                e.acked_sum
+            ));
+        }
         if value < e.max_acked_value {
             problems.push(format!("{id}: value {value} < a value acknowledged earlier {}", e.max_acked_value));
         }
@@ -918,8 +987,13 @@ async fn run(backend: Backend) {
     let mut sorted = failovers.clone();
     sorted.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let mode = if ledger.exact {
+        format!("retrying ({} retries, {} answered as duplicates, exact sums)", ledger.retries, ledger.duplicates)
+    } else {
+        "once".into()
+    };
     let mut report = format!(
-        "chaos: seed {} — {n} nodes, {} faults: {kills} kills, {stops} stops, {cuts} partitions in {:.1} s; calls: {acked} acknowledged, {unknown} unknown {:?}, {} refused",
+        "chaos: seed {} — {mode} — {n} nodes, {} faults: {kills} kills, {stops} stops, {cuts} partitions in {:.1} s; calls: {acked} acknowledged, {unknown} unknown {:?}, {} refused",
         chaos.settings.seed,
         kills + stops + cuts,
         chaos.started.elapsed().as_secs_f64(),
