@@ -107,7 +107,11 @@ impl Record {
         }
         while self.ids.len() >= ids_max {
             let gone = self.ids.pop_front().expect("a full record is not empty");
-            self.replies.retain(|(h, _)| *h != gone);
+            // Both rings are oldest first, so a reply of the oldest id can only be the oldest
+            // reply: one compare, not a scan (this runs on every call once the record is full).
+            if self.replies.front().is_some_and(|(h, _)| u128::from_ne_bytes(*h) == u128::from_ne_bytes(gone)) {
+                self.replies.pop_front();
+            }
         }
         self.ids.push_back(id);
         if let Some(reply) = reply.filter(|r| r.len() <= REPLY_KEPT_BYTES_MAX) {
@@ -183,6 +187,10 @@ pub(crate) fn decode_stored(stored: &Bytes) -> Result<(Record, Bytes, Bytes), St
         let reply = stored.slice(take(len)?);
         record.replies.push_back((id, reply));
     }
+    // A reply answers only for an id the record holds (`find` checks the ids first); one whose id
+    // is not there is dropped, so the replies stay a subsequence of the ids, as `insert` expects.
+    let ids = &record.ids;
+    record.replies.retain(|(h, _)| ids.contains(h));
     let mut extra = Bytes::new();
     if with_extra {
         let len = u32_at(take(4)?);
