@@ -416,6 +416,13 @@ async fn a_route_and_subscriptions_on_other_nodes_deliver_to_the_agent_once_in_e
                     nodes[i].bus().unsubscribe(s.id);
                 }
             }
+            // Every node has seen the withdrawals before the next subset subscribes: else a
+            // publisher could still hold a withdrawn node's old interest when it awaits that
+            // node's new one, and publish between the withdrawal and the new subscription.
+            for n in &nodes {
+                let gone = n.bus().await_remote_nodes("counter.add", WAIT, |nodes| nodes.is_empty()).await;
+                assert!(gone, "{}: interest withdrawn after {on:?}", n.name());
+            }
         }
         nodes[added_on].bus().remove_route(added.id, WAIT).await.unwrap();
         for n in &nodes {
