@@ -241,9 +241,33 @@ async fn a_graceful_leave_hands_every_shard_over_with_its_state() {
     let on_c = (0..KEYS).filter(|&i| a.cluster().placement(&key(i)).unwrap().owner.as_deref() == Some("c")).count();
     assert!(on_c > 0, "c owns some keys");
     // c leaves: its shards move by planned hand-offs (node-local state copied) before it stops.
+    // Meanwhile b keeps reading every key: a call in flight to c when its shard moves (or sent
+    // to c after it stopped, by a table not yet updated) is sent again to the new owner.
+    let reads_during = {
+        let b = b.cluster().clone();
+        let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let mut reads = 0usize;
+            loop {
+                for i in 0..KEYS {
+                    let served = b.call(&key(i), Signal::new("counter.get", serde_json::Value::Null), T).await;
+                    let value = served.map(|s| s.reply.as_i64());
+                    assert!(matches!(value, Ok(Some(2))), "key {i} during the leave: {value:?}");
+                    reads += 1;
+                }
+                if stop_rx.try_recv().is_ok() {
+                    return reads;
+                }
+            }
+        });
+        (stop_tx, task)
+    };
     c.shutdown().await;
     let st = await_meta(&a, "c owns no shard", |st| st.shard_counts().get("c") == Some(&0)).await;
     assert!(st.members["c"].draining);
+    let _ = reads_during.0.send(());
+    let reads = reads_during.1.await.expect("reads during the leave");
+    assert!(reads >= KEYS, "b read every key at least once during the leave");
     // Node-local memory storage: a reassignment after c's lease expired would have started c's
     // keys over from zero; a hand-off copied them.
     for i in 0..KEYS {

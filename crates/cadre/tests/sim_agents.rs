@@ -1,6 +1,7 @@
 //! Keyed agents in deterministic simulation, each scenario over several seeds: a `counter.add`
 //! workload through random live nodes while partitions, crashes and restarts come and go; a
-//! planned rebalance onto a node that joins mid-workload; the failover time after an owner crashes.
+//! planned rebalance onto a node that joins mid-workload; the failover time after an owner crashes;
+//! an add in flight when its owner crashes, answered by the new owner and counted once.
 //!
 //! Every node shares one store (a [`MemoryStorage`] playing a database all nodes reach), so state
 //! survives crashes and hand-offs copy nothing. Each node reaches it through its own [`Recorded`]
@@ -695,4 +696,61 @@ fn a_crashed_owner_fails_over_within_bound() {
             stats(t.iter().map(|x| x.1).collect())
         );
     }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Scenario 4: a call in flight when its owner crashes is answered by the new owner, once
+
+/// Timeout of the call in flight across the crash: long enough to outlast the failover.
+const IN_FLIGHT_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[test]
+fn a_call_in_flight_to_a_crashed_owner_is_answered_by_the_new_owner_once() {
+    run("a_call_in_flight_to_a_crashed_owner_is_answered_by_the_new_owner_once", 20, move |seed| {
+        let mut h = Harness::new(seed, 3);
+        h.settle("start")?;
+        let k = (seed as usize * 5) % KEYS;
+        let c = &mut h.c;
+        let first = c
+            .run_on("n1", Duration::from_secs(5), move |cl| async move { cl.call(&key(k), add(1), CALL_TIMEOUT).await })
+            .map_err(|e| e.to_string())?
+            .ok_or("n1 not running")?
+            .map_err(|e| format!("first add: {e}"))?;
+        let victim = first.node;
+        let caller = names(3).into_iter().find(|n| *n != victim).unwrap();
+        // One add in flight; the owner crashes after 0 to 4 ms of it: before the ask arrived,
+        // while handling it, or after it stored the add but before its reply arrived.
+        let outcome = Rc::new(RefCell::new(None));
+        let out = outcome.clone();
+        let call = c.handle().run_on(&caller, move |cl| async move {
+            let r = cl.call(&key(k), add(1), IN_FLIGHT_TIMEOUT).await;
+            *out.borrow_mut() = Some(r);
+        });
+        drop(call);
+        c.run_for(Duration::from_millis(seed % 5)).map_err(|e| e.to_string())?;
+        let delay = seed % 5;
+        c.crash(&victim);
+        c.run_until(IN_FLIGHT_TIMEOUT * 2, |_| outcome.borrow().is_some())
+            .map_err(|e| format!("the call in flight never ended: {e}"))?;
+        let served = outcome
+            .borrow_mut()
+            .take()
+            .unwrap()
+            .map_err(|e| format!("the add in flight when {victim} crashed (after {delay} ms) failed: {e}"))?;
+        if served.reply != serde_json::json!(2) {
+            return Err(format!("the add in flight answered {} by {}, not 2", served.reply, served.node));
+        }
+        // Counted once, whoever handled it.
+        let value = c
+            .run_on(&caller, IN_FLIGHT_TIMEOUT * 2, move |cl| async move {
+                cl.call(&key(k), get(), IN_FLIGHT_TIMEOUT).await
+            })
+            .map_err(|e| e.to_string())?
+            .ok_or("caller not running")?
+            .map_err(|e| format!("read after: {e}"))?;
+        if value.reply != serde_json::json!(2) {
+            return Err(format!("k{k} holds {} after two adds of 1, not 2", value.reply));
+        }
+        Ok(format!("owner {victim} crashed {delay} ms into the add; answered 2 by {}", served.node))
+    });
 }

@@ -24,7 +24,9 @@
 //!   which the sender follows when it is newer than its own (at most `redirects_max` times). When
 //!   no owner serves the shard (none assigned yet, a hand-off, an expired lease) the sender waits
 //!   for its table to change and retries, until the call's deadline. A call whose ask timed out
-//!   is not retried (it may have run).
+//!   is not retried (it may have run). An ask in flight when the table gives the shard to
+//!   another owner is sent again to that owner with the same signal: the record of handled
+//!   signals stored with the agent's state answers a repeat with the original reply.
 //! - **Replicas** ([`replica`]): with node-local storage each shard's state is also kept on
 //!   in-sync replicas; a write is acknowledged once they all have it, and a dead owner's shard is
 //!   promoted on one of them.
@@ -517,7 +519,22 @@ impl Cluster {
                 (None, Err(e)) => Err(e),
                 (None, Ok(p)) => Err(CallError::Unavailable(format!("shard {} has no owner yet", p.shard))),
                 (Some(o), _) if o == self.inner.name => self.local(key, &op, deadline).await,
-                (Some(o), _) => self.remote(&o, key, &op, epoch, deadline).await,
+                (Some(o), p) => {
+                    let routed = p.ok().map(|p| Placement { owner: Some(o.clone()), epoch, ..p });
+                    match self.remote(&o, key, &op, routed, deadline).await {
+                        Err(Remote::OwnerChanged) => {
+                            // Sent again to the new owner: the same signal, which the record of
+                            // handled signals answers once (see `crate::agent::handled`).
+                            redirects += 1;
+                            if redirects > self.inner.cfg.redirects_max {
+                                return Err(CallError::Unavailable(format!("too many owner changes for {key:?}")));
+                            }
+                            continue;
+                        }
+                        Err(Remote::Failed(e)) => Err(e),
+                        Ok(served) => Ok(served),
+                    }
+                }
             };
             // A newer owner named by the hint: go there at once (a bounded number of times).
             // Otherwise no owner serves the shard right now: wait for the table to change.
@@ -574,24 +591,25 @@ impl Cluster {
         move |n: &str| self.inner.membership.addr_of(n).and_then(|a| rtts.get(&a).copied())
     }
 
+    /// One ask to `owner`, routed by `routed` (this node's view when it sent the ask).
     async fn remote(
         &self,
         owner: &str,
         key: &Key,
         op: &Op,
-        epoch: u64,
+        routed: Option<Placement>,
         deadline: Instant,
-    ) -> Result<Served, CallError> {
+    ) -> Result<Served, Remote> {
         let addr = self.member_addr(owner)?;
+        let epoch = routed.as_ref().map_or(0, |p| p.epoch);
         let timeout_ms = deadline.saturating_duration_since(Instant::now()).as_millis() as u64;
         let req = AgentReq { op: op.to_wire(timeout_ms), ty: key.ty.clone(), id: key.id.clone(), epoch };
         let timeout = deadline.saturating_duration_since(Instant::now());
-        let started = Instant::now();
-        // The owner may die with the ask in flight: stop waiting once the table gives the shard
-        // to another owner (the outcome is unknown, so it fails like a timeout and is not retried).
+        // The owner may die or stop with the ask in flight: stop waiting once the table gives the
+        // shard to another owner, and send it there.
         let reply = tokio::select! {
             r = self.ask(addr, &req, timeout) => r?,
-            () = self.owner_changes(key, owner) => return Err(CallError::Timeout(started.elapsed())),
+            () = self.owner_changes(key, owner, routed) => return Err(Remote::OwnerChanged),
         };
         match reply {
             AgentReply::Ok { reply, epoch } => {
@@ -599,24 +617,22 @@ impl Cluster {
                     .map_err(|e| CallError::Unavailable(format!("undecodable reply from {owner}: {e}")))?;
                 Ok(Served { reply, node: owner.to_string(), epoch })
             }
-            AgentReply::Err(e) => Err(e),
+            AgentReply::Err(e) => Err(Remote::Failed(e)),
             AgentReply::Stats { .. } | AgentReply::Read { .. } | AgentReply::Active(_) | AgentReply::Stored(_) => {
-                Err(CallError::Unavailable(format!("unexpected reply from {owner}")))
+                Err(CallError::Unavailable(format!("unexpected reply from {owner}")).into())
             }
         }
     }
 
-    /// Resolves once this node's table shows `key`'s shard taken from `owner`: at once when it was
-    /// reassigned (its lease expired: dead or cut off), or `rpc_timeout_ms` after a planned move
-    /// completed (the old owner answered what it had accepted before handing over; a reply still
-    /// in transit gets that long, a node that has since stopped gives none).
-    async fn owner_changes(&self, key: &Key, owner: &str) {
+    /// Resolves once this node's table shows `key`'s shard taken from `owner` (after `routed`,
+    /// the view the ask was sent by, so a change that came before this wait began counts): at
+    /// once when it was reassigned (its lease expired: dead or cut off), or `rpc_timeout_ms` after
+    /// a planned move completed (the old owner answered what it had accepted before handing over;
+    /// a reply still in transit gets that long, a node that has since stopped gives none).
+    async fn owner_changes(&self, key: &Key, owner: &str, routed: Option<Placement>) {
         let mut rx = self.inner.state.clone();
-        let mut prev = placement_in(&rx.borrow_and_update(), key).ok();
+        let mut prev = routed;
         loop {
-            if rx.changed().await.is_err() {
-                return std::future::pending().await;
-            }
             let now = placement_in(&rx.borrow_and_update(), key).ok();
             if let (Some(p), Some(n)) = (&prev, &now) {
                 if n.epoch > p.epoch && n.owner.as_deref() != Some(owner) {
@@ -626,7 +642,12 @@ impl Cluster {
                     return;
                 }
             }
-            prev = now;
+            if now.is_some() {
+                prev = now;
+            }
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
         }
     }
 
@@ -788,6 +809,20 @@ impl Cluster {
 
 /// A request for an agent, before it is encoded for another node.
 #[derive(Debug, Clone)]
+/// How one ask to an owner ended, when it did not succeed.
+enum Remote {
+    /// The table gave the shard to another owner while the ask was in flight: its outcome is
+    /// unknown, and the same request goes to the new owner.
+    OwnerChanged,
+    Failed(CallError),
+}
+
+impl From<CallError> for Remote {
+    fn from(e: CallError) -> Self {
+        Remote::Failed(e)
+    }
+}
+
 enum Op {
     Call { signal: Box<Signal>, cast: bool },
     Ensure,
