@@ -130,11 +130,11 @@ const PAIRED_ROUNDS: u32 = 4;
 /// Local calls with the record of handled signals and without, in alternating rounds so that a
 /// change in the machine's load reaches both sides alike (one long run after the other varied by
 /// more than the difference measured).
-async fn local_with_and_without(seconds: f64) -> Result<(f64, f64)> {
+async fn local_with_and_without(seconds: f64, dedupe_ids_max: usize) -> Result<(f64, f64)> {
     let round = seconds / f64::from(PAIRED_ROUNDS);
     let (mut with, mut without) = (0.0, 0.0);
     for _ in 0..PAIRED_ROUNDS {
-        with += local_calls(round, DEDUPE_DEFAULT).await?;
+        with += local_calls(round, dedupe_ids_max).await?;
         without += local_calls(round, 0).await?;
     }
     Ok((with / f64::from(PAIRED_ROUNDS), without / f64::from(PAIRED_ROUNDS)))
@@ -254,26 +254,56 @@ async fn start_pair_with(
     Ok((a, b))
 }
 
-/// Remote calls/s, raw asks/s, remote call p50 µs, raw ask p50 µs (no replicas: the call path
-/// alone).
-async fn remote(seconds: f64, dedupe_ids_max: usize) -> Result<(f64, f64, f64, f64)> {
-    let (a, b) = start_pair_with(1, None, dedupe_ids_max).await?;
-    let keys: Vec<Key> = (0..)
+/// `HOT_KEYS` keys whose shards node a owns, as `b` sees the table.
+fn keys_of_a(b: &cadre::node::Node) -> Vec<Key> {
+    (0..)
         .map(|i| Key::new("counter", format!("r{i}")))
         .filter(|k| b.cluster().placement(k).ok().and_then(|p| p.owner).as_deref() == Some("a"))
         .take(HOT_KEYS)
-        .collect();
-    let keys = std::sync::Arc::new(keys);
-    let cluster = b.cluster().clone();
+        .collect()
+}
+
+/// `counter.add` calls/s from `cluster` to `keys`, `CONCURRENCY` callers for `seconds`.
+async fn remote_call_rate(
+    cluster: &cadre::cluster::Cluster,
+    keys: &std::sync::Arc<Vec<Key>>,
+    seconds: f64,
+) -> Result<f64> {
     let (c, k) = (cluster.clone(), keys.clone());
-    let calls = saturate(seconds, move |t, n| {
+    saturate(seconds, move |t, n| {
         let (c, k) = (c.clone(), k.clone());
         async move {
             c.call(&k[(t * 7 + n as usize) % HOT_KEYS], add(), CALL_TIMEOUT).await?;
             Ok(())
         }
     })
-    .await?;
+    .await
+}
+
+/// Remote calls with the record of handled signals and without, in alternating rounds, each on
+/// a fresh pair of nodes (the record's size is a node's setting).
+async fn remote_with_and_without(seconds: f64, dedupe_ids_max: usize) -> Result<(f64, f64)> {
+    let round = seconds / f64::from(PAIRED_ROUNDS);
+    let mut sums = [0.0, 0.0];
+    for _ in 0..PAIRED_ROUNDS {
+        for (sum, ids) in sums.iter_mut().zip([dedupe_ids_max, 0]) {
+            let (a, b) = start_pair_with(1, None, ids).await?;
+            let keys = std::sync::Arc::new(keys_of_a(&b));
+            *sum += remote_call_rate(b.cluster(), &keys, round).await?;
+            b.shutdown().await;
+            a.shutdown().await;
+        }
+    }
+    Ok((sums[0] / f64::from(PAIRED_ROUNDS), sums[1] / f64::from(PAIRED_ROUNDS)))
+}
+
+/// Remote calls/s, raw asks/s, remote call p50 µs, raw ask p50 µs (no replicas: the call path
+/// alone).
+async fn remote(seconds: f64, dedupe_ids_max: usize) -> Result<(f64, f64, f64, f64)> {
+    let (a, b) = start_pair_with(1, None, dedupe_ids_max).await?;
+    let keys = std::sync::Arc::new(keys_of_a(&b));
+    let cluster = b.cluster().clone();
+    let calls = remote_call_rate(&cluster, &keys, seconds).await?;
     let payload = bytes::Bytes::from(vec![7u8; cadre::signal::codec::encode_structured(&add()).len()]);
     let (transport, to) = (b.transport().clone(), a.addr());
     let (t2, p2) = (transport.clone(), payload.clone());
@@ -387,22 +417,37 @@ async fn reads(seconds: f64) -> Result<((f64, f64), (f64, f64), f64)> {
     Ok((out[0], out[1], share))
 }
 
-pub async fn run(seconds: f64, storage: Option<String>) -> Result<()> {
+/// What `cadre bench agents` measures of the record of handled signals.
+pub struct RecordOpts {
+    /// Ids kept per agent on the "with" side of each comparison.
+    pub dedupe_ids_max: usize,
+    /// Only the with/without comparisons (local and remote calls).
+    pub only: bool,
+}
+
+pub async fn run(seconds: f64, storage: Option<String>, record: RecordOpts) -> Result<()> {
     if !(0.1..=600.0).contains(&seconds) {
         bail!("--seconds must be within 0.1..=600");
+    }
+    let ids = record.dedupe_ids_max;
+    if !(1..=cadre::agent::handled::DEDUPE_IDS_MAX_LIMIT).contains(&ids) {
+        bail!("--dedupe-ids must be within 1..={}", cadre::agent::handled::DEDUPE_IDS_MAX_LIMIT);
+    }
+    if record.only {
+        return record_only(seconds, ids).await;
     }
     let (act, active) = activations(seconds).await?;
     println!("activations       {act:>10.0}/s   ({active} agents active at the end, memory storage)");
     let raw = raw_calls(seconds).await?;
-    let (local, local_off) = local_with_and_without(seconds).await?;
+    let (local, local_off) = local_with_and_without(seconds, ids).await?;
     println!("local calls       {local:>10.0}/s   raw channel actors {raw:>10.0}/s   ratio {:.2}", local / raw);
     println!(
-        "  without record  {local_off:>10.0}/s   ratio with/without {:.2}   ({DEDUPE_DEFAULT} ids kept per agent)",
+        "  without record  {local_off:>10.0}/s   ratio with/without {:.2}   ({ids} ids kept per agent)",
         local / local_off
     );
     let (agent_p50, raw_p50) = latencies().await?;
     println!("local call p50    {agent_p50:>10.2} µs   raw {raw_p50:>8.2} µs");
-    let (remote_calls, raw_asks, remote_p50, rtt_p50) = remote(seconds, DEDUPE_DEFAULT).await?;
+    let (remote_calls, raw_asks, remote_p50, rtt_p50) = remote(seconds, ids).await?;
     println!(
         "remote calls      {remote_calls:>10.0}/s   raw transport asks {raw_asks:>10.0}/s   ratio {:.2}",
         remote_calls / raw_asks
@@ -413,8 +458,8 @@ pub async fn run(seconds: f64, storage: Option<String>) -> Result<()> {
         remote_calls / remote_off
     );
     println!("remote call p50   {remote_p50:>10.2} µs   raw ask {rtt_p50:>8.2} µs");
-    let (rf1, rf1_p50) = write_through(seconds, 1, None, DEDUPE_DEFAULT).await?;
-    let (rf2, rf2_p50) = write_through(seconds, 2, None, DEDUPE_DEFAULT).await?;
+    let (rf1, rf1_p50) = write_through(seconds, 1, None, ids).await?;
+    let (rf2, rf2_p50) = write_through(seconds, 2, None, ids).await?;
     println!("write-through rf1 {rf1:>10.0}/s   p50 {rf1_p50:>8.2} µs   (memory storage)");
     println!("write-through rf2 {rf2:>10.0}/s   p50 {rf2_p50:>8.2} µs   ratio rf2/rf1 {:.2}", rf2 / rf1);
     let (rf2_off, rf2_off_p50) = write_through(seconds, 2, None, 0).await?;
@@ -456,6 +501,27 @@ pub async fn run(seconds: f64, storage: Option<String>) -> Result<()> {
          \"reads_owner_p50_us\":{own_p50:.2},\"reads_nearest_local_share\":{local_share:.4},\
          \"local_calls_no_record_per_s\":{local_off:.0},\"remote_calls_no_record_per_s\":{remote_off:.0},\
          \"write_rf2_no_record_per_s\":{rf2_off:.0}}}"
+    );
+    Ok(())
+}
+
+/// The record's cost alone: local calls, then remote calls, with and without it in alternating
+/// rounds, each side `seconds` long in all.
+async fn record_only(seconds: f64, ids: usize) -> Result<()> {
+    let (local, local_off) = local_with_and_without(seconds, ids).await?;
+    println!(
+        "local calls       {local:>10.0}/s   without record {local_off:>10.0}/s   ratio {:.2}   ({ids} ids kept per agent)",
+        local / local_off
+    );
+    let (remote_calls, remote_off) = remote_with_and_without(seconds, ids).await?;
+    println!(
+        "remote calls      {remote_calls:>10.0}/s   without record {remote_off:>10.0}/s   ratio {:.2}",
+        remote_calls / remote_off
+    );
+    println!(
+        "{{\"bench\":\"agents_record\",\"dedupe_ids_max\":{ids},\"local_calls_per_s\":{local:.0},\
+         \"local_calls_no_record_per_s\":{local_off:.0},\"remote_calls_per_s\":{remote_calls:.0},\
+         \"remote_calls_no_record_per_s\":{remote_off:.0}}}"
     );
     Ok(())
 }

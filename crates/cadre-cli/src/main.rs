@@ -120,6 +120,12 @@ enum BenchCmd {
         /// (postgres://USER@HOST:PORT/DB; tables are created in it).
         #[arg(long, env = "CADRE_BENCH_STORAGE")]
         storage: Option<String>,
+        /// Ids of handled signals kept per agent on the side with the record.
+        #[arg(long, default_value_t = cadre::agent::handled::DEDUPE_IDS_MAX_DEFAULT)]
+        dedupe_ids: usize,
+        /// Only compare calls with the record of handled signals and without (local, remote).
+        #[arg(long)]
+        record_only: bool,
     },
     /// Durable reminders on three in-process nodes: ticks fired per second and their lateness,
     /// against bare tokio timers with the same due times.
@@ -592,9 +598,10 @@ fn main() -> ExitCode {
             // On a worker thread, like application code; raw baselines run in the same task.
             rt.block_on(async move { tokio::spawn(bench::transport(seconds, payload)).await? })
         }
-        Cmd::Bench { which: BenchCmd::Agents { seconds, storage } } => {
+        Cmd::Bench { which: BenchCmd::Agents { seconds, storage, dedupe_ids, record_only } } => {
             init_logging("warn");
-            rt.block_on(async move { tokio::spawn(bench_agents::run(seconds, storage)).await? })
+            let record = bench_agents::RecordOpts { dedupe_ids_max: dedupe_ids, only: record_only };
+            rt.block_on(async move { tokio::spawn(bench_agents::run(seconds, storage, record)).await? })
         }
         Cmd::Bench { which: BenchCmd::Reminders { reminders, rate, seconds } } => {
             init_logging("warn");
