@@ -13,8 +13,8 @@
 //! acknowledged adds and at most all adds made, and no two acknowledged adds returned the same
 //! value; reads (one call in four) saw every add acknowledged before they were sent; (c) once faults
 //! stop, every key answers within [`ANSWER_BOUND`]. The failover probe's calls time out after
-//! [`PROBE_TIMEOUT`]: a call to a crashed owner waits that long, so "answered again" lags the
-//! reassignment by up to one probe.
+//! [`PROBE_TIMEOUT`]; a call in flight to the crashed owner when the table reassigns its shard is
+//! sent again to the new owner, so "answered again" follows the reassignment closely.
 
 #[path = "support/sim.rs"]
 mod simkit;
