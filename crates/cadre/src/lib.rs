@@ -1,14 +1,23 @@
 //! cadre: keyed agents and CloudEvents signals across a cluster of nodes.
 //!
-//! Layers, bottom up (each depends only on those above it in this list):
+//! Layers, bottom up:
 //! - [`config`]: one [`config::Config`] per node, every limit named, validated at start;
+//! - [`signal`]: CloudEvents signals, their codecs and the causality journal;
 //! - [`router`]: pattern trie over dot-separated signal types (`*`, `**`, priorities, predicates);
 //! - [`wire`]: versioned envelopes and framing;
 //! - [`net`]: authenticated, batched, bounded connections between nodes;
 //! - [`membership`]: who is in the cluster (SWIM, sans-IO core plus a driver task);
+//! - [`storage`]: agent state and entries with per-shard epoch fencing (memory, redb, Postgres);
+//! - [`agent`]: keyed agents on one node (activation, mailboxes, persistence, the record of
+//!   handled signals, reminders, calls between agents);
+//! - [`meta`], [`placement`], [`cluster`]: the replicated metadata (Raft), where each key lives,
+//!   and the cluster layer (leases, controller, routing, hand-offs, replicas, reads);
+//! - [`bus`]: pub/sub on a node and across the cluster, routes to agents;
 //! - [`node`]: assembles the layers, start-up and graceful shutdown;
 //! - [`api`]: the HTTP surface;
 //! - [`sim`]: deterministic cluster simulation on turmoil (test support).
+//!
+//! Cross-cutting: [`metrics`] (a per-node registry) and [`clock`].
 //!
 //! An application starts a node with [`Node::builder`], defines agent types with [`Agent`], and
 //! reaches one agent anywhere in the cluster with [`Node::agent`] (see [`prelude`]).

@@ -5,8 +5,10 @@
 //! gracefully: it tells the members, lets the transport flush, then stops every task and waits
 //! for them. [`Node::kill`] stops abruptly, as a crash would (used by tests).
 //!
-//! Until agents exist, application traffic on the data lane goes to a [`DataHandler`]; the default
-//! [`Echo`] counts tells and answers asks with their own payload (the transport benchmark uses it).
+//! Data-lane traffic is dispatched by its leading tag: agent requests, replication and pub/sub
+//! copies go to the cluster and the bus; anything else goes to a [`DataHandler`], by default
+//! [`Echo`], which counts tells and answers asks with their own payload (the transport benchmark
+//! uses it).
 
 use std::net::SocketAddr;
 use std::path::Path;

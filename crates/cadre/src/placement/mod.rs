@@ -11,7 +11,8 @@
 //! are not stable and must never be used here.)
 //!
 //! [`plan`] is the controller's decision, sans-IO: from the metadata and the live nodes, the
-//! commands to propose. The loop that runs it on the Raft leader, and leases, come next.
+//! commands to propose. The loop that runs it on the Raft leader, with the leases that say which
+//! nodes are live, is in [`crate::cluster`].
 
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
