@@ -324,6 +324,10 @@ pub struct MetaConfig {
     pub voters_max: usize,
     /// A voter unreachable for this long is replaced by a live non-voter.
     pub voter_down_replace_ms: u64,
+    /// A member without a lease for this long (as the leader saw it), owning no shard and no
+    /// longer a voter, is removed from the metadata (and from the group's learners); coming back,
+    /// it is admitted again as a new member.
+    pub member_gone_remove_ms: u64,
     pub heartbeat_interval_ms: u64,
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
@@ -338,6 +342,7 @@ impl Default for MetaConfig {
         Self {
             voters_max: 3,
             voter_down_replace_ms: 30_000,
+            member_gone_remove_ms: 86_400_000,
             heartbeat_interval_ms: 100,
             election_timeout_min_ms: 300,
             election_timeout_max_ms: 600,
@@ -353,6 +358,7 @@ impl MetaConfig {
             return Err(invalid("meta.voters_max", "must be within 1..=7 (3 or 5 in practice)"));
         }
         positive("meta.voter_down_replace_ms", self.voter_down_replace_ms)?;
+        positive("meta.member_gone_remove_ms", self.member_gone_remove_ms)?;
         positive("meta.heartbeat_interval_ms", self.heartbeat_interval_ms)?;
         positive("meta.election_timeout_min_ms", self.election_timeout_min_ms)?;
         positive("meta.election_timeout_max_ms", self.election_timeout_max_ms)?;

@@ -222,3 +222,32 @@ async fn bad_replication_requests_are_refused_and_counted() {
     b.shutdown().await;
     a.shutdown().await;
 }
+
+/// A metadata snapshot whose shard table is shorter than its shard count (an owner lookup would
+/// index past it) is refused, counted and logged; the node keeps its state and keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_that_breaks_the_metadata_invariants_is_refused() {
+    use cadre::meta::raft::{ControlReply, ControlReq, RaftRpc};
+    let a = node("a", vec![]).await;
+    let b = node("b", vec![a.addr()]).await;
+    let k = cadre::storage::Key::new("counter", "before-snapshot");
+    let add = || cadre::signal::Signal::new("counter.add", serde_json::json!(2));
+    assert_eq!(b.cluster().call(&k, add(), WAIT).await.unwrap().reply, 2);
+    let before = a.cluster().state();
+
+    let mut data = (*before).clone();
+    data.shards.truncate(1);
+    let rpc = RaftRpc::FullSnapshot { vote: Default::default(), meta: Default::default(), data };
+    let req = ControlReq::Raft { to: a.cluster().raft_id(), rpc };
+    let bytes = Bytes::from(postcard::to_allocvec(&req).unwrap());
+    let reply = b.transport().ask_on(Lane::Control, a.addr(), bytes, WAIT).await.unwrap();
+    let reply: ControlReply = postcard::from_bytes(&reply).unwrap();
+    assert!(matches!(&reply, ControlReply::Refused(why) if why.contains("shard table")), "{reply:?}");
+
+    let metrics = a.metrics().render();
+    assert!(metrics.contains("cadre_meta_snapshots_refused_total 1"), "counted in\n{metrics}");
+    assert_eq!(a.cluster().state().shards.len(), before.shards.len(), "the table is as it was");
+    assert_eq!(b.cluster().call(&k, add(), WAIT).await.unwrap().reply, 4, "still serving");
+    b.shutdown().await;
+    a.shutdown().await;
+}

@@ -176,6 +176,7 @@ async fn voters_stay_odd_and_a_dead_voter_is_replaced() {
     let cfg = |name: &str, seeds| {
         let mut c = config(name, seeds);
         c.meta.voter_down_replace_ms = 1500;
+        c.meta.member_gone_remove_ms = 3000;
         c
     };
     let a = Node::start(cfg("a", vec![]), NodeOptions::default()).await.unwrap();
@@ -214,7 +215,23 @@ async fn voters_stay_odd_and_a_dead_voter_is_replaced() {
     settle(&a, &["a", "b", "d"]).await;
     // The group still commits: c's shards are reassigned to the live members.
     await_meta(&a, "c's shards reassigned", |st| settled(st, &["a", "b", "d"])).await;
-    for n in [d, b, a] {
+    // Gone for member_gone_remove_ms, owning nothing and no longer a voter: c leaves the
+    // metadata and the group's nodes.
+    let st = await_meta(&a, "c removed", |st| !st.members.contains_key("c")).await;
+    assert_eq!(st.members.keys().collect::<Vec<_>>(), ["a", "b", "d"]);
+    let in_group = |n: &Node| {
+        n.cluster().raft().metrics().borrow().membership_config.membership().nodes().any(|(_, m)| m.name == "c")
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut rx = a.cluster().raft().metrics();
+    while in_group(&a) {
+        tokio::time::timeout_at(deadline, rx.changed()).await.expect("c left the group's nodes").unwrap();
+    }
+    // Coming back under its name, it is admitted again as a new member and gets shards.
+    let c = Node::start(cfg("c", vec![a.addr()]), NodeOptions::default()).await.unwrap();
+    let st = await_meta(&a, "c serves again", |st| settled(st, &["a", "b", "c", "d"])).await;
+    assert_eq!(st.members["c"].admitted, 4, "a new admission, after a, b, c and d");
+    for n in [c, d, b, a] {
         n.shutdown().await;
     }
 }

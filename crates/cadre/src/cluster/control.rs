@@ -70,6 +70,8 @@ pub struct LeaderState {
     moves: HashMap<(u32, u64), Instant>,
     /// Voters seen down, since when.
     voters_down: HashMap<NodeId, Instant>,
+    /// Members seen without a lease, since when (by name).
+    members_down: HashMap<String, Instant>,
     next_rebalance: Option<Instant>,
 }
 
@@ -408,6 +410,62 @@ async fn tick(inner: &Arc<Inner>) {
         }
     }
     voters(inner, &live, now).await;
+    remove_gone(inner, &st, &live, now).await;
+}
+
+/// Members to remove from the metadata: without a lease for `gone_after` as this leader saw it
+/// (`down` tracks since when; a new leader starts counting afresh), owning no shard and no move's
+/// target (an owner holds every acknowledged write of its shards: it is kept until they are
+/// reassigned), not a voter (replaced first), not `me`.
+fn gone_members(
+    st: &MetaState,
+    live: &[String],
+    voters: &BTreeSet<String>,
+    me: &str,
+    down: &mut HashMap<String, Instant>,
+    now: Instant,
+    gone_after: Duration,
+) -> Vec<String> {
+    down.retain(|n, _| st.members.contains_key(n) && !live.contains(n));
+    let counts = st.shard_counts();
+    let mut out = Vec::new();
+    for name in st.members.keys().filter(|n| !live.contains(n) && n.as_str() != me) {
+        let since = *down.entry(name.clone()).or_insert(now);
+        let target = st.shards.iter().any(|e| matches!(&e.state, ShardState::Moving { to } if to == name));
+        let owns = counts.get(name.as_str()).is_some_and(|&c| c > 0);
+        if now >= since + gone_after && !owns && !target && !voters.contains(name) {
+            out.push(name.clone());
+        }
+    }
+    out
+}
+
+/// Removes long-gone members from the metadata and their Raft ids from the group's learners.
+async fn remove_gone(inner: &Arc<Inner>, st: &MetaState, live: &[String], now: Instant) {
+    let membership = inner.raft.metrics().borrow().membership_config.membership().clone();
+    let name_of = |id: &NodeId| membership.get_node(id).map(|n| n.name.clone());
+    let voters: BTreeSet<String> = membership.voter_ids().filter_map(|id| name_of(&id)).collect();
+    let gone_after = Duration::from_millis(inner.meta_cfg.member_gone_remove_ms);
+    let gone = {
+        let mut ls = lock(inner);
+        gone_members(st, live, &voters, &inner.name, &mut ls.members_down, now, gone_after)
+    };
+    for name in gone {
+        info!(member = %name, "removing a member gone for longer than meta.member_gone_remove_ms");
+        let remove = inner.raft.client_write(Cmd::Remove { name: name.clone() });
+        if let Err(e) = bounded_locked(inner, "member removal", remove).await {
+            debug!(member = %name, error = %e, "member not removed yet");
+            return;
+        }
+        let learners: BTreeSet<NodeId> =
+            membership.learner_ids().filter(|id| name_of(id).as_deref() == Some(name.as_str())).collect();
+        if !learners.is_empty() {
+            let change = inner.raft.change_membership(openraft::ChangeMembers::RemoveNodes(learners), false);
+            if let Err(e) = bounded_locked(inner, "learner removal", change).await {
+                debug!(member = %name, error = %e, "learner not removed yet");
+            }
+        }
+    }
 }
 
 /// Moves to abort: target not live or no longer in sync, or the hand-off took longer than
@@ -537,6 +595,35 @@ async fn voters(inner: &Arc<Inner>, live: &[String], now: Instant) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn members_are_removed_only_when_gone_long_owning_nothing_and_no_voter() {
+        use crate::meta::Cmd;
+        let mut st = MetaState::default();
+        st.apply(&Cmd::Init { shard_count: 2 }).unwrap();
+        for n in ["a", "b", "c", "d", "e"] {
+            st.apply(&Cmd::Admit { name: n.into(), addr: format!("{n}:1"), raft_id: 0 }).unwrap();
+        }
+        st.apply(&Cmd::Assign { shard: 0, owner: "a".into(), expected_epoch: 0 }).unwrap();
+        st.apply(&Cmd::Assign { shard: 1, owner: "c".into(), expected_epoch: 0 }).unwrap();
+        st.apply(&Cmd::BeginMove { shard: 0, to: "e".into(), expected_epoch: 1 }).unwrap();
+        let live = vec!["a".to_string()];
+        let voters: BTreeSet<String> = ["a", "b"].map(String::from).into();
+        let (mut down, t0, after) = (HashMap::new(), Instant::now(), Duration::from_secs(10));
+        let gone = |down: &mut HashMap<String, Instant>, at: Duration| {
+            gone_members(&st, &live, &voters, "a", down, t0 + at, after)
+        };
+        // Seen down now: not yet gone.
+        assert!(gone(&mut down, Duration::ZERO).is_empty());
+        assert_eq!(down.len(), 4, "b, c, d and e are counted from now");
+        // Long after: b is a voter, c owns shard 1, e is shard 0's move target; d goes.
+        assert_eq!(gone(&mut down, after), ["d"]);
+        // A member seen live again starts over.
+        let live_d = vec!["a".to_string(), "d".to_string()];
+        gone_members(&st, &live_d, &voters, "a", &mut down, t0 + after, after);
+        assert!(!down.contains_key("d"));
+        assert!(gone(&mut down, after + Duration::from_secs(1)).is_empty(), "d's wait started again");
+    }
 
     #[test]
     fn voter_counts_are_odd_and_bounded() {

@@ -17,8 +17,9 @@
 //!   assign unowned shards and those of expired owners at once, start at most
 //!   `max_moves_per_tick` planned moves toward the desired owners every `rebalance_interval_ms`
 //!   ([`crate::placement::plan`]), abort moves whose target died or that exceed
-//!   `handoff_timeout_ms`, and keep the voter set full (add caught-up learners, replace voters
-//!   down for `meta.voter_down_replace_ms`).
+//!   `handoff_timeout_ms`, keep the voter set full (add caught-up learners, replace voters
+//!   down for `meta.voter_down_replace_ms`), and remove members gone for
+//!   `meta.member_gone_remove_ms` that own nothing and vote no more.
 //! - **Routing** (here): a request for a key goes to the owner of its shard in this node's copy of
 //!   the table; a node that does not serve the shard answers `NotOwner` with its own view as a hint,
 //!   which the sender follows when it is newer than its own (at most `redirects_max` times). When
@@ -241,7 +242,7 @@ impl Prepared {
         id_seed.extend_from_slice(&starts.to_le_bytes());
         let fresh = xxhash_rust::xxh3::xxh3_64_with_seed(&id_seed, parts.rng_seed).max(1);
         let raft_id = db.node_id(fresh)?;
-        let sm = SmStore::open(db.clone())?;
+        let sm = SmStore::open(db.clone()).map_err(|e| e.to_string())?;
         let lease = Arc::new(Lease::default());
         let repl = replica::Replication::new(
             parts.name.clone(),
@@ -293,6 +294,8 @@ pub(crate) struct Inner {
     /// And lease renewals theirs: a burst of placement or replica requests must not let leases lapse.
     renew_permits: Arc<Semaphore>,
     control_dropped: prometheus_client::metrics::counter::Counter,
+    /// Metadata snapshots received that break the metadata's invariants (refused).
+    snapshots_refused: prometheus_client::metrics::counter::Counter,
     agent_permits: Arc<Semaphore>,
     handoffs: Mutex<HashSet<(u32, u64)>>,
     /// Set once this node starts leaving (renewals say so).
@@ -386,6 +389,10 @@ impl Cluster {
             control_dropped: parts
                 .metrics
                 .counter("control_requests_dropped", "Control-lane requests dropped because too many were in flight"),
+            snapshots_refused: parts.metrics.counter(
+                "meta_snapshots_refused",
+                "Metadata snapshots received from the leader that broke the metadata's invariants, refused",
+            ),
             agent_permits: Arc::new(Semaphore::new(AGENT_IN_FLIGHT_MAX)),
             handoffs: Mutex::new(HashSet::new()),
             draining: std::sync::atomic::AtomicBool::new(false),
@@ -690,7 +697,9 @@ impl Cluster {
                     warn!(from = %from_name, error = %e, "undecodable control request");
                     ControlReply::Refused(format!("undecodable control request: {e}"))
                 }
-                Ok(ControlReq::Raft { to, rpc }) => mraft::serve(&inner.raft, inner.raft_id, to, rpc).await,
+                Ok(ControlReq::Raft { to, rpc }) => {
+                    mraft::serve(&inner.raft, inner.raft_id, to, rpc, &inner.snapshots_refused).await
+                }
                 Ok(ControlReq::Renew(r)) => ControlReply::Renew(control::grant(&inner, r).await),
                 Ok(ControlReq::HandedOff { shard, epoch }) => {
                     ControlReply::HandedOff(control::complete_move(&inner, shard, epoch).await)

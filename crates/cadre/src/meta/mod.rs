@@ -1,10 +1,11 @@
-//! Cluster metadata: the replicated state machine that the Raft group (next step) will drive.
+//! Cluster metadata: the replicated state machine that the Raft group drives.
 //!
 //! [`MetaState`] is pure: [`MetaState::apply`] takes a [`Cmd`] and returns a reply or a typed
 //! refusal, with no IO and no clock, so every replica that applies the same commands in the same
 //! order holds the same state. It holds:
 //! - `shard_count`, fixed by [`Cmd::Init`] (once);
-//! - the admitted members, in admission order (the first `meta_voters_max` will be the voters);
+//! - the admitted members, in admission order (the controller picks the Raft voters among the
+//!   live ones in that order, up to `meta.voters_max`);
 //! - the shard table `shard → (owner, epoch, state, replicas)`.
 //!
 //! ## Replicas
@@ -21,14 +22,19 @@
 //! on the same old view cannot both win. Storage writes carry the epoch (fencing, see
 //! [`crate::storage`]): once the new owner writes, the old one is refused.
 //!
-//! Commands are a versioned enum so later issues can add strong KV, locks and queues.
+//! Commands are an enum whose new variants go at the end (the encoding is by position), so new
+//! kinds of replicated data can join the same group.
 //!
 //! The Raft group that replicates it is in [`raft`] (openraft binding, network over the control
 //! lane) and [`store`] (log and snapshots in redb); [`crate::cluster`] drives it (voters, leases,
-//! the placement controller).
+//! the placement controller). [`invariants`] checks what every state `apply` reaches satisfies: a
+//! snapshot received or loaded that breaks it is refused.
 
+pub mod invariants;
 pub mod raft;
 pub mod store;
+
+pub use invariants::InvariantError;
 
 use std::collections::BTreeMap;
 
@@ -257,6 +263,8 @@ pub enum MetaError {
     TooManyRoutes,
     #[error("no route {0}")]
     UnknownRoute(u64),
+    #[error("{node} owns shard {shard}; it cannot be its move's target")]
+    MoveToOwner { shard: u32, node: String },
 }
 
 /// The replicated metadata.
@@ -318,6 +326,9 @@ impl MetaState {
                 let e = self.shard_at(*shard, *expected_epoch)?;
                 if e.state != ShardState::Active {
                     return Err(wrong_state(*shard, &e.state, "active"));
+                }
+                if e.owner.as_ref() == Some(to) {
+                    return Err(MetaError::MoveToOwner { shard: *shard, node: to.clone() });
                 }
                 e.state = ShardState::Moving { to: to.clone() };
                 Ok(self.reply(*shard))

@@ -212,8 +212,16 @@ pub fn encode<T: Serialize>(v: &T) -> Bytes {
     Bytes::from(postcard::to_allocvec(v).expect("control message serializes"))
 }
 
-/// Serves a Raft RPC addressed to `me`.
-pub async fn serve(raft: &Raft, me: NodeId, to: NodeId, rpc: RaftRpc) -> ControlReply {
+/// Serves a Raft RPC addressed to `me`. A snapshot that breaks the metadata's invariants is
+/// refused (counted in `snapshots_refused`, logged) and this node keeps the state it has: the
+/// sender's next attempt may carry a sound one.
+pub async fn serve(
+    raft: &Raft,
+    me: NodeId,
+    to: NodeId,
+    rpc: RaftRpc,
+    snapshots_refused: &prometheus_client::metrics::counter::Counter,
+) -> ControlReply {
     if to != me {
         return ControlReply::Refused(format!("this node is Raft member {me}, not {to}"));
     }
@@ -221,6 +229,11 @@ pub async fn serve(raft: &Raft, me: NodeId, to: NodeId, rpc: RaftRpc) -> Control
         RaftRpc::Append(r) => ControlReply::Append(raft.append_entries(r).await),
         RaftRpc::Vote(r) => ControlReply::Vote(raft.vote(r).await),
         RaftRpc::FullSnapshot { vote, meta, data } => {
+            if let Err(e) = data.check_invariants() {
+                snapshots_refused.inc();
+                tracing::warn!(snapshot = %meta.snapshot_id, error = %e, "refused a metadata snapshot that breaks its invariants");
+                return ControlReply::Refused(format!("snapshot {} refused: {e}", meta.snapshot_id));
+            }
             let snapshot = Snapshot { meta, snapshot: Box::new(data) };
             ControlReply::FullSnapshot(raft.install_full_snapshot(vote, snapshot).await)
         }

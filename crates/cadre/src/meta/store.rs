@@ -284,6 +284,15 @@ struct SmInner {
     snapshot_seq: u64,
 }
 
+/// Why the state machine could not start from its database.
+#[derive(Debug, thiserror::Error)]
+pub enum SmOpenError {
+    #[error("cannot read the stored metadata snapshot: {0}")]
+    Read(String),
+    #[error("the stored metadata snapshot is inconsistent ({0}); refusing to start from it")]
+    Invariant(super::InvariantError),
+}
+
 /// The state machine: [`MetaState`] in memory, snapshots in the database.
 #[derive(Clone)]
 pub struct SmStore {
@@ -293,9 +302,14 @@ pub struct SmStore {
 }
 
 impl SmStore {
-    /// Starts from the stored snapshot, if any.
-    pub fn open(db: MetaDb) -> Result<SmStore, String> {
-        let stored: Option<StoredSnapshot> = MetaDb::get_kv(&db.db, SNAPSHOT).map_err(|e| e.to_string())?;
+    /// Starts from the stored snapshot, if any: refused if it breaks the metadata's invariants
+    /// (a damaged or foreign `meta.redb`), rather than served until a lookup panics on it.
+    pub fn open(db: MetaDb) -> Result<SmStore, SmOpenError> {
+        let stored: Option<StoredSnapshot> =
+            MetaDb::get_kv(&db.db, SNAPSHOT).map_err(|e| SmOpenError::Read(e.to_string()))?;
+        if let Some(s) = &stored {
+            s.data.check_invariants().map_err(SmOpenError::Invariant)?;
+        }
         let inner = match stored {
             Some(s) => SmInner {
                 last_applied: s.meta.last_log_id,
@@ -374,6 +388,11 @@ impl RaftStateMachine<TC> for SmStore {
                     EntryPayload::Normal(cmd) => out.push(g.state.apply(&cmd)),
                 }
             }
+            // `apply` keeps them by construction: a debug build (tests, simulations) says so.
+            #[cfg(debug_assertions)]
+            if let Err(e) = g.state.check_invariants() {
+                panic!("applying up to {:?} broke the metadata's invariants: {e}", g.last_applied);
+            }
             g.state.clone()
         };
         self.publish(state);
@@ -409,5 +428,38 @@ impl RaftStateMachine<TC> for SmStore {
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TC>>, SE> {
         let stored: Option<StoredSnapshot> = self.db.run(|db| MetaDb::get_kv(db, SNAPSHOT)).await?;
         Ok(stored.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(s.data) }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(data: MetaState) -> StoredSnapshot {
+        StoredSnapshot { meta: SnapshotMeta::default(), data }
+    }
+
+    fn sound() -> MetaState {
+        let mut s = MetaState::default();
+        s.apply(&super::super::Cmd::Init { shard_count: 4 }).unwrap();
+        s
+    }
+
+    #[test]
+    fn a_stored_snapshot_that_breaks_the_invariants_is_refused_at_start() {
+        let db = MetaDb::memory();
+        MetaDb::put_snapshot(&db.db, &stored(sound())).unwrap();
+        let sm = SmStore::open(db).expect("a sound snapshot opens");
+        assert_eq!(sm.subscribe().borrow().shard_count, 4);
+
+        // A shard table shorter than its shard count: an owner lookup would index past it.
+        let mut bad = sound();
+        bad.shards.truncate(2);
+        let db = MetaDb::memory();
+        MetaDb::put_snapshot(&db.db, &stored(bad)).unwrap();
+        match SmStore::open(db) {
+            Err(SmOpenError::Invariant(super::super::InvariantError::TableLen { len: 2, count: 4 })) => {}
+            other => panic!("expected a typed refusal, got {:?}", other.map(|_| ())),
+        }
     }
 }

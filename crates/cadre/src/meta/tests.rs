@@ -134,7 +134,8 @@ fn arb_cmd() -> impl Strategy<Value = Cmd> {
 
 proptest! {
     /// Whatever the commands: refused ones change nothing, epochs never go down and go up exactly
-    /// when the owner is set, owners are members, and the state survives its encoding.
+    /// when the owner is set, every invariant of `check_invariants` holds after each, and the
+    /// state survives its encoding.
     #[test]
     fn invariants_hold_over_any_command_sequence(cmds in prop::collection::vec(arb_cmd(), 0..80)) {
         let mut s = MetaState::default();
@@ -150,21 +151,8 @@ proptest! {
                     }
                 }
             }
-            for e in &s.shards {
-                if let Some(o) = &e.owner {
-                    prop_assert!(s.members.contains_key(o));
-                }
-                prop_assert_eq!(e.owner.is_none(), e.state == ShardState::Unassigned);
-                if let ShardState::Moving { to } = &e.state {
-                    prop_assert!(s.members.contains_key(to));
-                }
-                let mut names: Vec<&str> = e.replicas.iter().map(|r| r.node.as_str()).collect();
-                prop_assert!(names.iter().all(|n| s.members.contains_key(*n)), "replicas are members");
-                prop_assert!(!names.contains(&e.owner.as_deref().unwrap_or("")), "the owner is no replica");
-                names.sort();
-                names.dedup();
-                prop_assert_eq!(names.len(), e.replicas.len(), "no replica twice");
-            }
+            // Owners, targets and replicas are members, no replica twice, generations unique...
+            prop_assert_eq!(s.check_invariants(), Ok(()), "after {:?}", cmd);
             // Only an in-sync replica is promoted.
             if let Cmd::Promote { shard, to, .. } = cmd {
                 if let Some(old) = before.shards.get(*shard as usize) {
@@ -311,4 +299,55 @@ fn routes_are_idempotent_checked_and_bounded() {
     assert_eq!(s.apply(&Cmd::AddRoute(route("one.more", "/id"))), Err(MetaError::TooManyRoutes));
     let existing = s.routes.values().next().unwrap().clone();
     assert!(s.apply(&Cmd::AddRoute(existing)).is_ok(), "adding an existing route at the limit is fine");
+}
+
+/// A sound state with an owner, a move, replicas and a route, to break one rule at a time.
+fn sound() -> MetaState {
+    let mut s = state(3, &["a", "b", "c"]);
+    s.apply(&Cmd::Assign { shard: 0, owner: "a".into(), expected_epoch: 0 }).unwrap();
+    s.apply(&Cmd::Assign { shard: 1, owner: "b".into(), expected_epoch: 0 }).unwrap();
+    s.apply(&Cmd::AddReplica { shard: 0, node: "b".into(), expected_epoch: 1 }).unwrap();
+    s.apply(&Cmd::AddReplica { shard: 0, node: "c".into(), expected_epoch: 1 }).unwrap();
+    s.apply(&Cmd::BeginMove { shard: 1, to: "c".into(), expected_epoch: 1 }).unwrap();
+    let route = AgentRoute { pattern: "o.**".into(), target: AgentTarget::Pool { ty: "w".into() } };
+    s.apply(&Cmd::AddRoute(route)).unwrap();
+    s
+}
+
+#[test]
+fn a_state_that_breaks_an_invariant_is_named_by_the_rule_it_breaks() {
+    use super::InvariantError as E;
+    assert_eq!(sound().check_invariants(), Ok(()));
+    // `apply` refuses what would break one: a move to the shard's own owner.
+    assert_eq!(
+        sound().apply(&Cmd::BeginMove { shard: 0, to: "a".into(), expected_epoch: 1 }),
+        Err(MetaError::MoveToOwner { shard: 0, node: "a".into() })
+    );
+    assert_eq!(MetaState::default().check_invariants(), Ok(()));
+    let broken = |f: &dyn Fn(&mut MetaState)| {
+        let mut s = sound();
+        f(&mut s);
+        s.check_invariants().expect_err("a broken state")
+    };
+    assert_eq!(broken(&|s| s.shards.pop().map(drop).unwrap()), E::TableLen { len: 2, count: 3 });
+    assert_eq!(broken(&|s| s.shard_count = SHARD_COUNT_MAX + 1), E::ShardCount(SHARD_COUNT_MAX + 1));
+    assert!(matches!(broken(&|s| s.shards[2].owner = Some("a".into())), E::OwnerState { shard: 2, .. }));
+    assert!(matches!(broken(&|s| s.shards[0].state = ShardState::Unassigned), E::OwnerState { shard: 0, .. }));
+    assert!(matches!(broken(&|s| s.shards[0].owner = Some("z".into())), E::NotMember { role: "owner", .. }));
+    let to = |n: &str| ShardState::Moving { to: n.into() };
+    assert!(matches!(broken(&|s| s.shards[1].state = to("z")), E::NotMember { role: "move target", .. }));
+    assert!(matches!(broken(&|s| s.shards[1].state = to("b")), E::MoveToOwner { shard: 1, .. }));
+    assert!(matches!(broken(&|s| s.shards[0].replicas[1].node = "z".into()), E::NotMember { role: "replica", .. }));
+    assert!(matches!(broken(&|s| s.shards[0].replicas[1].node = "b".into()), E::ReplicaTwice { shard: 0, .. }));
+    assert!(matches!(broken(&|s| s.shards[0].replicas[1].node = "a".into()), E::ReplicaTwice { shard: 0, .. }));
+    let reused = |s: &mut MetaState| s.shards[0].replicas[1].generation = s.shards[0].replicas[0].generation;
+    assert!(matches!(broken(&reused), E::Generation { shard: 0, .. }));
+    assert!(matches!(broken(&|s| s.generations = 1), E::Generation { shard: 0, .. }));
+    assert!(matches!(broken(&|s| s.members.get_mut("c").unwrap().admitted = 0), E::Admission { .. }));
+    assert!(matches!(broken(&|s| s.admitted = 2), E::Admission { .. }));
+    let misfiled = |s: &mut MetaState| {
+        let (id, route) = s.routes.pop_first().unwrap();
+        s.routes.insert(id + 1, route);
+    };
+    assert!(matches!(broken(&misfiled), E::BadRoute { .. }));
 }
