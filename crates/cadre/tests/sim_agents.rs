@@ -30,10 +30,12 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use tokio_util::task::TaskTracker;
 
+use cadre::cluster::Served;
 use cadre::config::{Config, PlacementConfig};
 use cadre::meta::ShardState;
 use cadre::node::NodeOptions;
 use cadre::placement::{desired_owner, shard_of};
+use cadre::signal::Signal;
 use cadre::sim::{run_seeds_in, SimCluster, SimNode, SIM_SECRET};
 use cadre::storage::memory::MemoryStorage;
 use cadre::storage::{Fence, Key, Revision, Storage, StorageError, Versioned};
@@ -608,6 +610,14 @@ fn a_joining_node_takes_shards_without_losing_acknowledged_adds() {
     });
 }
 
+/// One call to key `k` through `via`, run until it ends (the simulation gets twice its timeout).
+fn call_on(c: &mut SimCluster, via: &str, k: usize, signal: Signal, timeout: Duration) -> Result<Served, String> {
+    c.run_on(via, timeout * 2, move |cl| async move { cl.call(&key(k), signal, timeout).await })
+        .map_err(|e| e.to_string())?
+        .ok_or(format!("{via} not running"))?
+        .map_err(|e| e.to_string())
+}
+
 // ------------------------------------------------------------------------------------------------
 // Scenario 3: failover time after the owner of a key crashes
 
@@ -622,11 +632,7 @@ fn a_crashed_owner_fails_over_within_bound() {
         let k = (seed as usize * 7) % KEYS;
         let c = &mut h.c;
         // Activate the key and let the cluster run a while.
-        let first = c
-            .run_on("n1", Duration::from_secs(5), move |cl| async move { cl.call(&key(k), add(1), CALL_TIMEOUT).await })
-            .map_err(|e| e.to_string())?
-            .ok_or("n1 not running")?
-            .map_err(|e| format!("first add: {e}"))?;
+        let first = call_on(c, "n1", k, add(1), CALL_TIMEOUT).map_err(|e| format!("first add: {e}"))?;
         c.run_for(Duration::from_millis(300 + 100 * (seed % 5))).map_err(|e| e.to_string())?;
         let victim = first.node;
         let was_leader = c.cluster(&victim).and_then(|cl| cl.leader()).as_deref() == Some(victim.as_str());
@@ -711,11 +717,7 @@ fn a_call_in_flight_to_a_crashed_owner_is_answered_by_the_new_owner_once() {
         h.settle("start")?;
         let k = (seed as usize * 5) % KEYS;
         let c = &mut h.c;
-        let first = c
-            .run_on("n1", Duration::from_secs(5), move |cl| async move { cl.call(&key(k), add(1), CALL_TIMEOUT).await })
-            .map_err(|e| e.to_string())?
-            .ok_or("n1 not running")?
-            .map_err(|e| format!("first add: {e}"))?;
+        let first = call_on(c, "n1", k, add(1), CALL_TIMEOUT).map_err(|e| format!("first add: {e}"))?;
         let victim = first.node;
         let caller = names(3).into_iter().find(|n| *n != victim).unwrap();
         // One add in flight; the owner crashes after 0 to 4 ms of it: before the ask arrived,
@@ -741,13 +743,7 @@ fn a_call_in_flight_to_a_crashed_owner_is_answered_by_the_new_owner_once() {
             return Err(format!("the add in flight answered {} by {}, not 2", served.reply, served.node));
         }
         // Counted once, whoever handled it.
-        let value = c
-            .run_on(&caller, IN_FLIGHT_TIMEOUT * 2, move |cl| async move {
-                cl.call(&key(k), get(), IN_FLIGHT_TIMEOUT).await
-            })
-            .map_err(|e| e.to_string())?
-            .ok_or("caller not running")?
-            .map_err(|e| format!("read after: {e}"))?;
+        let value = call_on(c, &caller, k, get(), IN_FLIGHT_TIMEOUT).map_err(|e| format!("read after: {e}"))?;
         if value.reply != serde_json::json!(2) {
             return Err(format!("k{k} holds {} after two adds of 1, not 2", value.reply));
         }

@@ -428,12 +428,19 @@ fn gone_members(
 ) -> Vec<String> {
     down.retain(|n, _| st.members.contains_key(n) && !live.contains(n));
     let counts = st.shard_counts();
+    let targets: BTreeSet<&str> = st
+        .shards
+        .iter()
+        .filter_map(|e| match &e.state {
+            ShardState::Moving { to } => Some(to.as_str()),
+            _ => None,
+        })
+        .collect();
     let mut out = Vec::new();
     for name in st.members.keys().filter(|n| !live.contains(n) && n.as_str() != me) {
         let since = *down.entry(name.clone()).or_insert(now);
-        let target = st.shards.iter().any(|e| matches!(&e.state, ShardState::Moving { to } if to == name));
         let owns = counts.get(name.as_str()).is_some_and(|&c| c > 0);
-        if now >= since + gone_after && !owns && !target && !voters.contains(name) {
+        if now >= since + gone_after && !owns && !targets.contains(name.as_str()) && !voters.contains(name) {
             out.push(name.clone());
         }
     }
