@@ -108,36 +108,129 @@ async fn activations(seconds: f64) -> Result<(f64, usize)> {
     Ok((rate, active))
 }
 
-async fn local_calls(seconds: f64, dedupe_ids_max: usize) -> Result<f64> {
-    let host = host_with(dedupe_ids_max);
+/// `counter.add` calls/s on `host` to `HOT_KEYS` keys, `CONCURRENCY` callers for `seconds`.
+async fn local_calls(host: &Host, seconds: f64) -> Result<f64> {
     let h = host.clone();
-    let rate = saturate(seconds, move |t, n| {
+    saturate(seconds, move |t, n| {
         let h = h.clone();
         async move {
-            let key = Key::new("counter", format!("hot{}", (t * 7 + n as usize) % HOT_KEYS));
-            h.call(&key, add(), CALL_TIMEOUT).await?;
+            h.call(&hot_key("hot", t, n), add(), CALL_TIMEOUT).await?;
             Ok(())
         }
     })
-    .await?;
-    host.shutdown().await;
-    Ok(rate)
+    .await
 }
 
-/// Rounds each side of a with/without comparison is split into.
-const PAIRED_ROUNDS: u32 = 4;
+/// The hot key caller `t` calls on its `n`th call.
+fn hot_key(prefix: &str, t: usize, n: u64) -> Key {
+    Key::new("counter", format!("{prefix}{}", (t * 7 + n as usize) % HOT_KEYS))
+}
 
-/// Local calls with the record of handled signals and without, in alternating rounds so that a
-/// change in the machine's load reaches both sides alike (one long run after the other varied by
-/// more than the difference measured).
-async fn local_with_and_without(seconds: f64, dedupe_ids_max: usize) -> Result<(f64, f64)> {
-    let round = seconds / f64::from(PAIRED_ROUNDS);
-    let (mut with, mut without) = (0.0, 0.0);
-    for _ in 0..PAIRED_ROUNDS {
-        with += local_calls(round, dedupe_ids_max).await?;
-        without += local_calls(round, 0).await?;
+/// `adds` untimed `counter.add` calls to each hot key through `call`, `CONCURRENCY` at a time:
+/// with `adds` = the record's size, every agent's record is full, so the timed rounds measure
+/// the steady state (every write carries the whole record) rather than records filling up.
+async fn fill<F, Fut>(adds: usize, call: F) -> Result<()>
+where
+    F: Fn(usize) -> Fut + Send + Sync + Clone + 'static,
+    Fut: std::future::Future<Output = Result<()>> + Send,
+{
+    let total = HOT_KEYS * adds;
+    let tasks: Vec<_> = (0..CONCURRENCY)
+        .map(|t| {
+            let call = call.clone();
+            tokio::spawn(async move {
+                for i in (t..total).step_by(CONCURRENCY) {
+                    call(i % HOT_KEYS).await?;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await??;
     }
-    Ok((with / f64::from(PAIRED_ROUNDS), without / f64::from(PAIRED_ROUNDS)))
+    Ok(())
+}
+
+/// Most rounds per side of a with/without comparison (`--rounds`).
+const ROUNDS_MAX: usize = 1000;
+
+/// A with/without comparison: mean rate of each side and the rounds' ratios (with/without of
+/// the same round), of which the median is the figure (one slow moment of the machine moves the
+/// mean of one side, not the median ratio) and the quartiles show the spread.
+struct Paired {
+    with: f64,
+    without: f64,
+    /// Sorted.
+    ratios: Vec<f64>,
+}
+
+impl Paired {
+    fn quantile(&self, q: f64) -> f64 {
+        let at = q * (self.ratios.len() - 1) as f64;
+        let (lo, hi) = (at.floor() as usize, at.ceil() as usize);
+        self.ratios[lo] + (self.ratios[hi] - self.ratios[lo]) * (at - lo as f64)
+    }
+
+    fn ratio(&self) -> f64 {
+        self.quantile(0.5)
+    }
+
+    /// "median 0.91 (quartiles 0.85–0.97, 8 rounds)"
+    fn describe(&self) -> String {
+        let (q1, q3) = (self.quantile(0.25), self.quantile(0.75));
+        format!("median {:.2} (quartiles {q1:.2}–{q3:.2}, {} rounds)", self.ratio(), self.ratios.len())
+    }
+}
+
+/// Runs `rounds` rounds of each side (`side(true, seconds)` with the record, `false`
+/// without), alternating which goes first so that a drift in the machine's load reaches both
+/// sides alike. Each round starts fresh nodes: two instances of the same setup differed by up to
+/// 20 % for their whole life on this machine, so one instance per side would measure the
+/// instances, not the record.
+async fn paired<S, SF>(seconds: f64, rounds: usize, side: S) -> Result<Paired>
+where
+    S: Fn(bool, f64) -> SF,
+    SF: std::future::Future<Output = Result<f64>>,
+{
+    let round = seconds / rounds as f64;
+    let (mut sum_with, mut sum_without, mut ratios) = (0.0, 0.0, Vec::with_capacity(rounds));
+    for r in 0..rounds {
+        let (w, o) = if r % 2 == 0 {
+            let w = side(true, round).await?;
+            (w, side(false, round).await?)
+        } else {
+            let o = side(false, round).await?;
+            (side(true, round).await?, o)
+        };
+        sum_with += w;
+        sum_without += o;
+        ratios.push(w / o);
+    }
+    ratios.sort_by(f64::total_cmp);
+    Ok(Paired { with: sum_with / rounds as f64, without: sum_without / rounds as f64, ratios })
+}
+
+/// Local calls with the record of handled signals and without. Both sides get the same untimed
+/// calls first (the record's size per agent), so the record is full: the timed calls measure
+/// the steady state, where every write carries the whole record.
+async fn local_with_and_without(seconds: f64, dedupe_ids_max: usize, rounds: usize) -> Result<Paired> {
+    paired(seconds, rounds, |with_record, round| async move {
+        let host = host_with(if with_record { dedupe_ids_max } else { 0 });
+        let h = host.clone();
+        fill(dedupe_ids_max, move |k| {
+            let h = h.clone();
+            async move {
+                h.call(&hot_key("hot", k, 0), add(), CALL_TIMEOUT).await?;
+                Ok(())
+            }
+        })
+        .await?;
+        let rate = local_calls(&host, round).await;
+        host.shutdown().await;
+        rate
+    })
+    .await
 }
 
 type Req = (Signal, oneshot::Sender<i64>);
@@ -280,21 +373,28 @@ async fn remote_call_rate(
     .await
 }
 
-/// Remote calls with the record of handled signals and without, in alternating rounds, each on
-/// a fresh pair of nodes (the record's size is a node's setting).
-async fn remote_with_and_without(seconds: f64, dedupe_ids_max: usize) -> Result<(f64, f64)> {
-    let round = seconds / f64::from(PAIRED_ROUNDS);
-    let mut sums = [0.0, 0.0];
-    for _ in 0..PAIRED_ROUNDS {
-        for (sum, ids) in sums.iter_mut().zip([dedupe_ids_max, 0]) {
-            let (a, b) = start_pair_with(1, None, ids).await?;
-            let keys = std::sync::Arc::new(keys_of_a(&b));
-            *sum += remote_call_rate(b.cluster(), &keys, round).await?;
-            b.shutdown().await;
-            a.shutdown().await;
-        }
-    }
-    Ok((sums[0] / f64::from(PAIRED_ROUNDS), sums[1] / f64::from(PAIRED_ROUNDS)))
+/// Remote calls with the record of handled signals and without, each round on a fresh pair of
+/// nodes (the record's size is a node's setting), every record full first (filled from a, the
+/// owner: local calls, faster than through b).
+async fn remote_with_and_without(seconds: f64, dedupe_ids_max: usize, rounds: usize) -> Result<Paired> {
+    paired(seconds, rounds, |with_record, round| async move {
+        let (a, b) = start_pair_with(1, None, if with_record { dedupe_ids_max } else { 0 }).await?;
+        let keys = std::sync::Arc::new(keys_of_a(&b));
+        let (c, k) = (a.cluster().clone(), keys.clone());
+        fill(dedupe_ids_max, move |i| {
+            let (c, k) = (c.clone(), k.clone());
+            async move {
+                c.call(&k[i], add(), CALL_TIMEOUT).await?;
+                Ok(())
+            }
+        })
+        .await?;
+        let rate = remote_call_rate(b.cluster(), &keys, round).await;
+        b.shutdown().await;
+        a.shutdown().await;
+        rate
+    })
+    .await
 }
 
 /// Remote calls/s, raw asks/s, remote call p50 µs, raw ask p50 µs (no replicas: the call path
@@ -423,6 +523,8 @@ pub struct RecordOpts {
     pub dedupe_ids_max: usize,
     /// Only the with/without comparisons (local and remote calls).
     pub only: bool,
+    /// Rounds per side of each comparison.
+    pub rounds: usize,
 }
 
 pub async fn run(seconds: f64, storage: Option<String>, record: RecordOpts) -> Result<()> {
@@ -433,17 +535,21 @@ pub async fn run(seconds: f64, storage: Option<String>, record: RecordOpts) -> R
     if !(1..=cadre::agent::handled::DEDUPE_IDS_MAX_LIMIT).contains(&ids) {
         bail!("--dedupe-ids must be within 1..={}", cadre::agent::handled::DEDUPE_IDS_MAX_LIMIT);
     }
+    if !(2..=ROUNDS_MAX).contains(&record.rounds) {
+        bail!("--rounds must be within 2..={ROUNDS_MAX}");
+    }
     if record.only {
-        return record_only(seconds, ids).await;
+        return record_only(seconds, ids, record.rounds).await;
     }
     let (act, active) = activations(seconds).await?;
     println!("activations       {act:>10.0}/s   ({active} agents active at the end, memory storage)");
     let raw = raw_calls(seconds).await?;
-    let (local, local_off) = local_with_and_without(seconds, ids).await?;
+    let paired_local = local_with_and_without(seconds, ids, record.rounds).await?;
+    let (local, local_off) = (paired_local.with, paired_local.without);
     println!("local calls       {local:>10.0}/s   raw channel actors {raw:>10.0}/s   ratio {:.2}", local / raw);
     println!(
-        "  without record  {local_off:>10.0}/s   ratio with/without {:.2}   ({ids} ids kept per agent)",
-        local / local_off
+        "  without record  {local_off:>10.0}/s   ratio with/without {}   ({ids} ids kept per agent)",
+        paired_local.describe()
     );
     let (agent_p50, raw_p50) = latencies().await?;
     println!("local call p50    {agent_p50:>10.2} µs   raw {raw_p50:>8.2} µs");
@@ -507,21 +613,31 @@ pub async fn run(seconds: f64, storage: Option<String>, record: RecordOpts) -> R
 
 /// The record's cost alone: local calls, then remote calls, with and without it in alternating
 /// rounds, each side `seconds` long in all.
-async fn record_only(seconds: f64, ids: usize) -> Result<()> {
-    let (local, local_off) = local_with_and_without(seconds, ids).await?;
+async fn record_only(seconds: f64, ids: usize, rounds: usize) -> Result<()> {
+    let local = local_with_and_without(seconds, ids, rounds).await?;
     println!(
-        "local calls       {local:>10.0}/s   without record {local_off:>10.0}/s   ratio {:.2}   ({ids} ids kept per agent)",
-        local / local_off
+        "local calls       {:>10.0}/s   without record {:>10.0}/s   ratio {}   ({ids} ids kept per agent)",
+        local.with,
+        local.without,
+        local.describe()
     );
-    let (remote_calls, remote_off) = remote_with_and_without(seconds, ids).await?;
+    let remote = remote_with_and_without(seconds, ids, rounds).await?;
     println!(
-        "remote calls      {remote_calls:>10.0}/s   without record {remote_off:>10.0}/s   ratio {:.2}",
-        remote_calls / remote_off
+        "remote calls      {:>10.0}/s   without record {:>10.0}/s   ratio {}",
+        remote.with,
+        remote.without,
+        remote.describe()
     );
     println!(
-        "{{\"bench\":\"agents_record\",\"dedupe_ids_max\":{ids},\"local_calls_per_s\":{local:.0},\
-         \"local_calls_no_record_per_s\":{local_off:.0},\"remote_calls_per_s\":{remote_calls:.0},\
-         \"remote_calls_no_record_per_s\":{remote_off:.0}}}"
+        "{{\"bench\":\"agents_record\",\"dedupe_ids_max\":{ids},\"local_calls_per_s\":{:.0},\
+         \"local_calls_no_record_per_s\":{:.0},\"local_ratio_median\":{:.3},\"remote_calls_per_s\":{:.0},\
+         \"remote_calls_no_record_per_s\":{:.0},\"remote_ratio_median\":{:.3}}}",
+        local.with,
+        local.without,
+        local.ratio(),
+        remote.with,
+        remote.without,
+        remote.ratio()
     );
     Ok(())
 }

@@ -126,6 +126,10 @@ enum BenchCmd {
         /// Only compare calls with the record of handled signals and without (local, remote).
         #[arg(long)]
         record_only: bool,
+        /// Rounds each side of a with/without comparison is split into (each on fresh nodes);
+        /// the ratio reported is their median.
+        #[arg(long, default_value_t = 8)]
+        rounds: usize,
     },
     /// Durable reminders on three in-process nodes: ticks fired per second and their lateness,
     /// against bare tokio timers with the same due times.
@@ -598,9 +602,9 @@ fn main() -> ExitCode {
             // On a worker thread, like application code; raw baselines run in the same task.
             rt.block_on(async move { tokio::spawn(bench::transport(seconds, payload)).await? })
         }
-        Cmd::Bench { which: BenchCmd::Agents { seconds, storage, dedupe_ids, record_only } } => {
+        Cmd::Bench { which: BenchCmd::Agents { seconds, storage, dedupe_ids, record_only, rounds } } => {
             init_logging("warn");
-            let record = bench_agents::RecordOpts { dedupe_ids_max: dedupe_ids, only: record_only };
+            let record = bench_agents::RecordOpts { dedupe_ids_max: dedupe_ids, only: record_only, rounds };
             rt.block_on(async move { tokio::spawn(bench_agents::run(seconds, storage, record)).await? })
         }
         Cmd::Bench { which: BenchCmd::Reminders { reminders, rate, seconds } } => {

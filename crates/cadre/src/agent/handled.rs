@@ -19,10 +19,18 @@
 //! a u32 LE length, its JSON), then the state's JSON. Decoding checks every length against what is
 //! left, so a corrupt value is an error, never a panic.
 //!
+//! ## What a write costs
+//! The value is handed to the store in parts ([`crate::storage::Storage::put_parts`]): the
+//! older ids are one sealed run shared by every value that holds them, so a write copies only
+//! the header, the newest ids (fewer than `TAIL_IDS_MAX`, 32) and the kept replies; the run is
+//! rebuilt once every `TAIL_IDS_MAX` recorded calls. A store that keeps values in memory keeps
+//! the parts; the others (a file, a database, a replica's frame) copy them once, as they copy
+//! any value. A lookup scans 16-bit fingerprints, not the ids.
+//!
 //! ## Limits and caveats
 //! - At most `agents.dedupe_ids_max` ids per agent (default [`DEDUPE_IDS_MAX_DEFAULT`]; the
 //!   oldest goes first): a duplicate that arrives after that many other recorded calls to the same
-//!   agent runs again. 0 turns the record off. Each id costs 16 bytes of every write.
+//!   agent runs again. 0 turns the record off. Each id is 16 bytes of every stored value.
 //! - Replies are kept for the newest [`REPLIES_KEPT_MAX`] recorded calls whose reply is at most
 //!   [`REPLY_KEPT_BYTES_MAX`] bytes of JSON; older or larger ones answer `Duplicate`.
 //! - An id is a SHA-256 of the pair, cut to 128 bits: a publisher cannot make another's signal
@@ -73,85 +81,219 @@ pub(crate) enum Seen {
     Handled,
 }
 
+/// Ids the tail of the record holds before it is sealed into the shared run of older ids.
+///
+/// A write copies the tail (half of this on average, 16 bytes an id) and, once every this many
+/// records, the whole record (into a new sealed run): 32 keeps both to a few hundred bytes a
+/// write at the default size, against 4 KiB when every write copied every id.
+const TAIL_IDS_MAX: usize = 32;
+
 /// The signals an agent handled, newest last.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// The ids are a sealed run (one immutable buffer, shared by every stored value that holds it,
+/// so a write does not copy it), minus `skip` dropped at its start, then a tail of the newest.
+/// A lookup first scans 16-bit fingerprints of the ids (a few cache lines, where the ids are
+/// 16 bytes each) and confirms a match on the full ids: a new signal, the usual case, touches
+/// the fingerprints only. Ids are SHA-256 outputs, so fingerprints of different signals match
+/// rarely; ids chosen to match cost one scan of the ids, what every lookup once cost.
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Record {
-    ids: VecDeque<HandledId>,
-    replies: VecDeque<(HandledId, Bytes)>,
+    /// Older ids (16 bytes each), oldest first.
+    sealed: Bytes,
+    /// Ids dropped from the start of `sealed`.
+    skip: usize,
+    /// The newest ids, fewer than `TAIL_IDS_MAX`.
+    tail: Vec<HandledId>,
+    /// One per held id, in the same order.
+    fingerprints: VecDeque<u16>,
+    replies: Replies,
 }
+
+/// The kept replies, oldest first, as they are stored (each its id, a u32 LE length, its JSON):
+/// one buffer, so a write copies them in one piece and keeping one allocates nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Replies {
+    buf: Vec<u8>,
+    len: usize,
+}
+
+impl Replies {
+    /// Each reply's id and JSON, oldest first.
+    fn iter(&self) -> impl Iterator<Item = (HandledId, &[u8])> + '_ {
+        let mut at = 0;
+        std::iter::from_fn(move || {
+            let rest = self.buf.get(at..).filter(|r| !r.is_empty())?;
+            let id: HandledId = rest[..ID_BYTES].try_into().expect("written by push");
+            let len = u32::from_le_bytes(rest[ID_BYTES..ID_BYTES + 4].try_into().expect("4 bytes")) as usize;
+            at += ID_BYTES + 4 + len;
+            Some((id, &rest[ID_BYTES + 4..ID_BYTES + 4 + len]))
+        })
+    }
+
+    fn front_id(&self) -> Option<HandledId> {
+        self.iter().next().map(|(id, _)| id)
+    }
+
+    fn pop_front(&mut self) {
+        let first = self.iter().next().map(|(_, json)| ID_BYTES + 4 + json.len());
+        if let Some(end) = first {
+            self.buf.drain(..end);
+            self.len -= 1;
+        }
+    }
+
+    fn push(&mut self, id: &HandledId, json: &[u8]) {
+        if self.len >= REPLIES_KEPT_MAX {
+            self.pop_front();
+        }
+        self.buf.extend_from_slice(id);
+        self.buf.put_u32_le(json.len() as u32);
+        self.buf.extend_from_slice(json);
+        self.len += 1;
+    }
+}
+
+fn fingerprint(id: &HandledId) -> u16 {
+    u16::from_le_bytes([id[0], id[1]])
+}
+
+impl PartialEq for Record {
+    /// The same ids and replies, however they are split between the sealed run and the tail.
+    fn eq(&self, other: &Record) -> bool {
+        self.ids().eq(other.ids()) && self.replies == other.replies
+    }
+}
+
+impl Eq for Record {}
 
 impl Record {
     pub(crate) fn is_empty(&self) -> bool {
-        self.ids.is_empty()
+        self.fingerprints.is_empty()
     }
 
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.ids.len()
+        self.fingerprints.len()
     }
 
-    /// Newest first: a retry usually comes soon after its original.
-    pub(crate) fn find(&self, id: &HandledId) -> Option<Seen> {
-        // As integers: two word compares per id instead of a `memcmp` call (this scan runs on
-        // every call).
+    fn sealed_ids(&self) -> &[u8] {
+        &self.sealed[self.skip * ID_BYTES..]
+    }
+
+    /// Every id, oldest first.
+    fn ids(&self) -> impl Iterator<Item = HandledId> + '_ {
+        let sealed = self.sealed_ids().chunks_exact(ID_BYTES).map(|c| c.try_into().expect("16 bytes"));
+        sealed.chain(self.tail.iter().copied())
+    }
+
+    /// Whether `id` is held: its fingerprint first, then (on a match) the ids, the tail first
+    /// (a retry usually comes soon after its original).
+    fn holds(&self, id: &HandledId) -> bool {
+        let f = fingerprint(id);
+        let (older, newer) = self.fingerprints.as_slices();
+        if !older.contains(&f) && !newer.contains(&f) {
+            return false;
+        }
+        // As integers: two word compares per id instead of a `memcmp` call.
         let wanted = u128::from_ne_bytes(*id);
-        self.ids.iter().rev().find(|h| u128::from_ne_bytes(**h) == wanted)?;
-        let reply = self.replies.iter().rev().find(|(h, _)| h == id);
-        Some(reply.map_or(Seen::Handled, |(_, r)| Seen::Reply(r.clone())))
+        self.tail.iter().rev().any(|h| u128::from_ne_bytes(*h) == wanted)
+            || self
+                .sealed_ids()
+                .chunks_exact(ID_BYTES)
+                .any(|c| u128::from_ne_bytes(c.try_into().expect("16 bytes")) == wanted)
     }
 
-    /// Records `id` (with its reply when small enough), dropping the oldest beyond `ids_max`.
-    pub(crate) fn insert(&mut self, id: HandledId, reply: Option<Bytes>, ids_max: usize) {
+    pub(crate) fn find(&self, id: &HandledId) -> Option<Seen> {
+        if !self.holds(id) {
+            return None;
+        }
+        let reply = self.replies.iter().find(|(h, _)| h == id);
+        Some(reply.map_or(Seen::Handled, |(_, r)| Seen::Reply(Bytes::copy_from_slice(r))))
+    }
+
+    /// Records `id` (with its reply's JSON when small enough), dropping the oldest beyond
+    /// `ids_max`.
+    pub(crate) fn insert(&mut self, id: HandledId, reply: Option<&[u8]>, ids_max: usize) {
         if ids_max == 0 {
             return;
         }
-        while self.ids.len() >= ids_max {
-            let gone = self.ids.pop_front().expect("a full record is not empty");
-            // Both rings are oldest first, so a reply of the oldest id can only be the oldest
-            // reply: one compare, not a scan (this runs on every call once the record is full).
-            if self.replies.front().is_some_and(|(h, _)| u128::from_ne_bytes(*h) == u128::from_ne_bytes(gone)) {
-                self.replies.pop_front();
-            }
+        while self.fingerprints.len() >= ids_max {
+            self.drop_oldest();
         }
-        self.ids.push_back(id);
+        self.push(id);
         if let Some(reply) = reply.filter(|r| r.len() <= REPLY_KEPT_BYTES_MAX) {
-            if self.replies.len() >= REPLIES_KEPT_MAX {
-                self.replies.pop_front();
-            }
-            self.replies.push_back((id, reply));
+            self.replies.push(&id, reply);
         }
-        debug_assert!(self.ids.len() <= ids_max && self.replies.len() <= REPLIES_KEPT_MAX);
+        debug_assert!(self.fingerprints.len() <= ids_max && self.replies.len <= REPLIES_KEPT_MAX);
+        debug_assert_eq!(self.fingerprints.len(), self.sealed_ids().len() / ID_BYTES + self.tail.len());
+    }
+
+    fn push(&mut self, id: HandledId) {
+        self.fingerprints.push_back(fingerprint(&id));
+        self.tail.push(id);
+        if self.tail.len() == TAIL_IDS_MAX {
+            // A new run; stored values holding the old one keep it.
+            let mut run = Vec::with_capacity(self.sealed_ids().len() + TAIL_IDS_MAX * ID_BYTES);
+            run.extend_from_slice(self.sealed_ids());
+            run.extend_from_slice(self.tail.as_flattened());
+            self.sealed = Bytes::from(run);
+            self.skip = 0;
+            self.tail.clear();
+        }
+    }
+
+    fn drop_oldest(&mut self) {
+        self.fingerprints.pop_front();
+        let gone: HandledId = if self.sealed_ids().is_empty() {
+            self.tail.remove(0)
+        } else {
+            let gone = self.sealed_ids()[..ID_BYTES].try_into().expect("16 bytes");
+            self.skip += 1;
+            gone
+        };
+        // Both rings are oldest first, so a reply of the oldest id can only be the oldest reply:
+        // one compare, not a scan (this runs on every call once the record is full).
+        if self.replies.front_id() == Some(gone) {
+            self.replies.pop_front();
+        }
     }
 }
 
-/// The value to store: `state` (JSON) alone when the record and `extra` (the reminders) are
-/// empty, else with them.
-pub(crate) fn encode_stored(record: &Record, extra: &[u8], state: &[u8]) -> Bytes {
+/// The value to store, in parts whose concatenation is the layout above: `state` (JSON) alone
+/// when the record and `extra` (the reminders) are empty. The record's sealed run, the reminders
+/// and the state are shared, not copied; only the header, the tail of the newest ids and the
+/// kept replies are written anew.
+pub(crate) fn encode_stored(record: &Record, extra: &Bytes, state: &Bytes) -> Vec<Bytes> {
     if record.is_empty() && extra.is_empty() {
-        return Bytes::copy_from_slice(state);
+        return vec![state.clone()];
     }
-    let replies: usize = record.replies.iter().map(|(_, r)| ID_BYTES + 4 + r.len()).sum();
-    let len = MAGIC.len() + 12 + record.ids.len() * ID_BYTES + replies + extra.len() + state.len();
-    let mut out = Vec::with_capacity(len);
-    out.extend_from_slice(if extra.is_empty() { &MAGIC } else { &MAGIC_EXTRA });
-    out.put_u32_le(record.ids.len() as u32);
-    // Two copies of contiguous memory (the ring's halves), not one per id: this runs on every
-    // write.
-    let (older, newer) = record.ids.as_slices();
-    out.extend_from_slice(older.as_flattened());
-    out.extend_from_slice(newer.as_flattened());
-    out.put_u32_le(record.replies.len() as u32);
-    for (id, reply) in &record.replies {
-        out.extend_from_slice(id);
-        out.put_u32_le(reply.len() as u32);
-        out.extend_from_slice(reply);
+    let mut parts = Vec::with_capacity(5);
+    let mut head = Vec::with_capacity(MAGIC.len() + 4);
+    head.extend_from_slice(if extra.is_empty() { &MAGIC } else { &MAGIC_EXTRA });
+    head.put_u32_le(record.fingerprints.len() as u32);
+    parts.push(Bytes::from(head));
+    if !record.sealed_ids().is_empty() {
+        parts.push(record.sealed.slice(record.skip * ID_BYTES..));
     }
+    let mut mid = Vec::with_capacity(record.tail.len() * ID_BYTES + 8 + record.replies.buf.len());
+    mid.extend_from_slice(record.tail.as_flattened());
+    mid.put_u32_le(record.replies.len as u32);
+    mid.extend_from_slice(&record.replies.buf);
     if !extra.is_empty() {
-        out.put_u32_le(extra.len() as u32);
-        out.extend_from_slice(extra);
+        mid.put_u32_le(extra.len() as u32);
     }
-    out.extend_from_slice(state);
-    Bytes::from(out)
+    parts.push(Bytes::from(mid));
+    if !extra.is_empty() {
+        parts.push(extra.clone());
+    }
+    parts.push(state.clone());
+    parts
+}
+
+/// The parts of a value as one (tests and tools).
+#[cfg(test)]
+pub(crate) fn concat(parts: &[Bytes]) -> Bytes {
+    Bytes::from(parts.concat())
 }
 
 /// Splits a stored value into its record, its reminders' JSON (empty: none) and its state's JSON
@@ -175,8 +317,10 @@ pub(crate) fn decode_stored(stored: &Bytes) -> Result<(Record, Bytes, Bytes), St
         return Err(format!("stored record holds {ids_len} ids, more than {DEDUPE_IDS_MAX_LIMIT}"));
     }
     let mut record = Record::default();
+    // Copied, not sliced: a run sharing the loaded value would keep its state alive too.
     let ids = &stored[take(ids_len * ID_BYTES)?];
-    record.ids = ids.chunks_exact(ID_BYTES).map(|c| c.try_into().expect("16 bytes")).collect();
+    record.sealed = Bytes::copy_from_slice(ids);
+    record.fingerprints = ids.chunks_exact(ID_BYTES).map(|c| fingerprint(&c.try_into().expect("16 bytes"))).collect();
     let replies_len = u32_at(take(4)?);
     if replies_len > ids_len.min(REPLIES_KEPT_MAX) {
         return Err(format!("stored record holds {replies_len} replies for {ids_len} ids"));
@@ -184,13 +328,14 @@ pub(crate) fn decode_stored(stored: &Bytes) -> Result<(Record, Bytes, Bytes), St
     for _ in 0..replies_len {
         let id: HandledId = stored[take(ID_BYTES)?].try_into().expect("16 bytes");
         let len = u32_at(take(4)?);
-        let reply = stored.slice(take(len)?);
-        record.replies.push_back((id, reply));
+        let json = &stored[take(len)?];
+        // A reply answers only for an id the record holds (`find` checks the ids first); one
+        // whose id is not there is dropped, so the replies stay a subsequence of the ids, as
+        // `insert` expects.
+        if record.holds(&id) {
+            record.replies.push(&id, json);
+        }
     }
-    // A reply answers only for an id the record holds (`find` checks the ids first); one whose id
-    // is not there is dropped, so the replies stay a subsequence of the ids, as `insert` expects.
-    let ids = &record.ids;
-    record.replies.retain(|(h, _)| ids.contains(h));
     let mut extra = Bytes::new();
     if with_extra {
         let len = u32_at(take(4)?);
@@ -218,6 +363,19 @@ mod tests {
         handled_id("test", &n.to_string())
     }
 
+    /// An id whose fingerprint is one of three: ids chosen to collide.
+    fn colliding(n: u32) -> HandledId {
+        let mut id = [0; ID_BYTES];
+        id[..2].copy_from_slice(&((n % 3) as u16).to_le_bytes());
+        id[8..12].copy_from_slice(&n.to_le_bytes());
+        id
+    }
+
+    /// The stored value as one buffer.
+    fn enc(r: &Record, extra: &[u8], state: &[u8]) -> Bytes {
+        concat(&encode_stored(r, &Bytes::copy_from_slice(extra), &Bytes::copy_from_slice(state)))
+    }
+
     #[test]
     fn ids_tell_source_and_id_apart() {
         assert_eq!(handled_id("a", "b"), handled_id("a", "b"));
@@ -229,7 +387,7 @@ mod tests {
     fn the_oldest_ids_and_replies_go_first() {
         let mut r = Record::default();
         for n in 0..10 {
-            r.insert(id(n), Some(Bytes::from(n.to_string())), 4);
+            r.insert(id(n), Some(n.to_string().as_bytes()), 4);
         }
         assert_eq!(r.len(), 4);
         assert_eq!(r.find(&id(5)), None, "evicted");
@@ -237,12 +395,12 @@ mod tests {
         // Only REPLIES_KEPT_MAX replies: past them, a duplicate is known without its reply.
         let mut r = Record::default();
         for n in 0..(REPLIES_KEPT_MAX as u32 + 2) {
-            r.insert(id(n), Some(Bytes::from("r")), 100);
+            r.insert(id(n), Some(b"r"), 100);
         }
         assert_eq!(r.find(&id(0)), Some(Seen::Handled));
         assert_eq!(r.find(&id(REPLIES_KEPT_MAX as u32 + 1)), Some(Seen::Reply(Bytes::from("r"))));
         // A large reply is not kept; an off record keeps nothing.
-        r.insert(id(1000), Some(Bytes::from(vec![b'1'; REPLY_KEPT_BYTES_MAX + 1])), 100);
+        r.insert(id(1000), Some(&[b'1'; REPLY_KEPT_BYTES_MAX + 1]), 100);
         assert_eq!(r.find(&id(1000)), Some(Seen::Handled));
         let mut off = Record::default();
         off.insert(id(1), None, 0);
@@ -252,20 +410,21 @@ mod tests {
     #[test]
     fn a_state_without_a_record_is_stored_as_plain_json() {
         let state = Bytes::from_static(br#"{"value":3}"#);
-        let stored = encode_stored(&Record::default(), b"", &state);
-        assert_eq!(stored, state);
+        let parts = encode_stored(&Record::default(), &Bytes::new(), &state);
+        assert_eq!(parts, vec![state.clone()], "shared, not copied");
+        let stored = concat(&parts);
         assert_eq!(decode_stored(&stored).unwrap(), (Record::default(), Bytes::new(), state));
     }
 
     #[test]
     fn corrupt_records_are_errors() {
         let mut r = Record::default();
-        r.insert(id(1), Some(Bytes::from("1")), 8);
-        let stored = encode_stored(&r, b"", b"{}");
+        r.insert(id(1), Some(b"1"), 8);
+        let stored = enc(&r, b"", b"{}");
         for cut in MAGIC.len()..stored.len() - 2 {
             assert!(decode_stored(&stored.slice(..cut)).is_err(), "cut at {cut}");
         }
-        let stored = encode_stored(&r, b"[1]", b"{}");
+        let stored = enc(&r, b"[1]", b"{}");
         for cut in MAGIC.len()..stored.len() - 2 {
             assert!(decode_stored(&stored.slice(..cut)).is_err(), "with reminders, cut at {cut}");
         }
@@ -282,13 +441,44 @@ mod tests {
                               state in "[ -~]{0,40}") {
             let mut r = Record::default();
             for (n, reply) in ops {
-                r.insert(id(n), reply.map(Bytes::from), ids_max);
+                r.insert(id(n), reply.as_deref().map(str::as_bytes), ids_max);
             }
-            let stored = encode_stored(&r, extra.as_bytes(), state.as_bytes());
+            let stored = enc(&r, extra.as_bytes(), state.as_bytes());
             let (back, ex, st) = decode_stored(&stored).unwrap();
             prop_assert_eq!(back, r);
             prop_assert_eq!(&ex[..], extra.as_bytes());
             prop_assert_eq!(&st[..], state.as_bytes());
+        }
+
+        /// The sealed, fingerprinted record answers as a plain list of the newest `ids_max` ids
+        /// would, with hashed ids and with ids whose index prefixes collide.
+        #[test]
+        fn the_record_answers_as_a_list_of_the_newest_ids(ops in proptest::collection::vec(0u32..120, 0..400),
+                                                          ids_max in 1usize..80,
+                                                          collide in any::<bool>()) {
+            let make = |n: u32| if collide { colliding(n) } else { id(n) };
+            let (mut r, mut model) = (Record::default(), VecDeque::new());
+            for n in ops {
+                let found = r.find(&make(n)).is_some();
+                prop_assert_eq!(found, model.contains(&n), "find({}) before inserting", n);
+                if found {
+                    continue;
+                }
+                r.insert(make(n), None, ids_max);
+                if model.len() == ids_max {
+                    model.pop_front();
+                }
+                model.push_back(n);
+                prop_assert_eq!(r.len(), model.len());
+            }
+            for n in 0..120 {
+                prop_assert_eq!(r.find(&make(n)).is_some(), model.contains(&n), "find({}) at the end", n);
+            }
+            let (back, _, _) = decode_stored(&enc(&r, b"", b"{}")).unwrap();
+            prop_assert_eq!(&back, &r);
+            for n in 0..120 {
+                prop_assert_eq!(back.find(&make(n)).is_some(), model.contains(&n), "find({}) after decoding", n);
+            }
         }
 
         #[test]

@@ -1055,6 +1055,8 @@ struct Live<A> {
     record: handled::Record,
     /// The record has entries not stored yet.
     record_dirty: bool,
+    /// Where a reply is encoded for the record.
+    scratch: Vec<u8>,
     /// The reminders as stored (what a rollback goes back to), and their encoding in the value.
     stored_reminders: reminders::Table,
     extra: Bytes,
@@ -1092,6 +1094,7 @@ impl<A: Agent> Live<A> {
             stored,
             record,
             record_dirty: false,
+            scratch: Vec::new(),
             stored_reminders: rem.list,
             extra,
             hint_ms: rem.hint_ms,
@@ -1131,9 +1134,9 @@ impl<A: Agent> Live<A> {
             let list = self.ctx.reminders.clone();
             extra = Bytes::from(reminders::Stored { hint_ms: hint, list }.encode());
         }
-        let value = handled::encode_stored(&self.record, &extra, &state);
+        let parts = handled::encode_stored(&self.record, &extra, &state);
         self.ctx.revision =
-            host.storage.put(&self.ctx.key, value, self.ctx.revision, fence).await.map_err(CallError::Storage)?;
+            host.storage.put_parts(&self.ctx.key, parts, self.ctx.revision, fence).await.map_err(CallError::Storage)?;
         self.stored = state;
         self.record_dirty = false;
         self.extra = extra;
@@ -1158,8 +1161,10 @@ impl<A: Agent> Live<A> {
         if ids_max == 0 {
             return;
         }
-        // Kept only when small (see `handled::REPLY_KEPT_BYTES_MAX`).
-        let kept = serde_json::to_vec(reply).ok().map(Bytes::from);
+        // Kept only when small (see `handled::REPLY_KEPT_BYTES_MAX`). Written into a buffer the
+        // activation keeps: this runs on every recorded call.
+        self.scratch.clear();
+        let kept = serde_json::to_writer(&mut self.scratch, reply).ok().map(|()| &self.scratch[..]);
         self.record.insert(id, kept, ids_max);
         self.record_dirty = true;
     }

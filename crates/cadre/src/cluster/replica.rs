@@ -1176,6 +1176,25 @@ impl Storage for ReplicatedStorage {
         })
     }
 
+    fn put_parts<'a>(
+        &'a self,
+        key: &'a Key,
+        parts: Vec<Bytes>,
+        expected: Revision,
+        fence: Fence,
+    ) -> BoxFuture<'a, Result<Revision, StorageError>> {
+        let len = parts.iter().map(Bytes::len).sum();
+        // The replicas get one buffer (it is copied into a frame anyway); the local store keeps
+        // the parts.
+        let copy = parts.clone();
+        let local = move || self.repl.local.put_parts(key, parts, expected, fence);
+        self.write(key, fence, len, local, move || ReplicaOp::Put {
+            ty: key.ty.clone(),
+            id: key.id.clone(),
+            value: copy.concat(),
+        })
+    }
+
     fn delete<'a>(&'a self, key: &'a Key, expected: Revision, fence: Fence) -> BoxFuture<'a, Result<(), StorageError>> {
         let local = move || self.repl.local.delete(key, expected, fence);
         self.write(key, fence, 0, local, move || ReplicaOp::Delete { ty: key.ty.clone(), id: key.id.clone() })

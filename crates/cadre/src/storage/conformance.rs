@@ -78,6 +78,20 @@ async fn states_and_revisions(s: &dyn Storage, prefix: &str, shard: u32) {
     let bk = key(prefix, "binary\u{e9}\u{1F600}");
     let r = s.put(&bk, binary.clone(), 0, f).await.unwrap();
     assert_eq!(s.get(&bk).await.unwrap().unwrap(), super::Versioned { value: binary, revision: r });
+    // A value in parts is their concatenation, under the same rules.
+    let parts = vec![b("pa"), Bytes::new(), b("rt"), b("s")];
+    let r4 = s.put_parts(&k, parts.clone(), r2, f).await.unwrap();
+    assert!(r4 > r3, "a write in parts is a write");
+    assert_eq!(s.get(&k).await.unwrap().unwrap(), super::Versioned { value: b("parts"), revision: r4 });
+    assert_eq!(
+        s.put_parts(&k, parts, r2, f).await,
+        Err(StorageError::Conflict { expected: r2, actual: r4 }),
+        "parts check the revision"
+    );
+    let r5 = s.put_parts(&k, vec![b("one part")], r4, f).await.unwrap();
+    assert_eq!(s.get(&k).await.unwrap().unwrap(), super::Versioned { value: b("one part"), revision: r5 });
+    assert_eq!(s.put_parts(&k, vec![], r5, f).await.map(|r| r > r5), Ok(true), "no parts: an empty value");
+    assert_eq!(s.get(&k).await.unwrap().unwrap().value, Bytes::new());
 }
 
 async fn fencing(s: &dyn Storage, prefix: &str, shard: u32) {
@@ -91,6 +105,8 @@ async fn fencing(s: &dyn Storage, prefix: &str, shard: u32) {
     assert!(matches!(stale, Err(StorageError::Fenced { .. })), "fencing is checked before the revision");
     assert!(matches!(s.delete(&k, r1, Fence { shard, epoch: 2 }).await, Err(StorageError::Fenced { .. })));
     assert!(matches!(s.append(&k, vec![b("e")], 0, Fence { shard, epoch: 2 }).await, Err(StorageError::Fenced { .. })));
+    let parts = s.put_parts(&k, vec![b("at "), b("2")], r1, Fence { shard, epoch: 2 }).await;
+    assert!(matches!(parts, Err(StorageError::Fenced { .. })), "a write in parts is fenced too");
     let r2 = s.put(&k, b("at 3 again"), r1, Fence { shard, epoch: 3 }).await.unwrap();
     let r3 = s.put(&k, b("at 5"), r2, Fence { shard, epoch: 5 }).await.unwrap();
     assert_eq!(s.epoch(shard).await.unwrap(), 5, "a higher epoch raises the fence");
@@ -160,6 +176,12 @@ async fn limits(s: &dyn Storage, prefix: &str, shard: u32) {
     let big = Bytes::from(vec![7u8; VALUE_LEN_MAX_BYTES + 1]);
     assert_eq!(s.put(&k, big.clone(), 0, f).await, Err(StorageError::TooLarge { len: VALUE_LEN_MAX_BYTES + 1 }));
     assert!(matches!(s.append(&k, vec![big], 0, f).await, Err(StorageError::TooLarge { .. })));
+    // Parts each within the limit, together over it.
+    let half = Bytes::from(vec![7u8; VALUE_LEN_MAX_BYTES / 2 + 1]);
+    assert_eq!(
+        s.put_parts(&k, vec![half.clone(), half], 0, f).await,
+        Err(StorageError::TooLarge { len: 2 * (VALUE_LEN_MAX_BYTES / 2 + 1) })
+    );
     assert_eq!(s.get(&k).await.unwrap(), None);
     let bad = Key::new("", "x");
     assert!(matches!(s.put(&bad, b("x"), 0, f).await, Err(StorageError::InvalidKey(_))));

@@ -12,11 +12,29 @@ use futures::FutureExt;
 
 use super::{
     check_write, fence_check, scan_check, Fence, Key, Revision, Storage, StorageError, Versioned, ENTRIES_READ_MAX,
+    VALUE_LEN_MAX_BYTES,
 };
+
+/// A state as written: the parts of [`Storage::put_parts`], shared with the writer (a `get`
+/// joins them).
+struct Stored {
+    parts: Vec<Bytes>,
+    revision: Revision,
+}
+
+impl Stored {
+    fn versioned(&self) -> Versioned {
+        let value = match &self.parts[..] {
+            [one] => one.clone(),
+            parts => Bytes::from(parts.concat()),
+        };
+        Versioned { value, revision: self.revision }
+    }
+}
 
 #[derive(Default)]
 struct Inner {
-    states: BTreeMap<Key, Versioned>,
+    states: BTreeMap<Key, Stored>,
     /// Never holds an empty list: a key without entries has no list.
     entries: BTreeMap<Key, Vec<Bytes>>,
     epochs: HashMap<u32, u64>,
@@ -56,7 +74,7 @@ impl MemoryStorage {
 
 impl Storage for MemoryStorage {
     fn get<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, Result<Option<Versioned>, StorageError>> {
-        self.run(|i| Ok(i.states.get(key).cloned()))
+        self.run(|i| Ok(i.states.get(key).map(Stored::versioned)))
     }
 
     fn put<'a>(
@@ -66,8 +84,22 @@ impl Storage for MemoryStorage {
         expected: Revision,
         fence: Fence,
     ) -> BoxFuture<'a, Result<Revision, StorageError>> {
+        self.put_parts(key, vec![value], expected, fence)
+    }
+
+    fn put_parts<'a>(
+        &'a self,
+        key: &'a Key,
+        parts: Vec<Bytes>,
+        expected: Revision,
+        fence: Fence,
+    ) -> BoxFuture<'a, Result<Revision, StorageError>> {
         self.run(move |i| {
-            check_write(key, &[&value])?;
+            let len = parts.iter().map(Bytes::len).sum();
+            key.check()?;
+            if len > VALUE_LEN_MAX_BYTES {
+                return Err(StorageError::TooLarge { len });
+            }
             let epoch = i.fence(fence)?;
             let actual = i.revision_of(key);
             if actual != expected {
@@ -76,9 +108,9 @@ impl Storage for MemoryStorage {
             i.revision += 1;
             let revision = i.revision;
             match i.states.get_mut(key) {
-                Some(v) => *v = Versioned { value, revision },
+                Some(v) => *v = Stored { parts, revision },
                 None => {
-                    i.states.insert(key.clone(), Versioned { value, revision });
+                    i.states.insert(key.clone(), Stored { parts, revision });
                 }
             }
             i.epochs.insert(fence.shard, epoch);

@@ -145,6 +145,23 @@ pub trait Storage: Send + Sync + 'static {
         fence: Fence,
     ) -> BoxFuture<'a, Result<Revision, StorageError>>;
 
+    /// [`Storage::put`] of the concatenation of `parts`. A writer that changes a small part of a
+    /// large value passes the unchanged parts as shared [`Bytes`]; a backend that keeps values in
+    /// memory stores the parts as they are, so nothing is copied. The default concatenates.
+    fn put_parts<'a>(
+        &'a self,
+        key: &'a Key,
+        parts: Vec<Bytes>,
+        expected: Revision,
+        fence: Fence,
+    ) -> BoxFuture<'a, Result<Revision, StorageError>> {
+        let value = match <[Bytes; 1]>::try_from(parts) {
+            Ok([one]) => one,
+            Err(parts) => Bytes::from(parts.concat()),
+        };
+        self.put(key, value, expected, fence)
+    }
+
     /// Removes the state and the entries if the state's revision is `expected` and the fence holds.
     fn delete<'a>(&'a self, key: &'a Key, expected: Revision, fence: Fence) -> BoxFuture<'a, Result<(), StorageError>>;
 
