@@ -290,10 +290,26 @@ pub(crate) fn encode_stored(record: &Record, extra: &Bytes, state: &Bytes) -> Ve
     parts
 }
 
-/// The parts of a value as one (tests and tools).
-#[cfg(test)]
-pub(crate) fn concat(parts: &[Bytes]) -> Bytes {
-    Bytes::from(parts.concat())
+/// Writes `reply`'s JSON into `buf` (cleared first) if it is short enough to keep
+/// ([`REPLY_KEPT_BYTES_MAX`]). Encoding stops at the limit, so a large reply costs neither its
+/// whole encoding nor a buffer of its size (the activation keeps `buf` for every call).
+pub(crate) fn reply_json<'b>(reply: &serde_json::Value, buf: &'b mut Vec<u8>) -> Option<&'b [u8]> {
+    struct Capped<'a>(&'a mut Vec<u8>);
+    impl std::io::Write for Capped<'_> {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            if self.0.len() + b.len() > REPLY_KEPT_BYTES_MAX {
+                return Err(std::io::Error::other("reply too long to keep"));
+            }
+            self.0.extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    buf.clear();
+    serde_json::to_writer(Capped(buf), reply).ok()?;
+    Some(buf)
 }
 
 /// Splits a stored value into its record, its reminders' JSON (empty: none) and its state's JSON
@@ -373,7 +389,7 @@ mod tests {
 
     /// The stored value as one buffer.
     fn enc(r: &Record, extra: &[u8], state: &[u8]) -> Bytes {
-        concat(&encode_stored(r, &Bytes::copy_from_slice(extra), &Bytes::copy_from_slice(state)))
+        crate::storage::joined(&encode_stored(r, &Bytes::copy_from_slice(extra), &Bytes::copy_from_slice(state)))
     }
 
     #[test]
@@ -408,11 +424,22 @@ mod tests {
     }
 
     #[test]
+    fn only_short_replies_are_encoded_for_keeping() {
+        let mut buf = Vec::new();
+        assert_eq!(reply_json(&serde_json::json!({"value": 3}), &mut buf), Some(&br#"{"value":3}"#[..]));
+        let long = serde_json::Value::String("x".repeat(REPLY_KEPT_BYTES_MAX));
+        assert_eq!(reply_json(&long, &mut buf), None, "longer than the limit once quoted");
+        assert!(buf.len() <= REPLY_KEPT_BYTES_MAX, "encoding stopped at the limit");
+        let exact = serde_json::Value::String("x".repeat(REPLY_KEPT_BYTES_MAX - 2));
+        assert_eq!(reply_json(&exact, &mut buf).map(<[u8]>::len), Some(REPLY_KEPT_BYTES_MAX));
+    }
+
+    #[test]
     fn a_state_without_a_record_is_stored_as_plain_json() {
         let state = Bytes::from_static(br#"{"value":3}"#);
         let parts = encode_stored(&Record::default(), &Bytes::new(), &state);
         assert_eq!(parts, vec![state.clone()], "shared, not copied");
-        let stored = concat(&parts);
+        let stored = crate::storage::joined(&parts);
         assert_eq!(decode_stored(&stored).unwrap(), (Record::default(), Bytes::new(), state));
     }
 

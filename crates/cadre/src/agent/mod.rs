@@ -1161,10 +1161,9 @@ impl<A: Agent> Live<A> {
         if ids_max == 0 {
             return;
         }
-        // Kept only when small (see `handled::REPLY_KEPT_BYTES_MAX`). Written into a buffer the
-        // activation keeps: this runs on every recorded call.
-        self.scratch.clear();
-        let kept = serde_json::to_writer(&mut self.scratch, reply).ok().map(|()| &self.scratch[..]);
+        // Kept only when small; encoded into a buffer the activation keeps, since this runs on
+        // every recorded call.
+        let kept = handled::reply_json(reply, &mut self.scratch);
         self.record.insert(id, kept, ids_max);
         self.record_dirty = true;
     }

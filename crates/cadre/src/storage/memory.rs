@@ -24,11 +24,7 @@ struct Stored {
 
 impl Stored {
     fn versioned(&self) -> Versioned {
-        let value = match &self.parts[..] {
-            [one] => one.clone(),
-            parts => Bytes::from(parts.concat()),
-        };
-        Versioned { value, revision: self.revision }
+        Versioned { value: super::joined(&self.parts), revision: self.revision }
     }
 }
 

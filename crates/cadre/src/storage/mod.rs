@@ -155,11 +155,7 @@ pub trait Storage: Send + Sync + 'static {
         expected: Revision,
         fence: Fence,
     ) -> BoxFuture<'a, Result<Revision, StorageError>> {
-        let value = match <[Bytes; 1]>::try_from(parts) {
-            Ok([one]) => one,
-            Err(parts) => Bytes::from(parts.concat()),
-        };
-        self.put(key, value, expected, fence)
+        self.put(key, joined(&parts), expected, fence)
     }
 
     /// Removes the state and the entries if the state's revision is `expected` and the fence holds.
@@ -198,6 +194,14 @@ pub trait Storage: Send + Sync + 'static {
     /// hand-off between nodes; a caller pages with the last key returned. `after` must be a valid
     /// key (`InvalidKey` otherwise: a NUL in its type would break the order above).
     fn scan_keys<'a>(&'a self, after: Option<&'a Key>, limit: usize) -> BoxFuture<'a, Result<Vec<Key>, StorageError>>;
+}
+
+/// The concatenation of `parts` (a single part is shared, not copied).
+pub(crate) fn joined(parts: &[Bytes]) -> Bytes {
+    match parts {
+        [one] => one.clone(),
+        parts => Bytes::from(parts.concat()),
+    }
 }
 
 /// Checks shared by backends before touching anything.
