@@ -1,5 +1,8 @@
 //! Replication of shard state between nodes, when storage is node-local.
 //!
+//! The decisions of the owner side (what is open, which catch-ups run, which replicas a write
+//! goes to) are the [`engine`]'s; this module runs them: tasks, network, store, timers.
+//!
 //! ## Design
 //! Primary-backup with the configuration in the metadata (as Kafka keeps its in-sync replica set
 //! in a controller): each shard's entry lists its replicas and whether each is *in sync*.
@@ -56,7 +59,7 @@
 //! - Each write is one ask per replica (not batched with other writes).
 //! - One key's state and entries must fit in one transport frame.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
@@ -69,11 +72,14 @@ use tokio::sync::{mpsc, oneshot, watch, RwLock};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+pub(crate) mod engine;
+
+use self::engine::{Engine, Job, JobKind};
 use super::protocol::{ReplicaError, ReplicaOp, ReplicaReply, ReplicaReq, TransferItem, REPLICA_TAG};
 use super::Inner;
 use crate::config::PlacementConfig;
 use crate::meta::raft::{self as mraft, ControlReply, ControlReq, ReplicaReport};
-use crate::meta::{MetaState, ShardEntry, BATCH_CMDS_MAX};
+use crate::meta::{MetaState, BATCH_CMDS_MAX};
 use crate::metrics::{label, CounterFamily, Metrics};
 use crate::net::{AskError, PeerInfo};
 use crate::placement::shard_of;
@@ -100,31 +106,6 @@ const RETRY_MS_MAX: u64 = 3200;
 pub const CATCH_UPS_MAX: usize = 8;
 /// Frame bytes kept for what surrounds replicated state (keys, envelope, length prefixes).
 const FRAME_OVERHEAD_BYTES: usize = 4096 + crate::storage::KEY_LEN_MAX_BYTES;
-
-/// A catch-up in progress, as writes see it.
-#[derive(Debug, Clone)]
-struct SyncProgress {
-    epoch: u64,
-    /// The replica's generation when this attempt began (its `ReplicaSynced` names it).
-    generation: u64,
-    /// The in-sync mark was asked for: until the table shows it (or a newer generation), writes
-    /// must be acknowledged by this replica as by an in-sync one (the mark may commit at any time).
-    required: bool,
-    /// Keys up to this one are on the replica (`None`: none yet).
-    through: Option<Key>,
-    /// Every key is.
-    done: bool,
-    /// A forwarded write failed: this attempt cannot mark the replica in sync.
-    broken: bool,
-    keys: u64,
-    bytes: u64,
-}
-
-impl SyncProgress {
-    fn covers(&self, key: &Key) -> bool {
-        self.done || self.through.as_ref().is_some_and(|t| key <= t)
-    }
-}
 
 /// A catch-up in progress, as `GET /v1/cluster` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -171,7 +152,6 @@ struct Incoming {
 
 /// Replication on one node: the owner side (writes, opening, catch-up) and the replica side.
 pub struct Replication {
-    name: String,
     /// This node's lease: a write that missed a replica is acknowledged only under it.
     lease: Arc<super::Lease>,
     /// Off with shared storage: the database is the replica set.
@@ -181,14 +161,9 @@ pub struct Replication {
     cfg: PlacementConfig,
     cluster: OnceLock<Weak<Inner>>,
     locks: Mutex<HashMap<u32, Arc<RwLock<()>>>>,
-    /// Shard → the epoch this node has opened it at.
-    opened: Mutex<HashMap<u32, u64>>,
-    syncs: Mutex<HashMap<(u32, String), SyncProgress>>,
-    /// Shards closed after a write whose missed replicas could not be marked out of sync:
-    /// shard → (epoch, those replicas).
-    unreported: Mutex<HashMap<u32, (u64, BTreeSet<String>)>>,
-    /// Opening (replica name empty) and catch-up tasks running: (shard, epoch, replica).
-    jobs: Mutex<HashSet<(u32, u64, String)>>,
+    /// What is open, which catch-ups and jobs run: locked for one decision at a time, never
+    /// across an await.
+    engine: Mutex<Engine>,
     lanes: OnceLock<Vec<mpsc::Sender<Incoming>>>,
     /// Replica reports on their way to the leader.
     reports: OnceLock<mpsc::Sender<PendingReport>>,
@@ -211,7 +186,7 @@ impl Replication {
         metrics: &Metrics,
     ) -> Arc<Replication> {
         Arc::new(Replication {
-            name,
+            engine: Mutex::new(Engine::new(name)),
             lease,
             enabled: !local.shared(),
             local,
@@ -219,10 +194,6 @@ impl Replication {
             cfg,
             cluster: OnceLock::new(),
             locks: Mutex::new(HashMap::new()),
-            opened: Mutex::new(HashMap::new()),
-            syncs: Mutex::new(HashMap::new()),
-            jobs: Mutex::new(HashSet::new()),
-            unreported: Mutex::new(HashMap::new()),
             lanes: OnceLock::new(),
             reports: OnceLock::new(),
             catch_ups: Arc::new(tokio::sync::Semaphore::new(CATCH_UPS_MAX)),
@@ -248,17 +219,16 @@ impl Replication {
 
     /// Whether this node may serve `shard` at `epoch` (opened, when replication is on).
     pub fn is_open(&self, shard: u32, epoch: u64) -> bool {
-        !self.enabled || lock(&self.opened).get(&shard) == Some(&epoch)
+        !self.enabled || self.engine().is_open(shard, epoch)
     }
 
     /// Catch-ups in progress from this node.
     pub fn syncing(&self) -> Vec<SyncStatus> {
-        let mut out: Vec<SyncStatus> = lock(&self.syncs)
-            .iter()
-            .map(|((shard, to), p)| SyncStatus { shard: *shard, to: to.clone(), keys: p.keys, bytes: p.bytes })
-            .collect();
-        out.sort_by(|a, b| (a.shard, &a.to).cmp(&(b.shard, &b.to)));
-        out
+        self.engine().syncing()
+    }
+
+    fn engine(&self) -> std::sync::MutexGuard<'_, Engine> {
+        lock(&self.engine)
     }
 
     /// Connects the cluster layer and starts the apply lanes.
@@ -287,7 +257,10 @@ impl Replication {
     /// Sends a write the local store accepted to the shard's replicas; `Ok` once every in-sync
     /// one has it (or was marked out of sync).
     async fn replicate(&self, fence: Fence, key: &Key, op: ReplicaOp) -> Result<(), StorageError> {
-        let targets = self.targets(fence, key)?;
+        let targets = {
+            let st = self.state.borrow();
+            self.engine().targets(&st, fence, key)?
+        };
         if targets.is_empty() {
             return Ok(());
         }
@@ -296,17 +269,14 @@ impl Replication {
         let timeout = Duration::from_millis(self.cfg.replica_write_timeout_ms);
         let asks = targets.iter().map(|t| self.ask(t.addr, payload.clone(), timeout));
         let results = futures::future::join_all(asks).await;
-        let mut missed = Vec::new();
-        for (t, r) in targets.into_iter().zip(results) {
-            let Err(e) = r else { continue };
-            self.metrics.writes_failed.inc();
-            debug!(shard = fence.shard, replica = %t.node, error = %e, "replica missed a write");
-            if t.in_sync {
-                missed.push(t.node);
-            } else if let Some(p) = lock(&self.syncs).get_mut(&(fence.shard, t.node)) {
-                p.broken = true;
+        for (t, r) in targets.iter().zip(&results) {
+            if let Err(e) = r {
+                self.metrics.writes_failed.inc();
+                debug!(shard = fence.shard, replica = %t.node, error = %e, "replica missed a write");
             }
         }
+        let answers = targets.into_iter().zip(results).map(|(t, r)| (t, r.is_ok())).collect();
+        let missed = self.engine().answered(fence, answers);
         if !missed.is_empty() && !self.lease.valid(Instant::now()) {
             // Not to be acknowledged (the shard goes elsewhere once the lease is over): leave the
             // replicas in sync rather than mark them out on the way down.
@@ -333,13 +303,7 @@ impl Replication {
     /// not acknowledged, but readers here would see it, and it vanishes if that replica is
     /// promoted): the shard opens again once `node` is marked out of sync.
     fn close(&self, fence: Fence, node: &str) {
-        let mut pending = lock(&self.unreported);
-        let entry = pending.entry(fence.shard).or_insert_with(|| (fence.epoch, BTreeSet::new()));
-        if entry.0 != fence.epoch {
-            *entry = (fence.epoch, BTreeSet::new());
-        }
-        entry.1.insert(node.to_string());
-        lock(&self.opened).remove(&fence.shard);
+        self.engine().close(fence, node);
         warn!(
             shard = fence.shard,
             epoch = fence.epoch,
@@ -350,57 +314,12 @@ impl Replication {
 
     /// Marks the replicas a closed shard's writes missed out of sync; `Ok` once none is left.
     async fn report_unreported(&self, shard: u32, epoch: u64) -> Result<(), String> {
-        let nodes = match lock(&self.unreported).get(&shard) {
-            Some((e, nodes)) if *e == epoch => nodes.clone(),
-            _ => return Ok(()),
-        };
+        let nodes = self.engine().unreported(shard, epoch);
         for node in nodes {
             self.report(shard, epoch, &node, false, 0).await?;
-            if let Some((_, left)) = lock(&self.unreported).get_mut(&shard) {
-                left.remove(&node);
-            }
+            self.engine().reported(shard, &node);
         }
-        lock(&self.unreported).remove(&shard);
         Ok(())
-    }
-
-    /// The replicas a write of `key` at `fence` goes to.
-    fn targets(&self, fence: Fence, key: &Key) -> Result<Vec<Target>, StorageError> {
-        let st = self.state.borrow();
-        let e = shard_entry(&st, fence.shard).ok_or_else(|| StorageError::Backend("no shard table".into()))?;
-        if e.epoch != fence.epoch || e.owner.as_deref() != Some(self.name.as_str()) {
-            return Err(StorageError::Fenced { shard: fence.shard, epoch: fence.epoch, current: e.epoch });
-        }
-        let mut syncs = lock(&self.syncs);
-        let mut out = Vec::new();
-        for r in &e.replicas {
-            // A catch-up of this replica's current generation at this epoch: forward the write if
-            // the key was copied already; require its answer once the in-sync mark was asked for.
-            let progress = syncs.get_mut(&(fence.shard, r.node.clone())).filter(|p| p.epoch == fence.epoch);
-            let (forward, required) = match progress {
-                Some(p) if p.generation != r.generation => {
-                    p.broken = true;
-                    (false, p.required)
-                }
-                Some(p) => (p.covers(key), p.required),
-                None => (false, false),
-            };
-            let in_sync = r.in_sync || required;
-            if !in_sync && !forward {
-                continue;
-            }
-            // An unparsable address never answers: send to port 0 so the ask fails at once.
-            let addr = st.members.get(&r.node).and_then(|m| m.addr.parse().ok());
-            let addr = addr.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
-            out.push(Target { node: r.node.clone(), addr, in_sync });
-        }
-        // A catch-up whose replica is no longer listed cannot finish (its writes went nowhere).
-        for ((shard, node), p) in syncs.iter_mut() {
-            if *shard == fence.shard && e.replica(node).is_none() {
-                p.broken = true;
-            }
-        }
-        Ok(out)
     }
 
     async fn ask(&self, addr: SocketAddr, payload: Bytes, timeout: Duration) -> Result<(), String> {
@@ -455,64 +374,40 @@ impl Replication {
             // Stopping: no new jobs (a finishing job would otherwise respawn itself forever).
             return;
         }
-        // Ordered, so jobs start in the same order on every run (simulations replay).
-        let mine: BTreeMap<u32, &ShardEntry> = st
-            .shards
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| e.owner.as_deref() == Some(self.name.as_str()))
-            .map(|(s, e)| (s as u32, e))
-            .collect();
-        lock(&self.opened).retain(|s, epoch| mine.get(s).is_some_and(|e| e.epoch == *epoch));
-        // A catch-up's entry goes once the table shows its outcome: in sync (the table then
-        // requires the replica), a newer generation (out of sync again, committed), or gone.
-        lock(&self.syncs).retain(|(s, to), p| {
-            mine.get(s).is_some_and(|e| {
-                e.epoch == p.epoch && e.replica(to).is_some_and(|r| !r.in_sync && r.generation == p.generation)
-            })
-        });
-        // A task ends on its own once the table no longer wants it, and then leaves `jobs`: a
-        // replica dropped and added again at the same epoch gets a new catch-up.
-        for (&shard, e) in &mine {
-            if !self.is_open(shard, e.epoch) {
-                if let Some(job) = self.job(shard, e.epoch, "") {
-                    let me = self.clone();
-                    inner.tasks.spawn(async move {
-                        me.clone().open(shard, job.1).await;
-                        me.job_done(&job);
-                    });
+        // In shard order, so jobs start in the same order on every run (simulations replay).
+        let jobs = self.engine().on_table(st);
+        self.spawn_jobs(&inner, jobs);
+    }
+
+    fn spawn_jobs(self: &Arc<Self>, inner: &Inner, jobs: Vec<Job>) {
+        for job in jobs {
+            let me = self.clone();
+            inner.tasks.spawn(async move {
+                match &job.kind {
+                    JobKind::Open => me.clone().open(job.shard, job.epoch).await,
+                    JobKind::CatchUp { to } => me.clone().catch_up(job.shard, job.epoch, to.clone()).await,
                 }
-            }
-            for r in e.replicas.iter().filter(|r| !r.in_sync) {
-                if let Some(job) = self.job(shard, e.epoch, &r.node) {
-                    let me = self.clone();
-                    inner.tasks.spawn(async move {
-                        me.clone().catch_up(shard, job.1, job.2.clone()).await;
-                        me.job_done(&job);
-                    });
-                }
-            }
+                me.job_done(&job);
+            });
         }
     }
 
     /// Forgets a finished job, then looks at the table again: a change it needed may have come
     /// while it was finishing (and found it still registered).
-    fn job_done(self: &Arc<Self>, job: &(u32, u64, String)) {
-        lock(&self.jobs).remove(job);
+    fn job_done(self: &Arc<Self>, job: &Job) {
         let st = self.state.borrow().clone();
-        self.on_table(&st);
-    }
-
-    /// Registers a job; `None` if it is running already.
-    fn job(&self, shard: u32, epoch: u64, replica: &str) -> Option<(u32, u64, String)> {
-        let job = (shard, epoch, replica.to_string());
-        lock(&self.jobs).insert(job.clone()).then_some(job)
+        let jobs = self.engine().job_done(job, &st);
+        // As `on_table`: no new jobs once the node is stopping.
+        match self.cluster() {
+            Some(inner) if !inner.cancel.is_cancelled() => self.spawn_jobs(&inner, jobs),
+            _ => {}
+        }
     }
 
     /// Whether this node still owns `shard` at `epoch`.
     fn owns(&self, shard: u32, epoch: u64) -> bool {
         let st = self.state.borrow();
-        shard_entry(&st, shard).is_some_and(|e| e.epoch == epoch && e.owner.as_deref() == Some(self.name.as_str()))
+        self.engine().owns(&st, shard, epoch)
     }
 
     /// Fences the in-sync replicas at `epoch` (marking out of sync those that do not answer),
@@ -537,8 +432,8 @@ impl Replication {
             };
             match fenced {
                 Ok(()) => {
-                    if self.owns(shard, epoch) {
-                        lock(&self.opened).insert(shard, epoch);
+                    let st = self.state.borrow().clone();
+                    if self.engine().opened(&st, shard, epoch) {
                         debug!(shard, epoch, "shard opened");
                     }
                     return;
@@ -563,7 +458,7 @@ impl Replication {
     async fn fence_replicas(&self, shard: u32, epoch: u64) -> Result<(), String> {
         let in_sync: Vec<(String, Option<SocketAddr>)> = {
             let st = self.state.borrow();
-            let Some(e) = shard_entry(&st, shard) else { return Ok(()) };
+            let Some(e) = engine::shard_entry(&st, shard) else { return Ok(()) };
             let addr = |n: &str| st.members.get(n).and_then(|m| m.addr.parse().ok());
             e.replicas.iter().filter(|r| r.in_sync).map(|r| (r.node.clone(), addr(&r.node))).collect()
         };
@@ -615,8 +510,7 @@ impl Replication {
             match attempt {
                 Ok(true) => {
                     // The entry stays (required) until the table shows the mark: `on_table` drops it.
-                    let p = lock(&self.syncs).get(&(shard, to.clone())).cloned();
-                    let (keys, bytes) = p.map_or((0, 0), |p| (p.keys, p.bytes));
+                    let (keys, bytes) = self.engine().progress(shard, &to).unwrap_or_default();
                     let took_ms = started.elapsed().as_millis() as u64;
                     debug!(shard, epoch, to = %to, keys, bytes, took_ms, "replica caught up");
                     return;
@@ -627,45 +521,30 @@ impl Replication {
             if !self.settle_pending_mark(shard, epoch, &to).await {
                 return;
             }
-            self.drop_progress(shard, &to);
+            self.engine().drop_progress(shard, &to);
             if !self.pause(&mut retry).await {
                 return;
             }
         }
-        self.drop_progress(shard, &to);
-    }
-
-    /// Forgets a catch-up's progress unless its in-sync mark is pending.
-    fn drop_progress(&self, shard: u32, to: &str) {
-        let mut syncs = lock(&self.syncs);
-        if syncs.get(&(shard, to.to_string())).is_some_and(|p| !p.required) {
-            syncs.remove(&(shard, to.to_string()));
-        }
+        self.engine().drop_progress(shard, &to);
     }
 
     /// After an attempt whose in-sync mark has an unknown outcome: commits `ReplicaOutOfSync`
     /// (a new generation, so the mark can no longer apply), retrying until it is committed or the
     /// table moved on. `false` when the node is stopping.
     async fn settle_pending_mark(&self, shard: u32, epoch: u64, to: &str) -> bool {
-        let key = (shard, to.to_string());
-        let Some(generation) = lock(&self.syncs).get(&key).filter(|p| p.required).map(|p| p.generation) else {
+        let Some(generation) = self.engine().pending_mark(shard, to) else {
             return true;
         };
         let mut retry = Backoff::new();
         loop {
-            let settled = {
-                let st = self.state.borrow();
-                shard_entry(&st, shard).is_none_or(|e| {
-                    e.epoch != epoch || e.replica(to).is_none_or(|r| r.in_sync || r.generation != generation)
-                })
-            };
-            if settled {
+            if engine::mark_outcome_known(&self.state.borrow(), shard, epoch, to, generation) {
                 return true;
             }
             match self.report(shard, epoch, to, false, 0).await {
                 Ok(()) => {
                     // Committed: the old mark cannot apply any more.
-                    lock(&self.syncs).remove(&key);
+                    self.engine().mark_settled(shard, to);
                     return true;
                 }
                 Err(e) => warn!(shard, epoch, to, error = %e, "cannot settle a pending in-sync mark; retrying"),
@@ -679,39 +558,16 @@ impl Replication {
     /// Whether the table still wants `to` caught up for `shard` at `epoch` by this node.
     fn wants_sync(&self, shard: u32, epoch: u64, to: &str) -> bool {
         let st = self.state.borrow();
-        shard_entry(&st, shard).is_some_and(|e| {
-            e.epoch == epoch
-                && e.owner.as_deref() == Some(self.name.as_str())
-                && e.replica(to).is_some_and(|r| !r.in_sync)
-        })
+        self.engine().wants_sync(&st, shard, epoch, to)
     }
 
     /// One attempt: `Ok(true)` once the replica is marked in sync, `Ok(false)` when a forwarded
     /// write failed meanwhile (start over).
     async fn sync_once(&self, shard: u32, epoch: u64, to: &str) -> Result<bool, String> {
-        let key = (shard, to.to_string());
         let generation = {
-            let st = self.state.borrow();
-            let r = shard_entry(&st, shard).and_then(|e| e.replica(to));
-            r.map(|r| r.generation).ok_or_else(|| format!("{to} is not a replica of shard {shard}"))?
+            let st = self.state.borrow().clone();
+            self.engine().begin_attempt(&st, shard, epoch, to).map_err(|e| e.to_string())?
         };
-        let fresh = SyncProgress {
-            epoch,
-            generation,
-            required: false,
-            through: None,
-            done: false,
-            broken: false,
-            keys: 0,
-            bytes: 0,
-        };
-        {
-            let mut syncs = lock(&self.syncs);
-            if syncs.get(&key).is_some_and(|p| p.required) {
-                return Err("the in-sync mark of an earlier attempt is still pending".into());
-            }
-            syncs.insert(key.clone(), fresh);
-        }
         // Writes of the shard wait while a page is out: a replica that does not answer costs them
         // this much once, then the attempt starts over later. A busy replica (its lanes behind
         // many catch-ups, each page a durable write) needs the room.
@@ -735,12 +591,9 @@ impl Replication {
                     items: page.items,
                 };
                 self.ask(addr, encode_req(&ReplicaReq { shard, epoch, op }), timeout).await?;
-                let mut syncs = lock(&self.syncs);
-                let p = syncs.get_mut(&key).ok_or("catch-up dropped")?;
-                p.keys += keys;
-                p.bytes += bytes as u64;
-                p.through = page.through.clone();
-                p.done = page.through.is_none();
+                self.engine()
+                    .page_sent(shard, to, keys, bytes as u64, page.through.clone())
+                    .map_err(|e| e.to_string())?;
                 self.metrics.sync_bytes.inc_by(bytes as u64);
                 after = page.through;
                 bytes
@@ -748,7 +601,7 @@ impl Replication {
             if after.is_none() {
                 break;
             }
-            if lock(&self.syncs).get(&key).is_none_or(|p| p.broken) {
+            if self.engine().broken(shard, to) {
                 // A forwarded write failed: the rest of this attempt would be wasted.
                 return Ok(false);
             }
@@ -759,13 +612,12 @@ impl Replication {
         // From the moment the mark is asked for it may commit, whatever this node hears back: the
         // replica is required for acknowledgements until the table shows the outcome.
         let _w = shard_lock.write().await;
-        match lock(&self.syncs).get_mut(&key) {
-            Some(p) if !p.broken => p.required = true,
-            _ => return Ok(false),
+        if !self.engine().require(shard, to) {
+            return Ok(false);
         }
         self.report(shard, epoch, to, true, generation).await?;
         let mut rx = self.state.clone();
-        let seen = rx.wait_for(|st| shard_entry(st, shard).is_none_or(|e| e.epoch != epoch || e.in_sync(to)));
+        let seen = rx.wait_for(|st| engine::shard_entry(st, shard).is_none_or(|e| e.epoch != epoch || e.in_sync(to)));
         let limit = Duration::from_millis(self.cfg.replica_write_timeout_ms);
         // Not seen in time: still required (above), so nothing is acknowledged without it.
         let _ = tokio::time::timeout(limit, seen).await;
@@ -848,7 +700,7 @@ impl Replication {
     async fn apply(&self, from: &str, req: ReplicaReq) -> ReplicaReply {
         let count = {
             let st = self.state.borrow();
-            if let Some(e) = shard_entry(&st, req.shard) {
+            if let Some(e) = engine::shard_entry(&st, req.shard) {
                 if req.epoch < e.epoch || (req.epoch == e.epoch && e.owner.as_deref() != Some(from)) {
                     return Err(ReplicaError::Stale(format!(
                         "shard {} is at epoch {} owned by {:?}; {from} wrote at {}",
@@ -927,12 +779,6 @@ impl Backoff {
         self.next_ms = (self.next_ms * 2).min(RETRY_MS_MAX);
         d
     }
-}
-
-struct Target {
-    node: String,
-    addr: SocketAddr,
-    in_sync: bool,
 }
 
 struct Page {
@@ -1096,10 +942,6 @@ fn storage_err(e: StorageError) -> ReplicaError {
         StorageError::Fenced { .. } => ReplicaError::Stale(e.to_string()),
         e => ReplicaError::Storage(e.to_string()),
     }
-}
-
-fn shard_entry(st: &MetaState, shard: u32) -> Option<&ShardEntry> {
-    st.shards.get(shard as usize)
 }
 
 fn encode_req(req: &ReplicaReq) -> Bytes {
