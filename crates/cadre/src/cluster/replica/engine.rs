@@ -14,14 +14,20 @@
 //! decides and the state it is left in with the expected text (`UPDATE_GOLDENFILES=1` rewrites
 //! them; review the diff).
 //!
+//! ## Turns: pages against writes
+//! A catch-up page and a write of the same key must reach the replica in the order they
+//! happened. Each shard has a gate ([`Engine::enter`], [`Engine::leave`]): writes take turns
+//! together (from before their local write until their replicas answered), a page alone (while
+//! it is read and sent), first come first served, so a waiting page holds back later writes
+//! and cannot starve. The gate is engine state, shown by [`Engine::describe`] and driven by the
+//! scripts; the runner only parks a task until its turn comes.
+//!
 //! ## Caveats
 //! - The jobs themselves (opening a shard, one catch-up attempt) still run as async procedures
 //!   in the runner, calling the engine at each step; their retries and pacing are the runner's.
-//! - The per-shard ordering of catch-up pages against writes (a page is read and sent while no
-//!   write of its shard is between its local write and its replicas' answers) is the runner's
-//!   shard lock, not engine state yet.
+//! - A page that is not answered holds its shard's writes until the ask times out.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 
 use crate::meta::{MetaState, ShardEntry};
@@ -89,6 +95,57 @@ impl SyncProgress {
     }
 }
 
+/// What takes a turn on a shard's gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Turn {
+    /// A write, from before its local write until its replicas answered (with other writes).
+    Write,
+    /// A catch-up page, or the in-sync mark after the last one (alone).
+    Page,
+}
+
+/// Names one turn, from [`Engine::enter`] until [`Engine::leave`].
+pub(crate) type Ticket = u64;
+
+/// Whether a turn may go at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Entry {
+    Go(Ticket),
+    /// It goes once a [`Engine::leave`] returns its ticket.
+    Wait(Ticket),
+}
+
+/// A shard's gate: the turns going now, and those waiting, first come first served.
+#[derive(Debug, Default)]
+struct Gate {
+    going: HashMap<Ticket, Turn>,
+    writes: u32,
+    page: bool,
+    waiting: VecDeque<(Ticket, Turn)>,
+}
+
+impl Gate {
+    fn may(&self, turn: Turn) -> bool {
+        match turn {
+            Turn::Write => !self.page,
+            Turn::Page => !self.page && self.writes == 0,
+        }
+    }
+
+    fn admit(&mut self, ticket: Ticket, turn: Turn) {
+        debug_assert!(self.may(turn), "a turn admitted against the gate");
+        match turn {
+            Turn::Write => self.writes += 1,
+            Turn::Page => self.page = true,
+        }
+        self.going.insert(ticket, turn);
+    }
+
+    fn is_idle(&self) -> bool {
+        self.going.is_empty() && self.waiting.is_empty()
+    }
+}
+
 /// The owner side of replication on one node.
 #[derive(Debug, Default)]
 pub(crate) struct Engine {
@@ -101,6 +158,9 @@ pub(crate) struct Engine {
     /// shard → (epoch, those replicas).
     unreported: BTreeMap<u32, (u64, BTreeSet<String>)>,
     jobs: BTreeSet<Job>,
+    /// Shard → its gate, while any turn goes or waits.
+    gates: BTreeMap<u32, Gate>,
+    last_ticket: Ticket,
 }
 
 pub(crate) fn shard_entry(st: &MetaState, shard: u32) -> Option<&ShardEntry> {
@@ -362,6 +422,45 @@ impl Engine {
         self.syncs.iter().map(status).collect()
     }
 
+    /// Asks for a turn on `shard`'s gate: it goes now if nothing goes that excludes it and
+    /// nothing waits before it.
+    pub(crate) fn enter(&mut self, shard: u32, turn: Turn) -> Entry {
+        self.last_ticket += 1;
+        let ticket = self.last_ticket;
+        let gate = self.gates.entry(shard).or_default();
+        if gate.waiting.is_empty() && gate.may(turn) {
+            gate.admit(ticket, turn);
+            Entry::Go(ticket)
+        } else {
+            gate.waiting.push_back((ticket, turn));
+            Entry::Wait(ticket)
+        }
+    }
+
+    /// Ends a turn, going or still waiting (its waiter gave up); returns the waiting turns that
+    /// go now, in order.
+    pub(crate) fn leave(&mut self, shard: u32, ticket: Ticket) -> Vec<Ticket> {
+        let Some(gate) = self.gates.get_mut(&shard) else { return Vec::new() };
+        match gate.going.remove(&ticket) {
+            Some(Turn::Write) => gate.writes -= 1,
+            Some(Turn::Page) => gate.page = false,
+            None => gate.waiting.retain(|(t, _)| *t != ticket),
+        }
+        let mut going = Vec::new();
+        while let Some(&(t, turn)) = gate.waiting.front() {
+            if !gate.may(turn) {
+                break;
+            }
+            gate.waiting.pop_front();
+            gate.admit(t, turn);
+            going.push(t);
+        }
+        if gate.is_idle() {
+            self.gates.remove(&shard);
+        }
+        going
+    }
+
     /// The engine's state as text, for golden scripts.
     #[cfg(test)]
     pub(crate) fn describe(&self) -> String {
@@ -390,6 +489,16 @@ impl Engine {
         }
         for job in &self.jobs {
             writeln!(out, "job {}", describe_job(job)).expect("a string");
+        }
+        for (shard, g) in &self.gates {
+            let mut going: Vec<_> = g.going.iter().collect();
+            going.sort_by_key(|(t, _)| **t);
+            let show =
+                |(t, turn): (&Ticket, &Turn)| format!("#{t} {}", if *turn == Turn::Page { "page" } else { "write" });
+            let going: Vec<String> = going.into_iter().map(show).collect();
+            let waiting: Vec<String> = g.waiting.iter().map(|(t, turn)| show((t, turn))).collect();
+            writeln!(out, "gate {shard}: going [{}] waiting [{}]", going.join(", "), waiting.join(", "))
+                .expect("a string");
         }
         out
     }

@@ -29,13 +29,15 @@
 //!   more than the owner.
 //! - **Catch-up**: the owner copies the shard to a replica that is not in sync, page by page
 //!   ([`ReplicaOp::Sync`]: "your keys of the shard in this key range are exactly these"), at most
-//!   `replica_sync_bytes_per_s` per node. Each page is read and sent under the shard's write lock,
-//!   while writes hold its read lock until their replicas answered, so a page and a write of the
-//!   same key reach the replica in the order they happened (a page that is not answered holds the
-//!   shard's writes for at most `max(handoff_timeout_ms / 4, 4 × replica_write_timeout_ms)`). Writes are forwarded to the replica
-//!   only for keys already copied (a later page carries the others). When the last page is in and
-//!   no forwarded write failed, the owner asks for the in-sync mark, naming the replica's
-//!   *generation* (a new one with every add and every out-of-sync mark), under the write lock.
+//!   `replica_sync_bytes_per_s` per node. Each page is read and sent on a turn of its own on the
+//!   shard's gate, while writes take turns together until their replicas answered (see
+//!   [`engine`]), so a page and a write of the same key reach the replica in the order they
+//!   happened (a page that is not answered holds the shard's writes for at most
+//!   `max(handoff_timeout_ms / 4, 4 × replica_write_timeout_ms)`). Writes are forwarded to the
+//!   replica only for keys already copied (a later page carries the others). When the last page
+//!   is in and no forwarded write failed, the owner asks for the in-sync mark, naming the
+//!   replica's *generation* (a new one with every add and every out-of-sync mark), on a page's
+//!   turn.
 //!   From that moment the replica is required for acknowledgements as an in-sync one, until the
 //!   table shows the outcome; an attempt that does not learn it commits `ReplicaOutOfSync` (a new
 //!   generation, so the old mark can no longer apply) before starting over.
@@ -59,31 +61,31 @@
 //! - Each write is one ask per replica (not batched with other writes).
 //! - One key's state and entries must fit in one transport frame.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use futures::future::BoxFuture;
-use futures::FutureExt;
 use prometheus_client::metrics::counter::Counter;
-use tokio::sync::{mpsc, oneshot, watch, RwLock};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+mod apply;
 pub(crate) mod engine;
+mod store;
 
-use self::engine::{Engine, Job, JobKind};
-use super::protocol::{ReplicaError, ReplicaOp, ReplicaReply, ReplicaReq, TransferItem, REPLICA_TAG};
+use self::engine::{Engine, Entry, Job, JobKind, Ticket, Turn};
+use super::protocol::{ReplicaOp, ReplicaReply, ReplicaReq, TransferItem, REPLICA_TAG};
 use super::Inner;
 use crate::config::PlacementConfig;
 use crate::meta::raft::{self as mraft, ControlReply, ControlReq, ReplicaReport};
 use crate::meta::{MetaState, BATCH_CMDS_MAX};
-use crate::metrics::{label, CounterFamily, Metrics};
-use crate::net::{AskError, PeerInfo};
+use crate::metrics::{CounterFamily, Metrics};
+use crate::net::AskError;
 use crate::placement::shard_of;
-use crate::storage::{Fence, Key, Revision, Storage, StorageError, Versioned, ENTRIES_READ_MAX, SCAN_READ_MAX};
+use crate::storage::{Fence, Key, Storage, StorageError, ENTRIES_READ_MAX, SCAN_READ_MAX};
 use crate::wire::Lane;
 
 /// Ordered apply lanes on a replica: a shard's requests go to lane `shard % REPLICA_LANES`.
@@ -160,7 +162,8 @@ pub struct Replication {
     state: watch::Receiver<Arc<MetaState>>,
     cfg: PlacementConfig,
     cluster: OnceLock<Weak<Inner>>,
-    locks: Mutex<HashMap<u32, Arc<RwLock<()>>>>,
+    /// Tasks parked until their turn on a shard's gate comes (the engine says whose).
+    waiters: Mutex<HashMap<Ticket, oneshot::Sender<()>>>,
     /// What is open, which catch-ups and jobs run: locked for one decision at a time, never
     /// across an await.
     engine: Mutex<Engine>,
@@ -193,7 +196,7 @@ impl Replication {
             state,
             cfg,
             cluster: OnceLock::new(),
-            locks: Mutex::new(HashMap::new()),
+            waiters: Mutex::new(HashMap::new()),
             lanes: OnceLock::new(),
             reports: OnceLock::new(),
             catch_ups: Arc::new(tokio::sync::Semaphore::new(CATCH_UPS_MAX)),
@@ -211,7 +214,7 @@ impl Replication {
     /// The store the host writes through.
     pub fn storage(self: &Arc<Self>) -> Arc<dyn Storage> {
         if self.enabled {
-            Arc::new(ReplicatedStorage { repl: self.clone() })
+            Arc::new(store::ReplicatedStorage { repl: self.clone() })
         } else {
             self.local.clone()
         }
@@ -238,7 +241,7 @@ impl Replication {
         for _ in 0..REPLICA_LANES {
             let (tx, rx) = mpsc::channel(REPLICA_LANE_QUEUE_LEN_MAX);
             senders.push(tx);
-            inner.tasks.spawn(apply_lane(self.clone(), rx, inner.cancel.clone()));
+            inner.tasks.spawn(apply::apply_lane(self.clone(), rx, inner.cancel.clone()));
         }
         assert!(self.lanes.set(senders).is_ok(), "replication started twice");
         let (tx, rx) = mpsc::channel(REPORT_QUEUE_LEN_MAX);
@@ -250,8 +253,35 @@ impl Replication {
         self.cluster.get().and_then(Weak::upgrade)
     }
 
-    fn shard_lock(&self, shard: u32) -> Arc<RwLock<()>> {
-        lock(&self.locks).entry(shard).or_default().clone()
+    /// Waits for a turn on `shard`'s gate; it ends when the pass is dropped (also while still
+    /// waiting: a caller that gives up leaves the queue).
+    pub(super) async fn turn(&self, shard: u32, turn: Turn) -> Pass<'_> {
+        let (tx, rx) = oneshot::channel();
+        let entry = {
+            let mut engine = self.engine();
+            let entry = engine.enter(shard, turn);
+            // Registered under the engine's lock, so no `leave` can hand the turn over before.
+            if let Entry::Wait(ticket) = entry {
+                lock(&self.waiters).insert(ticket, tx);
+            }
+            entry
+        };
+        let (Entry::Go(ticket) | Entry::Wait(ticket)) = entry;
+        let pass = Pass { repl: self, shard, ticket };
+        if matches!(entry, Entry::Wait(_)) {
+            // The sender goes only through `wake` (or this pass's drop).
+            let _ = rx.await;
+        }
+        pass
+    }
+
+    fn wake(&self, tickets: Vec<Ticket>) {
+        let mut waiters = lock(&self.waiters);
+        for t in tickets {
+            if let Some(tx) = waiters.remove(&t) {
+                let _ = tx.send(());
+            }
+        }
     }
 
     /// Sends a write the local store accepted to the shard's replicas; `Ok` once every in-sync
@@ -574,7 +604,6 @@ impl Replication {
         let timeout = Duration::from_millis(
             (self.cfg.handoff_timeout_ms / 4).max(self.cfg.replica_write_timeout_ms.saturating_mul(4)),
         );
-        let shard_lock = self.shard_lock(shard);
         let mut after: Option<Key> = None;
         loop {
             if !self.wants_sync(shard, epoch, to) {
@@ -582,7 +611,7 @@ impl Replication {
             }
             let addr = self.addr_of(to)?;
             let sent = {
-                let _w = shard_lock.write().await;
+                let _page = self.turn(shard, Turn::Page).await;
                 let page = self.read_page(shard, after.as_ref()).await?;
                 let (keys, bytes) = (page.items.len() as u64, page.bytes);
                 let op = ReplicaOp::Sync {
@@ -607,11 +636,12 @@ impl Replication {
             }
             self.pace(sent).await;
         }
-        // Every key is there, and writes forwarded since are acknowledged (they held the read
-        // lock): mark it in sync while no write runs, and wait to see it so the next one counts it.
+        // Every key is there, and writes forwarded since are acknowledged (their turns ended
+        // before this one began): mark it in sync while no write goes, and wait to see it so the
+        // next one counts it.
         // From the moment the mark is asked for it may commit, whatever this node hears back: the
         // replica is required for acknowledgements until the table shows the outcome.
-        let _w = shard_lock.write().await;
+        let _page = self.turn(shard, Turn::Page).await;
         if !self.engine().require(shard, to) {
             return Ok(false);
         }
@@ -671,97 +701,6 @@ impl Replication {
         page.through = if end { None } else { last };
         Ok(page)
     }
-
-    // --- Replica side ---
-
-    /// Takes a data-lane ask carrying a [`ReplicaReq`] (after [`REPLICA_TAG`]); answers at once
-    /// only when it cannot be queued.
-    pub fn on_ask(&self, from: &PeerInfo, id: u64, payload: &[u8]) -> Option<Bytes> {
-        let refuse = |reason: &str, e: ReplicaError| {
-            self.metrics.refused.get_or_create(&label("reason", reason)).inc();
-            Some(encode_reply(&Err(e)))
-        };
-        let req = match postcard::from_bytes::<ReplicaReq>(payload.get(1..).unwrap_or_default()) {
-            Ok(r) => r,
-            Err(e) => {
-                warn!(from = %from.name, error = %e, "undecodable replica request");
-                return refuse("undecodable", ReplicaError::Undecodable(e.to_string()));
-            }
-        };
-        let Some(lanes) = self.lanes.get() else { return refuse("starting", ReplicaError::Busy) };
-        let lane = &lanes[req.shard as usize % REPLICA_LANES];
-        let item = Incoming { from: from.name.to_string(), addr: from.addr, id, req };
-        match lane.try_send(item) {
-            Ok(()) => None,
-            Err(_) => refuse("busy", ReplicaError::Busy),
-        }
-    }
-
-    async fn apply(&self, from: &str, req: ReplicaReq) -> ReplicaReply {
-        let count = {
-            let st = self.state.borrow();
-            if let Some(e) = engine::shard_entry(&st, req.shard) {
-                if req.epoch < e.epoch || (req.epoch == e.epoch && e.owner.as_deref() != Some(from)) {
-                    return Err(ReplicaError::Stale(format!(
-                        "shard {} is at epoch {} owned by {:?}; {from} wrote at {}",
-                        req.shard, e.epoch, e.owner, req.epoch
-                    )));
-                }
-            }
-            if st.shard_count == 0 {
-                // Too far behind to check anything: the owner catches this node up later.
-                return Err(ReplicaError::Stale("this node has no shard table yet".into()));
-            }
-            st.shard_count
-        };
-        let fence = Fence { shard: req.shard, epoch: req.epoch };
-        let in_shard = |ty: &str, id: &str| {
-            let key = Key::new(ty, id);
-            key.check().map_err(|e| ReplicaError::Storage(e.to_string()))?;
-            if shard_of(&key, count) != req.shard {
-                return Err(ReplicaError::Diverged(format!("{key:?} is not in shard {}", req.shard)));
-            }
-            Ok(key)
-        };
-        let local = &*self.local;
-        match req.op {
-            ReplicaOp::Put { ty, id, value } => {
-                let key = in_shard(&ty, &id)?;
-                let rev = revision(local, &key).await?;
-                local.put(&key, value.into(), rev, fence).await.map(drop).map_err(storage_err)
-            }
-            ReplicaOp::Delete { ty, id } => remove(local, &in_shard(&ty, &id)?, fence).await,
-            ReplicaOp::Append { ty, id, expected_len, entries } => {
-                let key = in_shard(&ty, &id)?;
-                let entries = entries.into_iter().map(Bytes::from).collect();
-                match local.append(&key, entries, expected_len, fence).await {
-                    Ok(_) => Ok(()),
-                    Err(StorageError::Conflict { expected, actual }) => Err(ReplicaError::Diverged(format!(
-                        "{key:?} has {actual} entries here, the owner appended after {expected}"
-                    ))),
-                    Err(e) => Err(storage_err(e)),
-                }
-            }
-            ReplicaOp::Fence => local.fence(fence).await.map_err(storage_err),
-            ReplicaOp::Sync { after, through, items } => {
-                let after = after.map(|(t, i)| Key::new(t, i));
-                let through = through.map(|(t, i)| Key::new(t, i));
-                let mut keys = Vec::with_capacity(items.len());
-                for item in &items {
-                    keys.push(in_shard(&item.ty, &item.id)?);
-                }
-                // Fenced at this epoch already by an earlier page, most of the time: a read, not a write.
-                let here = local.epoch(req.shard).await.map_err(storage_err)?;
-                if here > req.epoch {
-                    return Err(ReplicaError::Stale(format!("shard {} is fenced at {here} here", req.shard)));
-                }
-                if here < req.epoch {
-                    local.fence(fence).await.map_err(storage_err)?;
-                }
-                sync_range(local, req.shard, count, fence, after, through, keys, items).await
-            }
-        }
-    }
 }
 
 /// Retry delays: [`RETRY_MS`], doubling up to [`RETRY_MS_MAX`].
@@ -785,36 +724,6 @@ struct Page {
     items: Vec<TransferItem>,
     through: Option<Key>,
     bytes: usize,
-}
-
-async fn apply_lane(
-    repl: Arc<Replication>,
-    mut rx: mpsc::Receiver<Incoming>,
-    cancel: tokio_util::sync::CancellationToken,
-) {
-    loop {
-        let item = tokio::select! {
-            i = rx.recv() => match i { Some(i) => i, None => return },
-            _ = cancel.cancelled() => return,
-        };
-        // A panic in a store must not end the lane (every later request of its shards would be
-        // refused): it fails this request only.
-        let applied = std::panic::AssertUnwindSafe(repl.apply(&item.from, item.req)).catch_unwind().await;
-        let reply = applied.unwrap_or_else(|_| Err(ReplicaError::Storage("applying the request panicked".into())));
-        if let Err(e) = &reply {
-            debug!(from = %item.from, error = %e, "replica request refused");
-            let reason = match e {
-                ReplicaError::Stale(_) => "stale",
-                ReplicaError::Diverged(_) => "diverged",
-                _ => "storage",
-            };
-            repl.metrics.refused.get_or_create(&label("reason", reason)).inc();
-        }
-        let Some(inner) = repl.cluster() else { return };
-        if let Some(t) = inner.transport.upgrade() {
-            let _ = t.reply_on(Lane::Data, item.addr, item.id, encode_reply(&reply));
-        }
-    }
 }
 
 /// Sends queued reports to the leader, one batch at a time: what queues up while a batch is out
@@ -864,65 +773,6 @@ async fn report_loop(
     }
 }
 
-/// Makes the replica's keys of `shard` in `(after, through]` exactly `items` (whose keys are
-/// `keys`).
-#[allow(clippy::too_many_arguments)]
-async fn sync_range(
-    local: &dyn Storage,
-    shard: u32,
-    count: u32,
-    fence: Fence,
-    after: Option<Key>,
-    through: Option<Key>,
-    keys: Vec<Key>,
-    items: Vec<TransferItem>,
-) -> ReplicaReply {
-    let keep: HashSet<&Key> = keys.iter().collect();
-    // Drop what the range holds here and the page does not.
-    let mut cursor = after;
-    'scan: loop {
-        let found = local.scan_keys(cursor.as_ref(), SCAN_READ_MAX).await.map_err(storage_err)?;
-        let end = found.len() < SCAN_READ_MAX;
-        for key in found {
-            if through.as_ref().is_some_and(|t| key > *t) {
-                break 'scan;
-            }
-            if shard_of(&key, count) == shard && !keep.contains(&key) {
-                remove(local, &key, fence).await?;
-            }
-            cursor = Some(key);
-        }
-        if end {
-            break;
-        }
-    }
-    for (key, item) in keys.iter().zip(items) {
-        remove(local, key, fence).await?;
-        if let Some(v) = item.value {
-            local.put(key, v.into(), 0, fence).await.map_err(storage_err)?;
-        }
-        if !item.entries.is_empty() {
-            let entries = item.entries.into_iter().map(Bytes::from).collect();
-            local.append(key, entries, 0, fence).await.map_err(storage_err)?;
-        }
-    }
-    Ok(())
-}
-
-async fn revision(local: &dyn Storage, key: &Key) -> Result<Revision, ReplicaError> {
-    Ok(local.get(key).await.map_err(storage_err)?.map_or(0, |v| v.revision))
-}
-
-/// Removes a key's state and entries, whatever its revision.
-async fn remove(local: &dyn Storage, key: &Key, fence: Fence) -> ReplicaReply {
-    let rev = revision(local, key).await?;
-    let has_entries = !local.entries(key, 0, 1).await.map_err(storage_err)?.is_empty();
-    if rev == 0 && !has_entries {
-        return Ok(());
-    }
-    local.delete(key, rev, fence).await.map_err(storage_err)
-}
-
 async fn export(local: &dyn Storage, key: &Key) -> Result<TransferItem, String> {
     let value = local.get(key).await.map_err(|e| e.to_string())?.map(|v| v.value.to_vec());
     let mut entries = Vec::new();
@@ -937,13 +787,6 @@ async fn export(local: &dyn Storage, key: &Key) -> Result<TransferItem, String> 
     Ok(TransferItem { ty: key.ty.clone(), id: key.id.clone(), value, entries })
 }
 
-fn storage_err(e: StorageError) -> ReplicaError {
-    match e {
-        StorageError::Fenced { .. } => ReplicaError::Stale(e.to_string()),
-        e => ReplicaError::Storage(e.to_string()),
-    }
-}
-
 fn encode_req(req: &ReplicaReq) -> Bytes {
     let mut buf = BytesMut::with_capacity(64);
     buf.put_u8(REPLICA_TAG);
@@ -951,128 +794,21 @@ fn encode_req(req: &ReplicaReq) -> Bytes {
     buf.freeze()
 }
 
-fn encode_reply(reply: &ReplicaReply) -> Bytes {
-    mraft::encode(reply)
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The store a replicating owner's host writes through: local first, then the replicas.
-struct ReplicatedStorage {
-    repl: Arc<Replication>,
+/// A turn on a shard's gate ([`Replication::turn`]), ended when dropped.
+pub(super) struct Pass<'a> {
+    repl: &'a Replication,
+    shard: u32,
+    ticket: Ticket,
 }
 
-impl ReplicatedStorage {
-    /// Runs a local write under the shard's read lock, then replicates it.
-    /// (`local` is called only once the lock is held: a store may write when called, not polled.)
-    /// A write whose state (`len` bytes) cannot travel in one frame is refused before anything.
-    fn write<'a, T: Send + 'a>(
-        &'a self,
-        key: &'a Key,
-        fence: Fence,
-        len: usize,
-        local: impl FnOnce() -> BoxFuture<'a, Result<T, StorageError>> + Send + 'a,
-        op: impl FnOnce() -> ReplicaOp + Send + 'a,
-    ) -> BoxFuture<'a, Result<T, StorageError>> {
-        async move {
-            if len > self.repl.payload_max {
-                return Err(StorageError::TooLarge { len });
-            }
-            let shard_lock = self.repl.shard_lock(fence.shard);
-            let _r = shard_lock.read().await;
-            let out = local().await?;
-            if let Err(e) = self.repl.replicate(fence, key, op()).await {
-                // A shard closed on the way reopens through an opening job.
-                if !self.repl.is_open(fence.shard, fence.epoch) {
-                    let st = self.repl.state.borrow().clone();
-                    self.repl.on_table(&st);
-                }
-                return Err(e);
-            }
-            Ok(out)
-        }
-        .boxed()
-    }
-}
-
-impl Storage for ReplicatedStorage {
-    fn get<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, Result<Option<Versioned>, StorageError>> {
-        self.repl.local.get(key)
-    }
-
-    fn put<'a>(
-        &'a self,
-        key: &'a Key,
-        value: Bytes,
-        expected: Revision,
-        fence: Fence,
-    ) -> BoxFuture<'a, Result<Revision, StorageError>> {
-        let v = value.clone();
-        let local = move || self.repl.local.put(key, v, expected, fence);
-        self.write(key, fence, value.len(), local, move || ReplicaOp::Put {
-            ty: key.ty.clone(),
-            id: key.id.clone(),
-            value: value.to_vec(),
-        })
-    }
-
-    fn put_parts<'a>(
-        &'a self,
-        key: &'a Key,
-        parts: Vec<Bytes>,
-        expected: Revision,
-        fence: Fence,
-    ) -> BoxFuture<'a, Result<Revision, StorageError>> {
-        let len = parts.iter().map(Bytes::len).sum();
-        // The replicas get one buffer (it is copied into a frame anyway); the local store keeps
-        // the parts.
-        let copy = parts.clone();
-        let local = move || self.repl.local.put_parts(key, parts, expected, fence);
-        self.write(key, fence, len, local, move || ReplicaOp::Put {
-            ty: key.ty.clone(),
-            id: key.id.clone(),
-            value: copy.concat(),
-        })
-    }
-
-    fn delete<'a>(&'a self, key: &'a Key, expected: Revision, fence: Fence) -> BoxFuture<'a, Result<(), StorageError>> {
-        let local = move || self.repl.local.delete(key, expected, fence);
-        self.write(key, fence, 0, local, move || ReplicaOp::Delete { ty: key.ty.clone(), id: key.id.clone() })
-    }
-
-    fn append<'a>(
-        &'a self,
-        key: &'a Key,
-        entries: Vec<Bytes>,
-        expected_len: u64,
-        fence: Fence,
-    ) -> BoxFuture<'a, Result<u64, StorageError>> {
-        let copy: Vec<Vec<u8>> = entries.iter().map(|e| e.to_vec()).collect();
-        let len = entries.iter().map(Bytes::len).sum();
-        let local = move || self.repl.local.append(key, entries, expected_len, fence);
-        self.write(key, fence, len, local, move || ReplicaOp::Append {
-            ty: key.ty.clone(),
-            id: key.id.clone(),
-            expected_len,
-            entries: copy,
-        })
-    }
-
-    fn entries<'a>(&'a self, key: &'a Key, from: u64, limit: usize) -> BoxFuture<'a, Result<Vec<Bytes>, StorageError>> {
-        self.repl.local.entries(key, from, limit)
-    }
-
-    fn epoch<'a>(&'a self, shard: u32) -> BoxFuture<'a, Result<u64, StorageError>> {
-        self.repl.local.epoch(shard)
-    }
-
-    fn fence<'a>(&'a self, fence: Fence) -> BoxFuture<'a, Result<(), StorageError>> {
-        self.repl.local.fence(fence)
-    }
-
-    fn scan_keys<'a>(&'a self, after: Option<&'a Key>, limit: usize) -> BoxFuture<'a, Result<Vec<Key>, StorageError>> {
-        self.repl.local.scan_keys(after, limit)
+impl Drop for Pass<'_> {
+    fn drop(&mut self) {
+        lock(&self.repl.waiters).remove(&self.ticket);
+        let going = self.repl.engine().leave(self.shard, self.ticket);
+        self.repl.wake(going);
     }
 }

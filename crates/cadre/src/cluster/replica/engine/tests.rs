@@ -16,6 +16,7 @@
 //!   `answer failed=A/B`: the last write's answers. `close node=N`, `unreported`, `reported`.
 //! - `attempt`, `page keys= bytes= through=K|end`, `broken`, `require`, `pending`, `settle`,
 //!   `drop`: a catch-up attempt's steps. `outcome generation=G`: whether the table shows its mark.
+//! - `enter turn=write|page`, `leave ticket=T`: turns on the shard's gate.
 //! - `state`: the engine's state.
 
 use std::collections::BTreeMap;
@@ -248,6 +249,23 @@ impl Runner {
                 let (to, generation) = (a.need("to")?, a.num("generation")?);
                 format!("outcome known: {}\n", mark_outcome_known(&self.st, f.shard, f.epoch, to, generation))
             }
+            "enter" => {
+                let shard = a.num("shard")?;
+                let turn = match a.need("turn")? {
+                    "write" => Turn::Write,
+                    "page" => Turn::Page,
+                    other => return Err(format!("turn=write|page, not {other}").into()),
+                };
+                match e.enter(shard, turn) {
+                    Entry::Go(t) => format!("goes: #{t}\n"),
+                    Entry::Wait(t) => format!("waits: #{t}\n"),
+                }
+            }
+            "leave" => {
+                let going = e.leave(a.num("shard")?, a.num("ticket")?);
+                let going: Vec<String> = going.iter().map(|t| format!("#{t}")).collect();
+                format!("now going: [{}]\n", going.join(" "))
+            }
             "state" => e.describe(),
             other => return Err(format!("unknown command {other}").into()),
         };
@@ -309,4 +327,8 @@ scripts!(
     catch_up_mark_settled,
     write_no_address,
     jobs_restart_after_done,
+    gate_writes_together,
+    gate_page_alone,
+    gate_first_come,
+    gate_waiter_gives_up,
 );
