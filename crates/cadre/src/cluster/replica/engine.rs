@@ -22,9 +22,13 @@
 //! and cannot starve. The gate is engine state, shown by [`Engine::describe`] and driven by the
 //! scripts; the runner only parks a task until its turn comes.
 //!
+//! ## Openings
+//! An opening is a state machine of its own ([`Engine::open_step`]): the runner feeds it the
+//! outcome of each step (the local fence, a mark, the replicas' fences) and does what it answers.
+//!
 //! ## Caveats
-//! - The jobs themselves (opening a shard, one catch-up attempt) still run as async procedures
-//!   in the runner, calling the engine at each step; their retries and pacing are the runner's.
+//! - A catch-up attempt still runs as an async procedure in the runner, calling the engine at
+//!   each step; its retries and pacing are the runner's.
 //! - A page that is not answered holds its shard's writes until the ask times out.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -32,6 +36,9 @@ use std::net::SocketAddr;
 
 use crate::meta::{MetaState, ShardEntry};
 use crate::storage::{Fence, Key, StorageError};
+
+mod open;
+pub(crate) use open::{OpenCmd, OpenInput, RETRY_MS, RETRY_MS_MAX};
 
 /// Work the runner does for the engine, one task each; registered until [`Engine::job_done`].
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -160,11 +167,19 @@ pub(crate) struct Engine {
     jobs: BTreeSet<Job>,
     /// Shard → its gate, while any turn goes or waits.
     gates: BTreeMap<u32, Gate>,
+    /// (shard, epoch) → its opening, while one runs.
+    openings: BTreeMap<(u32, u64), open::Opening>,
     last_ticket: Ticket,
 }
 
 pub(crate) fn shard_entry(st: &MetaState, shard: u32) -> Option<&ShardEntry> {
     st.shards.get(shard as usize)
+}
+
+/// `node`'s address in `st`; port 0 when it has none that parses, so an ask fails at once.
+fn addr_of(st: &MetaState, node: &str) -> SocketAddr {
+    let addr = st.members.get(node).and_then(|m| m.addr.parse().ok());
+    addr.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
 impl Engine {
@@ -228,6 +243,9 @@ impl Engine {
     /// come while it was finishing, and found it still registered).
     pub(crate) fn job_done(&mut self, job: &Job, st: &MetaState) -> Vec<Job> {
         self.jobs.remove(job);
+        if job.kind == JobKind::Open {
+            self.openings.remove(&(job.shard, job.epoch));
+        }
         self.on_table(st)
     }
 
@@ -264,9 +282,7 @@ impl Engine {
             if !in_sync && !forward {
                 continue;
             }
-            let addr = st.members.get(&r.node).and_then(|m| m.addr.parse().ok());
-            let addr = addr.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
-            out.push(Target { node: r.node.clone(), addr, in_sync });
+            out.push(Target { node: r.node.clone(), addr: addr_of(st, &r.node), in_sync });
         }
         // A catch-up whose replica is no longer listed cannot finish (its writes went nowhere).
         for ((shard, node), p) in self.syncs.iter_mut() {
@@ -489,6 +505,10 @@ impl Engine {
         }
         for job in &self.jobs {
             writeln!(out, "job {}", describe_job(job)).expect("a string");
+        }
+        for ((shard, epoch), o) in &self.openings {
+            writeln!(out, "opening {shard}@{epoch}: {:?} (next retry after {} ms)", o.step, o.retry_ms)
+                .expect("a string");
         }
         for (shard, g) in &self.gates {
             let mut going: Vec<_> = g.going.iter().collect();

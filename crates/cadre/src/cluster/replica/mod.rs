@@ -76,7 +76,7 @@ mod apply;
 pub(crate) mod engine;
 mod store;
 
-use self::engine::{Engine, Entry, Job, JobKind, Ticket, Turn};
+use self::engine::{Engine, Entry, Job, JobKind, OpenCmd, OpenInput, Ticket, Turn, RETRY_MS, RETRY_MS_MAX};
 use super::protocol::{ReplicaOp, ReplicaReply, ReplicaReq, TransferItem, REPLICA_TAG};
 use super::Inner;
 use crate::config::PlacementConfig;
@@ -99,10 +99,6 @@ pub const SYNC_PAGE_BYTES_MAX: usize = 256 * 1024;
 /// count and factor 3). When full, a report fails at once: a write that needed it
 /// fails (and its shard closes until reported), a catch-up starts over later.
 pub const REPORT_QUEUE_LEN_MAX: usize = 2048;
-/// Wait before retrying a failed opening or catch-up; doubled after each failure up to
-/// [`RETRY_MS_MAX`], so a cluster in trouble is not flooded with retries.
-const RETRY_MS: u64 = 200;
-const RETRY_MS_MAX: u64 = 3200;
 /// Catch-up attempts running at once from one node (others wait their turn): a node that comes
 /// back to many out-of-sync shards copies a few at a time, leaving room for writes.
 pub const CATCH_UPS_MAX: usize = 8;
@@ -342,16 +338,6 @@ impl Replication {
         );
     }
 
-    /// Marks the replicas a closed shard's writes missed out of sync; `Ok` once none is left.
-    async fn report_unreported(&self, shard: u32, epoch: u64) -> Result<(), String> {
-        let nodes = self.engine().unreported(shard, epoch);
-        for node in nodes {
-            self.report(shard, epoch, &node, false, 0).await?;
-            self.engine().reported(shard, &node);
-        }
-        Ok(())
-    }
-
     async fn ask(&self, addr: SocketAddr, payload: Bytes, timeout: Duration) -> Result<(), String> {
         let inner = self.cluster().ok_or("the node is shutting down")?;
         let t = inner.transport.upgrade().ok_or("the node is shutting down")?;
@@ -434,83 +420,73 @@ impl Replication {
         }
     }
 
-    /// Whether this node still owns `shard` at `epoch`.
-    fn owns(&self, shard: u32, epoch: u64) -> bool {
-        let st = self.state.borrow();
-        self.engine().owns(&st, shard, epoch)
-    }
-
-    /// Fences the in-sync replicas at `epoch` (marking out of sync those that do not answer),
-    /// then lets the gate serve the shard.
+    /// Opens `shard` at `epoch`: runs the steps the engine's opening asks for and feeds their
+    /// outcomes back, until it is done.
     async fn open(self: Arc<Self>, shard: u32, epoch: u64) {
-        let mut retry = Backoff::new();
-        while self.owns(shard, epoch) {
-            // This node's own store too: a write of the previous owner still being applied here
-            // as a replica lands before this fence (and is loaded) or is refused after it. (Epoch
-            // 1 had no previous owner: no durable write needed.)
-            let own = if epoch > 1 { self.local.fence(Fence { shard, epoch }).await } else { Ok(()) };
-            if let Err(e) = own {
-                warn!(shard, epoch, error = %e, "cannot fence the local store; retrying");
-                if !self.pause(&mut retry).await {
-                    return;
-                }
-                continue;
-            }
-            let fenced = match self.report_unreported(shard, epoch).await {
-                Ok(()) => self.fence_replicas(shard, epoch).await,
-                Err(e) => Err(e),
+        let mut inputs = std::collections::VecDeque::from([OpenInput::Go]);
+        while let Some(input) = inputs.pop_front() {
+            let cmds = {
+                let st = self.state.borrow().clone();
+                self.engine().open_step(&st, shard, epoch, input)
             };
-            match fenced {
-                Ok(()) => {
-                    let st = self.state.borrow().clone();
-                    if self.engine().opened(&st, shard, epoch) {
-                        debug!(shard, epoch, "shard opened");
+            let mut fences = Vec::new();
+            for cmd in cmds {
+                match cmd {
+                    OpenCmd::FenceLocal => {
+                        let fenced = self.local.fence(Fence { shard, epoch }).await;
+                        if let Err(e) = &fenced {
+                            warn!(shard, epoch, error = %e, "cannot fence the local store; retrying");
+                        }
+                        inputs.push_back(OpenInput::LocalFenced { ok: fenced.is_ok() });
                     }
-                    return;
+                    OpenCmd::Report { node } => {
+                        let reported = self.report(shard, epoch, &node, false, 0).await;
+                        if let Err(e) = &reported {
+                            warn!(shard, epoch, replica = %node, error = %e, "cannot open the shard yet; retrying");
+                        }
+                        inputs.push_back(OpenInput::Reported { node, ok: reported.is_ok() });
+                    }
+                    OpenCmd::FenceReplica { node, addr } => fences.push((node, addr)),
+                    OpenCmd::Retry { after_ms } => {
+                        if !self.pause(Duration::from_millis(after_ms)).await {
+                            return;
+                        }
+                        inputs.push_back(OpenInput::Go);
+                    }
+                    OpenCmd::Done { opened } => {
+                        if opened {
+                            debug!(shard, epoch, "shard opened");
+                        }
+                        return;
+                    }
                 }
-                Err(e) => warn!(shard, epoch, error = %e, "cannot open the shard yet; retrying"),
             }
-            if !self.pause(&mut retry).await {
-                return;
-            }
+            inputs.extend(self.fence_replicas(shard, epoch, fences).await);
         }
     }
 
-    /// Waits out the next retry delay; `false` when the node is stopping.
-    async fn pause(&self, backoff: &mut Backoff) -> bool {
-        let Some(inner) = self.cluster() else { return false };
-        tokio::select! {
-            _ = tokio::time::sleep(backoff.next()) => true,
-            _ = inner.cancel.cancelled() => false,
-        }
-    }
-
-    async fn fence_replicas(&self, shard: u32, epoch: u64) -> Result<(), String> {
-        let in_sync: Vec<(String, Option<SocketAddr>)> = {
-            let st = self.state.borrow();
-            let Some(e) = engine::shard_entry(&st, shard) else { return Ok(()) };
-            let addr = |n: &str| st.members.get(n).and_then(|m| m.addr.parse().ok());
-            e.replicas.iter().filter(|r| r.in_sync).map(|r| (r.node.clone(), addr(&r.node))).collect()
-        };
+    /// Asks `replicas` to fence their stores at `epoch`, all at once.
+    async fn fence_replicas(&self, shard: u32, epoch: u64, replicas: Vec<(String, SocketAddr)>) -> Vec<OpenInput> {
         let payload = encode_req(&ReplicaReq { shard, epoch, op: ReplicaOp::Fence });
         let timeout = Duration::from_millis(self.cfg.replica_write_timeout_ms);
-        let asks = in_sync.iter().map(|(_, addr)| {
-            let payload = payload.clone();
-            async move {
-                match addr {
-                    Some(a) => self.ask(*a, payload, timeout).await,
-                    None => Err("no address".into()),
-                }
-            }
-        });
+        let asks = replicas.iter().map(|(_, addr)| self.ask(*addr, payload.clone(), timeout));
         let results = futures::future::join_all(asks).await;
-        for ((node, _), r) in in_sync.iter().zip(results) {
-            if let Err(e) = r {
+        let answers = replicas.into_iter().zip(results).map(|((node, _), r)| {
+            if let Err(e) = &r {
                 debug!(shard, epoch, replica = %node, error = %e, "replica not fenced");
-                self.report(shard, epoch, node, false, 0).await?;
             }
+            OpenInput::ReplicaFenced { node, ok: r.is_ok() }
+        });
+        answers.collect()
+    }
+
+    /// Waits `delay`; `false` when the node is stopping.
+    async fn pause(&self, delay: Duration) -> bool {
+        let Some(inner) = self.cluster() else { return false };
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => true,
+            _ = inner.cancel.cancelled() => false,
         }
-        Ok(())
     }
 
     /// Copies the shard to `to` page by page, then marks it in sync; starts over after a failure,
@@ -552,7 +528,7 @@ impl Replication {
                 return;
             }
             self.engine().drop_progress(shard, &to);
-            if !self.pause(&mut retry).await {
+            if !self.pause(retry.next()).await {
                 return;
             }
         }
@@ -579,7 +555,7 @@ impl Replication {
                 }
                 Err(e) => warn!(shard, epoch, to, error = %e, "cannot settle a pending in-sync mark; retrying"),
             }
-            if !self.pause(&mut retry).await {
+            if !self.pause(retry.next()).await {
                 return false;
             }
         }

@@ -13,7 +13,8 @@
 //! The engine (`shard`, `epoch`, `to`, `node` as arguments):
 //! - `table`: a new table; prints the jobs started. `done open|catch-up`: a job ended.
 //! - `opened`: an opening finished. `write key=K`: the targets of a write (kept for `answer`).
-//!   `answer failed=A/B`: the last write's answers. `close node=N`, `unreported`, `reported`.
+//!   `answer failed=A/B`: the last write's answers. `close node=N`, `unreported`.
+//! - `open go|local|reported|fenced [node=N] [ok=false]`: an input of the shard's opening.
 //! - `attempt`, `page keys= bytes= through=K|end`, `broken`, `require`, `pending`, `settle`,
 //!   `drop`: a catch-up attempt's steps. `outcome generation=G`: whether the table shows its mark.
 //! - `enter turn=write|page`, `leave ticket=T`: turns on the shard's gate.
@@ -101,6 +102,21 @@ fn show_jobs(jobs: &[Job]) -> String {
     } else {
         lines.concat()
     }
+}
+
+fn show_open(cmds: &[OpenCmd]) -> String {
+    let line = |c: &OpenCmd| match c {
+        OpenCmd::FenceLocal => "fence the local store\n".to_string(),
+        OpenCmd::Report { node } => format!("mark {node} out of sync\n"),
+        OpenCmd::FenceReplica { node, addr } => format!("fence {node} at {addr}\n"),
+        OpenCmd::Retry { after_ms } => format!("retry after {after_ms} ms\n"),
+        OpenCmd::Done { opened: true } => "done: opened\n".to_string(),
+        OpenCmd::Done { opened: false } => "done: not opened\n".to_string(),
+    };
+    if cmds.is_empty() {
+        return "nothing to do\n".into();
+    }
+    cmds.iter().map(line).collect()
 }
 
 impl Runner {
@@ -210,9 +226,18 @@ impl Runner {
                 let f = Self::fence(&mut a)?;
                 format!("unreported: [{}]\n", e.unreported(f.shard, f.epoch).join(" "))
             }
-            "reported" => {
-                e.reported(a.num("shard")?, a.need("node")?);
-                String::new()
+            "open" => {
+                let f = Self::fence(&mut a)?;
+                let ok = a.take("ok").map(str::parse).transpose()?.unwrap_or(true);
+                let input = match a.pos.first().copied() {
+                    Some("go") => OpenInput::Go,
+                    Some("local") => OpenInput::LocalFenced { ok },
+                    Some("reported") => OpenInput::Reported { node: a.need("node")?.into(), ok },
+                    Some("fenced") => OpenInput::ReplicaFenced { node: a.need("node")?.into(), ok },
+                    other => return Err(format!("open go|local|reported|fenced, not {other:?}").into()),
+                };
+                a.pos.clear();
+                show_open(&e.open_step(&self.st, f.shard, f.epoch, input))
             }
             "attempt" => {
                 let f = Self::fence(&mut a)?;
@@ -331,4 +356,11 @@ scripts!(
     gate_page_alone,
     gate_first_come,
     gate_waiter_gives_up,
+    open_first_epoch,
+    open_fences_local_first,
+    open_reports_missed_first,
+    open_unfenced_replica,
+    open_retries,
+    open_moved_away,
+    open_late_answers,
 );
