@@ -40,7 +40,7 @@ pub mod sim;
 pub mod storage;
 pub mod wire;
 
-pub use agent::{Agent, AgentError, CallError, Ctx, Persistence, Reminder, Reply};
+pub use agent::{Agent, AgentError, CallError, Ctx, Persistence, Reminder, Reply, Unavailable};
 pub use node::{AgentRef, Node, NodeBuilder};
 pub use signal::Signal;
 pub use storage::Key;

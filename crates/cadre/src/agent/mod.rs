@@ -318,7 +318,7 @@ impl Ctx {
         let signal = self.caused(signal).with_extension(CALL_CHAIN, chain);
         // Refused here already when it would come back to a waiting agent: no need to travel.
         check_chain(key, &signal)?;
-        let caller = self.caller.clone().ok_or_else(|| CallError::Unavailable("no route to other agents".into()))?;
+        let caller = self.caller.clone().ok_or(CallError::Unavailable(Unavailable::NoAgentRoute))?;
         caller(key.clone(), signal, Some(self.call_timeout)).await
     }
 
@@ -423,7 +423,7 @@ pub enum CallError {
     #[error("storage: {0}")]
     Storage(StorageError),
     #[error("unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(Unavailable),
     /// The key's shard is not served here; `owner` at `epoch` is, as far as this node knows.
     #[error("not the owner of this key's shard{}", owner.as_ref().map(|o| format!(" (owner: {o}, epoch {epoch})")).unwrap_or_default())]
     NotOwner { owner: Option<String>, epoch: u64 },
@@ -445,6 +445,73 @@ pub enum CallError {
     /// ([`crate::node::AgentRef::ask`]).
     #[error("the reply does not decode: {0}")]
     Reply(String),
+    /// A cluster-wide route that cannot be added as given (see [`crate::meta::AgentRoute::check`]).
+    #[error("invalid route: {0}")]
+    InvalidRoute(String),
+}
+
+/// Why a call was not served: nothing ran, and the caller may try again (here later, or on
+/// another node).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+pub enum Unavailable {
+    #[error("the node is shutting down")]
+    ShuttingDown,
+    #[error("the cluster has no shard table yet")]
+    NoShardTable,
+    #[error("shard {shard} has no owner yet")]
+    NoOwner { shard: u32 },
+    #[error("shard {shard} is being handed over")]
+    HandingOver { shard: u32 },
+    #[error("this node's lease has expired")]
+    LeaseExpired,
+    #[error("shard {shard} is opening (fencing its replicas)")]
+    Opening { shard: u32 },
+    /// The shard was given to this node again at a new epoch: the activation stops and starts
+    /// afresh from the store.
+    #[error("the shard's epoch changed; the agent restarts")]
+    EpochChanged,
+    /// A replica's table is too old to answer a read.
+    #[error("this replica's table is {age_ms} ms old (at most {stale_ms_max} allowed)")]
+    Stale { age_ms: u64, stale_ms_max: u64 },
+    /// A bounded resource is full (`what` in flight, at most `limit`).
+    #[error("more than {limit} {what} in flight")]
+    Busy { what: String, limit: usize },
+    /// The owner changed more often than a call follows.
+    #[error("too many owner changes for {key}")]
+    OwnerChanges { key: String },
+    /// More redirects than a call follows.
+    #[error("too many redirects for {key}")]
+    Redirects { key: String },
+    /// No node served the key's shard before the deadline.
+    #[error("no serving owner found for {key}")]
+    NoServingOwner { key: String },
+    /// No owner or in-sync replica could serve a read before the deadline.
+    #[error("no copy of {key} could serve the read")]
+    NoServingCopy { key: String },
+    /// The activation kept closing under the call (the shard was moving or stopping).
+    #[error("{key} kept closing")]
+    KeptClosing { key: String },
+    #[error("{node} has no known address")]
+    NoAddress { node: String },
+    /// The request could not reach the node that serves it.
+    #[error("{0}")]
+    Transport(String),
+    /// A peer's reply or request that does not decode, or a reply of the wrong kind.
+    #[error("{0}")]
+    Protocol(String),
+    /// The activation ended without replying.
+    #[error("the activation ended without replying")]
+    NoReply,
+    /// An agent called another with no router to reach it (a host outside a node).
+    #[error("no route to other agents")]
+    NoAgentRoute,
+    /// The stored state or record of handled signals does not decode, or the state does not
+    /// encode.
+    #[error("{0}")]
+    State(String),
+    /// The leader refused or could not commit a change (a route change).
+    #[error("{0}")]
+    Control(String),
 }
 
 /// Decides whether a key is served here, and with which fence its writes go out.
@@ -728,7 +795,7 @@ impl HostInner {
         Arc::new(move |key, signal, timeout| {
             let host = host.upgrade().map(|inner| Host { inner });
             Box::pin(async move {
-                let host = host.ok_or_else(|| CallError::Unavailable("the node is shutting down".into()))?;
+                let host = host.ok_or(CallError::Unavailable(Unavailable::ShuttingDown))?;
                 match timeout {
                     Some(t) => host.call(&key, signal, t).await,
                     None => host.cast(&key, signal).await.map(|()| Reply::Null),
@@ -757,7 +824,7 @@ impl Host {
             let (tx, rx) = oneshot::channel();
             self.send(key, Msg::Call { signal, reply: Some(tx) }).await?;
             match rx.await {
-                Err(_) => Err(CallError::Unavailable("the activation ended without replying".into())),
+                Err(_) => Err(CallError::Unavailable(Unavailable::NoReply)),
                 Ok(r) => r,
             }
         };
@@ -867,10 +934,10 @@ impl Host {
             self.inner.types.get(key.ty.as_str()).ok_or_else(|| CallError::UnknownType(key.ty.clone()))?;
         key.check().map_err(|e| CallError::InvalidKey(e.to_string()))?;
         let Ok(_permit) = self.inner.reads.clone().try_acquire_owned() else {
-            return Err(CallError::Unavailable(format!("more than {READS_IN_FLIGHT_MAX} reads in flight")));
+            return Err(CallError::Unavailable(Unavailable::Busy { what: "reads".into(), limit: READS_IN_FLIGHT_MAX }));
         };
         if self.inner.cancel.is_cancelled() {
-            return Err(CallError::Unavailable("the node is shutting down".into()));
+            return Err(CallError::Unavailable(Unavailable::ShuttingDown));
         }
         reader(self.inner.clone(), key.clone(), query).await
     }
@@ -941,7 +1008,7 @@ impl Host {
                 Err(mpsc::error::TrySendError::Closed(m)) => msg = m,
             }
         }
-        Err(CallError::Unavailable(format!("{key:?} kept closing")))
+        Err(CallError::Unavailable(Unavailable::KeptClosing { key: format!("{key:?}") }))
     }
 
     /// The mailbox of the live activation, activating one if needed.
@@ -953,7 +1020,7 @@ impl Host {
             let found = {
                 let mut t = inner.lock();
                 if inner.cancel.is_cancelled() {
-                    return Err(CallError::Unavailable("the node is shutting down".into()));
+                    return Err(CallError::Unavailable(Unavailable::ShuttingDown));
                 }
                 // Under the lock: `passivate_where` sweeps under it too, so once a shard is
                 // given up no call slips in behind the sweep.
@@ -999,7 +1066,7 @@ impl Host {
                     tokio::select! {
                         _ = wait => continue,
                         _ = inner.cancel.cancelled() => {
-                            return Err(CallError::Unavailable("the node is shutting down".into()));
+                            return Err(CallError::Unavailable(Unavailable::ShuttingDown));
                         }
                     }
                 }
@@ -1076,11 +1143,16 @@ impl<A: Agent> Live<A> {
         let fence = host.gate.write(key)?;
         let found = host.storage.get(key).await.map_err(CallError::Storage)?;
         let (stored, revision) = found.map(|v| (v.value, v.revision)).unwrap_or_default();
-        let (record, extra, stored) = handled::decode_stored(&stored).map_err(CallError::Unavailable)?;
-        let rem = reminders::Stored::decode(&extra).map_err(CallError::Unavailable)?;
-        let agent = decode::<A>(&stored).map_err(CallError::Unavailable)?;
+        let (record, extra, stored) =
+            handled::decode_stored(&stored).map_err(|e| CallError::Unavailable(Unavailable::State(e)))?;
+        let rem = reminders::Stored::decode(&extra).map_err(|e| CallError::Unavailable(Unavailable::State(e)))?;
+        let agent = decode::<A>(&stored).map_err(|e| CallError::Unavailable(Unavailable::State(e)))?;
         // An absent key counts as storing the default: reading it writes nothing.
-        let stored = if revision == 0 { encode(&agent).map_err(CallError::Unavailable)? } else { stored };
+        let stored = if revision == 0 {
+            encode(&agent).map_err(|e| CallError::Unavailable(Unavailable::State(e)))?
+        } else {
+            stored
+        };
         let mut ctx = Ctx::new(key.clone(), revision, Duration::from_millis(host.cfg.call_timeout_ms));
         stats.epoch.store(fence.epoch, std::sync::atomic::Ordering::Relaxed);
         if !rem.list.is_empty() {
@@ -1366,7 +1438,7 @@ async fn handle<A: Agent>(
         other => {
             let e = match other {
                 Err(e) => e,
-                Ok(_) => CallError::Unavailable("the shard's epoch changed; the agent restarts".into()),
+                Ok(_) => CallError::Unavailable(Unavailable::EpochChanged),
             };
             begin_stop(host, &live.ctx.key);
             send(reply, Err(e.clone()));
@@ -1376,7 +1448,7 @@ async fn handle<A: Agent>(
     let point = match live.rollback_point() {
         Ok(p) => p,
         Err(e) => {
-            let e = CallError::Unavailable(e);
+            let e = CallError::Unavailable(Unavailable::State(e));
             begin_stop(host, &live.ctx.key);
             send(reply, Err(e.clone()));
             return Step::Stop(e);
@@ -1437,7 +1509,10 @@ async fn handle<A: Agent>(
                 hook(&key, "on_activate", live.agent.on_activate(&mut live.ctx)).await;
                 (Err(CallError::Handler(m)), Step::Go)
             }
-            Err(e) => (Err(CallError::Unavailable(e.clone())), Step::Stop(CallError::Unavailable(e))),
+            Err(e) => {
+                let e = CallError::Unavailable(Unavailable::State(e));
+                (Err(e.clone()), Step::Stop(e))
+            }
         },
         Ok(Err(AgentError::Fatal(m))) => restart(host, live, point.as_ref(), m).await,
         Err(_) => restart(host, live, point.as_ref(), "handler panicked".into()).await,
@@ -1553,15 +1628,16 @@ async fn send_casts(ctx: &Ctx, casts: Vec<(Key, Signal)>) {
 async fn read<A: Agent>(host: &HostInner, key: &Key, query: Option<Signal>) -> Result<Reply, CallError> {
     let found = host.storage.get(key).await.map_err(CallError::Storage)?;
     let (stored, revision) = found.map(|v| (v.value, v.revision)).unwrap_or_default();
-    let (_, extra, stored) = handled::decode_stored(&stored).map_err(CallError::Unavailable)?;
+    let (_, extra, stored) =
+        handled::decode_stored(&stored).map_err(|e| CallError::Unavailable(Unavailable::State(e)))?;
     if query.as_ref().is_some_and(|q| q.ty == reminders::OP_LIST) {
-        let rem = reminders::Stored::decode(&extra).map_err(CallError::Unavailable)?;
+        let rem = reminders::Stored::decode(&extra).map_err(|e| CallError::Unavailable(Unavailable::State(e)))?;
         return Ok(reminders::list_reply(&rem.list));
     }
-    let mut agent = decode::<A>(&stored).map_err(CallError::Unavailable)?;
+    let mut agent = decode::<A>(&stored).map_err(|e| CallError::Unavailable(Unavailable::State(e)))?;
     let Some(signal) = query else {
-        let state = encode(&agent).map_err(CallError::Unavailable)?;
-        return serde_json::from_slice(&state).map_err(|e| CallError::Unavailable(e.to_string()));
+        let state = encode(&agent).map_err(|e| CallError::Unavailable(Unavailable::State(e)))?;
+        return serde_json::from_slice(&state).map_err(|e| CallError::Unavailable(Unavailable::State(e.to_string())));
     };
     let mut ctx = Ctx::new(key.clone(), revision, Duration::from_millis(host.cfg.call_timeout_ms));
     ctx.reading = true;
@@ -1569,7 +1645,7 @@ async fn read<A: Agent>(host: &HostInner, key: &Key, query: Option<Signal>) -> R
     // emits is the activation's, not the read's (and, as the read, is not kept).
     hook(key, "on_activate", agent.on_activate(&mut ctx)).await;
     ctx.begin(&signal);
-    let before = encode(&agent).map_err(CallError::Unavailable)?;
+    let before = encode(&agent).map_err(|e| CallError::Unavailable(Unavailable::State(e)))?;
     let ty = signal.ty.clone();
     let outcome = AssertUnwindSafe(agent.handle(&mut ctx, signal)).catch_unwind().await;
     let reply = match outcome {
@@ -1580,7 +1656,7 @@ async fn read<A: Agent>(host: &HostInner, key: &Key, query: Option<Signal>) -> R
     if !ctx.emitted.is_empty() || !ctx.casts.is_empty() {
         return Err(CallError::NotRead(format!("{ty:?} emitted {} signals", ctx.emitted.len() + ctx.casts.len())));
     }
-    if encode(&agent).map_err(CallError::Unavailable)? != before {
+    if encode(&agent).map_err(|e| CallError::Unavailable(Unavailable::State(e)))? != before {
         return Err(CallError::NotRead(format!("{ty:?} changed the state of {key:?}")));
     }
     Ok(reply)
@@ -1608,7 +1684,8 @@ async fn restart<A: Agent>(
         return (Err(CallError::Crashed), Step::Stop(CallError::Crashed));
     }
     if let Err(e) = live.rollback(point) {
-        return (Err(CallError::Unavailable(e.clone())), Step::Stop(CallError::Unavailable(e)));
+        let e = CallError::Unavailable(Unavailable::State(e));
+        return (Err(e.clone()), Step::Stop(e));
     }
     let key = live.ctx.key.clone();
     hook(&key, "on_activate", live.agent.on_activate(&mut live.ctx)).await;

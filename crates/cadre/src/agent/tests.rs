@@ -670,7 +670,7 @@ async fn a_corrupt_record_fails_the_activation_not_the_node() {
     storage.put(&k, Bytes::from_static(b"\0cd\x01\xff"), 0, fence).await.unwrap();
     let host = host_with(AgentsConfig::default(), storage.clone());
     let e = host.call(&k, add(1), T).await.unwrap_err();
-    assert!(matches!(&e, CallError::Unavailable(m) if m.contains("record")), "{e}");
+    assert!(matches!(&e, CallError::Unavailable(crate::agent::Unavailable::State(m)) if m.contains("record")), "{e}");
     assert!(matches!(host.read(&k, None).await, Err(CallError::Unavailable(_))));
     assert_eq!(host.call(&key("fine"), add(1), T).await.unwrap(), 1);
     host.shutdown().await;

@@ -78,6 +78,7 @@ pub(crate) fn call_error(e: CallError) -> Response {
     let (status, kind) = match &e {
         CallError::UnknownType(_) => (StatusCode::NOT_FOUND, "unknown-agent-type"),
         CallError::InvalidKey(_) => (StatusCode::BAD_REQUEST, "invalid-key"),
+        CallError::InvalidRoute(_) => (StatusCode::BAD_REQUEST, "invalid-route"),
         CallError::MailboxFull(_) => (StatusCode::SERVICE_UNAVAILABLE, "mailbox-full"),
         CallError::Unavailable(_) | CallError::Storage(_) | CallError::NotOwner { .. } => {
             (StatusCode::SERVICE_UNAVAILABLE, "unavailable")

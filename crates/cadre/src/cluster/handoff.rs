@@ -20,6 +20,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::protocol::ControlError;
 use super::Inner;
 use crate::meta::raft::{ControlReply, ControlReq};
 use crate::meta::{MetaState, ShardState};
@@ -112,9 +113,9 @@ async fn hand_off(inner: &Arc<Inner>, shard: u32, epoch: u64, to: &str) {
 }
 
 /// Asks the leader to complete the move.
-async fn report(inner: &Arc<Inner>, shard: u32, epoch: u64) -> Result<(), String> {
+async fn report(inner: &Arc<Inner>, shard: u32, epoch: u64) -> Result<(), ControlError> {
     match super::control::to_leader(inner, ControlReq::HandedOff { shard, epoch }).await? {
         ControlReply::HandedOff(r) => r,
-        other => Err(format!("unexpected hand-off reply {other:?}")),
+        other => Err(ControlError::Protocol(format!("unexpected hand-off reply {other:?}"))),
     }
 }

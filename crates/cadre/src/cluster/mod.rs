@@ -48,6 +48,8 @@ pub mod protocol;
 pub mod read;
 pub mod replica;
 pub mod routes;
+#[cfg(test)]
+mod script;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -62,7 +64,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::agent::{CallError, Gate, Host, Reply};
+use crate::agent::{CallError, Gate, Host, Reply, Unavailable};
 use crate::config::{MetaConfig, PlacementConfig};
 use crate::membership::task::Membership;
 use crate::meta::raft::{self as mraft, ControlReply, ControlReq, MetaNode, NetFactory, NodeId, Raft};
@@ -73,6 +75,7 @@ use crate::placement::shard_of;
 use crate::signal::Signal;
 use crate::storage::{Fence, Key, Storage};
 use crate::wire::Lane;
+use control::engine::Held;
 use protocol::{AgentOp, AgentReply, AgentReq, AGENT_TAG};
 
 /// Control-lane requests served at once (the rest are dropped; the asker times out and retries).
@@ -97,30 +100,22 @@ pub fn reset_start_count() {
 /// granted it was sent: this node's table holds every metadata entry committed before then (a
 /// renewal counts only once the node has applied what the leader had committed when granting).
 #[derive(Default)]
-pub struct Lease(Mutex<Option<LeaseTimes>>);
-
-#[derive(Debug, Clone, Copy)]
-struct LeaseTimes {
-    renewed: Instant,
-    until: Instant,
-}
+pub struct Lease(Mutex<Option<Held<Instant>>>);
 
 impl Lease {
     pub fn valid(&self, now: Instant) -> bool {
-        self.times().is_some_and(|t| now < t.until)
+        Held::valid(self.held(), now)
     }
     /// When the renewal behind the current lease was sent, while the lease is valid.
     pub fn renewed_at(&self, now: Instant) -> Option<Instant> {
-        self.times().filter(|t| now < t.until).map(|t| t.renewed)
+        self.held().filter(|h| now < h.until).map(|h| h.renewed)
     }
-    fn times(&self) -> Option<LeaseTimes> {
+    fn held(&self) -> Option<Held<Instant>> {
         *self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
     fn extend(&self, renewed: Instant, until: Instant) {
         let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if g.is_none_or(|t| t.until < until) {
-            *g = Some(LeaseTimes { renewed, until });
-        }
+        *g = Some(Held::extend(*g, renewed, until));
     }
     /// Ends the lease now (shutdown).
     pub fn revoke(&self) {
@@ -150,20 +145,8 @@ pub struct ClusterGate {
 impl ClusterGate {
     fn check(&self, key: &Key, handing_off_ok: bool) -> Result<Fence, CallError> {
         let st = self.state.borrow();
-        let p = placement_in(&st, key)?;
-        if p.owner.as_deref() != Some(self.name.as_str()) {
-            return Err(CallError::NotOwner { owner: p.owner, epoch: p.epoch });
-        }
-        if p.moving_to.is_some() && !handing_off_ok {
-            return Err(CallError::Unavailable(format!("shard {} is being handed over", p.shard)));
-        }
-        if !self.lease.valid(Instant::now()) {
-            return Err(CallError::Unavailable("this node's lease has expired".into()));
-        }
-        if !self.repl.is_open(p.shard, p.epoch) {
-            return Err(CallError::Unavailable(format!("shard {} is opening (fencing its replicas)", p.shard)));
-        }
-        Ok(Fence { shard: p.shard, epoch: p.epoch })
+        let lease_valid = self.lease.valid(Instant::now());
+        control::engine::serves(&st, &self.name, key, handing_off_ok, lease_valid, |s, e| self.repl.is_open(s, e))
     }
 }
 
@@ -186,7 +169,7 @@ impl Gate for ClusterGate {
 
 fn placement_in(st: &MetaState, key: &Key) -> Result<Placement, CallError> {
     if st.shard_count == 0 {
-        return Err(CallError::Unavailable("the cluster has no shard table yet".into()));
+        return Err(CallError::Unavailable(Unavailable::NoShardTable));
     }
     let shard = shard_of(key, st.shard_count);
     let e = &st.shards[shard as usize];
@@ -213,6 +196,22 @@ pub struct ClusterParts {
     pub frame_len_max_bytes: u32,
 }
 
+/// Why this node's member of the metadata group could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// `meta.redb` cannot be opened, or its node id read or written.
+    #[error("the metadata database: {0}")]
+    Db(String),
+    #[error(transparent)]
+    State(#[from] crate::meta::store::SmOpenError),
+    #[error("the Raft configuration: {0}")]
+    Config(String),
+    #[error("the Raft member: {0}")]
+    Raft(String),
+    #[error("cannot found the metadata group: {0}")]
+    Found(String),
+}
+
 /// The pieces built before the host (the gate needs the state the host's cluster will keep).
 pub struct Prepared {
     parts: ClusterParts,
@@ -224,9 +223,9 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    pub fn open(parts: ClusterParts) -> Result<Prepared, String> {
+    pub fn open(parts: ClusterParts) -> Result<Prepared, StartError> {
         let db = match &parts.meta_file {
-            Some(path) => MetaDb::open(path)?,
+            Some(path) => MetaDb::open(path).map_err(StartError::Db)?,
             None => MetaDb::memory(),
         };
         // Drawn once per data dir (kept in it). Without a data dir every start is a new member
@@ -241,8 +240,8 @@ impl Prepared {
         let mut id_seed = parts.name.as_bytes().to_vec();
         id_seed.extend_from_slice(&starts.to_le_bytes());
         let fresh = xxhash_rust::xxh3::xxh3_64_with_seed(&id_seed, parts.rng_seed).max(1);
-        let raft_id = db.node_id(fresh)?;
-        let sm = SmStore::open(db.clone()).map_err(|e| e.to_string())?;
+        let raft_id = db.node_id(fresh).map_err(StartError::Db)?;
+        let sm = SmStore::open(db.clone())?;
         let lease = Arc::new(Lease::default());
         let repl = replica::Replication::new(
             parts.name.clone(),
@@ -285,7 +284,7 @@ pub(crate) struct Inner {
     host: Host,
     repl: Arc<replica::Replication>,
     lease: Arc<Lease>,
-    leader: Mutex<control::LeaderState>,
+    leader: Mutex<control::engine::Controller<Instant>>,
     /// Held by a controller tick and by the grant of a lease (see `control::grant`).
     controller: tokio::sync::Mutex<()>,
     control_permits: Arc<Semaphore>,
@@ -336,7 +335,7 @@ impl Cluster {
         transport: WeakTransport,
         membership: Membership,
         host: Host,
-    ) -> Result<Cluster, String> {
+    ) -> Result<Cluster, StartError> {
         let Prepared { parts, db, sm, raft_id, lease, repl } = prepared;
         mraft::seed_rng(parts.rng_seed);
         let m = &parts.meta;
@@ -350,14 +349,14 @@ impl Cluster {
             ..Default::default()
         }
         .validate()
-        .map_err(|e| format!("raft config: {e}"))?;
+        .map_err(|e| StartError::Config(e.to_string()))?;
         let state = sm.subscribe();
         let gossip = membership.clone();
         let resolve: mraft::Resolver = Arc::new(move |name: &str| gossip.addr_of(name));
         let factory = NetFactory { transport: transport.clone(), resolve };
         let raft = Raft::new(raft_id, Arc::new(raft_cfg), factory, LogStore::new(db), sm)
             .await
-            .map_err(|e| format!("raft: {e}"))?;
+            .map_err(|e| StartError::Raft(e.to_string()))?;
         if parts.founder {
             let me = MetaNode { name: parts.name.clone(), addr: addr.to_string() };
             match raft.initialize(BTreeMap::from([(raft_id, me)])).await {
@@ -365,9 +364,10 @@ impl Cluster {
                 Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
                     debug!("metadata group already initialized")
                 }
-                Err(e) => return Err(format!("cannot found the metadata group: {e}")),
+                Err(e) => return Err(StartError::Found(e.to_string())),
             }
         }
+        let leader = Mutex::new(control::engine::Controller::new(parts.name.clone()));
         let inner = Arc::new(Inner {
             name: parts.name,
             addr,
@@ -381,7 +381,7 @@ impl Cluster {
             host,
             repl,
             lease,
-            leader: Mutex::new(control::LeaderState::default()),
+            leader,
             controller: tokio::sync::Mutex::new(()),
             control_permits: Arc::new(Semaphore::new(CONTROL_IN_FLIGHT_MAX)),
             raft_permits: Arc::new(Semaphore::new(CONTROL_IN_FLIGHT_MAX)),
@@ -524,7 +524,7 @@ impl Cluster {
             };
             let result = match (owner, p) {
                 (None, Err(e)) => Err(e),
-                (None, Ok(p)) => Err(CallError::Unavailable(format!("shard {} has no owner yet", p.shard))),
+                (None, Ok(p)) => Err(CallError::Unavailable(Unavailable::NoOwner { shard: p.shard })),
                 (Some(o), _) if o == self.inner.name => self.local(key, &op, deadline).await,
                 (Some(o), p) => {
                     let routed = p.ok().map(|p| Placement { owner: Some(o.clone()), epoch, ..p });
@@ -534,7 +534,9 @@ impl Cluster {
                             // handled signals answers once (see `crate::agent::handled`).
                             redirects += 1;
                             if redirects > self.inner.cfg.redirects_max {
-                                return Err(CallError::Unavailable(format!("too many owner changes for {key:?}")));
+                                return Err(CallError::Unavailable(Unavailable::OwnerChanges {
+                                    key: format!("{key:?}"),
+                                }));
                             }
                             continue;
                         }
@@ -549,7 +551,7 @@ impl Cluster {
                 Err(CallError::NotOwner { owner: Some(o), epoch: e }) if e > epoch => {
                     redirects += 1;
                     if redirects > self.inner.cfg.redirects_max {
-                        return Err(CallError::Unavailable(format!("too many redirects for {key:?}")));
+                        return Err(CallError::Unavailable(Unavailable::Redirects { key: format!("{key:?}") }));
                     }
                     hint = Some((o, e));
                     continue;
@@ -559,7 +561,9 @@ impl Cluster {
             };
             if !self.wait_for_change(deadline, Duration::from_millis(wait_ms)).await {
                 return Err(match e {
-                    CallError::NotOwner { .. } => CallError::Unavailable(format!("no serving owner found for {key:?}")),
+                    CallError::NotOwner { .. } => {
+                        CallError::Unavailable(Unavailable::NoServingOwner { key: format!("{key:?}") })
+                    }
                     e => e,
                 });
             }
@@ -586,7 +590,7 @@ impl Cluster {
         st.members
             .get(node)
             .and_then(|m| m.addr.parse::<SocketAddr>().ok())
-            .ok_or_else(|| CallError::Unavailable(format!("{node} has no known address")))
+            .ok_or_else(|| CallError::Unavailable(Unavailable::NoAddress { node: node.to_string() }))
     }
 
     /// The smoothed round-trip time to each member by name, as measured now (`None`: unmeasured).
@@ -620,13 +624,14 @@ impl Cluster {
         };
         match reply {
             AgentReply::Ok { reply, epoch } => {
-                let reply = serde_json::from_slice(&reply)
-                    .map_err(|e| CallError::Unavailable(format!("undecodable reply from {owner}: {e}")))?;
+                let reply = serde_json::from_slice(&reply).map_err(|e| {
+                    CallError::Unavailable(Unavailable::Protocol(format!("undecodable reply from {owner}: {e}")))
+                })?;
                 Ok(Served { reply, node: owner.to_string(), epoch })
             }
             AgentReply::Err(e) => Err(Remote::Failed(e)),
             AgentReply::Stats { .. } | AgentReply::Read { .. } | AgentReply::Active(_) | AgentReply::Stored(_) => {
-                Err(CallError::Unavailable(format!("unexpected reply from {owner}")).into())
+                Err(CallError::Unavailable(Unavailable::Protocol(format!("unexpected reply from {owner}"))).into())
             }
         }
     }
@@ -659,20 +664,20 @@ impl Cluster {
     }
 
     async fn ask(&self, addr: SocketAddr, req: &AgentReq, timeout: Duration) -> Result<AgentReply, CallError> {
-        let t =
-            self.inner.transport.upgrade().ok_or_else(|| CallError::Unavailable("the node is shutting down".into()))?;
+        let t = self.inner.transport.upgrade().ok_or(CallError::Unavailable(Unavailable::ShuttingDown))?;
         let mut buf = BytesMut::with_capacity(64);
         buf.put_u8(AGENT_TAG);
         buf.extend_from_slice(&mraft::encode(req));
         let bytes = match t.ask_on(Lane::Data, addr, buf.freeze(), timeout).await {
             Ok(b) => b,
             // Not sent: safe to retry.
-            Err(AskError::Send(e)) => return Err(CallError::Unavailable(e.to_string())),
+            Err(AskError::Send(e)) => return Err(CallError::Unavailable(Unavailable::Transport(e.to_string()))),
             // Sent, no answer: it may have run.
             Err(AskError::Timeout(d)) => return Err(CallError::Timeout(d)),
-            Err(e) => return Err(CallError::Unavailable(e.to_string())),
+            Err(e) => return Err(CallError::Unavailable(Unavailable::Transport(e.to_string()))),
         };
-        postcard::from_bytes(&bytes).map_err(|e| CallError::Unavailable(format!("undecodable agent reply: {e}")))
+        postcard::from_bytes(&bytes)
+            .map_err(|e| CallError::Unavailable(Unavailable::Protocol(format!("undecodable agent reply: {e}"))))
     }
 
     /// Serves a control-lane ask from a peer; the reply goes back through the transport.
@@ -731,16 +736,18 @@ impl Cluster {
     /// Serves a data-lane agent ask (payload after [`AGENT_TAG`]).
     pub fn on_agent_ask(&self, from: &PeerInfo, id: u64, payload: Bytes) -> Option<Bytes> {
         let Ok(permit) = self.inner.agent_permits.clone().try_acquire_owned() else {
-            let busy = AgentReply::Err(CallError::Unavailable("too many agent requests in flight".into()));
+            let busy = AgentReply::Err(CallError::Unavailable(Unavailable::Busy {
+                what: "agent requests".into(),
+                limit: AGENT_IN_FLIGHT_MAX,
+            }));
             return Some(mraft::encode(&busy));
         };
         let req = match postcard::from_bytes::<AgentReq>(&payload[1..]) {
             Ok(r) => r,
             Err(e) => {
                 warn!(from = %from.name, error = %e, "undecodable agent request");
-                return Some(mraft::encode(&AgentReply::Err(CallError::Unavailable(format!(
-                    "undecodable request: {e}"
-                )))));
+                let e = Unavailable::Protocol(format!("undecodable request: {e}"));
+                return Some(mraft::encode(&AgentReply::Err(CallError::Unavailable(e))));
             }
         };
         let inner = self.inner.clone();
@@ -885,7 +892,9 @@ async fn serve_remote(inner: &Inner, req: AgentReq) -> AgentReply {
     let (op, timeout_ms) = match req.op {
         AgentOp::Call { signal, cast, timeout_ms } => match crate::signal::codec::decode_structured(&signal) {
             Ok(signal) => (Op::Call { signal: Box::new(signal), cast }, timeout_ms),
-            Err(e) => return AgentReply::Err(CallError::Unavailable(format!("invalid signal: {e}"))),
+            Err(e) => {
+                return AgentReply::Err(CallError::Unavailable(Unavailable::Protocol(format!("invalid signal: {e}"))))
+            }
         },
         AgentOp::Ensure => (Op::Ensure, inner.meta_cfg.rpc_timeout_ms),
         AgentOp::Stop => (Op::Stop, inner.meta_cfg.rpc_timeout_ms),
@@ -900,7 +909,9 @@ async fn serve_remote(inner: &Inner, req: AgentReq) -> AgentReply {
     match serve_local(inner, &key, &op, deadline).await {
         Ok(s) => match serde_json::to_vec(&s.reply) {
             Ok(reply) => AgentReply::Ok { reply, epoch: s.epoch },
-            Err(e) => AgentReply::Err(CallError::Unavailable(format!("reply does not serialize: {e}"))),
+            Err(e) => {
+                AgentReply::Err(CallError::Unavailable(Unavailable::State(format!("reply does not serialize: {e}"))))
+            }
         },
         Err(e) => AgentReply::Err(e),
     }
@@ -916,7 +927,9 @@ async fn serve_remote_read(
 ) -> AgentReply {
     let query = match query.map(|q| crate::signal::codec::decode_structured(&q)).transpose() {
         Ok(q) => q,
-        Err(e) => return AgentReply::Err(CallError::Unavailable(format!("invalid signal: {e}"))),
+        Err(e) => {
+            return AgentReply::Err(CallError::Unavailable(Unavailable::Protocol(format!("invalid signal: {e}"))))
+        }
     };
     let until = Instant::now() + Duration::from_millis(timeout_ms);
     match read::serve_read(inner, key, query, stale_ms_max, owner_only, until).await {
@@ -924,7 +937,9 @@ async fn serve_remote_read(
             Ok(reply) => {
                 AgentReply::Read { reply, epoch: s.epoch, replica: s.role == read::Role::Replica, age_ms: s.age_ms }
             }
-            Err(e) => AgentReply::Err(CallError::Unavailable(format!("reply does not serialize: {e}"))),
+            Err(e) => {
+                AgentReply::Err(CallError::Unavailable(Unavailable::State(format!("reply does not serialize: {e}"))))
+            }
         },
         Err(e) => AgentReply::Err(e),
     }

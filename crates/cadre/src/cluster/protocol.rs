@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::agent::CallError;
+use crate::meta::MetaError;
 
 /// First byte of a data-lane ask that carries an [`AgentReq`].
 pub const AGENT_TAG: u8 = 0xA7;
@@ -34,7 +35,60 @@ pub enum RenewReply {
     /// Not the leader; try this transport address (if known).
     NotLeader { leader: Option<String> },
     /// The leader could not grant it now (not yet admitted, leadership unconfirmed); retry.
-    Retry(String),
+    Retry(ControlError),
+}
+
+/// Why a request to the leader (a renewal, a hand-off report, replica marks, a drain, a route
+/// change) did not take effect. Travels in the leader's reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ControlError {
+    /// The node asked does not lead (any more): ask the leader.
+    #[error("not the leader")]
+    NotLeader,
+    #[error("no leader known")]
+    NoLeader,
+    #[error("no leader and no peer known")]
+    NoPeer,
+    /// Redirected more than once while one request was asked.
+    #[error("the leader moved while asking")]
+    LeaderMoved,
+    #[error("the leader's address {0:?} does not parse")]
+    BadAddress(String),
+    /// A wait on the group (a write, a leadership check) ended without an answer.
+    #[error("{what}: no quorum within {limit_ms} ms")]
+    NoQuorum { what: String, limit_ms: u64 },
+    /// The group refused or failed a write or a change.
+    #[error("{what}: {reason}")]
+    Group { what: String, reason: String },
+    /// The metadata refused the command.
+    #[error("{0}")]
+    Meta(MetaError),
+    #[error("{count} replica reports in one request, over {max}")]
+    TooManyReports { count: usize, max: usize },
+    /// This node has not applied the metadata up to the index the grant needs.
+    #[error("metadata not applied up to {index:?} yet")]
+    NotApplied { index: Option<u64> },
+    /// The leader holds the controller lock longer than a renewal waits.
+    #[error("the controller is busy")]
+    Busy,
+    /// The request did not reach the leader, or its answer did not come back.
+    #[error("{0}")]
+    Transport(String),
+    /// An answer that does not decode, or of the wrong kind.
+    #[error("{0}")]
+    Protocol(String),
+    #[error("the node is shutting down")]
+    ShuttingDown,
+}
+
+impl ControlError {
+    /// Asking again (the leader, later) may succeed.
+    pub fn leader_unknown(&self) -> bool {
+        matches!(
+            self,
+            ControlError::NotLeader | ControlError::NoLeader | ControlError::NoPeer | ControlError::LeaderMoved
+        )
+    }
 }
 
 /// One key of a shard's state, as a catch-up page carries it.

@@ -49,7 +49,7 @@ use tokio::time::Instant;
 
 use super::protocol::{AgentOp, AgentReply, AgentReq};
 use super::{placement_in, Cluster, Inner, RETRY_WAIT_MIN_MS};
-use crate::agent::{CallError, Reply};
+use crate::agent::{CallError, Reply, Unavailable};
 use crate::meta::MetaState;
 use crate::metrics::label;
 use crate::signal::Signal;
@@ -164,7 +164,7 @@ impl Cluster {
             if !self.wait_for_change(deadline, Duration::from_millis(wait_ms)).await {
                 return Err(match refused {
                     Some(CallError::NotOwner { .. }) | None => {
-                        CallError::Unavailable(format!("no copy of {key:?} could serve the read"))
+                        CallError::Unavailable(Unavailable::NoServingCopy { key: format!("{key:?}") })
                     }
                     Some(e) => e,
                 });
@@ -208,13 +208,14 @@ impl Cluster {
         let req = AgentReq { op, ty: key.ty.clone(), id: key.id.clone(), epoch: 0 };
         match self.ask(addr, &req, timeout).await? {
             AgentReply::Read { reply, epoch, replica, age_ms } => {
-                let reply = serde_json::from_slice(&reply)
-                    .map_err(|e| CallError::Unavailable(format!("undecodable reply from {node}: {e}")))?;
+                let reply = serde_json::from_slice(&reply).map_err(|e| {
+                    CallError::Unavailable(Unavailable::Protocol(format!("undecodable reply from {node}: {e}")))
+                })?;
                 let role = if replica { Role::Replica } else { Role::Owner };
                 Ok(ReadServed { reply, node: node.to_string(), role, epoch, age_ms })
             }
             AgentReply::Err(e) => Err(e),
-            _ => Err(CallError::Unavailable(format!("unexpected reply from {node}"))),
+            _ => Err(CallError::Unavailable(Unavailable::Protocol(format!("unexpected reply from {node}")))),
         }
     }
 }
@@ -295,17 +296,17 @@ fn read_rule(
 ) -> Result<(Role, u64), (&'static str, CallError)> {
     let p = placement_in(st, key).map_err(|e| ("no_table", e))?;
     let Some(renewed) = node.renewed else {
-        return Err(("lease", CallError::Unavailable("this node's lease has expired".into())));
+        return Err(("lease", CallError::Unavailable(Unavailable::LeaseExpired)));
     };
     if p.owner.as_deref() == Some(node.me) {
         if !(node.open)(p.shard, p.epoch) {
-            return Err(("opening", CallError::Unavailable(format!("shard {} is opening", p.shard))));
+            return Err(("opening", CallError::Unavailable(Unavailable::Opening { shard: p.shard })));
         }
         // Handing over: the move may have completed without this node knowing yet, and the new
         // owner acknowledge writes this copy lacks. A reader goes to the target (an in-sync
         // replica, under the staleness rule) or waits for the move to end.
         if p.moving_to.is_some() {
-            return Err(("moving", CallError::Unavailable(format!("shard {} is being handed over", p.shard))));
+            return Err(("moving", CallError::Unavailable(Unavailable::HandingOver { shard: p.shard })));
         }
         return Ok((Role::Owner, p.epoch));
     }
@@ -317,10 +318,7 @@ fn read_rule(
     }
     let age_ms = now.saturating_duration_since(renewed).as_millis() as u64;
     if age_ms > stale_ms_max {
-        return Err((
-            "stale",
-            CallError::Unavailable(format!("this replica's table is {age_ms} ms old (at most {stale_ms_max} allowed)")),
-        ));
+        return Err(("stale", CallError::Unavailable(Unavailable::Stale { age_ms, stale_ms_max })));
     }
     Ok((Role::Replica, p.epoch))
 }

@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use super::{control, Cluster};
-use crate::agent::CallError;
+use crate::agent::{CallError, Unavailable};
 use crate::meta::raft::{ControlReply, ControlReq, RouteChange};
 use crate::meta::{AgentRoute, MetaState, ShardState};
 use crate::placement::shard_of;
@@ -71,7 +71,7 @@ pub struct PoolPick {
 impl Cluster {
     /// Adds a cluster-wide route (through the leader); its id.
     pub async fn add_route(&self, route: AgentRoute) -> Result<u64, CallError> {
-        route.check().map_err(CallError::Unavailable)?;
+        route.check().map_err(CallError::InvalidRoute)?;
         self.route_change(RouteChange::Add(route)).await
     }
 
@@ -88,10 +88,12 @@ impl Cluster {
             let e = match control::to_leader(&self.inner, ControlReq::Route(change.clone())).await {
                 Ok(ControlReply::Route(Ok(id))) => return Ok(id),
                 Ok(ControlReply::Route(Err(e))) | Err(e) => e,
-                Ok(other) => return Err(CallError::Unavailable(format!("unexpected reply {other:?}"))),
+                Ok(other) => {
+                    return Err(CallError::Unavailable(Unavailable::Protocol(format!("unexpected reply {other:?}"))))
+                }
             };
-            if !(e.contains("no leader known") || e.contains("not the leader")) {
-                return Err(CallError::Unavailable(e));
+            if !e.leader_unknown() {
+                return Err(CallError::Unavailable(Unavailable::Control(e.to_string())));
             }
             tokio::time::sleep(Duration::from_millis(LEADER_RETRY_MS)).await;
         }

@@ -32,7 +32,8 @@ use openraft::raft::{
 use openraft::{AsyncRuntime, OptionalSend, RaftNetwork, RaftNetworkFactory, Snapshot, SnapshotMeta, Vote};
 use serde::{Deserialize, Serialize};
 
-use super::{Cmd, CmdOutcome, MetaState};
+use super::{Cmd, CmdOutcome, MetaError, MetaState};
+use crate::cluster::protocol::ControlError;
 use crate::net::WeakTransport;
 use crate::wire::Lane;
 
@@ -197,12 +198,12 @@ pub enum ControlReply {
     Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
     FullSnapshot(Result<SnapshotResponse<NodeId>, Fatal<NodeId>>),
     Renew(crate::cluster::protocol::RenewReply),
-    HandedOff(Result<(), String>),
-    Drain(Result<(), String>),
+    HandedOff(Result<(), ControlError>),
+    Drain(Result<(), ControlError>),
     /// The batch's outcome, or one result per report.
-    Replicas(Result<Vec<Result<(), String>>, String>),
+    Replicas(Result<Vec<Result<(), MetaError>>, ControlError>),
     /// The route's id (added), or whether one was removed.
-    Route(Result<u64, String>),
+    Route(Result<u64, ControlError>),
     /// The request could not be decoded or served.
     Refused(String),
 }
@@ -246,11 +247,12 @@ pub async fn ask(
     to: SocketAddr,
     req: &ControlReq,
     timeout: Duration,
-) -> Result<ControlReply, String> {
-    let t = transport.upgrade().ok_or("the transport is shut down")?;
-    let bytes = t.ask_on(Lane::Control, to, encode(req), timeout).await.map_err(|e| e.to_string())?;
+) -> Result<ControlReply, ControlError> {
+    let t = transport.upgrade().ok_or(ControlError::ShuttingDown)?;
+    let bytes = t.ask_on(Lane::Control, to, encode(req), timeout).await;
     drop(t);
-    postcard::from_bytes(&bytes).map_err(|e| format!("undecodable control reply: {e}"))
+    let bytes = bytes.map_err(|e| ControlError::Transport(e.to_string()))?;
+    postcard::from_bytes(&bytes).map_err(|e| ControlError::Protocol(format!("undecodable control reply: {e}")))
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -311,7 +313,7 @@ impl NetClient {
             None => self.addr.clone().map_err(NetErr)?,
         };
         let req = ControlReq::Raft { to: self.target, rpc };
-        match ask(&self.transport, addr, &req, timeout).await.map_err(NetErr)? {
+        match ask(&self.transport, addr, &req, timeout).await.map_err(|e| NetErr(e.to_string()))? {
             ControlReply::Refused(why) => Err(NetErr(why)),
             reply => Ok(reply),
         }

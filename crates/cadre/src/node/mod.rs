@@ -61,7 +61,7 @@ pub enum NodeError {
     #[error(transparent)]
     StorageOpen(#[from] crate::storage::postgres::OpenError),
     #[error("metadata: {0}")]
-    Meta(String),
+    Meta(#[from] crate::cluster::StartError),
 }
 
 /// Receives application messages on the data lane. Called on transport reader tasks: must not block.
@@ -446,7 +446,7 @@ fn caller(cluster: crate::cluster::WeakCluster) -> crate::agent::Caller {
         let cluster = cluster.upgrade();
         Box::pin(async move {
             let cluster =
-                cluster.ok_or_else(|| crate::agent::CallError::Unavailable("the node is shutting down".into()))?;
+                cluster.ok_or(crate::agent::CallError::Unavailable(crate::agent::Unavailable::ShuttingDown))?;
             match timeout {
                 Some(t) => cluster.call(&key, signal, t).await.map(|s| s.reply),
                 None => cluster.cast(&key, signal, CAST_TIMEOUT).await.map(|_| serde_json::Value::Null),

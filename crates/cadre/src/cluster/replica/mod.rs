@@ -76,12 +76,13 @@ mod apply;
 pub(crate) mod engine;
 mod store;
 
+use self::engine::AttemptError;
 use self::engine::{Engine, Entry, Job, JobKind, OpenCmd, OpenInput, Ticket, Turn, RETRY_MS, RETRY_MS_MAX};
-use super::protocol::{ReplicaOp, ReplicaReply, ReplicaReq, TransferItem, REPLICA_TAG};
+use super::protocol::{ControlError, ReplicaError, ReplicaOp, ReplicaReply, ReplicaReq, TransferItem, REPLICA_TAG};
 use super::Inner;
 use crate::config::PlacementConfig;
 use crate::meta::raft::{self as mraft, ControlReply, ControlReq, ReplicaReport};
-use crate::meta::{MetaState, BATCH_CMDS_MAX};
+use crate::meta::{MetaError, MetaState, BATCH_CMDS_MAX};
 use crate::metrics::{CounterFamily, Metrics};
 use crate::net::AskError;
 use crate::placement::shard_of;
@@ -137,7 +138,7 @@ impl ReplicaMetrics {
 /// A replica report waiting to be sent, and who waits for its outcome.
 struct PendingReport {
     report: ReplicaReport,
-    done: oneshot::Sender<Result<(), String>>,
+    done: oneshot::Sender<Result<(), SyncError>>,
 }
 
 /// One request waiting on an apply lane.
@@ -338,26 +339,33 @@ impl Replication {
         );
     }
 
-    async fn ask(&self, addr: SocketAddr, payload: Bytes, timeout: Duration) -> Result<(), String> {
-        let inner = self.cluster().ok_or("the node is shutting down")?;
-        let t = inner.transport.upgrade().ok_or("the node is shutting down")?;
-        let bytes = t.ask_on(Lane::Data, addr, payload, timeout).await.map_err(|e: AskError| e.to_string())?;
-        let reply: ReplicaReply =
-            postcard::from_bytes(&bytes).map_err(|e| format!("undecodable replica reply: {e}"))?;
-        reply.map_err(|e| e.to_string())
+    async fn ask(&self, addr: SocketAddr, payload: Bytes, timeout: Duration) -> Result<(), SyncError> {
+        let inner = self.cluster().ok_or(SyncError::ShuttingDown)?;
+        let t = inner.transport.upgrade().ok_or(SyncError::ShuttingDown)?;
+        let bytes =
+            t.ask_on(Lane::Data, addr, payload, timeout).await.map_err(|e: AskError| SyncError::Ask(e.to_string()))?;
+        let reply: ReplicaReply = postcard::from_bytes(&bytes).map_err(|e| SyncError::Undecodable(e.to_string()))?;
+        reply.map_err(SyncError::Replica)
     }
 
     /// Asks the leader to mark `node` in or out of sync for `shard` at `epoch` (through the
     /// report queue: batched with other shards' reports, one log entry per batch).
-    async fn report(&self, shard: u32, epoch: u64, node: &str, in_sync: bool, generation: u64) -> Result<(), String> {
-        let queue = self.reports.get().ok_or("replication has not started")?;
+    async fn report(
+        &self,
+        shard: u32,
+        epoch: u64,
+        node: &str,
+        in_sync: bool,
+        generation: u64,
+    ) -> Result<(), SyncError> {
+        let queue = self.reports.get().ok_or(SyncError::NotStarted)?;
         let (done, outcome) = oneshot::channel();
         let report = ReplicaReport { shard, epoch, node: node.to_string(), in_sync, generation };
         queue.try_send(PendingReport { report, done }).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => format!("{REPORT_QUEUE_LEN_MAX} replica reports are waiting already"),
-            mpsc::error::TrySendError::Closed(_) => "the node is shutting down".to_string(),
+            mpsc::error::TrySendError::Full(_) => SyncError::ReportsFull,
+            mpsc::error::TrySendError::Closed(_) => SyncError::ShuttingDown,
         })?;
-        outcome.await.map_err(|_| "the node is shutting down".to_string())??;
+        outcome.await.map_err(|_| SyncError::ShuttingDown)??;
         if in_sync {
             self.metrics.synced.inc();
         } else {
@@ -368,13 +376,17 @@ impl Replication {
     }
 
     /// Sends one batch of reports to the leader: the batch's outcome, or one result per report.
-    async fn send_reports(&self, reports: Vec<ReplicaReport>) -> Result<Vec<Result<(), String>>, String> {
-        let inner = self.cluster().ok_or("the node is shutting down")?;
+    async fn send_reports(&self, reports: Vec<ReplicaReport>) -> Result<Vec<Result<(), SyncError>>, SyncError> {
+        let inner = self.cluster().ok_or(SyncError::ShuttingDown)?;
         let len = reports.len();
-        match super::control::to_leader(&inner, ControlReq::Replicas(reports)).await? {
-            ControlReply::Replicas(Ok(results)) if results.len() == len => Ok(results),
-            ControlReply::Replicas(r) => Err(r.err().unwrap_or_else(|| "a result per report was expected".into())),
-            other => Err(format!("unexpected reply {other:?}")),
+        let protocol = |what: String| SyncError::Control(ControlError::Protocol(what));
+        match super::control::to_leader(&inner, ControlReq::Replicas(reports)).await.map_err(SyncError::Control)? {
+            ControlReply::Replicas(Ok(results)) if results.len() == len => {
+                Ok(results.into_iter().map(|r| r.map_err(SyncError::Meta)).collect())
+            }
+            ControlReply::Replicas(Ok(_)) => Err(protocol("a result per report was expected".into())),
+            ControlReply::Replicas(Err(e)) => Err(SyncError::Control(e)),
+            other => Err(protocol(format!("unexpected reply {other:?}"))),
         }
     }
 
@@ -569,10 +581,10 @@ impl Replication {
 
     /// One attempt: `Ok(true)` once the replica is marked in sync, `Ok(false)` when a forwarded
     /// write failed meanwhile (start over).
-    async fn sync_once(&self, shard: u32, epoch: u64, to: &str) -> Result<bool, String> {
+    async fn sync_once(&self, shard: u32, epoch: u64, to: &str) -> Result<bool, SyncError> {
         let generation = {
             let st = self.state.borrow().clone();
-            self.engine().begin_attempt(&st, shard, epoch, to).map_err(|e| e.to_string())?
+            self.engine().begin_attempt(&st, shard, epoch, to)?
         };
         // Writes of the shard wait while a page is out: a replica that does not answer costs them
         // this much once, then the attempt starts over later. A busy replica (its lanes behind
@@ -583,7 +595,7 @@ impl Replication {
         let mut after: Option<Key> = None;
         loop {
             if !self.wants_sync(shard, epoch, to) {
-                return Err("no longer wanted".into());
+                return Err(SyncError::NotWanted);
             }
             let addr = self.addr_of(to)?;
             let sent = {
@@ -596,9 +608,7 @@ impl Replication {
                     items: page.items,
                 };
                 self.ask(addr, encode_req(&ReplicaReq { shard, epoch, op }), timeout).await?;
-                self.engine()
-                    .page_sent(shard, to, keys, bytes as u64, page.through.clone())
-                    .map_err(|e| e.to_string())?;
+                self.engine().page_sent(shard, to, keys, bytes as u64, page.through.clone())?;
                 self.metrics.sync_bytes.inc_by(bytes as u64);
                 after = page.through;
                 bytes
@@ -630,9 +640,10 @@ impl Replication {
         Ok(true)
     }
 
-    fn addr_of(&self, node: &str) -> Result<SocketAddr, String> {
+    fn addr_of(&self, node: &str) -> Result<SocketAddr, SyncError> {
         let st = self.state.borrow();
-        st.members.get(node).and_then(|m| m.addr.parse().ok()).ok_or_else(|| format!("no address for {node}"))
+        let addr = st.members.get(node).and_then(|m| m.addr.parse().ok());
+        addr.ok_or_else(|| SyncError::NoAddress { node: node.to_string() })
     }
 
     /// Waits until this node's catch-up bandwidth allows `bytes` more.
@@ -650,9 +661,9 @@ impl Replication {
 
     /// The shard's keys after `after`: up to [`SYNC_PAGE_BYTES_MAX`] of state, from at most one
     /// scan of [`SCAN_READ_MAX`] keys. `through` is the last key the page covers (`None`: the end).
-    async fn read_page(&self, shard: u32, after: Option<&Key>) -> Result<Page, String> {
+    async fn read_page(&self, shard: u32, after: Option<&Key>) -> Result<Page, SyncError> {
         let count = self.state.borrow().shard_count;
-        let keys = self.local.scan_keys(after, SCAN_READ_MAX).await.map_err(|e| e.to_string())?;
+        let keys = self.local.scan_keys(after, SCAN_READ_MAX).await?;
         let end = keys.len() < SCAN_READ_MAX;
         let page_max = self.payload_max.min(SYNC_PAGE_BYTES_MAX);
         let mut page = Page { items: Vec::new(), through: None, bytes: 0 };
@@ -662,7 +673,7 @@ impl Replication {
                 let item = export(&*self.local, &key).await?;
                 let len = item.value.as_ref().map_or(0, Vec::len) + item.entries.iter().map(Vec::len).sum::<usize>();
                 if len > self.payload_max {
-                    return Err(format!("{key:?} holds {len} bytes, more than one frame carries"));
+                    return Err(SyncError::TooLarge { key: format!("{key:?}"), len });
                 }
                 // End the page before an item that would overflow it (the next page starts there).
                 if page.bytes + len > page_max && !page.items.is_empty() {
@@ -702,6 +713,42 @@ struct Page {
     bytes: usize,
 }
 
+/// Why a step of replication failed here: an ask to a replica, a mark through the leader, a
+/// page of a catch-up.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum SyncError {
+    #[error("the node is shutting down")]
+    ShuttingDown,
+    #[error("replication has not started")]
+    NotStarted,
+    #[error("{REPORT_QUEUE_LEN_MAX} replica reports are waiting already")]
+    ReportsFull,
+    #[error("no address for {node}")]
+    NoAddress { node: String },
+    /// The ask did not reach the replica or was not answered.
+    #[error("{0}")]
+    Ask(String),
+    #[error("undecodable replica reply: {0}")]
+    Undecodable(String),
+    /// The replica refused.
+    #[error("{0}")]
+    Replica(ReplicaError),
+    /// The leader did not take the mark.
+    #[error("{0}")]
+    Control(ControlError),
+    /// The metadata refused the mark.
+    #[error("{0}")]
+    Meta(MetaError),
+    #[error("{0}")]
+    Attempt(#[from] AttemptError),
+    #[error("the local store: {0}")]
+    Storage(#[from] StorageError),
+    #[error("no longer wanted")]
+    NotWanted,
+    #[error("{key} holds {len} bytes, more than one frame carries")]
+    TooLarge { key: String, len: usize },
+}
+
 /// Sends queued reports to the leader, one batch at a time: what queues up while a batch is out
 /// goes in the next one, identical reports once.
 async fn report_loop(
@@ -723,7 +770,7 @@ async fn report_loop(
         }
         // Identical reports share one command (and one outcome).
         let mut unique: Vec<ReplicaReport> = Vec::new();
-        let mut waiters: Vec<Vec<oneshot::Sender<Result<(), String>>>> = Vec::new();
+        let mut waiters: Vec<Vec<oneshot::Sender<Result<(), SyncError>>>> = Vec::new();
         let mut index: HashMap<ReplicaReport, usize> = HashMap::new();
         for PendingReport { report, done } in batch {
             let i = *index.entry(report.clone()).or_insert_with(|| {
@@ -749,11 +796,11 @@ async fn report_loop(
     }
 }
 
-async fn export(local: &dyn Storage, key: &Key) -> Result<TransferItem, String> {
-    let value = local.get(key).await.map_err(|e| e.to_string())?.map(|v| v.value.to_vec());
+async fn export(local: &dyn Storage, key: &Key) -> Result<TransferItem, StorageError> {
+    let value = local.get(key).await?.map(|v| v.value.to_vec());
     let mut entries = Vec::new();
     loop {
-        let batch = local.entries(key, entries.len() as u64, ENTRIES_READ_MAX).await.map_err(|e| e.to_string())?;
+        let batch = local.entries(key, entries.len() as u64, ENTRIES_READ_MAX).await?;
         let n = batch.len();
         entries.extend(batch.into_iter().map(|b| b.to_vec()));
         if n < ENTRIES_READ_MAX {

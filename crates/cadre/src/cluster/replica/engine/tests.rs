@@ -3,12 +3,7 @@
 //! (`UPDATE_GOLDENFILES=1 cargo test -p cadre --lib replica::engine` rewrites it).
 //!
 //! ## Commands
-//! The table:
-//! - `member NAME...`: members at addresses `127.0.0.1:7001`, `:7002`, ... (`noaddr=NAME` gives
-//!   one no usable address).
-//! - `shard N owner=NAME|none epoch=E [replicas=A/B] [out=C] [gen.C=G]`: shard N's entry (the table
-//!   grows to hold it). A replica keeps its generation while its in-sync flag is unchanged and
-//!   gets a new one when it changes (as the metadata does), unless `gen.NAME` says.
+//! The table: `member` and `shard`, as in [`crate::cluster::script`].
 //!
 //! The engine (`shard`, `epoch`, `to`, `node` as arguments):
 //! - `table`: a new table; prints the jobs started. `done open|catch-up`: a job ended.
@@ -21,13 +16,13 @@
 //! - `state`: the engine's state.
 
 use std::collections::BTreeMap;
-use std::error::Error;
 use std::fmt::Write as _;
 
 use goldenscript::{Command, Context};
 
 use super::*;
-use crate::meta::{MemberRecord, MetaState, Replica, ShardEntry, ShardState};
+use crate::cluster::script::{self, Args, Res};
+use crate::meta::MetaState;
 
 struct Runner {
     engine: Engine,
@@ -39,55 +34,6 @@ struct Runner {
 impl Runner {
     fn new() -> Runner {
         Runner { engine: Engine::new("a".into()), st: MetaState::default(), last: BTreeMap::new() }
-    }
-}
-
-type Res<T> = Result<T, Box<dyn Error>>;
-
-/// Arguments by key, every one required to be used.
-struct Args<'a> {
-    keys: BTreeMap<&'a str, &'a str>,
-    pos: Vec<&'a str>,
-}
-
-impl<'a> Args<'a> {
-    fn of(c: &'a Command) -> Args<'a> {
-        let mut args = c.consume_args();
-        let mut keys = BTreeMap::new();
-        while let Some((k, v)) = args.next_key() {
-            keys.insert(k, v);
-        }
-        let mut pos = Vec::new();
-        while let Some(p) = args.next_pos() {
-            pos.push(p);
-        }
-        Args { keys, pos }
-    }
-
-    fn take(&mut self, key: &str) -> Option<&'a str> {
-        self.keys.remove(key)
-    }
-
-    fn need(&mut self, key: &str) -> Res<&'a str> {
-        self.take(key).ok_or_else(|| format!("missing {key}=").into())
-    }
-
-    fn num<T: std::str::FromStr>(&mut self, key: &str) -> Res<T>
-    where
-        T::Err: Error + 'static,
-    {
-        Ok(self.need(key)?.parse()?)
-    }
-
-    fn list(&mut self, key: &str) -> Vec<&'a str> {
-        self.take(key).map(|v| v.split('/').filter(|s| !s.is_empty()).collect()).unwrap_or_default()
-    }
-
-    fn done(self) -> Res<()> {
-        match self.keys.keys().next() {
-            Some(k) => Err(format!("unexpected argument {k}=").into()),
-            None => Ok(()),
-        }
     }
 }
 
@@ -120,51 +66,6 @@ fn show_open(cmds: &[OpenCmd]) -> String {
 }
 
 impl Runner {
-    fn member(&mut self, mut a: Args) -> Res<String> {
-        let noaddr = a.list("noaddr");
-        for name in a.pos.iter().chain(&noaddr) {
-            let n = self.st.members.len() as u64;
-            let addr = if noaddr.contains(name) { "nowhere".to_string() } else { format!("127.0.0.1:{}", 7001 + n) };
-            self.st
-                .members
-                .insert(name.to_string(), MemberRecord { addr, admitted: n, draining: false, raft_id: n + 1 });
-        }
-        a.pos.clear();
-        a.done()?;
-        Ok(String::new())
-    }
-
-    fn shard(&mut self, mut a: Args) -> Res<String> {
-        let n: u32 = a.pos.first().ok_or("shard needs its number")?.parse()?;
-        let owner = a.need("owner")?;
-        let epoch = a.num("epoch")?;
-        let (in_sync, out) = (a.list("replicas"), a.list("out"));
-        if self.st.shards.len() <= n as usize {
-            let none = ShardEntry { owner: None, epoch: 0, state: ShardState::Unassigned, replicas: Vec::new() };
-            self.st.shards.resize(n as usize + 1, none);
-            self.st.shard_count = n + 1;
-        }
-        let old = self.st.shards[n as usize].clone();
-        let mut replicas = Vec::new();
-        for (node, flag) in in_sync.iter().map(|r| (r, true)).chain(out.iter().map(|r| (r, false))) {
-            let kept = old.replica(node).filter(|r| r.in_sync == flag).map(|r| r.generation);
-            let generation = match a.take(&format!("gen.{node}")) {
-                Some(g) => g.parse()?,
-                None => kept.unwrap_or_else(|| {
-                    self.st.generations += 1;
-                    self.st.generations
-                }),
-            };
-            replicas.push(Replica { node: node.to_string(), in_sync: flag, generation });
-        }
-        let owner = (owner != "none").then(|| owner.to_string());
-        let state = if owner.is_some() { ShardState::Active } else { ShardState::Unassigned };
-        self.st.shards[n as usize] = ShardEntry { owner, epoch, state, replicas };
-        a.pos.clear();
-        a.done()?;
-        Ok(String::new())
-    }
-
     fn fence(a: &mut Args) -> Res<Fence> {
         Ok(Fence { shard: a.num("shard")?, epoch: a.num("epoch")? })
     }
@@ -305,8 +206,8 @@ impl goldenscript::Runner for Runner {
     fn run(&mut self, c: &Command, _: &Context) -> Res<String> {
         let a = Args::of(c);
         match c.name.as_str() {
-            "member" => self.member(a),
-            "shard" => self.shard(a),
+            "member" => script::member(&mut self.st, a),
+            "shard" => script::shard(&mut self.st, a),
             name => self.engine(name, a),
         }
     }
@@ -314,29 +215,9 @@ impl goldenscript::Runner for Runner {
 
 const SCRIPTS: &str = "src/cluster/replica/engine/testscripts";
 
-macro_rules! scripts {
-    ($($name:ident),* $(,)?) => {
-        $(
-            #[test]
-            fn $name() {
-                let path = format!("{SCRIPTS}/{}", stringify!($name));
-                goldenscript::run(&mut Runner::new(), &path).expect("the script runs");
-            }
-        )*
-
-        /// Every script in the folder is run by a test above.
-        #[test]
-        fn every_script_is_listed() {
-            let listed = [$(stringify!($name)),*];
-            for file in std::fs::read_dir(SCRIPTS).expect("the scripts folder") {
-                let name = file.expect("an entry").file_name().into_string().expect("a name");
-                assert!(listed.contains(&name.as_str()), "add {name} to scripts! in {}", file!());
-            }
-        }
-    };
-}
-
-scripts!(
+script::scripts!(
+    Runner::new(),
+    SCRIPTS,
     open_on_assignment,
     open_after_move,
     write_targets,
