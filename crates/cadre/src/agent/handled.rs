@@ -42,10 +42,7 @@ use std::collections::VecDeque;
 use bytes::{BufMut, Bytes};
 use sha2::{Digest, Sha256};
 
-/// Ids recorded per agent unless configured (`agents.dedupe_ids_max`).
-pub const DEDUPE_IDS_MAX_DEFAULT: usize = 256;
-/// The most `agents.dedupe_ids_max` may be (each id is in every write of the agent's state).
-pub const DEDUPE_IDS_MAX_LIMIT: usize = 65_536;
+pub use crate::config::{DEDUPE_IDS_MAX_DEFAULT, DEDUPE_IDS_MAX_LIMIT};
 /// Replies kept for duplicates: the newest this many recorded calls.
 pub const REPLIES_KEPT_MAX: usize = 8;
 /// A reply longer than this (JSON bytes) is not kept; its duplicates answer `Duplicate`.

@@ -30,8 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::router::{RouteError, RouteId, RouteSpec, Router};
 
-/// Most patterns an entry received from a peer may carry.
-pub const PATTERNS_MAX: usize = 65_536;
+pub use crate::config::INTEREST_PATTERNS_MAX as PATTERNS_MAX;
 /// Longest node name an entry may carry (as membership names).
 pub const NAME_LEN_MAX: usize = 255;
 

@@ -269,33 +269,32 @@ fn may_read(
     let st = inner.state.borrow();
     let node = Answering {
         me: &inner.name,
-        renewed: inner.lease.renewed_at(now),
+        renewed_ago: inner.lease.renewed_at(now).map(|t| now.saturating_duration_since(t)),
         open: &|shard, epoch| inner.repl.is_open(shard, epoch),
     };
-    read_rule(&st, &node, key, stale_ms_max, owner_only, now)
+    read_rule(&st, &node, key, stale_ms_max, owner_only)
 }
 
 /// What the read rule needs to know of the node answering.
-struct Answering<'a> {
-    me: &'a str,
-    /// When the renewal behind its valid lease was sent (`None`: no valid lease).
-    renewed: Option<Instant>,
+pub(crate) struct Answering<'a> {
+    pub me: &'a str,
+    /// How long ago the renewal behind its valid lease was sent (`None`: no valid lease).
+    pub renewed_ago: Option<Duration>,
     /// Whether it has opened the shard at the epoch (its replicas fenced).
-    open: &'a dyn Fn(u32, u64) -> bool,
+    pub open: &'a dyn Fn(u32, u64) -> bool,
 }
 
 /// The rule of the module's design note, on a node's table `st`: the role this copy answers as
 /// (and the shard's epoch), or why it may not (a metric reason and the error).
-fn read_rule(
+pub(crate) fn read_rule(
     st: &MetaState,
     node: &Answering<'_>,
     key: &Key,
     stale_ms_max: u64,
     owner_only: bool,
-    now: Instant,
 ) -> Result<(Role, u64), (&'static str, CallError)> {
     let p = placement_in(st, key).map_err(|e| ("no_table", e))?;
-    let Some(renewed) = node.renewed else {
+    let Some(renewed_ago) = node.renewed_ago else {
         return Err(("lease", CallError::Unavailable(Unavailable::LeaseExpired)));
     };
     if p.owner.as_deref() == Some(node.me) {
@@ -316,7 +315,7 @@ fn read_rule(
     if !st.shards[p.shard as usize].in_sync(node.me) {
         return Err(("not_in_sync", CallError::NotOwner { owner: p.owner, epoch: p.epoch }));
     }
-    let age_ms = now.saturating_duration_since(renewed).as_millis() as u64;
+    let age_ms = renewed_ago.as_millis() as u64;
     if age_ms > stale_ms_max {
         return Err(("stale", CallError::Unavailable(Unavailable::Stale { age_ms, stale_ms_max })));
     }
@@ -367,13 +366,12 @@ mod tests {
     fn who_may_answer_a_read() {
         use crate::meta::ShardState::{Active, Moving};
         let key = Key::new("counter", "k");
-        let now = Instant::now();
-        let ago = |ms| Some(now - Duration::from_millis(ms));
+        let ago = |ms| Some(Duration::from_millis(ms));
         let open = |_, _| true;
         let closed = |_, _| false;
-        let node = |me, renewed, open| Answering { me, renewed, open };
+        let node = |me, renewed_ago, open| Answering { me, renewed_ago, open };
         let rule = |st: &MetaState, c: &Answering<'_>, owner_only| {
-            read_rule(st, c, &key, 500, owner_only, now).map_err(|(reason, _)| reason)
+            read_rule(st, c, &key, 500, owner_only).map_err(|(reason, _)| reason)
         };
         let active = table("a", Active, true);
         // The owner: with a valid lease and the shard open, whatever its table's age.

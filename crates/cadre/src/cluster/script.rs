@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::error::Error;
 
-use goldenscript::Command;
+use goldenscript::{Command, Context};
 
 use crate::meta::{MemberRecord, MetaState, Replica, ShardEntry, ShardState};
 
@@ -65,6 +65,29 @@ impl<'a> Args<'a> {
         match self.keys.keys().next() {
             Some(k) => Err(format!("unexpected argument {k}=").into()),
             None => Ok(()),
+        }
+    }
+}
+
+/// An engine's script runner: the table it builds, and its own commands.
+pub(crate) trait Script {
+    fn table(&mut self) -> &mut MetaState;
+    /// A command other than `member` and `shard`.
+    fn line(&mut self, name: &str, args: Args) -> Res<String>;
+}
+
+/// Runs a [`Script`] under goldenscript, with the table commands of this module.
+pub(crate) struct Harness<T>(pub T);
+
+impl<T: Script> goldenscript::Runner for Harness<T> {
+    type Command = Command;
+
+    fn run(&mut self, c: &Command, _: &Context) -> Res<String> {
+        let a = Args::of(c);
+        match c.name.as_str() {
+            "member" => member(self.0.table(), a),
+            "shard" => shard(self.0.table(), a),
+            name => self.0.line(name, a),
         }
     }
 }
@@ -133,7 +156,7 @@ macro_rules! scripts {
             #[test]
             fn $name() {
                 let path = format!("{}/{}", $folder, stringify!($name));
-                goldenscript::run(&mut $runner, &path).expect("the script runs");
+                goldenscript::run(&mut $crate::cluster::script::Harness($runner), &path).expect("the script runs");
             }
         )*
 

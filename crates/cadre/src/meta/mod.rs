@@ -40,10 +40,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// Shards of a new cluster unless configured otherwise (fixed at cluster creation).
-pub const SHARD_COUNT_DEFAULT: u32 = 256;
-/// Most shards a cluster may have.
-pub const SHARD_COUNT_MAX: u32 = 1 << 16;
+pub use crate::config::{SHARD_COUNT_DEFAULT, SHARD_COUNT_MAX};
 
 /// An admitted member.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -47,8 +47,7 @@ use uuid::Uuid;
 
 /// The only `specversion` accepted.
 pub const SPEC_VERSION: &str = "1.0";
-/// Longest value of a string attribute (id, source, type, subject, content type, schema, extension).
-pub const ATTRIBUTE_LEN_MAX_BYTES: usize = 4096;
+pub use crate::config::ATTRIBUTE_LEN_MAX_BYTES;
 /// Most extensions on one signal.
 pub const EXTENSIONS_MAX: usize = 64;
 /// Deepest nesting of arrays and objects in JSON data: serde_json parses at most 127 levels, and

@@ -69,7 +69,6 @@
 //! - The fences belong to one cluster's metadata: a database is for one cluster (see the README).
 
 use std::future::Future;
-use std::str::FromStr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -165,48 +164,7 @@ pub enum OpenError {
     SchemaTooNew { target: String, found: i32, known: i32 },
 }
 
-/// A storage URL that cannot be used.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct UrlError(String);
-
-/// Parses a `postgres://` (or `postgresql://`) URL. Missing parts come from the `PG*`
-/// environment variables and `~/.pgpass`, as with `psql`.
-pub fn parse_url(url: &str) -> Result<PgConnectOptions, UrlError> {
-    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-        return Err(UrlError(format!("{:?} must start with postgres:// or postgresql://", redact(url))));
-    }
-    PgConnectOptions::from_str(url).map_err(|e| UrlError(format!("{}: {e}", redact(url))))
-}
-
-/// The URL with its password (in the user part or a `password=` parameter) replaced by `***`.
-pub fn redact(url: &str) -> String {
-    let Some(start) = url.find("://").map(|i| i + 3) else { return url.to_string() };
-    let rest = &url[start..];
-    let authority_len = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_len);
-    let authority = match authority.rfind('@') {
-        Some(at) => match authority[..at].find(':') {
-            Some(colon) => format!("{}:***{}", &authority[..colon], &authority[at..]),
-            None => authority.to_string(),
-        },
-        None => authority.to_string(),
-    };
-    let tail = match tail.split_once('?') {
-        Some((path, query)) => {
-            let params: Vec<String> = query
-                .split('&')
-                .map(|p| match p.split_once('=') {
-                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-                    _ => p.to_string(),
-                })
-                .collect();
-            format!("{path}?{}", params.join("&"))
-        }
-        None => tail.to_string(),
-    };
-    format!("{}{authority}{tail}", &url[..start])
-}
+pub use crate::config::{parse_url, redact, UrlError};
 
 /// `postgres://user@host:port/db`, for messages.
 fn describe(o: &PgConnectOptions) -> String {

@@ -253,19 +253,20 @@ impl Replication {
     /// Waits for a turn on `shard`'s gate; it ends when the pass is dropped (also while still
     /// waiting: a caller that gives up leaves the queue).
     pub(super) async fn turn(&self, shard: u32, turn: Turn) -> Pass<'_> {
-        let (tx, rx) = oneshot::channel();
-        let entry = {
+        let (ticket, rx) = {
             let mut engine = self.engine();
-            let entry = engine.enter(shard, turn);
-            // Registered under the engine's lock, so no `leave` can hand the turn over before.
-            if let Entry::Wait(ticket) = entry {
-                lock(&self.waiters).insert(ticket, tx);
+            match engine.enter(shard, turn) {
+                Entry::Go(ticket) => (ticket, None),
+                Entry::Wait(ticket) => {
+                    // Registered under the engine's lock, so no `leave` can hand the turn over before.
+                    let (tx, rx) = oneshot::channel();
+                    lock(&self.waiters).insert(ticket, tx);
+                    (ticket, Some(rx))
+                }
             }
-            entry
         };
-        let (Entry::Go(ticket) | Entry::Wait(ticket)) = entry;
-        let pass = Pass { repl: self, shard, ticket };
-        if matches!(entry, Entry::Wait(_)) {
+        let pass = Pass { repl: self, shard, ticket, waited: rx.is_some() };
+        if let Some(rx) = rx {
             // The sender goes only through `wake` (or this pass's drop).
             let _ = rx.await;
         }
@@ -273,6 +274,9 @@ impl Replication {
     }
 
     fn wake(&self, tickets: Vec<Ticket>) {
+        if tickets.is_empty() {
+            return;
+        }
         let mut waiters = lock(&self.waiters);
         for t in tickets {
             if let Some(tx) = waiters.remove(&t) {
@@ -826,11 +830,15 @@ pub(super) struct Pass<'a> {
     repl: &'a Replication,
     shard: u32,
     ticket: Ticket,
+    /// It queued: its waker may still be registered (a caller that gave up while waiting).
+    waited: bool,
 }
 
 impl Drop for Pass<'_> {
     fn drop(&mut self) {
-        lock(&self.repl.waiters).remove(&self.ticket);
+        if self.waited {
+            lock(&self.repl.waiters).remove(&self.ticket);
+        }
         let going = self.repl.engine().leave(self.shard, self.ticket);
         self.repl.wake(going);
     }

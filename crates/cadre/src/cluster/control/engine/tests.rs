@@ -27,8 +27,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use goldenscript::{Command as Line, Context};
-
 use super::*;
 use crate::cluster::script::{self, Args, Res};
 
@@ -323,16 +321,13 @@ impl Runner {
     }
 }
 
-impl goldenscript::Runner for Runner {
-    type Command = Line;
+impl script::Script for Runner {
+    fn table(&mut self) -> &mut MetaState {
+        &mut self.st
+    }
 
-    fn run(&mut self, c: &Line, _: &Context) -> Res<String> {
-        let a = Args::of(c);
-        match c.name.as_str() {
-            "member" => script::member(&mut self.st, a),
-            "shard" => script::shard(&mut self.st, a),
-            name => self.run_line(name, a),
-        }
+    fn line(&mut self, name: &str, args: Args) -> Res<String> {
+        self.run_line(name, args)
     }
 }
 

@@ -18,8 +18,6 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use goldenscript::{Command, Context};
-
 use super::*;
 use crate::cluster::script::{self, Args, Res};
 use crate::meta::MetaState;
@@ -200,16 +198,13 @@ impl Runner {
     }
 }
 
-impl goldenscript::Runner for Runner {
-    type Command = Command;
+impl script::Script for Runner {
+    fn table(&mut self) -> &mut MetaState {
+        &mut self.st
+    }
 
-    fn run(&mut self, c: &Command, _: &Context) -> Res<String> {
-        let a = Args::of(c);
-        match c.name.as_str() {
-            "member" => script::member(&mut self.st, a),
-            "shard" => script::shard(&mut self.st, a),
-            name => self.engine(name, a),
-        }
+    fn line(&mut self, name: &str, args: Args) -> Res<String> {
+        self.engine(name, args)
     }
 }
 
