@@ -249,6 +249,15 @@ async fn a_cluster_wide_route_delivers_to_agents_from_every_node_and_a_pool_stay
     for n in &nodes {
         placed(n, 3).await;
     }
+    // A route whose key is neither "subject" nor a JSON pointer is refused as such, and nothing
+    // is proposed to the leader.
+    let bad = AgentRoute {
+        pattern: "counter.add".into(),
+        target: AgentTarget::Agent { ty: "counter".into(), key: "order-id".into() },
+    };
+    let refused = nodes[0].cluster().add_route(bad).await;
+    assert!(matches!(refused, Err(cadre::CallError::InvalidRoute(_))), "{refused:?}");
+    assert!(nodes[0].cluster().state().routes.is_empty());
     // Added once through b; every node mirrors it and delivers what it publishes.
     let route = AgentRoute {
         pattern: "counter.add".into(),

@@ -221,7 +221,7 @@ impl Runner {
         Ok(())
     }
 
-    fn table(&self) -> String {
+    fn show_table(&self) -> String {
         let mut out = String::new();
         for (name, r) in &self.st.members {
             let draining = if r.draining { ", draining" } else { "" };
@@ -240,8 +240,14 @@ impl Runner {
         }
         out
     }
+}
 
-    fn run_line(&mut self, name: &str, mut a: Args) -> Res<String> {
+impl script::Script for Runner {
+    fn table(&mut self) -> &mut MetaState {
+        &mut self.st
+    }
+
+    fn line(&mut self, name: &str, mut a: Args) -> Res<String> {
         let out = match name {
             "limits" => return self.limits(a),
             "group" => return self.set_group(a),
@@ -311,23 +317,13 @@ impl Runner {
                     Err(e) => format!("refused: {e}\n"),
                 }
             }
-            "table" => self.table(),
+            "table" => self.show_table(),
             "state" => self.ctl.describe(ms),
             other => return Err(format!("unknown command {other}").into()),
         };
         a.pos.clear();
         a.done()?;
         Ok(out)
-    }
-}
-
-impl script::Script for Runner {
-    fn table(&mut self) -> &mut MetaState {
-        &mut self.st
-    }
-
-    fn line(&mut self, name: &str, args: Args) -> Res<String> {
-        self.run_line(name, args)
     }
 }
 

@@ -43,8 +43,12 @@ fn show(cmd: &HandoffCmd) -> String {
     }
 }
 
-impl Runner {
-    fn run_line(&mut self, name: &str, mut a: Args) -> Res<String> {
+impl script::Script for Runner {
+    fn table(&mut self) -> &mut MetaState {
+        &mut self.st
+    }
+
+    fn line(&mut self, name: &str, mut a: Args) -> Res<String> {
         let out = match name {
             "table" => {
                 let cmds = self.engine.on_table(&self.st);
@@ -89,16 +93,6 @@ impl Runner {
         a.pos.clear();
         a.done()?;
         Ok(out)
-    }
-}
-
-impl script::Script for Runner {
-    fn table(&mut self) -> &mut MetaState {
-        &mut self.st
-    }
-
-    fn line(&mut self, name: &str, args: Args) -> Res<String> {
-        self.run_line(name, args)
     }
 }
 

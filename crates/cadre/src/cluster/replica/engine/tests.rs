@@ -67,8 +67,14 @@ impl Runner {
     fn fence(a: &mut Args) -> Res<Fence> {
         Ok(Fence { shard: a.num("shard")?, epoch: a.num("epoch")? })
     }
+}
 
-    fn engine(&mut self, name: &str, mut a: Args) -> Res<String> {
+impl script::Script for Runner {
+    fn table(&mut self) -> &mut MetaState {
+        &mut self.st
+    }
+
+    fn line(&mut self, name: &str, mut a: Args) -> Res<String> {
         let e = &mut self.engine;
         let out = match name {
             "table" => show_jobs(&e.on_table(&self.st)),
@@ -195,16 +201,6 @@ impl Runner {
         };
         a.done()?;
         Ok(out)
-    }
-}
-
-impl script::Script for Runner {
-    fn table(&mut self) -> &mut MetaState {
-        &mut self.st
-    }
-
-    fn line(&mut self, name: &str, args: Args) -> Res<String> {
-        self.engine(name, args)
     }
 }
 
