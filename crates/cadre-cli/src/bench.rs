@@ -108,10 +108,12 @@ pub async fn transport(seconds: f64, payload_len: usize) -> Result<()> {
     frame.extend_from_slice(&payload);
     let mut back = vec![0u8; frame.len()];
     let (mut lat, mut raw_lat) = (Vec::new(), Vec::new());
+    // An application ask (its kind in front, encoded once): the echo handler answers the payload.
+    let ask = cadre::wire::envelope::app(&payload);
     let start = Instant::now();
     while start.elapsed() < phase {
         let t = Instant::now();
-        let reply = peer.ask(payload.clone(), ASK_TIMEOUT).await?;
+        let reply = peer.ask(ask.clone(), ASK_TIMEOUT).await?;
         lat.push(t.elapsed());
         if reply.len() != payload_len {
             bail!("ask reply of {} bytes, expected {payload_len}", reply.len());

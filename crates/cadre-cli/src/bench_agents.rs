@@ -404,7 +404,8 @@ async fn remote(seconds: f64, dedupe_ids_max: usize) -> Result<(f64, f64, f64, f
     let keys = std::sync::Arc::new(keys_of_a(&b));
     let cluster = b.cluster().clone();
     let calls = remote_call_rate(&cluster, &keys, seconds).await?;
-    let payload = bytes::Bytes::from(vec![7u8; cadre::signal::codec::encode_structured(&add()).len()]);
+    // Application asks (answered by the echo handler) as long as a call's signal.
+    let payload = cadre::wire::envelope::app(&vec![7u8; cadre::signal::codec::encode_structured(&add()).len()]);
     let (transport, to) = (b.transport().clone(), a.addr());
     let (t2, p2) = (transport.clone(), payload.clone());
     let asks = saturate(seconds, move |_, _| {

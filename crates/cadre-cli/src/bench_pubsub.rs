@@ -293,13 +293,15 @@ async fn latencies(
     frame.extend_from_slice(payload);
     let mut back = vec![0u8; frame.len()];
     let (mut rtt, mut ask, mut raw) = (Vec::new(), Vec::new(), Vec::new());
+    // An application ask (its kind in front, encoded once): the echo handler answers the payload.
+    let app_ask = cadre::wire::envelope::app(payload);
     let start = Instant::now();
     while start.elapsed() < phase && rtt.len() < LATENCY_SAMPLES_MAX {
         let t = Instant::now();
         b.round_trip(PONG_TIMEOUT).await?.context("no pong")?;
         rtt.push(t.elapsed());
         let t = Instant::now();
-        let reply = peer.ask(payload.clone(), ASK_TIMEOUT).await?;
+        let reply = peer.ask(app_ask.clone(), ASK_TIMEOUT).await?;
         ask.push(t.elapsed());
         if reply.len() != payload.len() {
             bail!("ask reply of {} bytes, expected {}", reply.len(), payload.len());

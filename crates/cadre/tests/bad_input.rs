@@ -108,7 +108,7 @@ async fn bad_input_closes_one_connection_and_the_node_carries_on() {
     let (mut r, mut w) = authenticated(a.addr(), SECRET).await.unwrap();
     let mut frame = BytesMut::new();
     frame.put_u32(6);
-    frame.put_slice(&[1, 0xff, 0xff, 0xff, 0xff, 0xff]);
+    frame.put_slice(&[cadre::wire::WIRE_VERSION as u8, 0xff, 0xff, 0xff, 0xff, 0xff]);
     w.write_all(&frame).await.unwrap();
     closed_by_node(&mut r).await;
     wait_metric(&a, "malformed frame", |n| n.transport().stats().closed_count("malformed")).await;
@@ -126,12 +126,51 @@ async fn bad_input_closes_one_connection_and_the_node_carries_on() {
     a.shutdown().await;
 }
 
+/// Asks whose kind cannot be read (empty, or an unknown first byte) from an authenticated peer get
+/// a typed refusal on either lane, are counted by lane and reason, and the node carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asks_of_no_known_kind_are_refused_counted_and_the_node_carries_on() {
+    use cadre::meta::raft::ControlReply;
+    use cadre::wire::envelope::{refused, EnvelopeError};
+    let a = node("a", vec![]).await;
+    let b = node("b", vec![a.addr()]).await;
+    a.membership().wait_for(|v| v.names(cadre::membership::MemberState::Alive).len() == 2).await.unwrap();
+    for (payload, expected) in [
+        (Bytes::new(), EnvelopeError::Empty),
+        (Bytes::from_static(&[0x42, 1, 2]), EnvelopeError::UnknownKind(0x42)),
+        (Bytes::from_static(b"still there?"), EnvelopeError::UnknownKind(b's')),
+    ] {
+        let reply = b.transport().ask(a.addr(), payload, WAIT).await.unwrap();
+        assert_eq!(refused(&reply), Some(expected), "{reply:?}");
+    }
+    for (payload, expected) in [(Bytes::new(), "empty"), (Bytes::from_static(&[0x42]), "unknown request kind 0x42")] {
+        let reply = b.transport().ask_on(Lane::Control, a.addr(), payload, WAIT).await.unwrap();
+        match postcard::from_bytes::<ControlReply>(&reply).unwrap() {
+            ControlReply::Refused(why) => assert!(why.contains(expected), "{why}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+    let metrics = a.metrics().render();
+    for series in [
+        "cadre_envelopes_refused_total{lane=\"data\",reason=\"empty\"} 1",
+        "cadre_envelopes_refused_total{lane=\"data\",reason=\"unknown_kind\"} 2",
+        "cadre_envelopes_refused_total{lane=\"control\",reason=\"empty\"} 1",
+        "cadre_envelopes_refused_total{lane=\"control\",reason=\"unknown_kind\"} 1",
+    ] {
+        assert!(metrics.contains(series), "no {series} in:\n{metrics}");
+    }
+    assert_healthy(&a, &b).await;
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
 /// Undecodable control-lane requests (Raft, placement) and agent requests from an authenticated
 /// peer get a typed refusal, and the node keeps serving agents.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undecodable_control_and_agent_requests_are_refused() {
-    use cadre::cluster::protocol::{AgentReply, AGENT_TAG};
+    use cadre::cluster::protocol::AgentReply;
     use cadre::meta::raft::ControlReply;
+    use cadre::wire::envelope::Kind;
     let a = node("a", vec![]).await;
     let b = node("b", vec![a.addr()]).await;
     let garbage = Bytes::from_static(&[0xff, 0xff, 0xff, 0xff, 0x01, 0x02]);
@@ -141,7 +180,7 @@ async fn undecodable_control_and_agent_requests_are_refused() {
         other => panic!("expected a refusal, got {other:?}"),
     }
     let mut agent = BytesMut::new();
-    agent.put_u8(AGENT_TAG);
+    agent.put_u8(Kind::Agent.tag());
     agent.extend_from_slice(&garbage);
     let reply = b.transport().ask(a.addr(), agent.freeze(), WAIT).await.unwrap();
     match postcard::from_bytes::<AgentReply>(&reply).unwrap() {
@@ -156,12 +195,13 @@ async fn undecodable_control_and_agent_requests_are_refused() {
     a.shutdown().await;
 }
 
-/// Replication requests (data lane, `REPLICA_TAG`) that do not decode, come from a node that does
+/// Replication requests (data lane, `Kind::Replica`) that do not decode, come from a node that does
 /// not own the shard, or name a key of another shard get a typed refusal, are counted by reason,
 /// and the node keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_replication_requests_are_refused_and_counted() {
-    use cadre::cluster::protocol::{ReplicaError, ReplicaOp, ReplicaReply, ReplicaReq, REPLICA_TAG};
+    use cadre::cluster::protocol::{ReplicaError, ReplicaOp, ReplicaReply, ReplicaReq};
+    use cadre::wire::envelope::Kind;
     let a = node("a", vec![]).await;
     let b = node("b", vec![a.addr()]).await;
     let ask = |req: Bytes| {
@@ -174,7 +214,7 @@ async fn bad_replication_requests_are_refused_and_counted() {
     };
     let tagged = |body: &[u8]| {
         let mut buf = BytesMut::new();
-        buf.put_u8(REPLICA_TAG);
+        buf.put_u8(Kind::Replica.tag());
         buf.extend_from_slice(body);
         buf.freeze()
     };

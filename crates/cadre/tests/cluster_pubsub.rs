@@ -180,12 +180,12 @@ async fn bad_pubsub_requests_are_refused_and_the_node_carries_on() {
         vec![PUBSUB_TAG, 4, 0xFF],
     ];
     for junk in junks {
-        let reply = a.ask(b.addr(), Bytes::from(junk), t).await.unwrap();
+        let reply = a.transport().ask(b.addr(), Bytes::from(junk), t).await.unwrap();
         assert_eq!(reply.first(), Some(&PUBSUB_TAG), "a typed reply");
     }
     assert!(metric(b, "cadre_pubsub_refused_total") >= 3.0);
     // A wait for a route nobody added (id 9, 1 ms): answered "not mirrored" (`Accepted { count: 0 }`).
-    let reply = a.ask(b.addr(), Bytes::from(vec![PUBSUB_TAG, 4, 9, 1]), t).await.unwrap();
+    let reply = a.transport().ask(b.addr(), Bytes::from(vec![PUBSUB_TAG, 4, 9, 1]), t).await.unwrap();
     assert_eq!(&reply[..], [PUBSUB_TAG, 0, 0]);
     // A batch with an invalid CloudEvent between two valid ones: all three answered as taken
     // (sending it again would not make it valid), the valid ones delivered, the invalid counted.
@@ -194,7 +194,7 @@ async fn bad_pubsub_requests_are_refused_and_the_node_carries_on() {
     let batch = (0u32, vec![valid(100), invalid, valid(101)]);
     let mut payload = vec![PUBSUB_TAG];
     payload.extend(postcard::to_allocvec(&batch).unwrap());
-    let reply = a.ask(b.addr(), Bytes::from(payload), t).await.unwrap();
+    let reply = a.transport().ask(b.addr(), Bytes::from(payload), t).await.unwrap();
     assert_eq!(reply.first(), Some(&PUBSUB_TAG));
     assert_eq!(receive(&mut on_b, 2).await, ["ok.x-100", "ok.x-101"]);
     let invalid_counted = "cadre_pubsub_refused_total{reason=\"invalid_signal\"}";

@@ -132,6 +132,9 @@ async fn reads_of_stored_state_over_http() {
         let (status, body) = post(http, &format!("/v1/agents/counter/r1{query}"), &get).await;
         assert_eq!(status, 400, "{query}: {body}");
     }
+    let (_, body) = post(http, "/v1/agents/counter/r1?mode=read&from=far", &get).await;
+    assert_eq!(body["type"], "urn:cadre:problem:invalid-request", "{body}");
+    assert_eq!(body["detail"], "read \"far\" is not nearest or owner", "{body}");
     for query in ["?from=far", "?stale_ms_max=-1"] {
         let (status, _) = client::get(http, &format!("/v1/agents/counter/r1/state{query}"), T).await.unwrap();
         assert_eq!(status, 400, "{query}");

@@ -1,10 +1,14 @@
-//! In-process nodes on loopback: member events, graceful leave, start-up errors.
+//! In-process nodes on loopback: member events, graceful leave, start-up errors, application
+//! asks.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use cadre::config::{Config, ConfigError, Secret};
 use cadre::membership::MemberState;
-use cadre::node::{Node, NodeError, NodeOptions};
+use cadre::net::PeerInfo;
+use cadre::node::{DataHandler, Node, NodeError, NodeOptions};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -59,5 +63,42 @@ async fn start_up_errors_are_typed() {
     taken.listen = a.addr();
     let err = Node::start(taken, NodeOptions::default()).await.err().unwrap();
     assert!(matches!(err, NodeError::Bind { what: "transport", .. }), "{err}");
+    a.shutdown().await;
+}
+
+/// Keeps every application ask it gets; answers with the ask's length.
+#[derive(Default)]
+struct Recorder {
+    asks: Mutex<Vec<Bytes>>,
+}
+
+impl DataHandler for Recorder {
+    fn on_tell(&self, _from: &PeerInfo, _payload: Bytes) {}
+    fn on_ask(&self, _from: &PeerInfo, payload: Bytes) -> Bytes {
+        let len = payload.len() as u32;
+        self.asks.lock().unwrap().push(payload);
+        Bytes::copy_from_slice(&len.to_le_bytes())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn application_asks_that_start_like_agent_replica_or_pubsub_requests_reach_the_data_handler() {
+    let recorder = Arc::new(Recorder::default());
+    let opts = NodeOptions { data: recorder.clone(), ..NodeOptions::default() };
+    let a = Node::start(config("a", vec![]), opts).await.unwrap();
+    let b = Node::start(config("b", vec![a.addr()]), NodeOptions::default()).await.unwrap();
+    let payloads: Vec<Bytes> = vec![
+        Bytes::from_static(&[0xA7, 0xff, 0xff, 0x01]),
+        Bytes::from_static(&[0xA8, 0x00]),
+        Bytes::from_static(&[0xA9, 0x04, 0x09, 0x01]),
+        Bytes::from_static(&[0xAF]),
+        Bytes::new(),
+    ];
+    for p in &payloads {
+        let reply = b.ask(a.addr(), p.clone(), WAIT).await.unwrap();
+        assert_eq!(&reply[..], (p.len() as u32).to_le_bytes(), "the handler answered {p:?}");
+    }
+    assert_eq!(*recorder.asks.lock().unwrap(), payloads);
+    b.shutdown().await;
     a.shutdown().await;
 }

@@ -511,7 +511,7 @@ pub enum Unavailable {
     State(String),
     /// The leader refused or could not commit a change (a route change).
     #[error("{0}")]
-    Control(String),
+    Control(crate::cluster::protocol::ControlError),
 }
 
 /// Decides whether a key is served here, and with which fence its writes go out.

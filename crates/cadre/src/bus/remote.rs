@@ -46,7 +46,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use futures::future::join_all;
 use rand::seq::IndexedRandom;
 use serde::{Deserialize, Serialize};
@@ -64,10 +64,12 @@ use crate::membership::MemberState;
 use crate::metrics::{label, CounterFamily, Metrics};
 use crate::net::WeakTransport;
 use crate::signal::Signal;
+use crate::wire::envelope::{self, Kind};
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 
-/// First byte of a data-lane ask that carries a pub/sub request.
-pub const PUBSUB_TAG: u8 = 0xA9;
+/// First byte of a data-lane ask that carries a pub/sub request (its kind, see
+/// [`crate::wire::envelope`]), and of the replies.
+pub const PUBSUB_TAG: u8 = Kind::PubSub.tag();
 /// Room in a batch's payload for everything but the signals (tag, origin name, lengths).
 const BATCH_OVERHEAD_BYTES: usize = 512;
 /// Room per signal in a batch besides its bytes (its length prefix).
@@ -171,11 +173,9 @@ pub(super) enum Reply {
     Refused(String),
 }
 
+/// A request or reply behind its kind, encoded straight into one buffer.
 pub(super) fn encode<T: Serialize>(value: &T) -> Bytes {
-    let mut buf = BytesMut::new();
-    buf.put_u8(PUBSUB_TAG);
-    buf.extend_from_slice(&postcard::to_allocvec(value).expect("postcard into a Vec"));
-    buf.freeze()
+    envelope::encode(Kind::PubSub, value)
 }
 
 /// What a remote publish did.

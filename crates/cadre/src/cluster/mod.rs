@@ -70,11 +70,12 @@ use crate::agent::{CallError, Gate, Host, Unavailable};
 use crate::config::{MetaConfig, PlacementConfig};
 use crate::membership::task::Membership;
 use crate::meta::raft::{self as mraft, ControlReply, ControlReq, MetaNode, NetFactory, NodeId, Raft};
-use crate::meta::store::{LogStore, MetaDb, SmStore};
+use crate::meta::store::{LogStore, MetaDb, MetaDbError, SmStore};
 use crate::meta::{MetaState, ShardState};
 use crate::net::{PeerInfo, WeakTransport};
 use crate::placement::shard_of;
 use crate::storage::{Fence, Key, Storage};
+use crate::wire::envelope::ControlKind;
 use crate::wire::Lane;
 use control::engine::Held;
 
@@ -201,15 +202,15 @@ pub struct ClusterParts {
 pub enum StartError {
     /// `meta.redb` cannot be opened, or its node id read or written.
     #[error("the metadata database: {0}")]
-    Db(String),
+    Db(#[from] MetaDbError),
     #[error(transparent)]
     State(#[from] crate::meta::store::SmOpenError),
     #[error("the Raft configuration: {0}")]
-    Config(String),
+    Config(Box<openraft::ConfigError>),
     #[error("the Raft member: {0}")]
-    Raft(String),
+    Raft(Box<openraft::error::Fatal<NodeId>>),
     #[error("cannot found the metadata group: {0}")]
-    Found(String),
+    Found(Box<RaftError<NodeId, InitializeError<NodeId, MetaNode>>>),
 }
 
 /// The pieces built before the host (the gate needs the state the host's cluster will keep).
@@ -225,7 +226,7 @@ pub struct Prepared {
 impl Prepared {
     pub fn open(parts: ClusterParts) -> Result<Prepared, StartError> {
         let db = match &parts.meta_file {
-            Some(path) => MetaDb::open(path).map_err(StartError::Db)?,
+            Some(path) => MetaDb::open(path)?,
             None => MetaDb::memory(),
         };
         // Drawn once per data dir (kept in it). Without a data dir every start is a new member
@@ -240,7 +241,7 @@ impl Prepared {
         let mut id_seed = parts.name.as_bytes().to_vec();
         id_seed.extend_from_slice(&starts.to_le_bytes());
         let fresh = xxhash_rust::xxh3::xxh3_64_with_seed(&id_seed, parts.rng_seed).max(1);
-        let raft_id = db.node_id(fresh).map_err(StartError::Db)?;
+        let raft_id = db.node_id(fresh)?;
         let sm = SmStore::open(db.clone())?;
         let lease = Arc::new(Lease::default());
         let repl = replica::Replication::new(
@@ -349,14 +350,14 @@ impl Cluster {
             ..Default::default()
         }
         .validate()
-        .map_err(|e| StartError::Config(e.to_string()))?;
+        .map_err(|e| StartError::Config(Box::new(e)))?;
         let state = sm.subscribe();
         let gossip = membership.clone();
         let resolve: mraft::Resolver = Arc::new(move |name: &str| gossip.addr_of(name));
         let factory = NetFactory { transport: transport.clone(), resolve };
         let raft = Raft::new(raft_id, Arc::new(raft_cfg), factory, LogStore::new(db), sm)
             .await
-            .map_err(|e| StartError::Raft(e.to_string()))?;
+            .map_err(|e| StartError::Raft(Box::new(e)))?;
         if parts.founder {
             let me = MetaNode { name: parts.name.clone(), addr: addr.to_string() };
             match raft.initialize(BTreeMap::from([(raft_id, me)])).await {
@@ -364,7 +365,7 @@ impl Cluster {
                 Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
                     debug!("metadata group already initialized")
                 }
-                Err(e) => return Err(StartError::Found(e.to_string())),
+                Err(e) => return Err(StartError::Found(Box::new(e))),
             }
         }
         let leader = Mutex::new(control::engine::Controller::new(parts.name.clone()));
@@ -453,13 +454,14 @@ impl Cluster {
         placement_in(&self.inner.state.borrow(), key)
     }
 
-    /// Serves a control-lane ask from a peer; the reply goes back through the transport.
-    pub fn on_control_ask(&self, from: &PeerInfo, id: u64, payload: Bytes) {
-        // The variant tag comes first in postcard: `Raft` is 0, `Renew` 1.
-        let permits = match payload.first() {
-            Some(0) => &self.inner.raft_permits,
-            Some(1) => &self.inner.renew_permits,
-            _ => &self.inner.control_permits,
+    /// Serves a control-lane ask from a peer; its `kind` (read by
+    /// [`crate::wire::envelope::control_kind`]) picks its pool of permits. The reply goes back
+    /// through the transport.
+    pub fn on_control_ask(&self, from: &PeerInfo, id: u64, kind: ControlKind, payload: Bytes) {
+        let permits = match kind {
+            ControlKind::Raft => &self.inner.raft_permits,
+            ControlKind::Renew => &self.inner.renew_permits,
+            ControlKind::Other => &self.inner.control_permits,
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             self.inner.control_dropped.inc();
@@ -495,10 +497,10 @@ impl Cluster {
         });
     }
 
-    /// Takes a data-lane replication request (payload starting with
-    /// [`protocol::REPLICA_TAG`]); answered later, in order, unless refused at once.
-    pub fn on_replica_ask(&self, from: &PeerInfo, id: u64, payload: Bytes) -> Option<Bytes> {
-        self.inner.repl.on_ask(from, id, &payload)
+    /// Takes a data-lane replication request ([`crate::wire::envelope::Kind::Replica`]; `body`: the request
+    /// after its kind); answered later, in order, unless refused at once.
+    pub fn on_replica_ask(&self, from: &PeerInfo, id: u64, body: &[u8]) -> Option<Bytes> {
+        self.inner.repl.on_ask(from, id, body)
     }
 
     /// Catch-ups of replicas this node runs as an owner.

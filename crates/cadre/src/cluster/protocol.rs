@@ -1,17 +1,17 @@
 //! Messages of the placement protocol.
 //!
 //! On the control lane (inside [`crate::meta::raft::ControlReq`]): lease renewals, hand-off
-//! reports, replica reports. On the data lane: agent calls between nodes, as asks whose payload
-//! starts with [`AGENT_TAG`] followed by a postcard [`AgentReq`], and replication from owners to
-//! replicas ([`REPLICA_TAG`], [`ReplicaReq`]); other data-lane asks go to the node's data handler.
+//! reports, replica reports. On the data lane: agent calls between nodes, as asks of kind
+//! [`Kind::Agent`] carrying a postcard [`AgentReq`], and replication from owners to replicas
+//! ([`Kind::Replica`], [`ReplicaReq`]); see [`crate::wire::envelope`].
+//!
+//! [`Kind::Agent`]: crate::wire::envelope::Kind::Agent
+//! [`Kind::Replica`]: crate::wire::envelope::Kind::Replica
 
 use serde::{Deserialize, Serialize};
 
 use crate::agent::CallError;
 use crate::meta::MetaError;
-
-/// First byte of a data-lane ask that carries an [`AgentReq`].
-pub const AGENT_TAG: u8 = 0xA7;
 
 /// A node renews its lease; the leader also admits it (metadata member, Raft learner).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -101,9 +101,6 @@ pub struct TransferItem {
     /// The append-only entries, in order.
     pub entries: Vec<Vec<u8>>,
 }
-
-/// First byte of a data-lane ask that carries a [`ReplicaReq`].
-pub const REPLICA_TAG: u8 = 0xA8;
 
 /// From a shard's owner to one of its replicas.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -211,4 +208,23 @@ pub enum AgentReply {
         replica: bool,
         age_ms: u64,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::Unavailable;
+
+    #[test]
+    fn a_control_error_in_an_agent_reply_keeps_its_type_and_its_text() {
+        let e = ControlError::Meta(MetaError::TooManyRoutes);
+        let reply = AgentReply::Err(CallError::Unavailable(Unavailable::Control(e.clone())));
+        let back: AgentReply = postcard::from_bytes(&postcard::to_allocvec(&reply).unwrap()).unwrap();
+        match back {
+            AgentReply::Err(CallError::Unavailable(Unavailable::Control(got))) => assert_eq!(got, e),
+            other => panic!("expected the control error back, got {other:?}"),
+        }
+        assert_eq!(Unavailable::Control(e.clone()).to_string(), e.to_string());
+        assert_eq!(Unavailable::Control(ControlError::Busy).to_string(), "the controller is busy");
+    }
 }

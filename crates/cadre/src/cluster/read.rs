@@ -66,13 +66,18 @@ pub enum ReadFrom {
     Owner,
 }
 
+/// A [`ReadFrom`] that is neither `nearest` nor `owner`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("read {0:?} is not nearest or owner")]
+pub struct UnknownReadFrom(pub String);
+
 impl std::str::FromStr for ReadFrom {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownReadFrom;
+    fn from_str(s: &str) -> Result<Self, UnknownReadFrom> {
         match s {
             "nearest" => Ok(ReadFrom::Nearest),
             "owner" => Ok(ReadFrom::Owner),
-            other => Err(format!("read {other:?} is not nearest or owner")),
+            other => Err(UnknownReadFrom(other.to_string())),
         }
     }
 }
@@ -400,7 +405,9 @@ mod tests {
     fn read_from_parses_its_two_names_only() {
         assert_eq!("nearest".parse::<ReadFrom>(), Ok(ReadFrom::Nearest));
         assert_eq!("owner".parse::<ReadFrom>(), Ok(ReadFrom::Owner));
-        assert!("Owner".parse::<ReadFrom>().is_err());
+        assert_eq!("Owner".parse::<ReadFrom>(), Err(UnknownReadFrom("Owner".into())));
         assert!("".parse::<ReadFrom>().is_err());
+        let err = "far".parse::<ReadFrom>().unwrap_err();
+        assert_eq!(err.to_string(), "read \"far\" is not nearest or owner");
     }
 }

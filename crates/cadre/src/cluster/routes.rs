@@ -93,7 +93,7 @@ impl Cluster {
                 }
             };
             if !e.leader_unknown() {
-                return Err(CallError::Unavailable(Unavailable::Control(e.to_string())));
+                return Err(CallError::Unavailable(Unavailable::Control(e)));
             }
             tokio::time::sleep(Duration::from_millis(LEADER_RETRY_MS)).await;
         }

@@ -9,11 +9,11 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::time::Instant;
 use tracing::warn;
 
-use super::protocol::{AgentOp, AgentReply, AgentReq, AGENT_TAG};
+use super::protocol::{AgentOp, AgentReply, AgentReq};
 use super::{
     list, mraft, placement_in, read, replica, Cluster, Inner, Placement, AGENT_IN_FLIGHT_MAX, RETRY_WAIT_MIN_MS,
 };
@@ -21,6 +21,7 @@ use crate::agent::{CallError, Reply, Unavailable};
 use crate::net::{AskError, PeerInfo};
 use crate::signal::Signal;
 use crate::storage::Key;
+use crate::wire::envelope::{self, Kind};
 use crate::wire::Lane;
 
 impl Cluster {
@@ -242,10 +243,7 @@ impl Cluster {
         timeout: Duration,
     ) -> Result<AgentReply, CallError> {
         let t = self.inner.transport.upgrade().ok_or(CallError::Unavailable(Unavailable::ShuttingDown))?;
-        let mut buf = BytesMut::with_capacity(64);
-        buf.put_u8(AGENT_TAG);
-        buf.extend_from_slice(&mraft::encode(req));
-        let bytes = match t.ask_on(Lane::Data, addr, buf.freeze(), timeout).await {
+        let bytes = match t.ask_on(Lane::Data, addr, envelope::encode(Kind::Agent, req), timeout).await {
             Ok(b) => b,
             // Not sent: safe to retry.
             Err(AskError::Send(e)) => return Err(CallError::Unavailable(Unavailable::Transport(e.to_string()))),
@@ -257,8 +255,8 @@ impl Cluster {
             .map_err(|e| CallError::Unavailable(Unavailable::Protocol(format!("undecodable agent reply: {e}"))))
     }
 
-    /// Serves a data-lane agent ask (payload after [`AGENT_TAG`]).
-    pub fn on_agent_ask(&self, from: &PeerInfo, id: u64, payload: Bytes) -> Option<Bytes> {
+    /// Serves a data-lane agent ask ([`Kind::Agent`]; `body`: the request after the kind).
+    pub fn on_agent_ask(&self, from: &PeerInfo, id: u64, body: &[u8]) -> Option<Bytes> {
         let Ok(permit) = self.inner.agent_permits.clone().try_acquire_owned() else {
             let busy = AgentReply::Err(CallError::Unavailable(Unavailable::Busy {
                 what: "agent requests".into(),
@@ -266,7 +264,7 @@ impl Cluster {
             }));
             return Some(mraft::encode(&busy));
         };
-        let req = match postcard::from_bytes::<AgentReq>(&payload[1..]) {
+        let req = match postcard::from_bytes::<AgentReq>(body) {
             Ok(r) => r,
             Err(e) => {
                 warn!(from = %from.name, error = %e, "undecodable agent request");

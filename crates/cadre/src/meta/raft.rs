@@ -44,6 +44,13 @@ pub struct MetaNode {
     pub addr: String,
 }
 
+impl MetaNode {
+    /// Its transport address, parsed.
+    pub fn socket_addr(&self) -> Result<SocketAddr, BadAddress> {
+        self.addr.parse().map_err(|source| BadAddress { name: self.name.clone(), addr: self.addr.clone(), source })
+    }
+}
+
 impl std::fmt::Display for MetaNode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}@{}", self.name, self.addr)
@@ -275,13 +282,22 @@ pub struct NetClient {
     target: NodeId,
     name: String,
     resolve: Resolver,
-    addr: Result<SocketAddr, String>,
+    addr: Result<SocketAddr, BadAddress>,
+}
+
+/// A member whose address in the Raft membership does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("member {name}@{addr}: bad address: {source}")]
+pub struct BadAddress {
+    pub name: String,
+    pub addr: String,
+    pub source: std::net::AddrParseError,
 }
 
 impl RaftNetworkFactory<TC> for NetFactory {
     type Network = NetClient;
     async fn new_client(&mut self, target: NodeId, node: &MetaNode) -> NetClient {
-        let addr = node.addr.parse().map_err(|e| format!("member {node}: bad address: {e}"));
+        let addr = node.socket_addr();
         NetClient {
             transport: self.transport.clone(),
             target,
@@ -292,16 +308,21 @@ impl RaftNetworkFactory<TC> for NetFactory {
     }
 }
 
-#[derive(Debug)]
-struct NetErr(String);
-
-impl std::fmt::Display for NetErr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
+/// Why a Raft RPC got no answer openraft can use.
+#[derive(Debug, thiserror::Error)]
+enum NetErr {
+    #[error(transparent)]
+    Address(#[from] BadAddress),
+    #[error(transparent)]
+    Ask(#[from] ControlError),
+    /// The receiver refused the request ([`ControlReply::Refused`]).
+    #[error("{0}")]
+    Refused(String),
+    #[error("unexpected reply kind")]
+    BadReply,
+    #[error("chunked snapshots are not used")]
+    Chunked,
 }
-
-impl std::error::Error for NetErr {}
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, MetaNode, RaftError<NodeId, E>>;
 
@@ -310,18 +331,18 @@ impl NetClient {
         // The Raft id in the request makes a process at that address that is not `target` refuse.
         let addr = match (self.resolve)(&self.name) {
             Some(a) => a,
-            None => self.addr.clone().map_err(NetErr)?,
+            None => self.addr.clone()?,
         };
         let req = ControlReq::Raft { to: self.target, rpc };
-        match ask(&self.transport, addr, &req, timeout).await.map_err(|e| NetErr(e.to_string()))? {
-            ControlReply::Refused(why) => Err(NetErr(why)),
+        match ask(&self.transport, addr, &req, timeout).await? {
+            ControlReply::Refused(why) => Err(NetErr::Refused(why)),
             reply => Ok(reply),
         }
     }
 }
 
 fn bad_reply() -> NetworkError {
-    NetworkError::new(&NetErr("unexpected reply kind".into()))
+    NetworkError::new(&NetErr::BadReply)
 }
 
 impl RaftNetwork<TC> for NetClient {
@@ -354,7 +375,7 @@ impl RaftNetwork<TC> for NetClient {
         _option: RPCOption,
     ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
         // With `generic-snapshot-data` openraft sends snapshots through `full_snapshot` only.
-        Err(RPCError::Network(NetworkError::new(&NetErr("chunked snapshots are not used".into()))))
+        Err(RPCError::Network(NetworkError::new(&NetErr::Chunked)))
     }
 
     async fn full_snapshot(
@@ -373,5 +394,58 @@ impl RaftNetwork<TC> for NetClient {
             Ok(_) => Err(StreamingError::Network(bad_reply())),
             Err(e) => Err(StreamingError::Unreachable(Unreachable::new(&e))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::envelope::{
+        control_kind, ControlKind, EnvelopeError, CONTROL_RAFT, CONTROL_RENEW, CONTROL_VARIANTS,
+    };
+
+    /// The kind admission reads from a request's first byte, by variant (a new variant fails to
+    /// compile here until it is given one).
+    fn expected(req: &ControlReq) -> ControlKind {
+        match req {
+            ControlReq::Raft { .. } => ControlKind::Raft,
+            ControlReq::Renew(_) => ControlKind::Renew,
+            ControlReq::HandedOff { .. }
+            | ControlReq::Drain { .. }
+            | ControlReq::Replicas(_)
+            | ControlReq::Route(_) => ControlKind::Other,
+        }
+    }
+
+    #[test]
+    fn the_control_kind_is_the_variant_index_of_the_encoded_request() {
+        let renew =
+            crate::cluster::protocol::RenewReq { name: "a".into(), addr: "x".into(), raft_id: 3, draining: false };
+        let one_of_each = [
+            ControlReq::Raft { to: 1, rpc: RaftRpc::Vote(VoteRequest::new(Vote::new(2, 1), None)) },
+            ControlReq::Renew(renew),
+            ControlReq::HandedOff { shard: 1, epoch: 2 },
+            ControlReq::Drain { name: "a".into() },
+            ControlReq::Replicas(vec![]),
+            ControlReq::Route(RouteChange::Remove(7)),
+        ];
+        assert_eq!(one_of_each.len(), CONTROL_VARIANTS as usize);
+        for (index, req) in one_of_each.iter().enumerate() {
+            let bytes = encode(req);
+            assert_eq!(bytes[0] as usize, index, "{req:?}");
+            assert_eq!(control_kind(&bytes), Ok(expected(req)), "{req:?}");
+        }
+        assert_eq!((encode(&one_of_each[0])[0], encode(&one_of_each[1])[0]), (CONTROL_RAFT, CONTROL_RENEW));
+        assert_eq!(control_kind(&[CONTROL_VARIANTS]), Err(EnvelopeError::UnknownKind(CONTROL_VARIANTS)));
+    }
+
+    #[test]
+    fn a_member_with_an_unparsable_address_is_a_typed_error() {
+        let good = MetaNode { name: "a".into(), addr: "127.0.0.1:7000".into() };
+        assert_eq!(good.socket_addr(), Ok("127.0.0.1:7000".parse().unwrap()));
+        let node = MetaNode { name: "b".into(), addr: "not an address".into() };
+        let err = node.socket_addr().unwrap_err();
+        assert_eq!((err.name.as_str(), err.addr.as_str()), ("b", "not an address"));
+        assert!(err.to_string().starts_with("member b@not an address: bad address: "), "{err}");
     }
 }

@@ -21,7 +21,7 @@
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
@@ -58,6 +58,24 @@ fn dec<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, SE> {
     postcard::from_bytes(b).map_err(io_err)
 }
 
+/// Why the metadata database cannot be opened, or its node id read or kept.
+#[derive(Debug, thiserror::Error)]
+pub enum MetaDbError {
+    #[error("{}: {source}", path.display())]
+    Open { path: PathBuf, source: redb::DatabaseError },
+    #[error(transparent)]
+    Transaction(#[from] redb::TransactionError),
+    #[error(transparent)]
+    Table(#[from] redb::TableError),
+    #[error(transparent)]
+    Storage(#[from] redb::StorageError),
+    #[error(transparent)]
+    Commit(#[from] redb::CommitError),
+    /// A stored value that does not decode.
+    #[error("the stored {what} is unreadable: {source}")]
+    Corrupt { what: &'static str, source: postcard::Error },
+}
+
 /// The database behind the log and the snapshots.
 #[derive(Clone)]
 pub struct MetaDb {
@@ -67,8 +85,8 @@ pub struct MetaDb {
 
 impl MetaDb {
     /// Opens (or creates) the file.
-    pub fn open(path: &Path) -> Result<MetaDb, String> {
-        let db = Database::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    pub fn open(path: &Path) -> Result<MetaDb, MetaDbError> {
+        let db = Database::create(path).map_err(|source| MetaDbError::Open { path: path.to_path_buf(), source })?;
         Self::init(db, false)
     }
 
@@ -80,11 +98,11 @@ impl MetaDb {
         Self::init(db, true).expect("an in-memory database initializes")
     }
 
-    fn init(db: Database, inline: bool) -> Result<MetaDb, String> {
-        let tx = db.begin_write().map_err(|e| e.to_string())?;
-        tx.open_table(LOG).map_err(|e| e.to_string())?;
-        tx.open_table(KV).map_err(|e| e.to_string())?;
-        tx.commit().map_err(|e| e.to_string())?;
+    fn init(db: Database, inline: bool) -> Result<MetaDb, MetaDbError> {
+        let tx = db.begin_write()?;
+        tx.open_table(LOG)?;
+        tx.open_table(KV)?;
+        tx.commit()?;
         Ok(MetaDb { db: Arc::new(db), inline })
     }
 
@@ -127,12 +145,22 @@ impl MetaDb {
         tx.commit().map_err(io_err)
     }
 
-    /// This data dir's Raft id: stored, or `fresh` stored now.
-    pub fn node_id(&self, fresh: NodeId) -> Result<NodeId, String> {
-        if let Some(id) = Self::get_kv::<NodeId>(&self.db, NODE_ID).map_err(|e| e.to_string())? {
-            return Ok(id);
+    /// This data dir's Raft id: stored, or `fresh` stored now (one transaction).
+    pub fn node_id(&self, fresh: NodeId) -> Result<NodeId, MetaDbError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut table = tx.open_table(KV)?;
+            let stored = table.get(NODE_ID)?.map(|g| postcard::from_bytes::<NodeId>(g.value()));
+            match stored {
+                Some(Ok(id)) => return Ok(id),
+                Some(Err(source)) => return Err(MetaDbError::Corrupt { what: NODE_ID, source }),
+                None => {
+                    let value = postcard::to_allocvec(&fresh).expect("postcard into a Vec");
+                    table.insert(NODE_ID, value.as_slice())?;
+                }
+            }
         }
-        Self::put_kv(&self.db, NODE_ID, enc(&fresh).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        tx.commit()?;
         Ok(fresh)
     }
 }
@@ -288,7 +316,7 @@ struct SmInner {
 #[derive(Debug, thiserror::Error)]
 pub enum SmOpenError {
     #[error("cannot read the stored metadata snapshot: {0}")]
-    Read(String),
+    Read(Box<SE>),
     #[error("the stored metadata snapshot is inconsistent ({0}); refusing to start from it")]
     Invariant(super::InvariantError),
 }
@@ -306,7 +334,7 @@ impl SmStore {
     /// (a damaged or foreign `meta.redb`), rather than served until a lookup panics on it.
     pub fn open(db: MetaDb) -> Result<SmStore, SmOpenError> {
         let stored: Option<StoredSnapshot> =
-            MetaDb::get_kv(&db.db, SNAPSHOT).map_err(|e| SmOpenError::Read(e.to_string()))?;
+            MetaDb::get_kv(&db.db, SNAPSHOT).map_err(|e| SmOpenError::Read(Box::new(e)))?;
         if let Some(s) = &stored {
             s.data.check_invariants().map_err(SmOpenError::Invariant)?;
         }
@@ -443,6 +471,27 @@ mod tests {
         let mut s = MetaState::default();
         s.apply(&super::super::Cmd::Init { shard_count: 4 }).unwrap();
         s
+    }
+
+    #[test]
+    fn the_node_id_is_drawn_once_and_an_unreadable_one_is_a_typed_error() {
+        let db = MetaDb::memory();
+        assert_eq!(db.node_id(5).unwrap(), 5);
+        assert_eq!(db.node_id(9).unwrap(), 5, "kept");
+        MetaDb::put_kv(&db.db, NODE_ID, vec![]).unwrap();
+        let err = db.node_id(9).unwrap_err();
+        assert!(matches!(err, MetaDbError::Corrupt { what: NODE_ID, .. }), "{err}");
+        assert!(err.to_string().starts_with("the stored node_id is unreadable"), "{err}");
+    }
+
+    #[test]
+    fn a_database_that_cannot_be_created_names_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("missing").join("meta.redb");
+        match MetaDb::open(&path) {
+            Err(e @ MetaDbError::Open { .. }) => assert!(e.to_string().contains("missing"), "{e}"),
+            other => panic!("expected Open, got {:?}", other.map(|_| ())),
+        }
     }
 
     #[test]

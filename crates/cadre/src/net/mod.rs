@@ -255,7 +255,8 @@ impl Transport {
         Ok(PeerSender { inner: self.inner.clone(), peer: p })
     }
 
-    /// Sends an ask on the data lane and waits for its reply.
+    /// Sends an ask on the data lane and waits for its reply. The payload goes as given: a node
+    /// dispatches it by the kind in front ([`crate::wire::envelope`]; `Node::ask` adds it).
     pub async fn ask(&self, to: SocketAddr, payload: Bytes, timeout: Duration) -> Result<Bytes, AskError> {
         self.ask_on(Lane::Data, to, payload, timeout).await
     }

@@ -5,10 +5,13 @@
 //! gracefully: it tells the members, lets the transport flush, then stops every task and waits
 //! for them. [`Node::kill`] stops abruptly, as a crash would (used by tests).
 //!
-//! Data-lane traffic is dispatched by its leading tag: agent requests, replication and pub/sub
-//! copies go to the cluster and the bus; anything else goes to a [`DataHandler`], by default
-//! [`Echo`], which counts tells and answers asks with their own payload (the transport benchmark
-//! uses it).
+//! Asks are dispatched by their [`envelope`] kind: on the data lane agent requests and
+//! replication go to the cluster, pub/sub requests to the bus, application asks to a
+//! [`DataHandler`], by default [`Echo`], which counts tells and answers asks with their own
+//! payload (the transport benchmark uses it); on the control lane the kind picks the cluster's
+//! pool of permits. An ask whose kind cannot be read is counted
+//! (`cadre_envelopes_refused_total{lane, reason}`), logged and refused; the node carries on.
+//! Tells carry no kind: they all go to the [`DataHandler`].
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -26,16 +29,17 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::agent::{Agent, Host, HostBuilder};
-use crate::bus::{Bus, RoutesError, PUBSUB_TAG};
-use crate::cluster::protocol::{AGENT_TAG, REPLICA_TAG};
+use crate::bus::{Bus, RoutesError};
 use crate::cluster::{Cluster, ClusterParts, Prepared};
 use crate::config::{Config, ConfigError};
 use crate::membership::task::{self as membership_task, Input, Membership, View};
 use crate::membership::{Core, NodeMeta};
-use crate::metrics::Metrics;
+use crate::meta::raft::{self as mraft, ControlReply};
+use crate::metrics::{CounterFamily, Metrics};
 use crate::net::{AskError, Handler, Network, PeerInfo, SendError, Transport, TransportConfig};
 use crate::router::table::Table;
 use crate::storage::Storage;
+use crate::wire::envelope::{self, EnvelopeError, Kind};
 use crate::wire::{Lane, Msg, OutMsg};
 
 /// Longest a graceful shutdown waits for this node's shards to be handed over.
@@ -66,7 +70,10 @@ pub enum NodeError {
 
 /// Receives application messages on the data lane. Called on transport reader tasks: must not block.
 pub trait DataHandler: Send + Sync + 'static {
+    /// A tell, as sent ([`Node::tell`]).
     fn on_tell(&self, from: &PeerInfo, payload: Bytes);
+    /// An application ask ([`Node::ask`], or any ask of kind [`Kind::App`]): `payload` is what
+    /// the asker gave, without the kind; the result is the reply.
     fn on_ask(&self, from: &PeerInfo, payload: Bytes) -> Bytes;
 }
 
@@ -93,34 +100,64 @@ struct NodeHandler {
     data: Arc<dyn DataHandler>,
     cluster: Cluster,
     bus: Bus,
+    /// Asks refused because their kind cannot be read, by lane and reason.
+    refused: CounterFamily,
+}
+
+impl NodeHandler {
+    /// Counts, logs and answers an ask whose kind cannot be read.
+    fn refuse(&self, from: &PeerInfo, lane: Lane, e: EnvelopeError) -> Bytes {
+        let labels = vec![("lane", lane.as_str().to_string()), ("reason", e.reason().to_string())];
+        self.refused.get_or_create(&labels).inc();
+        warn!(from = %from.name, lane = lane.as_str(), error = %e, "ask refused: its kind cannot be read");
+        match lane {
+            Lane::Control => mraft::encode(&ControlReply::Refused(format!("undecodable control request: {e}"))),
+            Lane::Data => envelope::refusal(e),
+        }
+    }
 }
 
 impl Handler for NodeHandler {
     fn on_message(&self, from: &PeerInfo, lane: Lane, msg: OutMsg) -> Option<Bytes> {
-        match msg {
+        let (id, payload) = match msg {
+            Msg::Ask { id, payload } => (id, payload),
             // Copied: a zero-copy slice would pin the whole read buffer while the packet waits
             // in the membership inbox.
-            Msg::Membership(p) => self.membership.deliver(Input::Packet(Bytes::copy_from_slice(&p))),
-            Msg::Leave { incarnation } => self.membership.deliver(Input::Leave { from: from.addr, incarnation }),
-            Msg::Tell(p) => self.data.on_tell(from, p),
+            Msg::Membership(p) => {
+                self.membership.deliver(Input::Packet(Bytes::copy_from_slice(&p)));
+                return None;
+            }
+            Msg::Leave { incarnation } => {
+                self.membership.deliver(Input::Leave { from: from.addr, incarnation });
+                return None;
+            }
+            Msg::Tell(p) => {
+                self.data.on_tell(from, p);
+                return None;
+            }
+            Msg::Reply { .. } | Msg::Ping { .. } | Msg::Pong { .. } => return None,
+        };
+        if lane == Lane::Control {
             // Raft and placement: answered later by a task, through `reply_on`.
-            Msg::Ask { id, payload } if lane == Lane::Control => self.cluster.on_control_ask(from, id, payload),
-            Msg::Ask { id, payload } if payload.first() == Some(&AGENT_TAG) => {
-                return self.cluster.on_agent_ask(from, id, payload)
-            }
-            // Signals from other nodes and the interest map: taken at once, in arrival order.
-            Msg::Ask { id, payload } if payload.first() == Some(&PUBSUB_TAG) => {
-                return self.bus.on_pubsub_ask(from, id, payload)
-            }
-            // Applied in arrival order per shard, then answered.
-            Msg::Ask { id, payload } if payload.first() == Some(&REPLICA_TAG) => {
-                return self.cluster.on_replica_ask(from, id, payload)
-            }
-            // Answered at once, on the connection the ask came in on.
-            Msg::Ask { payload, .. } => return Some(self.data.on_ask(from, payload)),
-            Msg::Reply { .. } | Msg::Ping { .. } | Msg::Pong { .. } => {}
+            return match envelope::control_kind(&payload) {
+                Ok(kind) => {
+                    self.cluster.on_control_ask(from, id, kind, payload);
+                    None
+                }
+                Err(e) => Some(self.refuse(from, lane, e)),
+            };
         }
-        None
+        match envelope::split(&payload) {
+            Ok((Kind::Agent, body)) => self.cluster.on_agent_ask(from, id, &body),
+            // Signals from other nodes and the interest map: taken at once, in arrival order. The
+            // bus reads its requests with their kind in front.
+            Ok((Kind::PubSub, _)) => self.bus.on_pubsub_ask(from, id, payload),
+            // Applied in arrival order per shard, then answered.
+            Ok((Kind::Replica, body)) => self.cluster.on_replica_ask(from, id, &body),
+            // Answered at once, on the connection the ask came in on.
+            Ok((Kind::App, body)) => Some(self.data.on_ask(from, body)),
+            Err(e) => Some(self.refuse(from, lane, e)),
+        }
     }
 }
 
@@ -319,8 +356,16 @@ impl Node {
         bus.attach_cluster(cluster.clone());
         agents.set_emitter(emitter(bus.downgrade()));
         agents.set_caller(caller(cluster.downgrade()));
-        let handler =
-            NodeHandler { membership: membership.clone(), data: opts.data, cluster: cluster.clone(), bus: bus.clone() };
+        let handler = NodeHandler {
+            membership: membership.clone(),
+            data: opts.data,
+            cluster: cluster.clone(),
+            bus: bus.clone(),
+            refused: metrics.counters(
+                "envelopes_refused",
+                "Asks from other nodes refused because their kind cannot be read, by lane and reason",
+            ),
+        };
         transport.set_handler(Arc::new(handler));
         if let Some(listener) = http_listener {
             let state = crate::api::ApiState {
@@ -379,8 +424,11 @@ impl Node {
         self.transport.try_send(to, Lane::Data, Msg::Tell(payload))
     }
 
+    /// Asks the node at `to`: its [`DataHandler::on_ask`] gets exactly `payload`, whatever it
+    /// starts with, and answers. The payload is copied once behind its kind ([`envelope::app`]);
+    /// to ask the same payload many times, encode it once and use [`Transport::ask`].
     pub async fn ask(&self, to: SocketAddr, payload: Bytes, timeout: Duration) -> Result<Bytes, AskError> {
-        self.transport.ask(to, payload, timeout).await
+        self.transport.ask(to, envelope::app(&payload), timeout).await
     }
 
     /// Graceful stop: leave the cluster, flush, stop every task.

@@ -11,16 +11,22 @@
 //! or an unknown version returns a [`WireError`], and the caller closes that connection.
 //! Payloads of decoded messages are zero-copy slices of the frame buffer.
 //!
+//! What an ask's payload carries (agent, replica, pub/sub or application request) is told by its
+//! [`envelope`].
+//!
 //! Left out: compression and encryption (loopback and private networks first; mTLS is a later
 //! option of the handshake).
+
+pub mod envelope;
 
 use std::net::SocketAddr;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
-/// Version of the frame layout and message set spoken by this build.
-pub const WIRE_VERSION: u16 = 1;
+/// Version of the frame layout and message set spoken by this build (2: every data-lane ask
+/// starts with its [`envelope::Kind`], application asks too).
+pub const WIRE_VERSION: u16 = 2;
 /// Length prefix of every frame.
 pub const FRAME_HEADER_LEN: usize = 4;
 /// Upper bound on the encoding overhead of one message besides its payload (tag, ids, lengths).
@@ -364,7 +370,7 @@ mod tests {
         put_postcard(&mut body, &(WIRE_VERSION + 1));
         body.put_u8(0);
         assert_eq!(decode_frame(&body.freeze(), |_| {}), Err(WireError::UnsupportedVersion(WIRE_VERSION + 1)));
-        let bad = Bytes::from_static(&[1, 0xff, 0xff, 0xff]);
+        let bad = Bytes::from(vec![WIRE_VERSION as u8, 0xff, 0xff, 0xff]);
         assert!(matches!(decode_frame(&bad, |_| {}), Err(WireError::Malformed(_))));
     }
 

@@ -22,14 +22,14 @@ use crate::storage::{Fence, Key, Revision, Storage, StorageError, SCAN_READ_MAX}
 use crate::wire::Lane;
 
 impl Replication {
-    /// Takes a data-lane ask carrying a [`ReplicaReq`] (after [`REPLICA_TAG`]); answers at once
-    /// only when it cannot be queued.
-    pub fn on_ask(&self, from: &PeerInfo, id: u64, payload: &[u8]) -> Option<Bytes> {
+    /// Takes a data-lane ask carrying a [`ReplicaReq`] (`body`: the request after its kind,
+    /// [`crate::wire::envelope::Kind::Replica`]); answers at once only when it cannot be queued.
+    pub fn on_ask(&self, from: &PeerInfo, id: u64, body: &[u8]) -> Option<Bytes> {
         let refuse = |reason: &str, e: ReplicaError| {
             self.metrics.refused.get_or_create(&label("reason", reason)).inc();
             Some(encode_reply(&Err(e)))
         };
-        let req = match postcard::from_bytes::<ReplicaReq>(payload.get(1..).unwrap_or_default()) {
+        let req = match postcard::from_bytes::<ReplicaReq>(body) {
             Ok(r) => r,
             Err(e) => {
                 warn!(from = %from.name, error = %e, "undecodable replica request");

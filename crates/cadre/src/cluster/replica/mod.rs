@@ -66,7 +66,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -78,10 +78,10 @@ mod store;
 
 use self::engine::AttemptError;
 use self::engine::{Engine, Entry, Job, JobKind, OpenCmd, OpenInput, Ticket, Turn, RETRY_MS, RETRY_MS_MAX};
-use super::protocol::{ControlError, ReplicaError, ReplicaOp, ReplicaReply, ReplicaReq, TransferItem, REPLICA_TAG};
+use super::protocol::{ControlError, ReplicaError, ReplicaOp, ReplicaReply, ReplicaReq, TransferItem};
 use super::Inner;
 use crate::config::PlacementConfig;
-use crate::meta::raft::{self as mraft, ControlReply, ControlReq, ReplicaReport};
+use crate::meta::raft::{ControlReply, ControlReq, ReplicaReport};
 use crate::meta::{MetaError, MetaState, BATCH_CMDS_MAX};
 use crate::metrics::{CounterFamily, Metrics};
 use crate::net::AskError;
@@ -815,10 +815,7 @@ async fn export(local: &dyn Storage, key: &Key) -> Result<TransferItem, StorageE
 }
 
 fn encode_req(req: &ReplicaReq) -> Bytes {
-    let mut buf = BytesMut::with_capacity(64);
-    buf.put_u8(REPLICA_TAG);
-    buf.extend_from_slice(&mraft::encode(req));
-    buf.freeze()
+    crate::wire::envelope::encode(crate::wire::envelope::Kind::Replica, req)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
