@@ -1,6 +1,19 @@
 use super::counter::Counter;
 use super::*;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::FutureExt;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::config::AgentsConfig;
+use crate::signal::Signal;
 use crate::storage::memory::MemoryStorage;
+use crate::storage::{Fence, Key, Storage, StorageError};
 use serde::Deserialize;
 
 const T: Duration = Duration::from_secs(10);

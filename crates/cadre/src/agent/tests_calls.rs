@@ -1,7 +1,15 @@
 //! Agents that call agents: replies, casts, call chains, cycles and retries.
 
 use super::*;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::config::AgentsConfig;
+use crate::signal::Signal;
 use crate::storage::memory::MemoryStorage;
+use crate::storage::Key;
 use serde::Deserialize;
 
 const T: Duration = Duration::from_secs(10);

@@ -3,7 +3,15 @@
 use std::sync::LazyLock;
 
 use super::*;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::config::AgentsConfig;
+use crate::signal::Signal;
 use crate::storage::memory::MemoryStorage;
+use crate::storage::{Key, Storage};
 use serde::Deserialize;
 
 const T: Duration = Duration::from_secs(10);

@@ -1,6 +1,17 @@
 use super::*;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use tokio::sync::mpsc;
+
+use super::webhook::WebhookSpec;
+use crate::config::SignalsConfig;
+use crate::metrics::Metrics;
 use crate::signal::journal::Direction;
 use crate::signal::CAUSATION_ID;
+use crate::signal::{Signal, SignalError, TraceParent, TRACEPARENT};
 
 fn bus() -> Bus {
     Bus::new(SignalsConfig::default(), "/test", &Metrics::new())

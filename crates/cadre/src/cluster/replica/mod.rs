@@ -3,6 +3,10 @@
 //! The decisions of the owner side (what is open, which catch-ups run, which replicas a write
 //! goes to) are the [`engine`]'s; this module runs them: tasks, network, store, timers.
 //!
+//! Files: this one holds [`Replication`] (its construction, the shard gate and the write path);
+//! `runner.rs` the owner side's jobs (opening, catch-up); `reports.rs` the queue of in/out-of-sync
+//! marks to the leader; `apply.rs` the replica side; `store.rs` the store the host writes through.
+//!
 //! ## Design
 //! Primary-backup with the configuration in the metadata (as Kafka keeps its in-sync replica set
 //! in a controller): each shard's entry lists its replicas and whether each is *in sync*.
@@ -70,23 +74,24 @@ use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 mod apply;
 pub(crate) mod engine;
+mod reports;
+mod runner;
 mod store;
 
 use self::engine::AttemptError;
-use self::engine::{Engine, Entry, Job, JobKind, OpenCmd, OpenInput, Ticket, Turn, RETRY_MS, RETRY_MS_MAX};
-use super::protocol::{ControlError, ReplicaError, ReplicaOp, ReplicaReply, ReplicaReq, TransferItem};
+use self::engine::{Engine, Entry, Job, JobKind, Ticket, Turn};
+use self::reports::{report_loop, PendingReport};
+use super::protocol::{ControlError, ReplicaError, ReplicaOp, ReplicaReply, ReplicaReq};
 use super::Inner;
 use crate::config::PlacementConfig;
-use crate::meta::raft::{ControlReply, ControlReq, ReplicaReport};
-use crate::meta::{MetaError, MetaState, BATCH_CMDS_MAX};
+use crate::meta::{MetaError, MetaState};
 use crate::metrics::{CounterFamily, Metrics};
 use crate::net::AskError;
-use crate::placement::shard_of;
-use crate::storage::{Fence, Key, Storage, StorageError, ENTRIES_READ_MAX, SCAN_READ_MAX};
+use crate::storage::{Fence, Key, Storage, StorageError};
 use crate::wire::Lane;
 
 /// Ordered apply lanes on a replica: a shard's requests go to lane `shard % REPLICA_LANES`.
@@ -133,12 +138,6 @@ impl ReplicaMetrics {
             refused: m.counters("replica_requests_refused", "Replica requests this node refused, by reason"),
         }
     }
-}
-
-/// A replica report waiting to be sent, and who waits for its outcome.
-struct PendingReport {
-    report: ReplicaReport,
-    done: oneshot::Sender<Result<(), SyncError>>,
 }
 
 /// One request waiting on an apply lane.
@@ -352,48 +351,6 @@ impl Replication {
         reply.map_err(SyncError::Replica)
     }
 
-    /// Asks the leader to mark `node` in or out of sync for `shard` at `epoch` (through the
-    /// report queue: batched with other shards' reports, one log entry per batch).
-    async fn report(
-        &self,
-        shard: u32,
-        epoch: u64,
-        node: &str,
-        in_sync: bool,
-        generation: u64,
-    ) -> Result<(), SyncError> {
-        let queue = self.reports.get().ok_or(SyncError::NotStarted)?;
-        let (done, outcome) = oneshot::channel();
-        let report = ReplicaReport { shard, epoch, node: node.to_string(), in_sync, generation };
-        queue.try_send(PendingReport { report, done }).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => SyncError::ReportsFull,
-            mpsc::error::TrySendError::Closed(_) => SyncError::ShuttingDown,
-        })?;
-        outcome.await.map_err(|_| SyncError::ShuttingDown)??;
-        if in_sync {
-            self.metrics.synced.inc();
-        } else {
-            self.metrics.marked_out.inc();
-            info!(shard, epoch, replica = node, "replica marked out of sync");
-        }
-        Ok(())
-    }
-
-    /// Sends one batch of reports to the leader: the batch's outcome, or one result per report.
-    async fn send_reports(&self, reports: Vec<ReplicaReport>) -> Result<Vec<Result<(), SyncError>>, SyncError> {
-        let inner = self.cluster().ok_or(SyncError::ShuttingDown)?;
-        let len = reports.len();
-        let protocol = |what: String| SyncError::Control(ControlError::Protocol(what));
-        match super::control::to_leader(&inner, ControlReq::Replicas(reports)).await.map_err(SyncError::Control)? {
-            ControlReply::Replicas(Ok(results)) if results.len() == len => {
-                Ok(results.into_iter().map(|r| r.map_err(SyncError::Meta)).collect())
-            }
-            ControlReply::Replicas(Ok(_)) => Err(protocol("a result per report was expected".into())),
-            ControlReply::Replicas(Err(e)) => Err(SyncError::Control(e)),
-            other => Err(protocol(format!("unexpected reply {other:?}"))),
-        }
-    }
-
     // --- Opening and catch-up (owner side) ---
 
     /// Reacts to a new table: opens shards newly owned here, starts catch-ups, forgets the rest.
@@ -435,286 +392,6 @@ impl Replication {
             _ => {}
         }
     }
-
-    /// Opens `shard` at `epoch`: runs the steps the engine's opening asks for and feeds their
-    /// outcomes back, until it is done.
-    async fn open(self: Arc<Self>, shard: u32, epoch: u64) {
-        let mut inputs = std::collections::VecDeque::from([OpenInput::Go]);
-        while let Some(input) = inputs.pop_front() {
-            let cmds = {
-                let st = self.state.borrow().clone();
-                self.engine().open_step(&st, shard, epoch, input)
-            };
-            let mut fences = Vec::new();
-            for cmd in cmds {
-                match cmd {
-                    OpenCmd::FenceLocal => {
-                        let fenced = self.local.fence(Fence { shard, epoch }).await;
-                        if let Err(e) = &fenced {
-                            warn!(shard, epoch, error = %e, "cannot fence the local store; retrying");
-                        }
-                        inputs.push_back(OpenInput::LocalFenced { ok: fenced.is_ok() });
-                    }
-                    OpenCmd::Report { node } => {
-                        let reported = self.report(shard, epoch, &node, false, 0).await;
-                        if let Err(e) = &reported {
-                            warn!(shard, epoch, replica = %node, error = %e, "cannot open the shard yet; retrying");
-                        }
-                        inputs.push_back(OpenInput::Reported { node, ok: reported.is_ok() });
-                    }
-                    OpenCmd::FenceReplica { node, addr } => fences.push((node, addr)),
-                    OpenCmd::Retry { after_ms } => {
-                        if !self.pause(Duration::from_millis(after_ms)).await {
-                            return;
-                        }
-                        inputs.push_back(OpenInput::Go);
-                    }
-                    OpenCmd::Done { opened } => {
-                        if opened {
-                            debug!(shard, epoch, "shard opened");
-                        }
-                        return;
-                    }
-                }
-            }
-            inputs.extend(self.fence_replicas(shard, epoch, fences).await);
-        }
-    }
-
-    /// Asks `replicas` to fence their stores at `epoch`, all at once.
-    async fn fence_replicas(&self, shard: u32, epoch: u64, replicas: Vec<(String, SocketAddr)>) -> Vec<OpenInput> {
-        let payload = encode_req(&ReplicaReq { shard, epoch, op: ReplicaOp::Fence });
-        let timeout = Duration::from_millis(self.cfg.replica_write_timeout_ms);
-        let asks = replicas.iter().map(|(_, addr)| self.ask(*addr, payload.clone(), timeout));
-        let results = futures::future::join_all(asks).await;
-        let answers = replicas.into_iter().zip(results).map(|((node, _), r)| {
-            if let Err(e) = &r {
-                debug!(shard, epoch, replica = %node, error = %e, "replica not fenced");
-            }
-            OpenInput::ReplicaFenced { node, ok: r.is_ok() }
-        });
-        answers.collect()
-    }
-
-    /// Waits `delay`; `false` when the node is stopping.
-    async fn pause(&self, delay: Duration) -> bool {
-        let Some(inner) = self.cluster() else { return false };
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => true,
-            _ = inner.cancel.cancelled() => false,
-        }
-    }
-
-    /// Copies the shard to `to` page by page, then marks it in sync; starts over after a failure,
-    /// until the table no longer asks for it.
-    async fn catch_up(self: Arc<Self>, shard: u32, epoch: u64, to: String) {
-        let mut retry = Backoff::new();
-        let started = Instant::now();
-        loop {
-            if !self.wants_sync(shard, epoch, &to) {
-                break;
-            }
-            let Some(inner) = self.cluster() else { return };
-            // A stopping node ends its catch-ups at once (queued ones would otherwise each run an
-            // attempt against possibly dead replicas, holding up the shutdown).
-            let attempt = tokio::select! {
-                a = async {
-                    let _turn = self.catch_ups.acquire().await.ok()?;
-                    if !self.wants_sync(shard, epoch, &to) {
-                        return None;
-                    }
-                    Some(self.sync_once(shard, epoch, &to).await)
-                } => a,
-                _ = inner.cancel.cancelled() => return,
-            };
-            drop(inner);
-            let Some(attempt) = attempt else { break };
-            match attempt {
-                Ok(true) => {
-                    // The entry stays (required) until the table shows the mark: `on_table` drops it.
-                    let (keys, bytes) = self.engine().progress(shard, &to).unwrap_or_default();
-                    let took_ms = started.elapsed().as_millis() as u64;
-                    debug!(shard, epoch, to = %to, keys, bytes, took_ms, "replica caught up");
-                    return;
-                }
-                Ok(false) => {}
-                Err(e) => warn!(shard, epoch, to = %to, error = %e, "replica catch-up failed; starting over"),
-            }
-            if !self.settle_pending_mark(shard, epoch, &to).await {
-                return;
-            }
-            self.engine().drop_progress(shard, &to);
-            if !self.pause(retry.next()).await {
-                return;
-            }
-        }
-        self.engine().drop_progress(shard, &to);
-    }
-
-    /// After an attempt whose in-sync mark has an unknown outcome: commits `ReplicaOutOfSync`
-    /// (a new generation, so the mark can no longer apply), retrying until it is committed or the
-    /// table moved on. `false` when the node is stopping.
-    async fn settle_pending_mark(&self, shard: u32, epoch: u64, to: &str) -> bool {
-        let Some(generation) = self.engine().pending_mark(shard, to) else {
-            return true;
-        };
-        let mut retry = Backoff::new();
-        loop {
-            if engine::mark_outcome_known(&self.state.borrow(), shard, epoch, to, generation) {
-                return true;
-            }
-            match self.report(shard, epoch, to, false, 0).await {
-                Ok(()) => {
-                    // Committed: the old mark cannot apply any more.
-                    self.engine().mark_settled(shard, to);
-                    return true;
-                }
-                Err(e) => warn!(shard, epoch, to, error = %e, "cannot settle a pending in-sync mark; retrying"),
-            }
-            if !self.pause(retry.next()).await {
-                return false;
-            }
-        }
-    }
-
-    /// Whether the table still wants `to` caught up for `shard` at `epoch` by this node.
-    fn wants_sync(&self, shard: u32, epoch: u64, to: &str) -> bool {
-        let st = self.state.borrow();
-        self.engine().wants_sync(&st, shard, epoch, to)
-    }
-
-    /// One attempt: `Ok(true)` once the replica is marked in sync, `Ok(false)` when a forwarded
-    /// write failed meanwhile (start over).
-    async fn sync_once(&self, shard: u32, epoch: u64, to: &str) -> Result<bool, SyncError> {
-        let generation = {
-            let st = self.state.borrow().clone();
-            self.engine().begin_attempt(&st, shard, epoch, to)?
-        };
-        // Writes of the shard wait while a page is out: a replica that does not answer costs them
-        // this much once, then the attempt starts over later. A busy replica (its lanes behind
-        // many catch-ups, each page a durable write) needs the room.
-        let timeout = Duration::from_millis(
-            (self.cfg.handoff_timeout_ms / 4).max(self.cfg.replica_write_timeout_ms.saturating_mul(4)),
-        );
-        let mut after: Option<Key> = None;
-        loop {
-            if !self.wants_sync(shard, epoch, to) {
-                return Err(SyncError::NotWanted);
-            }
-            let addr = self.addr_of(to)?;
-            let sent = {
-                let _page = self.turn(shard, Turn::Page).await;
-                let page = self.read_page(shard, after.as_ref()).await?;
-                let (keys, bytes) = (page.items.len() as u64, page.bytes);
-                let op = ReplicaOp::Sync {
-                    after: after.as_ref().map(|k| (k.ty.clone(), k.id.clone())),
-                    through: page.through.as_ref().map(|k| (k.ty.clone(), k.id.clone())),
-                    items: page.items,
-                };
-                self.ask(addr, encode_req(&ReplicaReq { shard, epoch, op }), timeout).await?;
-                self.engine().page_sent(shard, to, keys, bytes as u64, page.through.clone())?;
-                self.metrics.sync_bytes.inc_by(bytes as u64);
-                after = page.through;
-                bytes
-            };
-            if after.is_none() {
-                break;
-            }
-            if self.engine().broken(shard, to) {
-                // A forwarded write failed: the rest of this attempt would be wasted.
-                return Ok(false);
-            }
-            self.pace(sent).await;
-        }
-        // Every key is there, and writes forwarded since are acknowledged (their turns ended
-        // before this one began): mark it in sync while no write goes, and wait to see it so the
-        // next one counts it.
-        // From the moment the mark is asked for it may commit, whatever this node hears back: the
-        // replica is required for acknowledgements until the table shows the outcome.
-        let _page = self.turn(shard, Turn::Page).await;
-        if !self.engine().require(shard, to) {
-            return Ok(false);
-        }
-        self.report(shard, epoch, to, true, generation).await?;
-        let mut rx = self.state.clone();
-        let seen = rx.wait_for(|st| engine::shard_entry(st, shard).is_none_or(|e| e.epoch != epoch || e.in_sync(to)));
-        let limit = Duration::from_millis(self.cfg.replica_write_timeout_ms);
-        // Not seen in time: still required (above), so nothing is acknowledged without it.
-        let _ = tokio::time::timeout(limit, seen).await;
-        Ok(true)
-    }
-
-    fn addr_of(&self, node: &str) -> Result<SocketAddr, SyncError> {
-        let st = self.state.borrow();
-        let addr = st.members.get(node).and_then(|m| m.addr.parse().ok());
-        addr.ok_or_else(|| SyncError::NoAddress { node: node.to_string() })
-    }
-
-    /// Waits until this node's catch-up bandwidth allows `bytes` more.
-    async fn pace(&self, bytes: usize) {
-        let per_s = self.cfg.replica_sync_bytes_per_s.max(1);
-        let cost = Duration::from_micros((bytes as u64).saturating_mul(1_000_000) / per_s);
-        let until = {
-            let mut next = self.bandwidth.lock().await;
-            let start = (*next).max(Instant::now());
-            *next = start + cost;
-            *next
-        };
-        tokio::time::sleep_until(until).await;
-    }
-
-    /// The shard's keys after `after`: up to [`SYNC_PAGE_BYTES_MAX`] of state, from at most one
-    /// scan of [`SCAN_READ_MAX`] keys. `through` is the last key the page covers (`None`: the end).
-    async fn read_page(&self, shard: u32, after: Option<&Key>) -> Result<Page, SyncError> {
-        let count = self.state.borrow().shard_count;
-        let keys = self.local.scan_keys(after, SCAN_READ_MAX).await?;
-        let end = keys.len() < SCAN_READ_MAX;
-        let page_max = self.payload_max.min(SYNC_PAGE_BYTES_MAX);
-        let mut page = Page { items: Vec::new(), through: None, bytes: 0 };
-        let mut last = None;
-        for key in keys {
-            if shard_of(&key, count) == shard {
-                let item = export(&*self.local, &key).await?;
-                let len = item.value.as_ref().map_or(0, Vec::len) + item.entries.iter().map(Vec::len).sum::<usize>();
-                if len > self.payload_max {
-                    return Err(SyncError::TooLarge { key: format!("{key:?}"), len });
-                }
-                // End the page before an item that would overflow it (the next page starts there).
-                if page.bytes + len > page_max && !page.items.is_empty() {
-                    page.through = last;
-                    return Ok(page);
-                }
-                page.bytes += len;
-                page.items.push(item);
-            }
-            last = Some(key);
-        }
-        page.through = if end { None } else { last };
-        Ok(page)
-    }
-}
-
-/// Retry delays: [`RETRY_MS`], doubling up to [`RETRY_MS_MAX`].
-struct Backoff {
-    next_ms: u64,
-}
-
-impl Backoff {
-    fn new() -> Self {
-        Self { next_ms: RETRY_MS }
-    }
-
-    fn next(&mut self) -> Duration {
-        let d = Duration::from_millis(self.next_ms);
-        self.next_ms = (self.next_ms * 2).min(RETRY_MS_MAX);
-        d
-    }
-}
-
-struct Page {
-    items: Vec<TransferItem>,
-    through: Option<Key>,
-    bytes: usize,
 }
 
 /// Why a step of replication failed here: an ask to a replica, a mark through the leader, a
@@ -751,67 +428,6 @@ pub(crate) enum SyncError {
     NotWanted,
     #[error("{key} holds {len} bytes, more than one frame carries")]
     TooLarge { key: String, len: usize },
-}
-
-/// Sends queued reports to the leader, one batch at a time: what queues up while a batch is out
-/// goes in the next one, identical reports once.
-async fn report_loop(
-    repl: Arc<Replication>,
-    mut rx: mpsc::Receiver<PendingReport>,
-    cancel: tokio_util::sync::CancellationToken,
-) {
-    loop {
-        let first = tokio::select! {
-            r = rx.recv() => match r { Some(r) => r, None => return },
-            _ = cancel.cancelled() => return,
-        };
-        let mut batch = vec![first];
-        while batch.len() < BATCH_CMDS_MAX {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
-            }
-        }
-        // Identical reports share one command (and one outcome).
-        let mut unique: Vec<ReplicaReport> = Vec::new();
-        let mut waiters: Vec<Vec<oneshot::Sender<Result<(), SyncError>>>> = Vec::new();
-        let mut index: HashMap<ReplicaReport, usize> = HashMap::new();
-        for PendingReport { report, done } in batch {
-            let i = *index.entry(report.clone()).or_insert_with(|| {
-                unique.push(report);
-                waiters.push(Vec::new());
-                unique.len() - 1
-            });
-            waiters[i].push(done);
-        }
-        let outcome = tokio::select! {
-            o = repl.send_reports(unique) => o,
-            _ = cancel.cancelled() => return,
-        };
-        for (i, done) in waiters.into_iter().enumerate() {
-            let result = match &outcome {
-                Ok(results) => results[i].clone(),
-                Err(e) => Err(e.clone()),
-            };
-            for d in done {
-                let _ = d.send(result.clone());
-            }
-        }
-    }
-}
-
-async fn export(local: &dyn Storage, key: &Key) -> Result<TransferItem, StorageError> {
-    let value = local.get(key).await?.map(|v| v.value.to_vec());
-    let mut entries = Vec::new();
-    loop {
-        let batch = local.entries(key, entries.len() as u64, ENTRIES_READ_MAX).await?;
-        let n = batch.len();
-        entries.extend(batch.into_iter().map(|b| b.to_vec()));
-        if n < ENTRIES_READ_MAX {
-            break;
-        }
-    }
-    Ok(TransferItem { ty: key.ty.clone(), id: key.id.clone(), value, entries })
 }
 
 fn encode_req(req: &ReplicaReq) -> Bytes {
