@@ -272,13 +272,17 @@ pub(crate) fn encode_stored(record: &Record, extra: &Bytes, state: &Bytes) -> Ve
     if !record.sealed_ids().is_empty() {
         parts.push(record.sealed.slice(record.skip * ID_BYTES..));
     }
-    let mut mid = Vec::with_capacity(record.tail.len() * ID_BYTES + 8 + record.replies.buf.len());
+    // Exactly its length: `Bytes::from` a full vector takes it as it is, where spare capacity
+    // costs one more allocation per write.
+    let extra_len = if extra.is_empty() { 0 } else { 4 };
+    let mut mid = Vec::with_capacity(record.tail.len() * ID_BYTES + 4 + record.replies.buf.len() + extra_len);
     mid.extend_from_slice(record.tail.as_flattened());
     mid.put_u32_le(record.replies.len as u32);
     mid.extend_from_slice(&record.replies.buf);
     if !extra.is_empty() {
         mid.put_u32_le(extra.len() as u32);
     }
+    debug_assert_eq!(mid.len(), mid.capacity());
     parts.push(Bytes::from(mid));
     if !extra.is_empty() {
         parts.push(extra.clone());

@@ -51,6 +51,8 @@ pub mod routes;
 mod routing;
 pub use routing::{MemberStats, Served};
 #[cfg(test)]
+mod explore;
+#[cfg(test)]
 mod script;
 
 use std::collections::BTreeMap;

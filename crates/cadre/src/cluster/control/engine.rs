@@ -98,7 +98,7 @@ pub(crate) enum Command {
 }
 
 /// The leader's memory of leases, moves, voters and members (see the module docs).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Controller<I> {
     me: String,
     /// The term this memory belongs to.

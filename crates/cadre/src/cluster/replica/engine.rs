@@ -123,7 +123,7 @@ pub(crate) enum Entry {
 }
 
 /// A shard's gate: the turns going now, and those waiting, first come first served.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 struct Gate {
     going: HashMap<Ticket, Turn>,
     writes: u32,
@@ -154,7 +154,7 @@ impl Gate {
 }
 
 /// The owner side of replication on one node.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Engine {
     name: String,
     /// Shard → the epoch this node has opened it at.
