@@ -130,7 +130,7 @@ async fn bad_input_closes_one_connection_and_the_node_carries_on() {
 /// a typed refusal on either lane, are counted by lane and reason, and the node carries on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn asks_of_no_known_kind_are_refused_counted_and_the_node_carries_on() {
-    use cadre::meta::raft::ControlReply;
+    use cadre::cluster::protocol::ControlReply;
     use cadre::wire::envelope::{refused, EnvelopeError};
     let a = node("a", vec![]).await;
     let b = node("b", vec![a.addr()]).await;
@@ -169,7 +169,7 @@ async fn asks_of_no_known_kind_are_refused_counted_and_the_node_carries_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undecodable_control_and_agent_requests_are_refused() {
     use cadre::cluster::protocol::AgentReply;
-    use cadre::meta::raft::ControlReply;
+    use cadre::cluster::protocol::ControlReply;
     use cadre::wire::envelope::Kind;
     let a = node("a", vec![]).await;
     let b = node("b", vec![a.addr()]).await;
@@ -267,7 +267,7 @@ async fn bad_replication_requests_are_refused_and_counted() {
 /// index past it) is refused, counted and logged; the node keeps its state and keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_that_breaks_the_metadata_invariants_is_refused() {
-    use cadre::meta::raft::{ControlReply, ControlReq, RaftRpc};
+    use cadre::cluster::protocol::{ControlReply, ControlReq, RaftRpc};
     let a = node("a", vec![]).await;
     let b = node("b", vec![a.addr()]).await;
     let k = cadre::storage::Key::new("counter", "before-snapshot");

@@ -63,7 +63,7 @@ pub enum CallError {
     Reply(String),
     /// A cluster-wide route that cannot be added as given (see [`crate::meta::AgentRoute::check`]).
     #[error("invalid route: {0}")]
-    InvalidRoute(String),
+    InvalidRoute(crate::meta::RouteError),
 }
 
 /// Why a call was not served: nothing ran, and the caller may try again (here later, or on

@@ -454,7 +454,7 @@ impl Bus {
                     Ok(d) => specs.push((index, SubscriptionSpec::new(r.path.clone(), d).priority(r.priority))),
                     Err(target) => {
                         let route = crate::meta::AgentRoute { pattern: r.path.clone(), target };
-                        route.check().map_err(err)?;
+                        route.check().map_err(|e| err(e.to_string()))?;
                         routes.push(route);
                     }
                 }

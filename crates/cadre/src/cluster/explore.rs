@@ -6,8 +6,10 @@
 //! catch-ups, targets, missed replicas) and its [`serves`] decision, with a store (a set of write
 //! ids and a fence epoch) that survives crashes; the leader runs the real placement plan
 //! ([`plan::plan`]) over a metadata log to which every command goes through [`MetaState::apply`].
-//! What the runners do between engine calls (a write's local put, its asks and reports, a
-//! catch-up's page and in-sync mark, an opening's fences) is modelled here step by step, with
+//! Openings and catch-up jobs are the engine's step machines ([`Engine::open_step`],
+//! [`Engine::catch_up_step`]); what the runners do for them and for writes (a write's local put,
+//! its asks and reports, a catch-up's page, mark and settling, an opening's fences) is modelled
+//! here step by step, with
 //! each message able to arrive, be lost before it is applied, or be lost after (its effect
 //! happened, its answer did not come back). Nodes learn the metadata late, in any order.
 //!
@@ -52,7 +54,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use super::control::engine::serves;
-use super::replica::engine::{Engine, Job, JobKind, OpenCmd, OpenInput, Target};
+use super::replica::engine::{Engine, Job, JobKind, MarkOutcome, OpenCmd, OpenInput, SyncCmd, SyncInput, Target};
 use crate::meta::{Cmd, MetaState};
 use crate::placement::plan::{self, Copies};
 use crate::storage::{Fence, Key};
@@ -202,22 +204,18 @@ struct Write {
     sent: Option<(u8, Vec<Target>, Vec<Option<bool>>)>,
 }
 
-/// A catch-up job's runner, between engine calls.
+/// A catch-up job's runner: the engine's last command ([`SyncCmd`]), not yet run.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Sync {
-    /// About to begin an attempt (first, or after a pause).
+    /// About to answer `Go` (first, or after a pause).
     Idle,
-    /// The page (this value) of the attempt that began at `generation` is out, holding the gate.
-    Page {
-        value: u8,
-        generation: u64,
-    },
-    /// Copied: the in-sync mark is next.
-    Mark {
-        generation: u64,
-    },
-    /// An attempt failed: settle a pending mark, then pause.
+    /// The page (this value: the whole shard, one page) is out, holding the gate.
+    Page { value: u8 },
+    /// Copied: the page turn, then the in-sync mark.
+    Turn,
+    /// Mark the replica out of sync, voiding a pending in-sync mark.
     Settle,
+    /// Pausing before the next `Go`.
     Paused,
 }
 
@@ -558,13 +556,10 @@ impl World {
                         out.push(Action::SyncBegin { n, to })
                     }
                     Sync::Page { .. } => out.extend(FATES.map(|fate| Action::SyncPage { n, to, fate })),
-                    Sync::Mark { .. } if !self.writing(n) && !self.gate_busy_with_page(n) => {
+                    Sync::Turn if !self.writing(n) && !self.gate_busy_with_page(n) => {
                         out.extend(FATES.map(|fate| Action::SyncMark { n, to, fate }))
                     }
-                    Sync::Settle if self.mark_to_settle(n, to) => {
-                        out.extend(FATES.map(|fate| Action::SyncSettle { n, to, fate }))
-                    }
-                    Sync::Settle => out.push(Action::SyncSettle { n, to, fate: Fate::Arrives }),
+                    Sync::Settle => out.extend(FATES.map(|fate| Action::SyncSettle { n, to, fate })),
                     Sync::Paused => out.push(Action::SyncResume { n, to }),
                     _ => {}
                 }
@@ -668,7 +663,9 @@ impl World {
                 w.nodes[n].openings.get_mut(&epoch).expect("an opening").paused = false;
                 w.open_feed(n, epoch, OpenInput::Go);
             }
-            Action::SyncBegin { n, to } => w.sync_begin(n, to),
+            Action::SyncBegin { n, to } => {
+                w.sync_feed(n, to, SyncInput::Go);
+            }
             Action::SyncPage { n, to, fate } => {
                 w.lose(fate, b)?;
                 w.sync_page(n, to, fate);
@@ -789,66 +786,63 @@ impl World {
         self.job_done(n, Job { shard: SHARD, epoch, kind: JobKind::CatchUp { to: NAMES[to].into() } });
     }
 
-    fn sync_begin(&mut self, n: usize, to: usize) {
+    /// Feeds a catch-up job `input` and keeps the command it answers; `Some(generation)` when
+    /// that is to ask for the in-sync mark (the caller does, holding the page turn).
+    fn sync_feed(&mut self, n: usize, to: usize, mut input: SyncInput) -> Option<u64> {
         let (epoch, _) = self.sync(n, to);
         let st = self.table(n).clone();
-        if !self.nodes[n].engine.wants_sync(&st, SHARD, epoch, NAMES[to]) {
-            self.nodes[n].engine.drop_progress(SHARD, NAMES[to]);
-            return self.sync_end(n, to);
+        loop {
+            let next = match self.nodes[n].engine.catch_up_step(&st, SHARD, epoch, NAMES[to], input) {
+                SyncCmd::Page { .. } => Sync::Page { value: self.nodes[n].value },
+                SyncCmd::Pace { .. } => {
+                    input = SyncInput::Paced;
+                    continue;
+                }
+                SyncCmd::TakeTurn => Sync::Turn,
+                SyncCmd::Mark { generation } => return Some(generation),
+                SyncCmd::Settle => Sync::Settle,
+                SyncCmd::Retry { .. } => Sync::Paused,
+                SyncCmd::Done { .. } => {
+                    self.sync_end(n, to);
+                    return None;
+                }
+            };
+            self.set_sync(n, to, next);
+            return None;
         }
-        let next = match self.nodes[n].engine.begin_attempt(&st, SHARD, epoch, NAMES[to]) {
-            Ok(generation) => Sync::Page { value: self.nodes[n].value, generation },
-            Err(_) => Sync::Settle,
-        };
-        self.set_sync(n, to, next);
     }
 
     fn sync_page(&mut self, n: usize, to: usize, fate: Fate) {
-        let (epoch, Sync::Page { value, generation }) = self.sync(n, to) else { unreachable!("a page") };
+        let (epoch, Sync::Page { value }) = self.sync(n, to) else { unreachable!("a page") };
         let took = fate != Fate::LostBefore && self.replica_takes(n, to, epoch, |node| node.value = value);
-        let sent =
-            took && fate == Fate::Arrives && self.nodes[n].engine.page_sent(SHARD, NAMES[to], 1, 1, None).is_ok();
-        self.set_sync(n, to, if sent { Sync::Mark { generation } } else { Sync::Settle });
+        let input = if took && fate == Fate::Arrives {
+            SyncInput::PageSent { keys: 1, bytes: 1, through: None, now_us: 0 }
+        } else {
+            SyncInput::PageFailed
+        };
+        self.sync_feed(n, to, input);
     }
 
+    /// The page turn, then (if the attempt may still ask) the in-sync mark, with its fate.
     fn sync_mark(&mut self, n: usize, to: usize, fate: Fate) {
-        let (epoch, Sync::Mark { generation }) = self.sync(n, to) else { unreachable!("a mark") };
-        if !self.nodes[n].engine.require(SHARD, NAMES[to]) {
-            return self.set_sync(n, to, Sync::Settle);
-        }
+        let (epoch, _) = self.sync(n, to);
+        let Some(generation) = self.sync_feed(n, to, SyncInput::Turn) else { return };
         let synced = Cmd::ReplicaSynced { shard: SHARD, node: NAMES[to].into(), expected_epoch: epoch, generation };
         let committed = fate != Fate::LostBefore && self.commit(&synced);
-        if committed && fate == Fate::Arrives {
-            // Caught up: the job ends; the attempt stays required until the table shows the mark.
-            self.sync_end(n, to);
-        } else {
-            self.set_sync(n, to, Sync::Settle);
-        }
+        let outcome = match (committed, fate) {
+            (true, Fate::Arrives) => MarkOutcome::Committed,
+            // Refused, and the owner hears so.
+            (false, Fate::Arrives) => MarkOutcome::Refused,
+            _ => MarkOutcome::Unknown,
+        };
+        let mark = self.sync_feed(n, to, SyncInput::Marked(outcome));
+        assert!(mark.is_none(), "a mark's outcome asks for no other mark");
     }
 
-    /// Whether a failed attempt's in-sync mark is pending with an outcome `n` does not know.
-    fn mark_to_settle(&self, n: usize, to: usize) -> bool {
-        let epoch = self.nodes[n].syncs.get(&to).map_or(0, |(e, _)| *e);
-        self.nodes[n].engine.pending_mark(SHARD, NAMES[to]).is_some_and(|generation| {
-            !super::replica::engine::mark_outcome_known(self.table(n), SHARD, epoch, NAMES[to], generation)
-        })
-    }
-
-    /// After a failed attempt: a pending in-sync mark is settled (seen in the table, or made
-    /// void by a committed out-of-sync mark) before the attempt's progress is dropped.
     fn sync_settle(&mut self, n: usize, to: usize, fate: Fate) {
         let (epoch, _) = self.sync(n, to);
-        if let Some(generation) = self.nodes[n].engine.pending_mark(SHARD, NAMES[to]) {
-            let known = super::replica::engine::mark_outcome_known(self.table(n), SHARD, epoch, NAMES[to], generation);
-            if !known {
-                if !self.report_out(NAMES[to], epoch, fate) {
-                    return;
-                }
-                self.nodes[n].engine.mark_settled(SHARD, NAMES[to]);
-            }
-        }
-        self.nodes[n].engine.drop_progress(SHARD, NAMES[to]);
-        self.set_sync(n, to, Sync::Paused);
+        let ok = self.report_out(NAMES[to], epoch, fate);
+        self.sync_feed(n, to, SyncInput::Settled { ok });
     }
 
     /// What must hold in every state; the first violation found.

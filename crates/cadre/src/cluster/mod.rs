@@ -45,6 +45,7 @@ pub mod control;
 pub mod handoff;
 pub mod list;
 pub mod protocol;
+mod raft_net;
 pub mod read;
 pub mod replica;
 pub mod routes;
@@ -71,7 +72,7 @@ use tracing::{debug, info, warn};
 use crate::agent::{CallError, Gate, Host, Unavailable};
 use crate::config::{MetaConfig, PlacementConfig};
 use crate::membership::task::Membership;
-use crate::meta::raft::{self as mraft, ControlReply, ControlReq, MetaNode, NetFactory, NodeId, Raft};
+use crate::meta::raft::{self as mraft, MetaNode, NodeId, Raft};
 use crate::meta::store::{LogStore, MetaDb, MetaDbError, SmStore};
 use crate::meta::{MetaState, ShardState};
 use crate::net::{PeerInfo, WeakTransport};
@@ -80,6 +81,8 @@ use crate::storage::{Fence, Key, Storage};
 use crate::wire::envelope::ControlKind;
 use crate::wire::Lane;
 use control::engine::Held;
+use protocol::{ControlReply, ControlReq};
+use raft_net::NetFactory;
 
 /// Control-lane requests served at once (the rest are dropped; the asker times out and retries).
 pub const CONTROL_IN_FLIGHT_MAX: usize = 256;
@@ -355,7 +358,7 @@ impl Cluster {
         .map_err(|e| StartError::Config(Box::new(e)))?;
         let state = sm.subscribe();
         let gossip = membership.clone();
-        let resolve: mraft::Resolver = Arc::new(move |name: &str| gossip.addr_of(name));
+        let resolve: raft_net::Resolver = Arc::new(move |name: &str| gossip.addr_of(name));
         let factory = NetFactory { transport: transport.clone(), resolve };
         let raft = Raft::new(raft_id, Arc::new(raft_cfg), factory, LogStore::new(db), sm)
             .await
@@ -480,7 +483,7 @@ impl Cluster {
                     ControlReply::Refused(format!("undecodable control request: {e}"))
                 }
                 Ok(ControlReq::Raft { to, rpc }) => {
-                    mraft::serve(&inner.raft, inner.raft_id, to, rpc, &inner.snapshots_refused).await
+                    raft_net::serve(&inner.raft, inner.raft_id, to, rpc, &inner.snapshots_refused).await
                 }
                 Ok(ControlReq::Renew(r)) => ControlReply::Renew(control::grant(&inner, r).await),
                 Ok(ControlReq::HandedOff { shard, epoch }) => {
@@ -493,7 +496,7 @@ impl Cluster {
                 Ok(ControlReq::Route(change)) => ControlReply::Route(control::route(&inner, change).await),
             };
             if let Some(t) = inner.transport.upgrade() {
-                let _ = t.reply_on(Lane::Control, to, id, mraft::encode(&reply));
+                let _ = t.reply_on(Lane::Control, to, id, protocol::encode(&reply));
             }
             drop(permit);
         });

@@ -1,6 +1,6 @@
 //! Messages of the placement protocol.
 //!
-//! On the control lane (inside [`crate::meta::raft::ControlReq`]): lease renewals, hand-off
+//! On the control lane (inside a [`ControlReq`], beside the metadata group's Raft RPCs): lease renewals, hand-off
 //! reports, replica reports. On the data lane: agent calls between nodes, as asks of kind
 //! [`Kind::Agent`] carrying a postcard [`AgentReq`], and replication from owners to replicas
 //! ([`Kind::Replica`], [`ReplicaReq`]); see [`crate::wire::envelope`].
@@ -8,10 +8,15 @@
 //! [`Kind::Agent`]: crate::wire::envelope::Kind::Agent
 //! [`Kind::Replica`]: crate::wire::envelope::Kind::Replica
 
+use bytes::Bytes;
+use openraft::error::{Fatal, RaftError};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use openraft::{SnapshotMeta, Vote};
 use serde::{Deserialize, Serialize};
 
 use crate::agent::CallError;
-use crate::meta::MetaError;
+use crate::meta::raft::{MetaNode, NodeId, TC};
+use crate::meta::{MetaError, MetaState};
 
 /// A node renews its lease; the leader also admits it (metadata member, Raft learner).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -210,10 +215,82 @@ pub enum AgentReply {
     },
 }
 
+// ------------------------------------------------------------------------------------------------
+// The control lane
+
+/// A Raft RPC.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RaftRpc {
+    Append(AppendEntriesRequest<TC>),
+    Vote(VoteRequest<NodeId>),
+    FullSnapshot { vote: Vote<NodeId>, meta: SnapshotMeta<NodeId, MetaNode>, data: MetaState },
+}
+
+/// A request on the control lane (Raft RPCs and the placement protocol).
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ControlReq {
+    /// For the Raft node `to`: a node that restarted with a new id (lost data dir) refuses RPCs
+    /// meant for its old one.
+    Raft { to: NodeId, rpc: RaftRpc },
+    /// A node renews its lease (and asks to be admitted); answered by the leader only.
+    Renew(RenewReq),
+    /// An old owner reports a finished hand-off; answered by the leader only.
+    HandedOff { shard: u32, epoch: u64 },
+    /// A member leaves gracefully: hand its shards over; answered by the leader only.
+    Drain { name: String },
+    /// A shard owner's replica reports, batched (at most [`crate::meta::BATCH_CMDS_MAX`]);
+    /// answered by the leader only, one result per report.
+    Replicas(Vec<ReplicaReport>),
+    /// Adds (`Some`) or removes a cluster-wide agent route; answered by the leader only.
+    Route(RouteChange),
+}
+
+/// A change of the cluster-wide agent routes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RouteChange {
+    Add(crate::meta::AgentRoute),
+    Remove(u64),
+}
+
+/// A replica that missed a write (`in_sync: false`) or that its owner caught up (`true`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ReplicaReport {
+    pub shard: u32,
+    pub epoch: u64,
+    pub node: String,
+    pub in_sync: bool,
+    /// The replica's, when its catch-up began (for `in_sync: true`).
+    pub generation: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ControlReply {
+    Append(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    FullSnapshot(Result<SnapshotResponse<NodeId>, Fatal<NodeId>>),
+    Renew(RenewReply),
+    HandedOff(Result<(), ControlError>),
+    Drain(Result<(), ControlError>),
+    /// The batch's outcome, or one result per report.
+    Replicas(Result<Vec<Result<(), MetaError>>, ControlError>),
+    /// The route's id (added), or whether one was removed.
+    Route(Result<u64, ControlError>),
+    /// The request could not be decoded or served.
+    Refused(String),
+}
+
+pub fn encode<T: Serialize>(v: &T) -> Bytes {
+    // Serializing these plain data types into a Vec cannot fail.
+    Bytes::from(postcard::to_allocvec(v).expect("control message serializes"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::agent::Unavailable;
+    use crate::wire::envelope::{
+        control_kind, ControlKind, EnvelopeError, CONTROL_RAFT, CONTROL_RENEW, CONTROL_VARIANTS,
+    };
 
     #[test]
     fn a_control_error_in_an_agent_reply_keeps_its_type_and_its_text() {
@@ -226,5 +303,39 @@ mod tests {
         }
         assert_eq!(Unavailable::Control(e.clone()).to_string(), e.to_string());
         assert_eq!(Unavailable::Control(ControlError::Busy).to_string(), "the controller is busy");
+    }
+
+    /// The kind admission reads from a request's first byte, by variant (a new variant fails to
+    /// compile here until it is given one).
+    fn expected(req: &ControlReq) -> ControlKind {
+        match req {
+            ControlReq::Raft { .. } => ControlKind::Raft,
+            ControlReq::Renew(_) => ControlKind::Renew,
+            ControlReq::HandedOff { .. }
+            | ControlReq::Drain { .. }
+            | ControlReq::Replicas(_)
+            | ControlReq::Route(_) => ControlKind::Other,
+        }
+    }
+
+    #[test]
+    fn the_control_kind_is_the_variant_index_of_the_encoded_request() {
+        let renew = RenewReq { name: "a".into(), addr: "x".into(), raft_id: 3, draining: false };
+        let one_of_each = [
+            ControlReq::Raft { to: 1, rpc: RaftRpc::Vote(VoteRequest::new(Vote::new(2, 1), None)) },
+            ControlReq::Renew(renew),
+            ControlReq::HandedOff { shard: 1, epoch: 2 },
+            ControlReq::Drain { name: "a".into() },
+            ControlReq::Replicas(vec![]),
+            ControlReq::Route(RouteChange::Remove(7)),
+        ];
+        assert_eq!(one_of_each.len(), CONTROL_VARIANTS as usize);
+        for (index, req) in one_of_each.iter().enumerate() {
+            let bytes = encode(req);
+            assert_eq!(bytes[0] as usize, index, "{req:?}");
+            assert_eq!(control_kind(&bytes), Ok(expected(req)), "{req:?}");
+        }
+        assert_eq!((encode(&one_of_each[0])[0], encode(&one_of_each[1])[0]), (CONTROL_RAFT, CONTROL_RENEW));
+        assert_eq!(control_kind(&[CONTROL_VARIANTS]), Err(EnvelopeError::UnknownKind(CONTROL_VARIANTS)));
     }
 }

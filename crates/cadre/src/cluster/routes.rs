@@ -23,9 +23,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use super::protocol::{ControlReply, ControlReq, RouteChange};
 use super::{control, Cluster};
 use crate::agent::{CallError, Unavailable};
-use crate::meta::raft::{ControlReply, ControlReq, RouteChange};
 use crate::meta::{AgentRoute, MetaState, ShardState};
 use crate::placement::shard_of;
 use crate::storage::Key;

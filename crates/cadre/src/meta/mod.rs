@@ -195,18 +195,32 @@ impl AgentRoute {
     }
 
     /// Checks what can be checked without a router: lengths and the key source.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), RouteError> {
         let long = |s: &str| s.is_empty() || s.len() > ROUTE_FIELD_LEN_MAX;
         if long(&self.pattern) || long(self.target.ty()) {
-            return Err(format!("pattern and type must be 1..={ROUTE_FIELD_LEN_MAX} bytes"));
+            return Err(RouteError::FieldLength);
         }
         if let AgentTarget::Agent { key, .. } = &self.target {
             if key != "subject" && !(key.starts_with('/') && key.len() <= ROUTE_FIELD_LEN_MAX) {
-                return Err(format!("key {key:?} must be \"subject\" or a JSON pointer (\"/field\")"));
+                let mut key = key.clone();
+                key.truncate(key.floor_char_boundary(ROUTE_FIELD_LEN_MAX));
+                return Err(RouteError::Key { key });
             }
         }
         Ok(())
     }
+}
+
+/// Why a cluster-wide agent route cannot be added as given ([`AgentRoute::check`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum RouteError {
+    /// The pattern or the agent type is empty or longer than [`ROUTE_FIELD_LEN_MAX`].
+    #[error("pattern and type must be 1..={ROUTE_FIELD_LEN_MAX} bytes")]
+    FieldLength,
+    /// The key source is neither `subject` nor a JSON pointer of at most
+    /// [`ROUTE_FIELD_LEN_MAX`] bytes (the key shown is cut at that length).
+    #[error("key {key:?} must be \"subject\" or a JSON pointer (\"/field\")")]
+    Key { key: String },
 }
 
 /// Commands in one [`Cmd::Batch`].
@@ -255,7 +269,7 @@ pub enum MetaError {
     #[error("a batch of {len} commands is over {BATCH_CMDS_MAX}, or nested")]
     BadBatch { len: usize },
     #[error("invalid route: {0}")]
-    BadRoute(String),
+    BadRoute(RouteError),
     #[error("the cluster has {ROUTES_MAX} routes, its limit")]
     TooManyRoutes,
     #[error("no route {0}")]

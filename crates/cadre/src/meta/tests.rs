@@ -288,8 +288,15 @@ fn routes_are_idempotent_checked_and_bounded() {
     assert_ne!(pool.id(), id);
     s.apply(&Cmd::AddRoute(pool)).unwrap();
     assert_eq!(s.routes.len(), 2);
-    for bad in [route("", "subject"), route("order.*", "data.id"), route(&"x".repeat(ROUTE_FIELD_LEN_MAX + 1), "/id")] {
-        assert!(matches!(s.apply(&Cmd::AddRoute(bad)), Err(MetaError::BadRoute(_))));
+    let long_key = format!("/{}", "k".repeat(ROUTE_FIELD_LEN_MAX));
+    let cut_key = long_key[..ROUTE_FIELD_LEN_MAX].to_string();
+    for (bad, why) in [
+        (route("", "subject"), RouteError::FieldLength),
+        (route("order.*", "data.id"), RouteError::Key { key: "data.id".into() }),
+        (route(&"x".repeat(ROUTE_FIELD_LEN_MAX + 1), "/id"), RouteError::FieldLength),
+        (route("order.*", &long_key), RouteError::Key { key: cut_key.clone() }),
+    ] {
+        assert_eq!(s.apply(&Cmd::AddRoute(bad)), Err(MetaError::BadRoute(why)));
     }
     assert_eq!(s.apply(&Cmd::RemoveRoute { id }), Ok(CmdReply::Done));
     assert_eq!(s.apply(&Cmd::RemoveRoute { id }), Err(MetaError::UnknownRoute(id)));

@@ -30,11 +30,11 @@ use tracing::{info, warn};
 
 use crate::agent::{Agent, Host, HostBuilder};
 use crate::bus::{Bus, RoutesError};
+use crate::cluster::protocol::{self as control_msg, ControlReply};
 use crate::cluster::{Cluster, ClusterParts, Prepared};
 use crate::config::{Config, ConfigError};
 use crate::membership::task::{self as membership_task, Input, Membership, View};
 use crate::membership::{Core, NodeMeta};
-use crate::meta::raft::{self as mraft, ControlReply};
 use crate::metrics::{CounterFamily, Metrics};
 use crate::net::{AskError, Handler, Network, PeerInfo, SendError, Transport, TransportConfig};
 use crate::router::table::Table;
@@ -111,7 +111,7 @@ impl NodeHandler {
         self.refused.get_or_create(&labels).inc();
         warn!(from = %from.name, lane = lane.as_str(), error = %e, "ask refused: its kind cannot be read");
         match lane {
-            Lane::Control => mraft::encode(&ControlReply::Refused(format!("undecodable control request: {e}"))),
+            Lane::Control => control_msg::encode(&ControlReply::Refused(format!("undecodable control request: {e}"))),
             Lane::Data => envelope::refusal(e),
         }
     }

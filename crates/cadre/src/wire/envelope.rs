@@ -9,7 +9,7 @@
 //! whatever its first byte it reaches the data handler, never another path.
 //!
 //! ## Control lane
-//! Control-lane asks are a postcard `ControlReq` ([`crate::meta::raft`]), whose first byte is
+//! Control-lane asks are a postcard `ControlReq` ([`crate::cluster::protocol`]), whose first byte is
 //! postcard's index of the variant: that index is the kind, read by [`control_kind`] only to pick
 //! a pool of permits (Raft RPCs, lease renewals, the rest), so a flood of one kind cannot starve
 //! another. The control lane has no header byte of its own (nothing else travels there); the

@@ -25,8 +25,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
 /// Version of the frame layout and message set spoken by this build (2: every data-lane ask
-/// starts with its [`envelope::Kind`], application asks too).
-pub const WIRE_VERSION: u16 = 2;
+/// starts with its [`envelope::Kind`], application asks too; 3: a refused route travels as a
+/// typed reason, not as text).
+pub const WIRE_VERSION: u16 = 3;
 /// Length prefix of every frame.
 pub const FRAME_HEADER_LEN: usize = 4;
 /// Upper bound on the encoding overhead of one message besides its payload (tag, ids, lengths).

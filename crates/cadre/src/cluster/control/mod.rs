@@ -15,8 +15,10 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::protocol::{ControlError, RenewReply, RenewReq};
+use super::protocol::{ControlReply, ControlReq, ReplicaReport, RouteChange};
+use super::raft_net;
 use super::Inner;
-use crate::meta::raft::{self as mraft, ControlReply, ControlReq, MetaNode, NodeId, ReplicaReport, RouteChange};
+use crate::meta::raft::{MetaNode, NodeId};
 use crate::meta::{Cmd, CmdReply, MetaError, BATCH_CMDS_MAX};
 use crate::placement::plan;
 
@@ -170,7 +172,7 @@ async fn renew_once(inner: &Arc<Inner>, next_peer: &mut usize) -> Result<(), Con
     let timeout = Duration::from_millis(inner.meta_cfg.rpc_timeout_ms);
     let mut to = addr;
     for _ in 0..2 {
-        match mraft::ask(&inner.transport, to, &ControlReq::Renew(req.clone()), timeout).await? {
+        match raft_net::ask(&inner.transport, to, &ControlReq::Renew(req.clone()), timeout).await? {
             ControlReply::Renew(RenewReply::Granted { applied_index }) => return caught_up(inner, applied_index).await,
             ControlReply::Renew(RenewReply::NotLeader { leader: Some(l) }) => {
                 to = l.parse().map_err(|_| ControlError::BadAddress(l))?;
@@ -278,7 +280,7 @@ pub(super) async fn to_leader(inner: &Arc<Inner>, req: ControlReq) -> Result<Con
         });
     }
     let addr = node.addr.parse().map_err(|_| ControlError::BadAddress(node.addr))?;
-    mraft::ask(&inner.transport, addr, &req, Duration::from_millis(inner.meta_cfg.rpc_timeout_ms)).await
+    raft_net::ask(&inner.transport, addr, &req, Duration::from_millis(inner.meta_cfg.rpc_timeout_ms)).await
 }
 
 /// Leader side of a finished hand-off.

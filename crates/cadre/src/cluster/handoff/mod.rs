@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 
 use super::protocol::ControlError;
 use super::Inner;
-use crate::meta::raft::{ControlReply, ControlReq};
+use crate::cluster::protocol::{ControlReply, ControlReq};
 use crate::placement::shard_of;
 
 pub(crate) mod engine;

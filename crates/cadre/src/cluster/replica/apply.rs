@@ -206,5 +206,5 @@ fn storage_err(e: StorageError) -> ReplicaError {
     }
 }
 pub(super) fn encode_reply(reply: &ReplicaReply) -> Bytes {
-    crate::meta::raft::encode(reply)
+    crate::cluster::protocol::encode(reply)
 }

@@ -26,9 +26,13 @@
 //! An opening is a state machine of its own ([`Engine::open_step`]): the runner feeds it the
 //! outcome of each step (the local fence, a mark, the replicas' fences) and does what it answers.
 //!
+//! ## Catch-ups
+//! A catch-up job is a state machine too ([`Engine::catch_up_step`]): pages, pacing at the
+//! node's bandwidth, the in-sync mark, the settling of a mark whose outcome is unknown, and the
+//! pauses between attempts; the runner reads and sends pages, waits and asks the leader.
+//!
 //! ## Caveats
-//! - A catch-up attempt still runs as an async procedure in the runner, calling the engine at
-//!   each step; its retries and pacing are the runner's.
+//! - How many catch-ups run at once is the runner's (a semaphore of `CATCH_UPS_MAX` permits).
 //! - A page that is not answered holds its shard's writes until the ask times out.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -37,7 +41,9 @@ use std::net::SocketAddr;
 use crate::meta::{MetaState, ShardEntry};
 use crate::storage::{Fence, Key, StorageError};
 
+mod catch_up;
 mod open;
+pub(crate) use catch_up::{MarkOutcome, SyncCmd, SyncInput};
 pub(crate) use open::{OpenCmd, OpenInput, RETRY_MS, RETRY_MS_MAX};
 
 /// Work the runner does for the engine, one task each; registered until [`Engine::job_done`].
@@ -169,6 +175,12 @@ pub(crate) struct Engine {
     gates: BTreeMap<u32, Gate>,
     /// (shard, epoch) → its opening, while one runs.
     openings: BTreeMap<(u32, u64), open::Opening>,
+    /// (shard, replica) → where its catch-up job is, while one runs.
+    catch_ups: BTreeMap<(u32, String), catch_up::CatchUp>,
+    /// The node's catch-up bandwidth, shared by its jobs.
+    sync_bytes_per_s: u64,
+    /// When (the runner's clock, µs) that bandwidth is next free.
+    bandwidth_next_us: u64,
     last_ticket: Ticket,
 }
 
@@ -183,8 +195,14 @@ fn addr_of(st: &MetaState, node: &str) -> SocketAddr {
 }
 
 impl Engine {
+    /// The engine of node `name`, its catch-ups unpaced (see [`Engine::paced`]).
     pub(crate) fn new(name: String) -> Engine {
-        Engine { name, ..Engine::default() }
+        Engine { name, sync_bytes_per_s: u64::MAX, ..Engine::default() }
+    }
+
+    /// Catch-ups share `bytes_per_s` of bandwidth.
+    pub(crate) fn paced(self, bytes_per_s: u64) -> Engine {
+        Engine { sync_bytes_per_s: bytes_per_s.max(1), ..self }
     }
 
     fn owner_is_me(&self, e: &ShardEntry) -> bool {
@@ -243,8 +261,13 @@ impl Engine {
     /// come while it was finishing, and found it still registered).
     pub(crate) fn job_done(&mut self, job: &Job, st: &MetaState) -> Vec<Job> {
         self.jobs.remove(job);
-        if job.kind == JobKind::Open {
-            self.openings.remove(&(job.shard, job.epoch));
+        match &job.kind {
+            JobKind::Open => {
+                self.openings.remove(&(job.shard, job.epoch));
+            }
+            JobKind::CatchUp { to } => {
+                self.catch_ups.remove(&(job.shard, to.clone()));
+            }
         }
         self.on_table(st)
     }
@@ -408,8 +431,8 @@ impl Engine {
         self.syncs.get(&(shard, to.to_string())).filter(|p| p.required).map(|p| p.generation)
     }
 
-    /// An out-of-sync mark committed after a pending in-sync one: the old mark can no longer
-    /// apply, so the attempt is over.
+    /// The pending in-sync mark can no longer apply (the metadata refused it, or an out-of-sync
+    /// mark committed after it), so the attempt is over.
     pub(crate) fn mark_settled(&mut self, shard: u32, to: &str) {
         self.syncs.remove(&(shard, to.to_string()));
     }
@@ -509,6 +532,13 @@ impl Engine {
         for ((shard, epoch), o) in &self.openings {
             writeln!(out, "opening {shard}@{epoch}: {:?} (next retry after {} ms)", o.step, o.retry_ms)
                 .expect("a string");
+        }
+        for ((shard, to), c) in &self.catch_ups {
+            writeln!(out, "catch-up {shard}@{}→{to}: {:?} (next retry after {} ms)", c.epoch, c.step, c.retry_ms)
+                .expect("a string");
+        }
+        if self.bandwidth_next_us > 0 {
+            writeln!(out, "bandwidth free at {} µs", self.bandwidth_next_us).expect("a string");
         }
         for (shard, g) in &self.gates {
             let mut going: Vec<_> = g.going.iter().collect();

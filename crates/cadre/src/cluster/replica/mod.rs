@@ -167,8 +167,8 @@ pub struct Replication {
     /// Replica reports on their way to the leader.
     reports: OnceLock<mpsc::Sender<PendingReport>>,
     catch_ups: Arc<tokio::sync::Semaphore>,
-    /// When this node's catch-up bandwidth is next free.
-    bandwidth: tokio::sync::Mutex<Instant>,
+    /// The origin of the clock the engine's pacing reads (its inputs carry microseconds since).
+    clock_origin: Instant,
     /// Largest state bytes of one replicated write or catch-up page (fits a frame).
     payload_max: usize,
     metrics: ReplicaMetrics,
@@ -185,7 +185,7 @@ impl Replication {
         metrics: &Metrics,
     ) -> Arc<Replication> {
         Arc::new(Replication {
-            engine: Mutex::new(Engine::new(name)),
+            engine: Mutex::new(Engine::new(name).paced(cfg.replica_sync_bytes_per_s)),
             lease,
             enabled: !local.shared(),
             local,
@@ -196,7 +196,7 @@ impl Replication {
             lanes: OnceLock::new(),
             reports: OnceLock::new(),
             catch_ups: Arc::new(tokio::sync::Semaphore::new(CATCH_UPS_MAX)),
-            bandwidth: tokio::sync::Mutex::new(Instant::now()),
+            clock_origin: Instant::now(),
             // Room for the key, the envelope and the encoding's length prefixes.
             payload_max: (frame_len_max_bytes as usize).saturating_sub(FRAME_OVERHEAD_BYTES).max(1),
             metrics: ReplicaMetrics::new(metrics),
@@ -424,8 +424,6 @@ pub(crate) enum SyncError {
     Attempt(#[from] AttemptError),
     #[error("the local store: {0}")]
     Storage(#[from] StorageError),
-    #[error("no longer wanted")]
-    NotWanted,
     #[error("{key} holds {len} bytes, more than one frame carries")]
     TooLarge { key: String, len: usize },
 }

@@ -19,7 +19,7 @@ use tracing::info;
 use super::{Replication, SyncError};
 use crate::cluster::control;
 use crate::cluster::protocol::ControlError;
-use crate::meta::raft::{ControlReply, ControlReq, ReplicaReport};
+use crate::cluster::protocol::{ControlReply, ControlReq, ReplicaReport};
 use crate::meta::BATCH_CMDS_MAX;
 
 /// A replica report waiting to be sent, and who waits for its outcome.

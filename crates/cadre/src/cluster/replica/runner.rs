@@ -1,16 +1,17 @@
 //! The owner side's jobs as the [`engine`] decides them: opening a shard, catching a replica up.
 //!
 //! [`Replication::open`] runs the steps of an opening (fence the local store, mark or fence the
-//! replicas, retry) and feeds their outcomes back to the engine; [`Replication::catch_up`] copies
-//! the shard to one replica page by page on the shard's gate, at the node's catch-up bandwidth,
-//! then asks for the in-sync mark and settles a mark whose outcome it never learned. These run as
+//! replicas, retry) and feeds their outcomes back to the engine; [`Replication::catch_up`] runs
+//! a catch-up job's steps the same way (read and send a page on the shard's gate, wait for the
+//! node's catch-up bandwidth, ask for the in-sync mark, settle a mark whose outcome it never
+//! learned, pause between attempts). These run as
 //! tasks spawned from `on_table` (in `mod.rs`); they share only the gate, `ask` and the report
 //! queue with the write path, so they live apart from it.
 //!
 //! Caveats: a page scans the store from its last key (the store is not laid out by shard), so a
 //! catch-up of every shard costs one pass over the store per shard; one key's state and entries
-//! must fit in one frame (else the attempt fails `TooLarge`); a failed attempt starts over, with
-//! delays doubling up to [`RETRY_MS_MAX`], until the table stops asking for it or the node stops.
+//! must fit in one frame (else the attempt fails `TooLarge`); a failed attempt starts over after
+//! the engine's pause, until the table stops asking for it or the node stops.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::engine::{self, OpenCmd, OpenInput, Turn, RETRY_MS, RETRY_MS_MAX};
+use super::engine::{self, MarkOutcome, OpenCmd, OpenInput, SyncCmd, SyncInput, Turn};
 use super::{encode_req, Replication, SyncError, SYNC_PAGE_BYTES_MAX};
 use crate::cluster::protocol::{ReplicaOp, ReplicaReq, TransferItem};
 use crate::placement::shard_of;
@@ -95,162 +96,132 @@ impl Replication {
         }
     }
 
-    /// Copies the shard to `to` page by page, then marks it in sync; starts over after a failure,
-    /// until the table no longer asks for it.
+    /// Runs the catch-up job of `to` for `shard` at `epoch`: does what the engine's
+    /// [`SyncCmd`]s ask and feeds the outcomes back, until it is done or the node stops.
     pub(super) async fn catch_up(self: Arc<Self>, shard: u32, epoch: u64, to: String) {
-        let mut retry = Backoff::new();
+        let Some(cancel) = self.cluster().map(|inner| inner.cancel.clone()) else { return };
         let started = Instant::now();
+        let mut input = SyncInput::Go;
+        // An attempt runs under one of the node's catch-up permits (none while paused); the
+        // mark is asked for on the page turn.
+        let mut permit = None;
+        let mut turn = None;
         loop {
-            if !self.wants_sync(shard, epoch, &to) {
-                break;
+            if permit.is_none() {
+                // A stopping node ends its catch-ups at once (queued ones would otherwise each
+                // run an attempt against possibly dead replicas, holding up the shutdown).
+                permit = tokio::select! {
+                    p = self.catch_ups.acquire() => match p { Ok(p) => Some(p), Err(_) => return },
+                    _ = cancel.cancelled() => return,
+                };
             }
-            let Some(inner) = self.cluster() else { return };
-            // A stopping node ends its catch-ups at once (queued ones would otherwise each run an
-            // attempt against possibly dead replicas, holding up the shutdown).
-            let attempt = tokio::select! {
-                a = async {
-                    let _turn = self.catch_ups.acquire().await.ok()?;
-                    if !self.wants_sync(shard, epoch, &to) {
-                        return None;
-                    }
-                    Some(self.sync_once(shard, epoch, &to).await)
-                } => a,
-                _ = inner.cancel.cancelled() => return,
+            let cmd = {
+                let st = self.state.borrow().clone();
+                self.engine().catch_up_step(&st, shard, epoch, &to, input)
             };
-            drop(inner);
-            let Some(attempt) = attempt else { break };
-            match attempt {
-                Ok(true) => {
-                    // The entry stays (required) until the table shows the mark: `on_table` drops it.
-                    let (keys, bytes) = self.engine().progress(shard, &to).unwrap_or_default();
-                    let took_ms = started.elapsed().as_millis() as u64;
-                    debug!(shard, epoch, to = %to, keys, bytes, took_ms, "replica caught up");
+            input = match cmd {
+                SyncCmd::Page { after } => match self.send_page(shard, epoch, &to, after).await {
+                    Ok(sent) => sent,
+                    Err(e) => {
+                        warn!(shard, epoch, to = %to, error = %e, "replica catch-up failed; starting over");
+                        SyncInput::PageFailed
+                    }
+                },
+                SyncCmd::Pace { wait_us } => {
+                    if !self.pause(Duration::from_micros(wait_us)).await {
+                        return;
+                    }
+                    SyncInput::Paced
+                }
+                SyncCmd::TakeTurn => {
+                    turn = Some(self.turn(shard, Turn::Page).await);
+                    SyncInput::Turn
+                }
+                SyncCmd::Mark { generation } => {
+                    let outcome = self.mark(shard, epoch, &to, generation).await;
+                    turn = None;
+                    SyncInput::Marked(outcome)
+                }
+                SyncCmd::Settle => {
+                    let settled = self.report(shard, epoch, &to, false, 0).await;
+                    if let Err(e) = &settled {
+                        warn!(shard, epoch, to = %to, error = %e, "cannot settle a pending in-sync mark; retrying");
+                    }
+                    SyncInput::Settled { ok: settled.is_ok() }
+                }
+                SyncCmd::Retry { after_ms } => {
+                    (permit, turn) = (None, None);
+                    if !self.pause(Duration::from_millis(after_ms)).await {
+                        return;
+                    }
+                    SyncInput::Go
+                }
+                SyncCmd::Done { caught_up } => {
+                    if caught_up {
+                        let (keys, bytes) = self.engine().progress(shard, &to).unwrap_or_default();
+                        let took_ms = started.elapsed().as_millis() as u64;
+                        debug!(shard, epoch, to = %to, keys, bytes, took_ms, "replica caught up");
+                    }
                     return;
                 }
-                Ok(false) => {}
-                Err(e) => warn!(shard, epoch, to = %to, error = %e, "replica catch-up failed; starting over"),
-            }
-            if !self.settle_pending_mark(shard, epoch, &to).await {
-                return;
-            }
-            self.engine().drop_progress(shard, &to);
-            if !self.pause(retry.next()).await {
-                return;
-            }
-        }
-        self.engine().drop_progress(shard, &to);
-    }
-
-    /// After an attempt whose in-sync mark has an unknown outcome: commits `ReplicaOutOfSync`
-    /// (a new generation, so the mark can no longer apply), retrying until it is committed or the
-    /// table moved on. `false` when the node is stopping.
-    async fn settle_pending_mark(&self, shard: u32, epoch: u64, to: &str) -> bool {
-        let Some(generation) = self.engine().pending_mark(shard, to) else {
-            return true;
-        };
-        let mut retry = Backoff::new();
-        loop {
-            if engine::mark_outcome_known(&self.state.borrow(), shard, epoch, to, generation) {
-                return true;
-            }
-            match self.report(shard, epoch, to, false, 0).await {
-                Ok(()) => {
-                    // Committed: the old mark cannot apply any more.
-                    self.engine().mark_settled(shard, to);
-                    return true;
-                }
-                Err(e) => warn!(shard, epoch, to, error = %e, "cannot settle a pending in-sync mark; retrying"),
-            }
-            if !self.pause(retry.next()).await {
-                return false;
-            }
+            };
+            debug_assert!(turn.is_none() || input == SyncInput::Turn, "the page turn is held only to ask for the mark");
         }
     }
 
-    /// Whether the table still wants `to` caught up for `shard` at `epoch` by this node.
-    fn wants_sync(&self, shard: u32, epoch: u64, to: &str) -> bool {
-        let st = self.state.borrow();
-        self.engine().wants_sync(&st, shard, epoch, to)
-    }
-
-    /// One attempt: `Ok(true)` once the replica is marked in sync, `Ok(false)` when a forwarded
-    /// write failed meanwhile (start over).
-    async fn sync_once(&self, shard: u32, epoch: u64, to: &str) -> Result<bool, SyncError> {
-        let generation = {
-            let st = self.state.borrow().clone();
-            self.engine().begin_attempt(&st, shard, epoch, to)?
-        };
+    /// Reads the page after `after` and sends it to `to`, on the shard's page turn.
+    async fn send_page(&self, shard: u32, epoch: u64, to: &str, after: Option<Key>) -> Result<SyncInput, SyncError> {
         // Writes of the shard wait while a page is out: a replica that does not answer costs them
         // this much once, then the attempt starts over later. A busy replica (its lanes behind
         // many catch-ups, each page a durable write) needs the room.
         let timeout = Duration::from_millis(
             (self.cfg.handoff_timeout_ms / 4).max(self.cfg.replica_write_timeout_ms.saturating_mul(4)),
         );
-        let mut after: Option<Key> = None;
-        loop {
-            if !self.wants_sync(shard, epoch, to) {
-                return Err(SyncError::NotWanted);
-            }
-            let addr = self.addr_of(to)?;
-            let sent = {
-                let _page = self.turn(shard, Turn::Page).await;
-                let page = self.read_page(shard, after.as_ref()).await?;
-                let (keys, bytes) = (page.items.len() as u64, page.bytes);
-                let op = ReplicaOp::Sync {
-                    after: after.as_ref().map(|k| (k.ty.clone(), k.id.clone())),
-                    through: page.through.as_ref().map(|k| (k.ty.clone(), k.id.clone())),
-                    items: page.items,
-                };
-                self.ask(addr, encode_req(&ReplicaReq { shard, epoch, op }), timeout).await?;
-                self.engine().page_sent(shard, to, keys, bytes as u64, page.through.clone())?;
-                self.metrics.sync_bytes.inc_by(bytes as u64);
-                after = page.through;
-                bytes
-            };
-            if after.is_none() {
-                break;
-            }
-            if self.engine().broken(shard, to) {
-                // A forwarded write failed: the rest of this attempt would be wasted.
-                return Ok(false);
-            }
-            self.pace(sent).await;
-        }
-        // Every key is there, and writes forwarded since are acknowledged (their turns ended
-        // before this one began): mark it in sync while no write goes, and wait to see it so the
-        // next one counts it.
-        // From the moment the mark is asked for it may commit, whatever this node hears back: the
-        // replica is required for acknowledgements until the table shows the outcome.
+        let addr = self.addr_of(to)?;
         let _page = self.turn(shard, Turn::Page).await;
-        if !self.engine().require(shard, to) {
-            return Ok(false);
+        let page = self.read_page(shard, after.as_ref()).await?;
+        let (keys, bytes) = (page.items.len() as u64, page.bytes as u64);
+        let op = ReplicaOp::Sync {
+            after: after.as_ref().map(|k| (k.ty.clone(), k.id.clone())),
+            through: page.through.as_ref().map(|k| (k.ty.clone(), k.id.clone())),
+            items: page.items,
+        };
+        self.ask(addr, encode_req(&ReplicaReq { shard, epoch, op }), timeout).await?;
+        self.metrics.sync_bytes.inc_by(bytes);
+        let now_us = self.clock_origin.elapsed().as_micros() as u64;
+        Ok(SyncInput::PageSent { keys, bytes, through: page.through, now_us })
+    }
+
+    /// Asks for the in-sync mark (the caller holds the page turn: every key is there, and writes
+    /// forwarded since are acknowledged), then waits to see it so the next write counts it.
+    /// From the moment the mark is asked for it may commit, whatever this node hears back: the
+    /// engine keeps the replica required until the table shows the outcome.
+    async fn mark(&self, shard: u32, epoch: u64, to: &str, generation: u64) -> MarkOutcome {
+        match self.report(shard, epoch, to, true, generation).await {
+            Ok(()) => {}
+            // Committed and refused by the metadata: it can never apply.
+            Err(e @ SyncError::Meta(_)) => {
+                warn!(shard, epoch, to, error = %e, "in-sync mark refused; starting over");
+                return MarkOutcome::Refused;
+            }
+            Err(e) => {
+                warn!(shard, epoch, to, error = %e, "in-sync mark unanswered; settling it");
+                return MarkOutcome::Unknown;
+            }
         }
-        self.report(shard, epoch, to, true, generation).await?;
         let mut rx = self.state.clone();
         let seen = rx.wait_for(|st| engine::shard_entry(st, shard).is_none_or(|e| e.epoch != epoch || e.in_sync(to)));
         let limit = Duration::from_millis(self.cfg.replica_write_timeout_ms);
-        // Not seen in time: still required (above), so nothing is acknowledged without it.
+        // Not seen in time: still required (the engine's attempt stays), so nothing is
+        // acknowledged without it.
         let _ = tokio::time::timeout(limit, seen).await;
-        Ok(true)
+        MarkOutcome::Committed
     }
 
     fn addr_of(&self, node: &str) -> Result<SocketAddr, SyncError> {
         let st = self.state.borrow();
         let addr = st.members.get(node).and_then(|m| m.addr.parse().ok());
         addr.ok_or_else(|| SyncError::NoAddress { node: node.to_string() })
-    }
-
-    /// Waits until this node's catch-up bandwidth allows `bytes` more.
-    async fn pace(&self, bytes: usize) {
-        let per_s = self.cfg.replica_sync_bytes_per_s.max(1);
-        let cost = Duration::from_micros((bytes as u64).saturating_mul(1_000_000) / per_s);
-        let until = {
-            let mut next = self.bandwidth.lock().await;
-            let start = (*next).max(Instant::now());
-            *next = start + cost;
-            *next
-        };
-        tokio::time::sleep_until(until).await;
     }
 
     /// The shard's keys after `after`: up to [`SYNC_PAGE_BYTES_MAX`] of state, from at most one
@@ -281,23 +252,6 @@ impl Replication {
         }
         page.through = if end { None } else { last };
         Ok(page)
-    }
-}
-
-/// Retry delays: [`RETRY_MS`], doubling up to [`RETRY_MS_MAX`].
-struct Backoff {
-    next_ms: u64,
-}
-
-impl Backoff {
-    fn new() -> Self {
-        Self { next_ms: RETRY_MS }
-    }
-
-    fn next(&mut self) -> Duration {
-        let d = Duration::from_millis(self.next_ms);
-        self.next_ms = (self.next_ms * 2).min(RETRY_MS_MAX);
-        d
     }
 }
 

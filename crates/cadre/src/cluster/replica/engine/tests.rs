@@ -10,6 +10,9 @@
 //! - `opened`: an opening finished. `write key=K`: the targets of a write (kept for `answer`).
 //!   `answer failed=A/B`: the last write's answers. `close node=N`, `unreported`.
 //! - `open go|local|reported|fenced [node=N] [ok=false]`: an input of the shard's opening.
+//! - `sync go|sent|failed|paced|turn|marked|settled`: an input of a catch-up job (`sent keys= bytes=
+//!   through=K|end now=µs`, `marked outcome=committed|refused|unknown`, `settled [ok=false]`);
+//!   prints what the job asks for next. The engine paces catch-ups at 1,000,000 bytes/s.
 //! - `attempt`, `page keys= bytes= through=K|end`, `broken`, `require`, `pending`, `settle`,
 //!   `drop`: a catch-up attempt's steps. `outcome generation=G`: whether the table shows its mark.
 //! - `enter turn=write|page`, `leave ticket=T`: turns on the shard's gate.
@@ -31,7 +34,7 @@ struct Runner {
 
 impl Runner {
     fn new() -> Runner {
-        Runner { engine: Engine::new("a".into()), st: MetaState::default(), last: BTreeMap::new() }
+        Runner { engine: Engine::new("a".into()).paced(1_000_000), st: MetaState::default(), last: BTreeMap::new() }
     }
 }
 
@@ -61,6 +64,19 @@ fn show_open(cmds: &[OpenCmd]) -> String {
         return "nothing to do\n".into();
     }
     cmds.iter().map(line).collect()
+}
+
+fn show_sync(cmd: &SyncCmd) -> String {
+    match cmd {
+        SyncCmd::Page { after: None } => "send the first page\n".into(),
+        SyncCmd::Page { after: Some(k) } => format!("send the page after {}/{}\n", k.ty, k.id),
+        SyncCmd::Pace { wait_us } => format!("pace: wait {wait_us} µs\n"),
+        SyncCmd::TakeTurn => "take the page turn\n".into(),
+        SyncCmd::Mark { generation } => format!("ask for the in-sync mark of generation {generation}\n"),
+        SyncCmd::Settle => "settle: mark out of sync\n".into(),
+        SyncCmd::Retry { after_ms } => format!("retry after {after_ms} ms\n"),
+        SyncCmd::Done { caught_up } => format!("done: {}\n", if *caught_up { "caught up" } else { "no longer wanted" }),
+    }
 }
 
 impl Runner {
@@ -143,6 +159,36 @@ impl script::Script for Runner {
                 };
                 a.pos.clear();
                 show_open(&e.open_step(&self.st, f.shard, f.epoch, input))
+            }
+            "sync" => {
+                let f = Self::fence(&mut a)?;
+                let to = a.need("to")?;
+                let input = match a.pos.first().copied() {
+                    Some("go") => SyncInput::Go,
+                    Some("sent") => {
+                        let (keys, bytes, now_us) = (a.num("keys")?, a.num("bytes")?, a.num("now")?);
+                        let through = match a.need("through")? {
+                            "end" => None,
+                            k => Some(key(k)),
+                        };
+                        SyncInput::PageSent { keys, bytes, through, now_us }
+                    }
+                    Some("failed") => SyncInput::PageFailed,
+                    Some("paced") => SyncInput::Paced,
+                    Some("turn") => SyncInput::Turn,
+                    Some("marked") => SyncInput::Marked(match a.need("outcome")? {
+                        "committed" => MarkOutcome::Committed,
+                        "refused" => MarkOutcome::Refused,
+                        "unknown" => MarkOutcome::Unknown,
+                        other => return Err(format!("outcome=committed|refused|unknown, not {other}").into()),
+                    }),
+                    Some("settled") => {
+                        SyncInput::Settled { ok: a.take("ok").map(str::parse).transpose()?.unwrap_or(true) }
+                    }
+                    other => return Err(format!("sync go|sent|failed|paced|turn|marked|settled, not {other:?}").into()),
+                };
+                a.pos.clear();
+                show_sync(&e.catch_up_step(&self.st, f.shard, f.epoch, to, input))
             }
             "attempt" => {
                 let f = Self::fence(&mut a)?;
@@ -235,4 +281,11 @@ script::scripts!(
     open_retries,
     open_moved_away,
     open_late_answers,
+    sync_job_catches_up,
+    sync_job_paced,
+    sync_job_page_failed,
+    sync_job_broken_by_a_write,
+    sync_job_mark_refused,
+    sync_job_mark_unknown_settled,
+    sync_job_no_longer_wanted,
 );

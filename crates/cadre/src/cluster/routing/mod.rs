@@ -2,8 +2,9 @@
 //! table (this node's host, or one ask on the data lane), follows a newer owner hint, waits for
 //! the table to change while no owner serves the shard, and is sent again to a new owner when
 //! the table reassigns the shard under an ask in flight (see the module docs of
-//! [`crate::cluster`]). The serving side is here too: a peer's agent ask, checked against this
-//! node's table before it reaches the host.
+//! [`crate::cluster`]). Those decisions are the [`engine`]'s ([`Route`]); this runner asks,
+//! watches the table and waits. The serving side is here too: a peer's agent ask, checked
+//! against this node's table before it reaches the host.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -13,10 +14,12 @@ use bytes::Bytes;
 use tokio::time::Instant;
 use tracing::warn;
 
-use super::protocol::{AgentOp, AgentReply, AgentReq};
-use super::{
-    list, mraft, placement_in, read, replica, Cluster, Inner, Placement, AGENT_IN_FLIGHT_MAX, RETRY_WAIT_MIN_MS,
-};
+mod engine;
+
+use engine::{Answer, Next, Route, Target};
+
+use super::protocol::{self, AgentOp, AgentReply, AgentReq};
+use super::{list, placement_in, read, replica, Cluster, Inner, Placement, AGENT_IN_FLIGHT_MAX};
 use crate::agent::{CallError, Reply, Unavailable};
 use crate::net::{AskError, PeerInfo};
 use crate::signal::Signal;
@@ -84,63 +87,25 @@ impl Cluster {
             return Err(CallError::UnknownType(key.ty.clone()));
         }
         let deadline = Instant::now() + timeout;
-        let mut hint: Option<(String, u64)> = None;
-        let mut wait_ms = RETRY_WAIT_MIN_MS;
-        let mut redirects = 0;
+        let mut route = Route::new(&self.inner.name, self.inner.cfg.redirects_max);
         loop {
-            let p = self.placement(key);
-            let (owner, epoch) = match (&p, hint.take()) {
-                (Ok(p), Some((o, e))) if e > p.epoch => (Some(o), e),
-                (Ok(p), _) => (p.owner.clone(), p.epoch),
-                (Err(_), Some((o, e))) => (Some(o), e),
-                (Err(_), None) => (None, 0),
+            let answer = match route.target(self.placement(key)) {
+                Ok(Target::Local) => match self.local(key, &op, deadline).await {
+                    Ok(served) => Answer::Served(served),
+                    Err(e) => Answer::Failed(e),
+                },
+                Ok(Target::Remote { owner, routed }) => self.remote(&owner, key, &op, routed, deadline).await,
+                Err(e) => Answer::Failed(e),
             };
-            let result = match (owner, p) {
-                (None, Err(e)) => Err(e),
-                (None, Ok(p)) => Err(CallError::Unavailable(Unavailable::NoOwner { shard: p.shard })),
-                (Some(o), _) if o == self.inner.name => self.local(key, &op, deadline).await,
-                (Some(o), p) => {
-                    let routed = p.ok().map(|p| Placement { owner: Some(o.clone()), epoch, ..p });
-                    match self.remote(&o, key, &op, routed, deadline).await {
-                        Err(Remote::OwnerChanged) => {
-                            // Sent again to the new owner: the same signal, which the record of
-                            // handled signals answers once (see `crate::agent::handled`).
-                            redirects += 1;
-                            if redirects > self.inner.cfg.redirects_max {
-                                return Err(CallError::Unavailable(Unavailable::OwnerChanges {
-                                    key: format!("{key:?}"),
-                                }));
-                            }
-                            continue;
-                        }
-                        Err(Remote::Failed(e)) => Err(e),
-                        Ok(served) => Ok(served),
+            match route.on_answer(key, answer) {
+                Next::Done(result) => return result,
+                Next::Again => {}
+                Next::Wait { wait_ms, then } => {
+                    if !self.wait_for_change(deadline, Duration::from_millis(wait_ms)).await {
+                        return Err(then);
                     }
                 }
-            };
-            // A newer owner named by the hint: go there at once (a bounded number of times).
-            // Otherwise no owner serves the shard right now: wait for the table to change.
-            let e = match result {
-                Err(CallError::NotOwner { owner: Some(o), epoch: e }) if e > epoch => {
-                    redirects += 1;
-                    if redirects > self.inner.cfg.redirects_max {
-                        return Err(CallError::Unavailable(Unavailable::Redirects { key: format!("{key:?}") }));
-                    }
-                    hint = Some((o, e));
-                    continue;
-                }
-                Err(e @ (CallError::NotOwner { .. } | CallError::Unavailable(_))) => e,
-                other => return other,
-            };
-            if !self.wait_for_change(deadline, Duration::from_millis(wait_ms)).await {
-                return Err(match e {
-                    CallError::NotOwner { .. } => {
-                        CallError::Unavailable(Unavailable::NoServingOwner { key: format!("{key:?}") })
-                    }
-                    e => e,
-                });
             }
-            wait_ms = (wait_ms * 2).min(RETRY_WAIT_MIN_MS * 8);
         }
     }
 
@@ -177,6 +142,21 @@ impl Cluster {
 
     /// One ask to `owner`, routed by `routed` (this node's view when it sent the ask).
     async fn remote(
+        &self,
+        owner: &str,
+        key: &Key,
+        op: &Op,
+        routed: Option<Placement>,
+        deadline: Instant,
+    ) -> Answer<Served> {
+        match self.ask_owner(owner, key, op, routed, deadline).await {
+            Ok(served) => Answer::Served(served),
+            Err(Remote::OwnerChanged) => Answer::OwnerChanged,
+            Err(Remote::Failed(e)) => Answer::Failed(e),
+        }
+    }
+
+    async fn ask_owner(
         &self,
         owner: &str,
         key: &Key,
@@ -262,14 +242,14 @@ impl Cluster {
                 what: "agent requests".into(),
                 limit: AGENT_IN_FLIGHT_MAX,
             }));
-            return Some(mraft::encode(&busy));
+            return Some(protocol::encode(&busy));
         };
         let req = match postcard::from_bytes::<AgentReq>(body) {
             Ok(r) => r,
             Err(e) => {
                 warn!(from = %from.name, error = %e, "undecodable agent request");
                 let e = Unavailable::Protocol(format!("undecodable request: {e}"));
-                return Some(mraft::encode(&AgentReply::Err(CallError::Unavailable(e))));
+                return Some(protocol::encode(&AgentReply::Err(CallError::Unavailable(e))));
             }
         };
         let inner = self.inner.clone();
@@ -277,7 +257,7 @@ impl Cluster {
         self.inner.tasks.spawn(async move {
             let reply = serve_remote(&inner, req).await;
             if let Some(t) = inner.transport.upgrade() {
-                let _ = t.reply_on(Lane::Data, to, id, mraft::encode(&reply));
+                let _ = t.reply_on(Lane::Data, to, id, protocol::encode(&reply));
             }
             drop(permit);
         });
