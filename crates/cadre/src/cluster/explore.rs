@@ -994,7 +994,7 @@ pub(crate) fn explore_all(b: Bounds, states_max: usize) -> Result<Report, String
         if report.states >= states_max {
             return Err(format!("more than {states_max} states: tighten the bounds"));
         }
-        if report.states % 1_000_000 == 0 {
+        if report.states.is_multiple_of(1_000_000) {
             eprintln!("explore: {} states, {} deep", report.states, stack.len());
         }
         report.depth = report.depth.max(stack.len());
