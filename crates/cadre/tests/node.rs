@@ -9,6 +9,7 @@ use cadre::config::{Config, ConfigError, Secret};
 use cadre::membership::MemberState;
 use cadre::net::PeerInfo;
 use cadre::node::{DataHandler, Node, NodeError, NodeOptions};
+use cadre::router::table::{Format, Table};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -63,6 +64,86 @@ async fn start_up_errors_are_typed() {
     taken.listen = a.addr();
     let err = Node::start(taken, NodeOptions::default()).await.err().unwrap();
     assert!(matches!(err, NodeError::Bind { what: "transport", .. }), "{err}");
+    a.shutdown().await;
+}
+
+/// A loopback address whose port was free a moment ago.
+fn free_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// Tasks alive on this test's runtime.
+fn tasks_alive() -> usize {
+    tokio::runtime::Handle::current().metrics().num_alive_tasks()
+}
+
+/// Waits (at most `WAIT`) until no task is left on this test's runtime.
+async fn all_tasks_end(what: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tasks_alive() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "{} tasks still running {what}", tasks_alive());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_start_failing_late_frees_its_ports_and_leaves_nothing_running() {
+    assert_eq!(tasks_alive(), 0);
+    // The HTTP port is taken: the start fails once the transport is bound.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut cfg = config("a", vec![]);
+    cfg.listen = free_addr();
+    cfg.http = Some(taken.local_addr().unwrap());
+    let err = Node::start(cfg.clone(), NodeOptions::default()).await.err().unwrap();
+    assert!(matches!(err, NodeError::Bind { what: "http", .. }), "{err}");
+    drop(std::net::TcpListener::bind(cfg.listen).expect("the transport's port is free once the error returns"));
+    all_tasks_end("after a failed HTTP bind").await;
+
+    // A routes file whose target is a name is refused before anything is bound (the HTTP port
+    // is still taken).
+    let named = Table::parse(r#"{"routes":[{"path":"order.placed","target":"billing"}]}"#, Format::Json).unwrap();
+    let opts = NodeOptions { routes: Some(named), ..NodeOptions::default() };
+    let err = Node::start(cfg.clone(), opts).await.err().unwrap();
+    assert!(matches!(err, NodeError::Routes(_)), "{err}");
+
+    // Two subscriptions where one is allowed: the start fails after the cluster, the host and
+    // the bus started (the last step that can fail).
+    let two = r#"{"routes":[{"path":"a.b","target":{"log":{}}},{"path":"c.d","target":{"log":{}}}]}"#;
+    let opts = NodeOptions { routes: Some(Table::parse(two, Format::Json).unwrap()), ..NodeOptions::default() };
+    cfg.http = Some(free_addr());
+    let mut one_sub = cfg.clone();
+    one_sub.signals.subscriptions_max = 1;
+    let err = Node::start(one_sub, opts).await.err().unwrap();
+    assert!(matches!(err, NodeError::Routes(_)), "{err}");
+    drop(std::net::TcpListener::bind(cfg.listen).expect("the transport's port is free once the error returns"));
+    drop(std::net::TcpListener::bind(cfg.http.unwrap()).expect("the HTTP port is free once the error returns"));
+    all_tasks_end("after a routes file failed to subscribe").await;
+
+    // The same node starts there now.
+    let a = Node::start(cfg, NodeOptions::default()).await.unwrap();
+    a.shutdown().await;
+}
+
+/// A start future dropped half way (as a timeout around it would) leaves nothing running. On
+/// this single-threaded runtime the first poll runs the start until it waits for the first time:
+/// in the cluster's start (the Raft member reading its log on a blocking thread, or, a founder,
+/// waiting for its task, which cannot run meanwhile), after the transport is bound and membership
+/// started.
+#[tokio::test]
+async fn a_start_dropped_half_way_frees_its_ports_and_leaves_nothing_running() {
+    let mut cfg = config("a", vec![]);
+    cfg.listen = free_addr();
+    cfg.http = Some(free_addr());
+    let mut start = Box::pin(Node::start(cfg.clone(), NodeOptions::default()));
+    assert!(futures::poll!(&mut start).is_pending(), "a founder's start waits for its Raft member");
+    assert!(std::net::TcpListener::bind(cfg.listen).is_err(), "the transport is bound by then");
+    assert!(tasks_alive() > 0, "membership runs by then");
+    drop(start);
+    // At once: the listeners were the start's own.
+    drop(std::net::TcpListener::bind(cfg.listen).expect("the transport's port is free once the start is dropped"));
+    drop(std::net::TcpListener::bind(cfg.http.unwrap()).expect("the HTTP port is free once the start is dropped"));
+    all_tasks_end("after the start was dropped").await;
+    let a = Node::start(cfg, NodeOptions::default()).await.unwrap();
     a.shutdown().await;
 }
 

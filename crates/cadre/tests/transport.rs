@@ -4,7 +4,7 @@ use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -42,7 +42,7 @@ impl Env {
 /// Records what arrives; answers asks with their payload.
 struct Collector {
     tx: mpsc::Sender<(String, Lane, OutMsg)>,
-    transport: OnceLock<WeakTransport>,
+    transport: WeakTransport,
 }
 
 impl Handler for Collector {
@@ -53,7 +53,7 @@ impl Handler for Collector {
             if id % 2 == 0 {
                 return Some(payload.clone());
             }
-            if let Some(t) = self.transport.get().and_then(|w| w.upgrade()) {
+            if let Some(t) = self.transport.upgrade() {
                 t.reply_on(lane, from.addr, *id, payload.clone()).expect("reply queued");
             }
             return None;
@@ -78,11 +78,9 @@ async fn start(env: &Env, name: &str, port: u16, secret: &str, net: NetConfig) -
         net,
         rng_seed: port as u64,
     };
-    let t = Transport::start(env.net.clone(), cfg, &Metrics::new()).await.expect("transport starts");
+    let (t, inbound) = Transport::bind(env.net.clone(), cfg, &Metrics::new()).await.expect("transport binds");
     let (tx, rx) = mpsc::channel(100_000);
-    let c = Arc::new(Collector { tx, transport: OnceLock::new() });
-    c.transport.set(t.downgrade()).ok();
-    t.set_handler(c);
+    inbound.serve(Arc::new(Collector { tx, transport: t.downgrade() }));
     Started { t, rx }
 }
 
@@ -261,7 +259,8 @@ async fn wrong_secret_and_cluster_are_refused(env: Env) {
         net: NetConfig::default(),
         rng_seed: 9,
     };
-    let c = Transport::start(env.net.clone(), cfg, &Metrics::new()).await.unwrap();
+    // Only sends: its receiving side is dropped unserved.
+    let (c, _) = Transport::bind(env.net.clone(), cfg, &Metrics::new()).await.unwrap();
     c.try_send(env.addr(bport), Lane::Data, tell(1)).unwrap();
     eventually("acceptor refuses wrong cluster", || b.t.stats().refused_count("acceptor", "wrong_cluster") >= 1).await;
     assert!(b.rx.try_recv().is_err());

@@ -450,7 +450,7 @@ async fn handle<A: Agent>(
     let emitted = std::mem::take(&mut live.ctx.emitted);
     let casts = std::mem::take(&mut live.ctx.casts);
     if result.is_ok() && !emitted.is_empty() {
-        if let Some(emit) = host.emitter.get() {
+        if let Some(emit) = &host.emitter {
             emit(emitted).await;
         }
     }

@@ -132,10 +132,10 @@ pub(super) struct HostInner {
     pub(super) cancel: CancellationToken,
     /// Set by [`Host::abort`]: activations end without passivating, as in a crash.
     pub(super) aborted: std::sync::atomic::AtomicBool,
-    /// Publishes what handlers emit (set once by the node).
-    pub(super) emitter: std::sync::OnceLock<Emitter>,
-    /// Carries handlers' calls and casts (set once by the node; else to this host's agents).
-    caller: std::sync::OnceLock<Caller>,
+    /// Publishes what handlers emit (the node's bus; without one they are dropped).
+    pub(super) emitter: Option<Emitter>,
+    /// Carries handlers' calls and casts (the node's cluster; without one, to this host's agents).
+    caller: Option<Caller>,
     /// Duplicates answered without running the handler: [reply kept, reply gone].
     pub(super) duplicates: [prometheus_client::metrics::counter::Counter; 2],
     /// Reminder ticks fired: [handled, failed]; ticks skipped as too far behind.
@@ -154,6 +154,8 @@ pub struct HostBuilder {
     types: HashMap<&'static str, (Spawner, Reader)>,
     duplicates: Option<crate::metrics::CounterFamily>,
     reminder_metrics: Option<(crate::metrics::CounterFamily, prometheus_client::metrics::counter::Counter)>,
+    emitter: Option<Emitter>,
+    caller: Option<Caller>,
 }
 
 impl HostBuilder {
@@ -166,7 +168,22 @@ impl HostBuilder {
             types: HashMap::new(),
             duplicates: None,
             reminder_metrics: None,
+            emitter: None,
+            caller: None,
         }
+    }
+
+    /// What publishes the signals handlers emit (without one they are dropped).
+    pub fn emitter(mut self, emitter: Emitter) -> Self {
+        self.emitter = Some(emitter);
+        self
+    }
+
+    /// What carries handlers' calls and casts to other agents ([`Ctx::call`](super::Ctx::call));
+    /// without one they go to this host's own agents.
+    pub fn caller(mut self, caller: Caller) -> Self {
+        self.caller = Some(caller);
+        self
     }
 
     /// Counts what the host does in `metrics` (`agent_duplicates{reply}`).
@@ -229,8 +246,8 @@ impl HostBuilder {
                 reads: Arc::new(tokio::sync::Semaphore::new(READS_IN_FLIGHT_MAX)),
                 cancel: CancellationToken::new(),
                 aborted: std::sync::atomic::AtomicBool::new(false),
-                emitter: std::sync::OnceLock::new(),
-                caller: std::sync::OnceLock::new(),
+                emitter: self.emitter,
+                caller: self.caller,
                 duplicates,
                 fires,
                 skipped,
@@ -273,7 +290,7 @@ impl HostInner {
     /// What carries handlers' calls: the node's, else one to this host's own agents (weak: the
     /// activations hold it, and the host must be able to go).
     pub(super) fn caller(self: &Arc<Self>) -> Caller {
-        if let Some(c) = self.caller.get() {
+        if let Some(c) = &self.caller {
             return c.clone();
         }
         let host = Arc::downgrade(self);
@@ -291,17 +308,6 @@ impl HostInner {
 }
 
 impl Host {
-    /// Sets what publishes the signals handlers emit (without one they are dropped). Once.
-    pub fn set_emitter(&self, emitter: Emitter) {
-        assert!(self.inner.emitter.set(emitter).is_ok(), "the host's emitter set twice");
-    }
-
-    /// Sets what carries handlers' calls and casts to other agents
-    /// ([`Ctx::call`](super::Ctx::call)). Once.
-    pub fn set_caller(&self, caller: Caller) {
-        assert!(self.inner.caller.set(caller).is_ok(), "the host's caller set twice");
-    }
-
     /// Sends `signal` to the agent `key` (activating it) and waits for the reply.
     pub async fn call(&self, key: &Key, signal: Signal, timeout: Duration) -> Result<Reply, CallError> {
         // Boxed before the futures below capture it: they stay small to move and poll.

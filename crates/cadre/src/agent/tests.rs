@@ -488,15 +488,22 @@ impl Relay {
     }
 }
 
-#[tokio::test]
-async fn signals_a_handler_emits_go_out_after_a_successful_call_with_its_cause() {
-    let host = HostBuilder::new(AgentsConfig::default(), Arc::new(MemoryStorage::new())).agent::<Relay>().build();
-    let out: Arc<Mutex<Vec<Signal>>> = Arc::default();
+/// An emitter that keeps what it is given in `out`.
+fn collect_into(out: &Arc<Mutex<Vec<Signal>>>) -> crate::agent::Emitter {
     let sink = out.clone();
-    host.set_emitter(Arc::new(move |signals| {
+    Arc::new(move |signals| {
         sink.lock().unwrap().extend(signals);
         futures::future::ready(()).boxed()
-    }));
+    })
+}
+
+#[tokio::test]
+async fn signals_a_handler_emits_go_out_after_a_successful_call_with_its_cause() {
+    let out: Arc<Mutex<Vec<Signal>>> = Arc::default();
+    let host = HostBuilder::new(AgentsConfig::default(), Arc::new(MemoryStorage::new()))
+        .agent::<Relay>()
+        .emitter(collect_into(&out))
+        .build();
     let k = Key::new("relay", "r");
     let first = Signal::new("relay.in", serde_json::json!(null));
     assert_eq!(host.call(&k, first.clone(), T).await.unwrap(), 1);
@@ -519,7 +526,12 @@ async fn signals_a_handler_emits_go_out_after_a_successful_call_with_its_cause()
 #[tokio::test]
 async fn reads_run_on_the_stored_state_and_refuse_what_is_not_a_read() {
     let storage = Arc::new(MemoryStorage::new());
-    let host = HostBuilder::new(AgentsConfig::default(), storage.clone()).agent::<Counter>().agent::<Relay>().build();
+    let out: Arc<Mutex<Vec<Signal>>> = Arc::default();
+    let host = HostBuilder::new(AgentsConfig::default(), storage.clone())
+        .agent::<Counter>()
+        .agent::<Relay>()
+        .emitter(collect_into(&out))
+        .build();
     let k = key("r1");
     // Nothing stored: the default state, and no activation, no write.
     assert_eq!(host.read(&k, None).await.unwrap(), serde_json::json!({"value": 0}));
@@ -542,12 +554,6 @@ async fn reads_run_on_the_stored_state_and_refuse_what_is_not_a_read() {
     let long = Key::new("counter", "x".repeat(crate::storage::KEY_LEN_MAX_BYTES + 1));
     assert!(matches!(host.read(&long, None).await, Err(CallError::InvalidKey(_))));
     // Emitting is an effect: refused, and nothing goes out.
-    let out: Arc<Mutex<Vec<Signal>>> = Arc::default();
-    let sink = out.clone();
-    host.set_emitter(Arc::new(move |signals| {
-        sink.lock().unwrap().extend(signals);
-        futures::future::ready(()).boxed()
-    }));
     let r = Key::new("relay", "x");
     let e = host.read(&r, Some(Signal::new("relay.ping", serde_json::json!(null)))).await.unwrap_err();
     assert!(matches!(&e, CallError::NotRead(m) if m.contains("emitted 1")), "{e}");
@@ -596,13 +602,12 @@ async fn what_on_activate_changes_or_emits_is_not_held_against_a_read() {
 #[tokio::test]
 async fn a_signal_handled_before_is_answered_with_its_reply_and_not_handled_again() {
     let storage = Arc::new(MemoryStorage::new());
-    let host = HostBuilder::new(AgentsConfig::default(), storage.clone()).agent::<Counter>().agent::<Relay>().build();
     let out: Arc<Mutex<Vec<Signal>>> = Arc::default();
-    let sink = out.clone();
-    host.set_emitter(Arc::new(move |signals| {
-        sink.lock().unwrap().extend(signals);
-        futures::future::ready(()).boxed()
-    }));
+    let host = HostBuilder::new(AgentsConfig::default(), storage.clone())
+        .agent::<Counter>()
+        .agent::<Relay>()
+        .emitter(collect_into(&out))
+        .build();
     let k = key("once");
     let first = add(5);
     assert_eq!(host.call(&k, first.clone(), T).await.unwrap(), 5);

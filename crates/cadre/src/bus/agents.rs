@@ -36,7 +36,7 @@ use tracing::{info, warn};
 
 use super::{Bus, Dispatch, Inner, Outcome, Sub, SubId, SubscribeError, SubscriptionSpec};
 use crate::agent::CallError;
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, WeakCluster};
 use crate::meta::{AgentRoute, AgentTarget};
 use crate::metrics::label;
 use crate::signal::{Data, Signal};
@@ -62,10 +62,11 @@ pub struct RouteAdded {
 }
 
 impl Bus {
-    /// Gives the bus the cluster's agents: mirrors the cluster-wide routes as local subscriptions
-    /// and adds the routes of a routes file. Called once, by the node.
-    pub(crate) fn attach_cluster(&self, cluster: Cluster) {
-        assert!(self.inner.cluster.set(cluster.clone()).is_ok(), "the bus's cluster attached twice");
+    /// Starts following the cluster's routes: mirrors the cluster-wide routes as local
+    /// subscriptions and adds the routes of a routes file. Called once, by the node, once its
+    /// cluster runs (a standalone bus has none: nothing to follow).
+    pub(crate) fn follow_routes(&self) {
+        let Some(cluster) = self.inner.cluster.as_ref().and_then(WeakCluster::upgrade) else { return };
         self.inner.tasks.spawn(mirror_loop(self.clone(), cluster.clone()));
         let pending = std::mem::take(&mut *super::lock(&self.inner.pending_routes));
         if !pending.is_empty() {
@@ -96,7 +97,7 @@ impl Bus {
             return Err(SubscribeError::Cluster(format!("route {id} was removed while being added")));
         };
         let members: Vec<String> = cluster.state().members.keys().cloned().collect();
-        let unconfirmed = match self.inner.remote.get() {
+        let unconfirmed = match self.inner.remote.as_ref() {
             Some(remote) => remote.await_route(id, members, left()).await,
             None => members.into_iter().filter(|n| n != cluster.name()).collect(),
         };
@@ -156,8 +157,10 @@ impl Bus {
         super::read(&self.inner.subs).values().find(|s| s.route_id == Some(route)).map(|s| s.id)
     }
 
-    fn cluster(&self) -> Result<&Cluster, SubscribeError> {
-        self.inner.cluster.get().ok_or_else(|| SubscribeError::Cluster("the node is not in a cluster yet".into()))
+    fn cluster(&self) -> Result<Cluster, SubscribeError> {
+        let weak = self.inner.cluster.as_ref();
+        let weak = weak.ok_or_else(|| SubscribeError::Cluster("the node is not in a cluster yet".into()))?;
+        weak.upgrade().ok_or(SubscribeError::ShuttingDown)
     }
 }
 
@@ -231,7 +234,7 @@ async fn install(bus: Bus, cluster: Cluster, routes: Vec<AgentRoute>) {
 
 /// Delivers one signal to the agent a route names (see the module doc for retries).
 pub(super) async fn deliver(inner: &Inner, sub: &Sub, target: &AgentTarget, signal: &Arc<Signal>) -> Outcome {
-    let Some(cluster) = inner.cluster.get() else {
+    let Some(cluster) = inner.cluster.as_ref().and_then(WeakCluster::upgrade) else {
         return Outcome::Failed { attempts: 0, reason: "the node is not in a cluster".into() };
     };
     let timeout = Duration::from_millis(inner.cfg.webhook_timeout_ms);
@@ -239,7 +242,7 @@ pub(super) async fn deliver(inner: &Inner, sub: &Sub, target: &AgentTarget, sign
     let attempts_max = inner.cfg.webhook_retries_max + 1;
     let mut last = String::new();
     for attempt in 1..=attempts_max {
-        let key = match key_of(cluster, target, signal) {
+        let key = match key_of(&cluster, target, signal) {
             Ok(k) => k,
             Err(reason) => return Outcome::Failed { attempts: attempt - 1, reason },
         };

@@ -1,6 +1,9 @@
 //! The [`Bus`] handle and what it shares: `Inner` (configuration, router, subscriptions,
-//! middleware, journal, dead letters, the queue budget, the cluster side once started), the
+//! middleware, journal, dead letters, the queue budget, the cluster side of a node's bus), the
 //! bus's metrics, and [`WeakBus`] for callbacks the bus itself reaches.
+//!
+//! A bus is built standalone ([`Bus::new`]) or as a node's ([`Bus::clustered`]), with its cluster
+//! side (the [`remote`] side and the cluster's agents) given at construction.
 //!
 //! The other parts of the bus add their own `impl Bus` blocks (subscriptions, publishing,
 //! delivery, the cluster side, agent routes); this holds the state they share, its creation and
@@ -9,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
-use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use tokio_util::sync::CancellationToken;
@@ -19,6 +22,7 @@ use super::delivery::DeadLetters;
 use super::subscription::Sub;
 use super::webhook::{self, Breaker};
 use super::{remote, write, Middleware, SubId};
+use crate::cluster::WeakCluster;
 use crate::config::SignalsConfig;
 use crate::metrics::{CounterFamily, Metrics};
 use crate::router::Router;
@@ -67,10 +71,11 @@ pub(crate) struct Inner {
     /// Replaced whole on change, so a publish takes it with one `Arc` clone.
     pub(super) middleware: RwLock<Arc<Vec<Arc<dyn Middleware>>>>,
     pub(super) journal: Journal,
-    /// The cluster side, once the node has a transport and membership.
-    pub(super) remote: OnceLock<Arc<remote::Remote>>,
-    /// The agents of the cluster, for agent and pool deliveries.
-    pub(super) cluster: OnceLock<crate::cluster::Cluster>,
+    /// The cluster side (a node's bus; `None` standalone).
+    pub(super) remote: Option<Arc<remote::Remote>>,
+    /// The agents of the cluster, for agent and pool deliveries (a node's bus; `None` standalone).
+    /// Weak: the bus and the cluster are built together, and the node keeps the cluster.
+    pub(super) cluster: Option<WeakCluster>,
     /// Routes of a routes file to add once the node is in a cluster.
     pub(super) pending_routes: Mutex<Vec<crate::meta::AgentRoute>>,
     /// Counts changes of the subscriptions (to await a route's mirror).
@@ -84,6 +89,12 @@ pub(crate) struct Inner {
     pub(super) metrics: BusMetrics,
     pub(super) cancel: CancellationToken,
     pub(super) tasks: TaskTracker,
+}
+
+/// What a node's bus is built with ([`Bus::clustered`]).
+pub(crate) struct ClusterSide {
+    pub remote: remote::RemoteParts,
+    pub cluster: WeakCluster,
 }
 
 /// The node's bus; cheap to clone. Stop it with [`Bus::shutdown`].
@@ -107,12 +118,28 @@ impl Bus {
         WeakBus(Arc::downgrade(&self.inner))
     }
 
-    /// A bus whose signals come from `source`. Must be created inside a tokio runtime.
+    /// A standalone bus (no other nodes) whose signals come from `source`. Must be created
+    /// inside a tokio runtime.
     pub fn new(cfg: SignalsConfig, source: &str, metrics: &Metrics) -> Bus {
+        Bus::build(cfg, source, metrics, None)
+    }
+
+    /// A node's bus: its signals reach the other nodes (its [`remote`] side starts now, with no
+    /// patterns to advertise yet), and its cluster-wide routes go to `side.cluster`'s agents
+    /// once [`Bus::follow_routes`] runs.
+    pub(crate) fn clustered(cfg: SignalsConfig, source: &str, metrics: &Metrics, side: ClusterSide) -> Bus {
+        Bus::build(cfg, source, metrics, Some(side))
+    }
+
+    fn build(cfg: SignalsConfig, source: &str, metrics: &Metrics, side: Option<ClusterSide>) -> Bus {
+        let (remote, cluster) = match side {
+            Some(s) => (Some(remote::Remote::start(s.remote)), Some(s.cluster)),
+            None => (None, None),
+        };
         let inner = Inner {
             journal: Journal::new(cfg.journal_len_max),
-            remote: OnceLock::new(),
-            cluster: OnceLock::new(),
+            remote,
+            cluster,
             pending_routes: Mutex::new(Vec::new()),
             subs_changed: tokio::sync::watch::Sender::new(0),
             route_waits: Arc::new(tokio::sync::Semaphore::new(remote::ROUTE_WAITS_MAX)),
@@ -152,7 +179,7 @@ impl Bus {
 
     /// Stops the workers (after their current delivery) and waits for them.
     pub async fn shutdown(&self) {
-        if let Some(r) = self.inner.remote.get() {
+        if let Some(r) = &self.inner.remote {
             r.shutdown().await;
         }
         self.inner.cancel.cancel();

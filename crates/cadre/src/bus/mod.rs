@@ -57,11 +57,12 @@ mod subscription;
 use std::sync::{Mutex, RwLock};
 
 pub use delivery::{DeadLetter, Outcome};
-pub(crate) use handle::Inner;
 pub use handle::{Bus, WeakBus};
+pub(crate) use handle::{ClusterSide, Inner};
 pub use middleware::{Middleware, Target, Verdict};
 pub use publish::{PublishError, Published};
 pub use remote::{Delivery, PUBSUB_TAG};
+pub(crate) use subscription::RoutesPlan;
 pub use subscription::{
     Dispatch, DispatchSpec, HandlerFn, Overflow, RoutesError, SubId, SubscribeError, Subscription, SubscriptionInfo,
     SubscriptionJson, SubscriptionSpec, QUEUE_LEN_FACTOR_MAX,

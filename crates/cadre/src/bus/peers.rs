@@ -1,4 +1,4 @@
-//! The bus's face to other nodes: starting its cluster side ([`super::remote`]), advertising this
+//! The bus's face to other nodes: the figures of its cluster side ([`super::remote`]), advertising this
 //! node's patterns, and serving the pub/sub asks other nodes send ([`Bus::on_pubsub_ask`]):
 //! batches of signals, broadcasts, interest entries and pulls, waits for a route's mirror.
 //!
@@ -21,14 +21,7 @@ use crate::signal::Signal;
 impl Bus {
     /// Broadcast figures of this node: copies sent, and the most hops a broadcast took to reach it.
     pub fn broadcast_stats(&self) -> remote::BroadcastStats {
-        self.inner.remote.get().map(|r| r.broadcast_stats()).unwrap_or_default()
-    }
-
-    /// Starts the cluster side: advertises this node's patterns and sends copies of what it
-    /// publishes to the other interested nodes. Called once, by the node.
-    pub(crate) fn start_remote(&self, parts: remote::RemoteParts) {
-        let r = remote::Remote::start(parts, self.patterns());
-        assert!(self.inner.remote.set(r).is_ok(), "the bus's remote side started twice");
+        self.inner.remote.as_ref().map(|r| r.broadcast_stats()).unwrap_or_default()
     }
 
     /// The patterns of this node's node-bound subscriptions.
@@ -39,20 +32,20 @@ impl Bus {
     /// Tells the cluster side (and those awaiting a mirror) that the subscriptions changed.
     pub(super) fn advertise(&self) {
         self.inner.subs_changed.send_modify(|n| *n += 1);
-        if let Some(r) = self.inner.remote.get() {
+        if let Some(r) = self.inner.remote.as_ref() {
             r.set_patterns(self.patterns());
         }
     }
 
     /// Other nodes this node would send a signal of type `ty` to.
     pub fn remote_nodes_for(&self, ty: &str) -> Vec<String> {
-        self.inner.remote.get().map(|r| r.nodes_for(ty)).unwrap_or_default()
+        self.inner.remote.as_ref().map(|r| r.nodes_for(ty)).unwrap_or_default()
     }
 
     /// Waits until the other nodes interested in `ty` satisfy `cond` (the interest map converges
     /// through gossip); false if the bus has no cluster side or `timeout` passes first.
     pub async fn await_remote_nodes(&self, ty: &str, timeout: Duration, cond: impl Fn(&[String]) -> bool) -> bool {
-        let Some(r) = self.inner.remote.get() else { return false };
+        let Some(r) = self.inner.remote.as_ref() else { return false };
         let mut rx = r.watch();
         let wait = async {
             loop {
@@ -70,12 +63,12 @@ impl Bus {
 
     /// The interest map as this node holds it: each node's advertised patterns.
     pub fn interest(&self) -> Vec<interest::Entry> {
-        self.inner.remote.get().map(|r| r.newer_than(&[])).unwrap_or_default()
+        self.inner.remote.as_ref().map(|r| r.newer_than(&[])).unwrap_or_default()
     }
 
     /// Signal copies buffered for other nodes.
     pub fn remote_buffered(&self) -> usize {
-        self.inner.remote.get().map_or(0, |r| r.buffered())
+        self.inner.remote.as_ref().map_or(0, |r| r.buffered())
     }
 
     /// Serves a pub/sub ask from another node (payload starting with [`PUBSUB_TAG`]); returns
@@ -88,7 +81,7 @@ impl Bus {
     pub fn on_pubsub_ask(&self, from: &crate::net::PeerInfo, id: u64, payload: bytes::Bytes) -> Option<bytes::Bytes> {
         let signals = payload.get(1) == Some(&remote::SIGNALS_VARIANT);
         let route_wait = payload.get(1) == Some(&remote::AWAIT_ROUTE_VARIANT);
-        let transport = self.inner.remote.get().and_then(|r| r.transport());
+        let transport = self.inner.remote.as_ref().and_then(|r| r.transport());
         match (signals, route_wait, transport) {
             (true, _, Some(transport)) => {
                 let (bus, from) = (self.clone(), from.clone());
@@ -126,7 +119,7 @@ impl Bus {
     }
 
     fn serve_pubsub(&self, from: &str, payload: &[u8]) -> bytes::Bytes {
-        let Some(r) = self.inner.remote.get() else {
+        let Some(r) = self.inner.remote.as_ref() else {
             return remote::encode(&remote::Reply::Refused("not in a cluster yet".into()));
         };
         let req = match payload.strip_prefix(&[PUBSUB_TAG]).map(postcard::from_bytes::<remote::Req<'_>>) {
@@ -215,7 +208,7 @@ impl Bus {
     /// Waits (at most `timeout`) for the buffers to other nodes to empty: a graceful stop
     /// delivers what it acknowledged to the nodes that are reachable.
     pub async fn flush_remote(&self, timeout: Duration) {
-        if let Some(r) = self.inner.remote.get() {
+        if let Some(r) = self.inner.remote.as_ref() {
             r.flush(timeout).await;
         }
     }

@@ -115,7 +115,7 @@ impl Bus {
     pub async fn publish_with(&self, signal: Signal, delivery: Delivery) -> Result<Published, PublishError> {
         let inner = &self.inner;
         let (signal, delivered) = self.publish_local(signal).await?;
-        let remote_nodes = match inner.remote.get() {
+        let remote_nodes = match inner.remote.as_ref() {
             Some(r) => r.publish(&signal, delivery, delivered > 0).await.inspect_err(|e| self.count_rejected(e))?.nodes,
             None => 0,
         };
@@ -131,7 +131,7 @@ impl Bus {
     pub async fn broadcast(&self, signal: Signal) -> Result<Published, PublishError> {
         let inner = &self.inner;
         let (signal, delivered) = self.publish_local(signal).await?;
-        let remote_nodes = match inner.remote.get() {
+        let remote_nodes = match inner.remote.as_ref() {
             Some(r) => r.broadcast(&signal).await.inspect_err(|e| self.count_rejected(e))?,
             None => 0,
         };

@@ -432,36 +432,13 @@ impl Bus {
     /// node is in one (again and again until the metadata group takes them; adding a route that
     /// exists changes nothing, so every node may load the same file).
     pub fn subscribe_table(&self, table: &Table) -> Result<Vec<SubId>, RoutesError> {
-        table.router::<()>()?;
-        let mut specs = Vec::new();
-        let mut routes = Vec::new();
-        for (index, r) in table.routes.iter().enumerate() {
-            let err = |reason: String| RoutesError::Target { index, path: r.path.clone(), reason };
-            for t in r.target.to_vec() {
-                let dispatch: DispatchSpec = match t {
-                    table::Target::Object(m) => serde_json::from_value(serde_json::Value::Object(m))
-                        .map_err(|e| err(format!("not a dispatch configuration: {e}")))?,
-                    table::Target::Name(n) => {
-                        return Err(err(format!(
-                            "\"{n}\" is a name; a node needs a dispatch such as {{\"log\":{{}}}}"
-                        )));
-                    }
-                };
-                if let DispatchSpec::Webhook(w) = &dispatch {
-                    w.validate().map_err(err)?;
-                }
-                match dispatch.into_dispatch() {
-                    Ok(d) => specs.push((index, SubscriptionSpec::new(r.path.clone(), d).priority(r.priority))),
-                    Err(target) => {
-                        let route = crate::meta::AgentRoute { pattern: r.path.clone(), target };
-                        route.check().map_err(|e| err(e.to_string()))?;
-                        routes.push(route);
-                    }
-                }
-            }
-        }
+        self.subscribe_routes(RoutesPlan::of(table)?)
+    }
+
+    /// Subscribes what [`RoutesPlan::of`] read from a routes table (see [`Bus::subscribe_table`]).
+    pub(crate) fn subscribe_routes(&self, plan: RoutesPlan) -> Result<Vec<SubId>, RoutesError> {
         let mut ids = Vec::new();
-        for (index, spec) in specs {
+        for (index, spec) in plan.specs {
             let path = spec.pattern.clone();
             match self.subscribe_detached(spec) {
                 Ok(id) => ids.push(id),
@@ -473,7 +450,7 @@ impl Bus {
                 }
             }
         }
-        lock(&self.inner.pending_routes).extend(routes);
+        lock(&self.inner.pending_routes).extend(plan.routes);
         Ok(ids)
     }
 
@@ -533,5 +510,48 @@ fn info_of(s: &Sub) -> SubscriptionInfo {
         skipped: s.counts.skipped.load(Ordering::Relaxed),
         breaker: s.breaker.as_ref().map(|b| lock(b).state_name().to_string()),
         route: s.route_id.map(|r| r.to_string()),
+    }
+}
+
+/// A routes table read and checked, without a bus (a node checks its routes file before it
+/// binds anything): the subscriptions to make, by the index of their route, and the cluster-wide
+/// routes to add.
+pub(crate) struct RoutesPlan {
+    specs: Vec<(usize, SubscriptionSpec)>,
+    routes: Vec<crate::meta::AgentRoute>,
+}
+
+impl RoutesPlan {
+    /// Reads every target of `table`; each must be a dispatch object.
+    pub(crate) fn of(table: &Table) -> Result<RoutesPlan, RoutesError> {
+        table.router::<()>()?;
+        let mut specs = Vec::new();
+        let mut routes = Vec::new();
+        for (index, r) in table.routes.iter().enumerate() {
+            let err = |reason: String| RoutesError::Target { index, path: r.path.clone(), reason };
+            for t in r.target.to_vec() {
+                let dispatch: DispatchSpec = match t {
+                    table::Target::Object(m) => serde_json::from_value(serde_json::Value::Object(m))
+                        .map_err(|e| err(format!("not a dispatch configuration: {e}")))?,
+                    table::Target::Name(n) => {
+                        return Err(err(format!(
+                            "\"{n}\" is a name; a node needs a dispatch such as {{\"log\":{{}}}}"
+                        )));
+                    }
+                };
+                if let DispatchSpec::Webhook(w) = &dispatch {
+                    w.validate().map_err(err)?;
+                }
+                match dispatch.into_dispatch() {
+                    Ok(d) => specs.push((index, SubscriptionSpec::new(r.path.clone(), d).priority(r.priority))),
+                    Err(target) => {
+                        let route = crate::meta::AgentRoute { pattern: r.path.clone(), target };
+                        route.check().map_err(|e| err(e.to_string()))?;
+                        routes.push(route);
+                    }
+                }
+            }
+        }
+        Ok(RoutesPlan { specs, routes })
     }
 }

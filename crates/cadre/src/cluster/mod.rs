@@ -218,14 +218,13 @@ pub enum StartError {
     Found(Box<RaftError<NodeId, InitializeError<NodeId, MetaNode>>>),
 }
 
-/// The pieces built before the host (the gate needs the state the host's cluster will keep).
+/// The metadata database opened, before anything is bound or started (so a start that cannot
+/// open it fails first).
 pub struct Prepared {
     parts: ClusterParts,
     db: MetaDb,
     sm: SmStore,
     raft_id: NodeId,
-    lease: Arc<Lease>,
-    repl: Arc<replica::Replication>,
 }
 
 impl Prepared {
@@ -248,33 +247,18 @@ impl Prepared {
         let fresh = xxhash_rust::xxh3::xxh3_64_with_seed(&id_seed, parts.rng_seed).max(1);
         let raft_id = db.node_id(fresh)?;
         let sm = SmStore::open(db.clone())?;
-        let lease = Arc::new(Lease::default());
-        let repl = replica::Replication::new(
-            parts.name.clone(),
-            lease.clone(),
-            parts.storage.clone(),
-            sm.subscribe(),
-            parts.placement.clone(),
-            parts.frame_len_max_bytes,
-            &parts.metrics,
-        );
-        Ok(Prepared { parts, db, sm, raft_id, lease, repl })
+        Ok(Prepared { parts, db, sm, raft_id })
     }
+}
 
-    /// The gate the node's host must use.
-    pub fn gate(&self) -> Arc<ClusterGate> {
-        Arc::new(ClusterGate {
-            name: self.parts.name.clone(),
-            state: self.sm.subscribe(),
-            lease: self.lease.clone(),
-            repl: self.repl.clone(),
-        })
-    }
-
-    /// The store the node's host must write through (replicating, with node-local storage).
-    pub fn storage(&self) -> Arc<dyn Storage> {
-        self.repl.storage()
-    }
+/// What the node's host is built from, inside [`Cluster::start`] (see its design note).
+pub struct HostParts {
+    /// The cluster being built, for the host's caller: it upgrades once `Cluster::start` returns.
+    pub cluster: WeakCluster,
+    /// The gate the host must use.
+    pub gate: Arc<ClusterGate>,
+    /// The store the host must write through (replicating, with node-local storage).
+    pub storage: Arc<dyn Storage>,
 }
 
 pub(crate) struct Inner {
@@ -317,6 +301,62 @@ pub(crate) struct Inner {
     tasks: TaskTracker,
 }
 
+/// What [`Inner::new`] takes besides the [`ClusterParts`].
+struct InnerParts {
+    addr: SocketAddr,
+    raft_id: NodeId,
+    raft: Raft,
+    state: watch::Receiver<Arc<MetaState>>,
+    transport: WeakTransport,
+    membership: Membership,
+    host: Host,
+    repl: Arc<replica::Replication>,
+    lease: Arc<Lease>,
+}
+
+impl Inner {
+    fn new(parts: ClusterParts, p: InnerParts) -> Inner {
+        Inner {
+            leader: Mutex::new(control::engine::Controller::new(parts.name.clone())),
+            handoffs: Mutex::new(handoff::engine::Handoffs::new(parts.name.clone())),
+            name: parts.name,
+            addr: p.addr,
+            raft_id: p.raft_id,
+            raft: p.raft,
+            state: p.state,
+            meta_cfg: parts.meta,
+            cfg: parts.placement,
+            transport: p.transport,
+            membership: p.membership,
+            host: p.host,
+            repl: p.repl,
+            lease: p.lease,
+            controller: tokio::sync::Mutex::new(()),
+            control_permits: Arc::new(Semaphore::new(CONTROL_IN_FLIGHT_MAX)),
+            raft_permits: Arc::new(Semaphore::new(CONTROL_IN_FLIGHT_MAX)),
+            renew_permits: Arc::new(Semaphore::new(CONTROL_IN_FLIGHT_MAX)),
+            control_dropped: parts
+                .metrics
+                .counter("control_requests_dropped", "Control-lane requests dropped because too many were in flight"),
+            snapshots_refused: parts.metrics.counter(
+                "meta_snapshots_refused",
+                "Metadata snapshots received from the leader that broke the metadata's invariants, refused",
+            ),
+            agent_permits: Arc::new(Semaphore::new(AGENT_IN_FLIGHT_MAX)),
+            draining: std::sync::atomic::AtomicBool::new(false),
+            pool: Mutex::new(routes::PoolKeys::default()),
+            loads: Mutex::new(routes::Loads::default()),
+            reads: parts.metrics.counters("agent_reads", "Reads of stored agent state served by this node, by role"),
+            reads_refused: parts.metrics.counters(
+                "agent_reads_refused",
+                "Reads this node's copy could not serve (the reader tried another), by reason",
+            ),
+            cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        }
+    }
+}
+
 /// The node's handle on the cluster layer.
 #[derive(Clone)]
 pub struct Cluster {
@@ -335,14 +375,23 @@ impl WeakCluster {
 
 impl Cluster {
     /// Starts the group's member on this node; `addr` is the bound transport address.
-    pub async fn start(
+    ///
+    /// Design note: the cluster, its replication and the node's host point at each other (the
+    /// cluster holds both; replication reaches the cluster's transport, tasks and leader; the
+    /// host's caller sends agent-to-agent calls through the cluster; the host writes through
+    /// replication). So they are built in one `Arc::new_cyclic`, each given what it needs at
+    /// construction, the back edges as weak handles: `assemble` builds the host (and whatever
+    /// else the node builds with it, returned as `X`) from [`HostParts`]. Its weak cluster
+    /// upgrades only once this returns, and nothing reaches the host before then: the transport
+    /// hands nothing in until the node serves it.
+    pub async fn start<X>(
         prepared: Prepared,
         addr: SocketAddr,
         transport: WeakTransport,
         membership: Membership,
-        host: Host,
-    ) -> Result<Cluster, StartError> {
-        let Prepared { parts, db, sm, raft_id, lease, repl } = prepared;
+        assemble: impl FnOnce(HostParts) -> (Host, X),
+    ) -> Result<(Cluster, X), StartError> {
+        let Prepared { parts, db, sm, raft_id } = prepared;
         mraft::seed_rng(parts.rng_seed);
         let m = &parts.meta;
         let raft_cfg = openraft::Config {
@@ -357,6 +406,7 @@ impl Cluster {
         .validate()
         .map_err(|e| StartError::Config(Box::new(e)))?;
         let state = sm.subscribe();
+        let (gate_state, repl_state) = (sm.subscribe(), sm.subscribe());
         let gossip = membership.clone();
         let resolve: raft_net::Resolver = Arc::new(move |name: &str| gossip.addr_of(name));
         let factory = NetFactory { transport: transport.clone(), resolve };
@@ -373,51 +423,36 @@ impl Cluster {
                 Err(e) => return Err(StartError::Found(Box::new(e))),
             }
         }
-        let leader = Mutex::new(control::engine::Controller::new(parts.name.clone()));
-        let handoffs = Mutex::new(handoff::engine::Handoffs::new(parts.name.clone()));
-        let inner = Arc::new(Inner {
-            name: parts.name,
-            addr,
-            raft_id,
-            raft,
-            state,
-            meta_cfg: parts.meta,
-            cfg: parts.placement,
-            transport,
-            membership,
-            host,
-            repl,
-            lease,
-            leader,
-            controller: tokio::sync::Mutex::new(()),
-            control_permits: Arc::new(Semaphore::new(CONTROL_IN_FLIGHT_MAX)),
-            raft_permits: Arc::new(Semaphore::new(CONTROL_IN_FLIGHT_MAX)),
-            renew_permits: Arc::new(Semaphore::new(CONTROL_IN_FLIGHT_MAX)),
-            control_dropped: parts
-                .metrics
-                .counter("control_requests_dropped", "Control-lane requests dropped because too many were in flight"),
-            snapshots_refused: parts.metrics.counter(
-                "meta_snapshots_refused",
-                "Metadata snapshots received from the leader that broke the metadata's invariants, refused",
-            ),
-            agent_permits: Arc::new(Semaphore::new(AGENT_IN_FLIGHT_MAX)),
-            handoffs,
-            draining: std::sync::atomic::AtomicBool::new(false),
-            pool: Mutex::new(routes::PoolKeys::default()),
-            loads: Mutex::new(routes::Loads::default()),
-            reads: parts.metrics.counters("agent_reads", "Reads of stored agent state served by this node, by role"),
-            reads_refused: parts.metrics.counters(
-                "agent_reads_refused",
-                "Reads this node's copy could not serve (the reader tried another), by reason",
-            ),
-            cancel: CancellationToken::new(),
-            tasks: TaskTracker::new(),
+        let lease = Arc::new(Lease::default());
+        let repl_parts = replica::ReplicationParts {
+            name: parts.name.clone(),
+            lease: lease.clone(),
+            local: parts.storage.clone(),
+            state: repl_state,
+            cfg: parts.placement.clone(),
+            frame_len_max_bytes: parts.frame_len_max_bytes,
+        };
+        // What the closure builds besides the cluster (`Arc::new_cyclic` returns only that).
+        let mut built = None;
+        let inner = Arc::new_cyclic(|weak: &std::sync::Weak<Inner>| {
+            let (repl, queues) = replica::Replication::new(repl_parts, weak.clone(), &parts.metrics);
+            let gate = Arc::new(ClusterGate {
+                name: parts.name.clone(),
+                state: gate_state,
+                lease: lease.clone(),
+                repl: repl.clone(),
+            });
+            let host_parts = HostParts { cluster: WeakCluster(weak.clone()), gate, storage: repl.storage() };
+            let (host, extra) = assemble(host_parts);
+            built = Some((queues, extra));
+            Inner::new(parts, InnerParts { addr, raft_id, raft, state, transport, membership, host, repl, lease })
         });
-        inner.repl.start(&inner);
+        let Some((queues, extra)) = built else { unreachable!("Arc::new_cyclic runs its closure") };
+        inner.repl.start(queues, &inner);
         inner.tasks.spawn(control::renew_loop(inner.clone()));
         inner.tasks.spawn(control::controller_loop(inner.clone()));
         inner.tasks.spawn(handoff::watch_table(inner.clone()));
-        Ok(Cluster { inner })
+        Ok((Cluster { inner }, extra))
     }
 
     /// A handle that does not keep the cluster alive (for what the cluster itself holds).

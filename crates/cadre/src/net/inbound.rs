@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::auth::{self, Credentials, HandshakeError};
-use super::{BoxRead, BoxWrite, Inner, Listener, PeerInfo};
+use super::{BoxRead, BoxWrite, Handler, Inner, Listener, PeerInfo};
 use crate::wire::{self, FrameWriter, Lane, Msg};
 
 /// Bytes read per syscall on an inbound connection (more when a frame needs it).
@@ -22,7 +22,8 @@ const ACCEPT_ERROR_PAUSE_MS: u64 = 50;
 /// Idle checks per `conn_idle_timeout_ms` (an idle connection is closed within 1.25x the timeout).
 const IDLE_CHECKS_PER_TIMEOUT: u32 = 4;
 
-pub(crate) async fn accept_loop(inner: Arc<Inner>, listener: Box<dyn Listener>) {
+/// Accepts until the transport stops; each reader hands what it reads to `handler`.
+pub(crate) async fn accept_loop(inner: Arc<Inner>, listener: Box<dyn Listener>, handler: Arc<dyn Handler>) {
     loop {
         let accepted = tokio::select! {
             _ = inner.cancel.cancelled() => return,
@@ -35,7 +36,7 @@ pub(crate) async fn accept_loop(inner: Arc<Inner>, listener: Box<dyn Listener>) 
                     warn!(%remote, "inbound connection limit reached; closing");
                     continue;
                 };
-                let task = serve(inner.clone(), r, w, remote, permit);
+                let task = serve(inner.clone(), handler.clone(), r, w, remote, permit);
                 inner.tasks.spawn(task);
             }
             Err(e) => {
@@ -85,7 +86,14 @@ impl Inner {
     }
 }
 
-async fn serve(inner: Arc<Inner>, mut r: BoxRead, mut w: BoxWrite, remote: SocketAddr, _permit: OwnedSemaphorePermit) {
+async fn serve(
+    inner: Arc<Inner>,
+    handler: Arc<dyn Handler>,
+    mut r: BoxRead,
+    mut w: BoxWrite,
+    remote: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+) {
     let creds = Credentials { cluster: &inner.cluster, secret: inner.secret.as_bytes(), local: &inner.local };
     let timeout = Duration::from_millis(inner.cfg.handshake_timeout_ms);
     let handshake = tokio::select! {
@@ -114,7 +122,7 @@ async fn serve(inner: Arc<Inner>, mut r: BoxRead, mut w: BoxWrite, remote: Socke
             _ = slot.stop.cancelled() => return,
         }
     }
-    let res = read_loop(&inner, &peer, lane, r, w, rbuf, &slot.stop).await;
+    let res = read_loop(&inner, &*handler, &peer, lane, r, w, rbuf, &slot.stop).await;
     inner.unregister_inbound(peer.addr, lane, slot.generation);
     if let Err(reason) = res {
         inner.stats.closed(reason);
@@ -126,8 +134,10 @@ async fn serve(inner: Arc<Inner>, mut r: BoxRead, mut w: BoxWrite, remote: Socke
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn read_loop(
     inner: &Inner,
+    handler: &dyn Handler,
     peer: &PeerInfo,
     lane: Lane,
     mut r: BoxRead,
@@ -151,7 +161,7 @@ async fn read_loop(
                     let res = wire::decode_frame(&frame, |msg| match msg {
                         Msg::Ping { nonce } => back_writer.push(&mut back, &Msg::<&[u8]>::Pong { nonce }),
                         other => {
-                            if let Some(reply) = inner.deliver(peer, lane, other) {
+                            if let Some(reply) = inner.deliver(handler, peer, lane, other) {
                                 if reply.payload_len() <= back_writer.payload_len_max() {
                                     back_writer.push(&mut back, &reply);
                                 } else {

@@ -8,6 +8,13 @@
 //! Inbound connections are served by one reader task each, which hands decoded messages to the
 //! node's [`Handler`] inline (the handler must not block) and answers RTT pings.
 //!
+//! Starting is two steps: [`Transport::bind`] binds the listener and gives the sending side (the
+//! [`Transport`]) and the receiving side ([`Inbound`]); [`Inbound::serve`] starts accepting with
+//! the handler. The node's handler needs the layers built on the transport, so they are built in
+//! between; a peer dialling meanwhile waits in the listener's backlog (its handshake, and then its
+//! messages, are taken once serving starts) rather than having its messages dropped. An
+//! [`Inbound`] dropped unserved closes the listener at once.
+//!
 //! Guarantees and limits:
 //! - every connection starts with the authenticated handshake of [`auth`]; a refused peer never
 //!   gets a message through to the handler;
@@ -42,7 +49,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -146,7 +153,6 @@ pub(crate) struct Inner {
     secret: Secret,
     cfg: NetConfig,
     peers: Mutex<HashMap<SocketAddr, Peer>>,
-    handler: OnceLock<Arc<dyn Handler>>,
     /// Pending asks: id → (the peer asked, where its reply goes).
     asks: Mutex<HashMap<u64, (SocketAddr, oneshot::Sender<Bytes>)>>,
     ask_next_id: AtomicU64,
@@ -168,10 +174,30 @@ pub(crate) struct Inner {
     epoch: Instant,
 }
 
+/// The receiving side of a bound transport, not serving yet: [`Inbound::serve`] starts accepting
+/// with the handler; dropping it closes the listener.
+pub struct Inbound {
+    inner: Arc<Inner>,
+    listener: Box<dyn Listener>,
+}
+
+impl Inbound {
+    /// Accepts connections from now on and hands what arrives on them to `handler`.
+    pub fn serve(self, handler: Arc<dyn Handler>) {
+        let accept = inbound::accept_loop(self.inner.clone(), self.listener, handler);
+        self.inner.tasks.spawn(accept);
+    }
+}
+
 impl Transport {
-    /// Binds the listener and starts accepting. The listen address in `cfg` may use port 0; the
-    /// bound address is then what peers are told.
-    pub async fn start(net: Arc<dyn Network>, cfg: TransportConfig, metrics: &Metrics) -> io::Result<Transport> {
+    /// Binds the listener; nothing is accepted before [`Inbound::serve`]. The sending side works
+    /// at once. The listen address in `cfg` may use port 0; the bound address is then what peers
+    /// are told.
+    pub async fn bind(
+        net: Arc<dyn Network>,
+        cfg: TransportConfig,
+        metrics: &Metrics,
+    ) -> io::Result<(Transport, Inbound)> {
         let listener = net.bind(cfg.listen).await?;
         let mut local_addr = listener.local_addr()?;
         if let Some(a) = cfg.advertise {
@@ -190,7 +216,6 @@ impl Transport {
             inbound_permits: Arc::new(Semaphore::new(cfg.net.inbound_conns_max)),
             cfg: cfg.net,
             peers: Mutex::new(HashMap::new()),
-            handler: OnceLock::new(),
             asks: Mutex::new(HashMap::new()),
             ask_next_id: AtomicU64::new(ask_first_id),
             stats: NetStats::new(metrics),
@@ -203,14 +228,8 @@ impl Transport {
             inbound_generation: AtomicU64::new(0),
             epoch: Instant::now(),
         });
-        let accept = inbound::accept_loop(inner.clone(), listener);
-        inner.tasks.spawn(accept);
-        Ok(Transport { inner })
-    }
-
-    /// Sets the receiver of inbound messages. Messages arriving before it is set are dropped.
-    pub fn set_handler(&self, handler: Arc<dyn Handler>) {
-        assert!(self.inner.handler.set(handler).is_ok(), "transport handler set twice");
+        let inbound = Inbound { inner: inner.clone(), listener };
+        Ok((Transport { inner }, inbound))
     }
 
     /// A reference that does not keep the transport alive (for handlers the transport owns).
@@ -323,12 +342,18 @@ impl Transport {
 
     /// Abrupt stop (tests of crashes): no flush; every task stops at its next await point.
     pub async fn abort(&self) {
+        self.stop_now();
+        self.inner.writers.wait().await;
+        self.inner.tasks.wait().await;
+    }
+
+    /// The synchronous part of [`Transport::abort`]: sends nothing more and tells every task to
+    /// stop, without waiting for them (for a drop guard).
+    pub fn stop_now(&self) {
         self.inner.closing.store(true, Ordering::Relaxed);
         self.inner.cancel.cancel();
         self.inner.writers.close();
         self.inner.tasks.close();
-        self.inner.writers.wait().await;
-        self.inner.tasks.wait().await;
     }
 }
 
@@ -364,20 +389,16 @@ impl Inner {
         }
     }
 
-    /// Hands an inbound message to the handler; returns an immediate reply to an ask, if any.
-    fn deliver(&self, from: &PeerInfo, lane: Lane, msg: OutMsg) -> Option<OutMsg> {
+    /// Hands an inbound message to `handler`; returns an immediate reply to an ask, if any.
+    fn deliver(&self, handler: &dyn Handler, from: &PeerInfo, lane: Lane, msg: OutMsg) -> Option<OutMsg> {
         match msg {
             Msg::Reply { id, payload } => {
                 self.complete_ask(from.addr, id, payload);
                 None
             }
             msg => {
-                let Some(h) = self.handler.get() else {
-                    self.stats.drop(DropReason::NoHandler, 1);
-                    return None;
-                };
                 let ask_id = if let Msg::Ask { id, .. } = &msg { Some(*id) } else { None };
-                let reply = h.on_message(from, lane, msg);
+                let reply = handler.on_message(from, lane, msg);
                 Some(Msg::Reply { id: ask_id?, payload: reply? })
             }
         }

@@ -19,15 +19,13 @@ pub enum DropReason {
     TooManyAsks,
     /// Still queued when the transport shut down (after the flush time) or was aborted.
     Shutdown,
-    /// Arrived before the node installed its handler.
-    NoHandler,
     /// Sent through a handle whose peer had been forgotten.
     PeerGone,
 }
 
 impl DropReason {
     /// In declaration order: a reason's discriminant indexes its counter.
-    const ALL: [DropReason; 9] = [
+    const ALL: [DropReason; 8] = [
         DropReason::QueueFull,
         DropReason::TooLarge,
         DropReason::PeersFull,
@@ -35,7 +33,6 @@ impl DropReason {
         DropReason::WriteFailed,
         DropReason::TooManyAsks,
         DropReason::Shutdown,
-        DropReason::NoHandler,
         DropReason::PeerGone,
     ];
     pub fn as_str(self) -> &'static str {
@@ -47,7 +44,6 @@ impl DropReason {
             DropReason::WriteFailed => "write_failed",
             DropReason::TooManyAsks => "too_many_asks",
             DropReason::Shutdown => "shutdown",
-            DropReason::NoHandler => "no_handler",
             DropReason::PeerGone => "peer_gone",
         }
     }
@@ -87,7 +83,7 @@ impl LaneCounters {
 pub struct NetStats {
     pub sent: LaneCounters,
     pub received: LaneCounters,
-    dropped: [Counter; 9],
+    dropped: [Counter; 8],
     pub reconnects: Counter,
     pub connect_failures: Counter,
     pub handshake_refused: CounterFamily,

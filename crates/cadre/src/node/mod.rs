@@ -1,7 +1,10 @@
 //! A node: the layers assembled, start-up and shutdown.
 //!
 //! [`Node::start`] validates the config, binds the transport (and the HTTP API when configured),
-//! starts membership and joins through the seeds. [`Node::shutdown`] leaves the cluster
+//! starts membership, builds the cluster with the host and the bus (each given what it needs at
+//! construction, see [`Cluster::start`]), serves the transport with the node's handler and joins
+//! through the seeds. What it has running is held by a guard that stops it if the start fails or
+//! is dropped half way. [`Node::shutdown`] leaves the cluster
 //! gracefully: it tells the members, lets the transport flush, then stops every task and waits
 //! for them. [`Node::kill`] stops abruptly, as a crash would (used by tests).
 //!
@@ -29,14 +32,14 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::agent::{Agent, Host, HostBuilder};
-use crate::bus::{Bus, RoutesError};
+use crate::bus::{Bus, ClusterSide, RoutesError, RoutesPlan};
 use crate::cluster::protocol::{self as control_msg, ControlReply};
-use crate::cluster::{Cluster, ClusterParts, Prepared};
+use crate::cluster::{Cluster, ClusterParts, HostParts, Prepared};
 use crate::config::{Config, ConfigError};
 use crate::membership::task::{self as membership_task, Input, Membership, View};
 use crate::membership::{Core, NodeMeta};
 use crate::metrics::{CounterFamily, Metrics};
-use crate::net::{AskError, Handler, Network, PeerInfo, SendError, Transport, TransportConfig};
+use crate::net::{AskError, Handler, Inbound, Network, PeerInfo, SendError, Transport, TransportConfig};
 use crate::router::table::Table;
 use crate::storage::Storage;
 use crate::wire::envelope::{self, EnvelopeError, Kind};
@@ -227,7 +230,10 @@ impl Node {
         AgentRef::new(self, id)
     }
 
-    pub async fn start(cfg: Config, opts: NodeOptions) -> Result<Node, NodeError> {
+    /// Starts a node: binds, joins, serves. After an error nothing it started keeps running and
+    /// its ports are free again; the same holds when the returned future is dropped half way
+    /// (see [`Starting`]).
+    pub async fn start(cfg: Config, mut opts: NodeOptions) -> Result<Node, NodeError> {
         cfg.validate()?;
         let incarnation = match &cfg.data_dir {
             Some(dir) => next_incarnation(dir)?,
@@ -235,7 +241,7 @@ impl Node {
         };
         let rng_seed = cfg.rng_seed.unwrap_or_else(rand::random);
         let metrics = Metrics::new();
-        let storage = open_storage(opts.storage, &cfg).await?;
+        let storage = open_storage(opts.storage.take(), &cfg).await?;
         let prepared = Prepared::open(ClusterParts {
             name: cfg.name.clone(),
             founder: cfg.seeds.is_empty(),
@@ -248,140 +254,25 @@ impl Node {
             frame_len_max_bytes: cfg.net.frame_len_max_bytes,
         })
         .map_err(NodeError::Meta)?;
-        let mut agents = HostBuilder::new(cfg.agents.clone(), prepared.storage())
-            .gate(prepared.gate())
-            .metrics(&metrics)
-            .agent::<crate::agent::counter::Counter>();
-        for register in &opts.agent_types {
-            agents = register(agents);
-        }
-        let agents = agents.build();
-        let source = cfg.signal_source();
-        crate::signal::set_default_source(&source);
-        let bus = Bus::new(cfg.signals.clone(), &source, &metrics);
-        if let Some(table) = &opts.routes {
-            if let Err(e) = bus.subscribe_table(table) {
-                bus.shutdown().await;
-                agents.shutdown().await;
-                return Err(e.into());
+        // Checked before anything is bound; subscribed once the bus exists.
+        let routes = opts.routes.as_ref().map(RoutesPlan::of).transpose()?;
+        let tcfg = transport_config(&cfg, rng_seed);
+        let (transport, inbound) = Transport::bind(opts.net.clone(), tcfg, &metrics)
+            .await
+            .map_err(|source| NodeError::Bind { what: "transport", addr: cfg.listen, source })?;
+        let mut starting = Starting::new(transport);
+        let run = Run { cfg, opts, metrics, incarnation, rng_seed, prepared, routes, inbound };
+        match run.start(&mut starting).await {
+            Ok(node) => {
+                starting.disarm();
+                Ok(node)
             }
-        }
-        let tcfg = TransportConfig {
-            name: cfg.name.clone(),
-            cluster: cfg.cluster.clone(),
-            listen: cfg.listen,
-            advertise: cfg.advertise,
-            secret: cfg.secret.clone(),
-            net: cfg.net.clone(),
-            rng_seed,
-        };
-        let transport = match Transport::start(opts.net, tcfg, &metrics).await {
-            Ok(t) => t,
-            Err(source) => {
-                bus.shutdown().await;
-                agents.shutdown().await;
-                return Err(NodeError::Bind { what: "transport", addr: cfg.listen, source });
-            }
-        };
-        let cancel = CancellationToken::new();
-        let tasks = TaskTracker::new();
-        let http_listener = match cfg.http {
-            Some(addr) => match tokio::net::TcpListener::bind(addr).await {
-                Ok(l) => Some(l),
-                Err(source) => {
-                    // Nothing may keep running after a failed start.
-                    bus.shutdown().await;
-                    agents.shutdown().await;
-                    transport.abort().await;
-                    return Err(NodeError::Bind { what: "http", addr, source });
-                }
-            },
-            None => None,
-        };
-        let http = http_listener.as_ref().and_then(|l| l.local_addr().ok());
-        let me = NodeMeta {
-            name: cfg.name.clone(),
-            addr: transport.local().addr,
-            http,
-            incarnation,
-            started_ms: crate::clock::wall_ms(),
-        };
-        let now = tokio::time::Instant::now();
-        let core = Core::new(me, cfg.membership.clone(), cfg.seeds.clone(), rng_seed.wrapping_add(1), now);
-        let data_dir = cfg.data_dir.clone();
-        let on_renew = Box::new(move |m: &NodeMeta| {
-            if let Some(dir) = &data_dir {
-                if let Err(e) = write_incarnation(dir, m.incarnation) {
-                    warn!(error = %e, "cannot persist incarnation");
-                }
-            }
-        });
-        let membership = membership_task::spawn(
-            core,
-            &cfg.membership,
-            transport.clone(),
-            &metrics,
-            on_renew,
-            cancel.clone(),
-            &tasks,
-        );
-        let cluster = match Cluster::start(
-            prepared,
-            transport.local().addr,
-            transport.downgrade(),
-            membership.clone(),
-            agents.clone(),
-        )
-        .await
-        {
-            Ok(c) => c,
             Err(e) => {
-                cancel.cancel();
-                bus.shutdown().await;
-                agents.shutdown().await;
-                transport.abort().await;
-                tasks.close();
-                tasks.wait().await;
-                return Err(NodeError::Meta(e));
+                // The listeners are closed already (dropped with `run`); the tasks stop now.
+                starting.undo().await;
+                Err(e)
             }
-        };
-        bus.start_remote(crate::bus::remote::RemoteParts {
-            cfg: cfg.pubsub.clone(),
-            frame_len_max: cfg.net.frame_len_max_bytes as usize,
-            transport: transport.downgrade(),
-            membership: membership.clone(),
-            metrics: metrics.clone(),
-            rng_seed: rng_seed.wrapping_add(3),
-        });
-        bus.attach_cluster(cluster.clone());
-        agents.set_emitter(emitter(bus.downgrade()));
-        agents.set_caller(caller(cluster.downgrade()));
-        let handler = NodeHandler {
-            membership: membership.clone(),
-            data: opts.data,
-            cluster: cluster.clone(),
-            bus: bus.clone(),
-            refused: metrics.counters(
-                "envelopes_refused",
-                "Asks from other nodes refused because their kind cannot be read, by lane and reason",
-            ),
-        };
-        transport.set_handler(Arc::new(handler));
-        if let Some(listener) = http_listener {
-            let state = crate::api::ApiState {
-                membership: membership.clone(),
-                transport: transport.clone(),
-                metrics: metrics.clone(),
-                bus: bus.clone(),
-                ingress_body_bytes_max: cfg.signals.ingress_body_bytes_max,
-                cluster: cluster.clone(),
-                node_name: cfg.name.clone(),
-                call_timeout: Duration::from_millis(cfg.agents.call_timeout_ms),
-            };
-            tasks.spawn(crate::api::serve(listener, state, cancel.clone()));
         }
-        info!(name = %cfg.name, addr = %transport.local().addr, http = ?http, incarnation, "node started");
-        Ok(Node { cfg, transport, membership, metrics, bus, agents, cluster, http, cancel, tasks })
     }
 
     pub fn name(&self) -> &str {
@@ -467,6 +358,261 @@ impl Node {
         self.tasks.close();
         self.tasks.wait().await;
     }
+}
+
+/// What [`Node::start`] has once the transport is bound: the rest of the start.
+struct Run {
+    cfg: Config,
+    opts: NodeOptions,
+    metrics: Metrics,
+    incarnation: u64,
+    rng_seed: u64,
+    prepared: Prepared,
+    routes: Option<RoutesPlan>,
+    inbound: Inbound,
+}
+
+impl Run {
+    /// Binds the HTTP API, starts membership and the cluster (with the host and the bus), then
+    /// serves. Whatever runs is in `starting`, for the caller to stop if this fails.
+    async fn start(self, starting: &mut Starting) -> Result<Node, NodeError> {
+        let Run { cfg, opts, metrics, incarnation, rng_seed, prepared, routes, inbound } = self;
+        let transport = starting.transport().clone();
+        let http_listener = match cfg.http {
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|source| NodeError::Bind {
+                what: "http",
+                addr,
+                source,
+            })?),
+            None => None,
+        };
+        let http = http_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let me = NodeMeta {
+            name: cfg.name.clone(),
+            addr: transport.local().addr,
+            http,
+            incarnation,
+            started_ms: crate::clock::wall_ms(),
+        };
+        let membership = spawn_membership(&cfg, me, rng_seed, &transport, &metrics, starting);
+        let source = cfg.signal_source();
+        crate::signal::set_default_source(&source);
+        let remote = crate::bus::remote::RemoteParts {
+            cfg: cfg.pubsub.clone(),
+            frame_len_max: cfg.net.frame_len_max_bytes as usize,
+            transport: transport.downgrade(),
+            membership: membership.clone(),
+            metrics: metrics.clone(),
+            rng_seed: rng_seed.wrapping_add(3),
+        };
+        // The host and the bus are built inside the cluster's start (see `Cluster::start`).
+        let assemble = |parts: HostParts| {
+            let side = ClusterSide { remote, cluster: parts.cluster.clone() };
+            let bus = Bus::clustered(cfg.signals.clone(), &source, &metrics, side);
+            (build_host(&cfg, &opts.agent_types, &metrics, parts, &bus), bus)
+        };
+        let addr = transport.local().addr;
+        let started = Cluster::start(prepared, addr, transport.downgrade(), membership.clone(), assemble).await;
+        let (cluster, bus) = started.map_err(NodeError::Meta)?;
+        starting.cluster_runs(cluster.clone(), bus.clone());
+        if let Some(plan) = routes {
+            bus.subscribe_routes(plan)?;
+        }
+        bus.follow_routes();
+        let handler = NodeHandler {
+            membership: membership.clone(),
+            data: opts.data,
+            cluster: cluster.clone(),
+            bus: bus.clone(),
+            refused: metrics.counters(
+                "envelopes_refused",
+                "Asks from other nodes refused because their kind cannot be read, by lane and reason",
+            ),
+        };
+        inbound.serve(Arc::new(handler));
+        let (cancel, tasks) = starting.node_tasks();
+        if let Some(listener) = http_listener {
+            let state = crate::api::ApiState {
+                membership: membership.clone(),
+                transport: transport.clone(),
+                metrics: metrics.clone(),
+                bus: bus.clone(),
+                ingress_body_bytes_max: cfg.signals.ingress_body_bytes_max,
+                cluster: cluster.clone(),
+                node_name: cfg.name.clone(),
+                call_timeout: Duration::from_millis(cfg.agents.call_timeout_ms),
+            };
+            tasks.spawn(crate::api::serve(listener, state, cancel.clone()));
+        }
+        info!(name = %cfg.name, addr = %addr, http = ?http, incarnation, "node started");
+        let agents = cluster.host().clone();
+        Ok(Node { cfg, transport, membership, metrics, bus, agents, cluster, http, cancel, tasks })
+    }
+}
+
+/// What a start has running so far; stops it unless the start finishes ([`Starting::disarm`]).
+///
+/// Design note: a start runs things one after the other (transport, membership, the cluster with
+/// the host and the bus), and any later step may fail. Rather than a cleanup ladder per error
+/// path, each running part is registered here as soon as it runs. On an error,
+/// [`Starting::undo`] stops them and waits for their tasks, so the error returns with nothing
+/// running. If the start future is dropped half way instead (a timeout around it, a cancelled
+/// task), `Drop` stops them as well: it tells every part to stop at once (the network goes
+/// silent, the node's tasks are cancelled) and spawns the rest of the undo, which waits, on the
+/// current runtime. The listeners need neither: they are owned by the start itself (the
+/// transport's unserved [`Inbound`], the HTTP listener) and close when it is dropped.
+struct Starting(Option<Running>);
+
+/// The parts a start has running (see [`Starting`]).
+struct Running {
+    transport: Transport,
+    /// The node's own tasks (membership, later the HTTP API).
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+    /// The cluster (with the host) and the bus, once started.
+    cluster: Option<(Cluster, Bus)>,
+}
+
+impl Starting {
+    fn new(transport: Transport) -> Starting {
+        Starting(Some(Running {
+            transport,
+            cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            cluster: None,
+        }))
+    }
+
+    fn running(&self) -> &Running {
+        match &self.0 {
+            Some(r) => r,
+            None => unreachable!("emptied only by `disarm` and `undo`, which take the guard"),
+        }
+    }
+
+    fn transport(&self) -> &Transport {
+        &self.running().transport
+    }
+
+    /// The node's token and tracker for its own tasks.
+    fn node_tasks(&self) -> (CancellationToken, TaskTracker) {
+        let r = self.running();
+        (r.cancel.clone(), r.tasks.clone())
+    }
+
+    /// The cluster (with the host) and the bus run from now on.
+    fn cluster_runs(&mut self, cluster: Cluster, bus: Bus) {
+        if let Some(r) = &mut self.0 {
+            r.cluster = Some((cluster, bus));
+        }
+    }
+
+    /// The start finished: the parts are the node's now.
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+
+    /// The start failed: stops everything and waits for it. Dropped while waiting, it leaves
+    /// the rest to `Drop`.
+    async fn undo(mut self) {
+        if let Some(r) = &self.0 {
+            r.stop_now();
+            r.stop().await;
+        }
+        self.0 = None;
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        let Some(r) = self.0.take() else { return };
+        r.stop_now();
+        // Outside a runtime (it is going away) the tasks go with it.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { r.stop().await });
+        }
+    }
+}
+
+impl Running {
+    /// What stops without waiting: the network goes silent, the node's tasks are told to stop,
+    /// the cluster serves nothing.
+    fn stop_now(&self) {
+        self.cancel.cancel();
+        self.transport.stop_now();
+        if let Some((cluster, _)) = &self.cluster {
+            cluster.stop_serving();
+        }
+    }
+
+    /// Stops every part and waits for its tasks (after [`Running::stop_now`]).
+    async fn stop(&self) {
+        if let Some((cluster, bus)) = &self.cluster {
+            bus.shutdown().await;
+            cluster.host().shutdown().await;
+            cluster.shutdown().await;
+        }
+        self.transport.abort().await;
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+/// The transport's identity and limits from the node's config.
+fn transport_config(cfg: &Config, rng_seed: u64) -> TransportConfig {
+    TransportConfig {
+        name: cfg.name.clone(),
+        cluster: cfg.cluster.clone(),
+        listen: cfg.listen,
+        advertise: cfg.advertise,
+        secret: cfg.secret.clone(),
+        net: cfg.net.clone(),
+        rng_seed,
+    }
+}
+
+/// Starts membership on the node's tasks; a renewed incarnation is kept in the data dir.
+fn spawn_membership(
+    cfg: &Config,
+    me: NodeMeta,
+    rng_seed: u64,
+    transport: &Transport,
+    metrics: &Metrics,
+    starting: &Starting,
+) -> Membership {
+    let now = tokio::time::Instant::now();
+    let core = Core::new(me, cfg.membership.clone(), cfg.seeds.clone(), rng_seed.wrapping_add(1), now);
+    let data_dir = cfg.data_dir.clone();
+    let on_renew = Box::new(move |m: &NodeMeta| {
+        if let Some(dir) = &data_dir {
+            if let Err(e) = write_incarnation(dir, m.incarnation) {
+                warn!(error = %e, "cannot persist incarnation");
+            }
+        }
+    });
+    let (cancel, tasks) = starting.node_tasks();
+    membership_task::spawn(core, &cfg.membership, transport.clone(), metrics, on_renew, cancel, &tasks)
+}
+
+/// The node's host: the built-in and registered agent types, publishing on `bus`, calling
+/// through the cluster.
+fn build_host(
+    cfg: &Config,
+    agent_types: &[fn(HostBuilder) -> HostBuilder],
+    metrics: &Metrics,
+    parts: HostParts,
+    bus: &Bus,
+) -> Host {
+    let mut b = HostBuilder::new(cfg.agents.clone(), parts.storage)
+        .gate(parts.gate)
+        .metrics(metrics)
+        .emitter(emitter(bus.downgrade()))
+        .caller(caller(parts.cluster))
+        .agent::<crate::agent::counter::Counter>();
+    for register in agent_types {
+        b = register(b);
+    }
+    b.build()
 }
 
 /// Publishes what agents emit on the node's bus, in order, at the default level; a refused

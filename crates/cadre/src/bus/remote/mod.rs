@@ -307,8 +307,8 @@ pub(crate) struct RemoteParts {
 }
 
 impl Remote {
-    /// Starts the interest gossip; `patterns` are the node's own to advertise.
-    pub(crate) fn start(parts: RemoteParts, patterns: Vec<String>) -> Arc<Remote> {
+    /// Starts the interest gossip, advertising no patterns until the bus has subscriptions.
+    pub(crate) fn start(parts: RemoteParts) -> Arc<Remote> {
         let view = parts.membership.view();
         let remote = Arc::new(Remote {
             me: view.me.name.clone(),
@@ -334,7 +334,7 @@ impl Remote {
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
-        remote.set_patterns(patterns);
+        remote.set_patterns(Vec::new());
         let rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(parts.rng_seed);
         remote.tasks.spawn(gossip_loop(remote.clone(), rng));
         remote

@@ -36,8 +36,7 @@ impl Replication {
                 return refuse("undecodable", ReplicaError::Undecodable(e.to_string()));
             }
         };
-        let Some(lanes) = self.lanes.get() else { return refuse("starting", ReplicaError::Busy) };
-        let lane = &lanes[req.shard as usize % REPLICA_LANES];
+        let lane = &self.lanes[req.shard as usize % REPLICA_LANES];
         let item = Incoming { from: from.name.to_string(), addr: from.addr, id, req };
         match lane.try_send(item) {
             Ok(()) => None,

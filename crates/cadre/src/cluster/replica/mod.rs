@@ -67,7 +67,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -157,15 +157,17 @@ pub struct Replication {
     local: Arc<dyn Storage>,
     state: watch::Receiver<Arc<MetaState>>,
     cfg: PlacementConfig,
-    cluster: OnceLock<Weak<Inner>>,
+    /// The cluster this replication is part of (built together, see [`Replication::new`]).
+    cluster: Weak<Inner>,
     /// Tasks parked until their turn on a shard's gate comes (the engine says whose).
     waiters: Mutex<HashMap<Ticket, oneshot::Sender<()>>>,
     /// What is open, which catch-ups and jobs run: locked for one decision at a time, never
     /// across an await.
     engine: Mutex<Engine>,
-    lanes: OnceLock<Vec<mpsc::Sender<Incoming>>>,
+    /// The apply lanes' queues (their tasks start with [`Replication::start`]).
+    lanes: Vec<mpsc::Sender<Incoming>>,
     /// Replica reports on their way to the leader.
-    reports: OnceLock<mpsc::Sender<PendingReport>>,
+    reports: mpsc::Sender<PendingReport>,
     catch_ups: Arc<tokio::sync::Semaphore>,
     /// The origin of the clock the engine's pacing reads (its inputs carry microseconds since).
     clock_origin: Instant,
@@ -174,33 +176,51 @@ pub struct Replication {
     metrics: ReplicaMetrics,
 }
 
+/// The receiving ends of [`Replication`]'s queues, created with it and consumed by
+/// [`Replication::start`], which gives each to its task.
+pub(super) struct Queues {
+    lanes: Vec<mpsc::Receiver<Incoming>>,
+    reports: mpsc::Receiver<PendingReport>,
+}
+
+/// What [`Replication::new`] needs besides the cluster it is part of.
+pub(super) struct ReplicationParts {
+    pub name: String,
+    pub lease: Arc<super::Lease>,
+    pub local: Arc<dyn Storage>,
+    pub state: watch::Receiver<Arc<MetaState>>,
+    pub cfg: PlacementConfig,
+    pub frame_len_max_bytes: u32,
+}
+
 impl Replication {
-    pub fn new(
-        name: String,
-        lease: Arc<super::Lease>,
-        local: Arc<dyn Storage>,
-        state: watch::Receiver<Arc<MetaState>>,
-        cfg: PlacementConfig,
-        frame_len_max_bytes: u32,
-        metrics: &Metrics,
-    ) -> Arc<Replication> {
-        Arc::new(Replication {
+    /// Replication within the cluster `cluster` points to (built in the same `Arc::new_cyclic`:
+    /// the cluster holds this, and this reaches the cluster's transport, tasks and leader through
+    /// it). Requests queue on the apply lanes from now on; they are applied once
+    /// [`Replication::start`] has the returned [`Queues`].
+    pub(super) fn new(parts: ReplicationParts, cluster: Weak<Inner>, metrics: &Metrics) -> (Arc<Replication>, Queues) {
+        let (lane_txs, lane_rxs): (Vec<_>, Vec<_>) =
+            (0..REPLICA_LANES).map(|_| mpsc::channel(REPLICA_LANE_QUEUE_LEN_MAX)).unzip();
+        let (reports, reports_rx) = mpsc::channel(REPORT_QUEUE_LEN_MAX);
+        let ReplicationParts { name, lease, local, state, cfg, frame_len_max_bytes } = parts;
+        let repl = Arc::new(Replication {
             engine: Mutex::new(Engine::new(name).paced(cfg.replica_sync_bytes_per_s)),
             lease,
             enabled: !local.shared(),
             local,
             state,
             cfg,
-            cluster: OnceLock::new(),
+            cluster,
             waiters: Mutex::new(HashMap::new()),
-            lanes: OnceLock::new(),
-            reports: OnceLock::new(),
+            lanes: lane_txs,
+            reports,
             catch_ups: Arc::new(tokio::sync::Semaphore::new(CATCH_UPS_MAX)),
             clock_origin: Instant::now(),
             // Room for the key, the envelope and the encoding's length prefixes.
             payload_max: (frame_len_max_bytes as usize).saturating_sub(FRAME_OVERHEAD_BYTES).max(1),
             metrics: ReplicaMetrics::new(metrics),
-        })
+        });
+        (repl, Queues { lanes: lane_rxs, reports: reports_rx })
     }
 
     pub fn enabled(&self) -> bool {
@@ -230,23 +250,16 @@ impl Replication {
         lock(&self.engine)
     }
 
-    /// Connects the cluster layer and starts the apply lanes.
-    pub(super) fn start(self: &Arc<Self>, inner: &Arc<Inner>) {
-        assert!(self.cluster.set(Arc::downgrade(inner)).is_ok(), "replication started twice");
-        let mut senders = Vec::with_capacity(REPLICA_LANES);
-        for _ in 0..REPLICA_LANES {
-            let (tx, rx) = mpsc::channel(REPLICA_LANE_QUEUE_LEN_MAX);
-            senders.push(tx);
+    /// Starts the apply lanes and the report queue's sender on the cluster's tasks.
+    pub(super) fn start(self: &Arc<Self>, queues: Queues, inner: &Inner) {
+        for rx in queues.lanes {
             inner.tasks.spawn(apply::apply_lane(self.clone(), rx, inner.cancel.clone()));
         }
-        assert!(self.lanes.set(senders).is_ok(), "replication started twice");
-        let (tx, rx) = mpsc::channel(REPORT_QUEUE_LEN_MAX);
-        inner.tasks.spawn(report_loop(self.clone(), rx, inner.cancel.clone()));
-        assert!(self.reports.set(tx).is_ok(), "replication started twice");
+        inner.tasks.spawn(report_loop(self.clone(), queues.reports, inner.cancel.clone()));
     }
 
     fn cluster(&self) -> Option<Arc<Inner>> {
-        self.cluster.get().and_then(Weak::upgrade)
+        self.cluster.upgrade()
     }
 
     /// Waits for a turn on `shard`'s gate; it ends when the pass is dropped (also while still
@@ -400,8 +413,6 @@ impl Replication {
 pub(crate) enum SyncError {
     #[error("the node is shutting down")]
     ShuttingDown,
-    #[error("replication has not started")]
-    NotStarted,
     #[error("{REPORT_QUEUE_LEN_MAX} replica reports are waiting already")]
     ReportsFull,
     #[error("no address for {node}")]

@@ -39,10 +39,9 @@ impl Replication {
         in_sync: bool,
         generation: u64,
     ) -> Result<(), SyncError> {
-        let queue = self.reports.get().ok_or(SyncError::NotStarted)?;
         let (done, outcome) = oneshot::channel();
         let report = ReplicaReport { shard, epoch, node: node.to_string(), in_sync, generation };
-        queue.try_send(PendingReport { report, done }).map_err(|e| match e {
+        self.reports.try_send(PendingReport { report, done }).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => SyncError::ReportsFull,
             mpsc::error::TrySendError::Closed(_) => SyncError::ShuttingDown,
         })?;
