@@ -274,29 +274,15 @@ pub(crate) struct Inner {
     host: Host,
     repl: Arc<replica::Replication>,
     lease: Arc<Lease>,
-    leader: Mutex<control::engine::Controller<Instant>>,
-    /// Held by a controller tick and by the grant of a lease (see `control::grant`).
-    controller: tokio::sync::Mutex<()>,
-    control_permits: Arc<Semaphore>,
-    /// Raft RPCs have their own: slow placement requests must not starve heartbeats and votes.
-    raft_permits: Arc<Semaphore>,
-    /// And lease renewals theirs: a burst of placement or replica requests must not let leases lapse.
-    renew_permits: Arc<Semaphore>,
-    control_dropped: prometheus_client::metrics::counter::Counter,
-    /// Metadata snapshots received that break the metadata's invariants (refused).
-    snapshots_refused: prometheus_client::metrics::counter::Counter,
+    /// Leases, the controller and the control lane's admission.
+    control: control::ControlState,
+    /// Agent asks from other nodes being served (routing).
     agent_permits: Arc<Semaphore>,
     handoffs: Mutex<handoff::engine::Handoffs>,
-    /// Set once this node starts leaving (renewals say so).
-    draining: std::sync::atomic::AtomicBool,
-    /// Pool keys found per (agent type, node) (see [`routes`]).
-    pool: Mutex<routes::PoolKeys>,
-    /// Members' loads for remote pool picks (see [`routes`]).
-    loads: Mutex<routes::Loads>,
-    /// Reads served here, by role (see [`read`]).
-    reads: crate::metrics::CounterFamily,
-    /// Reads this node's copy could not serve, by reason.
-    reads_refused: crate::metrics::CounterFamily,
+    /// Pool picks (cluster-wide routes).
+    pools: routes::PoolState,
+    /// Reads from the nearest copy.
+    reads: read::ReadCounters,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -317,7 +303,7 @@ struct InnerParts {
 impl Inner {
     fn new(parts: ClusterParts, p: InnerParts) -> Inner {
         Inner {
-            leader: Mutex::new(control::engine::Controller::new(parts.name.clone())),
+            control: control::ControlState::new(&parts.name, &parts.metrics),
             handoffs: Mutex::new(handoff::engine::Handoffs::new(parts.name.clone())),
             name: parts.name,
             addr: p.addr,
@@ -331,26 +317,9 @@ impl Inner {
             host: p.host,
             repl: p.repl,
             lease: p.lease,
-            controller: tokio::sync::Mutex::new(()),
-            control_permits: Arc::new(Semaphore::new(CONTROL_IN_FLIGHT_MAX)),
-            raft_permits: Arc::new(Semaphore::new(CONTROL_IN_FLIGHT_MAX)),
-            renew_permits: Arc::new(Semaphore::new(CONTROL_IN_FLIGHT_MAX)),
-            control_dropped: parts
-                .metrics
-                .counter("control_requests_dropped", "Control-lane requests dropped because too many were in flight"),
-            snapshots_refused: parts.metrics.counter(
-                "meta_snapshots_refused",
-                "Metadata snapshots received from the leader that broke the metadata's invariants, refused",
-            ),
             agent_permits: Arc::new(Semaphore::new(AGENT_IN_FLIGHT_MAX)),
-            draining: std::sync::atomic::AtomicBool::new(false),
-            pool: Mutex::new(routes::PoolKeys::default()),
-            loads: Mutex::new(routes::Loads::default()),
-            reads: parts.metrics.counters("agent_reads", "Reads of stored agent state served by this node, by role"),
-            reads_refused: parts.metrics.counters(
-                "agent_reads_refused",
-                "Reads this node's copy could not serve (the reader tried another), by reason",
-            ),
+            pools: routes::PoolState::default(),
+            reads: read::ReadCounters::new(&parts.metrics),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         }
@@ -499,12 +468,12 @@ impl Cluster {
     /// through the transport.
     pub fn on_control_ask(&self, from: &PeerInfo, id: u64, kind: ControlKind, payload: Bytes) {
         let permits = match kind {
-            ControlKind::Raft => &self.inner.raft_permits,
-            ControlKind::Renew => &self.inner.renew_permits,
-            ControlKind::Other => &self.inner.control_permits,
+            ControlKind::Raft => &self.inner.control.raft_permits,
+            ControlKind::Renew => &self.inner.control.renew_permits,
+            ControlKind::Other => &self.inner.control.control_permits,
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            self.inner.control_dropped.inc();
+            self.inner.control.dropped.inc();
             warn!(from = %from.name, "control requests over their limit: one dropped");
             return;
         };
@@ -518,7 +487,7 @@ impl Cluster {
                     ControlReply::Refused(format!("undecodable control request: {e}"))
                 }
                 Ok(ControlReq::Raft { to, rpc }) => {
-                    raft_net::serve(&inner.raft, inner.raft_id, to, rpc, &inner.snapshots_refused).await
+                    raft_net::serve(&inner.raft, inner.raft_id, to, rpc, &inner.control.snapshots_refused).await
                 }
                 Ok(ControlReq::Renew(r)) => ControlReply::Renew(control::grant(&inner, r).await),
                 Ok(ControlReq::HandedOff { shard, epoch }) => {
@@ -565,7 +534,7 @@ impl Cluster {
         if !others || !st.members.contains_key(&me) {
             return false;
         }
-        self.inner.draining.store(true, std::sync::atomic::Ordering::Release);
+        self.inner.control.draining.store(true, std::sync::atomic::Ordering::Release);
         let mut rx = self.inner.state.clone();
         let retry = Duration::from_millis(RETRY_WAIT_MIN_MS * 8);
         loop {

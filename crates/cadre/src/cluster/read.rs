@@ -249,7 +249,7 @@ pub(super) async fn serve_read(
     let (role, epoch) = match may_read(inner, key, stale_ms_max, owner_only, now) {
         Ok(ok) => ok,
         Err((reason, e)) => {
-            inner.reads_refused.get_or_create(&label("reason", reason)).inc();
+            inner.reads.refused.get_or_create(&label("reason", reason)).inc();
             return Err(e);
         }
     };
@@ -259,7 +259,7 @@ pub(super) async fn serve_read(
         Ok(r) => r?,
         Err(_) => return Err(CallError::Timeout(timeout)),
     };
-    inner.reads.get_or_create(&label("role", role.as_str())).inc();
+    inner.reads.served.get_or_create(&label("role", role.as_str())).inc();
     Ok(ReadServed { reply, node: inner.name.clone(), role, epoch, age_ms })
 }
 
@@ -281,6 +281,24 @@ fn may_read(
 }
 
 /// What the read rule needs to know of the node answering.
+/// Reads served by this node, by role, and those its copy could not serve, by reason.
+pub(super) struct ReadCounters {
+    pub(super) served: crate::metrics::CounterFamily,
+    pub(super) refused: crate::metrics::CounterFamily,
+}
+
+impl ReadCounters {
+    pub(super) fn new(metrics: &crate::metrics::Metrics) -> ReadCounters {
+        ReadCounters {
+            served: metrics.counters("agent_reads", "Reads of stored agent state served by this node, by role"),
+            refused: metrics.counters(
+                "agent_reads_refused",
+                "Reads this node's copy could not serve (the reader tried another), by reason",
+            ),
+        }
+    }
+}
+
 pub(crate) struct Answering<'a> {
     pub me: &'a str,
     /// How long ago the renewal behind its valid lease was sent (`None`: no valid lease).

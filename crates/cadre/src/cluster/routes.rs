@@ -45,6 +45,13 @@ const POOL_LOADS_TIMEOUT_MS: u64 = 500;
 pub const POOL_LOAD_SLACK_PCT: u64 = 10;
 pub const POOL_LOAD_SLACK_AGENTS: u64 = 8;
 
+/// What pool picks remember: the keys found per (agent type, node) and the members' loads.
+#[derive(Default)]
+pub(super) struct PoolState {
+    pub(super) keys: std::sync::Mutex<PoolKeys>,
+    pub(super) loads: std::sync::Mutex<Loads>,
+}
+
 /// Agents active per member, as last asked (see [`Cluster::pool_pick`]).
 #[derive(Default)]
 pub struct Loads {
@@ -110,7 +117,7 @@ impl Cluster {
         let me = self.inner.name.as_str();
         let owns = |node: &str| st.shards.iter().any(|e| serving(e, node));
         let node = if owns(me) && self.lease_valid() { me.to_string() } else { self.remote_owner(&st)? };
-        let mut pool = self.inner.pool.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pool = self.inner.pools.keys.lock().unwrap_or_else(|e| e.into_inner());
         let slot = (ty.to_string(), node.clone());
         let fresh = pool.ids.get(&slot).is_some_and(|ids| {
             !ids.is_empty() && ids.iter().all(|id| owner_serving(&st, &Key::new(ty, id.as_str()), &node))
@@ -147,7 +154,7 @@ impl Cluster {
     /// [`POOL_LOADS_REFRESH_MS`] (one at a time, in the background).
     fn pool_loads(&self) -> HashMap<String, u64> {
         let now = tokio::time::Instant::now();
-        let mut loads = self.inner.loads.lock().unwrap_or_else(|e| e.into_inner());
+        let mut loads = self.inner.pools.loads.lock().unwrap_or_else(|e| e.into_inner());
         let stale = loads.asked.is_none_or(|t| now.duration_since(t) >= Duration::from_millis(POOL_LOADS_REFRESH_MS));
         if stale && !loads.refreshing && !self.inner.cancel.is_cancelled() {
             loads.refreshing = true;
@@ -155,7 +162,7 @@ impl Cluster {
             self.inner.tasks.spawn(async move {
                 let stats = me.stats(Duration::from_millis(POOL_LOADS_TIMEOUT_MS)).await;
                 let active = stats.into_iter().filter_map(|(n, s)| Some((n, s?.active))).collect();
-                let mut loads = me.inner.loads.lock().unwrap_or_else(|e| e.into_inner());
+                let mut loads = me.inner.pools.loads.lock().unwrap_or_else(|e| e.into_inner());
                 *loads = Loads { active, asked: Some(tokio::time::Instant::now()), refreshing: false };
             });
         }

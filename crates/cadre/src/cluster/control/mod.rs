@@ -62,10 +62,51 @@ const GROUP_WAIT_RPCS: u64 = 5;
 /// Wait before retrying a failed renewal.
 const RENEW_RETRY_MS: u64 = 100;
 
+/// The cluster's control side on this node: the leader's controller engine and the lock its
+/// ticks and grants share, the control lane's admission (a pool of permits per kind of request)
+/// and whether this node is leaving.
+pub(super) struct ControlState {
+    pub(super) leader: std::sync::Mutex<Controller<Instant>>,
+    /// Held by a controller tick and by the grant of a lease (see [`grant`]).
+    pub(super) controller: tokio::sync::Mutex<()>,
+    pub(super) control_permits: Arc<tokio::sync::Semaphore>,
+    /// Raft RPCs have their own: slow placement requests must not starve heartbeats and votes.
+    pub(super) raft_permits: Arc<tokio::sync::Semaphore>,
+    /// And lease renewals theirs: a burst of placement or replica requests must not let leases
+    /// lapse.
+    pub(super) renew_permits: Arc<tokio::sync::Semaphore>,
+    /// Control-lane requests dropped because their pool was out of permits.
+    pub(super) dropped: prometheus_client::metrics::counter::Counter,
+    /// Metadata snapshots received that break the metadata's invariants (refused).
+    pub(super) snapshots_refused: prometheus_client::metrics::counter::Counter,
+    /// Set once this node starts leaving (renewals say so).
+    pub(super) draining: std::sync::atomic::AtomicBool,
+}
+
+impl ControlState {
+    pub(super) fn new(name: &str, metrics: &crate::metrics::Metrics) -> ControlState {
+        let permits = || Arc::new(tokio::sync::Semaphore::new(super::CONTROL_IN_FLIGHT_MAX));
+        ControlState {
+            leader: std::sync::Mutex::new(Controller::new(name.to_string())),
+            controller: tokio::sync::Mutex::new(()),
+            control_permits: permits(),
+            raft_permits: permits(),
+            renew_permits: permits(),
+            dropped: metrics
+                .counter("control_requests_dropped", "Control-lane requests dropped because too many were in flight"),
+            snapshots_refused: metrics.counter(
+                "meta_snapshots_refused",
+                "Metadata snapshots received from the leader that broke the metadata's invariants, refused",
+            ),
+            draining: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+}
+
 /// The controller engine, for the leader's memory of the current term (the engine starts
 /// afresh when the term changed since it was last told).
 fn lock(inner: &Inner) -> std::sync::MutexGuard<'_, Controller<Instant>> {
-    inner.leader.lock().unwrap_or_else(|e| e.into_inner())
+    inner.control.leader.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn term(inner: &Inner) -> u64 {
@@ -121,7 +162,7 @@ fn renew_req(inner: &Inner) -> RenewReq {
         name: inner.name.clone(),
         addr: inner.addr.to_string(),
         raft_id: inner.raft_id,
-        draining: inner.draining.load(std::sync::atomic::Ordering::Acquire),
+        draining: inner.control.draining.load(std::sync::atomic::Ordering::Acquire),
     }
 }
 
@@ -220,7 +261,7 @@ pub(super) async fn grant(inner: &Arc<Inner>, req: RenewReq) -> RenewReply {
     // Not while the controller decides and writes: the index below then covers any
     // reassignment it proposed from a view in which this lease had expired.
     let limit = Duration::from_millis(inner.cfg.lease_renew_interval_ms);
-    let Ok(_controller) = tokio::time::timeout(limit, inner.controller.lock()).await else {
+    let Ok(_controller) = tokio::time::timeout(limit, inner.control.controller.lock()).await else {
         return RenewReply::Retry(ControlError::Busy);
     };
     // Grant only within a confirmed term: a deposed leader must not extend leases.
@@ -351,7 +392,7 @@ pub(super) async fn controller_loop(inner: Arc<Inner>) {
 /// runs its commands in order. A new cluster's shard count is fixed first, then the tick
 /// decides again from the table that holds it.
 async fn tick(inner: &Arc<Inner>) {
-    let _controller = inner.controller.lock().await;
+    let _controller = inner.control.controller.lock().await;
     for _ in 0..2 {
         // Applied by now: `client_write` returns after this node applied the entry.
         let st = inner.state.borrow().clone();
