@@ -192,6 +192,7 @@ impl Ctx {
         }
     }
 
+    /// The agent's key.
     pub fn key(&self) -> &Key {
         &self.key
     }

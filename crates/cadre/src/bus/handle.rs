@@ -97,17 +97,21 @@ pub struct Bus {
 pub struct WeakBus(Weak<Inner>);
 
 impl WeakBus {
+    /// The bus, if it still exists.
     pub fn upgrade(&self) -> Option<Bus> {
         self.0.upgrade().map(|inner| Bus { inner })
     }
 }
 
 impl Bus {
+    /// A reference that does not keep the bus alive (internal).
+    #[doc(hidden)]
     pub fn downgrade(&self) -> WeakBus {
         WeakBus(Arc::downgrade(&self.inner))
     }
 
-    /// A bus whose signals come from `source`. Must be created inside a tokio runtime.
+    /// A bus whose signals come from `source`, on its own (without a node: local subscribers only).
+    /// Must be created inside a tokio runtime.
     pub fn new(cfg: SignalsConfig, source: &str, metrics: &Metrics) -> Bus {
         let inner = Inner {
             journal: Journal::new(cfg.journal_len_max),
@@ -133,6 +137,7 @@ impl Bus {
         Bus { inner: Arc::new(inner) }
     }
 
+    /// The source of signals this bus makes.
     pub fn source(&self) -> &str {
         &self.inner.source
     }

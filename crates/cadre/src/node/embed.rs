@@ -124,6 +124,7 @@ impl<A: Agent> AgentRef<A> {
         AgentRef { cluster: node.cluster.clone(), key: Key::new(A::TYPE, id), timeout, agent: PhantomData }
     }
 
+    /// The agent's key (`A::TYPE` and the id).
     pub fn key(&self) -> &Key {
         &self.key
     }
