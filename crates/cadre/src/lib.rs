@@ -59,7 +59,7 @@ pub mod config;
 pub mod signal;
 pub mod storage;
 
-/// Deterministic cluster simulation on turmoil (feature `testing`).
+// Deterministic cluster simulation on turmoil (feature `testing`).
 #[cfg(feature = "testing")]
 pub mod sim;
 

@@ -59,7 +59,7 @@ pub enum CallError {
     #[error("not a read: {0}")]
     NotRead(String),
     /// The agent handled this signal (same source and id) before and its reply is no longer
-    /// kept: it was not handled again (see [`handled`](super::handled)). Not a failure: the
+    /// kept: it was not handled again (see `agents.dedupe_ids_max`). Not a failure: the
     /// signal took effect.
     #[error("a duplicate: this signal was handled before")]
     Duplicate,
@@ -67,7 +67,7 @@ pub enum CallError {
     /// [`Ctx::call`](super::Ctx::call)): it would wait forever, so it fails at once.
     #[error("a call cycle: {0}")]
     Cycle(String),
-    /// A call that would make its chain longer than [`CALL_DEPTH_MAX`] agents.
+    /// A call that would make its chain longer than `CALL_DEPTH_MAX` (16) agents.
     #[error("a chain of {0} calls is longer than {CALL_DEPTH_MAX}")]
     TooDeep(usize),
     /// A typed handle's reply (or data) does not match the type asked for

@@ -144,7 +144,7 @@ impl Bus {
     }
 
     /// Publishes one signal to the subscriptions of this node and, once the node is in a cluster,
-    /// of every other node, at `delivery` (see [`remote`](super::remote)). A signal refused by a
+    /// of every other node, at `delivery` (see `bus::remote`). A signal refused by a
     /// full local queue goes to no other node.
     pub async fn publish_with(&self, signal: Signal, delivery: Delivery) -> Result<Published, PublishError> {
         let inner = &self.inner;
@@ -159,7 +159,7 @@ impl Bus {
 
     /// Publishes one signal to the subscriptions of every live node, whatever their patterns
     /// advertise (cache invalidation, configuration), through the broadcast tree (see
-    /// [`broadcast`](super::broadcast)): this node sends at most `broadcast_fanout` copies. Best
+    /// `bus::broadcast`): this node sends at most `broadcast_fanout` copies. Best
     /// effort (`weak`): returns once this node's copies are accepted, each unreachable node's
     /// share taken over.
     pub async fn broadcast(&self, signal: Signal) -> Result<Published, PublishError> {

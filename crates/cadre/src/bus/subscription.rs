@@ -60,7 +60,7 @@ pub enum Dispatch {
     /// An in-process async function; an `Err` or panic is a failed delivery (dead-lettered).
     Function(HandlerFn),
     /// An agent (or one of a pool), wherever it lives: the mirror of a cluster-wide route (see
-    /// [`agents`](super::agents)); only the bus creates these.
+    /// `bus::agents`); only the bus creates these.
     Agent(crate::meta::AgentTarget),
 }
 
@@ -179,7 +179,7 @@ impl SubscriptionSpec {
         self.overflow = overflow;
         self
     }
-    /// Sets the queue length (at most [`QUEUE_LEN_FACTOR_MAX`] times the node's default).
+    /// Sets the queue length (at most `QUEUE_LEN_FACTOR_MAX` (16) times the node's default).
     pub fn queue_len_max(mut self, len: usize) -> Self {
         self.queue_len_max = Some(len);
         self

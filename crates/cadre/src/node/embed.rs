@@ -103,8 +103,8 @@ impl NodeBuilder {
     }
 }
 
-/// One agent of type `A`, wherever it lives in the cluster: calls reach its owner through
-/// [`Cluster`]. Cheap to clone; made by [`Node::agent`].
+/// One agent of type `A`, wherever it lives in the cluster: calls reach its owner through the
+/// cluster layer. Cheap to clone; made by [`Node::agent`].
 pub struct AgentRef<A> {
     cluster: Cluster,
     key: Key,

@@ -91,7 +91,7 @@ pub enum NodeError {
 pub trait DataHandler: Send + Sync + 'static {
     /// A tell, as sent ([`Node::tell`]).
     fn on_tell(&self, from: &PeerInfo, payload: Bytes);
-    /// An application ask ([`Node::ask`], or any ask of kind [`Kind::App`]): `payload` is what
+    /// An application ask ([`Node::ask`], or any ask of kind `Kind::App`): `payload` is what
     /// the asker gave, without the kind; the result is the reply.
     fn on_ask(&self, from: &PeerInfo, payload: Bytes) -> Bytes;
 }
@@ -464,8 +464,8 @@ impl Node {
     }
 
     /// Asks the node at `to`: its [`DataHandler::on_ask`] gets exactly `payload`, whatever it
-    /// starts with, and answers. The payload is copied once behind its kind ([`envelope::app`]);
-    /// to ask the same payload many times, encode it once and use [`Transport::ask`].
+    /// starts with, and answers. The payload is copied once behind its kind (`envelope::app`);
+    /// to ask the same payload many times, encode it once and use `Transport::ask`.
     pub async fn ask(&self, to: SocketAddr, payload: Bytes, timeout: Duration) -> Result<Bytes, AskError> {
         self.transport.ask(to, envelope::app(&payload), timeout).await
     }
