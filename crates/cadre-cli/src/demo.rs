@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use cadre::api::client;
 use cadre::api::MembersJson;
-use cadre::membership::MemberState;
+use cadre::MemberState;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::proc::{wait_ready, NodeProc, NodeSpec};
@@ -49,7 +49,7 @@ pub fn members_table(m: &MembersJson) -> String {
 }
 
 /// Leader, shards and agents per member, from `GET /v1/cluster`.
-pub fn cluster_table(c: &cadre::api::agents::ClusterJson) -> String {
+pub fn cluster_table(c: &cadre::api::ClusterJson) -> String {
     let mut out = String::new();
     let leader = c.leader.as_deref().unwrap_or("(none)");
     let _ = writeln!(

@@ -22,9 +22,9 @@ pub async fn webhook_receiver(
         .fallback(axum::routing::post(move |State(tx): State<Tx>, headers: HeaderMap, body: Bytes| async move {
             let now = cadre::clock::wall_since_epoch().as_secs();
             let signed = headers
-                .get(cadre::bus::webhook::SIGNATURE_HEADER)
+                .get(cadre::webhook::SIGNATURE_HEADER)
                 .and_then(|v| v.to_str().ok())
-                .is_some_and(|h| cadre::bus::webhook::verify(secret.as_bytes(), h, &body, now, 300));
+                .is_some_and(|h| cadre::webhook::verify(secret.as_bytes(), h, &body, now, 300));
             let subject = cadre::signal::codec::decode_structured(&body)
                 .ok()
                 .and_then(|s| s.subject)

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use cadre::config::{Config, Secret};
-use cadre::node::{Node, NodeError, NodeOptions};
+use cadre::{Node, NodeError, NodeOptions};
 use clap::{Args, Parser, Subcommand};
 
 /// Exit code for bad usage or configuration (missing secret, invalid config).
@@ -121,7 +121,7 @@ enum BenchCmd {
         #[arg(long, env = "CADRE_BENCH_STORAGE")]
         storage: Option<String>,
         /// Ids of handled signals kept per agent on the side with the record.
-        #[arg(long, default_value_t = cadre::agent::handled::DEDUPE_IDS_MAX_DEFAULT)]
+        #[arg(long, default_value_t = cadre::config::DEDUPE_IDS_MAX_DEFAULT)]
         dedupe_ids: usize,
         /// Only compare calls with the record of handled signals and without (local, remote).
         #[arg(long)]
@@ -359,13 +359,13 @@ fn init_logging(default: &str) {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
-fn read_table(file: &std::path::Path) -> Result<cadre::router::table::Table> {
-    use cadre::router::table::{Format, Table};
+fn read_table(file: &std::path::Path) -> Result<cadre::routes::Table> {
+    use cadre::routes::{Format, Table};
     let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     Table::parse(&text, Format::from_path(file)).with_context(|| format!("routes file {}", file.display()))
 }
 
-async fn run_node(cfg: Config, routes: Option<cadre::router::table::Table>) -> Result<()> {
+async fn run_node(cfg: Config, routes: Option<cadre::routes::Table>) -> Result<()> {
     // The demo's order-flow types are there on every node (they cost nothing unless called).
     let opts = NodeOptions { routes, ..NodeOptions::default() }.agent::<shop::Inventory>().agent::<shop::Payment>();
     let node = Node::start(cfg, opts).await?;
@@ -549,9 +549,8 @@ async fn send(args: SendArgs) -> Result<()> {
 }
 
 fn routes_check(file: &std::path::Path) -> Result<()> {
-    use cadre::router::table;
     let t = read_table(file)?;
-    for line in table::check(&t)? {
+    for line in cadre::routes::check(&t)? {
         println!("{}", serde_json::to_string(&line)?);
     }
     Ok(())

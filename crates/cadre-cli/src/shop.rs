@@ -15,9 +15,9 @@
 //! wherever they live, and a subscriber of `payment.captured` hears of it. Emitted signals go out
 //! only after the agent's state is stored.
 
-use cadre::agent::{Agent, AgentError, Ctx, Reply, Route};
 use cadre::signal::{Data, Signal};
 use cadre::storage::Key;
+use cadre::{Agent, AgentError, Ctx, Reply, Route};
 use serde::{Deserialize, Serialize};
 
 /// Units of stock a new SKU starts with.

@@ -61,8 +61,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cadre::api::agents::ClusterJson;
 use cadre::api::client::{self, ClientError};
+use cadre::api::ClusterJson;
 use cadre::signal::{codec, Signal};
 use support::exe;
 use support::proc::{self, wait_ready, NodeProc, NodeSpec};

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use cadre::api::client;
 use cadre::api::MembersJson;
-use cadre::membership::MemberState;
+use cadre::MemberState;
 use support::exe;
 use support::proc::{self, wait_ready, NodeProc, NodeSpec};
 

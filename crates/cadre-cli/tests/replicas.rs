@@ -11,7 +11,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use cadre::api::agents::ClusterJson;
+use cadre::api::ClusterJson;
 use support::proc::{self, wait_ready, NodeProc, NodeSpec};
 use support::{await_cluster, call, cli, exe, on_desired_owners, replicated, serving};
 

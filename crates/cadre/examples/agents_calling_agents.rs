@@ -10,7 +10,7 @@ struct Stock {
 
 impl Agent for Stock {
     const TYPE: &'static str = "stock";
-    const ROUTES: &'static [(&'static str, cadre::agent::Route<Self>)] = &[("stock.take", Stock::take)];
+    const ROUTES: &'static [(&'static str, cadre::Route<Self>)] = &[("stock.take", Stock::take)];
 }
 
 impl Stock {

@@ -27,7 +27,7 @@ fn data<T: serde::de::DeserializeOwned>(signal: &Signal) -> Result<T, AgentError
 impl Agent for Cart {
     const TYPE: &'static str = "cart";
     // Handlers that need not await: signal type -> function.
-    const ROUTES: &'static [(&'static str, cadre::agent::Route<Self>)] =
+    const ROUTES: &'static [(&'static str, cadre::Route<Self>)] =
         &[("cart.add", Cart::add), ("cart.count", Cart::count)];
 }
 

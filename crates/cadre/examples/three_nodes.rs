@@ -2,8 +2,8 @@
 //! it. `cargo run --example three_nodes`
 use std::time::Duration;
 
-use cadre::agent::counter::Counter;
 use cadre::prelude::*;
+use cadre::Counter;
 
 const SECRET: &str = "three-nodes-example-secret";
 

@@ -1,4 +1,5 @@
-//! Wall-clock time, simulated inside turmoil so simulations replay exactly.
+//! Wall-clock time, as reminders and signal times use it (simulated inside turmoil with
+//! the `testing` feature, so simulations replay exactly).
 //!
 //! Monotonic time everywhere else is `tokio::time::Instant`, which turmoil also controls.
 
@@ -6,6 +7,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Time since the Unix epoch.
 pub fn wall_since_epoch() -> Duration {
+    // Without `testing` there is no simulation (no `sim`, no `TurmoilNet`).
+    #[cfg(feature = "testing")]
     if turmoil::in_simulation() {
         if let Some(d) = turmoil::since_epoch() {
             return d;

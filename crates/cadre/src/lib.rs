@@ -1,53 +1,104 @@
 //! cadre: keyed agents and CloudEvents signals across a cluster of nodes.
 //!
-//! Layers, bottom up:
-//! - [`config`]: one [`config::Config`] per node, every limit named, validated at start;
-//! - [`signal`]: CloudEvents signals, their codecs and the causality journal;
-//! - [`router`]: pattern trie over dot-separated signal types (`*`, `**`, priorities, predicates);
-//! - [`wire`]: versioned envelopes and framing;
-//! - [`net`]: authenticated, batched, bounded connections between nodes;
-//! - [`membership`]: who is in the cluster (SWIM, sans-IO core plus a driver task);
-//! - [`storage`]: agent state and entries with per-shard epoch fencing (memory, redb, Postgres);
-//! - [`agent`]: keyed agents on one node (activation, mailboxes, persistence, the record of
-//!   handled signals, reminders, calls between agents);
-//! - [`meta`], [`placement`], [`cluster`]: the replicated metadata (Raft), where each key lives,
-//!   and the cluster layer (leases, controller, routing, hand-offs, replicas, reads);
-//! - [`bus`]: pub/sub on a node and across the cluster, routes to agents;
-//! - [`node`]: assembles the layers, start-up and graceful shutdown;
-//! - [`api`]: the HTTP surface;
-//! - [`sim`]: deterministic cluster simulation on turmoil (test support).
+//! An application starts a [`Node`] (with [`Node::builder`], or [`Node::start`] with a
+//! [`Config`] and [`NodeOptions`]), defines agent types with [`Agent`] and reaches one agent
+//! anywhere in the cluster with [`Node::agent`] (an [`AgentRef`]). Signals ([`Signal`],
+//! CloudEvents) are published and subscribed to on the node's [`Bus`]; agent state lives in a
+//! [`Storage`] (memory, redb or Postgres, see [`storage`]).
 //!
-//! Cross-cutting: [`metrics`] (a per-node registry) and [`clock`].
+//! ```no_run
+//! use cadre::prelude::*;
 //!
-//! An application starts a node with [`Node::builder`], defines agent types with [`Agent`], and
-//! reaches one agent anywhere in the cluster with [`Node::agent`] (see [`prelude`]).
+//! /// The state is the value (stored as JSON).
+//! #[derive(Default, serde::Serialize, serde::Deserialize)]
+//! struct Tally {
+//!     n: i64,
+//! }
+//!
+//! impl Agent for Tally {
+//!     const TYPE: &'static str = "tally";
+//!     const ROUTES: &'static [(&'static str, Route<Self>)] = &[("tally.add", Tally::add)];
+//! }
+//!
+//! impl Tally {
+//!     fn add(&mut self, _ctx: &mut Ctx, _signal: Signal) -> Result<Reply, AgentError> {
+//!         self.n += 1;
+//!         Ok(self.n.into())
+//!     }
+//! }
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let node = Node::builder("n1").secret("a-secret-of-16-bytes-or-more").agent::<Tally>().start().await?;
+//! let n: i64 = node.agent::<Tally>("t1").ask("tally.add", ()).await?;
+//! node.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! ## Public surface
+//! - The crate root: the node ([`Node`], [`NodeBuilder`], [`NodeOptions`], [`NodeError`],
+//!   [`DataHandler`]), the agent API ([`Agent`], [`Ctx`], [`Reply`], [`AgentRef`],
+//!   [`CallError`], [`Reminder`], ...), the bus ([`Bus`], [`SubscriptionSpec`], [`Dispatch`],
+//!   [`Middleware`], ...), [`Metrics`] and [`MemberState`]; [`prelude`] for the usual imports.
+//! - Modules for what comes in families: [`config`] (the config and its sections),
+//!   [`signal`] (signals and their [`signal::codec`]), [`storage`] (the trait and its
+//!   backends), [`routes`] (route tables), [`webhook`] (signing and verifying webhook
+//!   deliveries), [`api`] (the HTTP API's client and its JSON bodies), [`clock`] (the wall clock
+//!   reminders use).
+//!
+//! ## The `testing` feature
+//! Adds `sim` (deterministic cluster simulation on turmoil) and `storage::conformance` (the
+//! suite every [`Storage`] backend must pass), and makes the internal layers reachable (hidden
+//! from these docs, with no stability promise) for the crate's own tests, fuzz targets and the
+//! CLI's benchmarks. `docs/ARCHITECTURE.md` describes the layers.
+#![warn(missing_docs)]
 
-pub mod agent;
+// Public modules.
 pub mod api;
-pub mod bus;
 pub mod clock;
-pub mod cluster;
 pub mod config;
-pub mod membership;
-pub mod meta;
-pub mod metrics;
-pub mod net;
-pub mod node;
-pub mod placement;
-pub mod router;
 pub mod signal;
-pub mod sim;
 pub mod storage;
-pub mod wire;
 
-pub use agent::{Agent, AgentError, CallError, Ctx, Persistence, Reminder, Reply, Unavailable};
-pub use node::{AgentRef, Node, NodeBuilder};
-pub use signal::Signal;
-pub use storage::Key;
+// Deterministic cluster simulation on turmoil (feature `testing`).
+#[cfg(feature = "testing")]
+pub mod sim;
+
+// Internal layers: crate-private, or public but hidden with the `testing` feature (tests, fuzz
+// targets, benchmarks). Bottom up: `router` (pattern trie over signal types), `wire` (envelopes
+// and framing), `net` (connections between nodes), `membership` (SWIM), `agent` (agents on one
+// node), `meta`, `placement` and `cluster` (replicated metadata, where each key lives, leases,
+// hand-offs, replicas), `bus` (pub/sub), `node` (assembly, start-up and shutdown); `metrics`.
+macro_rules! internal {
+    ($($name:ident),* $(,)?) => {$(
+        #[cfg(feature = "testing")]
+        #[doc(hidden)]
+        #[allow(missing_docs)]
+        pub mod $name;
+        #[cfg(not(feature = "testing"))]
+        pub(crate) mod $name;
+    )*};
+}
+
+internal!(agent, bus, cluster, membership, meta, metrics, net, node, placement, router, wire);
+
+pub use agent::counter::Counter;
+pub use agent::{Agent, AgentError, CallError, Ctx, Persistence, Reminder, ReminderInfo, Reply, Route, Unavailable};
+pub use bus::{
+    webhook, Bus, DeadLetter, Delivery, Dispatch, HandlerFn, Middleware, Outcome, Overflow, PublishError, Published,
+    RoutesError, SubId, SubscribeError, Subscription, SubscriptionInfo, SubscriptionSpec, Target, Verdict,
+};
+pub use config::{Config, ConfigError, Secret};
+pub use membership::MemberState;
+pub use metrics::Metrics;
+pub use net::{AskError, PeerInfo, SendError};
+pub use node::{AgentRef, DataHandler, Node, NodeBuilder, NodeError, NodeOptions};
+pub use router::table as routes;
+pub use signal::{Data, Signal};
+pub use storage::{Key, Storage, StorageError};
 
 /// What an application embedding cadre usually needs: `use cadre::prelude::*;`.
 pub mod prelude {
-    pub use crate::agent::{Agent, AgentError, CallError, Ctx, Persistence, Reminder, Reply};
+    pub use crate::agent::{Agent, AgentError, CallError, Ctx, Persistence, Reminder, Reply, Route};
     pub use crate::node::{AgentRef, Node, NodeBuilder};
     pub use crate::signal::Signal;
     pub use crate::storage::Key;

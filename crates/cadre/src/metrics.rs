@@ -15,17 +15,23 @@ use prometheus_client::registry::Registry;
 
 /// Label set used by every labelled metric: `(name, value)` pairs.
 pub type Labels = Vec<(&'static str, String)>;
+/// Counters by label set.
 pub type CounterFamily = Family<Labels, Counter>;
+/// Integer gauges by label set.
 pub type GaugeFamily = Family<Labels, Gauge>;
+/// Floating-point gauges by label set.
 pub type FloatGaugeFamily = Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>;
 
-/// A node's metrics registry; cheap to clone.
+/// A node's metrics registry ([`Node::metrics`](crate::Node::metrics)); cheap to clone. An
+/// application may register its own metrics in it: they are served with the node's on
+/// `GET /metrics`.
 #[derive(Clone, Default)]
 pub struct Metrics {
     registry: Arc<Mutex<Registry>>,
 }
 
 impl Metrics {
+    /// An empty registry whose metric names are prefixed `cadre_`.
     pub fn new() -> Self {
         Self { registry: Arc::new(Mutex::new(Registry::with_prefix("cadre"))) }
     }

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use cadre::api::agents::ClusterJson;
+use cadre::api::ClusterJson;
 
 /// Between two polls of `GET /v1/cluster`.
 pub const POLL: Duration = Duration::from_millis(25);

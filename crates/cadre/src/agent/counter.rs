@@ -6,8 +6,10 @@ use serde::{Deserialize, Serialize};
 use super::{Agent, AgentError, Ctx, Reply, Route};
 use crate::signal::{Data, Signal};
 
+/// The built-in `counter` agent type, registered on every node.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Counter {
+    /// The value (starts at 0).
     pub value: i64,
 }
 

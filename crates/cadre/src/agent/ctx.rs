@@ -119,9 +119,9 @@ impl Ctx {
 
     /// Sets the reminder `name` (replacing one of that name): `signal` is sent to this agent when
     /// it is due, on whichever node then owns it, activating it if needed. Stored with the state
-    /// once the call succeeds (see [`reminders`]); each tick fires once. Fails for a bad name, a
-    /// period under [`reminders::REMINDER_PERIOD_MIN_MS`], more than
-    /// [`reminders::REMINDERS_PER_AGENT_MAX`] reminders, or an invalid or oversized signal.
+    /// once the call succeeds (see `agent::reminders`); each tick fires once. Fails for a bad name, a
+    /// period under `REMINDER_PERIOD_MIN_MS` (1 s), more than
+    /// `REMINDERS_PER_AGENT_MAX` (64) reminders, or an invalid or oversized signal.
     pub fn remind(&mut self, name: &str, when: Reminder, signal: Signal) -> Result<(), AgentError> {
         if self.reading {
             return Err(AgentError::Failed(format!("a read sets no reminder ({name:?})")));
@@ -150,7 +150,7 @@ impl Ctx {
 
     /// Sends `signal` to this agent after `after`, if this activation still lives then: a timer
     /// is not stored, dies with the activation (passivation, a move, a crash) and does not keep
-    /// it active. Started once the call succeeds. At most [`reminders::TIMERS_PER_AGENT_MAX`]
+    /// it active. Started once the call succeeds. At most `TIMERS_PER_AGENT_MAX` (256)
     /// waiting per activation.
     pub fn timer(&mut self, after: Duration, signal: Signal) -> Result<(), AgentError> {
         if self.reading {
@@ -192,6 +192,7 @@ impl Ctx {
         }
     }
 
+    /// The agent's key.
     pub fn key(&self) -> &Key {
         &self.key
     }
@@ -203,7 +204,7 @@ impl Ctx {
 
     /// Emits a signal, published once the call succeeds (after its state is stored, before the
     /// reply), with the handled signal as its cause; dropped if the call fails. At most
-    /// [`EMITS_PER_CALL_MAX`] per call, casts included.
+    /// `EMITS_PER_CALL_MAX` (256) per call, casts included.
     pub fn emit(&mut self, signal: Signal) -> Result<(), AgentError> {
         self.check_effects()?;
         let signal = self.caused(signal);

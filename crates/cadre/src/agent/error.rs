@@ -20,33 +20,46 @@ pub enum AgentError {
     Fatal(String),
 }
 
+/// Why a call to an agent failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum CallError {
+    /// No agent type of this name is registered.
     #[error("unknown agent type {0:?}")]
     UnknownType(String),
+    /// The key is invalid (see [`Key::check`](crate::storage::Key::check)).
     #[error("invalid key: {0}")]
     InvalidKey(String),
+    /// The agent's mailbox is full (`agents.mailbox_len_max`); nothing ran.
     #[error("the mailbox of {0} is full")]
     MailboxFull(String),
+    /// No reply within the call's timeout (the call may still run).
     #[error("no reply within {0:?}")]
     Timeout(Duration),
+    /// The handler failed ([`AgentError`]); the state was rolled back.
     #[error("{0}")]
     Handler(String),
+    /// The agent was stopped after more restarts than `agents.restarts_max`.
     #[error("the agent crashed more than its restart limit and was stopped")]
     Crashed,
+    /// The store refused or failed a write or read of the agent's state.
     #[error("storage: {0}")]
     Storage(StorageError),
+    /// The call was not served (nothing ran); it may be tried again.
     #[error("unavailable: {0}")]
     Unavailable(Unavailable),
     /// The key's shard is not served here; `owner` at `epoch` is, as far as this node knows.
     #[error("not the owner of this key's shard{}", owner.as_ref().map(|o| format!(" (owner: {o}, epoch {epoch})")).unwrap_or_default())]
-    NotOwner { owner: Option<String>, epoch: u64 },
-    /// A read-only call ([`Host::read`](super::Host::read)) changed the state or emitted signals:
-    /// it is not a read.
+    NotOwner {
+        /// The owner's node name, if known.
+        owner: Option<String>,
+        /// The owner's epoch of the shard.
+        epoch: u64,
+    },
+    /// A read-only call (a state read) changed the state or emitted signals: it is not a read.
     #[error("not a read: {0}")]
     NotRead(String),
     /// The agent handled this signal (same source and id) before and its reply is no longer
-    /// kept: it was not handled again (see [`handled`](super::handled)). Not a failure: the
+    /// kept: it was not handled again (see `agents.dedupe_ids_max`). Not a failure: the
     /// signal took effect.
     #[error("a duplicate: this signal was handled before")]
     Duplicate,
@@ -54,14 +67,14 @@ pub enum CallError {
     /// [`Ctx::call`](super::Ctx::call)): it would wait forever, so it fails at once.
     #[error("a call cycle: {0}")]
     Cycle(String),
-    /// A call that would make its chain longer than [`CALL_DEPTH_MAX`] agents.
+    /// A call that would make its chain longer than `CALL_DEPTH_MAX` (16) agents.
     #[error("a chain of {0} calls is longer than {CALL_DEPTH_MAX}")]
     TooDeep(usize),
     /// A typed handle's reply (or data) does not match the type asked for
-    /// ([`crate::node::AgentRef::ask`]).
+    /// ([`AgentRef::ask`](crate::AgentRef::ask)).
     #[error("the reply does not decode: {0}")]
     Reply(String),
-    /// A cluster-wide route that cannot be added as given (see [`crate::meta::AgentRoute::check`]).
+    /// A cluster-wide route to agents that cannot be added as given.
     #[error("invalid route: {0}")]
     InvalidRoute(crate::meta::RouteError),
 }
@@ -70,45 +83,89 @@ pub enum CallError {
 /// another node).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum Unavailable {
+    /// The node is shutting down.
     #[error("the node is shutting down")]
     ShuttingDown,
+    /// The cluster has no shard table yet (just formed, no metadata leader yet).
     #[error("the cluster has no shard table yet")]
     NoShardTable,
+    /// The key's shard has no owner yet.
     #[error("shard {shard} has no owner yet")]
-    NoOwner { shard: u32 },
+    NoOwner {
+        /// The shard.
+        shard: u32,
+    },
+    /// The key's shard is moving to another owner.
     #[error("shard {shard} is being handed over")]
-    HandingOver { shard: u32 },
+    HandingOver {
+        /// The shard.
+        shard: u32,
+    },
+    /// This node's lease lapsed: it serves nothing until it is renewed.
     #[error("this node's lease has expired")]
     LeaseExpired,
+    /// The key's shard is opening on its new owner (fencing its replicas).
     #[error("shard {shard} is opening (fencing its replicas)")]
-    Opening { shard: u32 },
+    Opening {
+        /// The shard.
+        shard: u32,
+    },
     /// The shard was given to this node again at a new epoch: the activation stops and starts
     /// afresh from the store.
     #[error("the shard's epoch changed; the agent restarts")]
     EpochChanged,
     /// A replica's table is too old to answer a read.
     #[error("this replica's table is {age_ms} ms old (at most {stale_ms_max} allowed)")]
-    Stale { age_ms: u64, stale_ms_max: u64 },
+    Stale {
+        /// The table's age, in milliseconds.
+        age_ms: u64,
+        /// The most allowed, in milliseconds.
+        stale_ms_max: u64,
+    },
     /// A bounded resource is full (`what` in flight, at most `limit`).
     #[error("more than {limit} {what} in flight")]
-    Busy { what: String, limit: usize },
+    Busy {
+        /// What is bounded.
+        what: String,
+        /// The bound.
+        limit: usize,
+    },
     /// The owner changed more often than a call follows.
     #[error("too many owner changes for {key}")]
-    OwnerChanges { key: String },
+    OwnerChanges {
+        /// The key.
+        key: String,
+    },
     /// More redirects than a call follows.
     #[error("too many redirects for {key}")]
-    Redirects { key: String },
+    Redirects {
+        /// The key.
+        key: String,
+    },
     /// No node served the key's shard before the deadline.
     #[error("no serving owner found for {key}")]
-    NoServingOwner { key: String },
+    NoServingOwner {
+        /// The key.
+        key: String,
+    },
     /// No owner or in-sync replica could serve a read before the deadline.
     #[error("no copy of {key} could serve the read")]
-    NoServingCopy { key: String },
+    NoServingCopy {
+        /// The key.
+        key: String,
+    },
     /// The activation kept closing under the call (the shard was moving or stopping).
     #[error("{key} kept closing")]
-    KeptClosing { key: String },
+    KeptClosing {
+        /// The key.
+        key: String,
+    },
+    /// The node that serves the call has no known transport address.
     #[error("{node} has no known address")]
-    NoAddress { node: String },
+    NoAddress {
+        /// The node's name.
+        node: String,
+    },
     /// The request could not reach the node that serves it.
     #[error("{0}")]
     Transport(String),

@@ -42,6 +42,7 @@ use std::collections::VecDeque;
 use bytes::{BufMut, Bytes};
 use sha2::{Digest, Sha256};
 
+#[cfg_attr(not(feature = "testing"), allow(unused_imports))] // For tests and benchmarks.
 pub use crate::config::{DEDUPE_IDS_MAX_DEFAULT, DEDUPE_IDS_MAX_LIMIT};
 /// Replies kept for duplicates: the newest this many recorded calls.
 pub const REPLIES_KEPT_MAX: usize = 8;
@@ -367,6 +368,7 @@ pub(crate) fn decode_stored(stored: &Bytes) -> Result<(Record, Bytes, Bytes), St
 
 /// The state's JSON in a value an agent stored (without the record of handled signals), for
 /// tools and tests that read a store directly.
+#[cfg(any(test, feature = "testing"))]
 pub fn stored_state(stored: &Bytes) -> Result<Bytes, String> {
     decode_stored(stored).map(|(_, _, state)| state)
 }

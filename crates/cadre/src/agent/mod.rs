@@ -68,11 +68,14 @@ mod host;
 mod read;
 mod types;
 
+#[cfg_attr(not(feature = "testing"), allow(unused_imports))] // For tests and benchmarks.
 pub use ctx::{chain_link, Caller, Ctx, CALL_CHAIN, CALL_DEPTH_MAX, EMITS_PER_CALL_MAX};
 pub use error::{AgentError, CallError, Unavailable};
 pub use gate::{Gate, LocalGate};
+#[cfg_attr(not(feature = "testing"), allow(unused_imports))] // For tests and benchmarks.
 pub use host::{AgentInfo, Emitter, Host, HostBuilder, CALL_ATTEMPTS_MAX, LIST_PAGE_MAX, READS_IN_FLIGHT_MAX};
 pub use reminders::{Reminder, ReminderInfo};
+#[cfg_attr(not(feature = "testing"), allow(unused_imports))] // For tests and benchmarks.
 pub use types::{dispatch, Agent, Persistence, Reply, Route};
 
 // Reached by `reminders` through `super::` (its schedule sends `Msg::Fire` through the host).

@@ -218,9 +218,11 @@ impl Reminder {
 /// One reminder as an agent holds it (and `GET .../reminders` shows it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReminderInfo {
+    /// The reminder's name, unique per agent.
     pub name: String,
     /// When the next tick is due (Unix ms).
     pub due_ms: u64,
+    /// `Some`: the period in ms; `None`: once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub every_ms: Option<u64>,
     /// The number of the next tick (0 first).

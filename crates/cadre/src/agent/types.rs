@@ -29,15 +29,21 @@ pub trait Agent: Serialize + DeserializeOwned + Default + Send + 'static {
     /// [`AgentError::Failed`]). A type that awaits in its handlers overrides `handle` instead.
     const ROUTES: &'static [(&'static str, Route<Self>)] = &[];
 
+    /// Handles one signal; the reply goes to the caller. An `Err` fails the call and rolls the
+    /// state back ([`AgentError`]). By default, dispatches on [`Agent::ROUTES`].
     fn handle(&mut self, ctx: &mut Ctx, signal: Signal) -> impl Future<Output = Result<Reply, AgentError>> + Send {
         let result = dispatch(Self::ROUTES, self, ctx, signal);
         std::future::ready(result)
     }
 
+    /// Runs after the state is loaded (or defaulted), before the first signal, and again after
+    /// every rollback or restart. Nothing by default.
     fn on_activate(&mut self, _ctx: &mut Ctx) -> impl Future<Output = ()> + Send {
         async {}
     }
 
+    /// Runs before the activation stores its state and stops (idle, evicted, shard moved,
+    /// shutdown). Nothing by default.
     fn on_passivate(&mut self, _ctx: &mut Ctx) -> impl Future<Output = ()> + Send {
         async {}
     }
@@ -59,6 +65,7 @@ pub fn dispatch<A: Agent>(
     }
 }
 
+/// When an agent's state is stored ([`Agent::PERSISTENCE`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Persistence {
     /// Store after every handled signal that changed the state, before replying.

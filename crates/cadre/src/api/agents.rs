@@ -284,9 +284,13 @@ const STATS_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500)
 pub struct ClusterJson {
     /// The metadata group's leader, as the answering node knows it.
     pub leader: Option<String>,
+    /// The metadata group's Raft term, as the answering node knows it.
     pub term: u64,
+    /// Shards of the key space.
     pub shard_count: u32,
+    /// Shards being handed over to another owner.
     pub shards_moving: usize,
+    /// Shards without an owner.
     pub shards_unassigned: usize,
     /// Replicas (copies besides the owner's) that hold every acknowledged write.
     pub replicas_in_sync: usize,
@@ -298,9 +302,12 @@ pub struct ClusterJson {
     pub active_agents_total: u64,
 }
 
+/// One member in [`ClusterJson`], as the metadata group records it.
 #[derive(Debug, Clone, serde::Serialize, Deserialize, PartialEq, Eq)]
 pub struct ClusterMemberJson {
+    /// Node name.
     pub name: String,
+    /// Transport address.
     pub addr: String,
     /// Votes in the metadata group (otherwise a learner).
     pub voter: bool,

@@ -13,16 +13,32 @@ use super::MembersJson;
 /// Largest response body read.
 const BODY_LEN_MAX_BYTES: usize = 16 << 20;
 
+/// Why a request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// The TCP connection could not be made.
     #[error("cannot connect to {addr}: {source}")]
-    Connect { addr: SocketAddr, source: std::io::Error },
+    Connect {
+        /// The address dialled.
+        addr: SocketAddr,
+        /// The connect error.
+        source: std::io::Error,
+    },
+    /// The HTTP exchange failed (handshake, request, connection lost).
     #[error("http: {0}")]
     Http(String),
+    /// No complete response within the timeout.
     #[error("request to {0} timed out")]
     Timeout(SocketAddr),
+    /// A status other than 200 where a JSON body was expected ([`members`], [`cluster`]).
     #[error("unexpected status {status}: {body}")]
-    Status { status: u16, body: String },
+    Status {
+        /// The status code.
+        status: u16,
+        /// The response body, lossily decoded as UTF-8.
+        body: String,
+    },
+    /// The body could not be read (over 16 MiB, cut short) or decoded.
     #[error("bad response body: {0}")]
     Body(String),
 }
@@ -43,11 +59,13 @@ pub async fn post(
     request(addr, Method::POST, path, &[("content-type", content_type)], body, timeout).await
 }
 
+/// `DELETE path` on `addr`; returns the status code and body.
 pub async fn delete(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16, Bytes), ClientError> {
     request(addr, Method::DELETE, path, &[], Bytes::new(), timeout).await
 }
 
-/// One request on a new connection; returns the status code and body.
+/// One request on a new connection, with extra `headers`; returns the status code and body. The
+/// whole exchange is bounded by `timeout` ([`ClientError::Timeout`]).
 pub async fn request(
     addr: SocketAddr,
     method: Method,
@@ -99,7 +117,7 @@ pub async fn members(addr: SocketAddr, timeout: Duration) -> Result<MembersJson,
 }
 
 /// `GET /v1/cluster`: leader, shards and agents per member.
-pub async fn cluster(addr: SocketAddr, timeout: Duration) -> Result<super::agents::ClusterJson, ClientError> {
+pub async fn cluster(addr: SocketAddr, timeout: Duration) -> Result<super::ClusterJson, ClientError> {
     let (status, body) = get(addr, "/v1/cluster", timeout).await?;
     if status != 200 {
         return Err(ClientError::Status { status, body: String::from_utf8_lossy(&body).into_owned() });

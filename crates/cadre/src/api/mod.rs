@@ -5,16 +5,25 @@
 //! - `GET /healthz`: 200 while the node runs
 //! - `GET /readyz`: 200 once the node has joined a cluster (or formed one alone), else 503
 //! - `GET /metrics`: Prometheus text
-//! - signals, subscriptions, dead letters and traces: see [`signals`]
-//! - agent calls, lookups and stops: see [`agents`]; reminders: see [`reminders`]
+//! - signals, subscriptions, dead letters and traces (`POST /v1/signals`, `/v1/subscriptions`,
+//!   `GET /v1/deadletters`, `GET /v1/signals/{id}/trace`, `GET /v1/interest`)
+//! - agent calls, lookups, state, stops and reminders (`/v1/agents/{type}/{id}...`), the cluster's
+//!   shards and members (`GET /v1/cluster`, [`ClusterJson`])
+//!
+//! The server is started by the node (`[net] http_addr`); public here are a minimal [`client`]
+//! and the JSON bodies it reads ([`MembersJson`], [`ClusterJson`]).
 //!
 //! Connections are limited by `API_CONNECTIONS_MAX` (more wait in the kernel's accept backlog) and
 //! requests in flight by `API_REQUESTS_IN_FLIGHT_MAX` (more wait for a slot).
 
-pub mod agents;
+pub(crate) mod agents;
 pub mod client;
-pub mod reminders;
-pub mod signals;
+pub(crate) mod reminders;
+pub(crate) mod signals;
+
+pub use crate::cluster::replica::SyncStatus;
+pub use crate::membership::MemberState;
+pub use agents::{ClusterJson, ClusterMemberJson};
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -35,7 +44,6 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::warn;
 
 use crate::membership::task::Membership;
-use crate::membership::MemberState;
 use crate::metrics::Metrics;
 use crate::net::Transport;
 
@@ -47,14 +55,16 @@ pub const API_CONNECTIONS_MAX: usize = 1024;
 /// that never finishes its request headers).
 pub const API_CONN_IDLE_TIMEOUT_MS: u64 = 30_000;
 
+/// What the handlers reach: the node's layers and its API settings.
 #[derive(Clone)]
-pub struct ApiState {
+pub(crate) struct ApiState {
     pub membership: Membership,
     pub transport: Transport,
     pub metrics: Metrics,
     pub bus: crate::bus::Bus,
     pub ingress_body_bytes_max: usize,
     pub cluster: crate::cluster::Cluster,
+    #[allow(dead_code)] // Set by the node, read by no handler yet.
     pub node_name: String,
     pub call_timeout: Duration,
 }
@@ -62,27 +72,39 @@ pub struct ApiState {
 /// One member as shown by `GET /v1/cluster/members`.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct MemberJson {
+    /// The member's node name.
     pub name: String,
+    /// Its transport address.
     pub addr: SocketAddr,
+    /// Its HTTP API address, if it serves one.
     pub http: Option<SocketAddr>,
+    /// Its state as the answering node sees it.
     pub state: MemberState,
+    /// Its incarnation: grows every time the member refutes a suspicion or restarts.
     pub incarnation: u64,
 }
 
+/// The body of `GET /v1/cluster/members`.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct MembersJson {
+    /// The answering node's name (`"self"` in JSON).
     #[serde(rename = "self")]
     pub self_name: String,
+    /// The members the answering node knows, itself included.
     pub members: Vec<MemberJson>,
 }
 
+/// One connected peer as shown by `GET /v1/cluster/peers`.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct PeerJson {
+    /// The peer's transport address.
     pub addr: SocketAddr,
+    /// Smoothed round-trip time to it, in microseconds.
     pub rtt_us: f64,
 }
 
-pub fn router(state: ApiState) -> Router {
+/// The API's routes.
+pub(crate) fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/cluster", get(agents::cluster))
         .route("/v1/cluster/members", get(members))
@@ -111,7 +133,8 @@ pub fn router(state: ApiState) -> Router {
 /// that never completes its request cannot hold the node up).
 pub const API_SHUTDOWN_GRACE_MS: u64 = 2000;
 
-pub async fn serve(listener: tokio::net::TcpListener, state: ApiState, cancel: CancellationToken) {
+/// Serves the API on `listener` until `cancel`, then for at most [`API_SHUTDOWN_GRACE_MS`].
+pub(crate) async fn serve(listener: tokio::net::TcpListener, state: ApiState, cancel: CancellationToken) {
     let app = router(state);
     // Cancelled after the shutdown grace time: every connection's IO then fails, which ends the
     // per-connection tasks axum spawned (dropping the server future alone would not).

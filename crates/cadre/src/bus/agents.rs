@@ -77,7 +77,7 @@ impl Bus {
     /// Adds a cluster-wide route to an agent or pool and waits until this node mirrors it, then
     /// until every other member seen alive confirms it does (each wait within what is left of
     /// `timeout`, plus one `ack_timeout_ms` for an answer in transit); the members that did not
-    /// (or were not asked) are in [`RouteAdded::unconfirmed`].
+    /// (or were not asked) are in `RouteAdded::unconfirmed`.
     pub async fn add_route(&self, route: AgentRoute, timeout: Duration) -> Result<RouteAdded, SubscribeError> {
         crate::router::Path::parse(&route.pattern).map_err(|e| SubscribeError::Dispatch(e.to_string()))?;
         let deadline = tokio::time::Instant::now() + timeout;

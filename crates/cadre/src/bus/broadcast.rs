@@ -38,6 +38,7 @@ pub fn plan(targets: &[String], fanout: usize) -> Vec<Hop> {
 }
 
 /// ⌈log_fanout n⌉ + 1: the most hops a broadcast to `n` other nodes may take.
+#[cfg(any(test, feature = "testing"))]
 pub fn depth_bound(n: usize, fanout: usize) -> u32 {
     if n == 0 {
         return 0;

@@ -29,16 +29,30 @@ use crate::signal::{Context, Signal};
 /// How one delivery ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    Delivered { attempts: u32 },
-    Failed { attempts: u32, reason: String },
+    /// Delivered.
+    Delivered {
+        /// Attempts made (1: first time).
+        attempts: u32,
+    },
+    /// Given up (dead-lettered).
+    Failed {
+        /// Attempts made.
+        attempts: u32,
+        /// The last attempt's error.
+        reason: String,
+    },
 }
 
 /// A delivery that failed for good.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeadLetter {
+    /// The subscription.
     pub subscription: SubId,
+    /// Its dispatch, as [`Dispatch::describe`] shows it.
     pub dispatch: serde_json::Value,
+    /// The last attempt's error.
     pub reason: String,
+    /// Attempts made.
     pub attempts: u32,
     /// When it was given up (RFC 3339).
     pub time: String,
@@ -55,6 +69,7 @@ pub(super) struct DeadLetters {
 }
 
 impl Bus {
+    /// The dead letters kept (`signals.deadletters_len_max` at most), oldest first.
     pub fn deadletters(&self) -> Vec<DeadLetter> {
         let list = lock(&self.inner.deadletters);
         let decode = |body: &[u8]| serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);

@@ -108,12 +108,15 @@ pub struct Bus {
 pub struct WeakBus(Weak<Inner>);
 
 impl WeakBus {
+    /// The bus, if it still exists.
     pub fn upgrade(&self) -> Option<Bus> {
         self.0.upgrade().map(|inner| Bus { inner })
     }
 }
 
 impl Bus {
+    /// A reference that does not keep the bus alive (internal).
+    #[doc(hidden)]
     pub fn downgrade(&self) -> WeakBus {
         WeakBus(Arc::downgrade(&self.inner))
     }
@@ -160,6 +163,7 @@ impl Bus {
         Bus { inner: Arc::new(inner) }
     }
 
+    /// The source of signals this bus makes.
     pub fn source(&self) -> &str {
         &self.inner.source
     }

@@ -18,6 +18,7 @@ use crate::signal::Signal;
 /// A middleware's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
+    /// Go on.
     Continue,
     /// Before publish: refuse the signal. Before dispatch: skip this subscriber.
     Reject(String),
@@ -26,19 +27,26 @@ pub enum Verdict {
 /// The subscription a dispatch middleware sees.
 #[derive(Debug, Clone, Copy)]
 pub struct Target<'a> {
+    /// The subscription's id.
     pub id: SubId,
+    /// Its pattern.
     pub pattern: &'a str,
 }
 
 /// Hooks around publish and dispatch. Each call gets the node's `middleware_budget_ms`.
 pub trait Middleware: Send + Sync + 'static {
+    /// The name shown in rejections and metrics.
     fn name(&self) -> &str;
+    /// Before a signal is published on this node (also for signals from other nodes): a
+    /// rejection refuses it ([`PublishError::Rejected`](super::PublishError::Rejected)).
     fn before_publish<'a>(&'a self, _signal: &'a Signal) -> BoxFuture<'a, Verdict> {
         futures::future::ready(Verdict::Continue).boxed()
     }
+    /// Before a signal is delivered to one subscription: a rejection skips that subscription.
     fn before_dispatch<'a>(&'a self, _signal: &'a Signal, _target: Target<'a>) -> BoxFuture<'a, Verdict> {
         futures::future::ready(Verdict::Continue).boxed()
     }
+    /// After a delivery to one subscription, with how it ended.
     fn after_dispatch<'a>(
         &'a self,
         _signal: &'a Signal,

@@ -63,6 +63,7 @@ pub use middleware::{Middleware, Target, Verdict};
 pub use publish::{PublishError, Published};
 pub use remote::{Delivery, PUBSUB_TAG};
 pub(crate) use subscription::RoutesPlan;
+#[cfg_attr(not(feature = "testing"), allow(unused_imports))] // For tests and benchmarks.
 pub use subscription::{
     Dispatch, DispatchSpec, HandlerFn, Overflow, RoutesError, SubId, SubscribeError, Subscription, SubscriptionInfo,
     SubscriptionJson, SubscriptionSpec, QUEUE_LEN_FACTOR_MAX,

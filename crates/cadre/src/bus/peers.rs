@@ -71,11 +71,11 @@ impl Bus {
         self.inner.remote.as_ref().map_or(0, |r| r.buffered())
     }
 
-    /// Serves a pub/sub ask from another node (payload starting with [`PUBSUB_TAG`]); returns
+    /// Serves a pub/sub ask from another node (payload starting with `PUBSUB_TAG`); returns
     /// the reply. Bad input is refused with a counted reason, never a panic.
     ///
     /// A batch of signals (up to `batch_len_max`, milliseconds of work) is taken on a task of its
-    /// own and answered through [`crate::net::Transport::reply`], so the connection's reader goes
+    /// own and answered through `Transport::reply`, so the connection's reader goes
     /// on with other asks meanwhile; order holds, as a sender has one batch in flight. Other
     /// requests are answered at once (`Some`).
     pub fn on_pubsub_ask(&self, from: &crate::net::PeerInfo, id: u64, payload: bytes::Bytes) -> Option<bytes::Bytes> {

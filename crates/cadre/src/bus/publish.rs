@@ -18,26 +18,56 @@ use super::{read, Bus, Delivery, Inner, Overflow, SubId};
 use crate::metrics::label;
 use crate::signal::{Context, Signal, SignalError, TraceParent, TRACEPARENT};
 
+/// Why a publish failed (or fell short of its delivery level).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PublishError {
+    /// The signal is invalid; nothing was delivered.
     #[error("invalid signal: {0}")]
     Invalid(#[from] SignalError),
+    /// A middleware refused the signal before publish; nothing was delivered.
     #[error("rejected by middleware {middleware}: {reason}")]
-    Rejected { middleware: String, reason: String },
+    Rejected {
+        /// The middleware's name.
+        middleware: String,
+        /// Its reason.
+        reason: String,
+    },
+    /// A subscription's queue is full ([`Overflow::Reject`](super::Overflow::Reject)).
     #[error("queue of subscription {subscription} is full (delivered to {delivered} other subscriptions)")]
-    QueueFull { subscription: SubId, delivered: usize },
+    QueueFull {
+        /// The subscription.
+        subscription: SubId,
+        /// Other subscriptions that took the signal.
+        delivered: usize,
+    },
     /// The buffer for another interested node is full (it is slow or unreachable); nothing was
     /// sent to other nodes, local subscribers have the signal.
     #[error("the buffer for node {node} is full")]
-    BufferFull { node: String },
+    BufferFull {
+        /// The node's name.
+        node: String,
+    },
     /// The encoded signal does not fit a transport frame, so it cannot go to other nodes (local
     /// subscribers have it).
     #[error("signal of {len} bytes is over the {max} bytes other nodes can be sent")]
-    TooLarge { len: usize, max: usize },
+    TooLarge {
+        /// The encoded signal's length, in bytes.
+        len: usize,
+        /// The most other nodes can be sent, in bytes.
+        max: usize,
+    },
     /// A `strong` publish did not reach a majority of its target nodes in time. It is buffered
     /// and may still arrive.
     #[error("strong delivery unmet: {acked} of {targets} target nodes accepted, {needed} needed")]
-    StrongUnmet { acked: usize, needed: usize, targets: usize },
+    StrongUnmet {
+        /// Target nodes that accepted it.
+        acked: usize,
+        /// Acceptances needed (a majority).
+        needed: usize,
+        /// Target nodes.
+        targets: usize,
+    },
+    /// The bus is shutting down.
     #[error("the bus is shutting down")]
     ShuttingDown,
 }
@@ -46,9 +76,13 @@ pub enum PublishError {
 /// sent a copy, and the delivery level met.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
+    /// The signal's id.
     pub id: String,
+    /// Local subscriptions that took it.
     pub deliveries: usize,
+    /// Other nodes sent a copy.
     pub remote_nodes: usize,
+    /// The delivery level met.
     pub delivery: Delivery,
 }
 
@@ -110,7 +144,7 @@ impl Bus {
     }
 
     /// Publishes one signal to the subscriptions of this node and, once the node is in a cluster,
-    /// of every other node, at `delivery` (see [`remote`](super::remote)). A signal refused by a
+    /// of every other node, at `delivery` (see `bus::remote`). A signal refused by a
     /// full local queue goes to no other node.
     pub async fn publish_with(&self, signal: Signal, delivery: Delivery) -> Result<Published, PublishError> {
         let inner = &self.inner;
@@ -125,7 +159,7 @@ impl Bus {
 
     /// Publishes one signal to the subscriptions of every live node, whatever their patterns
     /// advertise (cache invalidation, configuration), through the broadcast tree (see
-    /// [`broadcast`](super::broadcast)): this node sends at most `broadcast_fanout` copies. Best
+    /// `bus::broadcast`): this node sends at most `broadcast_fanout` copies. Best
     /// effort (`weak`): returns once this node's copies are accepted, each unreachable node's
     /// share taken over.
     pub async fn broadcast(&self, signal: Signal) -> Result<Published, PublishError> {

@@ -60,7 +60,7 @@ pub enum Dispatch {
     /// An in-process async function; an `Err` or panic is a failed delivery (dead-lettered).
     Function(HandlerFn),
     /// An agent (or one of a pool), wherever it lives: the mirror of a cluster-wide route (see
-    /// [`agents`](super::agents)); only the bus creates these.
+    /// `bus::agents`); only the bus creates these.
     Agent(crate::meta::AgentTarget),
 }
 
@@ -69,16 +69,22 @@ pub enum Dispatch {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum DispatchSpec {
+    /// [`Dispatch::Log`].
     Log {},
+    /// [`Dispatch::Webhook`].
     Webhook(WebhookSpec),
     /// A cluster-wide route to an agent: `{"agent":{"type":"order","key":"subject"}}`.
     Agent {
+        /// The agent type.
         #[serde(rename = "type")]
         ty: String,
+        /// What names the agent: `subject` (the signal's subject) or a JSON pointer into its
+        /// data (`/order/id`).
         key: String,
     },
     /// A cluster-wide route to a pool of agents: `{"pool":{"type":"worker"}}`.
     Pool {
+        /// The agent type.
         #[serde(rename = "type")]
         ty: String,
     },
@@ -133,18 +139,25 @@ impl Dispatch {
 
 /// What to subscribe.
 pub struct SubscriptionSpec {
+    /// The pattern over signal types (`order.*`, `order.**`, `**`).
     pub pattern: String,
+    /// Where the signals go.
     pub dispatch: Dispatch,
+    /// Among the subscriptions a signal matches, higher priorities are served first (-100..=100).
     pub priority: i32,
+    /// What a full queue does.
     pub overflow: Overflow,
     /// `None`: the node's `subscriber_queue_len_max`.
     pub queue_len_max: Option<usize>,
+    /// Takes only the signals it is true for (besides the pattern).
     pub predicate: Option<Predicate<Signal>>,
     /// The cluster-wide route this subscription mirrors (set by the bus only).
     pub(super) route: Option<u64>,
 }
 
 impl SubscriptionSpec {
+    /// Signals matching `pattern` to `dispatch`, at priority 0, rejecting when full, with the
+    /// node's queue length.
     pub fn new(pattern: impl Into<String>, dispatch: Dispatch) -> Self {
         Self {
             pattern: pattern.into(),
@@ -156,18 +169,22 @@ impl SubscriptionSpec {
             route: None,
         }
     }
+    /// Sets the priority.
     pub fn priority(mut self, priority: i32) -> Self {
         self.priority = priority;
         self
     }
+    /// Sets what a full queue does.
     pub fn overflow(mut self, overflow: Overflow) -> Self {
         self.overflow = overflow;
         self
     }
+    /// Sets the queue length (at most `QUEUE_LEN_FACTOR_MAX` (16) times the node's default).
     pub fn queue_len_max(mut self, len: usize) -> Self {
         self.queue_len_max = Some(len);
         self
     }
+    /// Takes only the signals `p` is true for.
     pub fn predicate(mut self, p: impl Fn(&Signal) -> bool + Send + Sync + 'static) -> Self {
         self.predicate = Some(Arc::new(p));
         self
@@ -178,12 +195,17 @@ impl SubscriptionSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubscriptionJson {
+    /// See [`SubscriptionSpec::pattern`].
     pub pattern: String,
+    /// Where the signals go.
     pub dispatch: DispatchSpec,
+    /// See [`SubscriptionSpec::priority`].
     #[serde(default)]
     pub priority: i32,
+    /// See [`SubscriptionSpec::overflow`].
     #[serde(default)]
     pub overflow: Overflow,
+    /// See [`SubscriptionSpec::queue_len_max`].
     #[serde(default)]
     pub queue_len_max: Option<usize>,
 }
@@ -206,16 +228,27 @@ impl SubscriptionJson {
     }
 }
 
+/// Why a subscription was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubscribeError {
+    /// The pattern or the priority is invalid.
     #[error(transparent)]
     Route(#[from] RouteError),
+    /// The dispatch is invalid (a webhook's URL, ...).
     #[error("dispatch: {0}")]
     Dispatch(String),
+    /// The queue length is out of range.
     #[error("queue_len_max {len} must be within 1..={max}")]
-    QueueLen { len: usize, max: usize },
+    QueueLen {
+        /// The length asked for.
+        len: usize,
+        /// The most allowed.
+        max: usize,
+    },
+    /// The node has `signals.subscriptions_max` subscriptions already.
     #[error("the node has {0} subscriptions, its limit")]
     TooMany(usize),
+    /// The bus is shutting down.
     #[error("the bus is shutting down")]
     ShuttingDown,
     /// A cluster-wide route could not be changed (no leader, refused by the metadata group).
@@ -226,28 +259,48 @@ pub enum SubscribeError {
 /// Why a routes table cannot be subscribed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RoutesError {
+    /// The table is invalid.
     #[error(transparent)]
     Table(#[from] TableError),
+    /// A route's target is not a dispatch configuration (or cannot be subscribed).
     #[error("route #{index} ({path}): {reason}")]
-    Target { index: usize, path: String, reason: String },
+    Target {
+        /// The route's position in the table (0-based).
+        index: usize,
+        /// The route's path.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 /// A subscription as listed by `GET /v1/subscriptions`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SubscriptionInfo {
+    /// Its id on the node.
     pub id: SubId,
+    /// Its pattern.
     pub pattern: String,
+    /// Its dispatch, as [`Dispatch::describe`] shows it.
     pub dispatch: serde_json::Value,
+    /// Its priority.
     pub priority: i32,
+    /// What its full queue does.
     pub overflow: Overflow,
+    /// Its queue's length limit.
     pub queue_len_max: usize,
+    /// Signals in its queue now.
     pub queued: usize,
     /// Signals taken into its queue (each is then delivered, failed, dropped or skipped).
     #[serde(default)]
     pub received: u64,
+    /// Signals delivered.
     pub delivered: u64,
+    /// Signals whose delivery failed (dead-lettered).
     pub failed: u64,
+    /// Signals dropped from a full queue ([`Overflow::DropOldest`]).
     pub dropped: u64,
+    /// Signals taken but not delivered: a middleware rejected them before dispatch.
     pub skipped: u64,
     /// Breaker state of a webhook's URL: `closed`, `open` or `half_open`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -334,6 +387,7 @@ pub struct Subscription {
 }
 
 impl Subscription {
+    /// The subscription's id on its node.
     pub fn id(&self) -> SubId {
         self.id
     }
@@ -342,6 +396,7 @@ impl Subscription {
         self.bus = Weak::new();
         self.id
     }
+    /// Ends the subscription (as dropping the handle does).
     pub fn cancel(self) {}
 }
 
@@ -483,12 +538,14 @@ impl Bus {
         true
     }
 
+    /// Every subscription on this node, by id.
     pub fn subscriptions(&self) -> Vec<SubscriptionInfo> {
         let mut list: Vec<SubscriptionInfo> = read(&self.inner.subs).values().map(|s| info_of(s)).collect();
         list.sort_by_key(|s| s.id);
         list
     }
 
+    /// One subscription on this node.
     pub fn subscription(&self, id: SubId) -> Option<SubscriptionInfo> {
         read(&self.inner.subs).get(&id).map(|s| info_of(s))
     }

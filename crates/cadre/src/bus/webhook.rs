@@ -50,21 +50,27 @@ type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookSpec {
+    /// The receiver's URL (`http://` only).
     pub url: String,
+    /// Signs every post with this secret ([`SIGNATURE_HEADER`]); unsigned without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
 }
 
 impl WebhookSpec {
+    /// Posts to `url`, unsigned.
     pub fn new(url: impl Into<String>) -> Self {
         Self { url: url.into(), secret: None }
     }
 
+    /// Signs the posts with `secret`.
     pub fn with_secret(mut self, secret: impl Into<String>) -> Self {
         self.secret = Some(secret.into());
         self
     }
 
+    /// Checks the URL (at most 2048 bytes, `http://`, a host, no credentials) and that a given
+    /// secret is not empty; the error says what is wrong.
     pub fn validate(&self) -> Result<(), String> {
         if self.url.len() > URL_LEN_MAX {
             return Err(format!("url is longer than {URL_LEN_MAX} bytes"));
@@ -106,13 +112,16 @@ fn mac(secret: &[u8], t: u64, body: &[u8]) -> HmacSha256 {
     mac
 }
 
+/// The [`SIGNATURE_HEADER`] value for `body` posted at `t` (unix seconds):
+/// `t=<t>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
 pub fn signature(secret: &[u8], t: u64, body: &[u8]) -> String {
     let digest = mac(secret, t, body).finalize().into_bytes();
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     format!("t={t},v1={hex}")
 }
 
-/// Checks a signature header (constant-time), refusing a `t` more than `tolerance_s` from `now_s`.
+/// Checks a signature header (constant-time), refusing a `t` more than `tolerance_s` from `now_s`
+/// (both unix seconds). True if `header` signs `body` with `secret`.
 pub fn verify(secret: &[u8], header: &str, body: &[u8], now_s: u64, tolerance_s: u64) -> bool {
     let mut t = None;
     let mut v1 = None;
@@ -307,7 +316,7 @@ async fn attempt(inner: &Inner, spec: &WebhookSpec, body: Bytes) -> Attempt {
 }
 
 /// Delay before retry `k` (0-based): `min * 2^k` capped at `max`, uniformly jittered into [d/2, d].
-pub fn backoff(min_ms: u64, max_ms: u64, k: u32) -> Duration {
+pub(crate) fn backoff(min_ms: u64, max_ms: u64, k: u32) -> Duration {
     let d = min_ms.saturating_mul(1u64 << k.min(32)).min(max_ms).max(1);
     Duration::from_millis(rand::random_range(d.div_ceil(2)..=d))
 }

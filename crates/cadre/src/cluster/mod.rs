@@ -50,6 +50,7 @@ pub mod read;
 pub mod replica;
 pub mod routes;
 mod routing;
+#[cfg_attr(not(feature = "testing"), allow(unused_imports))] // For tests and benchmarks.
 pub use routing::{MemberStats, Served};
 #[cfg(test)]
 mod explore;
@@ -98,6 +99,7 @@ thread_local! {
 
 /// Restarts the count of members started on this thread: a simulation calls it before building
 /// its nodes, so the same seed gives the same Raft ids in every run.
+#[cfg(feature = "testing")]
 pub fn reset_start_count() {
     STARTS.with(|c| c.set(0));
 }

@@ -29,6 +29,7 @@ pub struct AgentsConfig {
     pub agents_active_max: usize,
     /// Restarts (fatal errors, panics) allowed within `restart_window_ms`; one more stops the agent.
     pub restarts_max: u32,
+    /// The window over which restarts are counted (see `restarts_max`).
     pub restart_window_ms: u64,
     /// Time a call over HTTP waits for its reply (HTTP 504 after).
     pub call_timeout_ms: u64,
@@ -50,8 +51,12 @@ pub struct MetaConfig {
     /// longer a voter, is removed from the metadata (and from the group's learners); coming back,
     /// it is admitted again as a new member.
     pub member_gone_remove_ms: u64,
+    /// Time between the leader's heartbeats to the other members of the group.
     pub heartbeat_interval_ms: u64,
+    /// A follower that hears no leader for a random time between this and
+    /// `election_timeout_max_ms` starts an election.
     pub election_timeout_min_ms: u64,
+    /// See `election_timeout_min_ms`.
     pub election_timeout_max_ms: u64,
     /// Applied entries between two snapshots (the log before a snapshot is purged).
     pub snapshot_logs_since_last: u64,
@@ -75,6 +80,7 @@ impl Default for MetaConfig {
 }
 
 impl MetaConfig {
+    /// Checks every field's range and their relations; the error names the first bad field.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !(1..=7).contains(&self.voters_max) {
             return Err(invalid("meta.voters_max", "must be within 1..=7 (3 or 5 in practice)"));
@@ -160,6 +166,7 @@ impl Default for PlacementConfig {
 }
 
 impl PlacementConfig {
+    /// Checks every field's range and their relations; the error names the first bad field.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !(1..=SHARD_COUNT_MAX).contains(&self.shard_count) {
             return Err(invalid("placement.shard_count", format!("must be within 1..={}", SHARD_COUNT_MAX)));
@@ -247,6 +254,7 @@ impl std::fmt::Debug for StorageConfig {
 }
 
 impl StorageConfig {
+    /// Checks every field's range and their relations; the error names the first bad field.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(url) = &self.url {
             if url.len() > STORAGE_URL_LEN_MAX_BYTES {
@@ -281,6 +289,7 @@ impl Default for AgentsConfig {
 }
 
 impl AgentsConfig {
+    /// Checks every field's range and their relations; the error names the first bad field.
     pub fn validate(&self) -> Result<(), ConfigError> {
         positive("agents.idle_timeout_ms", self.idle_timeout_ms)?;
         positive("agents.restart_window_ms", self.restart_window_ms)?;

@@ -24,7 +24,12 @@ pub use signals::*;
 pub enum ConfigError {
     /// A field has a value the node cannot run with.
     #[error("invalid config field `{field}`: {reason}")]
-    Invalid { field: &'static str, reason: String },
+    Invalid {
+        /// The field, as in the TOML file (`net.frame_len_max_bytes`).
+        field: &'static str,
+        /// What is wrong with its value.
+        reason: String,
+    },
     /// The TOML text could not be parsed.
     #[error("config file: {0}")]
     Parse(String),
@@ -43,9 +48,11 @@ impl Secret {
     pub fn new(bytes: impl AsRef<[u8]>) -> Self {
         Self(bytes.as_ref().trim_ascii().to_vec())
     }
+    /// The secret's bytes.
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
+    /// True if no secret was given.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -84,13 +91,21 @@ pub struct Config {
     /// Seed for the node's random choices (membership probing order, handshake nonces).
     /// `None` draws one from the OS; simulations set it so a run replays exactly.
     pub rng_seed: Option<u64>,
+    /// `[net]`: the transport between nodes.
     pub net: NetConfig,
+    /// `[membership]`: failure detection and gossip (SWIM).
     pub membership: MembershipConfig,
+    /// `[signals]`: the bus on one node (queues, webhooks, dead letters, traces).
     pub signals: SignalsConfig,
+    /// `[pubsub]`: signals across the cluster.
     pub pubsub: PubsubConfig,
+    /// `[agents]`: agents on one node (mailboxes, passivation, restarts).
     pub agents: AgentsConfig,
+    /// `[meta]`: the metadata group (Raft).
     pub meta: MetaConfig,
+    /// `[placement]`: shards, replicas, leases and hand-offs.
     pub placement: PlacementConfig,
+    /// `[storage]`: where agent state lives.
     pub storage: StorageConfig,
 }
 
@@ -314,6 +329,7 @@ fn positive(field: &'static str, value: u64) -> Result<(), ConfigError> {
 }
 
 impl NetConfig {
+    /// Checks every field's range and their relations; the error names the first bad field.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !(FRAME_LEN_MIN_BYTES..=FRAME_LEN_MAX_BYTES).contains(&self.frame_len_max_bytes) {
             return Err(invalid(
@@ -348,6 +364,7 @@ impl NetConfig {
 }
 
 impl MembershipConfig {
+    /// Checks every field's range and their relations; the error names the first bad field.
     pub fn validate(&self) -> Result<(), ConfigError> {
         positive("membership.probe_period_ms", self.probe_period_ms)?;
         positive("membership.probe_rtt_ms", self.probe_rtt_ms)?;

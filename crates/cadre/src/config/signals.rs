@@ -41,6 +41,7 @@ pub struct SignalsConfig {
     pub webhook_retries_max: u32,
     /// First retry delay; doubles per retry up to `webhook_backoff_max_ms`, with jitter.
     pub webhook_backoff_min_ms: u64,
+    /// Longest retry delay (see `webhook_backoff_min_ms`).
     pub webhook_backoff_max_ms: u64,
     /// Consecutive failures that open a target URL's circuit breaker.
     pub breaker_failures_max: u32,
@@ -92,6 +93,7 @@ pub struct PubsubConfig {
     pub ack_timeout_ms: u64,
     /// First wait before sending a batch again; doubles up to `retry_ms_max`.
     pub retry_ms_min: u64,
+    /// Longest wait before sending a batch again (see `retry_ms_min`).
     pub retry_ms_max: u64,
     /// Signal ids a receiver remembers to drop copies sent twice; the oldest is forgotten first.
     pub dedup_window_len_max: usize,
@@ -182,6 +184,7 @@ impl PubsubConfig {
 const BROADCAST_FANOUT_MAX: usize = 64;
 
 impl SignalsConfig {
+    /// Checks every field's range and their relations; the error names the first bad field.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(s) = &self.source {
             let long = s.len() > ATTRIBUTE_LEN_MAX_BYTES;

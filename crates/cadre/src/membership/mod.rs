@@ -88,17 +88,24 @@ impl NodeMeta {
     }
 }
 
+/// A member's state, as one node sees it (SWIM).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MemberState {
+    /// Answers probes.
     Alive,
+    /// Missed a probe; declared down unless it refutes the suspicion in time.
     Suspect,
+    /// Declared down (failed, or cut off).
     Down,
+    /// Left the cluster gracefully.
     Left,
 }
 
 impl MemberState {
+    /// Every state.
     pub const ALL: [MemberState; 4] = [MemberState::Alive, MemberState::Suspect, MemberState::Down, MemberState::Left];
+    /// The lower-case name, as in JSON.
     pub fn as_str(self) -> &'static str {
         match self {
             MemberState::Alive => "alive",

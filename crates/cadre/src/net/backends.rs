@@ -1,4 +1,5 @@
-//! The two implementations of [`Network`]: real tokio TCP and turmoil's simulated TCP.
+//! The two implementations of [`Network`]: real tokio TCP and turmoil's simulated TCP (feature
+//! `testing`).
 
 use std::io;
 use std::net::SocketAddr;
@@ -50,12 +51,15 @@ impl Listener for TokioListener {
     }
 }
 
-/// turmoil's simulated TCP; only usable inside a turmoil simulation host.
+/// turmoil's simulated TCP; only usable inside a turmoil simulation host (feature `testing`).
+#[cfg(feature = "testing")]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TurmoilNet;
 
+#[cfg(feature = "testing")]
 struct TurmoilListener(turmoil::net::TcpListener);
 
+#[cfg(feature = "testing")]
 impl Network for TurmoilNet {
     fn bind(&self, addr: SocketAddr) -> BoxFuture<'static, io::Result<Box<dyn Listener>>> {
         async move {
@@ -75,6 +79,7 @@ impl Network for TurmoilNet {
     }
 }
 
+#[cfg(feature = "testing")]
 impl Listener for TurmoilListener {
     fn local_addr(&self) -> io::Result<SocketAddr> {
         self.0.local_addr()

@@ -62,7 +62,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use backends::{TokioNet, TurmoilNet};
+pub use backends::TokioNet;
+#[cfg(feature = "testing")]
+pub use backends::TurmoilNet;
 pub use stats::{DropReason, NetStats};
 
 use crate::config::{NetConfig, Secret};
@@ -88,7 +90,9 @@ pub trait Listener: Send + Sync {
 /// An authenticated peer: its node name and the transport address it listens on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerInfo {
+    /// The peer's node name.
     pub name: Arc<str>,
+    /// The transport address it listens on.
     pub addr: SocketAddr,
 }
 
@@ -102,28 +106,56 @@ pub trait Handler: Send + Sync + 'static {
     fn on_message(&self, from: &PeerInfo, lane: Lane, msg: OutMsg) -> Option<Bytes>;
 }
 
+/// Why a message was not queued for a peer (nothing was sent).
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum SendError {
+    /// The peer's queue is full (`net.peer_queue_len_max` or `net.peer_queue_bytes_max`).
     #[error("queue to {peer} is full")]
-    QueueFull { peer: SocketAddr },
+    QueueFull {
+        /// The peer's address.
+        peer: SocketAddr,
+    },
+    /// The message is larger than one frame (`net.frame_len_max_bytes`).
     #[error("message of {len} bytes exceeds the limit of {max} bytes")]
-    TooLarge { len: usize, max: usize },
+    TooLarge {
+        /// The message's length, in bytes.
+        len: usize,
+        /// The limit, in bytes.
+        max: usize,
+    },
+    /// Connections to `net.peers_max` peers exist already.
     #[error("peer limit of {max} reached")]
-    PeersFull { max: usize },
+    PeersFull {
+        /// The limit.
+        max: usize,
+    },
+    /// The peer was unreachable for longer than `net.peer_unreachable_forget_ms`.
     #[error("peer {peer} was forgotten (unreachable too long); get a new sender")]
-    PeerGone { peer: SocketAddr },
+    PeerGone {
+        /// The peer's address.
+        peer: SocketAddr,
+    },
+    /// The transport is shut down.
     #[error("transport is shut down")]
     Closed,
 }
 
+/// Why an ask got no reply.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum AskError {
+    /// It could not be sent.
     #[error(transparent)]
     Send(#[from] SendError),
+    /// No reply within the timeout (the peer may still have handled it).
     #[error("no reply within {0:?}")]
     Timeout(Duration),
+    /// `net.asks_in_flight_max` asks wait for their replies already.
     #[error("more than {max} asks in flight")]
-    TooManyAsks { max: usize },
+    TooManyAsks {
+        /// The limit.
+        max: usize,
+    },
+    /// The transport is shut down.
     #[error("transport is shut down")]
     Closed,
 }

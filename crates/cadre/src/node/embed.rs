@@ -103,8 +103,8 @@ impl NodeBuilder {
     }
 }
 
-/// One agent of type `A`, wherever it lives in the cluster: calls reach its owner through
-/// [`Cluster`]. Cheap to clone; made by [`Node::agent`].
+/// One agent of type `A`, wherever it lives in the cluster: calls reach its owner through the
+/// cluster layer. Cheap to clone; made by [`Node::agent`].
 pub struct AgentRef<A> {
     cluster: Cluster,
     key: Key,
@@ -124,6 +124,7 @@ impl<A: Agent> AgentRef<A> {
         AgentRef { cluster: node.cluster.clone(), key: Key::new(A::TYPE, id), timeout, agent: PhantomData }
     }
 
+    /// The agent's key (`A::TYPE` and the id).
     pub fn key(&self) -> &Key {
         &self.key
     }

@@ -52,21 +52,40 @@ const SHUTDOWN_FLUSH_MS: u64 = 1000;
 /// Ask payload that [`Echo`] answers with its tell count (8 bytes, little endian).
 pub const ECHO_COUNT_ASK: &[u8] = b"\0cadre.count";
 
+/// Why a node did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
+    /// The config is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A listening socket could not be bound.
     #[error("cannot bind {what} on {addr}: {source}")]
-    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+    Bind {
+        /// Which one (`transport`, `http`).
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The bind error.
+        source: std::io::Error,
+    },
+    /// The data dir (or a file in it) cannot be created, read or written.
     #[error("data dir {path}: {source}")]
-    DataDir { path: String, source: std::io::Error },
+    DataDir {
+        /// The path at fault.
+        path: String,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// A route of [`NodeOptions::routes`] cannot be subscribed.
     #[error("routes: {0}")]
     Routes(#[from] RoutesError),
+    /// The embedded store cannot be opened.
     #[error("storage: {0}")]
     Storage(#[from] crate::storage::StorageError),
     /// The database of `[storage] url` cannot be used (unreachable, login refused, schema).
     #[error(transparent)]
     StorageOpen(#[from] crate::storage::postgres::OpenError),
+    /// The metadata group cannot start (its log under the data dir cannot be opened, ...).
     #[error("metadata: {0}")]
     Meta(#[from] crate::cluster::StartError),
 }
@@ -75,7 +94,7 @@ pub enum NodeError {
 pub trait DataHandler: Send + Sync + 'static {
     /// A tell, as sent ([`Node::tell`]).
     fn on_tell(&self, from: &PeerInfo, payload: Bytes);
-    /// An application ask ([`Node::ask`], or any ask of kind [`Kind::App`]): `payload` is what
+    /// An application ask ([`Node::ask`], or any ask of kind `Kind::App`): `payload` is what
     /// the asker gave, without the kind; the result is the reply.
     fn on_ask(&self, from: &PeerInfo, payload: Bytes) -> Bytes;
 }
@@ -83,6 +102,7 @@ pub trait DataHandler: Send + Sync + 'static {
 /// Counts tells; answers an ask with its payload, or with the tell count for [`ECHO_COUNT_ASK`].
 #[derive(Default)]
 pub struct Echo {
+    /// Tells received.
     pub tells: AtomicU64,
 }
 
@@ -180,7 +200,10 @@ pub struct Node {
 
 /// Options of [`Node::start`] besides the config.
 pub struct NodeOptions {
+    /// The sockets: real TCP by default (simulations use turmoil's).
     pub net: Arc<dyn Network>,
+    /// What receives application tells and asks ([`Node::tell`], [`Node::ask`]); by default an
+    /// echo.
     pub data: Arc<dyn DataHandler>,
     /// Routes to subscribe at start (`--routes FILE`); every target a dispatch configuration.
     pub routes: Option<Table>,
@@ -230,9 +253,11 @@ impl Node {
         AgentRef::new(self, id)
     }
 
-    /// Starts a node: binds, joins, serves. After an error nothing it started keeps running and
-    /// its ports are free again; the same holds when the returned future is dropped half way
-    /// (see [`Starting`]).
+    /// Validates `cfg`, binds the transport (and the HTTP API when `cfg.http` is set), opens the
+    /// storage, starts every layer and joins the cluster through `cfg.seeds` (or forms one). Returns
+    /// once started, not once joined (`GET /readyz` tells that). After an error nothing it started
+    /// keeps running and its ports are free again; the same holds when the returned future is
+    /// dropped half way (see [`Starting`]).
     pub async fn start(cfg: Config, mut opts: NodeOptions) -> Result<Node, NodeError> {
         cfg.validate()?;
         let incarnation = match &cfg.data_dir {
@@ -275,6 +300,7 @@ impl Node {
         }
     }
 
+    /// The node's name.
     pub fn name(&self) -> &str {
         &self.cfg.name
     }
@@ -286,15 +312,22 @@ impl Node {
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http
     }
+    /// The member view (internal; for tests).
+    #[doc(hidden)]
     pub fn view(&self) -> View {
         self.membership.view()
     }
+    /// The membership layer (internal; for tests).
+    #[doc(hidden)]
     pub fn membership(&self) -> &Membership {
         &self.membership
     }
+    /// The transport (internal; for tests and benchmarks).
+    #[doc(hidden)]
     pub fn transport(&self) -> &Transport {
         &self.transport
     }
+    /// The node's metrics registry (what `GET /metrics` shows).
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
@@ -302,22 +335,27 @@ impl Node {
     pub fn bus(&self) -> &Bus {
         &self.bus
     }
-    /// The agents active on this node.
+    /// The agents active on this node (internal; for tests and benchmarks).
+    #[doc(hidden)]
     pub fn agents(&self) -> &Host {
         &self.agents
     }
-    /// Agents across the cluster: routing, placement, the metadata group.
+    /// Agents across the cluster: routing, placement, the metadata group (internal; for tests and
+    /// benchmarks).
+    #[doc(hidden)]
     pub fn cluster(&self) -> &Cluster {
         &self.cluster
     }
 
+    /// Sends `payload` to the node at `to` (its transport address), to its
+    /// [`DataHandler::on_tell`]; queued, not awaited (no delivery guarantee).
     pub fn tell(&self, to: SocketAddr, payload: Bytes) -> Result<(), SendError> {
         self.transport.try_send(to, Lane::Data, Msg::Tell(payload))
     }
 
     /// Asks the node at `to`: its [`DataHandler::on_ask`] gets exactly `payload`, whatever it
-    /// starts with, and answers. The payload is copied once behind its kind ([`envelope::app`]);
-    /// to ask the same payload many times, encode it once and use [`Transport::ask`].
+    /// starts with, and answers. The payload is copied once behind its kind (`envelope::app`);
+    /// to ask the same payload many times, encode it once and use `Transport::ask`.
     pub async fn ask(&self, to: SocketAddr, payload: Bytes, timeout: Duration) -> Result<Bytes, AskError> {
         self.transport.ask(to, envelope::app(&payload), timeout).await
     }

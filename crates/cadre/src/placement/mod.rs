@@ -18,6 +18,7 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use crate::storage::Key;
 
+#[cfg_attr(not(feature = "testing"), allow(unused_imports))] // For tests and benchmarks.
 pub use crate::meta::{SHARD_COUNT_DEFAULT, SHARD_COUNT_MAX};
 
 pub mod plan;

@@ -33,8 +33,9 @@ use std::sync::Arc;
 // floods of consequence here (paths come from configuration, types only probe).
 use rustc_hash::FxHashMap as HashMap;
 
-/// Lowest and highest route priority.
+/// Lowest route priority.
 pub const PRIORITY_MIN: i32 = -100;
+/// Highest route priority.
 pub const PRIORITY_MAX: i32 = 100;
 /// Longest accepted path, in bytes.
 pub const PATH_LEN_MAX_BYTES: usize = 1024;
@@ -46,31 +47,68 @@ const SEGMENTS_INLINE: usize = 16;
 /// Why a route path was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
+    /// The path is empty.
     #[error("empty path")]
     Empty,
+    /// Longer than 1024 bytes.
     #[error("path longer than {PATH_LEN_MAX_BYTES} bytes")]
     TooLong,
+    /// More than 64 segments.
     #[error("more than {SEGMENTS_MAX} segments")]
     TooManySegments,
+    /// A leading, trailing or doubled dot.
     #[error("empty segment at position {index} (leading, trailing or doubled dot)")]
-    EmptySegment { index: usize },
+    EmptySegment {
+        /// The segment's position (0-based).
+        index: usize,
+    },
+    /// `*` or `**` with other characters in one segment (`us*r`).
     #[error("wildcard inside segment {segment:?}")]
-    WildcardInSegment { segment: String },
+    WildcardInSegment {
+        /// The segment.
+        segment: String,
+    },
+    /// `**.**`.
     #[error("two adjacent `**` at position {index}")]
-    AdjacentGlobstar { index: usize },
+    AdjacentGlobstar {
+        /// The second one's position (0-based).
+        index: usize,
+    },
+    /// A character outside the allowed set.
     #[error("character {ch:?} not allowed in segment {segment:?}")]
-    InvalidCharacter { segment: String, ch: char },
+    InvalidCharacter {
+        /// The segment.
+        segment: String,
+        /// The character.
+        ch: char,
+    },
 }
 
 /// Why a route was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {
+    /// The path is invalid.
     #[error("route {path:?}: {reason}")]
-    Path { path: String, reason: PathError },
+    Path {
+        /// The route's path.
+        path: String,
+        /// What is wrong with it.
+        reason: PathError,
+    },
+    /// The priority is outside -100..=100.
     #[error("route {path:?}: priority {priority} outside {PRIORITY_MIN}..={PRIORITY_MAX}")]
-    Priority { path: String, priority: i32 },
+    Priority {
+        /// The route's path.
+        path: String,
+        /// The priority given.
+        priority: i32,
+    },
+    /// The route has no target.
     #[error("route {path:?}: no targets")]
-    NoTargets { path: String },
+    NoTargets {
+        /// The route's path.
+        path: String,
+    },
 }
 
 /// No route matched the type.
@@ -149,12 +187,14 @@ impl Path {
     }
 
     /// Pattern-by-pattern matching, used as the reference for the trie.
+    #[cfg(any(test, feature = "testing"))]
     pub fn matches(&self, ty: &str) -> bool {
         let segs: Vec<&str> = ty.split('.').collect();
         naive(&self.segments, &segs)
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
 fn naive(pat: &[Segment], ty: &[&str]) -> bool {
     match pat.split_first() {
         None => ty.is_empty(),
@@ -183,10 +223,12 @@ impl<T, S> RouteSpec<T, S> {
         self.priority = priority;
         self
     }
+    #[cfg(any(test, feature = "testing"))]
     pub fn target(mut self, target: T) -> Self {
         self.targets.push(target);
         self
     }
+    #[cfg(any(test, feature = "testing"))]
     pub fn predicate(mut self, p: impl Fn(&S) -> bool + Send + Sync + 'static) -> Self {
         self.predicate = Some(Arc::new(p));
         self
@@ -282,7 +324,9 @@ impl TrieNode {
 
 /// One matched route in result order.
 pub struct RouteMatch<'a, T> {
+    #[cfg_attr(not(any(test, feature = "testing")), allow(dead_code))] // Read by tests and fuzzing.
     pub id: RouteId,
+    #[cfg_attr(not(any(test, feature = "testing")), allow(dead_code))]
     pub path: &'a str,
     pub specificity: i64,
     pub priority: i32,
@@ -307,10 +351,12 @@ impl<T, S> Router<T, S> {
         Self::default()
     }
 
+    #[cfg(any(test, feature = "testing"))]
     pub fn len(&self) -> usize {
         self.routes.len()
     }
 
+    #[cfg(any(test, feature = "testing"))]
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
     }
@@ -349,6 +395,7 @@ impl<T, S> Router<T, S> {
     }
 
     /// Removes every route registered with exactly this path; returns how many.
+    #[cfg(any(test, feature = "testing"))]
     pub fn remove_path(&mut self, path: &str) -> usize {
         let ids: Vec<RouteId> = self.routes.iter().filter(|(_, r)| r.path.text == path).map(|(id, _)| *id).collect();
         for id in &ids {

@@ -1,5 +1,6 @@
-//! Routing table files: the routes of a [`Router`] (and, for checking, sample signal types) in
-//! JSON or TOML.
+//! Routing table files: routes from signal type patterns to targets (and, for checking, sample
+//! signal types) in JSON or TOML. A node subscribes a table's routes at start
+//! (`NodeOptions::routes`, `cadre node --routes FILE`).
 //!
 //! ```json
 //! {"routes":[{"path":"user.**","target":"audit","priority":10}], "signals":[{"type":"user.1.created"}]}
@@ -13,7 +14,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{NoMatch, RouteError, RouteSpec, Router};
+pub use super::{PathError, RouteError};
+use super::{NoMatch, RouteSpec, Router};
 
 /// Largest table file accepted.
 pub const TABLE_LEN_MAX_BYTES: usize = 16 << 20;
@@ -24,7 +26,9 @@ pub const TABLE_ROUTES_MAX: usize = 100_000;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Target {
+    /// An opaque name (`"audit"`).
     Name(String),
+    /// A JSON object: for a node, a dispatch configuration (`{"webhook":{"url":"http://..."}}`).
     Object(serde_json::Map<String, serde_json::Value>),
 }
 
@@ -34,14 +38,18 @@ impl From<&str> for Target {
     }
 }
 
+/// A route's `target`: one, or a list.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Targets {
+    /// A single target.
     One(Target),
+    /// A list of targets.
     Many(Vec<Target>),
 }
 
 impl Targets {
+    /// The targets as a list.
     pub fn to_vec(&self) -> Vec<Target> {
         match self {
             Targets::One(t) => vec![t.clone()],
@@ -52,45 +60,69 @@ impl Targets {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// One route of a table.
 pub struct TableRoute {
+    /// The pattern over dot-separated signal types (`user.*.created`, `user.**`).
     pub path: String,
+    /// Where matching signals go.
     pub target: Targets,
+    /// Higher priorities come first among the matching routes (-100..=100; default 0).
     #[serde(default)]
     pub priority: i32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// A sample signal type, to check what it routes to (`cadre routes check`).
 pub struct TableSignal {
+    /// The signal type (`"type"` in the file).
     #[serde(rename = "type")]
     pub ty: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// A routing table: routes, and sample signal types to check them with.
 pub struct Table {
+    /// The routes.
     #[serde(default)]
     pub routes: Vec<TableRoute>,
+    /// Sample signal types (used by [`check`] only).
     #[serde(default)]
     pub signals: Vec<TableSignal>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why a table was refused.
 pub enum TableError {
+    /// The text is longer than [`TABLE_LEN_MAX_BYTES`].
     #[error("table of {len} bytes exceeds {TABLE_LEN_MAX_BYTES} bytes")]
-    TooLarge { len: usize },
+    TooLarge {
+        /// The text's length, in bytes.
+        len: usize,
+    },
+    /// Not valid JSON or TOML, or not shaped as a table.
     #[error("cannot parse the table: {0}")]
     Parse(String),
+    /// More than [`TABLE_ROUTES_MAX`] routes.
     #[error("more than {TABLE_ROUTES_MAX} routes")]
     TooManyRoutes,
+    /// A route is invalid.
     #[error("route #{index}: {error}")]
-    Route { index: usize, error: RouteError },
+    Route {
+        /// The route's position in the table (0-based).
+        index: usize,
+        /// What is wrong with it.
+        error: RouteError,
+    },
 }
 
 /// The format of a table's text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
+    /// JSON.
     Json,
+    /// TOML.
     Toml,
 }
 
@@ -105,6 +137,8 @@ impl Format {
 }
 
 impl Table {
+    /// Parses a table; refuses one longer than [`TABLE_LEN_MAX_BYTES`] or with more than
+    /// [`TABLE_ROUTES_MAX`] routes. Routes are validated when used (see [`check`]).
     pub fn parse(text: &str, format: Format) -> Result<Table, TableError> {
         if text.len() > TABLE_LEN_MAX_BYTES {
             return Err(TableError::TooLarge { len: text.len() });
@@ -120,7 +154,7 @@ impl Table {
     }
 
     /// Builds a router with every route, or names the first invalid one.
-    pub fn router<S>(&self) -> Result<Router<Target, S>, TableError> {
+    pub(crate) fn router<S>(&self) -> Result<Router<Target, S>, TableError> {
         let mut router = Router::new();
         for (index, r) in self.routes.iter().enumerate() {
             let spec =
@@ -135,19 +169,26 @@ impl Table {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum CheckLine {
+    /// The type's targets, in priority order.
     Targets {
+        /// The signal type.
         #[serde(rename = "type")]
         ty: String,
+        /// Its targets.
         targets: Vec<Target>,
     },
+    /// The type could not be routed (`no_match`).
     Error {
+        /// The signal type.
         #[serde(rename = "type")]
         ty: String,
+        /// Why.
         error: String,
     },
 }
 
-/// Routes every listed signal type; one line per signal, in order.
+/// Routes every listed signal type; one line per signal, in order. Fails on the first invalid
+/// route.
 pub fn check(table: &Table) -> Result<Vec<CheckLine>, TableError> {
     let router = table.router::<()>()?;
     Ok(table

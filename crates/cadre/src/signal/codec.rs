@@ -20,7 +20,9 @@ use serde_json::{Map, Value};
 
 use super::{is_json_content_type, is_text_content_type, validate_extension_name, Data, Signal, SignalError};
 
+/// Content type of a structured-mode body (one event).
 pub const CONTENT_TYPE_STRUCTURED: &str = "application/cloudevents+json";
+/// Content type of a batch-mode body (a JSON array of events).
 pub const CONTENT_TYPE_BATCH: &str = "application/cloudevents-batch+json";
 /// Most signals in one batch.
 pub const BATCH_LEN_MAX: usize = 1000;
@@ -70,10 +72,13 @@ pub fn to_json(s: &Signal) -> Value {
     Value::Object(m)
 }
 
+/// The structured-mode body of a signal.
 pub fn encode_structured(s: &Signal) -> Vec<u8> {
     serde_json::to_vec(&to_json(s)).expect("a JSON value always serialises")
 }
 
+/// A signal from a structured-mode body, validated and in normal form; `Malformed` if the body is
+/// not a JSON object.
 pub fn decode_structured(body: &[u8]) -> Result<Signal, SignalError> {
     from_json(parse(body)?)
 }
@@ -179,10 +184,13 @@ fn binary_data(s: &mut Signal, bytes: Vec<u8>) -> Result<Option<Data>, SignalErr
 
 // ---- batch ----
 
+/// The batch-mode body of signals.
 pub fn encode_batch(signals: &[Signal]) -> Vec<u8> {
     serde_json::to_vec(&Value::Array(signals.iter().map(to_json).collect())).expect("a JSON value always serialises")
 }
 
+/// Signals from a batch-mode body: all valid, or the first invalid one's error
+/// ([`SignalError::InBatch`]); `BatchTooLarge` beyond [`BATCH_LEN_MAX`].
 pub fn decode_batch(body: &[u8]) -> Result<Vec<Signal>, SignalError> {
     let Value::Array(items) = parse(body)? else {
         return Err(SignalError::Malformed("a batch must be a JSON array".into()));
@@ -240,6 +248,8 @@ pub fn encode_binary(s: &Signal) -> (HeaderMap, Bytes) {
     (h, body)
 }
 
+/// A signal from a binary-mode message (`ce-*` headers, `Content-Type`, body), validated and in
+/// normal form.
 pub fn decode_binary(headers: &HeaderMap, body: &[u8]) -> Result<Signal, SignalError> {
     let mut attrs: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
     for name in headers.keys() {

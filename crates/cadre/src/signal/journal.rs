@@ -24,22 +24,30 @@ pub const TRACE_STEPS_MAX: usize = 100;
 /// One signal in a trace.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TraceStep {
+    /// The signal's id.
     pub id: String,
+    /// Its type (`"type"` in JSON).
     #[serde(rename = "type")]
     pub ty: String,
+    /// Its source.
     pub source: String,
+    /// Its time, RFC 3339 in UTC.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub time: Option<String>,
+    /// The id of the signal that caused it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub causationid: Option<String>,
     /// Distance from the signal the trace started at.
     pub depth: usize,
 }
 
+/// Which way a trace walks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
+    /// From a signal to its cause, the cause's cause, ...
     Backward,
+    /// From a signal to the signals it caused, breadth first.
     Forward,
 }
 
@@ -63,21 +71,25 @@ struct Inner {
     entries: HashMap<Arc<str>, Entry>,
 }
 
+/// The journal: at most `len_max` signals, the oldest forgotten first.
 pub struct Journal {
     len_max: usize,
     inner: Mutex<Inner>,
 }
 
 impl Journal {
+    /// An empty journal of at most `len_max` signals (panics on 0).
     pub fn new(len_max: usize) -> Journal {
         assert!(len_max > 0, "a journal needs room for one entry");
         Journal { len_max, inner: Mutex::new(Inner { order: VecDeque::new(), entries: HashMap::new() }) }
     }
 
+    /// Signals recorded.
     pub fn len(&self) -> usize {
         self.lock().order.len()
     }
 
+    /// True if nothing is recorded.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -78,13 +78,22 @@ pub enum Data {
 /// A CloudEvents 1.0 event.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Signal {
+    /// `id`: unique per `source` (a UUIDv7 for signals made here).
     pub id: String,
+    /// `source`: where the signal comes from (a URI reference; a node's is `[signals] source`, by
+    /// default `cadre://<cluster>/<node>`).
     pub source: String,
+    /// `type`: dot-separated (`order.placed`); routes and subscriptions match on it.
     pub ty: String,
+    /// `subject`: what the signal is about, within the source.
     pub subject: Option<String>,
+    /// `time`: when it happened.
     pub time: Option<DateTime<FixedOffset>>,
+    /// `datacontenttype`: the media type of `data`; present when `data` is.
     pub datacontenttype: Option<String>,
+    /// `dataschema`: a URI of the schema `data` adheres to.
     pub dataschema: Option<String>,
+    /// `data`: the payload.
     pub data: Option<Data>,
     /// Extension attributes by name, in their canonical string form.
     pub extensions: BTreeMap<String, String>,
@@ -93,25 +102,48 @@ pub struct Signal {
 /// Why a signal is invalid. The message names the attribute and the reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SignalError {
+    /// A required attribute is missing or empty.
     #[error("missing attribute \"{0}\"")]
     Missing(&'static str),
+    /// An attribute has a value that is not allowed.
     #[error("attribute \"{attribute}\" {reason}")]
-    Invalid { attribute: String, reason: String },
+    Invalid {
+        /// The attribute's name.
+        attribute: String,
+        /// What is wrong with its value.
+        reason: String,
+    },
+    /// An extension name with characters other than `a-z` and `0-9`.
     #[error("extension name \"{0}\" is not lower-case alphanumeric")]
     ExtensionName(String),
+    /// An extension name longer than [`EXTENSION_NAME_LEN_MAX`].
     #[error("extension name \"{0}\" is longer than {EXTENSION_NAME_LEN_MAX} characters")]
     ExtensionNameLen(String),
+    /// An extension named as a CloudEvents attribute (`id`, `data`, ...).
     #[error("extension name \"{0}\" is a reserved attribute name")]
     ExtensionReserved(String),
+    /// More than [`EXTENSIONS_MAX`] extensions.
     #[error("more than {EXTENSIONS_MAX} extensions")]
     TooManyExtensions,
     /// Not a CloudEvent at all (not JSON, not an object, a batch that is not an array, ...).
     #[error("malformed: {0}")]
     Malformed(String),
+    /// A batch with more signals than allowed.
     #[error("batch of {len} signals exceeds {max}")]
-    BatchTooLarge { len: usize, max: usize },
+    BatchTooLarge {
+        /// Signals in the batch.
+        len: usize,
+        /// The most allowed.
+        max: usize,
+    },
+    /// A signal of a batch is invalid (the whole batch is refused).
     #[error("signal #{index}: {error}")]
-    InBatch { index: usize, error: Box<SignalError> },
+    InBatch {
+        /// The signal's position in the batch (0-based).
+        index: usize,
+        /// What is wrong with it.
+        error: Box<SignalError>,
+    },
 }
 
 impl SignalError {
@@ -172,6 +204,7 @@ impl Signal {
         }
     }
 
+    /// Sets the subject.
     pub fn with_subject(mut self, subject: impl Into<String>) -> Self {
         self.subject = Some(subject.into());
         self
@@ -184,11 +217,13 @@ impl Signal {
         self
     }
 
+    /// Sets an extension attribute (checked by [`Signal::validate`]).
     pub fn with_extension(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.extensions.insert(name.into(), value.into());
         self
     }
 
+    /// An extension attribute's value.
     pub fn extension(&self, name: &str) -> Option<&str> {
         self.extensions.get(name).map(String::as_str)
     }
@@ -421,7 +456,9 @@ tokio::task_local! {
 /// [`Signal::new`] take the source; signals published take the parent as their cause.
 #[derive(Clone)]
 pub struct Context {
+    /// The node's source: the `source` of signals made with [`Signal::new`].
     pub source: Arc<str>,
+    /// The signal being handled, if any: the cause of signals published meanwhile.
     pub parent: Option<Arc<Signal>>,
 }
 
@@ -440,12 +477,17 @@ impl Context {
 /// A W3C trace context `traceparent` value (version 00).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TraceParent {
+    /// The trace's id (16 bytes, never 0).
     pub trace_id: u128,
+    /// The span's id (8 bytes, never 0).
     pub span_id: u64,
+    /// The trace flags (bit 0: sampled).
     pub flags: u8,
 }
 
 impl TraceParent {
+    /// Parses `00-<32 hex trace id>-<16 hex span id>-<2 hex flags>` (lower case, non-zero ids);
+    /// `None` for anything else.
     pub fn parse(text: &str) -> Option<TraceParent> {
         let mut parts = text.split('-');
         let (v, t, s, f) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);

@@ -56,7 +56,9 @@ const SIM_DURATION_MAX: Duration = Duration::from_secs(3600);
 /// Options for one simulated node.
 #[derive(Clone, Debug)]
 pub struct SimNode {
+    /// The node's name, also its host's name.
     pub name: String,
+    /// The cluster secret it presents.
     pub secret: String,
     /// Names of the hosts this node joins through.
     pub seeds: Vec<String>,
@@ -145,10 +147,13 @@ pub fn sim_addr(name: &str) -> SocketAddr {
     SocketAddr::new(turmoil::lookup(name), SIM_PORT)
 }
 
+/// Why a simulation step failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
+    /// A condition waited for did not hold in time.
     #[error("condition not met within {0:?} of simulated time")]
     Timeout(Duration),
+    /// turmoil stopped the simulation (a host panicked or failed, or the duration ran out).
     #[error("simulation failed: {0}")]
     Turmoil(String),
 }
@@ -185,6 +190,7 @@ impl SimCluster {
         }
     }
 
+    /// The seed the simulation was built from.
     pub fn seed(&self) -> u64 {
         self.seed
     }

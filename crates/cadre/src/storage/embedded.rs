@@ -33,6 +33,7 @@ fn backend(e: impl std::fmt::Display) -> StorageError {
     StorageError::Backend(e.to_string())
 }
 
+/// A store in one redb file (see the module docs).
 pub struct RedbStorage {
     db: Arc<Database>,
 }

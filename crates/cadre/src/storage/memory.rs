@@ -47,12 +47,14 @@ impl Inner {
     }
 }
 
+/// A store in memory (see the module docs); share it between nodes with an `Arc`.
 #[derive(Default)]
 pub struct MemoryStorage {
     inner: Mutex<Inner>,
 }
 
 impl MemoryStorage {
+    /// An empty store.
     pub fn new() -> Self {
         Self::default()
     }

@@ -22,14 +22,16 @@
 //! default, a redb file under the data dir; each write is one durable transaction) and
 //! [`postgres::PostgresStorage`] (`[storage] url`: one database shared by every node, so
 //! [`Storage::shared`] is true and shards move without copying state; each write is one
-//! transaction that locks its shard's epoch row). All three pass [`conformance`]; Postgres also
-//! with several stores (nodes) writing to one database at once.
+//! transaction that locks its shard's epoch row). All three pass the conformance suite
+//! (`conformance`, with the `testing` feature: an application's own backend can run it too);
+//! Postgres also with several stores (nodes) writing to one database at once.
 //!
 //! ## Limits
 //! Values and entries hold at most [`VALUE_LEN_MAX_BYTES`]; keys at most [`KEY_LEN_MAX_BYTES`];
 //! one `entries` read returns at most [`ENTRIES_READ_MAX`], one `scan_keys` read at most
 //! [`SCAN_READ_MAX`] keys.
 
+#[cfg(feature = "testing")]
 pub mod conformance;
 pub mod embedded;
 pub mod memory;
@@ -53,11 +55,14 @@ pub type Revision = u64;
 /// An agent's storage key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Key {
+    /// The agent type ([`Agent::TYPE`](crate::Agent::TYPE)); not empty, no NUL.
     pub ty: String,
+    /// The agent's id within its type.
     pub id: String,
 }
 
 impl Key {
+    /// The key of agent `id` of type `ty` (not checked: see [`Key::check`]).
     pub fn new(ty: impl Into<String>, id: impl Into<String>) -> Key {
         Key { ty: ty.into(), id: id.into() }
     }
@@ -86,6 +91,8 @@ impl Key {
         Ok(Key::new(ty, id))
     }
 
+    /// Checks the type (not empty, no NUL) and the length (type and id at most
+    /// [`KEY_LEN_MAX_BYTES`] together); else `InvalidKey`.
     pub fn check(&self) -> Result<(), StorageError> {
         if self.ty.is_empty() || self.ty.contains('\0') {
             return Err(StorageError::InvalidKey("the type must be non-empty and without NUL".into()));
@@ -100,28 +107,49 @@ impl Key {
 /// The shard a write is for and the writer's epoch of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fence {
+    /// The key's shard.
     pub shard: u32,
+    /// The writer's epoch of the shard.
     pub epoch: u64,
 }
 
 /// A state and its revision.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Versioned {
+    /// The state's bytes.
     pub value: Bytes,
+    /// The revision of the write that stored it.
     pub revision: Revision,
 }
 
+/// Why a storage operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum StorageError {
     /// The key's revision is not the expected one (0: absent).
     #[error("revision conflict: expected {expected}, found {actual}")]
-    Conflict { expected: Revision, actual: Revision },
+    Conflict {
+        /// The revision the writer expected.
+        expected: Revision,
+        /// The key's revision in the store.
+        actual: Revision,
+    },
     /// A newer epoch has written to this shard.
     #[error("fenced: shard {shard} is at epoch {current}, the write was at {epoch}")]
-    Fenced { shard: u32, epoch: u64, current: u64 },
+    Fenced {
+        /// The shard.
+        shard: u32,
+        /// The write's epoch.
+        epoch: u64,
+        /// The highest epoch the store has seen for the shard.
+        current: u64,
+    },
     /// Larger than [`VALUE_LEN_MAX_BYTES`], or than one transport frame when replicated.
     #[error("value of {len} bytes exceeds the limit (at most {VALUE_LEN_MAX_BYTES}, and one transport frame when replicated)")]
-    TooLarge { len: usize },
+    TooLarge {
+        /// The value's length, in bytes.
+        len: usize,
+    },
+    /// The key is invalid (see [`Key::check`]).
     #[error("invalid key: {0}")]
     InvalidKey(String),
     /// The backend failed (IO, corruption); the operation may or may not have happened only for

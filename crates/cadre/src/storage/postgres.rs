@@ -149,19 +149,46 @@ const SCAN_KEYS: &str = "SELECT key FROM ( \
 /// Why [`PostgresStorage::open`] failed. Messages name the database without its password.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
+    /// The URL cannot be used.
     #[error("storage URL: {0}")]
     InvalidUrl(#[from] UrlError),
+    /// The database did not answer within `storage.connect_timeout_ms`.
     #[error("database {target}: no answer within {timeout_ms} ms (storage.connect_timeout_ms)")]
-    Timeout { target: String, timeout_ms: u64 },
+    Timeout {
+        /// The database, without its password.
+        target: String,
+        /// The time waited, in milliseconds.
+        timeout_ms: u64,
+    },
+    /// The database refused the connection (login, TLS, unknown database, ...).
     #[error("database {target}: cannot connect: {reason}")]
-    Connect { target: String, reason: String },
+    Connect {
+        /// The database, without its password.
+        target: String,
+        /// The database's or the driver's message.
+        reason: String,
+    },
+    /// The schema could not be created or migrated.
     #[error("database {target}: cannot apply the schema: {reason}")]
-    Migrate { target: String, reason: String },
+    Migrate {
+        /// The database, without its password.
+        target: String,
+        /// The database's or the driver's message.
+        reason: String,
+    },
     #[error(
         "database {target}: its schema is at version {found}, newer than the {known} this build knows; \
          run a newer cadre"
     )]
-    SchemaTooNew { target: String, found: i32, known: i32 },
+    /// The database was migrated by a newer build, to a schema this one does not know.
+    SchemaTooNew {
+        /// The database, without its password.
+        target: String,
+        /// The database's schema version.
+        found: i32,
+        /// The newest version this build knows ([`SCHEMA_VERSION`]).
+        known: i32,
+    },
 }
 
 pub use crate::config::{parse_url, redact, UrlError};
@@ -184,6 +211,7 @@ fn unsigned(v: i64, what: &str) -> Result<u64, StorageError> {
     u64::try_from(v).map_err(|_| StorageError::Backend(format!("corrupt store: negative {what} {v}")))
 }
 
+/// A store in a Postgres database, shared by every node (see the module docs).
 pub struct PostgresStorage {
     pool: PgPool,
     /// Longest a call may take in all; then it fails with `Backend` (see `StorageConfig`).

@@ -63,6 +63,8 @@ impl Kind {
         Kind::ALL.into_iter().find(|k| k.tag() == tag)
     }
 
+    /// The kind's name, for messages.
+    #[cfg(any(test, feature = "testing"))]
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Agent => "agent",
@@ -135,6 +137,7 @@ pub fn refusal(e: EnvelopeError) -> Bytes {
 }
 
 /// The error a [`refusal`] carries, if `reply` is one.
+#[cfg(any(test, feature = "testing"))]
 pub fn refused(reply: &[u8]) -> Option<EnvelopeError> {
     postcard::from_bytes(reply.strip_prefix(&[REFUSED_TAG])?).ok()
 }

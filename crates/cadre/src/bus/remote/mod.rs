@@ -100,6 +100,7 @@ pub enum Delivery {
 }
 
 impl Delivery {
+    /// The lower-case name (`weak`, `eventual`, `strong`).
     pub fn as_str(self) -> &'static str {
         match self {
             Delivery::Weak => "weak",

@@ -114,9 +114,13 @@ const FRAME_OVERHEAD_BYTES: usize = 4096 + crate::storage::KEY_LEN_MAX_BYTES;
 /// A catch-up in progress, as `GET /v1/cluster` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SyncStatus {
+    /// The shard being copied.
     pub shard: u32,
+    /// The replica it is copied to (node name).
     pub to: String,
+    /// Keys this attempt copied so far.
     pub keys: u64,
+    /// Bytes this attempt copied so far.
     pub bytes: u64,
 }
 
