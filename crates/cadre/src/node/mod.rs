@@ -257,7 +257,7 @@ impl Node {
     /// storage, starts every layer and joins the cluster through `cfg.seeds` (or forms one). Returns
     /// once started, not once joined (`GET /readyz` tells that). After an error nothing it started
     /// keeps running and its ports are free again; the same holds when the returned future is
-    /// dropped half way (see [`Starting`]).
+    /// dropped half way (see `Starting`).
     pub async fn start(cfg: Config, mut opts: NodeOptions) -> Result<Node, NodeError> {
         cfg.validate()?;
         let incarnation = match &cfg.data_dir {
