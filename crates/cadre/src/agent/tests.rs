@@ -497,6 +497,15 @@ fn collect_into(out: &Arc<Mutex<Vec<Signal>>>) -> crate::agent::Emitter {
     })
 }
 
+/// A host of counters and relays on `storage`, whose emitted signals are collected in `out`.
+fn counters_and_relays(storage: &Arc<MemoryStorage>, out: &Arc<Mutex<Vec<Signal>>>) -> Host {
+    HostBuilder::new(AgentsConfig::default(), storage.clone())
+        .agent::<Counter>()
+        .agent::<Relay>()
+        .emitter(collect_into(out))
+        .build()
+}
+
 #[tokio::test]
 async fn signals_a_handler_emits_go_out_after_a_successful_call_with_its_cause() {
     let out: Arc<Mutex<Vec<Signal>>> = Arc::default();
@@ -527,11 +536,7 @@ async fn signals_a_handler_emits_go_out_after_a_successful_call_with_its_cause()
 async fn reads_run_on_the_stored_state_and_refuse_what_is_not_a_read() {
     let storage = Arc::new(MemoryStorage::new());
     let out: Arc<Mutex<Vec<Signal>>> = Arc::default();
-    let host = HostBuilder::new(AgentsConfig::default(), storage.clone())
-        .agent::<Counter>()
-        .agent::<Relay>()
-        .emitter(collect_into(&out))
-        .build();
+    let host = counters_and_relays(&storage, &out);
     let k = key("r1");
     // Nothing stored: the default state, and no activation, no write.
     assert_eq!(host.read(&k, None).await.unwrap(), serde_json::json!({"value": 0}));
@@ -603,11 +608,7 @@ async fn what_on_activate_changes_or_emits_is_not_held_against_a_read() {
 async fn a_signal_handled_before_is_answered_with_its_reply_and_not_handled_again() {
     let storage = Arc::new(MemoryStorage::new());
     let out: Arc<Mutex<Vec<Signal>>> = Arc::default();
-    let host = HostBuilder::new(AgentsConfig::default(), storage.clone())
-        .agent::<Counter>()
-        .agent::<Relay>()
-        .emitter(collect_into(&out))
-        .build();
+    let host = counters_and_relays(&storage, &out);
     let k = key("once");
     let first = add(5);
     assert_eq!(host.call(&k, first.clone(), T).await.unwrap(), 5);

@@ -38,6 +38,15 @@ pub(crate) enum Answer<T> {
     OwnerChanged,
 }
 
+impl<T> From<Result<T, CallError>> for Answer<T> {
+    fn from(r: Result<T, CallError>) -> Self {
+        match r {
+            Ok(t) => Answer::Served(t),
+            Err(e) => Answer::Failed(e),
+        }
+    }
+}
+
 /// What to do after an answer.
 #[derive(Debug)]
 pub(crate) enum Next<T> {

@@ -90,10 +90,7 @@ impl Cluster {
         let mut route = Route::new(&self.inner.name, self.inner.cfg.redirects_max);
         loop {
             let answer = match route.target(self.placement(key)) {
-                Ok(Target::Local) => match self.local(key, &op, deadline).await {
-                    Ok(served) => Answer::Served(served),
-                    Err(e) => Answer::Failed(e),
-                },
+                Ok(Target::Local) => self.local(key, &op, deadline).await.into(),
                 Ok(Target::Remote { owner, routed }) => self.remote(&owner, key, &op, routed, deadline).await,
                 Err(e) => Answer::Failed(e),
             };
@@ -149,22 +146,10 @@ impl Cluster {
         routed: Option<Placement>,
         deadline: Instant,
     ) -> Answer<Served> {
-        match self.ask_owner(owner, key, op, routed, deadline).await {
-            Ok(served) => Answer::Served(served),
-            Err(Remote::OwnerChanged) => Answer::OwnerChanged,
-            Err(Remote::Failed(e)) => Answer::Failed(e),
-        }
-    }
-
-    async fn ask_owner(
-        &self,
-        owner: &str,
-        key: &Key,
-        op: &Op,
-        routed: Option<Placement>,
-        deadline: Instant,
-    ) -> Result<Served, Remote> {
-        let addr = self.member_addr(owner)?;
+        let addr = match self.member_addr(owner) {
+            Ok(addr) => addr,
+            Err(e) => return Answer::Failed(e),
+        };
         let epoch = routed.as_ref().map_or(0, |p| p.epoch);
         let timeout_ms = deadline.saturating_duration_since(Instant::now()).as_millis() as u64;
         let req = AgentReq { op: op.to_wire(timeout_ms), ty: key.ty.clone(), id: key.id.clone(), epoch };
@@ -172,21 +157,10 @@ impl Cluster {
         // The owner may die or stop with the ask in flight: stop waiting once the table gives the
         // shard to another owner, and send it there.
         let reply = tokio::select! {
-            r = self.ask(addr, &req, timeout) => r?,
-            () = self.owner_changes(key, owner, routed) => return Err(Remote::OwnerChanged),
+            r = self.ask(addr, &req, timeout) => r,
+            () = self.owner_changes(key, owner, routed) => return Answer::OwnerChanged,
         };
-        match reply {
-            AgentReply::Ok { reply, epoch } => {
-                let reply = serde_json::from_slice(&reply).map_err(|e| {
-                    CallError::Unavailable(Unavailable::Protocol(format!("undecodable reply from {owner}: {e}")))
-                })?;
-                Ok(Served { reply, node: owner.to_string(), epoch })
-            }
-            AgentReply::Err(e) => Err(Remote::Failed(e)),
-            AgentReply::Stats { .. } | AgentReply::Read { .. } | AgentReply::Active(_) | AgentReply::Stored(_) => {
-                Err(CallError::Unavailable(Unavailable::Protocol(format!("unexpected reply from {owner}"))).into())
-            }
-        }
+        reply.and_then(|r| served_by(owner, r)).into()
     }
 
     /// Resolves once this node's table shows `key`'s shard taken from `owner` (after `routed`,
@@ -265,18 +239,19 @@ impl Cluster {
     }
 }
 
-/// How one ask to an owner ended, when it did not succeed.
-#[derive(Debug, Clone)]
-enum Remote {
-    /// The table gave the shard to another owner while the ask was in flight: its outcome is
-    /// unknown, and the same request goes to the new owner.
-    OwnerChanged,
-    Failed(CallError),
-}
-
-impl From<CallError> for Remote {
-    fn from(e: CallError) -> Self {
-        Remote::Failed(e)
+/// What an owner's reply to an agent request means.
+fn served_by(owner: &str, reply: AgentReply) -> Result<Served, CallError> {
+    match reply {
+        AgentReply::Ok { reply, epoch } => {
+            let reply = serde_json::from_slice(&reply).map_err(|e| {
+                CallError::Unavailable(Unavailable::Protocol(format!("undecodable reply from {owner}: {e}")))
+            })?;
+            Ok(Served { reply, node: owner.to_string(), epoch })
+        }
+        AgentReply::Err(e) => Err(e),
+        AgentReply::Stats { .. } | AgentReply::Read { .. } | AgentReply::Active(_) | AgentReply::Stored(_) => {
+            Err(CallError::Unavailable(Unavailable::Protocol(format!("unexpected reply from {owner}"))))
+        }
     }
 }
 
