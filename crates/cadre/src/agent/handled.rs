@@ -463,6 +463,39 @@ mod tests {
         assert!(decode_stored(&Bytes::from(huge)).is_err());
     }
 
+    /// The record's cost per call outside the runtime: 1,000 full records (256 ids, a short
+    /// reply each) written in turn, as the local-call benchmark does, against the same calls
+    /// without a record (each side twice). The hash of the id is paid by both. Run:
+    /// `cargo test --release -p cadre --lib record_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn record_cost_per_call() {
+        const AGENTS: usize = 1000;
+        const IDS: usize = 256;
+        const CALLS: usize = 4_000_000;
+        let state = Bytes::from_static(br#"{"value":12345}"#);
+        for with in [true, false, true, false] {
+            let mut records = vec![Record::default(); AGENTS];
+            let mut stored = vec![Vec::new(); AGENTS];
+            let mut n = 0u64;
+            let mut call = |i: usize| {
+                n += 1;
+                let id = handled_id("/bench", &n.to_string());
+                let agent = (i * 7919) % AGENTS;
+                assert!(records[agent].find(&id).is_none());
+                if with {
+                    records[agent].insert(id, Some(br#"{"value":12345}"#), IDS);
+                }
+                stored[agent] = encode_stored(&records[agent], &Bytes::new(), &state);
+            };
+            (0..AGENTS * IDS).for_each(&mut call);
+            let started = std::time::Instant::now();
+            (0..CALLS).for_each(&mut call);
+            let ns = started.elapsed().as_nanos() as f64 / CALLS as f64;
+            println!("record {}: {ns:.0} ns a call (hash, lookup, insert, encoding)", if with { "on " } else { "off" });
+        }
+    }
+
     proptest! {
         #[test]
         fn records_round_trip(ops in proptest::collection::vec((0u32..50, proptest::option::of("[a-z]{0,20}")), 0..100),

@@ -22,12 +22,6 @@ struct Stored {
     revision: Revision,
 }
 
-impl Stored {
-    fn versioned(&self) -> Versioned {
-        Versioned { value: super::joined(&self.parts), revision: self.revision }
-    }
-}
-
 #[derive(Default)]
 struct Inner {
     states: BTreeMap<Key, Stored>,
@@ -63,16 +57,23 @@ impl MemoryStorage {
         &self,
         f: impl FnOnce(&mut Inner) -> Result<T, StorageError>,
     ) -> BoxFuture<'_, Result<T, StorageError>> {
+        ready(self.locked(f)).boxed()
+    }
+
+    fn locked<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
         // A panic while holding the lock cannot leave the maps half-updated: every operation
         // checks first and then mutates.
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        ready(f(&mut inner)).boxed()
+        f(&mut inner)
     }
 }
 
 impl Storage for MemoryStorage {
     fn get<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, Result<Option<Versioned>, StorageError>> {
-        self.run(|i| Ok(i.states.get(key).map(Stored::versioned)))
+        // The parts are joined after the lock is released.
+        let found = self.locked(|i| i.states.get(key).map(|v| (v.parts.clone(), v.revision)));
+        let value = found.map(|(parts, revision)| Versioned { value: super::joined(&parts), revision });
+        ready(Ok(value)).boxed()
     }
 
     fn put<'a>(
@@ -92,28 +93,34 @@ impl Storage for MemoryStorage {
         expected: Revision,
         fence: Fence,
     ) -> BoxFuture<'a, Result<Revision, StorageError>> {
-        self.run(move |i| {
-            let len = parts.iter().map(Bytes::len).sum();
-            key.check()?;
-            if len > VALUE_LEN_MAX_BYTES {
-                return Err(StorageError::TooLarge { len });
-            }
+        let len = parts.iter().map(Bytes::len).sum();
+        if let Err(e) = key.check() {
+            return ready(Err(e)).boxed();
+        }
+        if len > VALUE_LEN_MAX_BYTES {
+            return ready(Err(StorageError::TooLarge { len })).boxed();
+        }
+        let put = self.locked(move |i| {
             let epoch = i.fence(fence)?;
-            let actual = i.revision_of(key);
-            if actual != expected {
-                return Err(StorageError::Conflict { expected, actual });
-            }
-            i.revision += 1;
-            let revision = i.revision;
-            match i.states.get_mut(key) {
-                Some(v) => *v = Stored { parts, revision },
-                None => {
+            let revision = i.revision + 1;
+            // One lookup of the key; the value it replaces is freed after the lock is released
+            // (every writer waits on this one lock).
+            let replaced = match i.states.get_mut(key) {
+                Some(v) if v.revision == expected => Some(std::mem::replace(v, Stored { parts, revision })),
+                Some(v) => return Err(StorageError::Conflict { expected, actual: v.revision }),
+                None if expected == 0 => {
                     i.states.insert(key.clone(), Stored { parts, revision });
+                    None
                 }
+                None => return Err(StorageError::Conflict { expected, actual: 0 }),
+            };
+            i.revision = revision;
+            if i.epochs.get(&fence.shard) != Some(&epoch) {
+                i.epochs.insert(fence.shard, epoch);
             }
-            i.epochs.insert(fence.shard, epoch);
-            Ok(revision)
-        })
+            Ok((revision, replaced))
+        });
+        ready(put.map(|(revision, _replaced)| revision)).boxed()
     }
 
     fn delete<'a>(&'a self, key: &'a Key, expected: Revision, fence: Fence) -> BoxFuture<'a, Result<(), StorageError>> {

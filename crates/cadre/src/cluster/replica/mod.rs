@@ -303,7 +303,7 @@ impl Replication {
 
     /// Sends a write the local store accepted to the shard's replicas; `Ok` once every in-sync
     /// one has it (or was marked out of sync).
-    async fn replicate(&self, fence: Fence, key: &Key, op: ReplicaOp) -> Result<(), StorageError> {
+    async fn replicate(&self, fence: Fence, key: &Key, op: impl FnOnce() -> ReplicaOp) -> Result<(), StorageError> {
         let targets = {
             let st = self.state.borrow();
             self.engine().targets(&st, fence, key)?
@@ -311,7 +311,7 @@ impl Replication {
         if targets.is_empty() {
             return Ok(());
         }
-        let req = ReplicaReq { shard: fence.shard, epoch: fence.epoch, op };
+        let req = ReplicaReq { shard: fence.shard, epoch: fence.epoch, op: op() };
         let payload = encode_req(&req);
         let timeout = Duration::from_millis(self.cfg.replica_write_timeout_ms);
         let asks = targets.iter().map(|t| self.ask(t.addr, payload.clone(), timeout));

@@ -18,7 +18,8 @@ pub(super) struct ReplicatedStorage {
 
 impl ReplicatedStorage {
     /// Runs a local write on a write's turn of the shard's gate, then replicates it.
-    /// (`local` is called only once the lock is held: a store may write when called, not polled.)
+    /// (`local` is called only once the lock is held: a store may write when called, not polled;
+    /// `op` only when the shard has replicas to send it to, since it copies the value.)
     /// A write whose state (`len` bytes) cannot travel in one frame is refused before anything.
     fn write<'a, T: Send + 'a>(
         &'a self,
@@ -34,7 +35,7 @@ impl ReplicatedStorage {
             }
             let _turn = self.repl.turn(fence.shard, Turn::Write).await;
             let out = local().await?;
-            if let Err(e) = self.repl.replicate(fence, key, op()).await {
+            if let Err(e) = self.repl.replicate(fence, key, op).await {
                 // A shard closed on the way reopens through an opening job.
                 if !self.repl.is_open(fence.shard, fence.epoch) {
                     let st = self.repl.state.borrow().clone();
