@@ -367,7 +367,8 @@ fn read_table(file: &std::path::Path) -> Result<cadre::routes::Table> {
 
 async fn run_node(cfg: Config, routes: Option<cadre::routes::Table>) -> Result<()> {
     // The demo's order-flow types are there on every node (they cost nothing unless called).
-    let opts = NodeOptions { routes, ..NodeOptions::default() }.agent::<shop::Inventory>().agent::<shop::Payment>();
+    let mut opts = NodeOptions::default().agent::<shop::Inventory>().agent::<shop::Payment>();
+    opts.routes = routes;
     let node = Node::start(cfg, opts).await?;
     wait_for_shutdown_signal().await?;
     node.shutdown().await;

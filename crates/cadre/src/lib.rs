@@ -38,19 +38,50 @@
 //! - The crate root: the node ([`Node`], [`NodeBuilder`], [`NodeOptions`], [`NodeError`],
 //!   [`DataHandler`]), the agent API ([`Agent`], [`Ctx`], [`Reply`], [`AgentRef`],
 //!   [`CallError`], [`Reminder`], ...), the bus ([`Bus`], [`SubscriptionSpec`], [`Dispatch`],
-//!   [`Middleware`], ...), [`Metrics`] and [`MemberState`]; [`prelude`] for the usual imports.
+//!   [`Middleware`], [`AgentTarget`], ...), [`Metrics`] and [`MemberState`]; [`prelude`] for the
+//!   usual imports.
 //! - Modules for what comes in families: [`config`] (the config and its sections),
 //!   [`signal`] (signals and their [`signal::codec`]), [`storage`] (the trait and its
 //!   backends), [`routes`] (route tables), [`webhook`] (signing and verifying webhook
 //!   deliveries), [`api`] (the HTTP API's client and its JSON bodies), [`clock`] (the wall clock
-//!   reminders use).
+//!   reminders use), [`errors`] (the errors found inside those of the crate root).
 //!
 //! ## The `testing` feature
 //! Adds `sim` (deterministic cluster simulation on turmoil) and `storage::conformance` (the
 //! suite every [`Storage`] backend must pass), and makes the internal layers reachable (hidden
-//! from these docs, with no stability promise) for the crate's own tests, fuzz targets and the
-//! CLI's benchmarks. `docs/ARCHITECTURE.md` describes the layers.
+//! from these docs, with no stability promise), with the accessors of [`Node`], [`Bus`] and
+//! [`NodeOptions`] into them, for the crate's own tests, fuzz targets and the CLI's benchmarks.
+//! `docs/ARCHITECTURE.md` describes the layers.
 #![warn(missing_docs)]
+
+// Methods of public types that reach into the internal layers (accessors for the crate's tests
+// and the CLI's benchmarks): public but hidden with the `testing` feature, crate-private
+// otherwise, as the layers themselves are (see `internal!` below). Written without a visibility:
+// `testing_pub! { /// Docs. fn name(&self) -> T { ... } }` (or `async fn`).
+macro_rules! testing_pub {
+    ($(#[$attr:meta])* fn $($rest:tt)*) => {
+        #[cfg(feature = "testing")]
+        #[doc(hidden)]
+        $(#[$attr])*
+        pub fn $($rest)*
+
+        #[cfg(not(feature = "testing"))]
+        #[allow(dead_code)] // Some are used by the tests only.
+        $(#[$attr])*
+        pub(crate) fn $($rest)*
+    };
+    ($(#[$attr:meta])* async fn $($rest:tt)*) => {
+        #[cfg(feature = "testing")]
+        #[doc(hidden)]
+        $(#[$attr])*
+        pub async fn $($rest)*
+
+        #[cfg(not(feature = "testing"))]
+        #[allow(dead_code)] // Some are used by the tests only.
+        $(#[$attr])*
+        pub(crate) async fn $($rest)*
+    };
+}
 
 // Public modules.
 pub mod api;
@@ -89,12 +120,30 @@ pub use bus::{
 };
 pub use config::{Config, ConfigError, Secret};
 pub use membership::MemberState;
+pub use meta::AgentTarget;
 pub use metrics::Metrics;
 pub use net::{AskError, PeerInfo, SendError};
 pub use node::{AgentRef, DataHandler, Node, NodeBuilder, NodeError, NodeOptions};
 pub use router::table as routes;
 pub use signal::{Data, Signal};
 pub use storage::{Key, Storage, StorageError};
+
+/// The errors found inside those of the crate root: why the metadata group could not start
+/// ([`StartError`](errors::StartError), in [`NodeError::Meta`], and its causes), why the leader
+/// refused a request ([`ControlError`](errors::ControlError), in [`Unavailable::Control`], and
+/// [`MetaError`](errors::MetaError)), and why a cluster-wide route to agents is invalid
+/// ([`AgentRouteError`](errors::AgentRouteError), in [`CallError::InvalidRoute`]).
+///
+/// The errors an application meets first are at the crate root: [`NodeError`] (a node did not
+/// start), [`CallError`], [`Unavailable`] and [`AgentError`] (agents), [`PublishError`],
+/// [`SubscribeError`] and [`RoutesError`] (the bus), [`ConfigError`], [`StorageError`],
+/// [`SendError`] and [`AskError`] (messages between nodes).
+pub mod errors {
+    pub use crate::cluster::protocol::ControlError;
+    pub use crate::cluster::StartError;
+    pub use crate::meta::store::{MetaDbError, SmOpenError};
+    pub use crate::meta::{AgentRouteError, InvariantError, MetaError};
+}
 
 /// What an application embedding cadre usually needs: `use cadre::prelude::*;`.
 pub mod prelude {

@@ -76,7 +76,7 @@ pub enum CallError {
     Reply(String),
     /// A cluster-wide route to agents that cannot be added as given.
     #[error("invalid route: {0}")]
-    InvalidRoute(crate::meta::RouteError),
+    InvalidRoute(crate::meta::AgentRouteError),
 }
 
 /// Why a call was not served: nothing ran, and the caller may try again (here later, or on

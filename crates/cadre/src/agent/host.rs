@@ -339,6 +339,7 @@ impl Host {
     }
 
     /// Whether the agent is active here.
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))] // For tests and benchmarks.
     pub fn is_active(&self, key: &Key) -> bool {
         matches!(self.inner.lock().slots.get(key), Some(Slot::Active { .. }))
     }
@@ -363,6 +364,7 @@ impl Host {
     }
 
     /// Agents with reminders this node's schedule knows (on the shards it serves).
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))] // For tests and benchmarks.
     pub fn reminders_scheduled(&self) -> usize {
         self.inner.schedule().len()
     }

@@ -454,6 +454,7 @@ impl Schedule {
         self.due.first().map(|(d, _)| *d)
     }
 
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))] // For tests and benchmarks.
     pub(crate) fn len(&self) -> usize {
         self.by_key.len()
     }

@@ -74,52 +74,60 @@ impl Bus {
         }
     }
 
-    /// Adds a cluster-wide route to an agent or pool and waits until this node mirrors it, then
-    /// until every other member seen alive confirms it does (each wait within what is left of
-    /// `timeout`, plus one `ack_timeout_ms` for an answer in transit); the members that did not
-    /// (or were not asked) are in `RouteAdded::unconfirmed`.
-    pub async fn add_route(&self, route: AgentRoute, timeout: Duration) -> Result<RouteAdded, SubscribeError> {
-        crate::router::Path::parse(&route.pattern).map_err(|e| SubscribeError::Dispatch(e.to_string()))?;
-        let deadline = tokio::time::Instant::now() + timeout;
-        let cluster = self.cluster()?;
-        let add = cluster.add_route(route);
-        let id = match tokio::time::timeout(timeout, add).await {
-            Ok(Ok(id)) => id,
-            Ok(Err(e)) => return Err(SubscribeError::Cluster(e.to_string())),
-            Err(_) => return Err(SubscribeError::Cluster(format!("no answer from the leader within {timeout:?}"))),
-        };
-        let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
-        if !self.await_mirror(id, left()).await {
-            return Err(SubscribeError::Cluster(format!("route {id} added but not mirrored here within {timeout:?}")));
+    testing_pub! {
+        /// Adds a cluster-wide route to an agent or pool and waits until this node mirrors it,
+        /// then until every other member seen alive confirms it does (each wait within what is
+        /// left of `timeout`, plus one `ack_timeout_ms` for an answer in transit); the members
+        /// that did not (or were not asked) are in `RouteAdded::unconfirmed`.
+        async fn add_route(&self, route: AgentRoute, timeout: Duration) -> Result<RouteAdded, SubscribeError> {
+            crate::router::Path::parse(&route.pattern).map_err(|e| SubscribeError::Dispatch(e.to_string()))?;
+            let deadline = tokio::time::Instant::now() + timeout;
+            let cluster = self.cluster()?;
+            let add = cluster.add_route(route);
+            let id = match tokio::time::timeout(timeout, add).await {
+                Ok(Ok(id)) => id,
+                Ok(Err(e)) => return Err(SubscribeError::Cluster(e.to_string())),
+                Err(_) => return Err(SubscribeError::Cluster(format!("no answer from the leader within {timeout:?}"))),
+            };
+            let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
+            if !self.await_mirror(id, left()).await {
+                let e = format!("route {id} added but not mirrored here within {timeout:?}");
+                return Err(SubscribeError::Cluster(e));
+            }
+            // Removed again meanwhile (by another caller): say so rather than answer with no mirror.
+            let Some(sub) = self.mirror_of(id) else {
+                return Err(SubscribeError::Cluster(format!("route {id} was removed while being added")));
+            };
+            let members: Vec<String> = cluster.state().members.keys().cloned().collect();
+            let unconfirmed = match self.inner.remote.as_ref() {
+                Some(remote) => remote.await_route(id, members, left()).await,
+                None => members.into_iter().filter(|n| n != cluster.name()).collect(),
+            };
+            if !unconfirmed.is_empty() {
+                warn!(route = id, ?unconfirmed, "route added; these members did not confirm they mirror it in time");
+            }
+            Ok(RouteAdded { id, sub, unconfirmed })
         }
-        // Removed again meanwhile (by another caller): say so rather than answer with no mirror.
-        let Some(sub) = self.mirror_of(id) else {
-            return Err(SubscribeError::Cluster(format!("route {id} was removed while being added")));
-        };
-        let members: Vec<String> = cluster.state().members.keys().cloned().collect();
-        let unconfirmed = match self.inner.remote.as_ref() {
-            Some(remote) => remote.await_route(id, members, left()).await,
-            None => members.into_iter().filter(|n| n != cluster.name()).collect(),
-        };
-        if !unconfirmed.is_empty() {
-            warn!(route = id, ?unconfirmed, "route added; these members did not confirm they mirror it in time");
-        }
-        Ok(RouteAdded { id, sub, unconfirmed })
     }
 
-    /// Whether this node mirrors route `id` now.
-    pub fn mirrors(&self, id: u64) -> bool {
-        self.mirror_of(id).is_some()
+    testing_pub! {
+        /// Whether this node mirrors route `id` now.
+        fn mirrors(&self, id: u64) -> bool {
+            self.mirror_of(id).is_some()
+        }
     }
 
     /// Waits until this node mirrors route `id` (at most `timeout`); whether it does.
-    pub async fn await_mirror(&self, id: u64, timeout: Duration) -> bool {
+    pub(crate) async fn await_mirror(&self, id: u64, timeout: Duration) -> bool {
         self.await_mirrored(id, true, timeout).await
     }
 
-    /// Waits until this node no longer mirrors route `id` (at most `timeout`); whether it does not.
-    pub async fn await_unmirrored(&self, id: u64, timeout: Duration) -> bool {
-        self.await_mirrored(id, false, timeout).await
+    testing_pub! {
+        /// Waits until this node no longer mirrors route `id` (at most `timeout`); whether it does
+        /// not.
+        async fn await_unmirrored(&self, id: u64, timeout: Duration) -> bool {
+            self.await_mirrored(id, false, timeout).await
+        }
     }
 
     async fn await_mirrored(&self, id: u64, present: bool, timeout: Duration) -> bool {
@@ -138,18 +146,20 @@ impl Bus {
         tokio::time::timeout(timeout, wait).await.is_ok()
     }
 
-    /// Removes the cluster-wide route `id` (on every node).
-    pub async fn remove_route(&self, id: u64, timeout: Duration) -> Result<(), SubscribeError> {
-        let cluster = self.cluster()?;
-        match tokio::time::timeout(timeout, cluster.remove_route(id)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(SubscribeError::Cluster(e.to_string())),
-            Err(_) => Err(SubscribeError::Cluster(format!("no answer from the leader within {timeout:?}"))),
+    testing_pub! {
+        /// Removes the cluster-wide route `id` (on every node).
+        async fn remove_route(&self, id: u64, timeout: Duration) -> Result<(), SubscribeError> {
+            let cluster = self.cluster()?;
+            match tokio::time::timeout(timeout, cluster.remove_route(id)).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(SubscribeError::Cluster(e.to_string())),
+                Err(_) => Err(SubscribeError::Cluster(format!("no answer from the leader within {timeout:?}"))),
+            }
         }
     }
 
     /// The route a local subscription mirrors, if it is a mirror.
-    pub fn route_of(&self, sub: SubId) -> Option<u64> {
+    pub(crate) fn route_of(&self, sub: SubId) -> Option<u64> {
         super::read(&self.inner.subs).get(&sub).and_then(|s| s.route_id)
     }
 

@@ -115,9 +115,8 @@ impl WeakBus {
 }
 
 impl Bus {
-    /// A reference that does not keep the bus alive (internal).
-    #[doc(hidden)]
-    pub fn downgrade(&self) -> WeakBus {
+    /// A reference that does not keep the bus alive.
+    pub(crate) fn downgrade(&self) -> WeakBus {
         WeakBus(Arc::downgrade(&self.inner))
     }
 

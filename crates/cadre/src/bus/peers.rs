@@ -19,9 +19,12 @@ use crate::metrics::label;
 use crate::signal::Signal;
 
 impl Bus {
-    /// Broadcast figures of this node: copies sent, and the most hops a broadcast took to reach it.
-    pub fn broadcast_stats(&self) -> remote::BroadcastStats {
-        self.inner.remote.as_ref().map(|r| r.broadcast_stats()).unwrap_or_default()
+    testing_pub! {
+        /// Broadcast figures of this node: copies sent, and the most hops a broadcast took to
+        /// reach it.
+        fn broadcast_stats(&self) -> remote::BroadcastStats {
+            self.inner.remote.as_ref().map(|r| r.broadcast_stats()).unwrap_or_default()
+        }
     }
 
     /// The patterns of this node's node-bound subscriptions.
@@ -62,7 +65,7 @@ impl Bus {
     }
 
     /// The interest map as this node holds it: each node's advertised patterns.
-    pub fn interest(&self) -> Vec<interest::Entry> {
+    pub(crate) fn interest(&self) -> Vec<interest::Entry> {
         self.inner.remote.as_ref().map(|r| r.newer_than(&[])).unwrap_or_default()
     }
 
@@ -78,7 +81,12 @@ impl Bus {
     /// own and answered through `Transport::reply`, so the connection's reader goes
     /// on with other asks meanwhile; order holds, as a sender has one batch in flight. Other
     /// requests are answered at once (`Some`).
-    pub fn on_pubsub_ask(&self, from: &crate::net::PeerInfo, id: u64, payload: bytes::Bytes) -> Option<bytes::Bytes> {
+    pub(crate) fn on_pubsub_ask(
+        &self,
+        from: &crate::net::PeerInfo,
+        id: u64,
+        payload: bytes::Bytes,
+    ) -> Option<bytes::Bytes> {
         let signals = payload.get(1) == Some(&remote::SIGNALS_VARIANT);
         let route_wait = payload.get(1) == Some(&remote::AWAIT_ROUTE_VARIANT);
         let transport = self.inner.remote.as_ref().and_then(|r| r.transport());

@@ -200,7 +200,7 @@ impl Bus {
     }
 
     /// Counts a signal refused as invalid before it reached the bus (at decoding).
-    pub fn count_invalid(&self) {
+    pub(crate) fn count_invalid(&self) {
         self.inner.metrics.rejected.get_or_create(&label("reason", "invalid")).inc();
     }
 

@@ -210,14 +210,19 @@ pub enum StartError {
     /// `meta.redb` cannot be opened, or its node id read or written.
     #[error("the metadata database: {0}")]
     Db(#[from] MetaDbError),
+    /// The state machine cannot start from what `meta.redb` holds.
     #[error(transparent)]
     State(#[from] crate::meta::store::SmOpenError),
+    /// The `[meta]` timings make an invalid Raft configuration.
     #[error("the Raft configuration: {0}")]
     Config(Box<openraft::ConfigError>),
+    /// The Raft member cannot start.
     #[error("the Raft member: {0}")]
     Raft(Box<openraft::error::Fatal<NodeId>>),
+    /// The group cannot be founded (a node started without seeds founds it).
+    // A plain error: openraft's type for it names the group's internal member type.
     #[error("cannot found the metadata group: {0}")]
-    Found(Box<RaftError<NodeId, InitializeError<NodeId, MetaNode>>>),
+    Found(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// The metadata database opened, before anything is bound or started (so a start that cannot
@@ -427,6 +432,7 @@ impl Cluster {
     }
 
     /// A handle that does not keep the cluster alive (for what the cluster itself holds).
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))] // Internal API; no caller at present.
     pub fn downgrade(&self) -> WeakCluster {
         WeakCluster(Arc::downgrade(&self.inner))
     }
@@ -434,6 +440,7 @@ impl Cluster {
     pub fn name(&self) -> &str {
         &self.inner.name
     }
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))] // For tests and benchmarks.
     pub fn raft_id(&self) -> NodeId {
         self.inner.raft_id
     }
@@ -515,6 +522,7 @@ impl Cluster {
     }
 
     /// Catch-ups of replicas this node runs as an owner.
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))] // Internal API; no caller at present.
     pub fn syncing(&self) -> Vec<replica::SyncStatus> {
         self.inner.repl.syncing()
     }

@@ -50,29 +50,51 @@ pub enum ControlError {
     /// The node asked does not lead (any more): ask the leader.
     #[error("not the leader")]
     NotLeader,
+    /// No leader is known.
     #[error("no leader known")]
     NoLeader,
+    /// No leader is known, and no other member to ask.
     #[error("no leader and no peer known")]
     NoPeer,
     /// Redirected more than once while one request was asked.
     #[error("the leader moved while asking")]
     LeaderMoved,
+    /// The leader's address (as given) does not parse.
     #[error("the leader's address {0:?} does not parse")]
     BadAddress(String),
     /// A wait on the group (a write, a leadership check) ended without an answer.
     #[error("{what}: no quorum within {limit_ms} ms")]
-    NoQuorum { what: String, limit_ms: u64 },
+    NoQuorum {
+        /// What waited.
+        what: String,
+        /// How long, in milliseconds.
+        limit_ms: u64,
+    },
     /// The group refused or failed a write or a change.
     #[error("{what}: {reason}")]
-    Group { what: String, reason: String },
+    Group {
+        /// What was refused or failed.
+        what: String,
+        /// Why.
+        reason: String,
+    },
     /// The metadata refused the command.
     #[error("{0}")]
     Meta(MetaError),
+    /// More replica reports in one request than allowed.
     #[error("{count} replica reports in one request, over {max}")]
-    TooManyReports { count: usize, max: usize },
+    TooManyReports {
+        /// Reports in the request.
+        count: usize,
+        /// The most allowed.
+        max: usize,
+    },
     /// This node has not applied the metadata up to the index the grant needs.
     #[error("metadata not applied up to {index:?} yet")]
-    NotApplied { index: Option<u64> },
+    NotApplied {
+        /// The log index needed.
+        index: Option<u64>,
+    },
     /// The leader holds the controller lock longer than a renewal waits.
     #[error("the controller is busy")]
     Busy,
@@ -82,6 +104,7 @@ pub enum ControlError {
     /// An answer that does not decode, or of the wrong kind.
     #[error("{0}")]
     Protocol(String),
+    /// The node is shutting down.
     #[error("the node is shutting down")]
     ShuttingDown,
 }

@@ -107,6 +107,7 @@ impl Cluster {
     }
 
     /// The cluster-wide routes as this node's copy of the metadata has them.
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))] // Internal API; no caller at present.
     pub fn routes(&self) -> Vec<(u64, AgentRoute)> {
         self.inner.state.borrow().routes.iter().map(|(id, r)| (*id, r.clone())).collect()
     }

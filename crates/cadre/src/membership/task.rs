@@ -104,6 +104,7 @@ impl Membership {
     }
 
     /// Waits until `pred` holds for the view (or the task ends).
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))] // For tests and benchmarks.
     pub async fn wait_for(&self, mut pred: impl FnMut(&View) -> bool) -> Option<View> {
         let mut rx = self.view.clone();
         rx.wait_for(|v| pred(v)).await.ok().map(|v| v.clone())

@@ -17,31 +17,93 @@ use std::collections::BTreeSet;
 
 use super::{MetaState, ShardState, ROUTES_MAX, SHARD_COUNT_MAX};
 
-/// The first rule a metadata state breaks.
+/// The first rule a metadata state breaks (a snapshot received, or loaded from `meta.redb`, that
+/// is refused).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InvariantError {
+    /// The shard count is over the most allowed.
     #[error("shard count {0} is over {SHARD_COUNT_MAX}")]
     ShardCount(u32),
+    /// The shard table's length is not the shard count.
     #[error("the shard table has {len} entries for a shard count of {count}")]
-    TableLen { len: usize, count: u32 },
+    TableLen {
+        /// The table's length.
+        len: usize,
+        /// The shard count.
+        count: u32,
+    },
+    /// A shard has an owner but is unassigned, or has none but is not.
     #[error("shard {shard} has an owner exactly when it is not unassigned, but is {state} with owner {owner:?}")]
-    OwnerState { shard: u32, state: String, owner: Option<String> },
+    OwnerState {
+        /// The shard.
+        shard: u32,
+        /// Its state.
+        state: String,
+        /// Its owner.
+        owner: Option<String>,
+    },
+    /// A shard names a node that is not a member.
     #[error("shard {shard} names {node:?} ({role}), which is not a member")]
-    NotMember { shard: u32, node: String, role: &'static str },
+    NotMember {
+        /// The shard.
+        shard: u32,
+        /// The node.
+        node: String,
+        /// What the shard names it as (`owner`, `move target`, `replica`).
+        role: &'static str,
+    },
+    /// A shard moving to its own owner.
     #[error("shard {shard} is moving to its own owner {node:?}")]
-    MoveToOwner { shard: u32, node: String },
+    MoveToOwner {
+        /// The shard.
+        shard: u32,
+        /// The owner.
+        node: String,
+    },
+    /// A shard lists a node as a replica twice, or as its owner and a replica.
     #[error("shard {shard} lists {node:?} as a replica twice, or as owner and replica")]
-    ReplicaTwice { shard: u32, node: String },
+    ReplicaTwice {
+        /// The shard.
+        shard: u32,
+        /// The node.
+        node: String,
+    },
+    /// A replica's generation is 0, over those handed out, or used twice.
     #[error(
         "replica generation {generation} (shard {shard}, {node:?}) is 0, over {handed_out} handed out, or used twice"
     )]
-    Generation { shard: u32, node: String, generation: u64, handed_out: u64 },
+    Generation {
+        /// The shard.
+        shard: u32,
+        /// The replica's node.
+        node: String,
+        /// The replica's generation.
+        generation: u64,
+        /// Generations handed out.
+        handed_out: u64,
+    },
+    /// A member's admission position is used twice, or not below the count of admissions.
     #[error("member {name:?} has admission position {position}, used twice or not below {admitted}")]
-    Admission { name: String, position: u64, admitted: u64 },
+    Admission {
+        /// The member.
+        name: String,
+        /// Its admission position.
+        position: u64,
+        /// Admissions so far.
+        admitted: u64,
+    },
+    /// More cluster-wide routes than allowed.
     #[error("{len} routes, over {ROUTES_MAX}")]
-    TooManyRoutes { len: usize },
+    TooManyRoutes {
+        /// The count of routes.
+        len: usize,
+    },
+    /// A cluster-wide route filed under another id than its own, or invalid.
     #[error("route {id} is filed under the wrong id or is invalid")]
-    BadRoute { id: u64 },
+    BadRoute {
+        /// The id it is filed under.
+        id: u64,
+    },
 }
 
 impl MetaState {

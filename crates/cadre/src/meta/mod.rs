@@ -160,25 +160,32 @@ pub struct AgentRoute {
     pub target: AgentTarget,
 }
 
-/// Which agent a routed signal goes to.
+/// Which agent a routed signal goes to: the target of a cluster-wide route (its JSON form,
+/// `{"agent":{"type":"order","key":"subject"}}` or `{"pool":{"type":"worker"}}`, is a dispatch of
+/// `POST /v1/subscriptions` and of routes files). The subscriptions that mirror such a route on
+/// every node have it as their [`Dispatch::Agent`](crate::Dispatch::Agent).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum AgentTarget {
     /// The agent of type `ty` whose id is the signal's `subject` (`key: "subject"`) or the string
     /// at a JSON pointer into its data (`key: "/order/id"`).
     Agent {
+        /// The agent type.
         #[serde(rename = "type")]
         ty: String,
+        /// What names the agent: `subject`, or a JSON pointer into the signal's data.
         key: String,
     },
     /// One agent of type `ty`, preferably on the publishing node (stateless workers).
     Pool {
+        /// The agent type.
         #[serde(rename = "type")]
         ty: String,
     },
 }
 
 impl AgentTarget {
+    /// The agent type.
     pub fn ty(&self) -> &str {
         match self {
             AgentTarget::Agent { ty, .. } | AgentTarget::Pool { ty } => ty,
@@ -195,32 +202,36 @@ impl AgentRoute {
     }
 
     /// Checks what can be checked without a router: lengths and the key source.
-    pub fn check(&self) -> Result<(), RouteError> {
+    pub fn check(&self) -> Result<(), AgentRouteError> {
         let long = |s: &str| s.is_empty() || s.len() > ROUTE_FIELD_LEN_MAX;
         if long(&self.pattern) || long(self.target.ty()) {
-            return Err(RouteError::FieldLength);
+            return Err(AgentRouteError::FieldLength);
         }
         if let AgentTarget::Agent { key, .. } = &self.target {
             if key != "subject" && !(key.starts_with('/') && key.len() <= ROUTE_FIELD_LEN_MAX) {
                 let mut key = key.clone();
                 key.truncate(key.floor_char_boundary(ROUTE_FIELD_LEN_MAX));
-                return Err(RouteError::Key { key });
+                return Err(AgentRouteError::Key { key });
             }
         }
         Ok(())
     }
 }
 
-/// Why a cluster-wide agent route cannot be added as given ([`AgentRoute::check`]).
+/// Why a cluster-wide route to agents cannot be added as given (checked before it is
+/// proposed, and again by the metadata).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-pub enum RouteError {
-    /// The pattern or the agent type is empty or longer than [`ROUTE_FIELD_LEN_MAX`].
+pub enum AgentRouteError {
+    /// The pattern or the agent type is empty or longer than `ROUTE_FIELD_LEN_MAX` (1024) bytes.
     #[error("pattern and type must be 1..={ROUTE_FIELD_LEN_MAX} bytes")]
     FieldLength,
-    /// The key source is neither `subject` nor a JSON pointer of at most
-    /// [`ROUTE_FIELD_LEN_MAX`] bytes (the key shown is cut at that length).
+    /// The key source is neither `subject` nor a JSON pointer of at most `ROUTE_FIELD_LEN_MAX`
+    /// (1024) bytes.
     #[error("key {key:?} must be \"subject\" or a JSON pointer (\"/field\")")]
-    Key { key: String },
+    Key {
+        /// The key source given, cut at `ROUTE_FIELD_LEN_MAX` bytes.
+        key: String,
+    },
 }
 
 /// Commands in one [`Cmd::Batch`].
@@ -246,36 +257,88 @@ pub enum CmdReply {
 /// What applying a command gave: the Raft group's response type.
 pub type CmdOutcome = Result<CmdReply, MetaError>;
 
+/// Why the cluster's metadata refused a change (a command of its replicated state machine).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum MetaError {
+    /// The shard count is not fixed yet.
     #[error("the cluster has no shard count yet")]
     NotInitialized,
+    /// The shard count is fixed already (at this count).
     #[error("the shard count is fixed at {0}")]
     AlreadyInitialized(u32),
+    /// A shard count out of range.
     #[error("shard count {0} must be within 1..={SHARD_COUNT_MAX}")]
     ShardCount(u32),
+    /// No member of this name.
     #[error("no member {0:?}")]
     UnknownMember(String),
+    /// No shard of this number.
     #[error("no shard {shard} (the cluster has {count})")]
-    UnknownShard { shard: u32, count: u32 },
+    UnknownShard {
+        /// The shard asked for.
+        shard: u32,
+        /// The cluster's shard count.
+        count: u32,
+    },
+    /// The shard's epoch changed since the change was decided (another change came first).
     #[error("shard {shard} is at epoch {actual}, not {expected}")]
-    StaleEpoch { shard: u32, expected: u64, actual: u64 },
+    StaleEpoch {
+        /// The shard.
+        shard: u32,
+        /// The epoch the change expected.
+        expected: u64,
+        /// The shard's epoch.
+        actual: u64,
+    },
+    /// The shard is not in the state the change needs.
     #[error("shard {shard} is {state}; that change needs it {needed}")]
-    WrongState { shard: u32, state: String, needed: String },
+    WrongState {
+        /// The shard.
+        shard: u32,
+        /// Its state.
+        state: String,
+        /// The state the change needs.
+        needed: String,
+    },
+    /// The node is not an in-sync replica of the shard.
     #[error("{node} is not an in-sync replica of shard {shard}")]
-    NotInSync { shard: u32, node: String },
+    NotInSync {
+        /// The shard.
+        shard: u32,
+        /// The node.
+        node: String,
+    },
+    /// The node owns the shard, so it cannot be its replica.
     #[error("{node} owns shard {shard}; it cannot also be its replica")]
-    OwnerAsReplica { shard: u32, node: String },
+    OwnerAsReplica {
+        /// The shard.
+        shard: u32,
+        /// The node.
+        node: String,
+    },
+    /// A batch of commands too long, or nested in another.
     #[error("a batch of {len} commands is over {BATCH_CMDS_MAX}, or nested")]
-    BadBatch { len: usize },
+    BadBatch {
+        /// Its length.
+        len: usize,
+    },
+    /// A cluster-wide route to agents that is invalid.
     #[error("invalid route: {0}")]
-    BadRoute(RouteError),
+    BadRoute(AgentRouteError),
+    /// The cluster has as many cluster-wide routes as allowed.
     #[error("the cluster has {ROUTES_MAX} routes, its limit")]
     TooManyRoutes,
+    /// No cluster-wide route of this id.
     #[error("no route {0}")]
     UnknownRoute(u64),
+    /// The node owns the shard, so it cannot be the target of its move.
     #[error("{node} owns shard {shard}; it cannot be its move's target")]
-    MoveToOwner { shard: u32, node: String },
+    MoveToOwner {
+        /// The shard.
+        shard: u32,
+        /// The node.
+        node: String,
+    },
 }
 
 /// The replicated metadata.

@@ -61,19 +61,34 @@ fn dec<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, SE> {
 /// Why the metadata database cannot be opened, or its node id read or kept.
 #[derive(Debug, thiserror::Error)]
 pub enum MetaDbError {
+    /// The file cannot be opened or created.
     #[error("{}: {source}", path.display())]
-    Open { path: PathBuf, source: redb::DatabaseError },
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: redb::DatabaseError,
+    },
+    /// A transaction cannot begin.
     #[error(transparent)]
     Transaction(#[from] redb::TransactionError),
+    /// A table cannot be opened.
     #[error(transparent)]
     Table(#[from] redb::TableError),
+    /// A read or write failed.
     #[error(transparent)]
     Storage(#[from] redb::StorageError),
+    /// A write cannot be committed.
     #[error(transparent)]
     Commit(#[from] redb::CommitError),
     /// A stored value that does not decode.
     #[error("the stored {what} is unreadable: {source}")]
-    Corrupt { what: &'static str, source: postcard::Error },
+    Corrupt {
+        /// Which value.
+        what: &'static str,
+        /// The decoding error.
+        source: postcard::Error,
+    },
 }
 
 /// The database behind the log and the snapshots.
@@ -315,8 +330,11 @@ struct SmInner {
 /// Why the state machine could not start from its database.
 #[derive(Debug, thiserror::Error)]
 pub enum SmOpenError {
+    /// The stored snapshot cannot be read.
     #[error("cannot read the stored metadata snapshot: {0}")]
     Read(Box<SE>),
+    /// The stored snapshot breaks a rule every metadata state keeps (a damaged or foreign
+    /// `meta.redb`): the node does not start from it.
     #[error("the stored metadata snapshot is inconsistent ({0}); refusing to start from it")]
     Invariant(super::InvariantError),
 }

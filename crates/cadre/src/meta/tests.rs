@@ -291,10 +291,10 @@ fn routes_are_idempotent_checked_and_bounded() {
     let long_key = format!("/{}", "k".repeat(ROUTE_FIELD_LEN_MAX));
     let cut_key = long_key[..ROUTE_FIELD_LEN_MAX].to_string();
     for (bad, why) in [
-        (route("", "subject"), RouteError::FieldLength),
-        (route("order.*", "data.id"), RouteError::Key { key: "data.id".into() }),
-        (route(&"x".repeat(ROUTE_FIELD_LEN_MAX + 1), "/id"), RouteError::FieldLength),
-        (route("order.*", &long_key), RouteError::Key { key: cut_key.clone() }),
+        (route("", "subject"), AgentRouteError::FieldLength),
+        (route("order.*", "data.id"), AgentRouteError::Key { key: "data.id".into() }),
+        (route(&"x".repeat(ROUTE_FIELD_LEN_MAX + 1), "/id"), AgentRouteError::FieldLength),
+        (route("order.*", &long_key), AgentRouteError::Key { key: cut_key.clone() }),
     ] {
         assert_eq!(s.apply(&Cmd::AddRoute(bad)), Err(MetaError::BadRoute(why)));
     }

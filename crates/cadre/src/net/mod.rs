@@ -274,6 +274,7 @@ impl Transport {
         &self.inner.local
     }
 
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))] // For tests and benchmarks.
     pub fn stats(&self) -> &NetStats {
         &self.inner.stats
     }
@@ -284,6 +285,7 @@ impl Transport {
     }
 
     /// Queues `msg` for `to`, waiting while the queue is full.
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))] // For tests and benchmarks.
     pub async fn send(&self, to: SocketAddr, lane: Lane, msg: OutMsg) -> Result<(), SendError> {
         self.peer(to)?.send(lane, msg).await
     }
@@ -502,6 +504,7 @@ impl PeerSender {
         }
     }
 
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))] // For tests and benchmarks.
     pub async fn ask(&self, payload: Bytes, timeout: Duration) -> Result<Bytes, AskError> {
         self.ask_on(Lane::Data, payload, timeout).await
     }
@@ -530,6 +533,7 @@ impl PeerSender {
         }
     }
 
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))] // For tests and benchmarks.
     pub fn addr(&self) -> SocketAddr {
         self.peer.state.addr
     }

@@ -72,9 +72,11 @@ impl LaneCounters {
         self.bytes[i].inc_by(bytes);
     }
 
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))] // For tests and benchmarks.
     pub fn frames(&self, lane: Lane) -> u64 {
         self.frames[lane as usize].get()
     }
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))] // For tests and benchmarks.
     pub fn msgs(&self, lane: Lane) -> u64 {
         self.msgs[lane as usize].get()
     }
@@ -119,6 +121,7 @@ impl NetStats {
         self.dropped[reason as usize].inc_by(n);
     }
 
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))] // For tests and benchmarks.
     pub fn dropped(&self, reason: DropReason) -> u64 {
         self.dropped[reason as usize].get()
     }
@@ -127,6 +130,7 @@ impl NetStats {
         self.handshake_refused.get_or_create(&vec![("side", side.to_string()), ("reason", reason.to_string())]).inc();
     }
 
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))] // For tests and benchmarks.
     pub fn refused_count(&self, side: &'static str, reason: &str) -> u64 {
         self.handshake_refused
             .get(&vec![("side", side.to_string()), ("reason", reason.to_string())])
@@ -138,6 +142,7 @@ impl NetStats {
         self.conn_closed.get_or_create(&label("reason", reason)).inc();
     }
 
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))] // For tests and benchmarks.
     pub fn closed_count(&self, reason: &'static str) -> u64 {
         self.conn_closed.get(&label("reason", reason)).map(|c| c.get()).unwrap_or(0)
     }

@@ -200,15 +200,25 @@ pub struct Node {
 
 /// Options of [`Node::start`] besides the config.
 pub struct NodeOptions {
-    /// The sockets: real TCP by default (simulations use turmoil's).
+    /// The sockets: real TCP by default (simulations use turmoil's). Internal: public (hidden)
+    /// with the `testing` feature.
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
     pub net: Arc<dyn Network>,
+    #[cfg(not(feature = "testing"))]
+    pub(crate) net: Arc<dyn Network>,
     /// What receives application tells and asks ([`Node::tell`], [`Node::ask`]); by default an
     /// echo.
     pub data: Arc<dyn DataHandler>,
     /// Routes to subscribe at start (`--routes FILE`); every target a dispatch configuration.
     pub routes: Option<Table>,
-    /// Agent types besides the built-in `counter` (see [`NodeOptions::agent`]).
+    /// Agent types besides the built-in `counter`, registered with [`NodeOptions::agent`].
+    /// Internal: public (hidden) with the `testing` feature.
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
     pub agent_types: Vec<fn(HostBuilder) -> HostBuilder>,
+    #[cfg(not(feature = "testing"))]
+    pub(crate) agent_types: Vec<fn(HostBuilder) -> HostBuilder>,
     /// Where agent state lives; default a redb file under the data dir, or memory without one.
     pub storage: Option<Arc<dyn Storage>>,
 }
@@ -312,20 +322,23 @@ impl Node {
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http
     }
-    /// The member view (internal; for tests).
-    #[doc(hidden)]
-    pub fn view(&self) -> View {
-        self.membership.view()
+    testing_pub! {
+        /// The member view (internal; for tests).
+        fn view(&self) -> View {
+            self.membership.view()
+        }
     }
-    /// The membership layer (internal; for tests).
-    #[doc(hidden)]
-    pub fn membership(&self) -> &Membership {
-        &self.membership
+    testing_pub! {
+        /// The membership layer (internal; for tests).
+        fn membership(&self) -> &Membership {
+            &self.membership
+        }
     }
-    /// The transport (internal; for tests and benchmarks).
-    #[doc(hidden)]
-    pub fn transport(&self) -> &Transport {
-        &self.transport
+    testing_pub! {
+        /// The transport (internal; for tests and benchmarks).
+        fn transport(&self) -> &Transport {
+            &self.transport
+        }
     }
     /// The node's metrics registry (what `GET /metrics` shows).
     pub fn metrics(&self) -> &Metrics {
@@ -335,16 +348,18 @@ impl Node {
     pub fn bus(&self) -> &Bus {
         &self.bus
     }
-    /// The agents active on this node (internal; for tests and benchmarks).
-    #[doc(hidden)]
-    pub fn agents(&self) -> &Host {
-        &self.agents
+    testing_pub! {
+        /// The agents active on this node (internal; for tests and benchmarks).
+        fn agents(&self) -> &Host {
+            &self.agents
+        }
     }
-    /// Agents across the cluster: routing, placement, the metadata group (internal; for tests and
-    /// benchmarks).
-    #[doc(hidden)]
-    pub fn cluster(&self) -> &Cluster {
-        &self.cluster
+    testing_pub! {
+        /// Agents across the cluster: routing, placement, the metadata group (internal; for tests
+        /// and benchmarks).
+        fn cluster(&self) -> &Cluster {
+            &self.cluster
+        }
     }
 
     /// Sends `payload` to the node at `to` (its transport address), to its

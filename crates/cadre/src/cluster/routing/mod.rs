@@ -39,6 +39,7 @@ impl Cluster {
     }
 
     /// Activates an agent wherever it lives.
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))] // For tests and benchmarks.
     pub async fn ensure(&self, key: &Key, timeout: Duration) -> Result<Served, CallError> {
         self.request(key, Op::Ensure, timeout).await
     }
