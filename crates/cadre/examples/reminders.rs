@@ -51,7 +51,7 @@ pub async fn main() -> Result<(), Box<dyn std::error::Error>> {
     invoice.call(Signal::new("invoice.issued", Reply::Null)).await?;
     println!("reminders: {:?}", invoice.reminders().await?.iter().map(|r| &r.name).collect::<Vec<_>>());
     // Passivated: the next tick activates it again.
-    node.agents().stop(invoice.key()).await;
+    invoice.stop().await?;
     for _ in 0..3 {
         let tick = tokio::time::timeout(Duration::from_secs(10), ticks.recv()).await??;
         println!("tick {tick}: overdue reminder sent");

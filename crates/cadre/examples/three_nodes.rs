@@ -7,36 +7,19 @@ use cadre::Counter;
 
 const SECRET: &str = "three-nodes-example-secret";
 
-/// Waits until every shard has an owner (the cluster formed and placed them).
-async fn placed(node: &Node) {
-    let mut rx = node.cluster().watch();
-    loop {
-        let st = rx.borrow_and_update().clone();
-        if st.shard_count > 0 && st.shards.iter().all(|e| e.owner.is_some()) {
-            return;
-        }
-        if tokio::time::timeout(Duration::from_secs(30), rx.changed()).await.is_err() {
-            panic!("the cluster did not place its shards within 30 s");
-        }
-    }
-}
-
 #[tokio::main]
 pub async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a = Node::builder("a").secret(SECRET).start().await?;
     let b = Node::builder("b").secret(SECRET).seed(a.addr()).start().await?;
     let c = Node::builder("c").secret(SECRET).seed(a.addr()).start().await?;
     for n in [&a, &b, &c] {
-        placed(n).await;
+        assert!(n.placed(Duration::from_secs(30)).await, "the cluster did not place its shards within 30 s");
     }
     for (i, node) in [&a, &b, &c].into_iter().enumerate() {
         for key in ["x", "y", "z"] {
             let counter = node.agent::<Counter>(key);
-            let served = node
-                .cluster()
-                .call(counter.key(), Signal::new("counter.add", (i + 1).into()), Duration::from_secs(10))
-                .await?;
-            println!("via {}: counter {key} = {} (owner {})", node.name(), served.reply, served.node);
+            let value = counter.call(Signal::new("counter.add", (i + 1).into())).await?;
+            println!("via {}: counter {key} = {value} (owner {})", node.name(), counter.owner()?.unwrap_or_default());
         }
     }
     // Each counter got 1 + 2 + 3, wherever it lives.

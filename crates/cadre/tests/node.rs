@@ -183,3 +183,27 @@ async fn application_asks_that_start_like_agent_replica_or_pubsub_requests_reach
     b.shutdown().await;
     a.shutdown().await;
 }
+
+/// What an embedding application uses without the internal layers: waiting for the cluster to
+/// place its shards, a key's owner, and stopping an agent wherever it lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_waits_for_placement_finds_owners_and_stops_agents() {
+    let a = Node::builder("a").secret("node-test-secret-0123").start().await.unwrap();
+    let b = Node::builder("b").secret("node-test-secret-0123").seed(a.addr()).start().await.unwrap();
+    for n in [&a, &b] {
+        assert!(n.placed(WAIT).await, "{} saw every shard placed", n.name());
+    }
+    let counter = b.agent::<cadre::Counter>("k1");
+    assert_eq!(counter.call(cadre::Signal::new("counter.add", 2.into())).await.unwrap(), 2);
+    let owner = counter.owner().unwrap().expect("an owner once placed");
+    assert!(owner == "a" || owner == "b", "{owner}");
+    let on_owner = if owner == "a" { &a } else { &b };
+    assert!(on_owner.agents().is_active(counter.key()), "active on its owner");
+    assert!(counter.stop().await.unwrap(), "it was active");
+    assert!(!on_owner.agents().is_active(counter.key()), "passivated on its owner");
+    assert!(!counter.stop().await.unwrap(), "no longer active");
+    // Its state stayed: the next call activates it again from the store.
+    assert_eq!(counter.call(cadre::Signal::new("counter.add", 3.into())).await.unwrap(), 5);
+    b.shutdown().await;
+    a.shutdown().await;
+}

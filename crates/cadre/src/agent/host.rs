@@ -437,13 +437,18 @@ impl Host {
         reader(self.inner.clone(), key.clone(), query).await
     }
 
-    /// Passivates the agent (after what is in its mailbox); false if it was not active.
+    /// Passivates the agent (after what is in its mailbox) and returns once it has stored its
+    /// state and ended; false if it was not active.
     pub async fn stop(&self, key: &Key) -> bool {
-        let tx = match self.inner.lock().slots.get(key) {
-            Some(Slot::Active { tx, .. }) => tx.clone(),
+        let (tx, ended) = match self.inner.lock().slots.get(key) {
+            Some(Slot::Active { tx, ended, .. }) => (tx.clone(), ended.clone()),
             _ => return false,
         };
-        tx.send(Msg::Stop).await.is_ok()
+        if tx.send(Msg::Stop).await.is_err() {
+            return false;
+        }
+        ended.cancelled().await;
+        true
     }
 
     /// Passivates every active agent whose key matches and waits until each has stored its state

@@ -185,4 +185,18 @@ impl<A: Agent> AgentRef<A> {
         let reply = self.call(Signal::new(OP_CANCEL, serde_json::json!({ "name": name }))).await?;
         Ok(reply["cancelled"] == true)
     }
+
+    /// Passivates the agent wherever it lives, after what is in its mailbox, and returns once it
+    /// has ended (its state stays stored; the next signal or reminder activates it again); false
+    /// if it was not active.
+    pub async fn stop(&self) -> Result<bool, CallError> {
+        let served = self.cluster.stop(&self.key, self.timeout).await?;
+        Ok(served.reply == true)
+    }
+
+    /// The member that owns the agent's shard in this node's view of the cluster (`None` while
+    /// the shard has no owner).
+    pub fn owner(&self) -> Result<Option<String>, CallError> {
+        Ok(self.cluster.placement(&self.key)?.owner)
+    }
 }

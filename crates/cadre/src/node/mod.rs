@@ -340,6 +340,24 @@ impl Node {
             &self.transport
         }
     }
+    /// Waits until every shard of the cluster has an owner in this node's view (the cluster
+    /// formed and placed them), at most `timeout`; false if it did not happen in time.
+    pub async fn placed(&self, timeout: Duration) -> bool {
+        let mut rx = self.cluster.watch();
+        let wait = async {
+            loop {
+                let st = rx.borrow_and_update().clone();
+                if st.shard_count > 0 && st.shards.iter().all(|e| e.owner.is_some()) {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    // The node is shutting down: its shards will not be placed.
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.is_ok()
+    }
     /// The node's metrics registry (what `GET /metrics` shows).
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
