@@ -56,30 +56,36 @@
 
 // Methods of public types that reach into the internal layers (accessors for the crate's tests
 // and the CLI's benchmarks): public but hidden with the `testing` feature, crate-private
-// otherwise, as the layers themselves are (see `internal!` below). Written without a visibility:
-// `testing_pub! { /// Docs. fn name(&self) -> T { ... } }` (or `async fn`).
+// otherwise, as the layers themselves are (see `internal!` below). Written without a visibility,
+// any number in one block: `testing_pub! { /// Docs. fn name(&self) -> T { ... } ... }` (or
+// `async fn`).
 macro_rules! testing_pub {
-    ($(#[$attr:meta])* fn $($rest:tt)*) => {
+    () => {};
+    ($(#[$attr:meta])* fn $name:ident $params:tt $(-> $ret:ty)? $body:block $($rest:tt)*) => {
         #[cfg(feature = "testing")]
         #[doc(hidden)]
         $(#[$attr])*
-        pub fn $($rest)*
+        pub fn $name $params $(-> $ret)? $body
 
         #[cfg(not(feature = "testing"))]
         #[allow(dead_code)] // Some are used by the tests only.
         $(#[$attr])*
-        pub(crate) fn $($rest)*
+        pub(crate) fn $name $params $(-> $ret)? $body
+
+        testing_pub! { $($rest)* }
     };
-    ($(#[$attr:meta])* async fn $($rest:tt)*) => {
+    ($(#[$attr:meta])* async fn $name:ident $params:tt $(-> $ret:ty)? $body:block $($rest:tt)*) => {
         #[cfg(feature = "testing")]
         #[doc(hidden)]
         $(#[$attr])*
-        pub async fn $($rest)*
+        pub async fn $name $params $(-> $ret)? $body
 
         #[cfg(not(feature = "testing"))]
         #[allow(dead_code)] // Some are used by the tests only.
         $(#[$attr])*
-        pub(crate) async fn $($rest)*
+        pub(crate) async fn $name $params $(-> $ret)? $body
+
+        testing_pub! { $($rest)* }
     };
 }
 

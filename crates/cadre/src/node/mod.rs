@@ -327,14 +327,10 @@ impl Node {
         fn view(&self) -> View {
             self.membership.view()
         }
-    }
-    testing_pub! {
         /// The membership layer (internal; for tests).
         fn membership(&self) -> &Membership {
             &self.membership
         }
-    }
-    testing_pub! {
         /// The transport (internal; for tests and benchmarks).
         fn transport(&self) -> &Transport {
             &self.transport
@@ -371,8 +367,6 @@ impl Node {
         fn agents(&self) -> &Host {
             &self.agents
         }
-    }
-    testing_pub! {
         /// Agents across the cluster: routing, placement, the metadata group (internal; for tests
         /// and benchmarks).
         fn cluster(&self) -> &Cluster {
