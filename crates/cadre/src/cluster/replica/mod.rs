@@ -71,6 +71,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -301,9 +302,21 @@ impl Replication {
         }
     }
 
+    /// Whether `shard` lists any replica now: a write to a shard that lists none has nobody to
+    /// send its value to (unless one is listed while it is written).
+    fn lists_replicas(&self, shard: u32) -> bool {
+        engine::shard_entry(&self.state.borrow(), shard).is_some_and(|e| !e.replicas.is_empty())
+    }
+
     /// Sends a write the local store accepted to the shard's replicas; `Ok` once every in-sync
     /// one has it (or was marked out of sync).
-    async fn replicate(&self, fence: Fence, key: &Key, op: impl FnOnce() -> ReplicaOp) -> Result<(), StorageError> {
+    /// (`op` is awaited only when the shard has replicas to send the write to.)
+    async fn replicate<'a>(
+        &self,
+        fence: Fence,
+        key: &Key,
+        op: impl FnOnce() -> BoxFuture<'a, Result<ReplicaOp, StorageError>>,
+    ) -> Result<(), StorageError> {
         let targets = {
             let st = self.state.borrow();
             self.engine().targets(&st, fence, key)?
@@ -311,7 +324,7 @@ impl Replication {
         if targets.is_empty() {
             return Ok(());
         }
-        let req = ReplicaReq { shard: fence.shard, epoch: fence.epoch, op: op() };
+        let req = ReplicaReq { shard: fence.shard, epoch: fence.epoch, op: op().await? };
         let payload = encode_req(&req);
         let timeout = Duration::from_millis(self.cfg.replica_write_timeout_ms);
         let asks = targets.iter().map(|t| self.ask(t.addr, payload.clone(), timeout));

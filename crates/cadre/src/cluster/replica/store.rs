@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use futures::future::ready;
 use futures::FutureExt;
 
 use super::engine::Turn;
@@ -19,7 +20,7 @@ pub(super) struct ReplicatedStorage {
 impl ReplicatedStorage {
     /// Runs a local write on a write's turn of the shard's gate, then replicates it.
     /// (`local` is called only once the lock is held: a store may write when called, not polled;
-    /// `op` only when the shard has replicas to send it to, since it copies the value.)
+    /// `op` only when the shard has replicas to send it to, since it may copy the value.)
     /// A write whose state (`len` bytes) cannot travel in one frame is refused before anything.
     fn write<'a, T: Send + 'a>(
         &'a self,
@@ -27,7 +28,7 @@ impl ReplicatedStorage {
         fence: Fence,
         len: usize,
         local: impl FnOnce() -> BoxFuture<'a, Result<T, StorageError>> + Send + 'a,
-        op: impl FnOnce() -> ReplicaOp + Send + 'a,
+        op: impl FnOnce() -> BoxFuture<'a, Result<ReplicaOp, StorageError>> + Send + 'a,
     ) -> BoxFuture<'a, Result<T, StorageError>> {
         async move {
             if len > self.repl.payload_max {
@@ -63,10 +64,8 @@ impl Storage for ReplicatedStorage {
     ) -> BoxFuture<'a, Result<Revision, StorageError>> {
         let v = value.clone();
         let local = move || self.repl.local.put(key, v, expected, fence);
-        self.write(key, fence, value.len(), local, move || ReplicaOp::Put {
-            ty: key.ty.clone(),
-            id: key.id.clone(),
-            value: value.to_vec(),
+        self.write(key, fence, value.len(), local, move || {
+            ready(Ok(ReplicaOp::Put { ty: key.ty.clone(), id: key.id.clone(), value: value.to_vec() })).boxed()
         })
     }
 
@@ -78,20 +77,33 @@ impl Storage for ReplicatedStorage {
         fence: Fence,
     ) -> BoxFuture<'a, Result<Revision, StorageError>> {
         let len = parts.iter().map(Bytes::len).sum();
-        // The replicas get one buffer (it is copied into a frame anyway); the local store keeps
-        // the parts.
-        let copy = parts.clone();
+        // The replicas get one buffer (it is copied into a frame anyway), made before the local
+        // store takes the parts, and only when the shard lists replicas: a shard without any
+        // (factor 1) copies nothing. One listed while the local write runs gets the value read
+        // back (this write's turn holds the shard's other writers off, and the agent writing it
+        // is the key's only writer).
+        let copy = self.repl.lists_replicas(fence.shard).then(|| parts.concat());
         let local = move || self.repl.local.put_parts(key, parts, expected, fence);
-        self.write(key, fence, len, local, move || ReplicaOp::Put {
-            ty: key.ty.clone(),
-            id: key.id.clone(),
-            value: copy.concat(),
+        self.write(key, fence, len, local, move || {
+            async move {
+                let value = match copy {
+                    Some(value) => value,
+                    None => match self.repl.local.get(key).await? {
+                        Some(v) => v.value.to_vec(),
+                        None => return Err(StorageError::Backend("a value written was gone before it was replicated".into())),
+                    },
+                };
+                Ok(ReplicaOp::Put { ty: key.ty.clone(), id: key.id.clone(), value })
+            }
+            .boxed()
         })
     }
 
     fn delete<'a>(&'a self, key: &'a Key, expected: Revision, fence: Fence) -> BoxFuture<'a, Result<(), StorageError>> {
         let local = move || self.repl.local.delete(key, expected, fence);
-        self.write(key, fence, 0, local, move || ReplicaOp::Delete { ty: key.ty.clone(), id: key.id.clone() })
+        self.write(key, fence, 0, local, move || {
+            ready(Ok(ReplicaOp::Delete { ty: key.ty.clone(), id: key.id.clone() })).boxed()
+        })
     }
 
     fn append<'a>(
@@ -104,11 +116,8 @@ impl Storage for ReplicatedStorage {
         let copy: Vec<Vec<u8>> = entries.iter().map(|e| e.to_vec()).collect();
         let len = entries.iter().map(Bytes::len).sum();
         let local = move || self.repl.local.append(key, entries, expected_len, fence);
-        self.write(key, fence, len, local, move || ReplicaOp::Append {
-            ty: key.ty.clone(),
-            id: key.id.clone(),
-            expected_len,
-            entries: copy,
+        self.write(key, fence, len, local, move || {
+            ready(Ok(ReplicaOp::Append { ty: key.ty.clone(), id: key.id.clone(), expected_len, entries: copy })).boxed()
         })
     }
 
