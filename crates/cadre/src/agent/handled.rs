@@ -144,18 +144,21 @@ impl Index {
         (f, start & (self.slots.len() - 1))
     }
 
-    fn may_hold(&self, id: &[u8]) -> bool {
-        if self.slots.is_empty() {
-            return false;
-        }
+    /// Probes for `id`'s fingerprint `f`: `Ok` when it is there, else `Err` with the empty slot
+    /// where it would go (the table is never full, so a probe always ends).
+    fn probe(&self, id: &[u8]) -> Result<(), (usize, u16)> {
         let (f, mut at) = self.place(id);
         loop {
             match self.slots[at] {
-                0 => return false,
-                s if s == f => return true,
+                0 => return Err((at, f)),
+                s if s == f => return Ok(()),
                 _ => at = (at + 1) & (self.slots.len() - 1),
             }
         }
+    }
+
+    fn may_hold(&self, id: &[u8]) -> bool {
+        !self.slots.is_empty() && self.probe(id).is_ok()
     }
 
     /// Adds `id`'s fingerprint; false when the table is too full for it (rebuild it instead).
@@ -163,18 +166,11 @@ impl Index {
         if (self.used + 1) * 4 > self.slots.len() * 3 {
             return false;
         }
-        let (f, mut at) = self.place(id);
-        loop {
-            match self.slots[at] {
-                0 => {
-                    self.slots[at] = f;
-                    self.used += 1;
-                    return true;
-                }
-                s if s == f => return true,
-                _ => at = (at + 1) & (self.slots.len() - 1),
-            }
+        if let Err((at, f)) = self.probe(id) {
+            self.slots[at] = f;
+            self.used += 1;
         }
+        true
     }
 }
 
@@ -300,13 +296,18 @@ impl Record {
             self.sealed = Bytes::from(run);
             self.skip = 0;
             self.tail.clear();
-            self.index = Index::of(self.sealed.chunks_exact(ID_BYTES), self.len());
+            self.reindex();
         } else if !self.index.add(&id) {
             // Full of fingerprints of dropped ids (a record of fewer ids than a tail is never
             // sealed): rebuilt from the held ones.
-            let held = self.sealed_ids().chunks_exact(ID_BYTES).chain(self.tail.iter().map(|h| &h[..]));
-            self.index = Index::of(held, self.len());
+            self.reindex();
         }
+    }
+
+    /// Builds the index anew from the held ids.
+    fn reindex(&mut self) {
+        let held = self.sealed_ids().chunks_exact(ID_BYTES).chain(self.tail.iter().map(|h| &h[..]));
+        self.index = Index::of(held, self.len());
     }
 
     /// Drops the oldest id: its fingerprint stays in the index until the next rebuild, and its
@@ -401,7 +402,7 @@ pub(crate) fn decode_stored(stored: &Bytes) -> Result<(Record, Bytes, Bytes), St
     // Copied, not sliced: a run sharing the loaded value would keep its state alive too.
     let ids = &stored[take(ids_len * ID_BYTES)?];
     record.sealed = Bytes::copy_from_slice(ids);
-    record.index = Index::of(ids.chunks_exact(ID_BYTES), ids_len);
+    record.reindex();
     let replies_len = u32_at(take(4)?);
     if replies_len > REPLIES_KEPT_MAX {
         return Err(format!("stored record holds {replies_len} replies, more than {REPLIES_KEPT_MAX}"));
